@@ -1,0 +1,173 @@
+"""SparseGPT one-shot pruning of one linear layer (Frantar & Alistarh 2023).
+
+Given W (out, in) and the Gram matrix H = 2/N·Σ x xᵀ of the layer's inputs, SparseGPT walks the
+input columns left to right; each pruned weight's error is spread onto the not-yet-processed
+columns of its row through the upper Cholesky factor of H⁻¹ (the OBS update), so the layer's
+output on the calibration inputs changes as little as possible.
+
+Mask selection, per block of `blocksize` input columns, on the weights as updated so far:
+  * unstructured: in every row, the floor(count·sparsity) lowest w²/[H⁻¹]_jj² of the block.
+    This is a per-row quantile (Wanda's comparison group), not the reference's single threshold
+    over the whole block with `<=`, which prunes floor(numel·sparsity)+1 entries plus ties and so
+    neither hits the sparsity exactly nor spreads it evenly over rows.
+  * N:M: keep n of every m consecutive input columns; each group is chosen when the sweep reaches
+    its first column, i.e. on weights that already absorbed the updates of earlier groups.
+"""
+from __future__ import annotations
+
+import torch
+
+__all__ = ["sparsegpt_prune", "accumulate_hessian"]
+
+
+def accumulate_hessian(H: torch.Tensor, n_seen: int, x: torch.Tensor) -> int:
+    """Running H = 2/N·Σ x xᵀ update in place; H (in, in) fp32, x (B, ..., in). Returns the new N.
+
+    N counts x.shape[0] (sequences for (B, L, in), tokens for a flat (T, in) batch), and the
+    rescale-then-add form keeps H an average at every step, so batches may differ in size and
+    splitting a batch along dim 0 gives the same H. (The reference counts a 2-D input as one
+    sample; counting its rows keeps the split-invariance for 2-D inputs too.)
+    """
+    if H.dim() != 2 or H.shape[0] != H.shape[1]:
+        raise ValueError(f"H must be square (in, in), got shape {tuple(H.shape)}")
+    if H.dtype != torch.float32:
+        # In place, so an fp16/bf16 H would silently lose the accumulation's precision.
+        raise ValueError(f"H must be float32, got {H.dtype}")
+    if x.dim() == 0 or x.shape[-1] != H.shape[0]:
+        raise ValueError(f"x's last dim must be in={H.shape[0]}, got x shape {tuple(x.shape)}")
+    if n_seen < 0:
+        raise ValueError(f"n_seen must be >= 0, got {n_seen}")
+    b = x.shape[0] if x.dim() > 1 else 1
+    if b == 0:
+        return n_seen
+    total = n_seen + b
+    X = x.reshape(-1, x.shape[-1]).to(device=H.device, dtype=torch.float32)  # (tokens, in)
+    H.mul_(n_seen / total)
+    H.addmm_(X.T, X, alpha=2.0 / total)
+    return total
+
+
+def _check_args(W: torch.Tensor, H: torch.Tensor, sparsity: float, n: int, m: int,
+                blocksize: int, percdamp: float) -> None:
+    """Raise ValueError naming the offending values for any bad argument."""
+    if W.dim() != 2:
+        raise ValueError(f"W must be 2-D (out, in), got shape {tuple(W.shape)}")
+    if not W.is_floating_point():
+        raise ValueError(f"W must be a float tensor, got {W.dtype}")
+    cols = W.shape[1]
+    if tuple(H.shape) != (cols, cols):
+        raise ValueError(f"H must be (in, in) = ({cols}, {cols}) for W {tuple(W.shape)}, "
+                         f"got {tuple(H.shape)}")
+    if not H.is_floating_point():
+        raise ValueError(f"H must be a float tensor, got {H.dtype}")
+    if not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+    if n < 0 or m < 0:
+        raise ValueError(f"n and m must be >= 0, got n={n}, m={m}")
+    if n == 0 and m != 0:
+        raise ValueError(f"n=0 selects unstructured pruning and needs m=0, got m={m}")
+    if n > 0:
+        if n >= m:
+            raise ValueError(f"N:M needs 0 < n < m, got n={n}, m={m}")
+        if cols % m:
+            raise ValueError(f"m={m} must divide the input dim {cols}")
+        if blocksize % m:
+            # Groups are located by the column index inside a block; a block boundary that cut
+            # a group would misalign every later group.
+            raise ValueError(f"m={m} must divide blocksize={blocksize}")
+    if blocksize <= 0:
+        raise ValueError(f"blocksize must be > 0, got {blocksize}")
+    if not percdamp >= 0.0:
+        raise ValueError(f"percdamp must be >= 0, got {percdamp}")
+
+
+def _upper_cholesky_of_inverse(H: torch.Tensor) -> torch.Tensor:
+    """U upper-triangular with UᵀU = H⁻¹; H (in, in) fp32 symmetric positive definite -> (in, in)."""
+    L, info = torch.linalg.cholesky_ex(H)
+    if info.item() != 0:
+        raise ValueError(f"dampened H is not positive definite (Cholesky failed at column "
+                         f"{info.item()}); use more calibration data or a larger percdamp")
+    Hinv = torch.cholesky_inverse(L)
+    U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+    if info.item() != 0:
+        raise ValueError(f"H⁻¹ is numerically not positive definite (Cholesky failed at column "
+                         f"{info.item()}); use a larger percdamp")
+    return U
+
+
+def _n_prune(count: int, sparsity: float) -> int:
+    """floor(count·sparsity), robust to float noise such as 100·0.29 = 28.999999999999996."""
+    return int(count * sparsity + 1e-9)  # int() floors: the argument is >= 0
+
+
+def sparsegpt_prune(W: torch.Tensor, H: torch.Tensor, sparsity: float, n: int = 0, m: int = 0,
+                    blocksize: int = 128, percdamp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prune W (out, in) with OBS updates from H (in, in); returns (W_new in W's dtype, keep (out, in) bool).
+
+    n:m > 0 keeps n of every m consecutive input columns (sparsity is then unused); n = m = 0 prunes
+    floor(count·sparsity) weights of each row in every column block (count = blocksize, or the
+    remainder for the last block). Pruned weights are exactly 0 in W_new; kept weights of dead
+    inputs (H_jj = 0) are 0 as well. W and H are not modified.
+    """
+    _check_args(W, H, sparsity, n, m, blocksize, percdamp)
+    rows, cols = W.shape
+    structured = n > 0
+
+    # fp32 working copies on W's device: the OBS updates accumulate thousands of rank-1 corrections.
+    Wf = W.detach().to(dtype=torch.float32, copy=True)
+    Hf = H.detach().to(device=W.device, dtype=torch.float32, copy=True)
+
+    # An input that never fired carries no information: its weights can be dropped for free, and a
+    # unit diagonal keeps H invertible without coupling that column to any other.
+    dead = torch.diagonal(Hf) == 0
+    Hf[dead, dead] = 1.0
+    Wf[:, dead] = 0.0
+
+    # Dampening relative to the average diagonal makes the Cholesky robust when the calibration set
+    # has fewer tokens than inputs (rank-deficient H) and is invariant to the scale of H.
+    Hf.diagonal().add_(percdamp * torch.mean(torch.diagonal(Hf)))
+    Hinv = _upper_cholesky_of_inverse(Hf)  # row j holds the OBS update direction of column j
+    del Hf
+
+    pruned = torch.zeros(rows, cols, dtype=torch.bool, device=W.device)
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        count = i2 - i1
+        W1 = Wf[:, i1:i2].clone()
+        Q1 = torch.zeros_like(W1)
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        d1 = torch.diagonal(Hinv1)  # (count,), > 0 since Hinv is a Cholesky factor
+        prune1 = torch.zeros_like(W1, dtype=torch.bool)
+
+        if not structured:
+            k = _n_prune(count, sparsity)
+            if k:
+                # OBS saliency w²/[H⁻¹]_jj², with the reference's [H⁻¹]_jj taken from the Cholesky
+                # factor. Stable sort: ties (e.g. zeroed dead inputs) go to the lowest column index,
+                # and the count stays exact whatever the ties.
+                score = W1.square() / d1.square().unsqueeze(0)
+                idx = torch.sort(score, dim=1, stable=True).indices[:, :k]
+                prune1.scatter_(1, idx, True)
+
+        for i in range(count):
+            w = W1[:, i]
+            if structured and i % m == 0:
+                score = W1[:, i:i + m].square() / d1[i:i + m].square().unsqueeze(0)
+                idx = torch.sort(score, dim=1, stable=True).indices[:, :m - n]
+                prune1[:, i:i + m].scatter_(1, idx, True)  # view: writes through to prune1
+            q = torch.where(prune1[:, i], torch.zeros_like(w), w)
+            Q1[:, i] = q
+            err = (w - q) / d1[i]  # (rows,)
+            # Spread this column's error onto the rest of the block; the columns after the block
+            # receive all of the block's errors at once below (lazy batch update).
+            W1[:, i + 1:].sub_(torch.outer(err, Hinv1[i, i + 1:]))
+            Err1[:, i] = err
+
+        Wf[:, i1:i2] = Q1
+        pruned[:, i1:i2] = prune1
+        if i2 < cols:
+            Wf[:, i2:].sub_(Err1 @ Hinv[i1:i2, i2:])
+
+    assert not Wf[pruned].any(), "pruned weights must be exactly zero"
+    return Wf.to(W.dtype), ~pruned

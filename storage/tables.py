@@ -1,0 +1,62 @@
+"""Parquet tables (scores, plans, metrics) at any fsspec URI: local paths, memory://, s3://."""
+from __future__ import annotations
+
+import posixpath
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import IO, Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+from fsspec.core import url_to_fs
+
+from tierprune.errors import TierpruneError
+
+__all__ = ["save_table", "load_table"]
+
+# pyarrow's DNF filters: [("col", "op", value), ...] (AND) or a list of such lists (OR of ANDs).
+Filters = list[tuple[str, str, Any]] | list[list[tuple[str, str, Any]]]
+
+
+@contextmanager
+def _atomic_open(uri: str) -> Iterator[IO[bytes]]:
+    """Open uri for binary writing so that readers only ever see the old file or the complete new one."""
+    fs, path = url_to_fs(uri)
+    if fs.isdir(path):
+        raise TierpruneError(f"cannot write {uri}: it is a folder")
+    parent = posixpath.dirname(path)
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    # A crash mid-write leaves only a .tmp-* sibling, never a truncated file under the real name.
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:12]}"
+    try:
+        with fs.open(tmp, "wb") as f:
+            yield f
+        fs.mv(tmp, path)
+    finally:
+        if fs.exists(tmp):
+            fs.rm(tmp)
+
+
+def save_table(df: pd.DataFrame, uri: str) -> str:
+    """Write df as one Parquet file at uri (atomically) and return uri."""
+    table = pa.Table.from_pandas(df)
+    with _atomic_open(uri) as f:
+        pq.write_table(table, f)
+    return uri
+
+
+def load_table(uri: str, columns: list[str] | None = None, filters: Filters | None = None) -> pd.DataFrame:
+    """Read the Parquet file or folder at uri, optionally only some columns and rows."""
+    fs, path = url_to_fs(uri)
+    if not fs.exists(path):
+        raise TierpruneError(f"no table at {uri}")
+    try:
+        table = pq.read_table(path, filesystem=fs, columns=columns, filters=filters)
+    except pa.ArrowInvalid as e:
+        # Unknown columns, bad filters and non-Parquet files all land here; the first line says which.
+        reason = str(e).splitlines()[0]
+        raise TierpruneError(f"cannot read table {uri}: {reason}") from e
+    return table.to_pandas()

@@ -1,0 +1,73 @@
+"""Evaluation: perplexity with the reference protocol, and the sparsity report.
+
+WikiText-2: the test rows joined with "\\n\\n", tokenized once, cut into non-overlapping windows of
+`seqlen` tokens (remainder dropped), batch 1, ppl = exp(mean window loss). C4: the reference's
+validation text, the first 1,100 documents joined with " ", truncated to 256 windows.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tierprune.adapters import weight_view
+from tierprune.kernels.tiers import TIER_NAMES, tier_counts
+
+from .prune import named_linears
+
+__all__ = ["eval_token_ids", "perplexity", "sparsity_report"]
+
+
+def eval_token_ids(kind: str, texts: list[str], tokenizer, seqlen: int) -> torch.Tensor:
+    """(1, T) token ids of an evaluation corpus, as the reference builds it."""
+    if kind == "c4":
+        ids = tokenizer(" ".join(texts[:1100]), return_tensors="pt").input_ids
+        return ids[:, : 256 * seqlen]
+    return tokenizer("\n\n".join(texts), return_tensors="pt").input_ids
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, ids: torch.Tensor, seqlen: int, *, max_windows: int | None = None,
+               batch_size: int = 1, device: str = "cpu",
+               on_progress: Callable[[int, int], None] | None = None) -> tuple[float, int]:
+    """(ppl, windows used) over non-overlapping `seqlen` windows of ids (1, T)."""
+    n_windows = ids.shape[1] // seqlen
+    if max_windows is not None:
+        n_windows = min(n_windows, max_windows)
+    if n_windows == 0:
+        raise ValueError(f"evaluation text has {ids.shape[1]} tokens, fewer than one window of {seqlen}")
+    windows = ids[:, : n_windows * seqlen].reshape(n_windows, seqlen)
+    losses = []
+    for start in range(0, n_windows, batch_size):
+        x = windows[start:start + batch_size].to(device)
+        logits = model(x, use_cache=False).logits  # (b, L, V)
+        # Loss per window, in fp32, mean over its L-1 shifted positions: as the reference.
+        loss = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), x[:, 1:], reduction="none").mean(dim=1)
+        losses.append(loss.cpu())
+        if on_progress is not None:
+            on_progress(min(start + batch_size, n_windows), n_windows)
+    return math.exp(torch.cat(losses).double().mean().item()), n_windows
+
+
+def sparsity_report(model: nn.Module, tier_maps: dict[str, torch.Tensor] | None = None) -> dict:
+    """Zeros per prunable module and overall; tier fractions (of blocks) per module and overall."""
+    tier_maps = tier_maps or {}
+    modules, zeros, total = {}, 0, 0
+    tier_total = torch.zeros(3, dtype=torch.long)
+    for name, module in named_linears(model).items():
+        W = weight_view(module)
+        z, n = int((W == 0).sum()), W.numel()
+        zeros, total = zeros + z, total + n
+        entry = {"shape": list(W.shape), "sparsity": z / n}
+        if name in tier_maps:
+            counts = tier_counts(tier_maps[name]).cpu()
+            tier_total += counts
+            entry["tiers"] = {t: c / counts.sum().item() for t, c in zip(TIER_NAMES, counts.tolist())}
+        modules[name] = entry
+    n_blocks = tier_total.sum().item()
+    tiers = {t: (c / n_blocks if n_blocks else (1.0 if t == "dense" else 0.0))
+             for t, c in zip(TIER_NAMES, tier_total.tolist())}
+    return {"sparsity": zeros / max(total, 1), "prunable_params": total, "tiers": tiers, "modules": modules}

@@ -1,0 +1,156 @@
+"""Decoder-layer-sequential calibration: the reference (Wanda/SparseGPT) order of work.
+
+The calibration batch is run up to the first decoder layer once; then, layer by layer:
+  1. one pass of the (still unpruned) layer with hooks on its linears gathers input statistics;
+  2. a visitor may prune the layer in place using them;
+  3. if it did, the layer is run again so the next layer sees the outputs of the pruned one.
+Only one layer's inputs and outputs are held at a time. With `offload=True` the model stays on the
+CPU and each layer visits the device alone, so models larger than the device can be calibrated.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from tierprune.adapters import decoder_layers, prunable_linears, weight_view
+from tierprune.kernels.scores import accumulate_sq_norm_
+
+__all__ = ["InputStats", "LayerVisitor", "walk_layers", "capture_layer_inputs"]
+
+
+@dataclass
+class InputStats:
+    """Statistics of one linear's inputs: Σx²/N per feature and, for SparseGPT, the Gram matrix."""
+
+    sq_norm: torch.Tensor  # (in,) fp32, S_j = (1/N)·Σ_tokens x_j²
+    hessian: torch.Tensor | None = None  # (in, in) fp32, 2/N·Σ x xᵀ
+    n_samples: int = 0
+    n_hessian: int = 0
+    n_tokens: int = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        """Fold in a batch x (B, ..., in)."""
+        self.n_tokens += x[..., 0].numel()
+        self.n_samples = accumulate_sq_norm_(self.sq_norm, self.n_samples, x)
+        if self.hessian is not None:
+            from tierprune.kernels.sparsegpt import accumulate_hessian
+
+            self.n_hessian = accumulate_hessian(self.hessian, self.n_hessian, x)
+
+
+# visitor(layer_index, layer, {name: linear}, {name: InputStats}) -> True if it changed the weights
+LayerVisitor = Callable[[int, nn.Module, dict[str, nn.Module], dict[str, InputStats]], bool]
+
+
+class _StopForward(Exception):
+    """Raised by the hook on the first decoder layer: nothing after it needs to run."""
+
+
+@dataclass
+class LayerInputs:
+    hidden: list[torch.Tensor]  # one (b, L, D) tensor per calibration batch
+    call_args: dict[int, tuple[tuple, dict]] = field(default_factory=dict)  # batch size -> (args, kwargs)
+
+
+def _non_layer_modules(model: nn.Module, layers: nn.ModuleList) -> list[nn.Module]:
+    inside = {id(m) for m in layers.modules()}
+    return [m for m in model.modules() if id(m) not in inside]
+
+
+def _place_outside_layers(model: nn.Module, layers: nn.ModuleList, device: torch.device) -> None:
+    """Move embeddings, norms, rotary tables, head to `device`, leaving the layers where they are."""
+    for module in _non_layer_modules(model, layers):
+        for tensors in (module._parameters, module._buffers):
+            for key, t in tensors.items():
+                if t is not None and t.device != device:
+                    t.data = t.data.to(device)
+
+
+@torch.no_grad()
+def capture_layer_inputs(model: nn.Module, input_ids: torch.Tensor, batch_size: int,
+                         device: torch.device) -> LayerInputs:
+    """Run embeddings etc. and record what the first decoder layer is called with, per batch."""
+    layers = decoder_layers(model)
+    seen: dict[str, object] = {}
+
+    def catch(module, args, kwargs):
+        seen["args"], seen["kwargs"] = args, kwargs
+        raise _StopForward
+
+    inputs = LayerInputs(hidden=[])
+    handle = layers[0].register_forward_pre_hook(catch, with_kwargs=True)
+    try:
+        for batch in input_ids.split(batch_size):
+            try:
+                model(batch.to(device), use_cache=False)
+            except _StopForward:
+                pass
+            args, kwargs = seen["args"], dict(seen["kwargs"])
+            hidden = args[0] if args else kwargs.pop("hidden_states")
+            inputs.hidden.append(hidden)
+            # Every calibration sequence has the same length and no padding, so the layer's other
+            # inputs (masks, positions, rotary tables) depend only on the batch size.
+            inputs.call_args.setdefault(batch.shape[0], (tuple(args[1:]), kwargs))
+    finally:
+        handle.remove()
+    return inputs
+
+
+def _run_layer(layer: nn.Module, hidden: torch.Tensor, inputs: LayerInputs) -> torch.Tensor:
+    args, kwargs = inputs.call_args[hidden.shape[0]]
+    out = layer(hidden, *args, **kwargs)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@torch.no_grad()
+def walk_layers(model: nn.Module, input_ids: torch.Tensor, visit: LayerVisitor | None = None, *,
+                batch_size: int = 8, device: str | torch.device = "cpu", offload: bool = False,
+                hessian: bool = False, on_progress: Callable[[int, int], None] | None = None,
+                ) -> dict[str, InputStats]:
+    """Calibrate layer by layer; returns every linear's input statistics by full module name."""
+    device = torch.device(device)
+    layers = decoder_layers(model)
+    prefix = next(name for name, m in model.named_modules() if m is layers)
+    if offload:
+        _place_outside_layers(model, layers, device)
+    else:
+        model.to(device)
+    inputs = capture_layer_inputs(model, input_ids, batch_size, device)
+    all_stats: dict[str, InputStats] = {}
+    for i, layer in enumerate(layers):
+        home = next(layer.parameters()).device
+        layer.to(device)
+        linears = prunable_linears(layer)
+        stats = {name: _new_stats(m, device, hessian) for name, m in linears.items()}
+        hooks = [m.register_forward_hook(_stats_hook(stats[name])) for name, m in linears.items()]
+        try:
+            outputs = [_run_layer(layer, h, inputs) for h in inputs.hidden]
+        finally:
+            for h in hooks:
+                h.remove()
+        if visit is not None and visit(i, layer, linears, stats):
+            outputs = [_run_layer(layer, h, inputs) for h in inputs.hidden]
+        inputs.hidden = outputs
+        for name, s in stats.items():
+            s.hessian = None  # (in, in) per linear: too big to keep for the whole model
+            all_stats[f"{prefix}.{i}.{name}"] = s
+        if offload:
+            layer.to(home)
+        if on_progress is not None:
+            on_progress(i + 1, len(layers))
+    return all_stats
+
+
+def _new_stats(module: nn.Module, device: torch.device, hessian: bool) -> InputStats:
+    d_in = weight_view(module).shape[1]
+    H = torch.zeros(d_in, d_in, dtype=torch.float32, device=device) if hessian else None
+    return InputStats(sq_norm=torch.zeros(d_in, dtype=torch.float32, device=device), hessian=H)
+
+
+def _stats_hook(stats: InputStats):
+    def hook(module, args, output):
+        stats.add(args[0])
+    return hook

@@ -1,0 +1,107 @@
+"""One-shot prune-and-evaluate, as plain functions: load → calibrate/prune → evaluate → save."""
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from tierprune.config import TierpruneConfig
+from tierprune.errors import TierpruneError
+from tierprune.models import LoadedModel, load_model
+from tierprune.storage.checkpoints import save_pretrained_dir
+from tierprune.storage.datasets import load_texts
+from tierprune.storage.tables import save_table
+
+from .calibration import sample_calibration
+from .evaluate import eval_token_ids, perplexity, sparsity_report
+from .prune import prune_model_
+
+__all__ = ["default_data_spec", "tier_table", "run_oneshot"]
+
+# Progress callback: (stage, done, total)
+Progress = Callable[[str, int, int], None]
+
+
+def default_data_spec(kind: str) -> str:
+    """`c4` / `wikitext2` from the hub, or the local copies under $TIERPRUNE_DATA when it is set."""
+    root = os.environ.get("TIERPRUNE_DATA")
+    if not root:
+        return kind
+    folder = {"c4": "c4-subset", "wikitext2": "wikitext-2-raw"}[kind]
+    return f"{kind}:{Path(root) / folder}"
+
+
+def tier_table(tier_maps: dict[str, torch.Tensor]) -> pd.DataFrame:
+    """One row per block: module, layer, block_row, block_col, tier (0 Dense, 1 2:4, 2 TopK)."""
+    frames = []
+    for name, tier_map in tier_maps.items():
+        rows, cols = torch.meshgrid(torch.arange(tier_map.shape[0]), torch.arange(tier_map.shape[1]), indexing="ij")
+        layer = next((int(p) for p in name.split(".") if p.isdigit()), -1)
+        frames.append(pd.DataFrame({
+            "module": name, "layer": layer,
+            "block_row": rows.flatten().numpy().astype("int32"),
+            "block_col": cols.flatten().numpy().astype("int32"),
+            "tier": tier_map.flatten().numpy().astype("int8"),
+        }))
+    columns = ["module", "layer", "block_row", "block_col", "tier"]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
+
+
+def _data_kind(spec: str) -> str:
+    return spec.split(":", 1)[0]
+
+
+def run_oneshot(cfg: TierpruneConfig, output: str | None = None, progress: Progress | None = None,
+                loaded: LoadedModel | None = None) -> dict:
+    """Prune cfg.model as cfg.prune says, evaluate, optionally save; returns the result record."""
+    def tick(stage: str) -> Callable[[int, int], None] | None:
+        return (lambda done, total: progress(stage, done, total)) if progress else None
+
+    started = time.perf_counter()
+    p, c, e = cfg.prune, cfg.calibration, cfg.eval
+    if output and Path(output).is_file():
+        raise TierpruneError(f"--output {output} is a file; give a directory")
+    # Read the data before the slow steps, so a bad path fails in seconds, not after pruning.
+    calib_texts = load_texts(c.data, "train") if p.needs_calibration else None
+    eval_texts = load_texts(e.data, "test") if e.data else None
+    loaded = loaded or load_model(cfg.model.name, cfg.model.gguf_file, cfg.model.dtype, cfg.device)
+    model, tokenizer = loaded.model, loaded.tokenizer
+
+    calib_ids = None
+    if calib_texts is not None:
+        calib_ids = sample_calibration(calib_texts, tokenizer, c.nsamples, c.seqlen, c.seed)
+    torch.manual_seed(c.seed)
+    t0 = time.perf_counter()
+    result = prune_model_(model, p, calib_ids, batch_size=c.batch_size, device=cfg.device, offload=cfg.offload,
+                          on_progress=tick("prune"))
+    prune_seconds = time.perf_counter() - t0
+
+    report = sparsity_report(model, result.tier_maps)
+    if not result.tier_maps and p.method != "none" and p.pattern == "2:4":
+        report["tiers"] = {"dense": 0.0, "2:4": 1.0, "topk": 0.0}
+    record = {
+        "model": loaded.source,
+        "method": p.method, "pattern": p.pattern,
+        "sparsity": report["sparsity"], "tiers": report["tiers"],
+        "prune_seconds": prune_seconds,
+        "settings": cfg.model_dump(mode="json"),
+    }
+    if eval_texts is not None:
+        ids = eval_token_ids(_data_kind(e.data), eval_texts, tokenizer, e.seqlen)
+        model.to(cfg.device)
+        ppl, windows = perplexity(model, ids, e.seqlen, max_windows=e.max_windows, batch_size=e.batch_size,
+                                  device=cfg.device, on_progress=tick("eval"))
+        record.update(ppl=ppl, eval_windows=windows, eval_tokens=windows * e.seqlen)
+    else:
+        record["ppl"] = None
+    record["seconds"] = time.perf_counter() - started
+    record["modules"] = report["modules"]
+    if output:
+        save_pretrained_dir(model.cpu(), tokenizer, output)
+        if result.tier_maps:
+            save_table(tier_table(result.tier_maps), f"{output.rstrip('/')}/tier_maps.parquet")
+    return record

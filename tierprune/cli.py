@@ -1,0 +1,177 @@
+"""Command line: `tierprune prune ...` and `tierprune demo`.
+
+Bad input of any kind ends in one line on stderr and exit status 2, never a traceback.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Optional
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from .config import CalibrationConfig, EvalConfig, ModelConfig, PruneConfig, TierpruneConfig, one_line, parse_fractions
+from .errors import TierpruneError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Progressive three-tier block pruning for causal language models.")
+err_console = Console(stderr=True)
+console = Console()
+
+
+def _fail(message: str) -> None:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
+@contextmanager
+def _progress_bars():
+    """A rich progress bar per stage, created on first use."""
+    bars: dict[str, int] = {}
+    with Progress(TextColumn("{task.description:>8}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=err_console, transient=False) as progress:
+        def update(stage: str, done: int, total: int) -> None:
+            if stage not in bars:
+                bars[stage] = progress.add_task(stage, total=total)
+            progress.update(bars[stage], completed=done, total=total)
+        yield update
+
+
+def _summary(record: dict) -> Table:
+    table = Table(title="tierprune result", show_header=False)
+    table.add_row("model", str(record["model"]))
+    table.add_row("method / pattern", f"{record['method']} / {record['pattern']}")
+    table.add_row("sparsity", f"{record['sparsity']:.4f}")
+    table.add_row("tiers", ", ".join(f"{k} {v:.3f}" for k, v in record["tiers"].items()))
+    if record.get("ppl") is not None:
+        e = record["settings"]["eval"]
+        table.add_row("perplexity", f"{record['ppl']:.3f}  ({e['data']}, seqlen {e['seqlen']}, "
+                                    f"{record['eval_windows']} windows)")
+    table.add_row("seconds", f"{record['seconds']:.1f} (prune {record['prune_seconds']:.1f})")
+    return table
+
+
+def _build_config(**kw) -> TierpruneConfig:
+    try:
+        return TierpruneConfig(
+            model=ModelConfig(name=kw["model"], gguf_file=kw["gguf_file"], dtype=kw["dtype"]),
+            calibration=CalibrationConfig(data=kw["calib"], nsamples=kw["calib_samples"], seqlen=kw["calib_seqlen"],
+                                          seed=kw["seed"], batch_size=kw["calib_batch_size"]),
+            prune=PruneConfig(method=kw["method"], pattern=kw["pattern"], sparsity=kw["sparsity"],
+                              block_size=kw["block_size"], tiers=parse_fractions(kw["tiers"]), topk=kw["topk"],
+                              select=kw["select"], scope=kw["scope"]),
+            eval=EvalConfig(data=kw["eval"], seqlen=kw["eval_seqlen"], max_windows=kw["eval_max_windows"],
+                            batch_size=kw["eval_batch_size"]),
+            device=kw["device"], offload=kw["offload"],
+        )
+    except ValidationError as exc:
+        raise TierpruneError(one_line(exc)) from None
+
+
+def _run(cfg: TierpruneConfig, output: str | None, json_path: str | None) -> dict:
+    from tierprune.tasks.oneshot import run_oneshot  # heavy imports (transformers) only when needed
+
+    if cfg.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise TierpruneError(f"--device {cfg.device} asked for, but CUDA is not available here")
+    if json_path and Path(json_path).is_dir():
+        raise TierpruneError(f"--json {json_path} is a directory; give a file path")
+    with _progress_bars() as update:
+        record = run_oneshot(cfg, output=output, progress=update)
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(record, indent=2))
+    console.print(_summary(record))
+    return record
+
+
+@app.command()
+def prune(
+    model: str = typer.Option("smollm2-135m", help="hub id, local directory, .gguf file or alias"),
+    gguf_file: Optional[str] = typer.Option(None, help="GGUF file inside --model's directory or hub repo"),
+    method: str = typer.Option("wanda", help="wanda | magnitude | sparsegpt | none"),
+    pattern: str = typer.Option("unstructured", help="unstructured | N:M (2:4, 4:8) | block | tiers"),
+    sparsity: float = typer.Option(0.5, help="fraction pruned (unstructured, block, sparsegpt)"),
+    block_size: int = typer.Option(16, help="block edge for block and tiers patterns"),
+    tiers: str = typer.Option("0.35,0.45,0.20", help="dense,2:4,topk fractions of blocks (tiers pattern)"),
+    topk: int = typer.Option(10, help="weights kept per TopK block"),
+    select: str = typer.Option("wanda", help="survivors inside 2:4/TopK blocks by wanda score or magnitude"),
+    scope: str = typer.Option("matrix", help="tier fractions per matrix, or global over the model"),
+    calib: Optional[str] = typer.Option(None, help="calibration data spec [default: c4, or $TIERPRUNE_DATA]"),
+    calib_samples: int = typer.Option(128, help="calibration sequences"),
+    calib_seqlen: int = typer.Option(2048, help="tokens per calibration sequence"),
+    calib_batch_size: int = typer.Option(8, help="sequences per forward pass (speed only)"),
+    seed: int = typer.Option(0, help="calibration sampling seed"),
+    eval: Optional[str] = typer.Option(None, "--eval", help="eval data spec, or 'none' [default: wikitext2]"),
+    eval_seqlen: int = typer.Option(2048, help="tokens per evaluation window"),
+    eval_max_windows: Optional[int] = typer.Option(None, help="cap on evaluation windows (quick runs)"),
+    eval_batch_size: int = typer.Option(1, help="windows per forward pass (speed only)"),
+    device: str = typer.Option("cpu", help="cpu | cuda | cuda:N"),
+    dtype: str = typer.Option("auto", help="auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16 | float16"),
+    offload: bool = typer.Option(False, help="keep the model on the CPU, stream layers through the device"),
+    output: Optional[str] = typer.Option(None, help="save the pruned checkpoint and tier maps here"),
+    json_path: Optional[str] = typer.Option(None, "--json", help="write the result record here"),
+) -> None:
+    """One-shot pruning and evaluation."""
+    from tierprune.tasks.oneshot import default_data_spec
+
+    cfg = _build_config(
+        model=model, gguf_file=gguf_file, dtype=dtype, method=method, pattern=pattern, sparsity=sparsity,
+        block_size=block_size, tiers=tiers, topk=topk, select=select, scope=scope,
+        calib=calib or default_data_spec("c4"), calib_samples=calib_samples, calib_seqlen=calib_seqlen,
+        calib_batch_size=calib_batch_size, seed=seed,
+        eval=None if eval == "none" else (eval or default_data_spec("wikitext2")),
+        eval_seqlen=eval_seqlen, eval_max_windows=eval_max_windows, eval_batch_size=eval_batch_size,
+        device=device, offload=offload,
+    )
+    _run(cfg, output, json_path)
+
+
+@app.command()
+def demo(
+    data: Optional[str] = typer.Option(None, help="folder with c4-subset/ and wikitext-2-raw/ [$TIERPRUNE_DATA]"),
+    device: str = typer.Option("cpu", help="cpu | cuda"),
+    output: Optional[str] = typer.Option(None, help="save the pruned checkpoint and tier maps here"),
+) -> None:
+    """Three tiers (35/45/20, k=10) on the embedded SmolLM2-135M; a quick, capped run."""
+    import os
+
+    from tierprune.tasks.oneshot import default_data_spec
+
+    if data:
+        if not Path(data).is_dir():
+            raise TierpruneError(f"--data {data} is not a directory")
+        os.environ["TIERPRUNE_DATA"] = data
+    cfg = _build_config(
+        model="smollm2-135m", gguf_file=None, dtype="auto", method="wanda", pattern="tiers", sparsity=0.5,
+        block_size=16, tiers="0.35,0.45,0.20", topk=10, select="wanda", scope="matrix",
+        calib=default_data_spec("c4"), calib_samples=16, calib_seqlen=512, calib_batch_size=8, seed=0,
+        eval=default_data_spec("wikitext2"), eval_seqlen=512, eval_max_windows=16, eval_batch_size=1,
+        device=device, offload=False,
+    )
+    console.print("[dim]demo: 16×512 calibration tokens, 16 evaluation windows of 512 — "
+                  "a quick look, not the protocol's numbers[/]")
+    _run(cfg, output, None)
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=True)
+    except TierpruneError as exc:
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

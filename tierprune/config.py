@@ -1,0 +1,135 @@
+"""One pydantic family for every setting; tasks get only their own sub-config."""
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import TierpruneError
+
+__all__ = [
+    "ModelConfig",
+    "CalibrationConfig",
+    "PruneConfig",
+    "EvalConfig",
+    "TierpruneConfig",
+    "parse_fractions",
+    "one_line",
+]
+
+_NM = re.compile(r"^(\d+):(\d+)$")
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Frozen):
+    name: str = "smollm2-135m"  # hub id, local directory, .gguf path or alias
+    gguf_file: str | None = None
+    dtype: str = "auto"
+
+
+class CalibrationConfig(_Frozen):
+    data: str = "c4"  # dataset spec, see tierprune.storage.datasets
+    nsamples: int = Field(128, ge=1)
+    seqlen: int = Field(2048, ge=2)
+    seed: int = 0
+    batch_size: int = Field(8, ge=1)  # sequences per forward; changes speed, not results
+
+
+class PruneConfig(_Frozen):
+    method: Literal["wanda", "magnitude", "sparsegpt", "none"] = "wanda"
+    pattern: str = "unstructured"  # unstructured | N:M | block | tiers
+    sparsity: float = Field(0.5, ge=0.0, lt=1.0)
+    block_size: int = Field(16, ge=1)
+    tiers: tuple[float, float, float] = (0.35, 0.45, 0.20)  # dense, 2:4, topk fractions of blocks
+    topk: int = Field(10, ge=0)  # weights kept per TopK block
+    select: Literal["wanda", "magnitude"] = "wanda"  # chooses survivors inside 2:4 / TopK blocks
+    scope: Literal["matrix", "global"] = "matrix"  # tier fractions per matrix or over the whole model
+
+    @field_validator("pattern")
+    @classmethod
+    def _known_pattern(cls, v: str) -> str:
+        if v in ("unstructured", "block", "tiers"):
+            return v
+        match = _NM.match(v)
+        if not match:
+            raise ValueError(f"unknown pattern {v!r}: use unstructured, N:M (e.g. 2:4), block or tiers")
+        n, m = map(int, match.groups())
+        if not 0 < n < m:
+            raise ValueError(f"pattern {v!r} must keep 0 < N < M weights of every M")
+        return v
+
+    @field_validator("tiers")
+    @classmethod
+    def _fractions(cls, v: tuple[float, float, float]) -> tuple[float, float, float]:
+        if any(f < 0 or f > 1 for f in v):
+            raise ValueError(f"tier fractions must lie in [0, 1], got {','.join(map(str, v))}")
+        if abs(sum(v) - 1.0) > 1e-6:
+            raise ValueError(f"tier fractions must sum to 1, got {','.join(map(str, v))} (sum {sum(v):g})")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PruneConfig:
+        if self.method == "sparsegpt" and self.pattern in ("block", "tiers"):
+            raise ValueError("sparsegpt supports the unstructured and N:M patterns only")
+        if self.pattern == "tiers":
+            if self.block_size % 4:
+                raise ValueError(f"tiers need a block size divisible by 4 (2:4 groups), got {self.block_size}")
+            if self.topk > self.block_size ** 2:
+                raise ValueError(f"--topk {self.topk} exceeds the {self.block_size ** 2} weights of a block")
+        return self
+
+    @property
+    def nm(self) -> tuple[int, int] | None:
+        match = _NM.match(self.pattern)
+        return (int(match.group(1)), int(match.group(2))) if match else None
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.method in ("wanda", "sparsegpt")
+
+
+class EvalConfig(_Frozen):
+    data: str | None = "wikitext2"
+    seqlen: int = Field(2048, ge=2)
+    max_windows: int | None = Field(None, ge=1)  # cap for quick runs; always reported
+    batch_size: int = Field(1, ge=1)
+
+
+class TierpruneConfig(_Frozen):
+    model: ModelConfig = ModelConfig()
+    calibration: CalibrationConfig = CalibrationConfig()
+    prune: PruneConfig = PruneConfig()
+    eval: EvalConfig = EvalConfig()
+    device: str = "cpu"
+    offload: bool = False  # keep the model on the CPU and stream layers through the device
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not (v == "cpu" or v == "cuda" or re.match(r"^cuda:\d+$", v)):
+            raise ValueError(f"unknown device {v!r}: use cpu, cuda or cuda:N")
+        return v
+
+
+def one_line(exc: ValidationError) -> str:
+    """The first validation problem as one readable line."""
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err.get("loc", ()))
+    msg = err.get("msg", str(exc)).removeprefix("Value error, ")
+    return f"{where}: {msg}" if where else msg
+
+
+def parse_fractions(text: str) -> tuple[float, float, float]:
+    """'0.35,0.45,0.20' -> (0.35, 0.45, 0.2); a clear error for anything else."""
+    parts = [p.strip() for p in text.split(",")]
+    try:
+        values = tuple(float(p) for p in parts)
+    except ValueError:
+        raise TierpruneError(f"--tiers must be three numbers like 0.35,0.45,0.20, got {text!r}") from None
+    if len(values) != 3:
+        raise TierpruneError(f"--tiers needs three fractions (dense,2:4,topk), got {len(values)}: {text!r}")
+    return values  # type: ignore[return-value]

