@@ -6,10 +6,12 @@ columns of its row through the upper Cholesky factor of H⁻¹ (the OBS update),
 output on the calibration inputs changes as little as possible.
 
 Mask selection, per block of `blocksize` input columns, on the weights as updated so far:
-  * unstructured: in every row, the floor(count·sparsity) lowest w²/[H⁻¹]_jj² of the block.
-    This is a per-row quantile (Wanda's comparison group), not the reference's single threshold
-    over the whole block with `<=`, which prunes floor(numel·sparsity)+1 entries plus ties and so
-    neither hits the sparsity exactly nor spreads it evenly over rows.
+  * unstructured, `mask_scope="block"` (default, the reference): the floor(numel·sparsity) lowest
+    w²/[H⁻¹]_jj² of the whole column block, all rows together, so rows may end up with different
+    sparsity. The reference thresholds with `<=` and so prunes one more entry plus ties; here the
+    count is exact.
+  * unstructured, `mask_scope="row"`: in every row, the floor(count·sparsity) lowest of the block
+    (Wanda's comparison group), for exactly even per-row sparsity.
   * N:M: keep n of every m consecutive input columns; each group is chosen when the sweep reaches
     its first column, i.e. on weights that already absorbed the updates of earlier groups.
 """
@@ -101,7 +103,8 @@ def _n_prune(count: int, sparsity: float) -> int:
 
 
 def sparsegpt_prune(W: torch.Tensor, H: torch.Tensor, sparsity: float, n: int = 0, m: int = 0,
-                    blocksize: int = 128, percdamp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+                    blocksize: int = 128, percdamp: float = 0.01,
+                    mask_scope: str = "block") -> tuple[torch.Tensor, torch.Tensor]:
     """Prune W (out, in) with OBS updates from H (in, in); returns (W_new in W's dtype, keep (out, in) bool).
 
     n:m > 0 keeps n of every m consecutive input columns (sparsity is then unused); n = m = 0 prunes
@@ -110,6 +113,8 @@ def sparsegpt_prune(W: torch.Tensor, H: torch.Tensor, sparsity: float, n: int = 
     inputs (H_jj = 0) are 0 as well. W and H are not modified.
     """
     _check_args(W, H, sparsity, n, m, blocksize, percdamp)
+    if mask_scope not in ("block", "row"):
+        raise ValueError(f"mask_scope must be 'block' or 'row', got {mask_scope!r}")
     rows, cols = W.shape
     structured = n > 0
 
@@ -141,14 +146,20 @@ def sparsegpt_prune(W: torch.Tensor, H: torch.Tensor, sparsity: float, n: int = 
         prune1 = torch.zeros_like(W1, dtype=torch.bool)
 
         if not structured:
-            k = _n_prune(count, sparsity)
-            if k:
-                # OBS saliency w²/[H⁻¹]_jj², with the reference's [H⁻¹]_jj taken from the Cholesky
-                # factor. Stable sort: ties (e.g. zeroed dead inputs) go to the lowest column index,
-                # and the count stays exact whatever the ties.
-                score = W1.square() / d1.square().unsqueeze(0)
-                idx = torch.sort(score, dim=1, stable=True).indices[:, :k]
-                prune1.scatter_(1, idx, True)
+            # OBS saliency w²/[H⁻¹]_jj², with the reference's [H⁻¹]_jj taken from the Cholesky
+            # factor. Stable sort: ties (e.g. zeroed dead inputs) go to the lowest index, and the
+            # count stays exact whatever the ties.
+            score = W1.square() / d1.square().unsqueeze(0)
+            if mask_scope == "row":
+                k = _n_prune(count, sparsity)
+                if k:
+                    idx = torch.sort(score, dim=1, stable=True).indices[:, :k]
+                    prune1.scatter_(1, idx, True)
+            else:
+                k = _n_prune(rows * count, sparsity)
+                if k:
+                    idx = torch.sort(score.flatten(), stable=True).indices[:k]
+                    prune1.view(-1)[idx] = True
 
         for i in range(count):
             w = W1[:, i]

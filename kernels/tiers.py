@@ -100,18 +100,28 @@ def demote_tiers(scores: torch.Tensor, tier_map: torch.Tensor, to_2_4: int, to_t
     return new
 
 
+def _relative(block_scores: torch.Tensor) -> torch.Tensor:
+    # Raw Wanda scores differ by orders of magnitude between matrices (activation scales), so a
+    # model-wide ranking compares each block with its own matrix's mean block score.
+    return block_scores / block_scores.mean().clamp_min(torch.finfo(torch.float32).tiny)
+
+
 def demote_tiers_global(scores: list[torch.Tensor], tier_maps: list[torch.Tensor], to_2_4: int,
-                        to_topk: int, block_size: int,
-                        selects: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
-    """Two-phase demotion with one budget across many matrices (blocks ranked model-wide)."""
+                        to_topk: int, block_size: int, selects: list[torch.Tensor] | None = None,
+                        relative: bool = True) -> list[torch.Tensor]:
+    """Two-phase demotion with one budget across many matrices (blocks ranked model-wide).
+
+    With `relative` (default) block scores are divided by their matrix's mean block score first.
+    """
     selects = scores if selects is None else selects
+    norm = _relative if relative else (lambda b: b)
     sizes = [t.numel() for t in tier_maps]
     flat = torch.cat([t.flatten() for t in tier_maps])
-    dense_means = torch.cat([block_mean(s, block_size).flatten().to(flat.device) for s in scores])
+    dense_means = torch.cat([norm(block_mean(s, block_size)).flatten().to(flat.device) for s in scores])
     flat[_lowest(dense_means, flat == DENSE, to_2_4)] = NM_2_4
     if to_topk:
         nm_means = torch.cat([
-            masked_block_mean(s, nm_mask(sel, 2, 4), block_size).flatten().to(flat.device)
+            norm(masked_block_mean(s, nm_mask(sel, 2, 4), block_size)).flatten().to(flat.device)
             for s, sel in zip(scores, selects)
         ])
         flat[_lowest(nm_means, flat == NM_2_4, to_topk)] = TOPK

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tierprune.adapters import weight_view
+from tierprune.errors import TierpruneError
 from tierprune.kernels.tiers import TIER_NAMES, tier_counts
 
 from .prune import named_linears
@@ -37,8 +38,8 @@ def perplexity(model: nn.Module, ids: torch.Tensor, seqlen: int, *, max_windows:
     n_windows = ids.shape[1] // seqlen
     if max_windows is not None:
         n_windows = min(n_windows, max_windows)
-    if n_windows == 0:
-        raise ValueError(f"evaluation text has {ids.shape[1]} tokens, fewer than one window of {seqlen}")
+    if n_windows == 0:  # user input (data, --eval-seqlen): a one-line error, not a traceback
+        raise TierpruneError(f"evaluation text has {ids.shape[1]} tokens, fewer than one window of {seqlen}")
     windows = ids[:, : n_windows * seqlen].reshape(n_windows, seqlen)
     losses = []
     for start in range(0, n_windows, batch_size):

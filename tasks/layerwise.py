@@ -1,6 +1,7 @@
 """Decoder-layer-sequential calibration: the reference (Wanda/SparseGPT) order of work.
 
-The calibration batch is run up to the first decoder layer once; then, layer by layer:
+The calibration batch is run once through the embeddings (decoder layers stubbed out, to record
+what each is called with); then, layer by layer:
   1. one pass of the (still unpruned) layer with hooks on its linears gathers input statistics;
   2. a visitor may prune the layer in place using them;
   3. if it did, the layer is run again so the next layer sees the outputs of the pruned one.
@@ -46,13 +47,16 @@ LayerVisitor = Callable[[int, nn.Module, dict[str, nn.Module], dict[str, InputSt
 
 
 class _StopForward(Exception):
-    """Raised by the hook on the first decoder layer: nothing after it needs to run."""
+    """Raised by the stand-in for the last decoder layer: the final norm and LM head need not run."""
 
 
 @dataclass
 class LayerInputs:
     hidden: list[torch.Tensor]  # one (b, L, D) tensor per calibration batch
-    call_args: dict[int, tuple[tuple, dict]] = field(default_factory=dict)  # batch size -> (args, kwargs)
+    # batch size -> one (args, kwargs) per decoder layer, without the hidden states. Layers can be
+    # called differently (Gemma-2 and Qwen-2/3 give sliding-window layers their own mask); where they
+    # are not, all entries hold the same tensors, so the per-layer lists cost no memory.
+    call_args: dict[int, list[tuple[tuple, dict]]] = field(default_factory=dict)
 
 
 def _non_layer_modules(model: nn.Module, layers: nn.ModuleList) -> list[nn.Module]:
@@ -72,36 +76,61 @@ def _place_outside_layers(model: nn.Module, layers: nn.ModuleList, device: torch
 @torch.no_grad()
 def capture_layer_inputs(model: nn.Module, input_ids: torch.Tensor, batch_size: int,
                          device: torch.device) -> LayerInputs:
-    """Run embeddings etc. and record what the first decoder layer is called with, per batch."""
+    """Run the model with its decoder layers stubbed out; record what each layer is called with, per batch."""
     layers = decoder_layers(model)
-    seen: dict[str, object] = {}
+    calls: list[tuple[tuple, dict]] = []
 
-    def catch(module, args, kwargs):
-        seen["args"], seen["kwargs"] = args, kwargs
-        raise _StopForward
+    def stand_in(i: int):
+        def forward(*args, **kwargs):
+            calls.append((args, kwargs))
+            if i == len(layers) - 1:
+                raise _StopForward
+            # The hidden states pass through unchanged. What later stand-ins receive as hidden
+            # states is never used (BLOOM, Falcon and GPT-J take `outputs[0]` of it): the models
+            # compute the layers' other inputs (masks, positions, rotary, alibi) before their loop.
+            return args[0] if args else kwargs["hidden_states"]
+        return forward
 
+    # Replacing `forward` on the instance keeps each layer's attributes and its class's __call__;
+    # an instance `forward` already there (accelerate's hooks) is put back afterwards.
+    own_forwards = [layer.__dict__.get("forward") for layer in layers]
+    for i, layer in enumerate(layers):
+        layer.forward = stand_in(i)
     inputs = LayerInputs(hidden=[])
-    handle = layers[0].register_forward_pre_hook(catch, with_kwargs=True)
     try:
         for batch in input_ids.split(batch_size):
+            calls.clear()
             try:
                 model(batch.to(device), use_cache=False)
             except _StopForward:
                 pass
-            args, kwargs = seen["args"], dict(seen["kwargs"])
-            hidden = args[0] if args else kwargs.pop("hidden_states")
-            inputs.hidden.append(hidden)
-            # Every calibration sequence has the same length and no padding, so the layer's other
-            # inputs (masks, positions, rotary tables) depend only on the batch size.
-            inputs.call_args.setdefault(batch.shape[0], (tuple(args[1:]), kwargs))
+            assert len(calls) == len(layers), f"the model called {len(calls)} of its {len(layers)} layers"
+            per_layer = [_split_hidden(args, kwargs) for args, kwargs in calls]
+            inputs.hidden.append(per_layer[0][0])
+            # Every calibration sequence has the same length and no padding, so the layers' other
+            # inputs depend only on the batch size: keep one set per size (the last batch may be smaller).
+            inputs.call_args.setdefault(batch.shape[0], [(args, kwargs) for _, args, kwargs in per_layer])
     finally:
-        handle.remove()
+        for layer, own in zip(layers, own_forwards):
+            if own is None:
+                del layer.forward
+            else:
+                layer.forward = own
     return inputs
 
 
-def _run_layer(layer: nn.Module, hidden: torch.Tensor, inputs: LayerInputs) -> torch.Tensor:
-    args, kwargs = inputs.call_args[hidden.shape[0]]
+def _split_hidden(args: tuple, kwargs: dict) -> tuple[torch.Tensor, tuple, dict]:
+    """(hidden states, other args, other kwargs) of one layer call."""
+    if args:
+        return args[0], tuple(args[1:]), dict(kwargs)
+    kwargs = dict(kwargs)
+    return kwargs.pop("hidden_states"), (), kwargs
+
+
+def _run_layer(layer: nn.Module, index: int, hidden: torch.Tensor, inputs: LayerInputs) -> torch.Tensor:
+    args, kwargs = inputs.call_args[hidden.shape[0]][index]
     out = layer(hidden, *args, **kwargs)
+    # LLaMA-style layers return the hidden states, BLOOM/Falcon/GPT-J a tuple that starts with them.
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
@@ -125,14 +154,15 @@ def walk_layers(model: nn.Module, input_ids: torch.Tensor, visit: LayerVisitor |
         layer.to(device)
         linears = prunable_linears(layer)
         stats = {name: _new_stats(m, device, hessian) for name, m in linears.items()}
-        hooks = [m.register_forward_hook(_stats_hook(stats[name])) for name, m in linears.items()]
+        seqlen = inputs.hidden[0].shape[1]
+        hooks = [m.register_forward_hook(_stats_hook(stats[name], seqlen)) for name, m in linears.items()]
         try:
-            outputs = [_run_layer(layer, h, inputs) for h in inputs.hidden]
+            outputs = [_run_layer(layer, i, h, inputs) for h in inputs.hidden]
         finally:
             for h in hooks:
                 h.remove()
         if visit is not None and visit(i, layer, linears, stats):
-            outputs = [_run_layer(layer, h, inputs) for h in inputs.hidden]
+            outputs = [_run_layer(layer, i, h, inputs) for h in inputs.hidden]
         inputs.hidden = outputs
         for name, s in stats.items():
             s.hessian = None  # (in, in) per linear: too big to keep for the whole model
@@ -150,7 +180,10 @@ def _new_stats(module: nn.Module, device: torch.device, hessian: bool) -> InputS
     return InputStats(sq_norm=torch.zeros(d_in, dtype=torch.float32, device=device), hessian=H)
 
 
-def _stats_hook(stats: InputStats):
+def _stats_hook(stats: InputStats, seqlen: int):
     def hook(module, args, output):
-        stats.add(args[0])
+        x = args[0]
+        # N counts sequences, not tokens. Some layers flatten their input first (OPT's MLP sees
+        # (b·L, D)); every calibration sequence has seqlen tokens, so the sequences can be restored.
+        stats.add(x.reshape(-1, seqlen, x.shape[-1]) if x.dim() == 2 else x)
     return hook

@@ -18,7 +18,7 @@ from tierprune.storage.tables import save_table
 
 from .calibration import sample_calibration
 from .evaluate import eval_token_ids, perplexity, sparsity_report
-from .prune import prune_model_
+from .prune import check_shapes, prune_model_
 
 __all__ = ["default_data_spec", "tier_table", "run_oneshot"]
 
@@ -70,10 +70,18 @@ def run_oneshot(cfg: TierpruneConfig, output: str | None = None, progress: Progr
     eval_texts = load_texts(e.data, "test") if e.data else None
     loaded = loaded or load_model(cfg.model.name, cfg.model.gguf_file, cfg.model.dtype, cfg.device)
     model, tokenizer = loaded.model, loaded.tokenizer
+    if p.method != "none":
+        check_shapes(model, p)  # before calibration, which takes minutes at the protocol's size
 
     calib_ids = None
     if calib_texts is not None:
         calib_ids = sample_calibration(calib_texts, tokenizer, c.nsamples, c.seqlen, c.seed)
+    eval_ids = None
+    if eval_texts is not None:
+        eval_ids = eval_token_ids(_data_kind(e.data), eval_texts, tokenizer, e.seqlen)
+        if eval_ids.shape[1] < e.seqlen:  # before pruning, so that it fails in seconds
+            raise TierpruneError(f"evaluation text {e.data} has {eval_ids.shape[1]} tokens, "
+                                 f"fewer than one window of --eval-seqlen {e.seqlen}")
     torch.manual_seed(c.seed)
     t0 = time.perf_counter()
     result = prune_model_(model, p, calib_ids, batch_size=c.batch_size, device=cfg.device, offload=cfg.offload,
@@ -90,10 +98,9 @@ def run_oneshot(cfg: TierpruneConfig, output: str | None = None, progress: Progr
         "prune_seconds": prune_seconds,
         "settings": cfg.model_dump(mode="json"),
     }
-    if eval_texts is not None:
-        ids = eval_token_ids(_data_kind(e.data), eval_texts, tokenizer, e.seqlen)
+    if eval_ids is not None:
         model.to(cfg.device)
-        ppl, windows = perplexity(model, ids, e.seqlen, max_windows=e.max_windows, batch_size=e.batch_size,
+        ppl, windows = perplexity(model, eval_ids, e.seqlen, max_windows=e.max_windows, batch_size=e.batch_size,
                                   device=cfg.device, on_progress=tick("eval"))
         record.update(ppl=ppl, eval_windows=windows, eval_tokens=windows * e.seqlen)
     else:

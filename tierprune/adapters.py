@@ -26,7 +26,8 @@ class Adapter:
 
 
 ADAPTERS = (
-    Adapter("llama", "model.layers", ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2",
+    # Not mixtral: its experts are fused 3-D parameters, not linears, so only attention would be pruned.
+    Adapter("llama", "model.layers", ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2",
                                       "phi3", "smollm3", "olmo", "olmo2", "granite")),
     Adapter("opt", "model.decoder.layers", ("opt",)),
     Adapter("gpt_neox", "gpt_neox.layers", ("gpt_neox",)),

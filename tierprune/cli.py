@@ -15,6 +15,7 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from .config import CalibrationConfig, EvalConfig, ModelConfig, PruneConfig, TierpruneConfig, one_line, parse_fractions
 from .errors import TierpruneError
@@ -25,8 +26,13 @@ err_console = Console(stderr=True)
 console = Console()
 
 
+def _print_error(message: str) -> None:
+    # Text, not markup: a message quoting user input such as "[/x]" must print as it is.
+    err_console.print(Text.assemble(("error:", "bold red"), " ", message), highlight=False, soft_wrap=True)
+
+
 def _fail(message: str) -> None:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    _print_error(message)
     raise typer.Exit(2)
 
 
@@ -163,14 +169,30 @@ def demo(
 
 
 def main() -> None:
+    import os
+
+    # Our own rich bars report progress; transformers' tqdm bars (loading/writing weights) would only add
+    # noise to stderr, which for bad input must be one line. Warnings stay on. Set before it is imported.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
-        app(standalone_mode=True)
+        code = app(standalone_mode=False)
+    except typer.TyperException as exc:  # typer's (vendored click's) usage errors
+        if type(exc).__name__ == "NoArgsIsHelpError":
+            exc.show()  # a bare command prints its help
+        else:
+            # Bad flags or values: one line too, not click's usage box.
+            _print_error(exc.format_message())
+        sys.exit(getattr(exc, "exit_code", 2))
+    except typer.Abort:
+        err_console.print("aborted")
+        sys.exit(1)
     except TierpruneError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        _print_error(str(exc))
         sys.exit(2)
     except KeyboardInterrupt:
         err_console.print("interrupted")
         sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

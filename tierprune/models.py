@@ -13,6 +13,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from torch import nn
@@ -115,7 +116,7 @@ def _load_gguf(directory: str, gguf_file: str, dtype: torch.dtype) -> tuple[nn.M
 
 def load_model(name: str, gguf_file: str | None = None, dtype: str = "auto", device: str = "cpu") -> LoadedModel:
     """Load a causal LM and its tokenizer on CPU in the working dtype for `device`."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     directory, gguf = resolve_model(name, gguf_file)
     torch_dtype = resolve_dtype(dtype, device)
@@ -124,8 +125,10 @@ def load_model(name: str, gguf_file: str | None = None, dtype: str = "auto", dev
         if gguf:
             model, tokenizer, digest = _load_gguf(directory, gguf, torch_dtype)
         else:
+            config = AutoConfig.from_pretrained(directory)
+            adapter_for(SimpleNamespace(config=config))  # refuse an unsupported architecture before loading weights
             tokenizer = AutoTokenizer.from_pretrained(directory)
-            model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch_dtype)
+            model = AutoModelForCausalLM.from_pretrained(directory, config=config, dtype=torch_dtype)
     except TierpruneError:
         raise
     except (OSError, ValueError, KeyError) as exc:

@@ -80,7 +80,7 @@ def test_unstructured_exact_per_row_count(d: int, blocksize: int, sparsity: floa
     assert _expected_pruned_per_row(d, blocksize, sparsity) == expected
     X = _correlated_inputs(4 * d, d)
     W = torch.randn(24, d, generator=_gen(1))
-    W_new, keep = sparsegpt_prune(W, _hessian(X), sparsity, blocksize=blocksize)
+    W_new, keep = sparsegpt_prune(W, _hessian(X), sparsity, blocksize=blocksize, mask_scope="row")
     assert keep.dtype == torch.bool and keep.shape == W.shape
     assert torch.equal((~keep).sum(dim=1), torch.full((24,), expected))
     # and per block, not just per row
@@ -96,7 +96,7 @@ def test_nm_exact_group_counts(n: int, m: int) -> None:
     d = 128
     X = _correlated_inputs(512, d)
     W = torch.randn(32, d, generator=_gen(2))
-    W_new, keep = sparsegpt_prune(W, _hessian(X), 0.5, n=n, m=m, blocksize=32)
+    W_new, keep = sparsegpt_prune(W, _hessian(X), 0.5, n=n, m=m, blocksize=32, mask_scope="row")
     groups = keep.view(32, d // m, m).sum(dim=-1)
     assert torch.equal(groups, torch.full_like(groups, n))
     assert torch.all(W_new[~keep] == 0)
@@ -122,7 +122,7 @@ def test_two_column_obs_update_by_hand() -> None:
         [1.0, -3.0],  # 0.36 vs 9: col 0 goes; -3 + 0.8·1 = -2.2
         [0.5, 0.1],  # 0.09 vs 0.01: col 1 goes, nothing to update
     ])
-    W_new, keep = sparsegpt_prune(W, H, 0.5, blocksize=2, percdamp=0.0)
+    W_new, keep = sparsegpt_prune(W, H, 0.5, blocksize=2, percdamp=0.0, mask_scope="row")
     expected = torch.tensor([[0.0, 3.4], [0.0, -2.2], [0.5, 0.0]])
     torch.testing.assert_close(W_new, expected, rtol=1e-6, atol=1e-6)
     assert torch.equal(keep, torch.tensor([[False, True], [False, True], [True, False]]))
@@ -134,7 +134,7 @@ def test_identity_hessian_is_blockwise_magnitude_pruning(blocksize: int) -> None
     magnitude quantile of each column block and W_new == W·mask exactly."""
     d = 64
     W = torch.randn(16, d, generator=_gen(3))
-    W_new, keep = sparsegpt_prune(W, torch.eye(d), 0.5, blocksize=blocksize)
+    W_new, keep = sparsegpt_prune(W, torch.eye(d), 0.5, blocksize=blocksize, mask_scope="row")
     ref_keep = torch.cat(
         [_row_keep(W[:, i:i + blocksize].abs(), 0.5) for i in range(0, d, blocksize)], dim=1
     )
@@ -179,7 +179,7 @@ def test_matches_unblocked_fp64_oracle(sparsity: float, n: int, m: int) -> None:
     X = _correlated_inputs(256, d, seed=4)
     W = torch.randn(12, d, generator=_gen(5))
     H = _hessian(X)
-    W_new, keep = sparsegpt_prune(W, H, sparsity, n=n, m=m, blocksize=16, percdamp=0.01)
+    W_new, keep = sparsegpt_prune(W, H, sparsity, n=n, m=m, blocksize=16, percdamp=0.01, mask_scope="row")
     W_ref, keep_ref = _oracle(W, H, sparsity, n, m, blocksize=16, percdamp=0.01)
     assert torch.equal(keep, keep_ref)
     torch.testing.assert_close(W_new.double(), W_ref, rtol=1e-3, atol=1e-4)
@@ -191,8 +191,8 @@ def test_nm_result_independent_of_blocksize() -> None:
     X = _correlated_inputs(512, d, seed=6)
     W = torch.randn(16, d, generator=_gen(7))
     H = _hessian(X)
-    W_a, keep_a = sparsegpt_prune(W, H, 0.0, n=2, m=4, blocksize=8)
-    W_b, keep_b = sparsegpt_prune(W, H, 0.0, n=2, m=4, blocksize=128)
+    W_a, keep_a = sparsegpt_prune(W, H, 0.0, n=2, m=4, blocksize=8, mask_scope="row")
+    W_b, keep_b = sparsegpt_prune(W, H, 0.0, n=2, m=4, blocksize=128, mask_scope="row")
     assert torch.equal(keep_a, keep_b)
     torch.testing.assert_close(W_a, W_b, rtol=1e-4, atol=1e-4)
 
@@ -209,10 +209,10 @@ def test_reconstruction_beats_magnitude_and_wanda(pattern: str, blocksize: int) 
     H = _hessian(X)
     x_norm = X.norm(dim=0)
     if pattern == "unstructured":
-        W_new, keep = sparsegpt_prune(W, H, 0.5, blocksize=blocksize)
+        W_new, keep = sparsegpt_prune(W, H, 0.5, blocksize=blocksize, mask_scope="row")
         mag, wanda = _row_keep(W.abs(), 0.5), _row_keep(W.abs() * x_norm, 0.5)
     else:
-        W_new, keep = sparsegpt_prune(W, H, 0.5, n=2, m=4, blocksize=blocksize)
+        W_new, keep = sparsegpt_prune(W, H, 0.5, n=2, m=4, blocksize=blocksize, mask_scope="row")
         mag, wanda = _nm_keep(W.abs(), 2, 4), _nm_keep(W.abs() * x_norm, 2, 4)
     assert keep.sum() == mag.sum() == wanda.sum()  # same number of survivors
     err = _recon_err(W, W_new, X)
@@ -237,7 +237,7 @@ def test_dead_inputs(n: int, m: int) -> None:
     H = _hessian(X)
     assert torch.all(H.diagonal()[dead] == 0)
     W = torch.randn(8, d, generator=_gen(11))
-    W_new, keep = sparsegpt_prune(W, H, 0.5, n=n, m=m, blocksize=32)
+    W_new, keep = sparsegpt_prune(W, H, 0.5, n=n, m=m, blocksize=32, mask_scope="row")
     assert torch.isfinite(W_new).all()
     assert torch.all(W_new[:, dead] == 0)
     # their saliency is 0, the minimum, so dead inputs are spent first from the pruning budget
@@ -251,7 +251,7 @@ def test_dead_inputs(n: int, m: int) -> None:
 
 def test_all_inputs_dead() -> None:
     W = torch.randn(4, 16, generator=_gen(12))
-    W_new, keep = sparsegpt_prune(W, torch.zeros(16, 16), 0.5)
+    W_new, keep = sparsegpt_prune(W, torch.zeros(16, 16), 0.5, mask_scope="row")
     assert torch.equal(W_new, torch.zeros_like(W))
     assert torch.equal((~keep).sum(dim=1), torch.full((4,), 8))
 
@@ -263,7 +263,7 @@ def test_inputs_not_modified() -> None:
     H = _hessian(X)
     W = torch.randn(6, d, generator=_gen(14))
     W0, H0 = W.clone(), H.clone()
-    sparsegpt_prune(W, H, 0.5, blocksize=16)
+    sparsegpt_prune(W, H, 0.5, blocksize=16, mask_scope="row")
     assert torch.equal(W, W0) and torch.equal(H, H0)
 
 
@@ -272,11 +272,11 @@ def test_bf16_weights_compute_in_fp32_and_return_bf16() -> None:
     X = _correlated_inputs(256, d, seed=15)
     H = _hessian(X)
     W = torch.randn(8, d, generator=_gen(16)).to(torch.bfloat16)
-    W_new, keep = sparsegpt_prune(W, H, 0.5, blocksize=32)
+    W_new, keep = sparsegpt_prune(W, H, 0.5, blocksize=32, mask_scope="row")
     assert W_new.dtype == torch.bfloat16 and keep.dtype == torch.bool
     assert torch.all(W_new[~keep] == 0)
     # identical to running on the fp32 upcast and rounding once at the end
-    W_ref, keep_ref = sparsegpt_prune(W.float(), H, 0.5, blocksize=32)
+    W_ref, keep_ref = sparsegpt_prune(W.float(), H, 0.5, blocksize=32, mask_scope="row")
     assert torch.equal(keep, keep_ref)
     assert torch.equal(W_new, W_ref.to(torch.bfloat16))
 
@@ -302,12 +302,12 @@ def test_bf16_weights_compute_in_fp32_and_return_bf16() -> None:
 def test_bad_arguments_raise(W_shape: tuple[int, ...], H_shape: tuple[int, ...], kwargs: dict,
                              match: str) -> None:
     with pytest.raises(ValueError, match=match):
-        sparsegpt_prune(torch.randn(W_shape), torch.eye(*H_shape), **kwargs)
+        sparsegpt_prune(torch.randn(W_shape), torch.eye(*H_shape), **kwargs, mask_scope="row")
 
 
 def test_non_positive_definite_hessian_raises() -> None:
     with pytest.raises(ValueError, match="positive definite"):
-        sparsegpt_prune(torch.randn(4, 8), -torch.eye(8), 0.5)
+        sparsegpt_prune(torch.randn(4, 8), -torch.eye(8), 0.5, mask_scope="row")
 
 
 # --------------------------------------------------------------------------- Hessian accumulation
@@ -362,9 +362,34 @@ def test_cuda_matches_cpu() -> None:
     W = torch.randn(32, d, generator=_gen(20))
     H = _hessian(X)
     for kwargs in ({"sparsity": 0.5}, {"sparsity": 0.0, "n": 2, "m": 4}):
-        W_cpu, keep_cpu = sparsegpt_prune(W, H, blocksize=32, **kwargs)
+        W_cpu, keep_cpu = sparsegpt_prune(W, H, blocksize=32, **kwargs, mask_scope="row")
         # H stays on the CPU on purpose: the kernel moves it to W's device
-        W_gpu, keep_gpu = sparsegpt_prune(W.cuda(), H, blocksize=32, **kwargs)
+        W_gpu, keep_gpu = sparsegpt_prune(W.cuda(), H, blocksize=32, **kwargs, mask_scope="row")
         assert W_gpu.device.type == "cuda" and keep_gpu.device.type == "cuda"
         assert torch.equal(keep_gpu.cpu(), keep_cpu)
         torch.testing.assert_close(W_gpu.cpu(), W_cpu, rtol=1e-3, atol=1e-3)
+
+
+def test_block_scope_prunes_exact_count_per_column_block():
+    """The reference's mask scope: one ranking over each whole column block, all rows together."""
+    torch.manual_seed(3)
+    W = torch.randn(32, 64)
+    X = torch.randn(256, 64) @ torch.randn(64, 64)
+    W_new, keep = sparsegpt_prune(W, _hessian(X), 0.5, blocksize=16)
+    for i1 in range(0, 64, 16):
+        assert int((~keep[:, i1:i1 + 16]).sum()) == 32 * 16 // 2
+    per_row = (~keep).sum(dim=1)
+    assert per_row.min() < per_row.max(), "block scope should let rows differ in sparsity"
+    assert not W_new[~keep].any()
+
+
+def test_block_scope_beats_row_scope_on_reconstruction():
+    torch.manual_seed(4)
+    W = torch.randn(64, 128) * torch.linspace(0.2, 3.0, 64).unsqueeze(1)  # rows of different scale
+    X = torch.randn(512, 128) @ torch.randn(128, 128)
+    H = _hessian(X)
+    err = {}
+    for scope in ("block", "row"):
+        W_new, _ = sparsegpt_prune(W, H, 0.5, blocksize=32, mask_scope=scope)
+        err[scope] = ((W - W_new) @ X.T).square().sum().item()
+    assert err["block"] < err["row"]

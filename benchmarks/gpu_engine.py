@@ -1,0 +1,140 @@
+"""GPU benchmark of the engine on a randomly initialised LLaMA-2-7B-shaped model.
+
+Prints measured numbers, nothing else:
+  1. score + two-phase demotion (tier maps) for all 224 linears, and the same plus the mask applied;
+  2. calibration (activation statistics) of nsamples × seqlen tokens, against its FLOP floor.
+
+The FLOP floor is the forward FLOPs of one pass over the calibration tokens (every linear,
+2·params·tokens, plus causal attention, 2·L²·d per layer and sequence), divided by the GPU's
+dense bf16 peak (--peak-tflops; 989 for an H100 SXM). Run:
+    python benchmarks/gpu_engine.py [--layers 32] [--nsamples 128] [--seqlen 2048]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from tierprune.adapters import weight_view
+from tierprune.kernels.scores import wanda_scores
+from tierprune.kernels.tiers import demote_tiers, dense_tier_map, target_counts, tier_keep_mask
+from tierprune.tasks.layerwise import walk_layers
+from tierprune.tasks.prune import named_linears
+
+
+def build_model(layers: int, device: str, hidden: int = 4096, intermediate: int = 11008):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                         num_attention_heads=32, num_key_value_heads=32, vocab_size=32000,
+                         max_position_embeddings=4096, use_cache=False)
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device(device):
+        model = LlamaForCausalLM(config)
+    torch.set_default_dtype(torch.float32)
+    for p in model.parameters():
+        if p.dim() == 2:  # matrices random, norms stay at 1
+            p.data.normal_(0, 0.02)
+    return model.eval()
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device: str, repeats: int = 3) -> float:
+    fn()  # warm-up: allocator, kernel selection
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def bench_demotion(model, device: str, fractions=(0.35, 0.45, 0.20), block_size: int = 16, k: int = 10) -> dict:
+    linears = named_linears(model)
+    Ws = [weight_view(m) for m in linears.values()]
+    # Calibration statistics stand in as random positive vectors: the cost does not depend on them.
+    Ss = [torch.rand(W.shape[1], device=device) + 0.1 for W in Ws]
+
+    def score_and_demote():
+        maps = []
+        for W, S in zip(Ws, Ss):
+            scores = wanda_scores(W, S)
+            tier_map = dense_tier_map(tuple(W.shape), block_size, device)
+            n_dense, _, n_topk = target_counts(tier_map.numel(), fractions)
+            maps.append(demote_tiers(scores, tier_map, tier_map.numel() - n_dense, n_topk, block_size))
+        return maps
+
+    def score_demote_and_mask():
+        for W, S in zip(Ws, Ss):
+            scores = wanda_scores(W, S)
+            tier_map = dense_tier_map(tuple(W.shape), block_size, device)
+            n_dense, _, n_topk = target_counts(tier_map.numel(), fractions)
+            tier_map = demote_tiers(scores, tier_map, tier_map.numel() - n_dense, n_topk, block_size)
+            tier_keep_mask(scores, tier_map, block_size, k)  # not applied: repeats must see the same W
+
+    return {
+        "linears": len(Ws),
+        "weights": sum(W.numel() for W in Ws),
+        "score_demote_s": timed(score_and_demote, device),
+        "score_demote_mask_s": timed(score_demote_and_mask, device),
+    }
+
+
+def forward_flops(model, nsamples: int, seqlen: int) -> float:
+    cfg = model.config
+    linear_params = sum(weight_view(m).numel() for m in named_linears(model).values())
+    tokens = nsamples * seqlen
+    attention = cfg.num_hidden_layers * nsamples * 2 * seqlen * seqlen * cfg.hidden_size  # causal: half of 4·L²·d
+    return 2 * linear_params * tokens + attention
+
+
+def bench_calibration(model, device: str, nsamples: int, seqlen: int, batch_size: int, peak_tflops: float) -> dict:
+    ids = torch.randint(0, model.config.vocab_size, (nsamples, seqlen))
+    walk_layers(model, ids[: batch_size], None, batch_size=batch_size, device=device)  # warm-up
+    sync(device)
+    t0 = time.perf_counter()
+    stats = walk_layers(model, ids, None, batch_size=batch_size, device=device)
+    sync(device)
+    seconds = time.perf_counter() - t0
+    flops = forward_flops(model, nsamples, seqlen)
+    floor = flops / (peak_tflops * 1e12)
+    assert all(s.n_samples == nsamples for s in stats.values())
+    return {"tokens": nsamples * seqlen, "seconds": seconds, "tflop": flops / 1e12,
+            "achieved_tflops": flops / seconds / 1e12, "floor_s": floor, "ratio_to_floor": seconds / floor}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--nsamples", type=int, default=128)
+    parser.add_argument("--seqlen", type=int, default=2048)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the GPU")
+    parser.add_argument("--skip-calibration", action="store_true")
+    parser.add_argument("--device", default="cuda", help="cuda; cpu only for a smoke run with small shapes")
+    parser.add_argument("--hidden", type=int, default=4096)
+    parser.add_argument("--intermediate", type=int, default=11008)
+    args = parser.parse_args()
+    device = args.device
+    name = torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu"
+    print(f"device: {name}, torch {torch.__version__}", flush=True)
+    model = build_model(args.layers, device, args.hidden, args.intermediate)
+    result = {"demotion": bench_demotion(model, device)}
+    print(json.dumps(result["demotion"]), flush=True)
+    if not args.skip_calibration:
+        result["calibration"] = bench_calibration(model, device, args.nsamples, args.seqlen, args.batch_size,
+                                                  args.peak_tflops)
+        print(json.dumps(result["calibration"]), flush=True)
+    print("RESULT " + json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

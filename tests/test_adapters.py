@@ -1,0 +1,210 @@
+"""Architecture adapters and the layer walk on a tiny random model of every supported family.
+
+Each case checks that the adapter finds the decoder layers and exactly the expected linears, that
+`weight_view` is (out, in) as the linear is really fed (GPT-2's Conv1D is stored transposed), that
+walking the layers one at a time reproduces the model's own forward pass (so the captured masks,
+rotary tables, alibi and positions are right, also for a smaller last batch), and that Wanda 2:4
+prunes those linears and nothing else.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from tierprune.adapters import adapter_for, decoder_layers, prunable_linears, weight_view
+from tierprune.config import PruneConfig
+from tierprune.errors import TierpruneError
+from tierprune.tasks.layerwise import walk_layers
+from tierprune.tasks.prune import named_linears, prune_model_
+
+pytestmark = pytest.mark.unit
+
+HIDDEN, LAYERS, HEADS, VOCAB = 64, 2, 4, 128
+N_SEQ, SEQLEN = 4, 16
+
+LLAMA_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+FUSED_QKV_LINEARS = ("self_attention.query_key_value", "self_attention.dense",
+                     "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")  # BLOOM and Falcon
+
+
+@dataclass(frozen=True)
+class Arch:
+    model_type: str
+    family: str
+    config: dict  # tiny transformers config, in that config class's own field names
+    linears: tuple[str, ...]  # prunable linears of one decoder layer
+    final_norm: str  # the module applied after the last decoder layer
+
+
+_LLAMA_LIKE = dict(hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=LAYERS,
+                   num_attention_heads=HEADS, num_key_value_heads=2, vocab_size=VOCAB)
+_FALCON = dict(hidden_size=HIDDEN, ffn_hidden_size=128, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+               vocab_size=VOCAB)
+
+ARCHS = [
+    Arch("llama", "llama", _LLAMA_LIKE, LLAMA_LINEARS, "model.norm"),
+    Arch("mistral", "llama", _LLAMA_LIKE, LLAMA_LINEARS, "model.norm"),
+    Arch("qwen2", "llama", _LLAMA_LIKE, LLAMA_LINEARS, "model.norm"),
+    # Gemma's default head_dim is 256 whatever the hidden size.
+    Arch("gemma", "llama", {**_LLAMA_LIKE, "head_dim": 16}, LLAMA_LINEARS, "model.norm"),
+    # Phi-3's default pad token (32000) would fall outside the tiny vocabulary.
+    Arch("phi3", "llama", {**_LLAMA_LIKE, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
+         ("self_attn.o_proj", "self_attn.qkv_proj", "mlp.gate_up_proj", "mlp.down_proj"), "model.norm"),
+    Arch("opt", "opt",
+         dict(hidden_size=HIDDEN, ffn_dim=128, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+              vocab_size=VOCAB, word_embed_proj_dim=HIDDEN, max_position_embeddings=64),
+         ("self_attn.k_proj", "self_attn.v_proj", "self_attn.q_proj", "self_attn.out_proj", "fc1", "fc2"),
+         "model.decoder.final_layer_norm"),
+    Arch("gpt_neox", "gpt_neox",
+         dict(hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+              vocab_size=VOCAB),
+         ("attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h"),
+         "gpt_neox.final_layer_norm"),
+    Arch("gpt2", "gpt2",
+         dict(n_embd=HIDDEN, n_inner=128, n_layer=LAYERS, n_head=HEADS, vocab_size=VOCAB, n_positions=64),
+         ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"), "transformer.ln_f"),
+    Arch("bloom", "gpt2", dict(hidden_size=HIDDEN, n_layer=LAYERS, n_head=HEADS, vocab_size=VOCAB),
+         FUSED_QKV_LINEARS, "transformer.ln_f"),
+    Arch("falcon", "gpt2", _FALCON, FUSED_QKV_LINEARS, "transformer.ln_f"),  # Falcon-7B: multi-query, rotary
+    Arch("gptj", "gpt2",
+         dict(n_embd=HIDDEN, n_inner=128, n_layer=LAYERS, n_head=HEADS, vocab_size=VOCAB, n_positions=64,
+              rotary_dim=8),
+         ("attn.k_proj", "attn.v_proj", "attn.q_proj", "attn.out_proj", "mlp.fc_in", "mlp.fc_out"),
+         "transformer.ln_f"),
+]
+
+
+# Layers the model calls with inputs of their own, which the walk must replay per layer: Gemma-2
+# alternates sliding-window (8 < 16 tokens) and full-attention masks; Falcon with alibi folds the
+# batch-sized alibi into the mask.
+WALK_EXTRAS = {
+    "gemma2-sliding": Arch("gemma2", "llama", {**_LLAMA_LIKE, "head_dim": 16, "sliding_window": 8},
+                           LLAMA_LINEARS, "model.norm"),
+    "falcon-alibi": Arch("falcon", "gpt2", {**_FALCON, "alibi": True}, FUSED_QKV_LINEARS,
+                         "transformer.ln_f"),
+}
+
+
+def _build(arch: Arch, seed: int = 0):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    config = AutoConfig.for_model(arch.model_type, **arch.config, use_cache=False)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+
+
+def _ids(seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (N_SEQ, SEQLEN), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(params=ARCHS, ids=[a.model_type for a in ARCHS])
+def arch(request) -> Arch:
+    return request.param
+
+
+def test_adapter_finds_decoder_layers(arch: Arch):
+    model = _build(arch)
+    assert adapter_for(model).family == arch.family
+    layers = decoder_layers(model)
+    assert isinstance(layers, torch.nn.ModuleList)
+    assert len(layers) == model.config.num_hidden_layers == LAYERS
+
+
+def test_prunable_linears_and_weight_view(arch: Arch):
+    model = _build(arch)
+    layers = decoder_layers(model)
+    fed: dict[str, tuple[int, int]] = {}  # full name -> (input features, output features) seen in forward
+    hooks = []
+    for i, layer in enumerate(layers):
+        linears = prunable_linears(layer)
+        assert sorted(linears) == sorted(arch.linears)
+        for name, module in linears.items():
+            def hook(module, args, output, key=f"{i}.{name}"):
+                fed[key] = (args[0].shape[-1], output.shape[-1])
+            hooks.append(module.register_forward_hook(hook))
+    with torch.no_grad():
+        model(_ids())
+    for h in hooks:
+        h.remove()
+    for i, layer in enumerate(layers):
+        for name, module in prunable_linears(layer).items():
+            W = weight_view(module)
+            assert W.ndim == 2 and W.data_ptr() == module.weight.data_ptr()  # a view, not a copy
+            assert tuple(W.shape) == (fed[f"{i}.{name}"][1], fed[f"{i}.{name}"][0]), name
+            assert W.shape[1] % 8 == 0
+
+
+@pytest.mark.parametrize("arch", ARCHS + list(WALK_EXTRAS.values()),
+                         ids=[a.model_type for a in ARCHS] + list(WALK_EXTRAS))
+def test_walk_layers_reproduces_forward(arch: Arch):
+    batch_size = 3  # 4 sequences: batches of 3 and 1
+    model = _build(arch)
+    ids = _ids()
+    # The input of the final norm is the last decoder layer's output; `hidden_states[-1]` would not
+    # do: every architecture here returns it after the final norm.
+    final_norm = model.get_submodule(arch.final_norm)
+    expected = []
+    handle = final_norm.register_forward_pre_hook(lambda m, args: expected.append(args[0]))
+    with torch.no_grad():
+        model(ids)
+    handle.remove()
+
+    layers = decoder_layers(model)
+    walked = []
+    handle = layers[-1].register_forward_hook(
+        lambda m, args, out: walked.append(out[0] if isinstance(out, tuple) else out))
+    try:
+        stats = walk_layers(model, ids, None, batch_size=batch_size)
+    finally:
+        handle.remove()
+
+    assert set(stats) == set(named_linears(model))
+    for name, s in stats.items():
+        assert (s.n_samples, s.n_tokens) == (N_SEQ, N_SEQ * SEQLEN), name
+        assert s.sq_norm.shape == (weight_view(model.get_submodule(name)).shape[1],)
+        assert torch.isfinite(s.sq_norm).all() and (s.sq_norm > 0).any(), name
+    assert [w.shape[0] for w in walked] == [3, 1]
+    torch.testing.assert_close(torch.cat(walked), expected[0], atol=1e-5, rtol=1e-5)
+
+
+def test_wanda_2_4_prunes_only_decoder_linears(arch: Arch):
+    model = _build(arch)
+    ids = _ids()
+    dense = copy.deepcopy(model)
+    prune_model_(model, PruneConfig(method="wanda", pattern="2:4"), ids, batch_size=2)
+
+    pruned_weights = {f"{name}.weight" for name in named_linears(model)}
+    assert len(pruned_weights) == LAYERS * len(arch.linears)
+    dense_params = dict(dense.named_parameters())
+    for name, p in model.named_parameters():
+        if name not in pruned_weights:  # embeddings, LM head, norms, biases
+            assert torch.equal(p, dense_params[name]), name
+    for name, module in named_linears(model).items():
+        W = weight_view(module)
+        zeros = (W == 0).reshape(W.shape[0], -1, 4).sum(-1)  # (out, in/4) zeros per group of 4 inputs
+        assert (zeros == 2).all(), name
+        assert torch.equal(W, weight_view(dense.get_submodule(name)) * (W != 0)), name  # survivors unchanged
+
+    with torch.no_grad():
+        logits = model(ids).logits
+    assert logits.shape == (N_SEQ, SEQLEN, VOCAB)
+    assert torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("model_type, config", [
+    ("bert", dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)),
+    ("t5", dict(d_model=32, num_layers=1, num_heads=2, d_kv=16, d_ff=64)),
+])
+def test_unknown_architecture_raises(model_type: str, config: dict):
+    from transformers import AutoConfig, AutoModel
+
+    config = AutoConfig.for_model(model_type, vocab_size=VOCAB, **config)
+    model = AutoModel.from_config(config).eval()
+    with pytest.raises(TierpruneError, match=model_type):
+        adapter_for(model)
+    with pytest.raises(TierpruneError, match=model_type):
+        prune_model_(model, PruneConfig(method="wanda", pattern="2:4"), _ids())
