@@ -80,11 +80,25 @@ def bench_demotion(model, device: str, fractions=(0.35, 0.45, 0.20), block_size:
             tier_map = demote_tiers(scores, tier_map, tier_map.numel() - n_dense, n_topk, block_size)
             tier_keep_mask(scores, tier_map, block_size, k)  # not applied: repeats must see the same W
 
+    # Where the time goes, op by op, summed over all matrices (each op timed on its own).
+    from tierprune.kernels.masks import nm_mask
+    from tierprune.kernels.scores import block_mean, masked_block_mean
+
+    scores = [wanda_scores(W, S) for W, S in zip(Ws[:7], Ss[:7])]  # one layer's worth, x32 below
+    scale = len(Ws) / 7
+    ops = {
+        "wanda_scores": lambda: [wanda_scores(W, S) for W, S in zip(Ws[:7], Ss[:7])],
+        "block_mean": lambda: [block_mean(x, block_size) for x in scores],
+        "nm_mask": lambda: [nm_mask(x, 2, 4) for x in scores],
+        "masked_block_mean": lambda: [masked_block_mean(x, nm_mask(x, 2, 4), block_size) for x in scores],
+    }
+    breakdown = {name: timed(fn, device) * scale for name, fn in ops.items()}
     return {
         "linears": len(Ws),
         "weights": sum(W.numel() for W in Ws),
         "score_demote_s": timed(score_and_demote, device),
         "score_demote_mask_s": timed(score_demote_and_mask, device),
+        "breakdown_s": breakdown,
     }
 
 
@@ -104,10 +118,23 @@ def bench_calibration(model, device: str, nsamples: int, seqlen: int, batch_size
     stats = walk_layers(model, ids, None, batch_size=batch_size, device=device)
     sync(device)
     seconds = time.perf_counter() - t0
+    # The same layers with no statistics: what the model's own forward costs here.
+    from tierprune.tasks.layerwise import _run_layer, capture_layer_inputs
+    from tierprune.adapters import decoder_layers
+
+    sync(device)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        inputs = capture_layer_inputs(model, ids, batch_size, device)
+        for i, layer in enumerate(decoder_layers(model)):
+            inputs.hidden = [_run_layer(layer, i, h, inputs) for h in inputs.hidden]
+    sync(device)
+    forward_only = time.perf_counter() - t0
     flops = forward_flops(model, nsamples, seqlen)
     floor = flops / (peak_tflops * 1e12)
     assert all(s.n_samples == nsamples for s in stats.values())
-    return {"tokens": nsamples * seqlen, "seconds": seconds, "tflop": flops / 1e12,
+    return {"tokens": nsamples * seqlen, "seconds": seconds, "forward_only_s": forward_only,
+            "attn_implementation": model.config._attn_implementation, "tflop": flops / 1e12,
             "achieved_tflops": flops / seconds / 1e12, "floor_s": floor, "ratio_to_floor": seconds / floor}
 
 

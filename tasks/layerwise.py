@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from tierprune.adapters import decoder_layers, prunable_linears, weight_view
-from tierprune.kernels.scores import accumulate_sq_norm_
+from tierprune.kernels.scores import add_sq_norm_, sum_sq
 
 __all__ = ["InputStats", "LayerVisitor", "walk_layers", "capture_layer_inputs"]
 
@@ -32,10 +32,12 @@ class InputStats:
     n_hessian: int = 0
     n_tokens: int = 0
 
-    def add(self, x: torch.Tensor) -> None:
-        """Fold in a batch x (B, ..., in)."""
+    def add(self, x: torch.Tensor, batch_sum_sq: torch.Tensor | None = None) -> None:
+        """Fold in a batch x (B, ..., in); batch_sum_sq = sum_sq(x) when already computed."""
         self.n_tokens += x[..., 0].numel()
-        self.n_samples = accumulate_sq_norm_(self.sq_norm, self.n_samples, x)
+        if batch_sum_sq is None:
+            batch_sum_sq = sum_sq(x)
+        self.n_samples = add_sq_norm_(self.sq_norm, self.n_samples, batch_sum_sq, x.shape[0])
         if self.hessian is not None:
             from tierprune.kernels.sparsegpt import accumulate_hessian
 
@@ -155,9 +157,13 @@ def walk_layers(model: nn.Module, input_ids: torch.Tensor, visit: LayerVisitor |
         linears = prunable_linears(layer)
         stats = {name: _new_stats(m, device, hessian) for name, m in linears.items()}
         seqlen = inputs.hidden[0].shape[1]
-        hooks = [m.register_forward_hook(_stats_hook(stats[name], seqlen)) for name, m in linears.items()]
+        last: dict = {}  # the last input a hook reduced, shared by this layer's hooks
+        hooks = [m.register_forward_hook(_stats_hook(stats[name], seqlen, last)) for name, m in linears.items()]
         try:
-            outputs = [_run_layer(layer, i, h, inputs) for h in inputs.hidden]
+            outputs = []
+            for h in inputs.hidden:
+                last.clear()
+                outputs.append(_run_layer(layer, i, h, inputs))
         finally:
             for h in hooks:
                 h.remove()
@@ -180,10 +186,14 @@ def _new_stats(module: nn.Module, device: torch.device, hessian: bool) -> InputS
     return InputStats(sq_norm=torch.zeros(d_in, dtype=torch.float32, device=device), hessian=H)
 
 
-def _stats_hook(stats: InputStats, seqlen: int):
+def _stats_hook(stats: InputStats, seqlen: int, last: dict):
     def hook(module, args, output):
         x = args[0]
+        # q/k/v (and gate/up) are called one after another on the very same tensor: reduce it once.
+        # Identity, not the data pointer, decides: a freed input's memory can be reused by the next.
+        if last.get("input") is not x:
+            last["input"], last["sum_sq"] = x, sum_sq(x)
         # N counts sequences, not tokens. Some layers flatten their input first (OPT's MLP sees
         # (b·L, D)); every calibration sequence has seqlen tokens, so the sequences can be restored.
-        stats.add(x.reshape(-1, seqlen, x.shape[-1]) if x.dim() == 2 else x)
+        stats.add(x.reshape(-1, seqlen, x.shape[-1]) if x.dim() == 2 else x, last["sum_sq"])
     return hook
