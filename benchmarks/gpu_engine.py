@@ -138,6 +138,14 @@ def bench_calibration(model, device: str, nsamples: int, seqlen: int, batch_size
             "achieved_tflops": flops / seconds / 1e12, "floor_s": floor, "ratio_to_floor": seconds / floor}
 
 
+def matmul_tflops(device: str, n: int = 8192) -> float:
+    """Measured dense bf16 matmul throughput: the achievable peak, beside the spec sheet's."""
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    seconds = timed(lambda: [a @ b for _ in range(10)], device) / 10
+    return 2 * n ** 3 / seconds / 1e12
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=32)
@@ -159,6 +167,11 @@ def main() -> None:
     if not args.skip_calibration:
         result["calibration"] = bench_calibration(model, device, args.nsamples, args.seqlen, args.batch_size,
                                                   args.peak_tflops)
+        if device.startswith("cuda"):
+            measured = matmul_tflops(device)
+            cal = result["calibration"]
+            cal["measured_matmul_tflops"] = measured
+            cal["ratio_to_measured_floor"] = cal["seconds"] / (cal["tflop"] / measured)
         print(json.dumps(result["calibration"]), flush=True)
     print("RESULT " + json.dumps(result))
 
