@@ -31,11 +31,6 @@ def _print_error(message: str) -> None:
     err_console.print(Text.assemble(("error:", "bold red"), " ", message), highlight=False, soft_wrap=True)
 
 
-def _fail(message: str) -> None:
-    _print_error(message)
-    raise typer.Exit(2)
-
-
 @contextmanager
 def _progress_bars():
     """A rich progress bar per stage, created on first use."""

@@ -19,11 +19,6 @@ from tierprune.kernels.masks import (
 
 pytestmark = pytest.mark.unit
 
-DEVICES = [
-    "cpu",
-    pytest.param("cuda", marks=(pytest.mark.gpu,
-                                pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))),
-]
 SEEDS = [0, 1, 2]
 
 
@@ -81,7 +76,6 @@ def test_unstructured_mask_floor_and_ties() -> None:
     assert not unstructured_mask(scores, 1.0).any()
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shape", [(1, 8), (7, 13), (40, 56), (16, 100)])
 @pytest.mark.parametrize("sparsity", [0.1, 0.3, 0.5, 0.7])
 @pytest.mark.parametrize("seed", SEEDS)
@@ -123,7 +117,6 @@ def test_matrix_mask_hand_worked() -> None:
     assert torch.equal(keep, matrix_mask(torch.ones(2, 4), 0.75))
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shape", [(7, 13), (40, 56), (3, 100)])
 @pytest.mark.parametrize("sparsity", [0.0, 0.25, 0.5, 0.9])
 @pytest.mark.parametrize("seed", SEEDS)
@@ -172,7 +165,6 @@ def test_nm_mask_hand_worked_2x8() -> None:
     assert torch.equal(nm_mask(scores, 3, 8), expected)
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(("n", "m"), [(2, 4), (4, 8), (1, 4), (3, 8)])
 @pytest.mark.parametrize("shape", [(1, 8), (40, 56), (17, 64)])
 @pytest.mark.parametrize("seed", SEEDS)
@@ -214,7 +206,6 @@ def test_to_blocks_hand_worked() -> None:
     assert torch.equal(from_blocks(expected, (3, 3), 2), X)
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(("rows", "cols", "bs"), [(32, 32, 16), (40, 56, 16), (20, 20, 16), (5, 3, 16), (21, 13, 4)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.int64, torch.bool])
 def test_to_from_blocks_round_trip(rows: int, cols: int, bs: int, dtype: torch.dtype, device: str) -> None:
@@ -280,7 +271,6 @@ def test_block_mask_edge_blocks_ranked_by_mean_not_sum() -> None:
     assert torch.equal(keep, expected)
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(("rows", "cols", "bs"), [(64, 64, 16), (40, 56, 16), (20, 20, 16), (33, 17, 8)])
 @pytest.mark.parametrize("sparsity", [0.25, 0.5, 0.8])
 @pytest.mark.parametrize("seed", SEEDS)
@@ -348,7 +338,6 @@ def _expected_k(k: int, real: int, bs: int) -> int:
     return max(round(k * real / (bs * bs)), 1 if k else 0)
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(("rows", "cols"), [(32, 48), (40, 56), (20, 20), (5, 37)])
 @pytest.mark.parametrize("k", [1, 3, 8, 64, 200, 256])
 @pytest.mark.parametrize("use_blocks", [False, True])

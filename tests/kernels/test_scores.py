@@ -15,11 +15,6 @@ from tierprune.kernels.scores import (
 
 pytestmark = pytest.mark.unit
 
-DEVICES = [
-    "cpu",
-    pytest.param("cuda", marks=(pytest.mark.gpu,
-                                pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))),
-]
 # (out, in, block): full blocks only, edge blocks of 8 (40, 56), and ragged edges in both directions.
 BLOCK_SHAPES = [(32, 32, 16), (40, 56, 16), (20, 20, 16), (17, 33, 16), (5, 3, 16), (21, 13, 4)]
 SEEDS = [0, 1, 2]
@@ -67,7 +62,6 @@ def test_wanda_scores_low_precision_weights_give_fp32() -> None:
     torch.testing.assert_close(out, torch.tensor([[4.0, 9.0], [1.0, 0.75]]), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shape", [(1, 1), (7, 13), (40, 56), (64, 32)])
 @pytest.mark.parametrize("seed", SEEDS)
 def test_wanda_scores_broadcast_per_input_column(shape: tuple[int, int], seed: int, device: str) -> None:
@@ -102,7 +96,6 @@ def test_accumulate_sq_norm_hand_worked() -> None:
     torch.testing.assert_close(S, torch.tensor([(1 + 9 + 1 + 9) / 3, (4 + 16 + 0 + 4) / 3]))
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(("b1", "b2", "seq", "d"), [(3, 5, 7, 16), (1, 4, 2, 40), (6, 1, 9, 5)])
 @pytest.mark.parametrize("seed", SEEDS)
 def test_accumulate_sq_norm_two_uneven_batches_equal_one_pass(b1: int, b2: int, seq: int, d: int, seed: int,
@@ -156,7 +149,6 @@ def test_block_mean_of_ones_is_one_everywhere() -> None:
     torch.testing.assert_close(block_mean(torch.ones(40, 56), 16), torch.ones(3, 4), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(("rows", "cols", "bs"), BLOCK_SHAPES)
 @pytest.mark.parametrize("seed", SEEDS)
 def test_block_mean_matches_naive(rows: int, cols: int, bs: int, seed: int, device: str) -> None:
@@ -191,7 +183,6 @@ def test_masked_block_mean_all_pruned_is_zero_and_all_kept_is_block_mean() -> No
     torch.testing.assert_close(full, block_mean(X, 16))
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(("rows", "cols", "bs"), BLOCK_SHAPES)
 @pytest.mark.parametrize("seed", SEEDS)
 def test_masked_block_mean_matches_naive(rows: int, cols: int, bs: int, seed: int, device: str) -> None:

@@ -20,11 +20,6 @@ from tierprune.kernels.tiers import (
 
 pytestmark = pytest.mark.unit
 
-DEVICES = [
-    "cpu",
-    pytest.param("cuda", marks=(pytest.mark.gpu,
-                                pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))),
-]
 SEEDS = [0, 1, 2]
 BS = 16
 # Weight shapes with full blocks only, with edge blocks of 8, and with ragged edges (cols % 4 == 0 for 2:4).
@@ -145,7 +140,6 @@ def test_tier_keep_mask_hand_worked() -> None:
     assert tier_keep_mask(select, torch.zeros(2, 2, dtype=torch.int8), 4, 4).all()
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("topk", [1, 8, 64])
 @pytest.mark.parametrize("seed", SEEDS)
@@ -295,7 +289,6 @@ def test_demote_tiers_never_moves_up() -> None:
 # --------------------------------------------------------------------------- demote_tiers, randomized
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("mixed_start", [False, True])
 @pytest.mark.parametrize("seed", SEEDS)
@@ -396,7 +389,6 @@ def test_demote_tiers_global_single_matrix_equals_demote_tiers() -> None:
     assert torch.equal(new, demote_tiers(scores, start, to_2_4, to_topk, BS, select=select))
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("mixed_start", [False, True])
 @pytest.mark.parametrize("seed", SEEDS)
 def test_demote_tiers_global_relative_is_scale_invariant(mixed_start: bool, seed: int, device: str) -> None:

@@ -20,21 +20,6 @@ from tierprune.storage.checkpoints import (
 pytestmark = pytest.mark.unit
 
 
-@pytest.fixture
-def mem_root() -> Iterator[str]:
-    """A fresh memory:// folder, removed afterwards (the memory filesystem is process-global)."""
-    root = f"memory://test-checkpoints-{uuid.uuid4().hex}"
-    yield root
-    fs = fsspec.filesystem("memory")
-    if fs.exists(root):
-        fs.rm(root, recursive=True)
-
-
-@pytest.fixture(params=["local", "memory"])
-def root(request: pytest.FixtureRequest, tmp_path: Path, mem_root: str) -> str:
-    return str(tmp_path) if request.param == "local" else mem_root
-
-
 def _listing(root: str) -> list[str]:
     fs, path = fsspec.core.url_to_fs(root)
     return sorted(p.rsplit("/", 1)[-1] for p in fs.find(path))

@@ -30,16 +30,6 @@ needs_c4 = pytest.mark.skipif(
 )
 
 
-@pytest.fixture
-def mem_root() -> Iterator[str]:
-    """A fresh memory:// folder, removed afterwards (the memory filesystem is process-global)."""
-    root = f"memory://test-datasets-{uuid.uuid4().hex}"
-    yield root
-    fs = fsspec.filesystem("memory")
-    if fs.exists(root):
-        fs.rm(root, recursive=True)
-
-
 @needs_wikitext
 def test_wikitext_local_test_split_matches_protocol() -> None:
     rows = load_texts(f"wikitext2:{WIKITEXT}", "test")

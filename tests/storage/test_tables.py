@@ -16,21 +16,6 @@ from tierprune.storage.tables import load_table, save_table
 pytestmark = pytest.mark.unit
 
 
-@pytest.fixture
-def mem_root() -> Iterator[str]:
-    """A fresh memory:// folder, removed afterwards (the memory filesystem is process-global)."""
-    root = f"memory://test-tables-{uuid.uuid4().hex}"
-    yield root
-    fs = fsspec.filesystem("memory")
-    if fs.exists(root):
-        fs.rm(root, recursive=True)
-
-
-@pytest.fixture(params=["local", "memory"])
-def root(request: pytest.FixtureRequest, tmp_path: Path, mem_root: str) -> str:
-    return str(tmp_path) if request.param == "local" else mem_root
-
-
 def _frame() -> pd.DataFrame:
     return pd.DataFrame(
         {
