@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from tierprune.adapters import decoder_layers, prunable_linears, weight_view
+from tierprune.adapters import decoder_layers, layers_prefix, prunable_linears, weight_view
 from tierprune.kernels.scores import add_sq_norm_, sum_sq
 
 __all__ = ["InputStats", "LayerVisitor", "walk_layers", "capture_layer_inputs"]
@@ -144,7 +144,7 @@ def walk_layers(model: nn.Module, input_ids: torch.Tensor, visit: LayerVisitor |
     """Calibrate layer by layer; returns every linear's input statistics by full module name."""
     device = torch.device(device)
     layers = decoder_layers(model)
-    prefix = next(name for name, m in model.named_modules() if m is layers)
+    prefix = layers_prefix(model)
     if offload:
         _place_outside_layers(model, layers, device)
     else:

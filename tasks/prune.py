@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from tierprune.adapters import decoder_layers, prunable_linears, weight_view
+from tierprune.adapters import decoder_layers, layers_prefix, prunable_linears, weight_view
 from tierprune.config import PruneConfig
 from tierprune.errors import TierpruneError
 from tierprune.kernels.masks import block_mask, matrix_mask, nm_mask, unstructured_mask
@@ -38,7 +38,7 @@ class PruneResult:
 def named_linears(model: nn.Module) -> dict[str, nn.Module]:
     """Every prunable linear of the model by full module name, layer order."""
     layers = decoder_layers(model)
-    prefix = next(name for name, m in model.named_modules() if m is layers)
+    prefix = layers_prefix(model)
     return {f"{prefix}.{i}.{n}": m for i, layer in enumerate(layers) for n, m in prunable_linears(layer).items()}
 
 
@@ -99,8 +99,8 @@ def _prune_global_tiers_(model: nn.Module, all_stats: dict[str, InputStats] | No
     scores = [_scores(W, all_stats[name] if all_stats else None, cfg.method) for name, W in Ws.items()]
     selects = [_select(W, s, cfg) for W, s in zip(Ws.values(), scores)]
     maps = [dense_tier_map(tuple(W.shape), cfg.block_size, W.device) for W in Ws.values()]
-    n_dense, _, n_topk = target_counts(sum(t.numel() for t in maps), cfg.tiers)
     total = sum(t.numel() for t in maps)
+    n_dense, _, n_topk = target_counts(total, cfg.tiers)
     maps = demote_tiers_global(scores, maps, total - n_dense, n_topk, cfg.block_size, selects)
     for (name, W), sel, tier_map in zip(Ws.items(), selects, maps):
         W.mul_(tier_keep_mask(sel, tier_map, cfg.block_size, cfg.topk))
@@ -117,12 +117,20 @@ def prune_model_(model: nn.Module, cfg: PruneConfig, calib_ids: torch.Tensor | N
     check_shapes(model, cfg)
     if cfg.needs_calibration and calib_ids is None:
         raise TierpruneError(f"method {cfg.method} needs calibration data (--calib)")
+    if cfg.pattern == "tiers" and cfg.scope == "global":
+        # A model-wide ranking needs every matrix's scores before any block moves: one walk over
+        # the unpruned model (Wanda), or none at all (magnitude).
+        stats = None
+        if cfg.needs_calibration:
+            stats = walk_layers(model, calib_ids, None, batch_size=batch_size, device=device, offload=offload,
+                                on_progress=on_progress)
+        elif not offload:
+            model.to(device)
+        _prune_global_tiers_(model, stats, cfg, result)
+        return result
     if not cfg.needs_calibration:
         if not offload:
             model.to(device)
-        if cfg.pattern == "tiers" and cfg.scope == "global":
-            _prune_global_tiers_(model, None, cfg, result)
-            return result
         items = list(named_linears(model).items())
         for i, (name, module) in enumerate(items):
             W = weight_view(module)
@@ -135,14 +143,8 @@ def prune_model_(model: nn.Module, cfg: PruneConfig, calib_ids: torch.Tensor | N
             if on_progress is not None:
                 on_progress(i + 1, len(items))
         return result
-    if cfg.pattern == "tiers" and cfg.scope == "global":
-        stats = walk_layers(model, calib_ids, None, batch_size=batch_size, device=device, offload=offload,
-                            on_progress=on_progress)
-        _prune_global_tiers_(model, stats, cfg, result)
-        return result
 
-    layers = decoder_layers(model)
-    prefix = next(name for name, m in model.named_modules() if m is layers)
+    prefix = layers_prefix(model)
 
     def visit(i: int, layer: nn.Module, linears: dict[str, nn.Module], stats: dict[str, InputStats]) -> bool:
         for name, module in linears.items():

@@ -13,7 +13,7 @@ from torch import nn
 
 from .errors import TierpruneError
 
-__all__ = ["Adapter", "ADAPTERS", "adapter_for", "decoder_layers", "prunable_linears", "weight_view"]
+__all__ = ["Adapter", "ADAPTERS", "adapter_for", "decoder_layers", "layers_prefix", "prunable_linears", "weight_view"]
 
 
 @dataclass(frozen=True)
@@ -45,10 +45,15 @@ def adapter_for(model: nn.Module) -> Adapter:
     raise TierpruneError(f"unsupported architecture {model_type!r}; supported model types: {', '.join(known)}")
 
 
+def layers_prefix(model: nn.Module) -> str:
+    """Module-name prefix of the decoder layers, e.g. 'model.layers' (layer i is 'model.layers.i')."""
+    return adapter_for(model).layers_path
+
+
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The model's ModuleList of decoder layers."""
     node = model
-    for part in adapter_for(model).layers_path.split("."):
+    for part in layers_prefix(model).split("."):
         node = getattr(node, part)
     assert isinstance(node, nn.ModuleList), type(node)
     return node
