@@ -110,12 +110,15 @@ def forward_flops(model, nsamples: int, seqlen: int) -> float:
     return 2 * linear_params * tokens + attention
 
 
-def bench_calibration(model, device: str, nsamples: int, seqlen: int, batch_size: int, peak_tflops: float) -> dict:
+def bench_calibration(model, device: str, nsamples: int, seqlen: int, batch_size: int, peak_tflops: float,
+                      compile: bool = False) -> dict:
     ids = torch.randint(0, model.config.vocab_size, (nsamples, seqlen))
-    walk_layers(model, ids[: batch_size], None, batch_size=batch_size, device=device)  # warm-up
-    sync(device)
     t0 = time.perf_counter()
-    stats = walk_layers(model, ids, None, batch_size=batch_size, device=device)
+    walk_layers(model, ids[: batch_size], None, batch_size=batch_size, device=device, compile=compile)  # warm-up
+    sync(device)
+    warmup = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    stats = walk_layers(model, ids, None, batch_size=batch_size, device=device, compile=compile)
     sync(device)
     seconds = time.perf_counter() - t0
     # The same layers with no statistics: what the model's own forward costs here.
@@ -133,7 +136,8 @@ def bench_calibration(model, device: str, nsamples: int, seqlen: int, batch_size
     flops = forward_flops(model, nsamples, seqlen)
     floor = flops / (peak_tflops * 1e12)
     assert all(s.n_samples == nsamples for s in stats.values())
-    return {"tokens": nsamples * seqlen, "seconds": seconds, "forward_only_s": forward_only,
+    return {"compile": compile, "warmup_s": warmup, "tokens": nsamples * seqlen, "seconds": seconds,
+            "forward_only_s": forward_only,
             "attn_implementation": model.config._attn_implementation, "tflop": flops / 1e12,
             "achieved_tflops": flops / seconds / 1e12, "floor_s": floor, "ratio_to_floor": seconds / floor}
 
@@ -154,6 +158,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the GPU")
     parser.add_argument("--skip-calibration", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="also time calibration with torch.compile'd layers")
     parser.add_argument("--device", default="cuda", help="cuda; cpu only for a smoke run with small shapes")
     parser.add_argument("--hidden", type=int, default=4096)
     parser.add_argument("--intermediate", type=int, default=11008)
@@ -167,12 +172,17 @@ def main() -> None:
     if not args.skip_calibration:
         result["calibration"] = bench_calibration(model, device, args.nsamples, args.seqlen, args.batch_size,
                                                   args.peak_tflops)
+        print(json.dumps(result["calibration"]), flush=True)
+        if args.compile:
+            result["calibration_compiled"] = bench_calibration(model, device, args.nsamples, args.seqlen,
+                                                               args.batch_size, args.peak_tflops, compile=True)
         if device.startswith("cuda"):
             measured = matmul_tflops(device)
-            cal = result["calibration"]
-            cal["measured_matmul_tflops"] = measured
-            cal["ratio_to_measured_floor"] = cal["seconds"] / (cal["tflop"] / measured)
-        print(json.dumps(result["calibration"]), flush=True)
+            for key in ("calibration", "calibration_compiled"):
+                if key in result:
+                    cal = result[key]
+                    cal["measured_matmul_tflops"] = measured
+                    cal["ratio_to_measured_floor"] = cal["seconds"] / (cal["tflop"] / measured)
     print("RESULT " + json.dumps(result))
 
 

@@ -43,6 +43,7 @@ def main() -> None:
     parser.add_argument("--seqlen", type=int, default=2048)
     parser.add_argument("--max-windows", type=int, default=None)
     parser.add_argument("--rows", default=None, help="comma-separated row indices to run (default: all)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the layers during calibration")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
 
@@ -58,7 +59,8 @@ def main() -> None:
         prune = PruneConfig(**row)
         cfg = TierpruneConfig(
             model=model_cfg,
-            calibration=CalibrationConfig(data=default_data_spec("c4"), nsamples=args.nsamples, seqlen=args.seqlen),
+            calibration=CalibrationConfig(data=default_data_spec("c4"), nsamples=args.nsamples, seqlen=args.seqlen,
+                                          compile=args.compile),
             prune=prune,
             eval=EvalConfig(data=default_data_spec("wikitext2"), seqlen=args.seqlen, max_windows=args.max_windows),
             device=args.device,
@@ -68,6 +70,7 @@ def main() -> None:
         record.pop("modules")
         records.append(record)
         extra = [f"{k}={v}" for k, v in row.items() if k not in ("method", "pattern", "topk")]
+        extra += ["compiled"] if args.compile and prune.method == "wanda" else []
         if prune.pattern == "tiers":
             extra = ["35/45/20", f"k={prune.topk}"] + extra
         options = ", ".join(extra)

@@ -11,6 +11,7 @@ CPU and each layer visits the device alone, so models larger than the device can
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -139,9 +140,16 @@ def _run_layer(layer: nn.Module, index: int, hidden: torch.Tensor, inputs: Layer
 @torch.no_grad()
 def walk_layers(model: nn.Module, input_ids: torch.Tensor, visit: LayerVisitor | None = None, *,
                 batch_size: int = 8, device: str | torch.device = "cpu", offload: bool = False,
-                hessian: bool = False, on_progress: Callable[[int, int], None] | None = None,
-                ) -> dict[str, InputStats]:
-    """Calibrate layer by layer; returns every linear's input statistics by full module name."""
+                hessian: bool = False, compile: bool = False,
+                on_progress: Callable[[int, int], None] | None = None) -> dict[str, InputStats]:
+    """Calibrate layer by layer; returns every linear's input statistics by full module name.
+
+    `compile=True` runs each layer through torch.compile (fused norms, rotary, activations): the
+    statistics are then summed in fp32 and divided by N once, instead of the reference's running
+    average, which changes S only by rounding. Not with `hessian`.
+    """
+    if compile and hessian:
+        raise ValueError("compile=True gathers Σx² only; SparseGPT's Gram matrices need compile=False")
     device = torch.device(device)
     layers = decoder_layers(model)
     prefix = layers_prefix(model)
@@ -155,20 +163,20 @@ def walk_layers(model: nn.Module, input_ids: torch.Tensor, visit: LayerVisitor |
         home = next(layer.parameters()).device
         layer.to(device)
         linears = prunable_linears(layer)
-        stats = {name: _new_stats(m, device, hessian) for name, m in linears.items()}
-        seqlen = inputs.hidden[0].shape[1]
-        last: dict = {}  # the last input a hook reduced, shared by this layer's hooks
-        hooks = [m.register_forward_hook(_stats_hook(stats[name], seqlen, last)) for name, m in linears.items()]
-        try:
-            outputs = []
-            for h in inputs.hidden:
-                last.clear()
-                outputs.append(_run_layer(layer, i, h, inputs))
-        finally:
-            for h in hooks:
-                h.remove()
-        if visit is not None and visit(i, layer, linears, stats):
-            outputs = [_run_layer(layer, i, h, inputs) for h in inputs.hidden]
+        if compile:
+            # Every layer shares the same forward code, so torch.compile traces it once and reuses it.
+            # Dynamo does not guard on hooks, so a trace made with the statistics hooks must never
+            # meet a layer without them (or the reverse): they stay on through the re-run below.
+            run = torch.compile(layer)
+            with _summing_hooks(linears, device) as read_stats:
+                outputs = [_run_layer(run, i, h, inputs) for h in inputs.hidden]
+                stats = read_stats(inputs.hidden)
+                if visit is not None and visit(i, layer, linears, stats):
+                    outputs = [_run_layer(run, i, h, inputs) for h in inputs.hidden]
+        else:
+            stats, outputs = _gather_reference(layer, i, linears, inputs, device, hessian)
+            if visit is not None and visit(i, layer, linears, stats):
+                outputs = [_run_layer(layer, i, h, inputs) for h in inputs.hidden]
         inputs.hidden = outputs
         for name, s in stats.items():
             s.hessian = None  # (in, in) per linear: too big to keep for the whole model
@@ -178,6 +186,55 @@ def walk_layers(model: nn.Module, input_ids: torch.Tensor, visit: LayerVisitor |
         if on_progress is not None:
             on_progress(i + 1, len(layers))
     return all_stats
+
+
+def _gather_reference(layer: nn.Module, index: int, linears: dict[str, nn.Module], inputs: LayerInputs,
+                      device: torch.device, hessian: bool) -> tuple[dict[str, InputStats], list[torch.Tensor]]:
+    """One pass with hooks, statistics as the reference keeps them (running averages)."""
+    stats = {name: _new_stats(m, device, hessian) for name, m in linears.items()}
+    seqlen = inputs.hidden[0].shape[1]
+    last: dict = {}  # the last input a hook reduced, shared by this layer's hooks
+    hooks = [m.register_forward_hook(_stats_hook(stats[name], seqlen, last)) for name, m in linears.items()]
+    try:
+        outputs = []
+        for h in inputs.hidden:
+            last.clear()
+            outputs.append(_run_layer(layer, index, h, inputs))
+    finally:
+        for h in hooks:
+            h.remove()
+    return stats, outputs
+
+
+_SUM_SQ = "_tierprune_sum_sq"
+
+
+def _add_sum_sq(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+    # One function object for every linear, and the running sum a buffer of the module: to
+    # torch.compile all layers then look alike, so their shared trace is reused, not redone.
+    getattr(module, _SUM_SQ).add_(sum_sq(args[0]))
+
+
+@contextmanager
+def _summing_hooks(linears: dict[str, nn.Module], device: torch.device):
+    """Σx² hooks on every linear; yields read(hidden) -> InputStats per linear (sum divided by N once)."""
+    hooks = []
+    for m in linears.values():
+        m.register_buffer(_SUM_SQ, torch.zeros(weight_view(m).shape[1], device=device), persistent=False)
+        hooks.append(m.register_forward_hook(_add_sum_sq))
+
+    def read(hidden: list[torch.Tensor]) -> dict[str, InputStats]:
+        n_samples = sum(h.shape[0] for h in hidden)
+        n_tokens = sum(h.shape[0] * h.shape[1] for h in hidden)
+        return {name: InputStats(sq_norm=getattr(m, _SUM_SQ) / n_samples, n_samples=n_samples, n_tokens=n_tokens)
+                for name, m in linears.items()}
+    try:
+        yield read
+    finally:
+        for h in hooks:
+            h.remove()
+        for m in linears.values():
+            m._buffers.pop(_SUM_SQ, None)
 
 
 def _new_stats(module: nn.Module, device: torch.device, hessian: bool) -> InputStats:

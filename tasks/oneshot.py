@@ -85,7 +85,7 @@ def run_oneshot(cfg: TierpruneConfig, output: str | None = None, progress: Progr
     torch.manual_seed(c.seed)
     t0 = time.perf_counter()
     result = prune_model_(model, p, calib_ids, batch_size=c.batch_size, device=cfg.device, offload=cfg.offload,
-                          on_progress=tick("prune"))
+                          compile=c.compile, on_progress=tick("prune"))
     prune_seconds = time.perf_counter() - t0
 
     report = sparsity_report(model, result.tier_maps)

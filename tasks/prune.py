@@ -108,9 +108,12 @@ def _prune_global_tiers_(model: nn.Module, all_stats: dict[str, InputStats] | No
 
 
 def prune_model_(model: nn.Module, cfg: PruneConfig, calib_ids: torch.Tensor | None = None, *,
-                 batch_size: int = 8, device: str = "cpu", offload: bool = False,
+                 batch_size: int = 8, device: str = "cpu", offload: bool = False, compile: bool = False,
                  on_progress: Callable[[int, int], None] | None = None) -> PruneResult:
-    """Prune every decoder-layer linear in place; embeddings and the LM head are left alone."""
+    """Prune every decoder-layer linear in place; embeddings and the LM head are left alone.
+
+    `compile` runs the calibration forward through torch.compile (Wanda only; see walk_layers).
+    """
     result = PruneResult()
     if cfg.method == "none":
         return result
@@ -123,7 +126,7 @@ def prune_model_(model: nn.Module, cfg: PruneConfig, calib_ids: torch.Tensor | N
         stats = None
         if cfg.needs_calibration:
             stats = walk_layers(model, calib_ids, None, batch_size=batch_size, device=device, offload=offload,
-                                on_progress=on_progress)
+                                compile=compile, on_progress=on_progress)
         elif not offload:
             model.to(device)
         _prune_global_tiers_(model, stats, cfg, result)
@@ -154,5 +157,6 @@ def prune_model_(model: nn.Module, cfg: PruneConfig, calib_ids: torch.Tensor | N
         return True
 
     walk_layers(model, calib_ids, visit, batch_size=batch_size, device=device, offload=offload,
-                hessian=cfg.method == "sparsegpt", on_progress=on_progress)
+                hessian=cfg.method == "sparsegpt", compile=compile and cfg.method != "sparsegpt",
+                on_progress=on_progress)
     return result

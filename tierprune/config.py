@@ -37,6 +37,7 @@ class CalibrationConfig(_Frozen):
     seqlen: int = Field(2048, ge=2)
     seed: int = 0
     batch_size: int = Field(8, ge=1)  # sequences per forward; changes speed, not results
+    compile: bool = False  # torch.compile the layers (Wanda); S differs from the reference by rounding only
 
 
 class PruneConfig(_Frozen):
