@@ -23,7 +23,10 @@ __all__ = [
     "tier_counts",
     "target_counts",
     "demotion_counts",
+    "demote_by_block_scores",
     "demote_tiers",
+    "relative_block_scores",
+    "demote_by_block_scores_global",
     "demote_tiers_global",
 ]
 
@@ -83,6 +86,22 @@ def _lowest(values: torch.Tensor, candidates: torch.Tensor, count: int) -> torch
     return chosen.view_as(values)
 
 
+def demote_by_block_scores(tier_map: torch.Tensor, dense_means: torch.Tensor, nm_means: torch.Tensor | None,
+                           to_2_4: int, to_topk: int) -> torch.Tensor:
+    """Two-phase demotion of one matrix from precomputed block scores; all (nbr, nbc) -> new tier map.
+
+    Phase 1 ranks the Dense blocks on `dense_means`, phase 2 the 2:4 blocks (those just demoted
+    included) on `nm_means`, which may be None when to_topk is 0. The input map is not modified.
+    """
+    assert dense_means.shape == tier_map.shape, (dense_means.shape, tier_map.shape)
+    new = tier_map.clone()
+    new[_lowest(dense_means.to(new.device), new == DENSE, to_2_4)] = NM_2_4
+    if to_topk:
+        assert nm_means is not None and nm_means.shape == tier_map.shape, "phase 2 needs nm_means"
+        new[_lowest(nm_means.to(new.device), new == NM_2_4, to_topk)] = TOPK
+    return new
+
+
 def demote_tiers(scores: torch.Tensor, tier_map: torch.Tensor, to_2_4: int, to_topk: int,
                  block_size: int, select: torch.Tensor | None = None) -> torch.Tensor:
     """Two-phase demotion of one matrix; scores (out, in), tier_map (nbr, nbc) -> new tier map.
@@ -90,20 +109,40 @@ def demote_tiers(scores: torch.Tensor, tier_map: torch.Tensor, to_2_4: int, to_t
     `select` (default: scores) chooses the 2:4 survivors that phase 2 re-scores on.
     """
     select = scores if select is None else select
-    new = tier_map.clone()
     dense_means = block_mean(scores, block_size)  # (nbr, nbc)
-    new[_lowest(dense_means, new == DENSE, to_2_4)] = NM_2_4
-    if to_topk:
-        kept = nm_mask(select, 2, 4)
-        nm_means = masked_block_mean(scores, kept, block_size)
-        new[_lowest(nm_means, new == NM_2_4, to_topk)] = TOPK
-    return new
+    nm_means = masked_block_mean(scores, nm_mask(select, 2, 4), block_size) if to_topk else None
+    return demote_by_block_scores(tier_map, dense_means, nm_means, to_2_4, to_topk)
 
 
 def _relative(block_scores: torch.Tensor) -> torch.Tensor:
     # Raw Wanda scores differ by orders of magnitude between matrices (activation scales), so a
     # model-wide ranking compares each block with its own matrix's mean block score.
     return block_scores / block_scores.mean().clamp_min(torch.finfo(torch.float32).tiny)
+
+
+def relative_block_scores(block_scores: torch.Tensor) -> torch.Tensor:
+    """Block scores (nbr, nbc) divided by their matrix's mean block score, as the global ranking sees them."""
+    return _relative(block_scores)
+
+
+def demote_by_block_scores_global(tier_maps: list[torch.Tensor], dense_means_list: list[torch.Tensor],
+                                  nm_means_list: list[torch.Tensor] | None, to_2_4: int, to_topk: int,
+                                  relative: bool = True) -> list[torch.Tensor]:
+    """Two-phase demotion with one budget across many matrices, from precomputed block scores.
+
+    Each list holds one (nbr, nbc) tensor per matrix; `nm_means_list` may be None when to_topk is 0.
+    With `relative` (default) each matrix's block scores are divided by their mean first.
+    """
+    norm = _relative if relative else (lambda b: b)
+    sizes = [t.numel() for t in tier_maps]
+    flat = torch.cat([t.flatten() for t in tier_maps])
+    dense_means = torch.cat([norm(d).flatten().to(flat.device) for d in dense_means_list])
+    flat[_lowest(dense_means, flat == DENSE, to_2_4)] = NM_2_4
+    if to_topk:
+        assert nm_means_list is not None, "phase 2 needs nm_means_list"
+        nm_means = torch.cat([norm(n).flatten().to(flat.device) for n in nm_means_list])
+        flat[_lowest(nm_means, flat == NM_2_4, to_topk)] = TOPK
+    return [part.view_as(t) for part, t in zip(flat.split(sizes), tier_maps)]
 
 
 def demote_tiers_global(scores: list[torch.Tensor], tier_maps: list[torch.Tensor], to_2_4: int,
@@ -114,15 +153,8 @@ def demote_tiers_global(scores: list[torch.Tensor], tier_maps: list[torch.Tensor
     With `relative` (default) block scores are divided by their matrix's mean block score first.
     """
     selects = scores if selects is None else selects
-    norm = _relative if relative else (lambda b: b)
-    sizes = [t.numel() for t in tier_maps]
-    flat = torch.cat([t.flatten() for t in tier_maps])
-    dense_means = torch.cat([norm(block_mean(s, block_size)).flatten().to(flat.device) for s in scores])
-    flat[_lowest(dense_means, flat == DENSE, to_2_4)] = NM_2_4
+    dense_means = [block_mean(s, block_size) for s in scores]
+    nm_means = None
     if to_topk:
-        nm_means = torch.cat([
-            norm(masked_block_mean(s, nm_mask(sel, 2, 4), block_size)).flatten().to(flat.device)
-            for s, sel in zip(scores, selects)
-        ])
-        flat[_lowest(nm_means, flat == NM_2_4, to_topk)] = TOPK
-    return [part.view_as(t) for part, t in zip(flat.split(sizes), tier_maps)]
+        nm_means = [masked_block_mean(s, nm_mask(sel, 2, 4), block_size) for s, sel in zip(scores, selects)]
+    return demote_by_block_scores_global(tier_maps, dense_means, nm_means, to_2_4, to_topk, relative=relative)

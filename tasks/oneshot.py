@@ -6,7 +6,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import pandas as pd
 import torch
 
 from tierprune.config import TierpruneConfig
@@ -19,6 +18,7 @@ from tierprune.storage.tables import save_table
 from .calibration import sample_calibration
 from .evaluate import eval_token_ids, perplexity, sparsity_report
 from .prune import check_shapes, prune_model_
+from .tier_tables import tier_table
 
 __all__ = ["default_data_spec", "tier_table", "run_oneshot"]
 
@@ -33,22 +33,6 @@ def default_data_spec(kind: str) -> str:
         return kind
     folder = {"c4": "c4-subset", "wikitext2": "wikitext-2-raw"}[kind]
     return f"{kind}:{Path(root) / folder}"
-
-
-def tier_table(tier_maps: dict[str, torch.Tensor]) -> pd.DataFrame:
-    """One row per block: module, layer, block_row, block_col, tier (0 Dense, 1 2:4, 2 TopK)."""
-    frames = []
-    for name, tier_map in tier_maps.items():
-        rows, cols = torch.meshgrid(torch.arange(tier_map.shape[0]), torch.arange(tier_map.shape[1]), indexing="ij")
-        layer = next((int(p) for p in name.split(".") if p.isdigit()), -1)
-        frames.append(pd.DataFrame({
-            "module": name, "layer": layer,
-            "block_row": rows.flatten().numpy().astype("int32"),
-            "block_col": cols.flatten().numpy().astype("int32"),
-            "tier": tier_map.flatten().numpy().astype("int8"),
-        }))
-    columns = ["module", "layer", "block_row", "block_col", "tier"]
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
 
 
 def _data_kind(spec: str) -> str:

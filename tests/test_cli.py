@@ -235,7 +235,7 @@ def test_end_to_end_tiers_run(runs, checkpoints) -> None:
 
     # The tier maps read with pandas alone; their counts are the record's fractions, and the weights obey them.
     df = pd.read_parquet(out / "tier_maps.parquet")
-    assert list(df.columns) == ["module", "layer", "block_row", "block_col", "tier"]
+    assert list(df.columns) == ["module", "layer", "block_row", "block_col", "tier", "iteration_demoted", "score"]
     assert set(df.module) == set(weights)
     counts = df.tier.value_counts().reindex([0, 1, 2], fill_value=0)
     for tier, name in enumerate(("dense", "2:4", "topk")):

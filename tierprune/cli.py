@@ -165,12 +165,124 @@ def demo(
     _run(cfg, output, None)
 
 
+runs_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Inspect and manage stored runs.")
+app.add_typer(runs_app, name="runs")
+
+
+def _rows_table(title: str, rows: list[dict]) -> Table:
+    table = Table(title=title)
+    columns = list(rows[0]) if rows else ["(none)"]
+    for column in columns:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*[f"{v:.4g}" if isinstance(v, float) else str(v) for v in row.values()])
+    return table
+
+
+def _progressive_config(**kw) -> "ProgressiveConfig":
+    from .config import ProgressiveConfig
+
+    try:
+        return ProgressiveConfig(
+            model=ModelConfig(name=kw["model"], gguf_file=kw["gguf_file"], dtype=kw["dtype"]),
+            calibration=CalibrationConfig(data=kw["calib"], nsamples=kw["calib_samples"], seqlen=kw["calib_seqlen"],
+                                          seed=kw["seed"], batch_size=kw["calib_batch_size"],
+                                          compile=kw["compile"]),
+            eval=EvalConfig(data=kw["eval"], seqlen=kw["eval_seqlen"], max_windows=kw["eval_max_windows"]),
+            plan=kw["plan"], store=kw["store"], run=kw["run"], resume_from=kw["resume_from"],
+            block_size=kw["block_size"], topk=kw["topk"], select=kw["select"], scope=kw["scope"],
+            device=kw["device"],
+        )
+    except ValidationError as exc:
+        raise TierpruneError(one_line(exc)) from None
+
+
+def _check_run_inputs(cfg) -> None:
+    """Everything that can be checked in seconds, before Prefect and the model start."""
+    from tierprune.plan import load_plan
+    from tierprune.storage.runstore import RunStore
+    from tierprune.tasks.steps import find_iteration, open_run
+
+    load_plan(cfg.plan)
+    if "://" not in cfg.store and not Path(cfg.store).is_dir():
+        raise TierpruneError(f"--store {cfg.store} does not exist (create the folder first)")
+    RunStore(cfg.store, cfg.run)  # a bad run name
+    if cfg.resume_from:
+        find_iteration(cfg.resume_from)
+    open_run(cfg)  # a foreign folder or another run under this name is refused here
+
+
+@app.command()
+def run(
+    plan: str = typer.Option(..., help="plan file: CSV (iteration,dense,mid_2_4,topk,...,epochs), YAML or JSON"),
+    store: str = typer.Option(..., help="where runs live: a folder, file://, memory://, s3://, gs://"),
+    run_name: str = typer.Option(..., "--run", help="this run's folder name under --store"),
+    resume_from: Optional[str] = typer.Option(None, help="start after a finished iteration: STORE/RUN/iter-00K"),
+    model: str = typer.Option("smollm2-135m", help="hub id, local directory, .gguf file or alias"),
+    gguf_file: Optional[str] = typer.Option(None, help="GGUF file inside --model's directory or hub repo"),
+    block_size: int = typer.Option(16), topk: int = typer.Option(10, help="weights kept per TopK block"),
+    select: str = typer.Option("wanda"), scope: str = typer.Option("matrix"),
+    calib: Optional[str] = typer.Option(None, help="calibration data spec [default: c4, or $TIERPRUNE_DATA]"),
+    calib_samples: int = typer.Option(128), calib_seqlen: int = typer.Option(2048),
+    calib_batch_size: int = typer.Option(8), seed: int = typer.Option(0),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the layers during calibration"),
+    eval: Optional[str] = typer.Option(None, "--eval", help="eval data spec, or 'none' [default: wikitext2]"),
+    eval_seqlen: int = typer.Option(2048), eval_max_windows: Optional[int] = typer.Option(None),
+    device: str = typer.Option("cpu"), dtype: str = typer.Option("auto"),
+) -> None:
+    """Progressive three-tier pruning as a Prefect flow; rerun the same command to resume after a crash."""
+    from tierprune.tasks.oneshot import default_data_spec
+
+    cfg = _progressive_config(
+        model=model, gguf_file=gguf_file, dtype=dtype, calib=calib or default_data_spec("c4"),
+        calib_samples=calib_samples, calib_seqlen=calib_seqlen, calib_batch_size=calib_batch_size, seed=seed,
+        compile=compile, eval=None if eval == "none" else (eval or default_data_spec("wikitext2")),
+        eval_seqlen=eval_seqlen, eval_max_windows=eval_max_windows, plan=plan, store=store, run=run_name,
+        resume_from=resume_from, block_size=block_size, topk=topk, select=select, scope=scope, device=device)
+    _check_run_inputs(cfg)
+    from tierprune.flows.progressive import progressive
+
+    rows = progressive(cfg)
+    console.print(_rows_table(f"run {cfg.store.rstrip('/')}/{cfg.run}", rows))
+
+
+@runs_app.command("list")
+def runs_list(store: str = typer.Argument(..., help="the --store of the runs")) -> None:
+    """The runs under a store, with their last finished iteration."""
+    from tierprune.tasks.runs import list_runs
+
+    console.print(_rows_table(f"runs in {store}", list_runs(store)))
+
+
+@runs_app.command("show")
+def runs_show(run_uri: str = typer.Argument(..., help="STORE/RUN")) -> None:
+    """A run's finished iterations: tier fractions, sparsity, perplexity."""
+    from tierprune.tasks.runs import run_summary, split_run_uri
+
+    rows = [{k: v for k, v in r.items() if k != "finished"} for r in run_summary(split_run_uri(run_uri))]
+    console.print(_rows_table(f"run {run_uri}", rows))
+
+
+@runs_app.command("unlock")
+def runs_unlock(run_uri: str = typer.Argument(..., help="STORE/RUN")) -> None:
+    """Break a stale writer lock left by a crashed run (only when that process is gone)."""
+    from tierprune.tasks.runs import split_run_uri
+
+    broke = split_run_uri(run_uri).break_lock()
+    console.print("lock removed" if broke else "the run was not locked")
+
+
 def main() -> None:
     import os
 
     # Our own rich bars report progress; transformers' tqdm bars (loading/writing weights) would only add
     # noise to stderr, which for bad input must be one line. Warnings stay on. Set before it is imported.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    # The project's prefect.toml, for runs started outside the repository: no telemetry, a patient
+    # ephemeral server, no task caching unless a task brings its own key.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "60")
+    os.environ.setdefault("PREFECT_TASKS_DEFAULT_NO_CACHE", "true")
     try:
         code = app(standalone_mode=False)
     except typer.TyperException as exc:  # typer's (vendored click's) usage errors

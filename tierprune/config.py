@@ -134,3 +134,33 @@ def parse_fractions(text: str) -> tuple[float, float, float]:
     if len(values) != 3:
         raise TierpruneError(f"--tiers needs three fractions (dense,2:4,topk), got {len(values)}: {text!r}")
     return values  # type: ignore[return-value]
+
+
+class ProgressiveConfig(_Frozen):
+    """Everything a progressive run depends on; its JSON form is the run's config in the manifest."""
+
+    model: ModelConfig = ModelConfig()
+    calibration: CalibrationConfig = CalibrationConfig()
+    eval: EvalConfig = EvalConfig()
+    plan: str  # path/URL of the plan (CSV, YAML or JSON)
+    store: str  # fsspec root of runs: a path, file://, memory://, s3://, gs://
+    run: str  # the run's folder name under `store`
+    resume_from: str | None = None  # an iteration folder of any run: start after it, from its tiers + checkpoint
+    block_size: int = Field(16, ge=4)
+    topk: int = Field(10, ge=0)
+    select: Literal["wanda", "magnitude"] = "wanda"
+    scope: Literal["matrix", "global"] = "matrix"
+    device: str = "cpu"
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        return TierpruneConfig._device(v)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ProgressiveConfig:
+        if self.block_size % 4:
+            raise ValueError(f"block size must be divisible by 4 (2:4 groups), got {self.block_size}")
+        if self.topk > self.block_size ** 2:
+            raise ValueError(f"--topk {self.topk} exceeds the {self.block_size ** 2} weights of a block")
+        return self

@@ -1,0 +1,54 @@
+"""Step 1 of a progressive iteration: the input statistics S of every prunable linear, as a table.
+
+One layer-by-layer calibration walk over the model as it is now (earlier iterations' pruning
+included); nothing is pruned here. S_j = (1/N)·Σ over all calibration tokens of x_j², N = number
+of sequences, as the reference Wanda keeps it (see kernels.scores).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from .layerwise import walk_layers
+from .tier_tables import layer_of
+
+__all__ = ["ACTIVATION_COLUMNS", "collect_activations", "activation_stats"]
+
+# layer int32, module str, in_features int32, sq_norm list<float32> (in_features,), n_tokens, n_samples int64
+ACTIVATION_COLUMNS = ["layer", "module", "in_features", "sq_norm", "n_tokens", "n_samples"]
+
+
+def collect_activations(model: nn.Module, calib_ids: torch.Tensor, *, batch_size: int = 8,
+                        device: str | torch.device = "cpu", compile: bool = False,
+                        on_progress: Callable[[int, int], None] | None = None) -> pd.DataFrame:
+    """One row per prunable linear, in layer order; calib_ids (n_samples, seqlen) int64.
+
+    walk_layers moves the model to `device` and leaves it there.
+    """
+    stats = walk_layers(model, calib_ids, None, batch_size=batch_size, device=device, compile=compile,
+                        on_progress=on_progress)
+    names = list(stats)
+    sq_norms = [stats[n].sq_norm.detach().float().cpu().numpy() for n in names]  # (in,) each
+    return pd.DataFrame({
+        "layer": np.array([layer_of(n) for n in names], dtype=np.int32),
+        "module": pd.Series(names, dtype="str"),
+        "in_features": np.array([s.size for s in sq_norms], dtype=np.int32),
+        "sq_norm": pd.Series(sq_norms, dtype=object),
+        "n_tokens": np.array([stats[n].n_tokens for n in names], dtype=np.int64),
+        "n_samples": np.array([stats[n].n_samples for n in names], dtype=np.int64),
+    })
+
+
+def activation_stats(df: pd.DataFrame) -> dict[str, torch.Tensor]:
+    """module -> S (in_features,) fp32 CPU, from a collect_activations table (or its Parquet copy)."""
+    out: dict[str, torch.Tensor] = {}
+    for name, in_features, sq_norm in zip(df["module"], df["in_features"], df["sq_norm"]):
+        S = torch.from_numpy(np.asarray(sq_norm, dtype=np.float32).copy())
+        if S.numel() != int(in_features):
+            raise ValueError(f"sq_norm of {name} has {S.numel()} values, in_features says {int(in_features)}")
+        out[str(name)] = S
+    return out

@@ -1,0 +1,60 @@
+"""Step 2 of a progressive iteration: the two block scores the two-phase demotion ranks on.
+
+score      mean Wanda score |W|·sqrt(S) of the block (edge blocks over their real elements): phase 1.
+score_2_4  mean Wanda score over the weights the block's 2:4 pattern keeps: phase 2's re-score. The
+           pattern keeps the 2 highest of every 4 by `select` (the Wanda score, or |W|). For a block
+           already 2:4, with exactly two non-zero weights per group, it is the mean over those.
+Both are computed on the model as it is now, so earlier iterations' zeros count.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from tierprune.adapters import weight_view
+from tierprune.errors import TierpruneError
+from tierprune.kernels.masks import nm_mask
+from tierprune.kernels.scores import block_mean, magnitude_scores, masked_block_mean, wanda_scores
+
+from .prune import named_linears
+from .tier_tables import block_coords, layer_of
+
+__all__ = ["SCORE_COLUMNS", "score_blocks"]
+
+# module str, layer/block_row/block_col int32, score/score_2_4 float32; rows in tier_table's order
+SCORE_COLUMNS = ["module", "layer", "block_row", "block_col", "score", "score_2_4"]
+
+
+@torch.no_grad()
+def score_blocks(model: nn.Module, stats: dict[str, torch.Tensor], *, block_size: int = 16,
+                 select: Literal["wanda", "magnitude"] = "wanda", device: str | torch.device = "cpu") -> pd.DataFrame:
+    """One row per block of every prunable linear; stats: module -> S (in,) from activation_stats."""
+    if select not in ("wanda", "magnitude"):
+        raise ValueError(f"select must be 'wanda' or 'magnitude', got {select!r}")
+    frames = []
+    for name, module in named_linears(model).items():
+        if name not in stats:
+            raise TierpruneError(f"no activation statistics for {name}: were they collected on this model?")
+        W = weight_view(module).to(device)  # (out, in)
+        S = stats[name].to(device)  # (in,)
+        if W.shape[1] != S.shape[0] or W.shape[1] % 4:
+            raise TierpruneError(f"{name}: weight (out, in) {tuple(W.shape)} does not fit statistics of "
+                                 f"{S.shape[0]} features, or its input dim is not divisible by 4 (2:4)")
+        scores = wanda_scores(W, S)  # (out, in) fp32
+        chooser = magnitude_scores(W) if select == "magnitude" else scores
+        dense_means = block_mean(scores, block_size)  # (nbr, nbc)
+        nm_means = masked_block_mean(scores, nm_mask(chooser, 2, 4), block_size)  # (nbr, nbc)
+        rows, cols = block_coords(tuple(dense_means.shape))
+        frames.append(pd.DataFrame({
+            "module": pd.Series(name, index=range(rows.size), dtype="str"),
+            "layer": np.full(rows.size, layer_of(name), dtype=np.int32),
+            "block_row": rows,
+            "block_col": cols,
+            "score": dense_means.flatten().cpu().numpy().astype(np.float32),
+            "score_2_4": nm_means.flatten().cpu().numpy().astype(np.float32),
+        }))
+    return pd.concat(frames, ignore_index=True)

@@ -1,0 +1,115 @@
+"""Tier tables: a model's tier maps as one DataFrame row per block, and back.
+
+Columns (TIER_COLUMNS): module (str, full module name), layer (int32), block_row, block_col (int32),
+tier (int8: 0 Dense, 1 2:4, 2 TopK), iteration_demoted (int16: the progressive iteration in which
+the block last changed tier, -1 = never), score (float32: the score the block was ranked on in the
+latest demotion, NaN if none). Rows are ordered by layer, then module (in the order given), then
+block_row, block_col (row-major, as `tier_map.flatten()`).
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+
+__all__ = [
+    "TIER_COLUMNS",
+    "layer_of",
+    "block_coords",
+    "tier_table",
+    "block_maps",
+    "tier_maps_from_table",
+    "iteration_demoted_from_table",
+]
+
+TIER_COLUMNS = ["module", "layer", "block_row", "block_col", "tier", "iteration_demoted", "score"]
+_DTYPES = {"module": "str", "layer": "int32", "block_row": "int32", "block_col": "int32", "tier": "int8",
+           "iteration_demoted": "int16", "score": "float32"}
+NEVER = -1  # iteration_demoted of a block that never changed tier
+
+
+def layer_of(module: str) -> int:
+    """Decoder-layer index in a full module name ('model.layers.3.mlp.up_proj' -> 3); -1 if none."""
+    return next((int(p) for p in module.split(".") if p.isdigit()), -1)
+
+
+def block_coords(shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """(block_row, block_col) int32 of every block of a (nbr, nbc) map, row-major."""
+    nbr, nbc = shape
+    return (np.repeat(np.arange(nbr, dtype=np.int32), nbc), np.tile(np.arange(nbc, dtype=np.int32), nbr))
+
+
+def _per_block(name: str, values: dict[str, torch.Tensor] | None, shape: tuple[int, int], what: str,
+               fill: float, dtype: str) -> np.ndarray:
+    if values is None or name not in values:
+        return np.full(shape[0] * shape[1], fill, dtype=dtype)
+    v = values[name]
+    if tuple(v.shape) != shape:
+        raise ValueError(f"{what} of {name} has shape {tuple(v.shape)}, its tier map {shape}")
+    return v.detach().cpu().flatten().numpy().astype(dtype)
+
+
+def tier_table(tier_maps: dict[str, torch.Tensor], iteration_demoted: dict[str, torch.Tensor] | None = None,
+               scores: dict[str, torch.Tensor] | None = None) -> pd.DataFrame:
+    """One row per block of every tier map (nbr, nbc); modules missing from the optional maps get -1 / NaN."""
+    # Stable: modules of one layer keep the order they were given in (q, k, v, o, gate, up, down).
+    names = sorted(tier_maps, key=layer_of)
+    frames = []
+    for name in names:
+        tier_map = tier_maps[name]
+        shape = tuple(tier_map.shape)
+        rows, cols = block_coords(shape)
+        frames.append(pd.DataFrame({
+            "module": pd.Series(name, index=range(rows.size), dtype="str"),
+            "layer": np.full(rows.size, layer_of(name), dtype=np.int32),
+            "block_row": rows,
+            "block_col": cols,
+            "tier": tier_map.detach().cpu().flatten().numpy().astype(np.int8),
+            "iteration_demoted": _per_block(name, iteration_demoted, shape, "iteration_demoted", NEVER, "int16"),
+            "score": _per_block(name, scores, shape, "score", np.nan, "float32"),
+        }))
+    if not frames:
+        return pd.DataFrame({c: pd.Series(dtype=t) for c, t in _DTYPES.items()})
+    return pd.concat(frames, ignore_index=True)
+
+
+def block_maps(df: pd.DataFrame, column: str, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Per-module (nbr, nbc) maps of one column of a per-block table, modules in order of appearance.
+
+    Each module's rows must cover its blocks exactly once (in any row order); nbr and nbc are one past
+    the largest block_row and block_col.
+    """
+    codes, names = pd.factorize(df["module"], sort=False)  # modules in order of first appearance
+    counts = np.bincount(codes, minlength=len(names))
+    if np.all(codes[1:] >= codes[:-1]):
+        order = None  # tier_table's own order: each module's rows are contiguous, no sort needed
+    else:
+        order = np.argsort(codes, kind="stable")
+    all_r = df["block_row"].to_numpy(dtype=np.int64)
+    all_c = df["block_col"].to_numpy(dtype=np.int64)
+    all_v = df[column].to_numpy()
+    out: dict[str, torch.Tensor] = {}
+    start = 0
+    for name, n in zip(names, counts):
+        rows = slice(start, start + n) if order is None else order[start:start + n]
+        start += n
+        r, c, values = all_r[rows], all_c[rows], all_v[rows]
+        nbr, nbc = int(r.max()) + 1, int(c.max()) + 1
+        flat = r * nbc + c
+        if n != nbr * nbc or min(r.min(), c.min()) < 0 or np.bincount(flat, minlength=n).max() != 1:
+            raise ValueError(f"table rows of {name} do not cover its {nbr}×{nbc} blocks exactly once ({n} rows)")
+        grid = np.empty(nbr * nbc, dtype=values.dtype)
+        grid[flat] = values
+        t = torch.from_numpy(grid.reshape(nbr, nbc))
+        out[str(name)] = t if dtype is None else t.to(dtype)
+    return out
+
+
+def tier_maps_from_table(df: pd.DataFrame) -> dict[str, torch.Tensor]:
+    """The inverse of tier_table: module -> (nbr, nbc) int8 tier map."""
+    return block_maps(df, "tier", torch.int8)
+
+
+def iteration_demoted_from_table(df: pd.DataFrame) -> dict[str, torch.Tensor]:
+    """module -> (nbr, nbc) int16 iteration in which each block last changed tier (-1 = never)."""
+    return block_maps(df, "iteration_demoted", torch.int16)
