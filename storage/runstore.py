@@ -31,6 +31,7 @@ from fsspec.implementations.local import LocalFileSystem
 from fsspec.implementations.memory import MemoryFileSystem
 
 from tierprune.errors import TierpruneError
+from tierprune.faults import crash_point
 
 from .tables import _atomic_open
 
@@ -288,11 +289,15 @@ class RunStore:
                 f"step {step_uri} is already committed with other files; a step's key must change with its inputs"
             )
 
+        point = f"commit:{rel.rsplit('-', 1)[0]}"  # e.g. commit:iter-002/checkpoint (tierprune.faults)
+        crash_point(f"{point}:before-files")
         step_path = self._p(rel)
         self._fs.makedirs(step_path, exist_ok=True)
         for name, data in files.items():
             self._put_verified(f"{step_path}/{name}", bytes(data), hashes[name])
+        crash_point(f"{point}:before-marker")
         self._write_atomic(f"{rel}/{COMMIT}", marker_bytes)
+        crash_point(f"{point}:before-manifest")
         self._record_step(rel, hashes, meta)
         return hashes
 
@@ -399,7 +404,35 @@ class RunLock:
         self.release()
 
     def acquire(self) -> None:
-        """Take LOCK, or raise TierpruneError naming its holder and how to break it."""
+        """Take LOCK, or raise TierpruneError naming its holder and how to break it.
+
+        A LOCK left by a process of this host that no longer exists (a crash, SIGKILL, a reboot) is
+        stale: it is broken with a warning, so that rerunning after a crash just works. A lock held
+        from another host can only be broken explicitly (`tierprune runs unlock`).
+        """
+        try:
+            self._acquire_once()
+        except TierpruneError:
+            if not self._holder_is_dead_here():
+                raise
+            log.warning("run %s: breaking the stale lock of dead pid %s", self.store.uri, self._holder().get("pid"))
+            self.store.break_lock()
+            self._acquire_once()
+
+    def _holder_is_dead_here(self) -> bool:
+        holder = self._holder()
+        pid = holder.get("pid")
+        if holder.get("host") != socket.gethostname() or not isinstance(pid, int) or pid == os.getpid():
+            return False
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False  # alive, owned by someone else
+        return False
+
+    def _acquire_once(self) -> None:
         store = self.store
         fs, path = store._fs, store._p(LOCK)
         body = _json_bytes(

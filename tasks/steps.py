@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict
 from tierprune import __version__
 from tierprune.config import ProgressiveConfig
 from tierprune.errors import TierpruneError
+from tierprune.faults import crash_point
 from tierprune.plan import load_plan, plan_fingerprint
 from tierprune.storage.datasets import load_texts
 from tierprune.storage.runstore import RunStore
@@ -80,6 +81,7 @@ def _committed_or_compute(cfg: ProgressiveConfig, iteration: int, step: str, mat
     if files is not None:
         get_run_logger().info("%s of iteration %d already committed at %s", step, iteration, uri)
         return ArtifactRef(uri=uri, files=files)
+    crash_point(f"step:iter-{iteration:03d}/{step}:start")  # tests only (tierprune.faults)
     started = time.perf_counter()
     payload = compute()
     files = store.commit_step(uri, payload, {**(meta or {}), "seconds": time.perf_counter() - started})
@@ -204,7 +206,11 @@ def dense_start_task(cfg: ProgressiveConfig, iteration: int = 0) -> tuple[Artifa
     material = {"model": cfg.model.model_dump(mode="json"), "block_size": cfg.block_size}
 
     def compute() -> dict[str, bytes]:
-        loaded = _base_model(cfg.model.name, cfg.model.gguf_file, cfg.model.dtype, cfg.device)
+        from tierprune.models import load_model
+
+        # A fresh load, not the process's working model: that one holds whatever the last step
+        # loaded into it, possibly another run's pruned weights.
+        loaded = load_model(cfg.model.name, cfg.model.gguf_file, cfg.model.dtype, cfg.device)
         return {"checkpoint.safetensors": _tensor_bytes(prunable_state(loaded.model)),
                 "tiers.parquet": _table_bytes(initial_tiers(loaded.model, cfg.block_size))}
 
@@ -314,6 +320,7 @@ def collect_activations_task(cfg: ProgressiveConfig, iteration: int, checkpoint:
 
         def on_progress(done: int, total: int) -> None:
             update_progress_artifact(progress, 100.0 * done / total)
+            crash_point(f"step:iter-{iteration:03d}/activations:layer-{done}")  # tests only (tierprune.faults)
 
         c = cfg.calibration
         df = collect_activations(loaded.model, ids, batch_size=c.batch_size, device=cfg.device, compile=c.compile,

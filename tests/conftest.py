@@ -2,7 +2,11 @@
 from __future__ import annotations
 
 import os
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
+
+import fsspec
 
 import pytest
 import torch
@@ -32,3 +36,95 @@ def make_tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32, layers: i
 @pytest.fixture
 def tiny_llama():
     return make_tiny_llama()
+
+
+@pytest.fixture
+def mem_root() -> Iterator[str]:
+    """A fresh memory:// folder, removed afterwards (the memory filesystem is process-global)."""
+    root = f"memory://tierprune-test-{uuid.uuid4().hex}"
+    yield root
+    fs = fsspec.filesystem("memory")
+    if fs.exists(root):
+        fs.rm(root, recursive=True)
+
+
+S3_BUCKET = "tierprune-test"
+
+
+@pytest.fixture(scope="session")
+def s3_base() -> Iterator[str]:
+    """s3://tierprune-test on a moto server on 127.0.0.1 for the whole session; plain s3:// URIs reach it.
+
+    fsspec applies fsspec.config.conf["s3"] to every S3FileSystem it makes, so RunStore("s3://…", …) needs no
+    storage options; s3fs's instance cache is cleared so that no filesystem made before keeps other settings.
+    """
+    import logging
+
+    import boto3
+    import fsspec.config
+    import s3fs
+    from moto import server as moto_server
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one log line per request otherwise
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    credentials = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
+    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", **credentials).create_bucket(Bucket=S3_BUCKET)
+
+    saved = fsspec.config.conf.get("s3")
+    fsspec.config.conf["s3"] = {
+        "key": "testing",
+        "secret": "testing",
+        "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"},
+    }
+    s3fs.S3FileSystem.clear_instance_cache()
+    try:
+        yield f"s3://{S3_BUCKET}"
+    finally:
+        if saved is None:
+            fsspec.config.conf.pop("s3", None)
+        else:
+            fsspec.config.conf["s3"] = saved
+        s3fs.S3FileSystem.clear_instance_cache()
+        server.stop()
+
+
+
+
+def make_tiny_tokenizer(texts: list[str]):
+    """A byte-level BPE of 320 tokens trained on a few documents, as a transformers fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=["<|endoftext|>"], show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(data_dir: Path, tmp_path_factory) -> Path:
+    """A tiny LLaMA (hidden 64, MLP 128, 2 layers) saved with a tiny tokenizer, loadable by path."""
+    import pandas as pd
+
+    texts = pd.read_parquet(data_dir / "c4-subset").text[:100].tolist()
+    tokenizer = make_tiny_tokenizer(texts)
+    model = make_tiny_llama(vocab=len(tokenizer))
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """One ephemeral Prefect API for the whole session (a SQLite database in a temp folder)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=60):
+        yield

@@ -20,6 +20,9 @@ import torch
 from tierprune.config import CalibrationConfig, EvalConfig, ModelConfig, PruneConfig, TierpruneConfig
 from tierprune.models import LoadedModel, load_model
 from tierprune.tasks.oneshot import run_oneshot
+from tests.conftest import make_tiny_tokenizer
+
+_tiny_tokenizer = make_tiny_tokenizer  # older name, still imported elsewhere
 
 HIDDEN, MLP = 36, 60  # in-dims divisible by 4 (tiers) but not by 8 (3:8)
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -30,27 +33,13 @@ LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_att
 # Tiny checkpoints on disk
 # ---------------------------------------------------------------------------------------------------
 
-def _tiny_tokenizer(texts: list[str]):
-    """A byte-level BPE of 320 tokens trained on a few documents, as a transformers fast tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  special_tokens=["<|endoftext|>"], show_progress=False)
-    tok.train_from_iterator(texts, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
-
-
 @pytest.fixture(scope="module")
 def checkpoints(data_dir: Path, tmp_path_factory) -> dict[str, Path]:
     """A tiny LLaMA (hidden 36, MLP 60) and a tiny BERT, each saved with a tokenizer."""
     from transformers import BertConfig, BertLMHeadModel, LlamaConfig, LlamaForCausalLM
 
     texts = pd.read_parquet(data_dir / "c4-subset").text[:100].tolist()
-    tokenizer = _tiny_tokenizer(texts)
+    tokenizer = make_tiny_tokenizer(texts)
     root = tmp_path_factory.mktemp("checkpoints")
     torch.manual_seed(0)
     llama = LlamaForCausalLM(LlamaConfig(

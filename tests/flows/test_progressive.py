@@ -1,0 +1,113 @@
+"""The progressive flow, in-process under one session-scoped Prefect test harness, on a tiny LLaMA."""
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+
+import pytest
+
+from tierprune.config import CalibrationConfig, EvalConfig, ModelConfig, ProgressiveConfig
+from tierprune.errors import TierpruneError
+from tierprune.storage.runstore import RunStore
+
+pytestmark = pytest.mark.slow
+
+PLAN = str(Path(__file__).parents[2] / "schedules" / "plans" / "smoke.csv")
+
+
+def _config(tiny_llama_dir: Path, data_dir: Path, store: str, run: str, **extra) -> ProgressiveConfig:
+    return ProgressiveConfig(
+        model=ModelConfig(name=str(tiny_llama_dir)),
+        calibration=CalibrationConfig(data=f"c4:{data_dir}/c4-subset", nsamples=4, seqlen=32, batch_size=2),
+        eval=EvalConfig(data=f"wikitext2:{data_dir}/wikitext-2-raw", seqlen=32, max_windows=2),
+        plan=PLAN, store=store, run=run, **extra)
+
+
+def _markers(store: RunStore) -> dict[str, bytes]:
+    """Every committed step's COMMIT.json bytes: they change if and only if a step is recomputed."""
+    return {rel: store._cat(f"{rel}/COMMIT.json") for rel in store.committed_steps()}
+
+
+def _final(store: RunStore, iteration: int) -> dict[str, bytes]:
+    """The tier map and checkpoint bytes recorded as iteration `iteration`'s result."""
+    rel = next(r for r in store.committed_steps() if r.startswith(f"iter-{iteration:03d}/iteration-"))
+    record = json.loads(store.read(f"{store.uri}/{rel}", "iteration.json"))
+    return {
+        "tiers": store.read(f"{store.uri}/{record['tiers']['rel']}", "tiers.parquet"),
+        "checkpoint": store.read(f"{store.uri}/{record['checkpoint']['rel']}", "checkpoint.safetensors"),
+    }
+
+
+@pytest.fixture(params=["memory", "s3"])
+def store_uri(request, mem_root) -> str:
+    if request.param == "memory":
+        return mem_root
+    return f"{request.getfixturevalue('s3_base')}/flows-{uuid.uuid4().hex}"
+
+
+def test_flow_runs_resumes_for_free_and_reports(prefect_harness, tiny_llama_dir, data_dir, store_uri):
+    from prefect.client.orchestration import get_client
+
+    from tierprune.flows.progressive import progressive
+
+    cfg = _config(tiny_llama_dir, data_dir, store_uri, "r")
+    rows = progressive(cfg)
+    assert [r["iteration"] for r in rows] == [0, 1, 2, 3]
+    assert rows[-1]["tier topk"] == pytest.approx(0.20, abs=0.05)  # per-matrix rounding on a tiny model
+    assert rows[0]["sparsity"] == 0.0 and rows[-1]["sparsity"] > rows[1]["sparsity"] > 0
+    store = RunStore(store_uri, "r")
+    before = _markers(store)
+    assert len(before) == 3 + 6 * 3  # start, eval, record; then 6 steps per iteration
+    # The same flow again: every step is found committed, nothing is recomputed or rewritten.
+    again = progressive(cfg)
+    assert [{**r, "seconds": 0} for r in again] == [{**r, "seconds": 0} for r in rows]
+    assert _markers(store) == before
+    from prefect.client.schemas.sorting import ArtifactSort
+
+    with get_client(sync_client=True) as client:
+        keys = {a.key for a in client.read_artifacts(limit=200, offset=0, sort=ArtifactSort.CREATED_DESC)}
+    assert {"iteration-0", "iteration-3", "tier-maps-3"} <= keys
+
+
+def test_resume_from_another_runs_iteration_matches_the_original(prefect_harness, tiny_llama_dir, data_dir,
+                                                                 mem_root):
+    from tierprune.flows.progressive import progressive
+
+    progressive(_config(tiny_llama_dir, data_dir, mem_root, "original"))
+    original = RunStore(mem_root, "original")
+    resumed_cfg = _config(tiny_llama_dir, data_dir, mem_root, "resumed", resume_from=f"{original.uri}/iter-001")
+    rows = progressive(resumed_cfg)
+    assert [r["iteration"] for r in rows] == [2, 3]
+    resumed = RunStore(mem_root, "resumed")
+    for k in (2, 3):
+        assert _final(resumed, k) == _final(original, k)
+
+
+def test_second_writer_is_refused(prefect_harness, tiny_llama_dir, data_dir, mem_root):
+    from tierprune.flows.progressive import progressive
+
+    cfg = _config(tiny_llama_dir, data_dir, mem_root, "busy")
+    store = RunStore(mem_root, "busy")
+    with store.lock(owner="another writer"):
+        with pytest.raises(TierpruneError, match="locked by another writer"):
+            progressive(cfg)
+    assert not store.exists() or not store.committed_steps()  # the refused writer committed nothing
+
+
+def test_resume_with_a_tier_map_of_another_shape_is_refused(prefect_harness, tiny_llama_dir, data_dir, mem_root,
+                                                            tmp_path):
+    from transformers import AutoTokenizer
+
+    from tests.conftest import make_tiny_llama
+    from tierprune.flows.progressive import progressive
+
+    progressive(_config(tiny_llama_dir, data_dir, mem_root, "small"))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    other = make_tiny_llama(vocab=len(tokenizer), hidden=96, intermediate=192)
+    other.save_pretrained(tmp_path / "other")
+    tokenizer.save_pretrained(tmp_path / "other")
+    cfg = _config(tmp_path / "other", data_dir, mem_root, "other",
+                  resume_from=f"{RunStore(mem_root, 'small').uri}/iter-002")
+    with pytest.raises(TierpruneError, match="does not match the model"):
+        progressive(cfg)
