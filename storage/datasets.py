@@ -16,7 +16,7 @@ __all__ = ["Split", "SPEC_FORMS", "load_texts", "join_rows"]
 
 Split = Literal["train", "validation", "test"]
 
-SPEC_FORMS = "wikitext2, wikitext2:FOLDER, c4, c4:PATH (parquet/json/json.gz file or folder), text:GLOB"
+SPEC_FORMS = "wikitext2, wikitext2:FOLDER, c4, c4:PATH (parquet/json/json.gz file or folder), text:GLOB, pydoc (offline smoke corpus: Python's help topics; not a benchmark)"
 
 _SPLITS = ("train", "validation", "test")
 _WIKITEXT_FILES = {"train": "wiki.train.raw", "validation": "wiki.valid.raw", "test": "wiki.test.raw"}
@@ -42,7 +42,20 @@ def load_texts(spec: str, split: Split) -> list[str]:
         return _c4_path(path) if path else _c4_hub(split)
     if kind == "text" and path:
         return _text_glob(path)
+    if kind == "pydoc" and not sep:
+        return _pydoc_topics(split)
     raise TierpruneError(f"unknown data spec {spec!r}; accepted forms: {SPEC_FORMS}")
+
+
+def _pydoc_topics(split: Split) -> list[str]:
+    # The offline corpus of last resort: Python's own help topics ship with every Python. It is
+    # English prose with code, fine for a smoke run and NOT a benchmark. Topics alternate between
+    # the splits (sorted by name), so calibration and evaluation never share a document.
+    from pydoc_data.topics import topics
+
+    names = sorted(topics)
+    chosen = names[0::2] if split == "train" else names[1::2]
+    return [topics[n] for n in chosen]
 
 
 def join_rows(rows: list[str]) -> str:

@@ -21,6 +21,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 from prefect import get_run_logger, task
+from prefect.cache_policies import CacheKeyFnPolicy
 from prefect.context import TaskRunContext
 from pydantic import BaseModel, ConfigDict
 
@@ -88,6 +89,11 @@ def _committed_or_compute(cfg: ProgressiveConfig, iteration: int, step: str, mat
     return ArtifactRef(uri=uri, files=files)
 
 
+def _store_cache_policy(step: str, material_fn) -> CacheKeyFnPolicy:
+    """The store-backed cache key below as a Prefect cache policy (overrides the project's no-cache default)."""
+    return CacheKeyFnPolicy(cache_key_fn=_store_cache_key(step, material_fn))
+
+
 def _store_cache_key(step: str, material_fn):
     """A Prefect cache key that exists only while the store holds a verified committed output.
 
@@ -149,6 +155,14 @@ def _model_at(cfg: ProgressiveConfig, checkpoint: ArtifactRef):
     return loaded
 
 
+@lru_cache(maxsize=4)
+def _eval_ids(spec: str, seqlen: int, tokenizer) -> torch.Tensor:
+    # Every iteration evaluates on the same text: tokenize it once per process (seconds each time).
+    from .evaluate import eval_token_ids
+
+    return eval_token_ids(spec.split(":", 1)[0], load_texts(spec, "test"), tokenizer, seqlen)
+
+
 def _calibration_ids(cfg: ProgressiveConfig, tokenizer) -> torch.Tensor:
     from .calibration import sample_calibration
 
@@ -196,7 +210,7 @@ def run_lock(cfg: ProgressiveConfig):
 
 # ---------------------------------------------------------------------------- the steps
 @task(name="dense-start", persist_result=True,
-      cache_key_fn=_store_cache_key("start", lambda p: {"model": p["cfg"].model.model_dump(mode="json"),
+      cache_policy=_store_cache_policy("start", lambda p: {"model": p["cfg"].model.model_dump(mode="json"),
                                                           "block_size": p["cfg"].block_size}))
 def dense_start_task(cfg: ProgressiveConfig, iteration: int = 0) -> tuple[ArtifactRef, ArtifactRef]:
     """Iteration 0: the dense checkpoint (prunable weights) and the all-Dense tier map."""
@@ -307,7 +321,7 @@ def _calib_material(p: dict) -> dict:
             "model": p["cfg"].model.model_dump(mode="json")}
 
 
-@task(name="collect-activations", persist_result=True, cache_key_fn=_store_cache_key("activations", _calib_material))
+@task(name="collect-activations", persist_result=True, cache_policy=_store_cache_policy("activations", _calib_material))
 def collect_activations_task(cfg: ProgressiveConfig, iteration: int, checkpoint: ArtifactRef) -> ArtifactRef:
     from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
@@ -336,7 +350,7 @@ def _score_material(p: dict) -> dict:
             "block_size": p["cfg"].block_size, "select": p["cfg"].select}
 
 
-@task(name="score-blocks", persist_result=True, cache_key_fn=_store_cache_key("scores", _score_material))
+@task(name="score-blocks", persist_result=True, cache_policy=_store_cache_policy("scores", _score_material))
 def score_blocks_task(cfg: ProgressiveConfig, iteration: int, checkpoint: ArtifactRef,
                       activations: ArtifactRef) -> ArtifactRef:
     from .collect_activations import activation_stats
@@ -358,7 +372,7 @@ def _demote_material(p: dict) -> dict:
             "scope": p["cfg"].scope}
 
 
-@task(name="demote", persist_result=True, cache_key_fn=_store_cache_key("tiers", _demote_material))
+@task(name="demote", persist_result=True, cache_policy=_store_cache_policy("tiers", _demote_material))
 def demote_task(cfg: ProgressiveConfig, iteration: int, tiers: ArtifactRef, scores: ArtifactRef) -> ArtifactRef:
     from .demote import demote
 
@@ -379,7 +393,7 @@ def _finetune_material(p: dict) -> dict:
             "epochs": step.epochs, "block_size": cfg.block_size, "topk": cfg.topk, "select": cfg.select}
 
 
-@task(name="finetune", persist_result=True, cache_key_fn=_store_cache_key("checkpoint", _finetune_material))
+@task(name="finetune", persist_result=True, cache_policy=_store_cache_policy("checkpoint", _finetune_material))
 def finetune_task(cfg: ProgressiveConfig, iteration: int, checkpoint: ArtifactRef, tiers: ArtifactRef,
                   activations: ArtifactRef) -> ArtifactRef:
     from .collect_activations import activation_stats
@@ -405,9 +419,9 @@ def _eval_material(p: dict) -> dict:
             "eval": p["cfg"].eval.model_dump(mode="json")}
 
 
-@task(name="evaluate", persist_result=True, cache_key_fn=_store_cache_key("eval", _eval_material))
+@task(name="evaluate", persist_result=True, cache_policy=_store_cache_policy("eval", _eval_material))
 def evaluate_task(cfg: ProgressiveConfig, iteration: int, checkpoint: ArtifactRef, tiers: ArtifactRef) -> ArtifactRef:
-    from .evaluate import eval_token_ids, perplexity, sparsity_report
+    from .evaluate import perplexity, sparsity_report
     from .tier_tables import tier_maps_from_table
 
     def compute() -> dict[str, bytes]:
@@ -417,7 +431,7 @@ def evaluate_task(cfg: ProgressiveConfig, iteration: int, checkpoint: ArtifactRe
         record = {"iteration": iteration, "sparsity": report["sparsity"], "tiers": report["tiers"], "ppl": None}
         e = cfg.eval
         if e.data:
-            ids = eval_token_ids(e.data.split(":", 1)[0], load_texts(e.data, "test"), loaded.tokenizer, e.seqlen)
+            ids = _eval_ids(e.data, e.seqlen, loaded.tokenizer)
             ppl, windows = perplexity(loaded.model, ids, e.seqlen, max_windows=e.max_windows,
                                       batch_size=e.batch_size, device=cfg.device)
             record.update(ppl=ppl, eval_windows=windows, eval=e.model_dump(mode="json"))

@@ -138,31 +138,54 @@ def prune(
     _run(cfg, output, json_path)
 
 
-@app.command()
-def demo(
-    data: Optional[str] = typer.Option(None, help="folder with c4-subset/ and wikitext-2-raw/ [$TIERPRUNE_DATA]"),
-    device: str = typer.Option("cpu", help="cpu | cuda"),
-    output: Optional[str] = typer.Option(None, help="save the pruned checkpoint and tier maps here"),
-) -> None:
-    """Three tiers (35/45/20, k=10) on the embedded SmolLM2-135M; a quick, capped run."""
+def _demo_data(data: str | None) -> tuple[str, str, str]:
+    """(calibration spec, evaluation spec, label): local files, else the hub, else Python's help topics."""
     import os
 
+    from tierprune.storage.datasets import load_texts
     from tierprune.tasks.oneshot import default_data_spec
 
     if data:
         if not Path(data).is_dir():
             raise TierpruneError(f"--data {data} is not a directory")
         os.environ["TIERPRUNE_DATA"] = data
-    cfg = _build_config(
-        model="smollm2-135m", gguf_file=None, dtype="auto", method="wanda", pattern="tiers", sparsity=0.5,
-        block_size=16, tiers="0.35,0.45,0.20", topk=10, select="wanda", scope="matrix",
-        calib=default_data_spec("c4"), calib_samples=16, calib_seqlen=512, calib_batch_size=8, seed=0,
-        eval=default_data_spec("wikitext2"), eval_seqlen=512, eval_max_windows=16, eval_batch_size=1,
-        device=device, offload=False,
-    )
-    console.print("[dim]demo: 16×512 calibration tokens, 16 evaluation windows of 512 — "
-                  "a quick look, not the protocol's numbers[/]")
-    _run(cfg, output, None)
+    if os.environ.get("TIERPRUNE_DATA"):
+        return default_data_spec("c4"), default_data_spec("wikitext2"), "local"
+    try:
+        load_texts("wikitext2", "test")
+        load_texts("c4", "train")
+        return "c4", "wikitext2", "hub"
+    except TierpruneError:
+        err_console.print("no --data and no hub: using Python's own help topics (pydoc_data) as the corpus — "
+                          "a smoke run, NOT a benchmark")
+        return "pydoc", "pydoc", "pydoc"
+
+
+@app.command()
+def demo(
+    data: Optional[str] = typer.Option(None, help="folder with c4-subset/ and wikitext-2-raw/ [$TIERPRUNE_DATA]"),
+    store: str = typer.Option("runs", help="where the demo run is stored (rerun to resume)"),
+    device: str = typer.Option("cpu", help="cpu | cuda"),
+) -> None:
+    """The embedded default: progressive three tiers on SmolLM2-135M, the 3-iteration smoke plan."""
+    from importlib.resources import files
+
+    calib, evaluation, label = _demo_data(data)
+    plan = str(files("tierprune.schedules") / "plans" / "smoke.csv")
+    if "://" not in store:
+        Path(store).mkdir(parents=True, exist_ok=True)
+    cfg = _progressive_config(
+        model="smollm2-135m", gguf_file=None, dtype="auto", calib=calib, calib_samples=16, calib_seqlen=512,
+        calib_batch_size=8, seed=0, compile=False, eval=evaluation, eval_seqlen=512, eval_max_windows=16,
+        plan=plan, store=store, run=f"demo-{label}", resume_from=None, block_size=16, topk=10, select="wanda",
+        scope="matrix", device=device)
+    console.print(f"[dim]demo ({label} data): plan {plan}; 16×512 calibration tokens, 16 evaluation windows "
+                  "of 512 — a quick look, not the protocol's numbers[/]")
+    _check_run_inputs(cfg)
+    from tierprune.flows.progressive import progressive
+
+    rows = progressive(cfg)
+    console.print(_rows_table(f"demo run {store.rstrip('/')}/{cfg.run}", rows))
 
 
 runs_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Inspect and manage stored runs.")

@@ -1,0 +1,64 @@
+"""`tierprune run` refuses bad input in seconds: one line, exit 2, nothing already stored changed."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+SMOKE = Path(__file__).parents[1] / "schedules" / "plans" / "smoke.csv"
+
+
+def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "COLUMNS": "200", "PREFECT_HOME": str(cwd / ".prefect")}
+    return subprocess.run([sys.executable, "-m", "tierprune.cli", "run", *args], capture_output=True, text=True,
+                          env=env, cwd=cwd, timeout=300)
+
+
+def _assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
+    assert "Traceback" not in proc.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_bad_run_inputs(tmp_path, tiny_llama_dir, data_dir):
+    store = tmp_path / "store"
+    store.mkdir()
+    common = ["--model", str(tiny_llama_dir), "--calib", f"c4:{data_dir}/c4-subset", "--calib-samples", "2",
+              "--calib-seqlen", "16", "--eval", "none", "--store", str(store)]
+    malformed = tmp_path / "malformed.csv"
+    malformed.write_text(SMOKE.read_text().replace("0.55,", "0.5x,", 1))
+    upward = tmp_path / "upward.csv"
+    upward.write_text("iteration,dense,mid_2_4,topk,dense_to_2_4,mid_2_4_to_topk,epochs\n"
+                      "1,0.5,0.5,0,0.5,0,0\n2,0.6,0.4,0,-0.1,0,0\n")
+    foreign = store / "someone-elses"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("not a run")
+    before = _snapshot(store)
+
+    cases = {
+        "malformed": (["--plan", str(malformed), "--run", "a"], ("malformed.csv", "row", "dense")),
+        "upward": (["--plan", str(upward), "--run", "a"], ("upward.csv", "iteration 2")),
+        "missing store": (["--plan", str(SMOKE), "--run", "a", "--store", str(tmp_path / "nowhere")],
+                          ("nowhere", "does not exist")),
+        "foreign folder": (["--plan", str(SMOKE), "--run", "someone-elses"], ("not a tierprune run",)),
+        "bad resume": (["--plan", str(SMOKE), "--run", "a", "--resume-from", str(store / "ghost" / "iter-001")],
+                       ("--resume-from",)),
+        "missing plan": (["--plan", str(tmp_path / "none.csv"), "--run", "a"], ("none.csv",)),
+    }
+    for name, (args, fragments) in cases.items():
+        # The later --store wins in click, so cases may point elsewhere.
+        proc = _run(common + args, tmp_path)
+        _assert_one_line_error(proc, *fragments)
+    assert _snapshot(store) == before  # nothing was written or changed

@@ -1,0 +1,473 @@
+"""Crash safety of `tierprune run`: SIGKILL at every step boundary and in the middle of steps, then rerun.
+
+Each crash is injected with tierprune.faults (``TIERPRUNE_CRASH_AT=<point>``: the CLI process SIGKILLs
+itself there), in a fresh store. After each kill the same command, run again without the variable, must
+complete, must not recompute (rewrite) any step that was committed before the kill, and must end with a
+final tier map and checkpoint byte-identical to an uninterrupted reference run. Damaged committed files
+(a flipped byte, a truncated file) must be recomputed, never used.
+
+Every CLI run is a subprocess (~15-40 s: imports, Prefect's server, a tiny model), so all of them are
+started from one module fixture, a few at a time, and the tests only look at the outcomes. To keep the
+whole file to a few minutes on two cores:
+
+- the crash scenarios talk to one Prefect API server that the fixture starts (PREFECT_API_URL; one
+  process owns its SQLite database, each CLI run still has its own PREFECT_HOME), instead of each
+  starting an ephemeral server (~7 s of CPU per run); the reference run and one crash scenario
+  (EPHEMERAL_POINT) use the default ephemeral server, as a user's `tierprune run` does, and in that
+  scenario the server orphaned by the kill is left running during the rerun, as it would be;
+- evaluation reads the first lines of wikitext-2's test split (a copy): every evaluate step tokenizes the
+  whole file (~2.5 s each, 4 per run), while 2 windows of 32 tokens need a few hundred tokens.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import traceback
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+RUN = "r"
+STEPS = ("activations", "scores", "tiers", "checkpoint", "eval", "iteration")  # one iteration, in order
+WORKERS = 3
+
+# Every step boundary of iteration 2, plus kills in the middle of steps.
+CRASH_POINTS = [
+    *(f"step:iter-002/{step}:start" for step in ("activations", "scores", "tiers", "checkpoint", "eval")),
+    "step:iter-002/activations:layer-1",            # mid-activations: layer 1 of 2 calibrated
+    "commit:iter-002/tiers:before-marker",          # mid-demote: tiers.parquet written, no COMMIT.json
+    "commit:iter-002/checkpoint:before-files",      # mid-checkpoint write: nothing written yet
+    "commit:iter-002/checkpoint:before-marker",     # mid-checkpoint write: file in place, no COMMIT.json
+    "commit:iter-001/checkpoint:before-manifest",   # committed, but the manifest does not know it yet
+]
+EPHEMERAL_POINT = "commit:iter-002/checkpoint:before-marker"  # this scenario runs on ephemeral Prefect servers
+WIKITEXT_LINES = 300
+
+
+# ---------------------------------------------------------------------------------------------------
+# Running the CLI
+# ---------------------------------------------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _env(home: Path, crash_at: str | None = None, api_url: str | None = None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TIERPRUNE_", "PREFECT_"))}
+    env.update(
+        COLUMNS="200", NO_COLOR="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+        TIERPRUNE_CACHE=str(home / "tierprune-cache"),
+        # Its own Prefect home (SQLite database) per scenario: concurrent runs never share a database.
+        PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="180",
+        # Several runs share a few cores: one thread each (the same in every run, so results stay comparable).
+        OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
+    )
+    if crash_at is not None:
+        env["TIERPRUNE_CRASH_AT"] = crash_at
+    if api_url is not None:
+        env["PREFECT_API_URL"] = api_url
+    return env
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
+
+
+def _kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)  # the process group (session) of a subprocess this file started
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+class Runner:
+    """Starts `tierprune run` subprocesses; owns the shared Prefect API server and the data they use."""
+
+    def __init__(self, base: Path, model: Path, data: Path):
+        self.base, self.model, self.data = base, model, data
+        self.wikitext = base / "wikitext-2-raw"
+        self.wikitext.mkdir()
+        with open(data / "wikitext-2-raw" / "wiki.test.raw", "rb") as f:
+            head = b"".join(f.readline() for _ in range(WIKITEXT_LINES))
+        (self.wikitext / "wiki.test.raw").write_bytes(head)
+        self.template = base / "prefect-template"
+        # Migrate one Prefect database once; ephemeral-server runs start from a copy (saves ~6 s each).
+        subprocess.run([sys.executable, "-m", "prefect", "server", "database", "upgrade", "-y"], cwd=REPO,
+                       env=_env(self.template), check=True, capture_output=True, timeout=300)
+        self.server: subprocess.Popen | None = None
+        self.api_url: str | None = None
+
+    def start_server(self) -> None:
+        """One Prefect API server (what `prefect server start` runs, without UI) for the crash scenarios."""
+        home = self.home("server")
+        port = _free_port()
+        env = {**_env(home), "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
+               "PREFECT__SERVER_FINAL": "1"}
+        self._server_log = open(self.base / "server.log", "wb")
+        self.server = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app", "--host",
+             "127.0.0.1", "--port", str(port), "--log-level", "error", "--lifespan", "on"],
+            cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=self._server_log,
+            stderr=subprocess.STDOUT, start_new_session=True)
+        url = f"http://127.0.0.1:{port}/api"
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            if self.server.poll() is not None:
+                raise AssertionError(f"the Prefect server exited: {(self.base / 'server.log').read_text()[-2000:]}")
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                    if response.status == 200:
+                        self.api_url = url
+                        return
+            except OSError:
+                pass
+            time.sleep(0.2)
+        raise AssertionError("the Prefect server did not start in 180 s")
+
+    def stop_server(self) -> None:
+        if self.server is not None:
+            self.server.terminate()
+            try:
+                self.server.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+            _kill_group(self.server.pid)
+            self.server.wait()
+            self.server = None
+            self._server_log.close()
+
+    def home(self, name: str) -> Path:
+        home = self.base / f"prefect-{name}"
+        shutil.copytree(self.template, home)
+        return home
+
+    def run(self, store: Path, home: Path, log: Path, crash_at: str | None = None, *, ephemeral: bool = False,
+            leave_orphans: bool = False) -> tuple[int, int]:
+        """(exit status, process group id) of one `tierprune run` into store.
+
+        Output goes to a file, not a pipe, and the CLI gets a session of its own: a SIGKILLed CLI leaves its
+        ephemeral Prefect server (a child holding the same stdout) running. That group is killed here, unless
+        leave_orphans (the caller then kills it with _kill_group).
+        """
+        args = ["--plan", "schedules/plans/smoke.csv", "--store", str(store), "--run", RUN, "--model", str(self.model),
+                "--calib", f"c4:{self.data / 'c4-subset'}", "--calib-samples", "4", "--calib-seqlen", "32",
+                "--eval", f"wikitext2:{self.wikitext}", "--eval-seqlen", "32", "--eval-max-windows", "2"]
+        env = _env(home, crash_at, None if ephemeral else self.api_url)
+        with open(log, "ab") as out:
+            out.write(f"\n===== tierprune run (TIERPRUNE_CRASH_AT={crash_at})\n".encode())
+            out.flush()
+            proc = subprocess.Popen([sys.executable, "-m", "tierprune.cli", "run", *args], cwd=REPO, env=env,
+                                    stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+            try:
+                rc = proc.wait(timeout=400)
+            except subprocess.TimeoutExpired:
+                rc = None
+            if rc is None or not leave_orphans:
+                _kill_group(proc.pid)
+            proc.wait()
+        if rc is None:
+            raise AssertionError(f"tierprune run timed out; log in {log}")
+        return rc, proc.pid
+
+
+# ---------------------------------------------------------------------------------------------------
+# Looking at a run folder
+# ---------------------------------------------------------------------------------------------------
+
+def _stat(path: Path) -> tuple[int, int, int]:
+    st = path.stat()
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
+def _committed(run: Path) -> dict[str, dict]:
+    """Every step folder with a COMMIT.json: its marker's bytes and the inode/mtime/size of each file in it."""
+    out = {}
+    for marker in sorted(run.glob("iter-*/*/COMMIT.json")):
+        step = marker.parent
+        out[f"{step.parent.name}/{step.name}"] = {
+            "marker": marker.read_bytes(),
+            "stat": {p.name: _stat(p) for p in sorted(step.iterdir()) if ".tmp-" not in p.name},
+        }
+    return out
+
+
+def _uncommitted(run: Path) -> dict[str, list[str]]:
+    """Step folders without a COMMIT.json, with the files they hold."""
+    return {f"{d.parent.name}/{d.name}": sorted(p.name for p in d.iterdir())
+            for d in sorted(run.glob("iter-*/*")) if d.is_dir() and not (d / "COMMIT.json").exists()}
+
+
+def _artifacts(run: Path) -> dict[str, bytes]:
+    """{step folder/file: bytes} of every committed step's files (not the markers, which hold times)."""
+    return {f"{p.parent.parent.name}/{p.parent.name}/{p.name}": p.read_bytes()
+            for marker in run.glob("iter-*/*/COMMIT.json") for p in marker.parent.iterdir()
+            if p.name != "COMMIT.json" and ".tmp-" not in p.name}
+
+
+def _final(run: Path) -> dict[str, bytes]:
+    """The final tier map and checkpoint, found through the iteration-3 record (and checked against a glob)."""
+    records = list(run.glob("iter-003/iteration-*/iteration.json"))
+    assert len(records) == 1, records
+    record = json.loads(records[0].read_text())
+    tiers = run / record["tiers"]["rel"] / "tiers.parquet"
+    ckpt = run / record["checkpoint"]["rel"] / "checkpoint.safetensors"
+    assert [tiers] == list(run.glob("iter-003/tiers-*/tiers.parquet"))
+    assert [ckpt] == list(run.glob("iter-003/checkpoint-*/checkpoint.safetensors"))
+    return {"tiers.parquet": tiers.read_bytes(), "checkpoint.safetensors": ckpt.read_bytes()}
+
+
+def _digests(files: dict[str, bytes]) -> dict[str, str]:
+    # Compared as sha256s: a failing comparison then prints names and hashes, not megabytes.
+    return {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}
+
+
+def _manifest_steps(run: Path) -> dict[str, dict]:
+    return json.loads((run / "manifest.json").read_text())["steps"]
+
+
+def _snapshot(run: Path) -> dict:
+    return {"committed": _committed(run), "uncommitted": _uncommitted(run), "manifest": _manifest_steps(run),
+            "lock": (run / "LOCK").exists()}
+
+
+# ---------------------------------------------------------------------------------------------------
+# All scenarios, started together
+# ---------------------------------------------------------------------------------------------------
+
+def _crash_scenario(runner: Runner, index: int, point: str) -> dict:
+    name = f"crash-{index:02d}"
+    store, log = runner.base / name, runner.base / f"{name}.log"
+    store.mkdir()
+    home = runner.home(name)  # the same Prefect home for the crash and its rerun, like a user's machine
+    ephemeral = point == EPHEMERAL_POINT
+    began = time.perf_counter()
+    crash_rc, crash_group = runner.run(store, home, log, crash_at=point, ephemeral=ephemeral, leave_orphans=ephemeral)
+    orphaned = ephemeral and _group_alive(crash_group)  # the killed CLI's ephemeral Prefect server lives on
+    try:
+        before = _snapshot(store / RUN)
+        offset = log.stat().st_size
+        rerun_rc, _ = runner.run(store, home, log, ephemeral=ephemeral)
+        with open(log, "rb") as f:
+            f.seek(offset)
+            rerun_log = f.read().decode(errors="replace")
+    finally:
+        if ephemeral:
+            _kill_group(crash_group)  # the ephemeral server orphaned by the kill ran on during the rerun
+    run_uri = str(store / RUN)
+    skipped = {uri[len(run_uri) + 1:] for uri in re.findall(r"already committed at (\S+)", rerun_log)
+               if uri.startswith(f"{run_uri}/")}
+    return {"point": point, "log": log, "crash_rc": crash_rc, "rerun_rc": rerun_rc, "orphaned": orphaned,
+            "skipped": skipped, "before": before, "after": _snapshot(store / RUN), "artifacts": _artifacts(store / RUN),
+            "final": _final(store / RUN) if rerun_rc == 0 else None, "seconds": time.perf_counter() - began}
+
+
+def _damage(path: Path, how: str) -> None:
+    data = bytearray(path.read_bytes())
+    if how == "flip":
+        data[len(data) // 2] ^= 0xFF
+    else:
+        del data[len(data) // 2:]
+    path.write_bytes(bytes(data))
+
+
+def _reference_scenario(runner: Runner) -> dict:
+    """The uninterrupted run; then, on its finished folder, a flipped checkpoint byte and a truncated tier map."""
+    store, log = runner.base / "ref", runner.base / "ref.log"
+    store.mkdir()
+    home = runner.home("ref")
+    run = store / RUN
+    out: dict = {"log": log, "rc": runner.run(store, home, log, ephemeral=True)[0]}
+    if out["rc"] != 0:
+        return out
+    out.update(committed=_committed(run), artifacts=_artifacts(run), final=_final(run))
+    for label, pattern, how in (("flip", "iter-002/checkpoint-*/checkpoint.safetensors", "flip"),
+                                ("truncate", "iter-002/tiers-*/tiers.parquet", "truncate")):
+        [target] = run.glob(pattern)
+        _damage(target, how)
+        before = _committed(run)
+        rc, _ = runner.run(store, home, log)
+        out[label] = {"target": target, "rc": rc, "before": before, "after": _committed(run),
+                      "artifacts": _artifacts(run), "final": _final(run) if rc == 0 else None}
+        if rc != 0:
+            break
+    return out
+
+
+def _outcome(future) -> dict:
+    # One scenario's failure (a timeout, a missing file) fails its own test, not the whole module.
+    error = future.exception()
+    return future.result() if error is None else {"error": "".join(traceback.format_exception(error))}
+
+
+@pytest.fixture(scope="module")
+def outcomes(tmp_path_factory, tiny_llama_dir: Path, data_dir: Path) -> dict:
+    began = time.perf_counter()
+    runner = Runner(tmp_path_factory.mktemp("crash-safety"), tiny_llama_dir, data_dir)
+    runner.start_server()
+    try:
+        with ThreadPoolExecutor(max_workers=WORKERS) as pool:
+            ref = pool.submit(_reference_scenario, runner)  # the longest chain first
+            crashes = {point: pool.submit(_crash_scenario, runner, i, point) for i, point in enumerate(CRASH_POINTS)}
+            result = {"ref": _outcome(ref), "crash": {p: _outcome(f) for p, f in crashes.items()}}
+    finally:
+        runner.stop_server()
+    result["seconds"] = time.perf_counter() - began
+    print(f"crash-safety scenarios: {result['seconds']:.0f} s in all; " + ", ".join(
+        f"{p} {c.get('seconds', 0):.0f} s" for p, c in result["crash"].items()))
+    print("ephemeral Prefect server left running by the SIGKILLed CLI:",
+          result["crash"][EPHEMERAL_POINT].get("orphaned"))
+    return result
+
+
+def _tail(log: Path, n: int = 4000) -> str:
+    return log.read_text(errors="replace")[-n:]
+
+
+# ---------------------------------------------------------------------------------------------------
+# What each kill must have left, step by step
+# ---------------------------------------------------------------------------------------------------
+
+def _expected_at_kill(point: str) -> tuple[int, str, str]:
+    """(iteration, step, where) of a crash point: where is 'start', 'mid', or a commit stage."""
+    kind, rest, where = point.split(":")
+    iteration, step = rest.split("/")
+    return int(iteration.removeprefix("iter-")), step, (where if kind == "commit" else
+                                                         "start" if where == "start" else "mid")
+
+
+def _steps_of(snapshot_keys, iteration: int) -> set[str]:
+    return {rel.split("/")[1].rsplit("-", 1)[0] for rel in snapshot_keys if rel.startswith(f"iter-{iteration:03d}/")}
+
+
+def test_reference_run_completes(outcomes) -> None:
+    ref = outcomes["ref"]
+    assert "error" not in ref, ref.get("error")
+    assert ref["rc"] == 0, _tail(ref["log"])
+    committed = ref["committed"]
+    assert _steps_of(committed, 0) == {"start", "eval", "iteration"}
+    for k in (1, 2, 3):
+        assert _steps_of(committed, k) == set(STEPS), k
+
+
+@pytest.mark.parametrize("point", CRASH_POINTS)
+def test_kill_then_rerun_recomputes_nothing_committed_and_ends_identical(outcomes, point: str) -> None:
+    ref, c = outcomes["ref"], outcomes["crash"][point]
+    assert "error" not in ref and "error" not in c, ref.get("error") or c.get("error")
+    assert ref["rc"] == 0, _tail(ref["log"])
+    # The kill happened where it was asked for: SIGKILL, the writer's LOCK left behind.
+    assert c["crash_rc"] == -signal.SIGKILL, (c["crash_rc"], _tail(c["log"]))
+    before, after = c["before"], c["after"]
+    assert before["lock"], "a SIGKILLed writer leaves its LOCK"
+
+    iteration, step, where = _expected_at_kill(point)
+    order = STEPS.index(step)
+    committed_then = set(before["committed"])
+    for k in range(iteration):
+        expected = {"start", "eval", "iteration"} if k == 0 else set(STEPS)
+        assert _steps_of(committed_then, k) == expected, (k, sorted(committed_then))
+    landed = order + (1 if where == "before-manifest" else 0)  # before-manifest: COMMIT.json is already there
+    assert _steps_of(committed_then, iteration) == set(STEPS[:landed]), sorted(committed_then)
+    assert not any(rel.startswith(f"iter-{iteration + 1:03d}/") for rel in committed_then)
+    # Half-written steps are visible only as folders without a marker.
+    half = {rel: files for rel, files in before["uncommitted"].items()
+            if rel.startswith(f"iter-{iteration:03d}/{step}-")}
+    if where == "before-marker":
+        assert len(half) == 1 and [n for n in next(iter(half.values())) if ".tmp-" not in n] == \
+            [{"tiers": "tiers.parquet", "checkpoint": "checkpoint.safetensors"}[step]], before["uncommitted"]
+    elif where == "before-files":
+        assert all(not files for files in half.values()), half
+    elif where == "before-manifest":
+        rel = next(r for r in committed_then if r.startswith(f"iter-{iteration:03d}/{step}-"))
+        assert rel not in before["manifest"], "the kill came before the manifest update"
+        assert set(before["manifest"]) == committed_then - {rel}
+    if where != "before-manifest":
+        assert set(before["manifest"]) == committed_then
+
+    # The rerun completes...
+    assert c["rerun_rc"] == 0, _tail(c["log"])
+    assert not after["lock"], "the rerun broke the stale LOCK and released its own"
+    # ...recomputes no step committed before the kill: its task found it committed and returned at once (and
+    # computed every other step), and its COMMIT.json and files are the very same (bytes, inode, mtime)...
+    assert c["skipped"] == set(before["committed"]), (sorted(c["skipped"] ^ set(before["committed"])))
+    for rel, state in before["committed"].items():
+        assert after["committed"][rel]["marker"] == state["marker"], f"{rel} was recomputed"
+        assert after["committed"][rel]["stat"] == state["stat"], f"{rel} was rewritten"
+    # ...records every committed step in the manifest (the one a before-manifest kill missed too)...
+    assert set(after["manifest"]) == set(after["committed"])
+    for rel, state in after["committed"].items():
+        assert after["manifest"][rel]["files"] == json.loads(state["marker"])["files"], rel
+    # ...and ends where the uninterrupted run ended, byte for byte: the same steps (keys) and the same files.
+    assert set(after["committed"]) == set(ref["committed"])
+    assert _digests(c["final"]) == _digests(ref["final"])
+    assert _digests(c["artifacts"]) == _digests(ref["artifacts"])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Damaged committed files are recomputed, never used
+# ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("label", ["flip", "truncate"])
+def test_damaged_committed_file_is_recomputed(outcomes, label: str) -> None:
+    ref = outcomes["ref"]
+    assert "error" not in ref, ref.get("error")
+    assert ref["rc"] == 0, _tail(ref["log"])
+    assert label in ref, "an earlier rerun of the reference run failed"
+    d = ref[label]
+    assert d["rc"] == 0, _tail(ref["log"])
+    target: Path = d["target"]
+    rel = f"{target.parent.parent.name}/{target.parent.name}"
+    name = f"{rel}/{target.name}"
+    # The damaged file was rewritten with the reference bytes, and its step committed anew...
+    assert _digests(d["artifacts"])[name] == _digests(ref["artifacts"])[name]
+    assert d["after"][rel]["stat"][target.name][0] != d["before"][rel]["stat"][target.name][0], "not rewritten"
+    assert d["after"][rel]["stat"]["COMMIT.json"] != d["before"][rel]["stat"]["COMMIT.json"], "not recommitted"
+    # ...every other step stayed as it was...
+    assert set(d["after"]) == set(d["before"])
+    for other, state in d["before"].items():
+        if other != rel:
+            assert d["after"][other] == state, f"{other} was recomputed"
+    # ...and the run ends byte-identical to the reference.
+    assert _digests(d["final"]) == _digests(ref["final"])
+    assert _digests(d["artifacts"]) == _digests(ref["artifacts"])
+
+
+# ---------------------------------------------------------------------------------------------------
+# The hook itself
+# ---------------------------------------------------------------------------------------------------
+
+def test_crash_point_kills_only_on_an_exact_match() -> None:
+    code = ("from tierprune.faults import crash_point; crash_point('commit:iter-002/tiers:before-marker'); "
+            "print('alive')")
+
+    def run(value: str | None) -> subprocess.CompletedProcess:
+        env = {k: v for k, v in os.environ.items() if k != "TIERPRUNE_CRASH_AT"}
+        if value is not None:
+            env["TIERPRUNE_CRASH_AT"] = value
+        return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+
+    for value in (None, "", "commit:iter-002/tiers:before-manifest", "commit:iter-002/tiers"):
+        proc = run(value)
+        assert proc.returncode == 0 and proc.stdout.strip() == "alive", (value, proc.stderr)
+    proc = run("commit:iter-002/tiers:before-marker")
+    assert proc.returncode == -signal.SIGKILL and proc.stdout == "", proc
