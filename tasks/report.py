@@ -30,7 +30,7 @@ def layer_heatmap_png(tier_maps: dict[str, "object"], layer: int) -> bytes:
         ax.set_title(name.rsplit(".", 1)[-1], fontsize=8)
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.suptitle(f"layer {layer}: blue Dense, orange 2:4, red TopK", fontsize=9)
+    fig.suptitle(f"layer {layer}: blue Dense, orange 2:4, red TopK", fontsize=9, y=1.08)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=60, bbox_inches="tight")
     plt.close(fig)
