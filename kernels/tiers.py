@@ -20,6 +20,7 @@ __all__ = [
     "TIER_NAMES",
     "dense_tier_map",
     "tier_keep_mask",
+    "tier_violations",
     "tier_counts",
     "target_counts",
     "demotion_counts",
@@ -50,6 +51,23 @@ def tier_keep_mask(select: torch.Tensor, tier_map: torch.Tensor, block_size: int
     if (tier_map == TOPK).any():
         keep |= topk_in_blocks_mask(select, topk, block_size, blocks=tier_map == TOPK)
     return keep
+
+
+def tier_violations(W: torch.Tensor, tier_map: torch.Tensor, block_size: int, topk: int) -> tuple[int, int]:
+    """(groups of 4 in 2:4 blocks with more than 2 non-zeros, TopK blocks with more than topk non-zeros) of W (out, in)."""
+    out, inp = W.shape
+    nz = W != 0
+    tiers = expand_blocks(tier_map, (out, inp), block_size)  # (out, in)
+    bad_groups = 0
+    if inp % 4 == 0:
+        per_group = (nz & (tiers == NM_2_4)).view(out, inp // 4, 4).sum(dim=-1)  # (out, in/4)
+        bad_groups = int((per_group > 2).sum())
+    nbr, nbc = tier_map.shape
+    padded = torch.zeros(nbr * block_size, nbc * block_size, dtype=torch.int32, device=W.device)
+    padded[:out, :inp] = nz.int()
+    per_block = padded.view(nbr, block_size, nbc, block_size).sum(dim=(1, 3))  # (nbr, nbc)
+    bad_blocks = int(((tier_map.to(W.device) == TOPK) & (per_block > topk)).sum())
+    return bad_groups, bad_blocks
 
 
 def tier_counts(tier_map: torch.Tensor) -> torch.Tensor:

@@ -1,71 +1,81 @@
-"""Tensor checkpoints (safetensors) and transformers model folders at any fsspec URI."""
+"""Checkpoints of a run as content-addressed safetensors blobs, and transformers model folders at any fsspec URI."""
 from __future__ import annotations
 
-import json
 import os
-import struct
 import tempfile
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
-import safetensors.torch
 import torch
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
 from tierprune.errors import TierpruneError
 
-from .tables import _atomic_open
+from .formats import tensor_file_bytes, tensors_from_bytes
+from .runstore import RunStore, blob_rel
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-__all__ = ["save_tensors", "load_tensors", "load_tensor_metadata", "save_pretrained_dir"]
+__all__ = ["CHECKPOINT_FORMAT", "save_checkpoint", "load_checkpoint", "checkpoint_blobs", "save_pretrained_dir"]
+
+CHECKPOINT_FORMAT = "tierprune-checkpoint/1"
+_WORKERS = 8  # copies, serialisation and sha256 of large tensors release the GIL: threads overlap them
 
 
-def save_tensors(tensors: dict[str, torch.Tensor], uri: str, metadata: dict[str, str] | None = None) -> str:
-    """Write tensors (and string metadata) as one safetensors file at uri (atomically) and return uri."""
-    for key, value in (metadata or {}).items():
-        if not isinstance(key, str) or not isinstance(value, str):
-            raise TierpruneError(f"metadata for {uri} must map str to str, got {key!r}: {type(value).__name__}")
-    for name, tensor in tensors.items():
-        if not isinstance(tensor, torch.Tensor):
-            raise TierpruneError(f"{name!r} in tensors for {uri} is a {type(tensor).__name__}, not a torch.Tensor")
-    # One fresh contiguous CPU copy each: safetensors refuses non-contiguous tensors and tensors that
-    # share storage (tied embeddings, views of one buffer), and cannot read GPU memory.
-    cpu = {
-        name: torch.empty_like(t, device="cpu", memory_format=torch.contiguous_format).copy_(t.detach())
-        for name, t in tensors.items()
+def save_checkpoint(store: RunStore, changed: dict[str, torch.Tensor], unchanged: dict[str, dict]) -> dict:
+    """The index of a checkpoint: `changed` tensors written as blobs, `unchanged` index entries kept as they are.
+
+    Hugging Face's sharded layout with one tensor per shard: `weight_map` maps each tensor to its shard (a
+    content-addressed blob of the run, relative to the run folder), so shards stay far below 5 GB and a tensor
+    whose bytes did not change is never written twice. `tensors` records each one's sha256, size, dtype and shape.
+    """
+    overlap = set(changed) & set(unchanged)
+    if overlap:
+        raise TierpruneError(f"tensors both changed and unchanged: {sorted(overlap)[:3]}")
+
+    def put(item: tuple[str, torch.Tensor]) -> tuple[str, dict]:
+        name, tensor = item
+        data = tensor_file_bytes({name: tensor})
+        digest, size = store.put_blob(data)
+        return name, {"sha256": digest, "size": size, "dtype": str(tensor.dtype).removeprefix("torch."),
+                      "shape": list(tensor.shape)}
+
+    items = list(changed.items())
+    written: dict[str, dict] = {}
+    with ThreadPoolExecutor(max_workers=_WORKERS) as pool:
+        for start in range(0, len(items), 2 * _WORKERS):  # bounded: host memory holds a window, not the model
+            written.update(pool.map(put, items[start:start + 2 * _WORKERS]))
+    entries = {**unchanged, **written}
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "metadata": {"total_size": sum(e["size"] for e in entries.values())},
+        "weight_map": {name: blob_rel(e["sha256"]) for name, e in sorted(entries.items())},
+        "tensors": dict(sorted(entries.items())),
     }
-    # Bytes rather than save_file, so that every fsspec filesystem works the same way.
-    data = safetensors.torch.save(cpu, metadata=metadata)
-    with _atomic_open(uri) as f:
-        f.write(data)
-    return uri
 
 
-def load_tensors(uri: str, device: str = "cpu") -> dict[str, torch.Tensor]:
-    """Read every tensor of the safetensors file at uri onto device."""
-    fs, path = url_to_fs(uri)
-    if not fs.isfile(path):
-        raise TierpruneError(f"no tensor file at {uri}")
-    if isinstance(fs, LocalFileSystem):
-        # Memory-mapped: avoids holding the whole file as bytes next to the tensors.
-        return safetensors.torch.load_file(path, device=device)
-    with fs.open(path, "rb") as f:
-        tensors = safetensors.torch.load(f.read())
-    return {name: t.to(device) for name, t in tensors.items()}
+def checkpoint_blobs(index: dict) -> dict[str, int]:
+    """{sha256: size} of every blob a checkpoint index refers to (what its step commits as `blobs`)."""
+    return {e["sha256"]: e["size"] for e in index["tensors"].values()}
 
 
-def load_tensor_metadata(uri: str) -> dict[str, str]:
-    """Read only the string metadata saved with the safetensors file at uri."""
-    fs, path = url_to_fs(uri)
-    if not fs.isfile(path):
-        raise TierpruneError(f"no tensor file at {uri}")
-    # safetensors layout: u64 little-endian header length, then a JSON header; no need to read the tensors.
-    with fs.open(path, "rb") as f:
-        (length,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(length))
-    return header.get("__metadata__", {})
+def load_checkpoint(store: RunStore, index: dict, names: list[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, CPU tensor) for the named tensors of a checkpoint (all by default), each verified on first read."""
+    if index.get("format") != CHECKPOINT_FORMAT:
+        raise TierpruneError(f"not a tierprune checkpoint index (format {index.get('format')!r})")
+    entries = index["tensors"]
+    names = list(entries) if names is None else names
+
+    def get(name: str) -> tuple[str, torch.Tensor]:
+        return name, tensors_from_bytes(store.read_blob(entries[name]["sha256"]))[name]
+
+    # A bounded window of reads in flight: the whole checkpoint is never in host memory at once.
+    with ThreadPoolExecutor(max_workers=_WORKERS) as pool:
+        for start in range(0, len(names), 2 * _WORKERS):
+            yield from pool.map(get, names[start:start + 2 * _WORKERS])
 
 
 def save_pretrained_dir(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, uri: str) -> str:

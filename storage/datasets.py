@@ -1,6 +1,7 @@
 """Text corpora for calibration, fine-tuning and evaluation, from the hub or any fsspec location."""
 from __future__ import annotations
 
+import os
 import posixpath
 from typing import Any, Literal
 
@@ -12,7 +13,7 @@ from fsspec.core import url_to_fs
 
 from tierprune.errors import TierpruneError
 
-__all__ = ["Split", "SPEC_FORMS", "load_texts", "join_rows"]
+__all__ = ["Split", "SPEC_FORMS", "default_data_spec", "evaluation_split", "check_data_spec", "data_identity", "load_texts", "join_rows"]
 
 Split = Literal["train", "validation", "test"]
 
@@ -27,6 +28,54 @@ _C4_HUB_FILES = {
 }
 _PARQUET_SUFFIXES = (".parquet",)
 _JSON_SUFFIXES = (".json", ".jsonl", ".json.gz", ".jsonl.gz")
+
+
+def default_data_spec(kind: str) -> str:
+    """`c4` / `wikitext2` from the hub, or the local copies under $TIERPRUNE_DATA when it is set."""
+    root = os.environ.get("TIERPRUNE_DATA")
+    if not root:
+        return kind
+    folder = {"c4": "c4-subset", "wikitext2": "wikitext-2-raw"}[kind]
+    return f"{kind}:{posixpath.join(root, folder)}"
+
+
+def evaluation_split(spec: str) -> Split:
+    """The split perplexity is reported on: C4 has no test split, so its validation split (as the reference)."""
+    return "validation" if spec.split(":", 1)[0] == "c4" else "test"
+
+
+def check_data_spec(spec: str, flag: str = "data") -> None:
+    """Refuse, in milliseconds, a spec of an unknown form or whose local path or glob finds nothing (no data read)."""
+    kind, sep, path = spec.partition(":")
+    if kind not in ("wikitext2", "c4", "text", "pydoc") or (sep and not path) or (kind == "pydoc" and sep) or (
+            kind == "text" and not path):
+        raise TierpruneError(f"{flag}: unknown data spec {spec!r}; accepted forms: {SPEC_FORMS}")
+    if not path:
+        return  # the hub: reached when the step runs
+    fs, root = url_to_fs(path)
+    if kind == "text":
+        if not fs.glob(root):
+            raise TierpruneError(f"{flag}: no files match {path}")
+    elif not fs.exists(root):
+        raise TierpruneError(f"{flag}: {kind} path {path} does not exist")
+
+
+def data_identity(spec: str | None) -> dict | str | None:
+    """What a data spec reads, independent of how its path is spelled: hub specs as they are, local ones as
+    their files' names (relative to the spec's path) and sizes."""
+    if spec is None:
+        return None
+    kind, sep, path = spec.partition(":")
+    if not path:
+        return spec
+    fs, root = url_to_fs(path)
+    if kind == "text":
+        found = {posixpath.basename(p): info.get("size") for p, info in fs.glob(root, detail=True).items()}
+    elif fs.isdir(root):
+        found = {posixpath.relpath(p, root): info.get("size") for p, info in fs.find(root, detail=True).items()}
+    else:
+        found = {posixpath.basename(root): fs.size(root) if fs.exists(root) else None}
+    return {"kind": kind, "files": dict(sorted(found.items()))}
 
 
 def load_texts(spec: str, split: Split) -> list[str]:

@@ -4,13 +4,17 @@ Layout of a run folder (``{root}/{run}``)::
 
     manifest.json                     what the run is (caller's keys, "fingerprint") and the steps it recorded
     LOCK                              present while a writer holds the run (see RunLock)
-    iter-001/score-0123456789abcdef/  one step: its files, then COMMIT.json, written last
+    blobs/ab/ab12…ef.safetensors      content-addressed tensors (one per file, named by its sha256): a tensor
+                                      that did not change between checkpoints is stored once
+    iter-001/scores-0123456789abcdef/ one step: its files, then COMMIT.json, written last
         scores.parquet
-        COMMIT.json                   {"files": {name: sha256}, "meta": ..., "committed": time}
+        COMMIT.json                   {"files": {name: sha256}, "sizes": {name: bytes}, "blobs": {sha256: bytes},
+                                       "meta": ..., "committed": time}
 
-A step exists only once its COMMIT.json does, and it is a valid starting point only while every file that the
-marker lists still has the recorded sha256: load_step checks both, so a crash mid-step or a damaged file is
-never mistaken for a result, and the caller simply recomputes that step.
+A step exists only once its COMMIT.json does, and it counts as committed while every file and blob it lists is
+there with its recorded size (load_step: no bytes read, so cache checks stay cheap on multi-GB checkpoints).
+Bytes are hashed when written and verified the first time a process uses them (verify_step, read, read_blob): a
+damaged step loses its COMMIT.json and is recomputed, never used.
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ import posixpath
 import re
 import socket
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from typing import Any
 
@@ -33,9 +38,10 @@ from fsspec.implementations.memory import MemoryFileSystem
 from tierprune.errors import TierpruneError
 from tierprune.faults import crash_point
 
+from .formats import decode, encode
 from .tables import _atomic_open
 
-__all__ = ["RunStore", "RunLock", "CorruptArtifactError", "sha256_bytes", "run_names"]
+__all__ = ["RunStore", "RunLock", "CorruptArtifactError", "sha256_bytes", "blob_rel", "run_names"]
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +66,11 @@ class CorruptArtifactError(TierpruneError):
 def sha256_bytes(data: bytes) -> str:
     """Hex sha256 of data, the checksum every committed file is recorded and checked with."""
     return hashlib.sha256(data).hexdigest()
+
+
+def blob_rel(digest: str) -> str:
+    """Where a content-addressed blob lives, relative to the run folder."""
+    return f"blobs/{digest[:2]}/{digest}.safetensors"
 
 
 def _now() -> str:
@@ -97,6 +108,8 @@ class RunStore:
         # Only these two make "xb" truly exclusive and reads immediately consistent for every writer
         # (O_EXCL on one host, one process's dict); other stores get the lock's read-back check.
         self._atomic_create = isinstance(self._fs, (LocalFileSystem, MemoryFileSystem))
+        # (path, sha256) pairs this object wrote or has hashed: each file is hashed at most once per process.
+        self._verified: set[tuple[str, str]] = set()
 
     def __repr__(self) -> str:
         return f"RunStore({self.uri!r})"
@@ -225,24 +238,50 @@ class RunStore:
             return None
         if not isinstance(marker, dict) or not isinstance(marker.get("files"), dict):
             return None
+        if not isinstance(marker.get("sizes"), dict) or set(marker["sizes"]) != set(marker["files"]):
+            return None  # a marker of an older format: its step is recomputed
         return marker
 
+    def _size(self, path: str) -> int | None:
+        self._fs.invalidate_cache(path)
+        try:
+            return self._fs.size(path)
+        except (FileNotFoundError, IsADirectoryError):
+            return None
+
+    def _blob_sizes(self, blobs: dict[str, int]) -> dict[str, int | None]:
+        if len(blobs) <= 8:
+            return {sha: self._size(self._p(blob_rel(sha))) for sha in blobs}
+        # One listing instead of a request per blob (object stores).
+        root = self._p("blobs")
+        self._fs.invalidate_cache(root)
+        try:
+            listing = self._fs.find(root, detail=True)
+        except FileNotFoundError:
+            listing = {}
+        by_name = {posixpath.basename(path): info.get("size") for path, info in listing.items()}
+        return {sha: by_name.get(posixpath.basename(blob_rel(sha))) for sha in blobs}
+
     def load_step(self, step_uri: str) -> dict[str, str] | None:
-        """{name: sha256} of a committed step whose files all still match, else None (the caller recomputes it)."""
-        # Every file is read and hashed: a truncated or flipped file must never become a starting point.
+        """{name: sha256} of a committed step whose files and blobs are all there with their recorded sizes, else None.
+
+        Cheap on purpose (COMMIT.json and sizes, no bytes): cache checks call it for every step. Whether the
+        bytes still have their sha256 is verify_step()'s question, asked once per process before a result is used.
+        """
         rel = self._step_rel(step_uri)
         marker = self._marker(rel)
         if marker is None:
             return None
         files: dict[str, str] = marker["files"]
-        for name, digest in files.items():
-            try:
-                actual = self._sha256_file(self._p(f"{rel}/{name}"))
-            except (FileNotFoundError, IsADirectoryError):
-                log.warning("step %s: %s is missing; the step will be recomputed", step_uri, name)
+        for name in files:
+            if self._size(self._p(f"{rel}/{name}")) != marker["sizes"][name]:
+                log.warning("step %s: %s is missing or has the wrong size; the step will be recomputed", step_uri, name)
                 return None
-            if actual != digest:
-                log.warning("step %s: %s does not match its sha256; the step will be recomputed", step_uri, name)
+        blobs: dict[str, int] = marker.get("blobs") or {}
+        for sha, size in self._blob_sizes(blobs).items():
+            if size != blobs[sha]:
+                log.warning("step %s: blob %s is missing or has the wrong size; the step will be recomputed",
+                            step_uri, sha[:12])
                 return None
         self._heal_manifest(rel, files, marker.get("meta"))
         return dict(files)
@@ -259,25 +298,76 @@ class RunStore:
             return
         self._record_step(rel, files, meta)
 
-    def commit_step(self, step_uri: str, files: dict[str, bytes], meta: dict | None = None) -> dict[str, str]:
-        """Store files as one step and commit it (COMMIT.json last); returns {name: sha256}."""
-        # Each file goes to a temporary name, is read back and checked, then renamed into place; only then is
+    def step_meta(self, step_uri: str) -> dict:
+        """The meta a committed step was recorded with (e.g. its compute seconds); {} if none."""
+        marker = self._marker(self._step_rel(step_uri))
+        return dict((marker or {}).get("meta") or {})
+
+    def step_blobs(self, step_uri: str) -> dict[str, int]:
+        """{sha256: size} of the content-addressed blobs a committed step refers to (a checkpoint's tensors)."""
+        marker = self._marker(self._step_rel(step_uri))
+        return dict((marker or {}).get("blobs") or {})
+
+    def verify_step(self, step_uri: str) -> bool:
+        """Whether every file and blob of a committed step still has its sha256; a damaged step is uncommitted.
+
+        Each file is hashed at most once per RunStore object (files this object wrote count as verified).
+        A damaged step loses its COMMIT.json and its damaged files, so that the caller recomputes it cleanly.
+        """
+        rel = self._step_rel(step_uri)
+        files = self.load_step(step_uri)
+        if files is None:
+            return False
+        marker = self._marker(rel)
+        if marker is None:
+            return False
+        todo = [(self._p(f"{rel}/{name}"), sha) for name, sha in files.items()]
+        todo += [(self._p(blob_rel(sha)), sha) for sha in (marker.get("blobs") or {})]
+        todo = [(path, sha) for path, sha in todo if (path, sha) not in self._verified]
+        with ThreadPoolExecutor(max_workers=min(8, max(1, len(todo)))) as pool:
+            actual = list(pool.map(lambda item: self._sha256_file(item[0]), todo))
+        damaged = [path for (path, sha), got in zip(todo, actual) if got != sha]
+        if damaged:
+            log.warning("step %s: %d file(s) do not match their sha256 (%s); the step will be recomputed",
+                        step_uri, len(damaged), posixpath.basename(damaged[0]))
+            self._invalidate(rel, damaged)
+            return False
+        self._verified.update(todo)
+        return True
+
+    def _invalidate(self, rel: str, damaged: list[str]) -> None:
+        # The marker goes first: from then on the step reads as not committed, whatever else fails.
+        for path in [self._p(f"{rel}/{COMMIT}"), *damaged]:
+            try:
+                self._fs.rm(path)
+            except FileNotFoundError:
+                pass
+
+    def commit_step(self, step_uri: str, files: dict[str, Any], meta: dict | None = None,
+                    blobs: dict[str, int] | None = None) -> dict[str, str]:
+        """Store files as one step and commit it (COMMIT.json last); returns {name: sha256}.
+
+        files maps a file name to bytes, or to a DataFrame (.parquet), tensor dict (.safetensors) or JSON dict
+        (.json); blobs lists the content-addressed blobs ({sha256: size}, put with put_blob) the step refers to.
+        """
+        # Each file goes to a temporary name, its size is checked, then it is renamed into place; only then is
         # COMMIT.json written, atomically. The marker is the commit point (on object stores a rename is a copy
         # plus delete, so the marker written last is what makes the step visible): a crash at any moment before
         # it leaves a step that load_step() reports as missing. The manifest is updated after the marker.
         rel = self._step_rel(step_uri)
         if not isinstance(files, dict) or not files:
             raise TierpruneError(f"step {step_uri} needs at least one file")
-        for name, data in files.items():
+        for name in files:
             _check_name("file", name)
             if name == COMMIT or ".tmp-" in name:
                 raise TierpruneError(f"file name {name!r} is reserved by the run store")
-            if not isinstance(data, (bytes, bytearray, memoryview)):
-                raise TierpruneError(f"file {name!r} of step {step_uri} must be bytes, got {type(data).__name__}")
         if meta is not None and not isinstance(meta, dict):
             raise TierpruneError(f"step meta must be a dict or None, got {type(meta).__name__}")
-        hashes = {name: sha256_bytes(bytes(data)) for name, data in files.items()}
-        marker_bytes = _json_bytes({"files": hashes, "meta": meta, "committed": _now()}, f"meta of step {step_uri}")
+        payload = {name: encode(name, value) for name, value in files.items()}
+        hashes = {name: sha256_bytes(data) for name, data in payload.items()}
+        sizes = {name: len(data) for name, data in payload.items()}
+        marker_bytes = _json_bytes({"files": hashes, "sizes": sizes, "blobs": dict(blobs or {}), "meta": meta,
+                                    "committed": _now()}, f"meta of step {step_uri}")
 
         # The same files again is a no-op; other files are refused while the old step is intact, so nothing
         # committed ever changes. A damaged step (load_step None) is simply written over.
@@ -293,16 +383,17 @@ class RunStore:
         crash_point(f"{point}:before-files")
         step_path = self._p(rel)
         self._fs.makedirs(step_path, exist_ok=True)
-        for name, data in files.items():
-            self._put_verified(f"{step_path}/{name}", bytes(data), hashes[name])
+        for name, data in payload.items():
+            self._put_checked(f"{step_path}/{name}", data, hashes[name])
         crash_point(f"{point}:before-marker")
         self._write_atomic(f"{rel}/{COMMIT}", marker_bytes)
         crash_point(f"{point}:before-manifest")
         self._record_step(rel, hashes, meta)
         return hashes
 
-    def _put_verified(self, path: str, data: bytes, digest: str) -> None:
+    def _put_checked(self, path: str, data: bytes, digest: str) -> None:
         # A failure anywhere here leaves at most a temp file and uncommitted files: no marker, nothing visible.
+        # The sha256 was computed from these bytes (hash once); the size read back catches short writes.
         tmp = f"{path}.tmp-{uuid.uuid4().hex[:12]}"
         try:
             with self._fs.open(tmp, "wb") as f:
@@ -310,10 +401,10 @@ class RunStore:
                 if isinstance(self._fs, LocalFileSystem):
                     f.flush()
                     os.fsync(f.fileno())
-            # Read back from the store, not from our buffer: catches short writes and broken uploads.
-            if self._sha256_file(tmp) != digest:
-                raise TierpruneError(f"{path}: the bytes read back differ from those written; nothing was committed")
+            if self._size(tmp) != len(data):
+                raise TierpruneError(f"{path}: {self._size(tmp)} bytes arrived of {len(data)}; nothing was committed")
             self._fs.mv(tmp, path)
+            self._verified.add((path, digest))
         finally:
             try:
                 if self._fs.exists(tmp):
@@ -321,17 +412,50 @@ class RunStore:
             except OSError:
                 pass  # a stray temp file is harmless: no marker lists it
 
+    # ---- content-addressed blobs (a checkpoint's tensors) ----------------------------------------------------
+
+    def put_blob(self, data: bytes, digest: str | None = None) -> tuple[str, int]:
+        """Store bytes under their sha256 (once per run: the same bytes again cost one size check)."""
+        digest = digest or sha256_bytes(data)
+        path = self._p(blob_rel(digest))
+        if self._size(path) == len(data):
+            return digest, len(data)
+        for stale in self._fs.glob(f"{path}.tmp-*"):  # left by a crash mid-upload
+            try:
+                self._fs.rm(stale)
+            except FileNotFoundError:
+                pass
+        self._fs.makedirs(posixpath.dirname(path), exist_ok=True)
+        self._put_checked(path, data, digest)
+        return digest, len(data)
+
+    def read_blob(self, digest: str) -> bytes:
+        """The bytes of a blob, checked against their sha256 the first time this object reads them."""
+        path = self._p(blob_rel(digest))
+        try:
+            data = self._cat(blob_rel(digest))
+        except (FileNotFoundError, IsADirectoryError):
+            raise CorruptArtifactError(f"blob {digest[:12]}… of run {self.uri} is missing") from None
+        if (path, digest) not in self._verified:
+            if sha256_bytes(data) != digest:
+                raise CorruptArtifactError(f"blob {digest[:12]}… of run {self.uri} is corrupt")
+            self._verified.add((path, digest))
+        return data
+
     def _sha256_file(self, path: str) -> str:
         # Streamed, so that checking a multi-GB checkpoint never holds it in memory twice.
         self._fs.invalidate_cache(path)
         h = hashlib.sha256()
-        with self._fs.open(path, "rb") as f:
-            while chunk := f.read(_HASH_CHUNK):
-                h.update(chunk)
+        try:
+            with self._fs.open(path, "rb") as f:
+                while chunk := f.read(_HASH_CHUNK):
+                    h.update(chunk)
+        except (FileNotFoundError, IsADirectoryError):
+            return ""
         return h.hexdigest()
 
     def read(self, step_uri: str, name: str) -> bytes:
-        """The bytes of one file of a committed step, checked against the sha256 its COMMIT.json recorded."""
+        """The bytes of one file of a committed step, checked against its sha256 the first time this object reads it."""
         rel = self._step_rel(step_uri)
         marker = self._marker(rel)
         if marker is None:
@@ -343,11 +467,18 @@ class RunStore:
             data = self._cat(f"{rel}/{name}")
         except (FileNotFoundError, IsADirectoryError):
             raise CorruptArtifactError(f"{step_uri}/{name} is missing although its step is committed") from None
-        if sha256_bytes(data) != digest:
-            raise CorruptArtifactError(
-                f"{step_uri}/{name} is corrupt: sha256 {sha256_bytes(data)[:12]}… != recorded {digest[:12]}…"
-            )
+        path = self._p(f"{rel}/{name}")
+        if (path, digest) not in self._verified:
+            if sha256_bytes(data) != digest:
+                raise CorruptArtifactError(
+                    f"{step_uri}/{name} is corrupt: sha256 {sha256_bytes(data)[:12]}… != recorded {digest[:12]}…"
+                )
+            self._verified.add((path, digest))
         return data
+
+    def read_object(self, step_uri: str, name: str) -> Any:
+        """A step file decoded by its name: a DataFrame (.parquet), tensor dict (.safetensors) or JSON (.json)."""
+        return decode(name, self.read(step_uri, name))
 
     def iterations(self) -> list[int]:
         """Sorted iteration numbers with at least one step whose COMMIT.json exists (files not re-hashed)."""
@@ -418,6 +549,12 @@ class RunLock:
             log.warning("run %s: breaking the stale lock of dead pid %s", self.store.uri, self._holder().get("pid"))
             self.store.break_lock()
             self._acquire_once()
+
+    def check_free(self) -> None:
+        """Raise the locked error if a live writer (or one on another host) holds the run; never writes."""
+        holder = self._holder()
+        if holder and not self._holder_is_dead_here():
+            raise self._locked_error()
 
     def _holder_is_dead_here(self) -> bool:
         holder = self._holder()

@@ -14,7 +14,7 @@ from fsspec.core import url_to_fs
 
 from tierprune.errors import TierpruneError
 
-__all__ = ["save_table", "load_table"]
+__all__ = ["save_table", "load_table", "save_file"]
 
 # pyarrow's DNF filters: [("col", "op", value), ...] (AND) or a list of such lists (OR of ANDs).
 Filters = list[tuple[str, str, Any]] | list[list[tuple[str, str, Any]]]
@@ -60,3 +60,13 @@ def load_table(uri: str, columns: list[str] | None = None, filters: Filters | No
         reason = str(e).splitlines()[0]
         raise TierpruneError(f"cannot read table {uri}: {reason}") from e
     return table.to_pandas()
+
+
+def save_file(value: Any, uri: str) -> str:
+    """Write bytes, or a DataFrame / tensor dict / JSON dict (by uri's extension, see formats.encode), atomically."""
+    from .formats import encode
+
+    data = encode(posixpath.basename(uri), value)
+    with _atomic_open(uri) as f:
+        f.write(data)
+    return uri

@@ -7,16 +7,22 @@ of sequences, as the reference Wanda keeps it (see kernels.scores).
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 import torch
+from prefect import task
 from torch import nn
 
 from .layerwise import walk_layers
+from .refs import ArtifactRef, committed_or_compute, store_cache_policy
 from .tier_tables import layer_of
 
-__all__ = ["ACTIVATION_COLUMNS", "collect_activations", "activation_stats"]
+if TYPE_CHECKING:
+    from .run_state import RunState
+
+__all__ = ["ACTIVATION_COLUMNS", "collect_activations", "activation_stats", "collect_activations_task"]
 
 # layer int32, module str, in_features int32, sq_norm list<float32> (in_features,), n_tokens, n_samples int64
 ACTIVATION_COLUMNS = ["layer", "module", "in_features", "sq_norm", "n_tokens", "n_samples"]
@@ -52,3 +58,41 @@ def activation_stats(df: pd.DataFrame) -> dict[str, torch.Tensor]:
             raise ValueError(f"sq_norm of {name} has {S.numel()} values, in_features says {int(in_features)}")
         out[str(name)] = S
     return out
+
+
+# ---------------------------------------------------------------------------- the Prefect step
+def _activations_material(p: dict) -> dict:
+    state = p["state"]
+    return {"checkpoint": p["checkpoint"].digest, "calibration": state.identity["calibration"],
+            "model": state.identity["model"]}
+
+
+@task(name="collect-activations", persist_result=True,
+      cache_policy=store_cache_policy("activations", _activations_material))
+def collect_activations_task(state: RunState, iteration: int, checkpoint: ArtifactRef) -> ArtifactRef:
+    """Calibrate the model at `checkpoint` layer by layer; the statistics table, committed."""
+    from prefect.artifacts import create_progress_artifact, update_progress_artifact
+
+    from tierprune.faults import crash_point
+    from tierprune.progress import report_progress
+    from tierprune.storage.datasets import load_texts
+
+    from .calibration import sample_calibration
+
+    def compute() -> dict:
+        loaded = state.model_at(checkpoint)
+        c = state.cfg.calibration
+        ids = sample_calibration(load_texts(c.data, "train"), loaded.tokenizer, c.nsamples, c.seqlen, c.seed)
+        progress = create_progress_artifact(0.0, description=f"iteration {iteration}: layers calibrated")
+
+        def on_progress(done: int, total: int) -> None:
+            update_progress_artifact(progress, 100.0 * done / total)
+            report_progress(f"iteration {iteration}: calibrate", done, total)
+            crash_point(f"step:iter-{iteration:03d}/activations:layer-{done}")  # tests only (tierprune.faults)
+
+        df = collect_activations(loaded.model, ids, batch_size=c.batch_size, device=state.cfg.device,
+                                 compile=c.compile, on_progress=on_progress)
+        return {"activations.parquet": df}
+
+    material = _activations_material({"state": state, "checkpoint": checkpoint})
+    return committed_or_compute(state.store, iteration, "activations", material, compute)

@@ -1,19 +1,28 @@
-"""Step 3 of a progressive iteration: move blocks down a tier to reach the iteration's fractions.
+"""Step 3 of a progressive iteration: move blocks down a tier to reach the iteration's fractions,
+and decide, once, which weights each block keeps.
 
 Tables in, table out: the current tier table (tier_tables.TIER_COLUMNS) and this iteration's block
 scores (score_blocks.SCORE_COLUMNS) give the next tier table. Tiers only move down, so a schedule
 must never ask for more Dense or 2:4 blocks than there are, nor fewer TopK ones.
+
+The keep mask of every linear is then stored data (masks.safetensors: bits, shapes in the metadata):
+inside 2:4 and TopK blocks the survivors are the highest Wanda scores (or |W|), and a weight removed
+in an earlier iteration stays removed (the new mask is ANDed with the previous one). Fine-tuning,
+evaluation, export and resume apply this mask; nothing re-derives it from which weights are zero.
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import pandas as pd
 import torch
 from torch import nn
 
+from prefect import task
+
 from tierprune.adapters import weight_view
 from tierprune.errors import TierpruneError
+from tierprune.kernels.scores import magnitude_scores, wanda_scores
 from tierprune.kernels.tiers import (
     DENSE,
     NM_2_4,
@@ -24,12 +33,24 @@ from tierprune.kernels.tiers import (
     relative_block_scores,
     target_counts,
     tier_counts,
+    tier_keep_mask,
+)
+from tierprune.storage.formats import (
+    pack_mask,
+    tensor_file_bytes,
+    tensor_file_metadata,
+    tensors_from_bytes,
+    unpack_mask,
 )
 
 from .prune import named_linears
+from .refs import ArtifactRef, committed_or_compute, store_cache_policy
 from .tier_tables import block_maps, iteration_demoted_from_table, tier_maps_from_table, tier_table
 
-__all__ = ["initial_tiers", "demote"]
+if TYPE_CHECKING:
+    from .run_state import RunState
+
+__all__ = ["initial_tiers", "demote", "PackedMasks", "keep_masks", "masks_file", "read_masks", "demote_task"]
 
 
 def initial_tiers(model: nn.Module, block_size: int = 16) -> pd.DataFrame:
@@ -110,3 +131,114 @@ def demote(tiers: pd.DataFrame, scores: pd.DataFrame, fractions: tuple[float, fl
         changed = new[name] != old[name]
         demoted_at[name] = torch.where(changed, torch.tensor(iteration, dtype=torch.int16), demoted_at[name])
     return tier_table(new, demoted_at, ranked)
+
+
+class PackedMasks:
+    """module -> keep mask (out, in), held as bits (an eighth of a byte per weight) and unpacked on use."""
+
+    def __init__(self, bits: dict[str, torch.Tensor], shapes: dict[str, tuple[int, int]]):
+        if set(bits) != set(shapes):
+            raise ValueError("every packed mask needs its shape")
+        self.bits, self.shapes = bits, shapes
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.bits
+
+    def __iter__(self):
+        return iter(self.bits)
+
+    def __len__(self) -> int:
+        return len(self.bits)
+
+    def mask(self, name: str, device: str | torch.device = "cpu") -> torch.Tensor:
+        """The bool keep mask (out, in) of one module, on device."""
+        return unpack_mask(self.bits[name].to(device), self.shapes[name])
+
+
+@torch.no_grad()
+def keep_masks(model: nn.Module, tiers: pd.DataFrame, stats: dict[str, torch.Tensor] | None,
+               previous: PackedMasks | None, *, block_size: int = 16, topk: int = 10,
+               select: Literal["wanda", "magnitude"] = "wanda") -> PackedMasks:
+    """The keep mask of every linear for a tier table: Dense blocks keep all, 2:4 two of every four along the
+    input dimension, TopK the `topk` best of the block, by Wanda score |W|·sqrt(S) (stats: module -> S (in,))
+    or |W|; ANDed with the previous iteration's mask so that a removed weight never returns."""
+    if select not in ("wanda", "magnitude"):
+        raise ValueError(f"select must be 'wanda' or 'magnitude', got {select!r}")
+    maps = tier_maps_from_table(tiers)
+    linears = named_linears(model)
+    if set(maps) != set(linears):
+        missing, extra = sorted(set(linears) - set(maps)), sorted(set(maps) - set(linears))
+        raise TierpruneError(f"tier map does not match the model: modules without a tier map {missing[:3]}, "
+                             f"unknown modules {extra[:3]}")
+    bits, shapes = {}, {}
+    for name, module in linears.items():
+        W = weight_view(module)  # (out, in)
+        tier_map = maps[name]
+        if tier_map.shape != dense_tier_map(tuple(W.shape), block_size).shape:
+            raise TierpruneError(f"tier map does not match the model: {name} has weight (out, in) "
+                                 f"{tuple(W.shape)}, tier map {tuple(tier_map.shape)} of blocks of {block_size}")
+        if select == "magnitude":
+            chooser = magnitude_scores(W)
+        else:
+            if stats is None or name not in stats:
+                raise TierpruneError(f"no activation statistics for {name} (select='wanda' needs them)")
+            chooser = wanda_scores(W, stats[name].to(W.device))
+        keep = tier_keep_mask(chooser, tier_map.to(W.device), block_size, topk)  # (out, in) bool
+        if previous is not None:
+            keep &= previous.mask(name, W.device)
+        bits[name] = pack_mask(keep).cpu()
+        shapes[name] = tuple(W.shape)
+    return PackedMasks(bits, shapes)
+
+
+def masks_file(masks: PackedMasks) -> bytes:
+    """masks.safetensors: one uint8 bit tensor per module, the (out, in) shapes in the metadata."""
+    import json
+
+    return tensor_file_bytes(masks.bits, {"shapes": json.dumps({n: list(s) for n, s in masks.shapes.items()}),
+                                          "format": "tierprune-masks/1 (bits little-endian within a byte)"})
+
+
+def read_masks(data: bytes) -> PackedMasks:
+    """The PackedMasks that masks_file stored."""
+    import json
+
+    shapes = {n: tuple(s) for n, s in json.loads(tensor_file_metadata(data)["shapes"]).items()}
+    bits = tensors_from_bytes(data)
+    return PackedMasks({n: bits[n] for n in shapes}, shapes)  # the model's module order, as written
+
+
+# ---------------------------------------------------------------------------- the Prefect step
+def _demote_material(p: dict) -> dict:
+    state = p["state"]
+    prune = state.cfg.prune
+    return {"tiers": p["tiers"].digest, "scores": p["scores"].digest, "checkpoint": p["checkpoint"].digest,
+            "activations": p["activations"].digest, "fractions": list(state.plan.step(p["iteration"]).fractions),
+            "scope": prune.scope, "block_size": prune.block_size, "topk": prune.topk, "select": prune.select}
+
+
+@task(name="demote", persist_result=True, cache_policy=store_cache_policy("tiers", _demote_material))
+def demote_task(state: RunState, iteration: int, checkpoint: ArtifactRef, tiers: ArtifactRef, scores: ArtifactRef,
+                activations: ArtifactRef) -> ArtifactRef:
+    """The next tier table and keep masks (committed together as the `tiers` step)."""
+    from .collect_activations import activation_stats
+
+    store, prune = state.store, state.cfg.prune
+
+    def compute() -> dict:
+        table = demote(store.read_object(tiers.uri, "tiers.parquet"), store.read_object(scores.uri, "scores.parquet"),
+                       state.plan.step(iteration).fractions, iteration, scope=prune.scope)
+        loaded = state.model_at(checkpoint)
+        stats = activation_stats(store.read_object(activations.uri, "activations.parquet"))
+        masks = keep_masks(loaded.model, table, stats, state.masks_of(tiers), block_size=prune.block_size,
+                           topk=prune.topk, select=prune.select)
+        computed["masks"] = masks
+        return {"tiers.parquet": table, "masks.safetensors": masks_file(masks)}
+
+    computed: dict = {}
+    material = _demote_material({"state": state, "iteration": iteration, "tiers": tiers, "scores": scores,
+                                 "checkpoint": checkpoint, "activations": activations})
+    ref = committed_or_compute(store, iteration, "tiers", material, compute)
+    if "masks" in computed:
+        state.remember_masks(ref.digest, computed["masks"])  # the next steps need them: no re-read
+    return ref

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+from prefect import task
 from torch import nn
 
 from tierprune.adapters import weight_view
@@ -18,8 +20,12 @@ from tierprune.errors import TierpruneError
 from tierprune.kernels.tiers import TIER_NAMES, tier_counts
 
 from .prune import named_linears
+from .refs import ArtifactRef, committed_or_compute, store_cache_policy
 
-__all__ = ["eval_token_ids", "perplexity", "sparsity_report"]
+if TYPE_CHECKING:
+    from .run_state import RunState
+
+__all__ = ["eval_token_ids", "perplexity", "sparsity_report", "evaluate_task", "read_eval"]
 
 
 def eval_token_ids(kind: str, texts: list[str], tokenizer, seqlen: int) -> torch.Tensor:
@@ -72,3 +78,52 @@ def sparsity_report(model: nn.Module, tier_maps: dict[str, torch.Tensor] | None 
     tiers = {t: (c / n_blocks if n_blocks else (1.0 if t == "dense" else 0.0))
              for t, c in zip(TIER_NAMES, tier_total.tolist())}
     return {"sparsity": zeros / max(total, 1), "prunable_params": total, "tiers": tiers, "modules": modules}
+
+
+# ---------------------------------------------------------------------------- the Prefect step
+def _eval_material(p: dict) -> dict:
+    state = p["state"]
+    return {"checkpoint": p["checkpoint"].digest, "tiers": p["tiers"].digest, "eval": state.identity["eval"],
+            "model": state.identity["model"]}
+
+
+def _eval_ids(state: RunState, tokenizer) -> torch.Tensor:
+    # Every iteration evaluates on the same text: tokenize it once per run state (seconds each time).
+    from tierprune.storage.datasets import evaluation_split, load_texts
+
+    e = state.cfg.eval
+    cached = getattr(state, "_eval_ids", None)
+    if cached is None:
+        cached = eval_token_ids(e.data.split(":", 1)[0], load_texts(e.data, evaluation_split(e.data)), tokenizer,
+                                e.seqlen)
+        state._eval_ids = cached
+    return cached
+
+
+@task(name="evaluate", persist_result=True, cache_policy=store_cache_policy("eval", _eval_material))
+def evaluate_task(state: RunState, iteration: int, checkpoint: ArtifactRef, tiers: ArtifactRef) -> ArtifactRef:
+    """Sparsity, tier fractions and perplexity of the model at `checkpoint`, committed as eval.json."""
+    from tierprune.progress import report_progress
+
+    from .tier_tables import tier_maps_from_table
+
+    def compute() -> dict:
+        loaded = state.model_at(checkpoint)
+        maps = tier_maps_from_table(state.store.read_object(tiers.uri, "tiers.parquet"))
+        report = sparsity_report(loaded.model, maps)
+        record = {"iteration": iteration, "sparsity": report["sparsity"], "tiers": report["tiers"], "ppl": None}
+        e = state.cfg.eval
+        if e.data:
+            ppl, windows = perplexity(loaded.model, _eval_ids(state, loaded.tokenizer), e.seqlen,
+                                      max_windows=e.max_windows, batch_size=e.batch_size, device=state.cfg.device,
+                                      on_progress=lambda d, t: report_progress(f"iteration {iteration}: evaluate", d, t))
+            record.update(ppl=ppl, eval_windows=windows, eval=e.model_dump(mode="json"))
+        return {"eval.json": record}
+
+    material = _eval_material({"state": state, "checkpoint": checkpoint, "tiers": tiers})
+    return committed_or_compute(state.store, iteration, "eval", material, compute)
+
+
+def read_eval(state: RunState, ref: ArtifactRef) -> dict:
+    """The eval record of a committed evaluate step."""
+    return state.store.read_object(ref.uri, "eval.json")

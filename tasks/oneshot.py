@@ -1,7 +1,6 @@
 """One-shot prune-and-evaluate, as plain functions: load → calibrate/prune → evaluate → save."""
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -12,7 +11,7 @@ from tierprune.config import TierpruneConfig
 from tierprune.errors import TierpruneError
 from tierprune.models import LoadedModel, load_model
 from tierprune.storage.checkpoints import save_pretrained_dir
-from tierprune.storage.datasets import load_texts
+from tierprune.storage.datasets import default_data_spec, evaluation_split, load_texts
 from tierprune.storage.tables import save_table
 
 from .calibration import sample_calibration
@@ -24,15 +23,6 @@ __all__ = ["default_data_spec", "tier_table", "run_oneshot"]
 
 # Progress callback: (stage, done, total)
 Progress = Callable[[str, int, int], None]
-
-
-def default_data_spec(kind: str) -> str:
-    """`c4` / `wikitext2` from the hub, or the local copies under $TIERPRUNE_DATA when it is set."""
-    root = os.environ.get("TIERPRUNE_DATA")
-    if not root:
-        return kind
-    folder = {"c4": "c4-subset", "wikitext2": "wikitext-2-raw"}[kind]
-    return f"{kind}:{Path(root) / folder}"
 
 
 def _data_kind(spec: str) -> str:
@@ -51,7 +41,7 @@ def run_oneshot(cfg: TierpruneConfig, output: str | None = None, progress: Progr
         raise TierpruneError(f"--output {output} is a file; give a directory")
     # Read the data before the slow steps, so a bad path fails in seconds, not after pruning.
     calib_texts = load_texts(c.data, "train") if p.needs_calibration else None
-    eval_texts = load_texts(e.data, "test") if e.data else None
+    eval_texts = load_texts(e.data, evaluation_split(e.data)) if e.data else None
     loaded = loaded or load_model(cfg.model.name, cfg.model.gguf_file, cfg.model.dtype, cfg.device)
     model, tokenizer = loaded.model, loaded.tokenizer
     if p.method != "none":

@@ -52,14 +52,15 @@ def report_markdown(iteration: int, record: dict, tiers: pd.DataFrame) -> str:
 
 
 @task(name="report")
-def report_task(cfg, iteration: int, evaluation, tiers_ref, seconds: float) -> dict:
-    """Prefect artifacts for one iteration: a table row and the markdown heatmap report."""
+def report_task(state, iteration: int, evaluation, tiers_ref, seconds: float) -> dict:
+    """Prefect artifacts for one iteration: a table row and the markdown heatmap report.
+
+    seconds: the compute time the iteration's steps recorded when committed (a rerun shows the same).
+    """
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-    from .steps import _read_table, read_eval
-
-    record = read_eval(cfg, evaluation)
-    tiers = _read_table(cfg, tiers_ref, "tiers.parquet")
+    record = state.store.read_object(evaluation.uri, "eval.json")
+    tiers = state.store.read_object(tiers_ref.uri, "tiers.parquet")
     row = {"iteration": iteration, **{f"tier {k}": round(v, 4) for k, v in record["tiers"].items()},
            "sparsity": round(record["sparsity"], 4), "ppl": record.get("ppl"), "seconds": round(seconds, 1)}
     create_table_artifact([row], key=f"iteration-{iteration}", description=f"iteration {iteration}")

@@ -1,12 +1,10 @@
 """Reading runs back: which runs a store holds, and each run's finished iterations."""
 from __future__ import annotations
 
-import json
-
 from tierprune.errors import TierpruneError
 from tierprune.storage.runstore import RunStore, run_names
 
-__all__ = ["split_run_uri", "list_runs", "run_summary"]
+__all__ = ["split_run_uri", "list_runs", "run_summary", "summary_json"]
 
 
 def split_run_uri(uri: str) -> RunStore:
@@ -29,15 +27,16 @@ def run_summary(store: RunStore) -> list[dict]:
         step_uri = f"{store.uri}/{rel}"
         if store.load_step(step_uri) is None:
             continue  # damaged: not a valid starting point, not listed
-        record = json.loads(store.read(step_uri, "iteration.json"))
+        record = store.read_object(step_uri, "iteration.json")
         eval_uri = f"{store.uri}/{record['eval']['rel']}"
-        evaluation = json.loads(store.read(eval_uri, "eval.json"))
+        evaluation = store.read_object(eval_uri, "eval.json")
         finished = (step.get("meta") or {}).get("finished", "")
         k = record["iteration"]
         if k not in rows or finished > rows[k]["finished"]:
             rows[k] = {"iteration": k, "finished": finished, "uri": f"{store.uri}/{folder}",
-                       "sparsity": evaluation["sparsity"], "ppl": evaluation.get("ppl"), **{
-                           f"tier {t}": v for t, v in evaluation["tiers"].items()}}
+                       "sparsity": evaluation["sparsity"], "ppl": evaluation.get("ppl"),
+                       "tiers": dict(evaluation["tiers"]), "seconds": record.get("seconds"),
+                       "record": f"{store.uri}/{rel}"}
     return [rows[k] for k in sorted(rows)]
 
 
@@ -53,3 +52,10 @@ def list_runs(root: str) -> list[dict]:
         out.append({"run": name, "iterations": len(summary), "last iteration": last.get("iteration"),
                     "ppl": last.get("ppl"), "sparsity": last.get("sparsity")})
     return out
+
+
+def summary_json(store: RunStore) -> dict:
+    """`runs show --json`: {"run", "iterations": [{"iteration", "ppl", "sparsity", "tiers", "seconds"}, ...]}."""
+    return {"run": store.uri, "iterations": [
+        {"iteration": r["iteration"], "ppl": r["ppl"], "sparsity": r["sparsity"], "tiers": r["tiers"],
+         "seconds": r["seconds"], "uri": r["uri"], "finished": r["finished"]} for r in run_summary(store)]}

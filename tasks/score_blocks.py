@@ -8,11 +8,12 @@ Both are computed on the model as it is now, so earlier iterations' zeros count.
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pandas as pd
 import torch
+from prefect import task
 from torch import nn
 
 from tierprune.adapters import weight_view
@@ -21,9 +22,13 @@ from tierprune.kernels.masks import nm_mask
 from tierprune.kernels.scores import block_mean, magnitude_scores, masked_block_mean, wanda_scores
 
 from .prune import named_linears
+from .refs import ArtifactRef, committed_or_compute, store_cache_policy
 from .tier_tables import block_coords, layer_of
 
-__all__ = ["SCORE_COLUMNS", "score_blocks"]
+if TYPE_CHECKING:
+    from .run_state import RunState
+
+__all__ = ["SCORE_COLUMNS", "score_blocks", "score_blocks_task"]
 
 # module str, layer/block_row/block_col int32, score/score_2_4 float32; rows in tier_table's order
 SCORE_COLUMNS = ["module", "layer", "block_row", "block_col", "score", "score_2_4"]
@@ -58,3 +63,26 @@ def score_blocks(model: nn.Module, stats: dict[str, torch.Tensor], *, block_size
             "score_2_4": nm_means.flatten().cpu().numpy().astype(np.float32),
         }))
     return pd.concat(frames, ignore_index=True)
+
+
+# ---------------------------------------------------------------------------- the Prefect step
+def _scores_material(p: dict) -> dict:
+    prune = p["state"].cfg.prune
+    return {"checkpoint": p["checkpoint"].digest, "activations": p["activations"].digest,
+            "block_size": prune.block_size, "select": prune.select}
+
+
+@task(name="score-blocks", persist_result=True, cache_policy=store_cache_policy("scores", _scores_material))
+def score_blocks_task(state: RunState, iteration: int, checkpoint: ArtifactRef, activations: ArtifactRef) -> ArtifactRef:
+    """Block scores of the model at `checkpoint` under the collected statistics, committed."""
+    from .collect_activations import activation_stats
+
+    def compute() -> dict:
+        loaded = state.model_at(checkpoint)
+        stats = activation_stats(state.store.read_object(activations.uri, "activations.parquet"))
+        prune = state.cfg.prune
+        return {"scores.parquet": score_blocks(loaded.model, stats, block_size=prune.block_size, select=prune.select,
+                                               device=state.cfg.device)}
+
+    material = _scores_material({"state": state, "checkpoint": checkpoint, "activations": activations})
+    return committed_or_compute(state.store, iteration, "scores", material, compute)

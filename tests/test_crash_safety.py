@@ -219,22 +219,38 @@ def _uncommitted(run: Path) -> dict[str, list[str]]:
 
 
 def _artifacts(run: Path) -> dict[str, bytes]:
-    """{step folder/file: bytes} of every committed step's files (not the markers, which hold times)."""
-    return {f"{p.parent.parent.name}/{p.parent.name}/{p.name}": p.read_bytes()
-            for marker in run.glob("iter-*/*/COMMIT.json") for p in marker.parent.iterdir()
-            if p.name != "COMMIT.json" and ".tmp-" not in p.name}
+    """{step folder/file: bytes} of every committed step's files (not the markers, which hold times), and
+    {blobs/xx/name: bytes} of every content-addressed blob (a checkpoint's tensors)."""
+    files = [p for marker in run.glob("iter-*/*/COMMIT.json") for p in marker.parent.iterdir()
+             if p.name != "COMMIT.json"] + list(run.glob("blobs/*/*"))
+    return {f"{p.parent.parent.name}/{p.parent.name}/{p.name}": p.read_bytes() for p in files if ".tmp-" not in p.name}
 
 
 def _final(run: Path) -> dict[str, bytes]:
-    """The final tier map and checkpoint, found through the iteration-3 record (and checked against a glob)."""
+    """The final tier map, masks and checkpoint (index and tensors), found through the iteration-3 record."""
     records = list(run.glob("iter-003/iteration-*/iteration.json"))
     assert len(records) == 1, records
     record = json.loads(records[0].read_text())
-    tiers = run / record["tiers"]["rel"] / "tiers.parquet"
-    ckpt = run / record["checkpoint"]["rel"] / "checkpoint.safetensors"
-    assert [tiers] == list(run.glob("iter-003/tiers-*/tiers.parquet"))
-    assert [ckpt] == list(run.glob("iter-003/checkpoint-*/checkpoint.safetensors"))
-    return {"tiers.parquet": tiers.read_bytes(), "checkpoint.safetensors": ckpt.read_bytes()}
+    tiers = run / record["tiers"]["rel"]
+    ckpt = run / record["checkpoint"]["rel"] / "checkpoint.json"
+    assert [tiers] == list(run.glob("iter-003/tiers-*"))
+    assert [ckpt] == list(run.glob("iter-003/checkpoint-*/checkpoint.json"))
+    index = json.loads(ckpt.read_text())
+    return {"tiers.parquet": (tiers / "tiers.parquet").read_bytes(),
+            "masks.safetensors": (tiers / "masks.safetensors").read_bytes(),
+            "checkpoint.json": ckpt.read_bytes(),
+            **{name: (run / path).read_bytes() for name, path in index["weight_map"].items()}}
+
+
+def _changed_blob(run: Path, iteration: int) -> Path:
+    """A blob of iteration's checkpoint that no other checkpoint refers to (a weight that changed there)."""
+    def blobs(k: int) -> set[str]:
+        return {p for ckpt in run.glob(f"iter-{k:03d}/checkpoint-*/checkpoint.json")
+                for p in json.loads(ckpt.read_text())["weight_map"].values()}
+    others = set().union(*(blobs(k) for k in range(4) if k != iteration),
+                         *(set(json.loads(c.read_text())["weight_map"].values())
+                           for c in run.glob("iter-000/start-*/checkpoint.json")))
+    return run / sorted(blobs(iteration) - others)[0]
 
 
 def _digests(files: dict[str, bytes]) -> dict[str, str]:
@@ -292,7 +308,8 @@ def _damage(path: Path, how: str) -> None:
 
 
 def _reference_scenario(runner: Runner) -> dict:
-    """The uninterrupted run; then, on its finished folder, a flipped checkpoint byte and a truncated tier map."""
+    """The uninterrupted run; then, on its finished folder, a flipped byte in a tensor of iteration 2's checkpoint
+    and a truncated tier map."""
     store, log = runner.base / "ref", runner.base / "ref.log"
     store.mkdir()
     home = runner.home("ref")
@@ -301,13 +318,16 @@ def _reference_scenario(runner: Runner) -> dict:
     if out["rc"] != 0:
         return out
     out.update(committed=_committed(run), artifacts=_artifacts(run), final=_final(run))
-    for label, pattern, how in (("flip", "iter-002/checkpoint-*/checkpoint.safetensors", "flip"),
-                                ("truncate", "iter-002/tiers-*/tiers.parquet", "truncate")):
-        [target] = run.glob(pattern)
+    [checkpoint_step] = run.glob("iter-002/checkpoint-*")
+    [tiers_file] = run.glob("iter-002/tiers-*/tiers.parquet")
+    for label, target, step, how in (("flip", _changed_blob(run, 2), checkpoint_step, "flip"),
+                                     ("truncate", tiers_file, tiers_file.parent, "truncate")):
         _damage(target, how)
-        before = _committed(run)
+        before, inode = _committed(run), _stat(target)[0]
         rc, _ = runner.run(store, home, log)
-        out[label] = {"target": target, "rc": rc, "before": before, "after": _committed(run),
+        out[label] = {"target": target, "step": f"{step.parent.name}/{step.name}", "rc": rc, "before": before,
+                      "after": _committed(run), "inode_before": inode,
+                      "inode_after": _stat(target)[0] if target.exists() else None,
                       "artifacts": _artifacts(run), "final": _final(run) if rc == 0 else None}
         if rc != 0:
             break
@@ -394,7 +414,8 @@ def test_kill_then_rerun_recomputes_nothing_committed_and_ends_identical(outcome
             if rel.startswith(f"iter-{iteration:03d}/{step}-")}
     if where == "before-marker":
         assert len(half) == 1 and [n for n in next(iter(half.values())) if ".tmp-" not in n] == \
-            [{"tiers": "tiers.parquet", "checkpoint": "checkpoint.safetensors"}[step]], before["uncommitted"]
+            {"tiers": ["masks.safetensors", "tiers.parquet"], "checkpoint": ["checkpoint.json"]}[step], \
+            before["uncommitted"]
     elif where == "before-files":
         assert all(not files for files in half.values()), half
     elif where == "before-manifest":
@@ -436,11 +457,11 @@ def test_damaged_committed_file_is_recomputed(outcomes, label: str) -> None:
     d = ref[label]
     assert d["rc"] == 0, _tail(ref["log"])
     target: Path = d["target"]
-    rel = f"{target.parent.parent.name}/{target.parent.name}"
-    name = f"{rel}/{target.name}"
+    rel = d["step"]  # the step the damaged file belongs to (a blob: the checkpoint that refers to it)
+    name = f"{target.parent.parent.name}/{target.parent.name}/{target.name}"
     # The damaged file was rewritten with the reference bytes, and its step committed anew...
     assert _digests(d["artifacts"])[name] == _digests(ref["artifacts"])[name]
-    assert d["after"][rel]["stat"][target.name][0] != d["before"][rel]["stat"][target.name][0], "not rewritten"
+    assert d["inode_after"] != d["inode_before"], "not rewritten"
     assert d["after"][rel]["stat"]["COMMIT.json"] != d["before"][rel]["stat"]["COMMIT.json"], "not recommitted"
     # ...every other step stayed as it was...
     assert set(d["after"]) == set(d["before"])

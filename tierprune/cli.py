@@ -11,13 +11,12 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
 
-from .config import CalibrationConfig, EvalConfig, ModelConfig, PruneConfig, TierpruneConfig, one_line, parse_fractions
+from .config import TierpruneConfig, config_from_flags
 from .errors import TierpruneError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -56,24 +55,6 @@ def _summary(record: dict) -> Table:
                                     f"{record['eval_windows']} windows)")
     table.add_row("seconds", f"{record['seconds']:.1f} (prune {record['prune_seconds']:.1f})")
     return table
-
-
-def _build_config(**kw) -> TierpruneConfig:
-    try:
-        return TierpruneConfig(
-            model=ModelConfig(name=kw["model"], gguf_file=kw["gguf_file"], dtype=kw["dtype"]),
-            calibration=CalibrationConfig(data=kw["calib"], nsamples=kw["calib_samples"], seqlen=kw["calib_seqlen"],
-                                          seed=kw["seed"], batch_size=kw["calib_batch_size"],
-                                          compile=kw.get("compile", False)),
-            prune=PruneConfig(method=kw["method"], pattern=kw["pattern"], sparsity=kw["sparsity"],
-                              block_size=kw["block_size"], tiers=parse_fractions(kw["tiers"]), topk=kw["topk"],
-                              select=kw["select"], scope=kw["scope"]),
-            eval=EvalConfig(data=kw["eval"], seqlen=kw["eval_seqlen"], max_windows=kw["eval_max_windows"],
-                            batch_size=kw["eval_batch_size"]),
-            device=kw["device"], offload=kw["offload"],
-        )
-    except ValidationError as exc:
-        raise TierpruneError(one_line(exc)) from None
 
 
 def _run(cfg: TierpruneConfig, output: str | None, json_path: str | None) -> dict:
@@ -124,16 +105,12 @@ def prune(
     json_path: Optional[str] = typer.Option(None, "--json", help="write the result record here"),
 ) -> None:
     """One-shot pruning and evaluation."""
-    from tierprune.tasks.oneshot import default_data_spec
-
-    cfg = _build_config(
+    cfg = config_from_flags(
         model=model, gguf_file=gguf_file, dtype=dtype, method=method, pattern=pattern, sparsity=sparsity,
-        block_size=block_size, tiers=tiers, topk=topk, select=select, scope=scope,
-        calib=calib or default_data_spec("c4"), calib_samples=calib_samples, calib_seqlen=calib_seqlen,
-        calib_batch_size=calib_batch_size, seed=seed, compile=compile,
-        eval=None if eval == "none" else (eval or default_data_spec("wikitext2")),
-        eval_seqlen=eval_seqlen, eval_max_windows=eval_max_windows, eval_batch_size=eval_batch_size,
-        device=device, offload=offload,
+        block_size=block_size, tiers=tiers, topk=topk, select=select, scope=scope, calib=calib,
+        calib_samples=calib_samples, calib_seqlen=calib_seqlen, calib_batch_size=calib_batch_size, seed=seed,
+        compile=compile, eval=eval, eval_seqlen=eval_seqlen, eval_max_windows=eval_max_windows,
+        eval_batch_size=eval_batch_size, device=device, offload=offload,
     )
     _run(cfg, output, json_path)
 
@@ -142,8 +119,7 @@ def _demo_data(data: str | None) -> tuple[str, str, str]:
     """(calibration spec, evaluation spec, label): local files, else the hub, else Python's help topics."""
     import os
 
-    from tierprune.storage.datasets import load_texts
-    from tierprune.tasks.oneshot import default_data_spec
+    from tierprune.storage.datasets import default_data_spec, load_texts
 
     if data:
         if not Path(data).is_dir():
@@ -172,20 +148,11 @@ def demo(
 
     calib, evaluation, label = _demo_data(data)
     plan = str(files("tierprune.schedules") / "plans" / "smoke.csv")
-    if "://" not in store:
-        Path(store).mkdir(parents=True, exist_ok=True)
-    cfg = _progressive_config(
-        model="smollm2-135m", gguf_file=None, dtype="auto", calib=calib, calib_samples=16, calib_seqlen=512,
-        calib_batch_size=8, seed=0, compile=False, eval=evaluation, eval_seqlen=512, eval_max_windows=16,
-        plan=plan, store=store, run=f"demo-{label}", resume_from=None, block_size=16, topk=10, select="wanda",
-        scope="matrix", device=device)
+    cfg = config_from_flags(calib=calib, calib_samples=16, calib_seqlen=512, eval=evaluation, eval_seqlen=512,
+                            eval_max_windows=16, plan=plan, store=store, run=f"demo-{label}", device=device)
     console.print(f"[dim]demo ({label} data): plan {plan}; 16×512 calibration tokens, 16 evaluation windows "
                   "of 512 — a quick look, not the protocol's numbers[/]")
-    _check_run_inputs(cfg)
-    from tierprune.flows.progressive import progressive
-
-    rows = progressive(cfg)
-    console.print(_rows_table(f"demo run {store.rstrip('/')}/{cfg.run}", rows))
+    _progressive_run(cfg)
 
 
 runs_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Inspect and manage stored runs.")
@@ -202,37 +169,29 @@ def _rows_table(title: str, rows: list[dict]) -> Table:
     return table
 
 
-def _progressive_config(**kw) -> "ProgressiveConfig":
-    from .config import ProgressiveConfig
+def _progressive_run(cfg: TierpruneConfig) -> None:
+    """Check everything cheap, then run the flow and print its table and what to do next."""
+    from tierprune.tasks.run_state import NothingToDo, check_run_inputs
 
     try:
-        return ProgressiveConfig(
-            model=ModelConfig(name=kw["model"], gguf_file=kw["gguf_file"], dtype=kw["dtype"]),
-            calibration=CalibrationConfig(data=kw["calib"], nsamples=kw["calib_samples"], seqlen=kw["calib_seqlen"],
-                                          seed=kw["seed"], batch_size=kw["calib_batch_size"],
-                                          compile=kw["compile"]),
-            eval=EvalConfig(data=kw["eval"], seqlen=kw["eval_seqlen"], max_windows=kw["eval_max_windows"]),
-            plan=kw["plan"], store=kw["store"], run=kw["run"], resume_from=kw["resume_from"],
-            block_size=kw["block_size"], topk=kw["topk"], select=kw["select"], scope=kw["scope"],
-            device=kw["device"],
-        )
-    except ValidationError as exc:
-        raise TierpruneError(one_line(exc)) from None
+        check_run_inputs(cfg)
+    except NothingToDo as exc:
+        console.print(str(exc))
+        return
+    if "://" not in cfg.run.store:
+        Path(cfg.run.store).mkdir(parents=True, exist_ok=True)  # a local store folder is created on first use
+    from tierprune.flows.progressive import progressive
+
+    rows = progressive(cfg)
+    run_uri = _absolute_run_uri(cfg)
+    console.print(_rows_table(f"run {run_uri}", rows))
+    console.print(f"next: tierprune runs show {run_uri}\n      tierprune runs export {run_uri} --output DIR")
 
 
-def _check_run_inputs(cfg) -> None:
-    """Everything that can be checked in seconds, before Prefect and the model start."""
-    from tierprune.plan import load_plan
-    from tierprune.storage.runstore import RunStore
-    from tierprune.tasks.steps import find_iteration, open_run
-
-    load_plan(cfg.plan)
-    if "://" not in cfg.store and not Path(cfg.store).is_dir():
-        raise TierpruneError(f"--store {cfg.store} does not exist (create the folder first)")
-    RunStore(cfg.store, cfg.run)  # a bad run name
-    if cfg.resume_from:
-        find_iteration(cfg.resume_from)
-    open_run(cfg)  # a foreign folder or another run under this name is refused here
+def _absolute_run_uri(cfg: TierpruneConfig) -> str:
+    store = cfg.run.store
+    root = store if "://" in store else str(Path(store).resolve())
+    return f"{root.rstrip('/')}/{cfg.run.name}"
 
 
 @app.command()
@@ -254,19 +213,12 @@ def run(
     device: str = typer.Option("cpu"), dtype: str = typer.Option("auto"),
 ) -> None:
     """Progressive three-tier pruning as a Prefect flow; rerun the same command to resume after a crash."""
-    from tierprune.tasks.oneshot import default_data_spec
-
-    cfg = _progressive_config(
-        model=model, gguf_file=gguf_file, dtype=dtype, calib=calib or default_data_spec("c4"),
-        calib_samples=calib_samples, calib_seqlen=calib_seqlen, calib_batch_size=calib_batch_size, seed=seed,
-        compile=compile, eval=None if eval == "none" else (eval or default_data_spec("wikitext2")),
+    cfg = config_from_flags(
+        model=model, gguf_file=gguf_file, dtype=dtype, calib=calib, calib_samples=calib_samples,
+        calib_seqlen=calib_seqlen, calib_batch_size=calib_batch_size, seed=seed, compile=compile, eval=eval,
         eval_seqlen=eval_seqlen, eval_max_windows=eval_max_windows, plan=plan, store=store, run=run_name,
         resume_from=resume_from, block_size=block_size, topk=topk, select=select, scope=scope, device=device)
-    _check_run_inputs(cfg)
-    from tierprune.flows.progressive import progressive
-
-    rows = progressive(cfg)
-    console.print(_rows_table(f"run {cfg.store.rstrip('/')}/{cfg.run}", rows))
+    _progressive_run(cfg)
 
 
 @runs_app.command("list")
@@ -278,12 +230,35 @@ def runs_list(store: str = typer.Argument(..., help="the --store of the runs")) 
 
 
 @runs_app.command("show")
-def runs_show(run_uri: str = typer.Argument(..., help="STORE/RUN")) -> None:
-    """A run's finished iterations: tier fractions, sparsity, perplexity."""
-    from tierprune.tasks.runs import run_summary, split_run_uri
+def runs_show(run_uri: str = typer.Argument(..., help="STORE/RUN"),
+              as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table")) -> None:
+    """A run's finished iterations: tier fractions, sparsity, perplexity, seconds."""
+    from tierprune.tasks.runs import split_run_uri, summary_json
 
-    rows = [{k: v for k, v in r.items() if k != "finished"} for r in run_summary(split_run_uri(run_uri))]
-    console.print(_rows_table(f"run {run_uri}", rows))
+    summary = summary_json(split_run_uri(run_uri))
+    if as_json:
+        print(json.dumps(summary, indent=2))
+        return
+    rows = [{"iteration": r["iteration"], **{f"tier {t}": v for t, v in r["tiers"].items()},
+             "sparsity": r["sparsity"], "ppl": r["ppl"], "seconds": r["seconds"], "uri": r["uri"]}
+            for r in summary["iterations"]]
+    console.print(_rows_table(f"run {summary['run']}", rows))
+
+
+@runs_app.command("export")
+def runs_export(run_uri: str = typer.Argument(..., help="STORE/RUN"),
+                output: str = typer.Option(..., help="folder to write (transformers' from_pretrained layout)"),
+                iteration: Optional[int] = typer.Option(None, help="which finished iteration [default: the last]")) -> None:
+    """Write a finished iteration as a model folder that plain transformers loads, with its tier maps and masks."""
+    from tierprune.tasks.export import export_run
+    from tierprune.tasks.runs import split_run_uri
+
+    if "://" not in output and Path(output).is_file():
+        raise TierpruneError(f"--output {output} is a file; give a folder")
+    done = export_run(split_run_uri(run_uri), output, iteration)
+    ppl = "n/a" if done["ppl"] is None else f"{done['ppl']:.4g}"
+    console.print(f"exported iteration {done['iteration']} of {run_uri} to {output} ({done['dtype']}, "
+                  f"sparsity {done['sparsity']:.4f}, ppl {ppl})")
 
 
 @runs_app.command("unlock")

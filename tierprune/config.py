@@ -13,7 +13,9 @@ __all__ = [
     "CalibrationConfig",
     "PruneConfig",
     "EvalConfig",
+    "RunConfig",
     "TierpruneConfig",
+    "config_from_flags",
     "parse_fractions",
     "one_line",
 ]
@@ -100,11 +102,23 @@ class EvalConfig(_Frozen):
     batch_size: int = Field(1, ge=1)
 
 
+class RunConfig(_Frozen):
+    """Where a progressive run lives and what it follows; None in TierpruneConfig for one-shot pruning."""
+
+    plan: str  # path/URL of the plan (CSV, YAML or JSON)
+    store: str  # fsspec root of runs: a path, file://, memory://, s3://, gs://
+    name: str  # the run's folder name under `store`
+    resume_from: str | None = None  # an iteration folder of any run: start after it, from its tiers + checkpoint
+
+
 class TierpruneConfig(_Frozen):
+    """Every setting of a one-shot prune or a progressive run; each step gets only its own slice."""
+
     model: ModelConfig = ModelConfig()
     calibration: CalibrationConfig = CalibrationConfig()
     prune: PruneConfig = PruneConfig()
     eval: EvalConfig = EvalConfig()
+    run: RunConfig | None = None  # set for progressive runs
     device: str = "cpu"
     offload: bool = False  # keep the model on the CPU and stream layers through the device
 
@@ -114,6 +128,12 @@ class TierpruneConfig(_Frozen):
         if not (v == "cpu" or v == "cuda" or re.match(r"^cuda:\d+$", v)):
             raise ValueError(f"unknown device {v!r}: use cpu, cuda or cuda:N")
         return v
+
+    @model_validator(mode="after")
+    def _progressive(self) -> TierpruneConfig:
+        if self.run is not None and (self.prune.method, self.prune.pattern) != ("wanda", "tiers"):
+            raise ValueError("a progressive run prunes with method wanda and pattern tiers")
+        return self
 
 
 def one_line(exc: ValidationError) -> str:
@@ -136,31 +156,39 @@ def parse_fractions(text: str) -> tuple[float, float, float]:
     return values  # type: ignore[return-value]
 
 
-class ProgressiveConfig(_Frozen):
-    """Everything a progressive run depends on; its JSON form is the run's config in the manifest."""
+def config_from_flags(
+    *, model: str = "smollm2-135m", gguf_file: str | None = None, dtype: str = "auto",
+    method: str = "wanda", pattern: str = "unstructured", sparsity: float = 0.5, block_size: int = 16,
+    tiers: str = "0.35,0.45,0.20", topk: int = 10, select: str = "wanda", scope: str = "matrix",
+    calib: str | None = None, calib_samples: int = 128, calib_seqlen: int = 2048, calib_batch_size: int = 8,
+    seed: int = 0, compile: bool = False,
+    eval: str | None = None, eval_seqlen: int = 2048, eval_max_windows: int | None = None, eval_batch_size: int = 1,
+    device: str = "cpu", offload: bool = False,
+    plan: str | None = None, store: str | None = None, run: str | None = None, resume_from: str | None = None,
+) -> TierpruneConfig:
+    """The one mapping of the command-line flags (snake_case) to the config, for prune, run and the demo alike.
 
-    model: ModelConfig = ModelConfig()
-    calibration: CalibrationConfig = CalibrationConfig()
-    eval: EvalConfig = EvalConfig()
-    plan: str  # path/URL of the plan (CSV, YAML or JSON)
-    store: str  # fsspec root of runs: a path, file://, memory://, s3://, gs://
-    run: str  # the run's folder name under `store`
-    resume_from: str | None = None  # an iteration folder of any run: start after it, from its tiers + checkpoint
-    block_size: int = Field(16, ge=4)
-    topk: int = Field(10, ge=0)
-    select: Literal["wanda", "magnitude"] = "wanda"
-    scope: Literal["matrix", "global"] = "matrix"
-    device: str = "cpu"
+    `calib`/`eval` default to the hub's c4/wikitext2, or to the local copies under $TIERPRUNE_DATA; `eval`
+    "none" skips evaluation. A `plan` makes it a progressive run (pattern tiers, which store and run it needs).
+    """
+    from .storage.datasets import default_data_spec
 
-    @field_validator("device")
-    @classmethod
-    def _device(cls, v: str) -> str:
-        return TierpruneConfig._device(v)
-
-    @model_validator(mode="after")
-    def _consistent(self) -> ProgressiveConfig:
-        if self.block_size % 4:
-            raise ValueError(f"block size must be divisible by 4 (2:4 groups), got {self.block_size}")
-        if self.topk > self.block_size ** 2:
-            raise ValueError(f"--topk {self.topk} exceeds the {self.block_size ** 2} weights of a block")
-        return self
+    progressive = plan is not None
+    if progressive and (store is None or run is None):
+        raise TierpruneError("a progressive run needs --plan, --store and --run")
+    try:
+        return TierpruneConfig(
+            model=ModelConfig(name=model, gguf_file=gguf_file, dtype=dtype),
+            calibration=CalibrationConfig(data=calib or default_data_spec("c4"), nsamples=calib_samples,
+                                          seqlen=calib_seqlen, seed=seed, batch_size=calib_batch_size,
+                                          compile=compile),
+            prune=PruneConfig(method="wanda" if progressive else method, pattern="tiers" if progressive else pattern,
+                              sparsity=sparsity, block_size=block_size, tiers=parse_fractions(tiers), topk=topk,
+                              select=select, scope=scope),
+            eval=EvalConfig(data=None if eval == "none" else (eval or default_data_spec("wikitext2")),
+                            seqlen=eval_seqlen, max_windows=eval_max_windows, batch_size=eval_batch_size),
+            run=RunConfig(plan=plan, store=store, name=run, resume_from=resume_from) if progressive else None,
+            device=device, offload=offload,
+        )
+    except ValidationError as exc:
+        raise TierpruneError(one_line(exc)) from None

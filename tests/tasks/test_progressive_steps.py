@@ -33,8 +33,8 @@ from tierprune.kernels.tiers import (
 )
 from tierprune.storage.tables import load_table, save_table
 from tierprune.tasks.collect_activations import ACTIVATION_COLUMNS, activation_stats, collect_activations
-from tierprune.tasks.demote import demote, initial_tiers
-from tierprune.tasks.finetune import apply_tiers_, finetune_, load_prunable_state_, prunable_state
+from tierprune.tasks.demote import demote, initial_tiers, keep_masks, masks_file, read_masks
+from tierprune.tasks.finetune import apply_masks_, finetune_
 from tierprune.tasks.layerwise import walk_layers
 from tierprune.tasks.prune import named_linears
 from tierprune.tasks.score_blocks import SCORE_COLUMNS, score_blocks
@@ -65,13 +65,21 @@ def _random_scores(tiers: pd.DataFrame, g: torch.Generator) -> pd.DataFrame:
     return df
 
 
+def prunable_state(model) -> dict[str, torch.Tensor]:
+    """Copies of every prunable linear's weight as stored, keyed '<module>.weight'."""
+    return {f"{name}.weight": m.weight.detach().clone() for name, m in named_linears(model).items()}
+
+
 def _iteration(model, tiers: pd.DataFrame, ids: torch.Tensor, fractions, iteration: int, *, block_size: int = BS,
-               topk: int = TOPK_K, select: str = "wanda", scope: str = "matrix") -> pd.DataFrame:
+               topk: int = TOPK_K, select: str = "wanda", scope: str = "matrix", masks=None):
+    """One iteration without training: statistics, scores, demotion, stored masks, masks applied."""
     stats = activation_stats(collect_activations(model, ids, batch_size=4))
     scores = score_blocks(model, stats, block_size=block_size, select=select)
     tiers = demote(tiers, scores, fractions, iteration, scope=scope)
-    apply_tiers_(model, tiers, stats, block_size=block_size, topk=topk, select=select)
-    return tiers
+    masks = read_masks(masks_file(keep_masks(model, tiers, stats, masks, block_size=block_size, topk=topk,
+                                             select=select)))  # through the stored bytes, as the steps do
+    apply_masks_(model, masks)
+    return tiers, masks
 
 
 def _check_weights_realise(model, tiers: pd.DataFrame, original: dict[str, torch.Tensor], block_size: int,
@@ -251,7 +259,7 @@ def test_demote_schedule_global(seed: int) -> None:
 def test_demote_on_real_scores_equals_the_kernels() -> None:
     """score_blocks + demote gives the same tier maps as demote_tiers(_global) on the weights directly."""
     model, ids = make_tiny_llama(), _calib_ids()
-    tiers = _iteration(model, initial_tiers(model), ids, SCHEDULE[0], 0)  # a mixed start
+    tiers, _ = _iteration(model, initial_tiers(model), ids, SCHEDULE[0], 0)  # a mixed start
     stats = activation_stats(collect_activations(model, ids, batch_size=4))
     scores = score_blocks(model, stats)
     maps = tier_maps_from_table(tiers)
@@ -294,9 +302,9 @@ def test_demote_refuses_scores_of_another_model() -> None:
 def test_two_iterations_give_exactly_the_zeros_of_the_tier_map(block_size: int, select: str) -> None:
     model, ids = make_tiny_llama(), _calib_ids()
     original = prunable_state(model)
-    tiers = initial_tiers(model, block_size)
+    tiers, masks = initial_tiers(model, block_size), None
     for it, fractions in enumerate(SCHEDULE[1:]):
-        tiers = _iteration(model, tiers, ids, fractions, it, block_size=block_size, select=select)
+        tiers, masks = _iteration(model, tiers, ids, fractions, it, block_size=block_size, select=select, masks=masks)
         _check_weights_realise(model, tiers, original, block_size, TOPK_K)
     counts = tier_counts(torch.cat([t.flatten() for t in tier_maps_from_table(tiers).values()]))
     assert counts.tolist()[2] > 0 and counts.tolist()[1] > 0
@@ -304,9 +312,9 @@ def test_two_iterations_give_exactly_the_zeros_of_the_tier_map(block_size: int, 
 
 def _run_loop(seed: int) -> tuple[dict[str, torch.Tensor], pd.DataFrame]:
     model, ids = make_tiny_llama(seed=seed), _calib_ids(seed)
-    tiers = initial_tiers(model)
+    tiers, masks = initial_tiers(model), None
     for it, fractions in enumerate(SCHEDULE[1:]):
-        tiers = _iteration(model, tiers, ids, fractions, it, scope="global")
+        tiers, masks = _iteration(model, tiers, ids, fractions, it, scope="global", masks=masks)
     return prunable_state(model), tiers
 
 
@@ -317,46 +325,39 @@ def test_the_loop_is_deterministic() -> None:
     pd.testing.assert_frame_equal(ta, tb)
 
 
-def test_apply_tiers_is_idempotent_and_finetune_only_reapplies() -> None:
+def test_stored_masks_zero_a_perturbed_pruned_weight_and_never_grow() -> None:
     model, ids = make_tiny_llama(), _calib_ids()
-    tiers = _iteration(model, initial_tiers(model), ids, SCHEDULE[1], 0)
-    stats = activation_stats(collect_activations(model, ids, batch_size=4))
+    tiers, masks = _iteration(model, initial_tiers(model), ids, SCHEDULE[1], 1)
+    name = next(n for n in masks if not masks.mask(n).all())
+    W = weight_view(named_linears(model)[name])
+    pruned = (~masks.mask(name)).nonzero()[0].tolist()
+    with torch.no_grad():
+        W[pruned[0], pruned[1]] = 1.5  # drift, a weight decay step, a LoRA merge: the weight is non-zero now
     state = prunable_state(model)
-    report = finetune_(model, tiers, stats, block_size=BS, topk=TOPK_K, select="wanda", epochs=3)
-    assert report == {"epochs_requested": 3, "epochs_run": 0,
-                      "note": "masks re-applied; fine-tuning not implemented yet"}
+    changed, record = finetune_(model, masks, epochs=3)  # the next step applies the stored mask
+    assert W[pruned[0], pruned[1]] == 0
+    assert changed == set(state) and record["epochs_requested"] == 3 and record["epochs_run"] == 0
     after = prunable_state(model)
-    assert all(torch.equal(state[n], after[n]) for n in state)
+    assert sum(int((state[n] != after[n]).sum()) for n in state) == 1  # only the perturbed weight changed
+    # A later iteration's mask is a subset of the earlier one, whatever the weights say now.
+    _, later = _iteration(model, tiers, ids, SCHEDULE[2], 2, masks=masks)
+    for n in masks:
+        assert not (later.mask(n) & ~masks.mask(n)).any(), n
 
 
-def test_apply_tiers_refuses_a_table_of_another_shape() -> None:
-    tiers = initial_tiers(make_tiny_llama(intermediate=96))
-    with pytest.raises(TierpruneError, match="does not match the model's shapes.*mlp.gate_proj"):
-        apply_tiers_(make_tiny_llama(), tiers, None, select="magnitude")
-
-
-def test_prunable_state_round_trip() -> None:
+def test_masks_round_trip_through_their_file_as_bits() -> None:
     model, ids = make_tiny_llama(), _calib_ids()
-    _iteration(model, initial_tiers(model), ids, SCHEDULE[1], 0)
-    state = prunable_state(model)
-    assert list(state) == [f"{n}.weight" for n in named_linears(model)]
-    assert set(state) <= set(model.state_dict())
-    assert all(t.device.type == "cpu" and t.is_contiguous() for t in state.values())
-    first = next(iter(state))
-    state[first].zero_()  # a copy: the model is not changed through it
-    assert (model.get_parameter(first) != 0).any()
-    state = prunable_state(model)
-
-    fresh = make_tiny_llama(seed=1)
-    load_prunable_state_(fresh, state)
-    loaded = prunable_state(fresh)
-    assert all(torch.equal(state[n], loaded[n]) for n in state)
+    _, masks = _iteration(model, initial_tiers(model), ids, SCHEDULE[2], 1)
+    data = masks_file(masks)
+    back = read_masks(data)
+    assert list(back) == list(masks)
+    for n in masks:
+        assert back.bits[n].dtype == torch.uint8 and torch.equal(back.mask(n), masks.mask(n))
+    n_weights = sum(weight_view(m).numel() for m in named_linears(model).values())
+    assert len(data) < n_weights / 8 + 4096  # bits, not bytes, plus the header
 
 
-def test_load_prunable_state_refuses_other_shapes() -> None:
-    state = prunable_state(make_tiny_llama())
-    with pytest.raises(TierpruneError, match="does not match the model's shapes: model.layers.0.mlp.gate_proj"):
-        load_prunable_state_(make_tiny_llama(intermediate=96), state)
-    del state["model.layers.1.mlp.up_proj.weight"]
-    with pytest.raises(TierpruneError, match="does not match the model's shapes.*model.layers.1.mlp.up_proj"):
-        load_prunable_state_(make_tiny_llama(), state)
+def test_keep_masks_refuse_a_table_of_another_shape() -> None:
+    tiers = initial_tiers(make_tiny_llama(intermediate=96))
+    with pytest.raises(TierpruneError, match="does not match the model.*mlp.gate_proj"):
+        keep_masks(make_tiny_llama(), tiers, None, None, select="magnitude")

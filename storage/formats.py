@@ -1,0 +1,99 @@
+"""Bytes in, bytes out: the file formats of a run, chosen by file name.
+
+`*.parquet` holds a pandas DataFrame, `*.safetensors` a dict of tensors (string metadata alongside),
+`*.json` a JSON object. The run store writes and reads every step file through these two functions,
+so that no other package needs pyarrow or safetensors. Keep masks small: `pack_mask` stores a bool
+tensor as bits (uint8), shape in the tensor's own dims, 1/8 of a byte per weight.
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+import struct
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import safetensors.torch
+import torch
+
+from tierprune.errors import TierpruneError
+
+__all__ = ["encode", "decode", "tensor_file_bytes", "tensors_from_bytes", "tensor_file_metadata", "pack_mask",
+           "unpack_mask"]
+
+
+def encode(name: str, value: Any) -> bytes:
+    """The bytes of one step file; value is bytes, or a DataFrame / tensor dict / JSON dict by name."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    if name.endswith(".parquet") and isinstance(value, pd.DataFrame):
+        buf = io.BytesIO()
+        pq.write_table(pa.Table.from_pandas(value, preserve_index=False), buf)
+        return buf.getvalue()
+    if name.endswith(".safetensors") and isinstance(value, dict):
+        return tensor_file_bytes(value)
+    if name.endswith(".json"):
+        try:
+            # allow_nan: a diverged model has perplexity inf, which eval.json must be able to say.
+            return json.dumps(value, indent=2, sort_keys=True).encode()
+        except (TypeError, ValueError) as e:
+            raise TierpruneError(f"{name} cannot be stored as JSON: {e}") from e
+    raise TierpruneError(f"cannot store a {type(value).__name__} as {name!r}: use .parquet, .safetensors or .json")
+
+
+def decode(name: str, data: bytes) -> Any:
+    """The object encode() stored under name."""
+    if name.endswith(".parquet"):
+        return pq.read_table(io.BytesIO(data)).to_pandas()
+    if name.endswith(".safetensors"):
+        return tensors_from_bytes(data)
+    if name.endswith(".json"):
+        return json.loads(data)
+    return data
+
+
+def tensor_file_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
+    """One safetensors file as bytes: tensors copied to contiguous CPU memory (views and shared storage allowed)."""
+    cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    # safetensors refuses tensors that share storage (tied weights, views of one buffer): give those their own.
+    seen: set[int] = set()
+    for k, v in cpu.items():
+        ptr = v.untyped_storage().data_ptr()
+        if ptr in seen:
+            cpu[k] = v.clone()
+        seen.add(ptr)
+    return safetensors.torch.save(cpu, metadata=metadata)
+
+
+def tensors_from_bytes(data: bytes) -> dict[str, torch.Tensor]:
+    return safetensors.torch.load(data)
+
+
+def tensor_file_metadata(data: bytes) -> dict[str, str]:
+    """The string metadata of a safetensors file given as bytes (its JSON header, no tensor read)."""
+    (length,) = struct.unpack("<Q", data[:8])
+    return json.loads(data[8:8 + length]).get("__metadata__", {})
+
+
+def pack_mask(mask: torch.Tensor) -> torch.Tensor:
+    """A bool tensor as uint8 bits, little-endian within a byte, padded to whole bytes: (ceil(numel/8),)."""
+    flat = mask.reshape(-1).to(torch.uint8)
+    pad = (-flat.numel()) % 8
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=flat.device)
+    return (flat.view(-1, 8) * weights).sum(dim=1, dtype=torch.uint8)
+
+
+def unpack_mask(bits: torch.Tensor, shape: tuple[int, ...] | list[int]) -> torch.Tensor:
+    """The bool tensor of `shape` that pack_mask stored in bits."""
+    n = math.prod(shape)
+    if bits.dtype != torch.uint8 or bits.numel() != (n + 7) // 8:
+        raise TierpruneError(f"a packed mask of shape {tuple(shape)} needs {(n + 7) // 8} uint8 bytes, "
+                             f"got {bits.numel()} {bits.dtype}")
+    shifts = torch.arange(8, dtype=torch.uint8, device=bits.device)
+    flat = (bits.view(-1, 1) >> shifts) & 1  # (bytes, 8)
+    return flat.reshape(-1)[:n].bool().reshape(tuple(shape))

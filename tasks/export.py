@@ -1,0 +1,72 @@
+"""A usable model out of a run: one finished iteration as a folder that plain transformers loads.
+
+The folder holds the model (safetensors, `AutoModelForCausalLM.from_pretrained(DIR)`), its tokenizer,
+`tier_maps.parquet` (the schema of `prune --output`) and `masks.safetensors` (the keep masks as bits).
+The weights are the iteration's checkpoint with its stored masks applied, and are checked to obey
+the tier map: at most 2 non-zeros in every group of 4 of a 2:4 block, at most k in a TopK block.
+"""
+from __future__ import annotations
+
+import torch
+
+from tierprune.adapters import weight_view
+from tierprune.config import TierpruneConfig
+from tierprune.errors import TierpruneError
+from tierprune.kernels.tiers import tier_violations
+from tierprune.models import load_model
+from tierprune.storage.checkpoints import load_checkpoint, save_pretrained_dir
+from tierprune.storage.runstore import RunStore
+from tierprune.storage.tables import save_file
+
+from .demote import read_masks
+from .finetune import apply_masks_
+from .prune import named_linears
+from .run_state import model_tensors
+from .runs import run_summary
+from .tier_tables import tier_maps_from_table
+
+__all__ = ["export_run"]
+
+
+def export_run(store: RunStore, output: str, iteration: int | None = None) -> dict:
+    """Write iteration `iteration` (default: the last finished) of a run to `output`; returns what was written."""
+    rows = run_summary(store)
+    if not rows:
+        raise TierpruneError(f"run {store.uri} has no finished iteration to export")
+    if iteration is None:
+        row = rows[-1]
+    else:
+        found = [r for r in rows if r["iteration"] == iteration]
+        if not found:
+            raise TierpruneError(f"run {store.uri} has no finished iteration {iteration} "
+                                 f"(finished: {', '.join(str(r['iteration']) for r in rows)})")
+        row = found[0]
+    record = store.read_object(row["record"], "iteration.json")
+    ckpt_uri, tiers_uri = (f"{store.uri}/{record[k]['rel']}" for k in ("checkpoint", "tiers"))
+    cfg = TierpruneConfig.model_validate(store.manifest()["config"])
+    index = store.read_object(ckpt_uri, "checkpoint.json")
+    dtype = next(iter(index["tensors"].values()))["dtype"]  # the run's dtype, whatever machine exports it
+    loaded = load_model(cfg.model.name, cfg.model.gguf_file, dtype, "cpu")
+    tensors = model_tensors(loaded.model)
+    if set(tensors) != set(index["tensors"]):
+        raise TierpruneError(f"the checkpoint of {row['uri']} does not fit model {cfg.model.name!r}")
+    with torch.no_grad():
+        for name, value in load_checkpoint(store, index):
+            tensors[name].copy_(value)
+    tier_table = store.read_object(tiers_uri, "tiers.parquet")
+    masks_bytes = store.read(tiers_uri, "masks.safetensors") if "masks.safetensors" in record["tiers"]["files"] else None
+    if masks_bytes is not None:
+        apply_masks_(loaded.model, read_masks(masks_bytes))
+    maps = tier_maps_from_table(tier_table)
+    prune = cfg.prune
+    for name, module in named_linears(loaded.model).items():
+        groups, blocks = tier_violations(weight_view(module), maps[name], prune.block_size, prune.topk)
+        if groups or blocks:
+            raise TierpruneError(f"{name} does not obey its tier map ({groups} 2:4 groups, {blocks} TopK blocks "
+                                 "over their budget): the run's masks are damaged")
+    save_pretrained_dir(loaded.model, loaded.tokenizer, output)
+    save_file(tier_table, f"{output.rstrip('/')}/tier_maps.parquet")
+    if masks_bytes is not None:
+        save_file(masks_bytes, f"{output.rstrip('/')}/masks.safetensors")
+    return {"iteration": row["iteration"], "output": output, "ppl": row["ppl"], "sparsity": row["sparsity"],
+            "tiers": row["tiers"], "dtype": dtype}

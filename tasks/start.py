@@ -1,0 +1,59 @@
+"""Where a progressive run starts: the dense model (iteration 0), or a finished iteration of any run.
+
+A start step commits a full checkpoint (every tensor of the model, as content-addressed blobs) and a
+tier table; a start copied from another run also brings that iteration's keep masks. Later steps
+refer to it as both their checkpoint and their tier map.
+"""
+from __future__ import annotations
+
+from prefect import task
+
+from tierprune.storage.checkpoints import checkpoint_blobs
+
+from .demote import initial_tiers
+from .refs import ArtifactRef, committed_or_compute, store_cache_policy
+from .run_state import RunState, check_resume_shapes, find_iteration, model_tensors
+
+__all__ = ["dense_start", "dense_start_task", "resume_start_task"]
+
+
+def dense_start(state: RunState) -> tuple[dict, dict[str, int]]:
+    """(files, blobs) of iteration 0: the model as loaded, every block Dense, no masks (all weights kept)."""
+    loaded = state.base_model()
+    index, blobs = state.save_checkpoint(changed=set(model_tensors(loaded.model)))
+    return {"checkpoint.json": index, "tiers.parquet": initial_tiers(loaded.model, state.cfg.prune.block_size)}, blobs
+
+
+def _start_material(p: dict) -> dict:
+    state: RunState = p["state"]
+    return {"model": state.identity["model"], "block_size": state.cfg.prune.block_size}
+
+
+@task(name="dense-start", persist_result=True, cache_policy=store_cache_policy("start", _start_material))
+def dense_start_task(state: RunState, iteration: int = 0) -> ArtifactRef:
+    """Iteration 0: the dense checkpoint (the model's full state) and the all-Dense tier map."""
+    return committed_or_compute(state.store, iteration, "start", _start_material({"state": state}),
+                                lambda: dense_start(state), {"source": "dense"})
+
+
+@task(name="resume-start", persist_result=True)
+def resume_start_task(state: RunState) -> tuple[int, ArtifactRef]:
+    """Start from a finished iteration of any run: its checkpoint, tier map and masks, copied into this run."""
+    source, iteration, ckpt_ref, tiers_ref = find_iteration(state.cfg.run.resume_from)
+    tiers_bytes = source.read(tiers_ref.uri, "tiers.parquet")
+    check_resume_shapes(state.cfg, source.read_object(tiers_ref.uri, "tiers.parquet"))
+
+    def compute() -> tuple[dict, dict[str, int]]:
+        index = source.read_object(ckpt_ref.uri, "checkpoint.json")
+        for digest in checkpoint_blobs(index):  # copied, so this run stays valid if the source goes away
+            state.store.put_blob(source.read_blob(digest), digest)
+        files = {"checkpoint.json": index, "tiers.parquet": tiers_bytes}
+        if "masks.safetensors" in tiers_ref.files:
+            files["masks.safetensors"] = source.read(tiers_ref.uri, "masks.safetensors")
+        return files, checkpoint_blobs(index)
+
+    material = {"resume": [ckpt_ref.digest, tiers_ref.digest]}
+    ref = committed_or_compute(state.store, iteration, "start", material, compute,
+                               {"source": state.cfg.run.resume_from})
+    state.model_at(ref)  # refuses a checkpoint that does not fit the model
+    return iteration, ref
