@@ -26,7 +26,10 @@ import os
 import posixpath
 import re
 import socket
+import threading
+import time
 import uuid
+from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from typing import Any
@@ -74,7 +77,7 @@ def blob_rel(digest: str) -> str:
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
 def _check_name(kind: str, name: str) -> str:
@@ -110,6 +113,25 @@ class RunStore:
         self._atomic_create = isinstance(self._fs, (LocalFileSystem, MemoryFileSystem))
         # (path, sha256) pairs this object wrote or has hashed: each file is hashed at most once per process.
         self._verified: set[tuple[str, str]] = set()
+        # Seconds and bytes of this object's I/O and hashing, for benchmarks (steps record the deltas).
+        self.io: dict[str, float] = {"write_seconds": 0.0, "hash_seconds": 0.0, "read_seconds": 0.0,
+                                     "bytes_written": 0, "bytes_read": 0}
+        self._io_lock = threading.Lock()
+
+    @contextmanager
+    def _timed(self, key: str, nbytes: int = 0, bytes_key: str | None = None):
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            with self._io_lock:
+                self.io[key] += time.perf_counter() - started
+                if bytes_key:
+                    self.io[bytes_key] += nbytes
+
+    def _hash(self, data: bytes) -> str:
+        with self._timed("hash_seconds"):
+            return sha256_bytes(data)
 
     def __repr__(self) -> str:
         return f"RunStore({self.uri!r})"
@@ -189,6 +211,11 @@ class RunStore:
         self._refuse_foreign_folder()
         data = _json_bytes({**manifest, "format": FORMAT, "created": _now(), "steps": {}}, "the run manifest")
         self._write_atomic(MANIFEST, data)
+
+    def check_can_create(self) -> None:
+        """Refuse, without writing, a run folder that create() would refuse (a file, or someone else's files)."""
+        if not self.exists():
+            self._refuse_foreign_folder()
 
     def _refuse_foreign_folder(self) -> None:
         # Never write a manifest into a folder that holds someone else's files: a later cleanup of the run
@@ -363,11 +390,12 @@ class RunStore:
                 raise TierpruneError(f"file name {name!r} is reserved by the run store")
         if meta is not None and not isinstance(meta, dict):
             raise TierpruneError(f"step meta must be a dict or None, got {type(meta).__name__}")
+        started, io_before = time.perf_counter(), dict(self.io)
         payload = {name: encode(name, value) for name, value in files.items()}
-        hashes = {name: sha256_bytes(data) for name, data in payload.items()}
+        hashes = {name: self._hash(data) for name, data in payload.items()}
         sizes = {name: len(data) for name, data in payload.items()}
-        marker_bytes = _json_bytes({"files": hashes, "sizes": sizes, "blobs": dict(blobs or {}), "meta": meta,
-                                    "committed": _now()}, f"meta of step {step_uri}")
+        blobs = dict(blobs or {})
+        _json_bytes({"files": hashes, "meta": meta}, f"meta of step {step_uri}")  # refused before anything is written
 
         # The same files again is a no-op; other files are refused while the old step is intact, so nothing
         # committed ever changes. A damaged step (load_step None) is simply written over.
@@ -385,6 +413,13 @@ class RunStore:
         self._fs.makedirs(step_path, exist_ok=True)
         for name, data in payload.items():
             self._put_checked(f"{step_path}/{name}", data, hashes[name])
+        if meta is not None and "compute_seconds" in meta:
+            # A step's commit: what committing cost (serialising, hashing, writing), beside what computing it cost.
+            meta = {**meta, "commit_seconds": round(time.perf_counter() - started, 4),
+                    "commit_io": {k: round(self.io[k] - io_before[k], 4) for k in self.io}}
+            meta["seconds"] = meta["compute_seconds"] + meta["commit_seconds"]
+        marker_bytes = _json_bytes({"files": hashes, "sizes": sizes, "blobs": blobs, "meta": meta,
+                                    "committed": _now()}, f"meta of step {step_uri}")
         crash_point(f"{point}:before-marker")
         self._write_atomic(f"{rel}/{COMMIT}", marker_bytes)
         crash_point(f"{point}:before-manifest")
@@ -396,7 +431,7 @@ class RunStore:
         # The sha256 was computed from these bytes (hash once); the size read back catches short writes.
         tmp = f"{path}.tmp-{uuid.uuid4().hex[:12]}"
         try:
-            with self._fs.open(tmp, "wb") as f:
+            with self._timed("write_seconds", len(data), "bytes_written"), self._fs.open(tmp, "wb") as f:
                 f.write(data)
                 if isinstance(self._fs, LocalFileSystem):
                     f.flush()
@@ -416,7 +451,7 @@ class RunStore:
 
     def put_blob(self, data: bytes, digest: str | None = None) -> tuple[str, int]:
         """Store bytes under their sha256 (once per run: the same bytes again cost one size check)."""
-        digest = digest or sha256_bytes(data)
+        digest = digest or self._hash(data)
         path = self._p(blob_rel(digest))
         if self._size(path) == len(data):
             return digest, len(data)
@@ -433,11 +468,14 @@ class RunStore:
         """The bytes of a blob, checked against their sha256 the first time this object reads them."""
         path = self._p(blob_rel(digest))
         try:
-            data = self._cat(blob_rel(digest))
+            with self._timed("read_seconds"):
+                data = self._cat(blob_rel(digest))
         except (FileNotFoundError, IsADirectoryError):
             raise CorruptArtifactError(f"blob {digest[:12]}… of run {self.uri} is missing") from None
+        with self._io_lock:
+            self.io["bytes_read"] += len(data)
         if (path, digest) not in self._verified:
-            if sha256_bytes(data) != digest:
+            if self._hash(data) != digest:
                 raise CorruptArtifactError(f"blob {digest[:12]}… of run {self.uri} is corrupt")
             self._verified.add((path, digest))
         return data
@@ -447,7 +485,7 @@ class RunStore:
         self._fs.invalidate_cache(path)
         h = hashlib.sha256()
         try:
-            with self._fs.open(path, "rb") as f:
+            with self._timed("hash_seconds"), self._fs.open(path, "rb") as f:
                 while chunk := f.read(_HASH_CHUNK):
                     h.update(chunk)
         except (FileNotFoundError, IsADirectoryError):
@@ -464,12 +502,15 @@ class RunStore:
         if digest is None:
             raise TierpruneError(f"step {step_uri} has no file {name!r} (it has {sorted(marker['files'])})")
         try:
-            data = self._cat(f"{rel}/{name}")
+            with self._timed("read_seconds"):
+                data = self._cat(f"{rel}/{name}")
         except (FileNotFoundError, IsADirectoryError):
             raise CorruptArtifactError(f"{step_uri}/{name} is missing although its step is committed") from None
+        with self._io_lock:
+            self.io["bytes_read"] += len(data)
         path = self._p(f"{rel}/{name}")
         if (path, digest) not in self._verified:
-            if sha256_bytes(data) != digest:
+            if self._hash(data) != digest:
                 raise CorruptArtifactError(
                     f"{step_uri}/{name} is corrupt: sha256 {sha256_bytes(data)[:12]}… != recorded {digest[:12]}…"
                 )

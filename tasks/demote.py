@@ -195,15 +195,18 @@ def masks_file(masks: PackedMasks) -> bytes:
     """masks.safetensors: one uint8 bit tensor per module, the (out, in) shapes in the metadata."""
     import json
 
-    return tensor_file_bytes(masks.bits, {"shapes": json.dumps({n: list(s) for n, s in masks.shapes.items()}),
-                                          "format": "tierprune-masks/1 (bits little-endian within a byte)"})
+    # One metadata key: safetensors writes several in no fixed order, and these bytes must be reproducible.
+    header = {"format": "tierprune-masks/1 (bits little-endian within a byte)",
+              "shapes": {n: list(s) for n, s in masks.shapes.items()}}
+    return tensor_file_bytes(masks.bits, {"tierprune": json.dumps(header)})
 
 
 def read_masks(data: bytes) -> PackedMasks:
     """The PackedMasks that masks_file stored."""
     import json
 
-    shapes = {n: tuple(s) for n, s in json.loads(tensor_file_metadata(data)["shapes"]).items()}
+    header = json.loads(tensor_file_metadata(data)["tierprune"])
+    shapes = {n: tuple(s) for n, s in header["shapes"].items()}
     bits = tensors_from_bytes(data)
     return PackedMasks({n: bits[n] for n in shapes}, shapes)  # the model's module order, as written
 

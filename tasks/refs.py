@@ -121,12 +121,14 @@ def committed_or_compute(store: RunStore, iteration: int, step: str, material: d
         _logger().info("%s of iteration %d already committed at %s", step, iteration, uri)
         return ArtifactRef(uri=uri, files=store.load_step(uri) or {}, seconds=marker_meta.get("seconds", 0.0))
     crash_point(f"step:iter-{iteration:03d}/{step}:start")  # tests only (tierprune.faults)
-    started = time.perf_counter()
+    started, io_before = time.perf_counter(), dict(store.io)
     output = compute()
     files, blobs = output if isinstance(output, tuple) else (output, {})
-    seconds = time.perf_counter() - started
-    hashes = store.commit_step(uri, files, {**(meta or {}), "seconds": seconds}, blobs=blobs)
-    return ArtifactRef(uri=uri, files=hashes, seconds=seconds)
+    # The step's compute time and how much of it went to the store (io); commit_step adds its own and the sum.
+    meta = {**(meta or {}), "compute_seconds": round(time.perf_counter() - started, 4),
+            "io": {k: round(store.io[k] - io_before[k], 4) for k in store.io}}
+    hashes = store.commit_step(uri, files, meta, blobs=blobs)
+    return ArtifactRef(uri=uri, files=hashes, seconds=store.step_meta(uri).get("seconds", 0.0))
 
 
 def store_cache_policy(step: str, material_fn: Callable[[dict], dict]) -> CacheKeyFnPolicy:

@@ -296,6 +296,7 @@ def check_run_inputs(cfg: TierpruneConfig) -> None:
     from tierprune.models import resolve_model
 
     resolve_model(cfg.model.name, cfg.model.gguf_file)  # a missing local model or GGUF file
+    store.check_can_create()
     _check_same_run(store, run_identity(cfg, plan))
     store.lock().check_free()
     if run.resume_from:

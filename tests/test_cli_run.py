@@ -1,9 +1,12 @@
 """`tierprune run` refuses bad input in seconds: one line, exit 2, nothing already stored changed."""
 from __future__ import annotations
 
+import json
 import os
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -42,6 +45,9 @@ def test_bad_run_inputs(tmp_path, tiny_llama_dir, data_dir):
     upward = tmp_path / "upward.csv"
     upward.write_text("iteration,dense,mid_2_4,topk,dense_to_2_4,mid_2_4_to_topk,epochs\n"
                       "1,0.5,0.5,0,0.5,0,0\n2,0.6,0.4,0,-0.1,0,0\n")
+    (store / "locked").mkdir()  # a writer that is alive (this test's own process) holds run "locked"
+    (store / "locked" / "LOCK").write_text(json.dumps({"owner": "someone", "pid": os.getpid(),
+                                                       "host": socket.gethostname(), "since": "now"}))
     foreign = store / "someone-elses"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("not a run")
@@ -50,15 +56,26 @@ def test_bad_run_inputs(tmp_path, tiny_llama_dir, data_dir):
     cases = {
         "malformed": (["--plan", str(malformed), "--run", "a"], ("malformed.csv", "row", "dense")),
         "upward": (["--plan", str(upward), "--run", "a"], ("upward.csv", "iteration 2")),
-        "missing store": (["--plan", str(SMOKE), "--run", "a", "--store", str(tmp_path / "nowhere")],
-                          ("nowhere", "does not exist")),
+        "missing data": (["--plan", str(SMOKE), "--run", "a", "--calib", f"c4:{tmp_path / 'nowhere'}"],
+                         ("--calib", "nowhere", "does not exist")),
+        "missing eval data": (["--plan", str(SMOKE), "--run", "a", "--eval", f"wikitext2:{tmp_path / 'nowhere'}"],
+                              ("--eval", "nowhere", "does not exist")),
+        "live lock": (["--plan", str(SMOKE), "--run", "locked"], ("locked by someone",)),
         "foreign folder": (["--plan", str(SMOKE), "--run", "someone-elses"], ("not a tierprune run",)),
         "bad resume": (["--plan", str(SMOKE), "--run", "a", "--resume-from", str(store / "ghost" / "iter-001")],
                        ("--resume-from",)),
         "missing plan": (["--plan", str(tmp_path / "none.csv"), "--run", "a"], ("none.csv",)),
     }
+    import torch
+
+    if not torch.cuda.is_available():
+        cases["cuda without CUDA"] = (["--plan", str(SMOKE), "--run", "a", "--device", "cuda"], ("CUDA",))
     for name, (args, fragments) in cases.items():
         # The later --store wins in click, so cases may point elsewhere.
+        began = time.perf_counter()
         proc = _run(common + args, tmp_path)
         _assert_one_line_error(proc, *fragments)
+        # Before Prefect starts and before the model loads: seconds (imports, mostly), on a loaded CI machine too.
+        assert time.perf_counter() - began < 30, (name, time.perf_counter() - began)
+        assert "prefect" not in proc.stdout.lower(), (name, proc.stdout)
     assert _snapshot(store) == before  # nothing was written or changed
