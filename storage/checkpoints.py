@@ -13,7 +13,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from tierprune.errors import TierpruneError
 
-from .formats import tensor_file_bytes, tensors_from_bytes
+from .formats import single_tensor_file, tensors_from_bytes
 from .runstore import RunStore, blob_rel
 
 if TYPE_CHECKING:
@@ -22,7 +22,8 @@ if TYPE_CHECKING:
 __all__ = ["CHECKPOINT_FORMAT", "save_checkpoint", "load_checkpoint", "checkpoint_blobs", "save_pretrained_dir"]
 
 CHECKPOINT_FORMAT = "tierprune-checkpoint/1"
-_WORKERS = 8  # copies, serialisation and sha256 of large tensors release the GIL: threads overlap them
+# Copies, sha256 and writes of large tensors release the GIL: threads overlap them.
+_WORKERS = min(16, os.cpu_count() or 1)
 
 
 def save_checkpoint(store: RunStore, changed: dict[str, torch.Tensor], unchanged: dict[str, dict]) -> dict:
@@ -38,8 +39,7 @@ def save_checkpoint(store: RunStore, changed: dict[str, torch.Tensor], unchanged
 
     def put(item: tuple[str, torch.Tensor]) -> tuple[str, dict]:
         name, tensor = item
-        data = tensor_file_bytes({name: tensor})
-        digest, size = store.put_blob(data)
+        digest, size = store.put_blob(single_tensor_file(name, tensor))  # a safetensors file, no copy of the data
         return name, {"sha256": digest, "size": size, "dtype": str(tensor.dtype).removeprefix("torch."),
                       "shape": list(tensor.shape)}
 

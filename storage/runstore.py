@@ -30,6 +30,7 @@ import threading
 import time
 import uuid
 from contextlib import contextmanager
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from typing import Any
@@ -60,6 +61,7 @@ _STEP_REL = re.compile(r"iter-(\d{3,})/([A-Za-z0-9._-]+)")
 _CREATE_LEFTOVERS = re.compile(rf"({re.escape(MANIFEST)}\.tmp-[0-9a-f]+|{LOCK})")
 _RESERVED_KEYS = ("format", "created", "steps")
 _HASH_CHUNK = 8 * 2**20
+_RECENT_OBJECTS = 6
 
 
 class CorruptArtifactError(TierpruneError):
@@ -117,6 +119,9 @@ class RunStore:
         self.io: dict[str, float] = {"write_seconds": 0.0, "hash_seconds": 0.0, "read_seconds": 0.0,
                                      "bytes_written": 0, "bytes_read": 0}
         self._io_lock = threading.Lock()
+        # The last few objects this object committed (DataFrames, JSON), by (path, sha256): the next step of
+        # the same process reads them back without parsing the file again. Callers never modify them.
+        self._recent: OrderedDict[tuple[str, str], Any] = OrderedDict()
 
     @contextmanager
     def _timed(self, key: str, nbytes: int = 0, bytes_key: str | None = None):
@@ -413,6 +418,11 @@ class RunStore:
         self._fs.makedirs(step_path, exist_ok=True)
         for name, data in payload.items():
             self._put_checked(f"{step_path}/{name}", data, hashes[name])
+        for name, value in files.items():
+            if not isinstance(value, (bytes, bytearray, memoryview)):
+                self._recent[(f"{step_path}/{name}", hashes[name])] = value
+        while len(self._recent) > _RECENT_OBJECTS:
+            self._recent.popitem(last=False)
         if meta is not None and "compute_seconds" in meta:
             # A step's commit: what committing cost (serialising, hashing, writing), beside what computing it cost.
             meta = {**meta, "commit_seconds": round(time.perf_counter() - started, 4),
@@ -426,18 +436,21 @@ class RunStore:
         self._record_step(rel, hashes, meta)
         return hashes
 
-    def _put_checked(self, path: str, data: bytes, digest: str) -> None:
+    def _put_checked(self, path: str, data: bytes | tuple[bytes | memoryview, ...], digest: str) -> None:
         # A failure anywhere here leaves at most a temp file and uncommitted files: no marker, nothing visible.
         # The sha256 was computed from these bytes (hash once); the size read back catches short writes.
+        parts = (data,) if isinstance(data, (bytes, bytearray, memoryview)) else data
+        size = sum(len(p) for p in parts)
         tmp = f"{path}.tmp-{uuid.uuid4().hex[:12]}"
         try:
-            with self._timed("write_seconds", len(data), "bytes_written"), self._fs.open(tmp, "wb") as f:
-                f.write(data)
-                if isinstance(self._fs, LocalFileSystem):
-                    f.flush()
-                    os.fsync(f.fileno())
-            if self._size(tmp) != len(data):
-                raise TierpruneError(f"{path}: {self._size(tmp)} bytes arrived of {len(data)}; nothing was committed")
+            # No fsync here (it made a 13 GB checkpoint disk-bound): after a power cut a data file may be short
+            # or zero-filled under its name, and then its size (load_step) or its sha256 (first read in the next
+            # process) says so and the step is recomputed. COMMIT.json and the manifest are still synced.
+            with self._timed("write_seconds", size, "bytes_written"), self._fs.open(tmp, "wb") as f:
+                for part in parts:
+                    f.write(part)
+            if self._size(tmp) != size:
+                raise TierpruneError(f"{path}: {self._size(tmp)} bytes arrived of {size}; nothing was committed")
             self._fs.mv(tmp, path)
             self._verified.add((path, digest))
         finally:
@@ -449,20 +462,30 @@ class RunStore:
 
     # ---- content-addressed blobs (a checkpoint's tensors) ----------------------------------------------------
 
-    def put_blob(self, data: bytes, digest: str | None = None) -> tuple[str, int]:
-        """Store bytes under their sha256 (once per run: the same bytes again cost one size check)."""
-        digest = digest or self._hash(data)
+    def put_blob(self, data: bytes | tuple[bytes | memoryview, ...], digest: str | None = None) -> tuple[str, int]:
+        """Store bytes (or the concatenation of several buffers) under their sha256; returns (sha256, size).
+
+        The same bytes again cost one size check: a blob is written once per run, whatever refers to it.
+        """
+        parts = (data,) if isinstance(data, (bytes, bytearray, memoryview)) else tuple(data)
+        size = sum(len(p) for p in parts)
+        if digest is None:
+            with self._timed("hash_seconds"):
+                h = hashlib.sha256()
+                for part in parts:
+                    h.update(part)  # releases the GIL on large buffers: threads hash in parallel
+                digest = h.hexdigest()
         path = self._p(blob_rel(digest))
-        if self._size(path) == len(data):
-            return digest, len(data)
+        if self._size(path) == size:
+            return digest, size
         for stale in self._fs.glob(f"{path}.tmp-*"):  # left by a crash mid-upload
             try:
                 self._fs.rm(stale)
             except FileNotFoundError:
                 pass
         self._fs.makedirs(posixpath.dirname(path), exist_ok=True)
-        self._put_checked(path, data, digest)
-        return digest, len(data)
+        self._put_checked(path, parts, digest)
+        return digest, size
 
     def read_blob(self, digest: str) -> bytes:
         """The bytes of a blob, checked against their sha256 the first time this object reads them."""
@@ -518,7 +541,17 @@ class RunStore:
         return data
 
     def read_object(self, step_uri: str, name: str) -> Any:
-        """A step file decoded by its name: a DataFrame (.parquet), tensor dict (.safetensors) or JSON (.json)."""
+        """A step file decoded by its name: a DataFrame (.parquet), tensor dict (.safetensors) or JSON (.json).
+
+        Do not modify the result: an object this store committed a moment ago is returned as it was given.
+        """
+        rel = self._step_rel(step_uri)
+        marker = self._marker(rel)
+        digest = (marker or {}).get("files", {}).get(name)
+        key = (self._p(f"{rel}/{name}"), digest)
+        if digest is not None and key in self._recent and self._size(key[0]) == marker["sizes"][name]:
+            self._recent.move_to_end(key)
+            return self._recent[key]
         return decode(name, self.read(step_uri, name))
 
     def iterations(self) -> list[int]:

@@ -74,7 +74,7 @@ def _counts(current: torch.Tensor, target: tuple[int, int, int], where: str, ite
 def _ranked_on(old: torch.Tensor, after_phase1: torch.Tensor, dense_means: torch.Tensor,
                nm_means: torch.Tensor | None, to_2_4: int, to_topk: int) -> torch.Tensor:
     """(nbr, nbc) fp32: the score each block was ranked on this iteration (the later phase wins), else NaN."""
-    ranked = torch.full(old.shape, float("nan"))
+    ranked = torch.full(old.shape, float("nan"), device=old.device)
     if to_2_4:
         ranked = torch.where(old == DENSE, dense_means.float(), ranked)
     if to_topk:
@@ -83,7 +83,7 @@ def _ranked_on(old: torch.Tensor, after_phase1: torch.Tensor, dense_means: torch
 
 
 def demote(tiers: pd.DataFrame, scores: pd.DataFrame, fractions: tuple[float, float, float], iteration: int, *,
-           scope: Literal["matrix", "global"] = "matrix") -> pd.DataFrame:
+           scope: Literal["matrix", "global"] = "matrix", device: str | torch.device = "cpu") -> pd.DataFrame:
     """The next tier table: fractions (dense, 2:4, topk) of blocks per matrix, or over the whole model.
 
     Blocks that change tier get iteration_demoted = iteration; the score column holds the score each
@@ -93,10 +93,11 @@ def demote(tiers: pd.DataFrame, scores: pd.DataFrame, fractions: tuple[float, fl
     _check_fractions(fractions)
     if scope not in ("matrix", "global"):
         raise ValueError(f"scope must be 'matrix' or 'global', got {scope!r}")
-    old = tier_maps_from_table(tiers)
-    demoted_at = iteration_demoted_from_table(tiers)
-    dense_means = block_maps(scores, "score", torch.float32)
-    nm_means = block_maps(scores, "score_2_4", torch.float32)
+    # The rankings are sorts over every block (25 million at 7B): on the GPU when there is one.
+    old = {n: t.to(device) for n, t in tier_maps_from_table(tiers).items()}
+    demoted_at = {n: t.to(device) for n, t in iteration_demoted_from_table(tiers).items()}
+    dense_means = {n: t.to(device) for n, t in block_maps(scores, "score", torch.float32).items()}
+    nm_means = {n: t.to(device) for n, t in block_maps(scores, "score_2_4", torch.float32).items()}
     for name, t in old.items():
         if name not in dense_means or dense_means[name].shape != t.shape:
             got = tuple(dense_means[name].shape) if name in dense_means else "none"
@@ -129,8 +130,10 @@ def demote(tiers: pd.DataFrame, scores: pd.DataFrame, fractions: tuple[float, fl
     for name in names:
         assert (new[name] >= old[name]).all(), f"{name}: a block moved up a tier"
         changed = new[name] != old[name]
-        demoted_at[name] = torch.where(changed, torch.tensor(iteration, dtype=torch.int16), demoted_at[name])
-    return tier_table(new, demoted_at, ranked)
+        demoted_at[name] = torch.where(changed, torch.tensor(iteration, dtype=torch.int16, device=changed.device),
+                                       demoted_at[name])
+    cpu = (lambda maps: {n: t.cpu() for n, t in maps.items()})
+    return tier_table(cpu(new), cpu(demoted_at), cpu(ranked))
 
 
 class PackedMasks:
@@ -230,7 +233,7 @@ def demote_task(state: RunState, iteration: int, checkpoint: ArtifactRef, tiers:
 
     def compute() -> dict:
         table = demote(store.read_object(tiers.uri, "tiers.parquet"), store.read_object(scores.uri, "scores.parquet"),
-                       state.plan.step(iteration).fractions, iteration, scope=prune.scope)
+                       state.plan.step(iteration).fractions, iteration, scope=prune.scope, device=state.cfg.device)
         loaded = state.model_at(checkpoint)
         stats = activation_stats(store.read_object(activations.uri, "activations.parquet"))
         masks = keep_masks(loaded.model, table, stats, state.masks_of(tiers), block_size=prune.block_size,

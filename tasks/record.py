@@ -23,14 +23,14 @@ def iteration_record(run_uri: str, iteration: int, steps: dict[str, ArtifactRef]
     def rel(ref: ArtifactRef) -> dict:
         return {"rel": ref.uri[len(run_uri) + 1:], "files": ref.files}
 
-    return {"iteration": iteration, **{name: rel(ref) for name, ref in steps.items()},
-            "seconds": round(sum(ref.seconds for ref in steps.values()), 3)}
+    # No timings here: a record must come out byte-identical when a crashed run is redone.
+    return {"iteration": iteration, **{name: rel(ref) for name, ref in steps.items()}}
 
 
 @task(name="record-iteration", persist_result=True)
 def record_iteration_task(state: RunState, iteration: int, steps: dict[str, ArtifactRef]) -> ArtifactRef:
     """Mark the iteration finished; steps names its checkpoint, tiers and eval (and any other step it ran)."""
     record = iteration_record(state.store.uri, iteration, steps)
-    material = {"record": {k: v for k, v in record.items() if k != "seconds"}}
+    material = {"record": record}
     return committed_or_compute(state.store, iteration, "iteration", material, lambda: {"iteration.json": record},
                                 {"finished": time.strftime("%Y-%m-%dT%H:%M:%S")})

@@ -35,9 +35,18 @@ def run_summary(store: RunStore) -> list[dict]:
         if k not in rows or finished > rows[k]["finished"]:
             rows[k] = {"iteration": k, "finished": finished, "uri": f"{store.uri}/{folder}",
                        "sparsity": evaluation["sparsity"], "ppl": evaluation.get("ppl"),
-                       "tiers": dict(evaluation["tiers"]), "seconds": record.get("seconds"),
+                       "tiers": dict(evaluation["tiers"]), "seconds": _seconds(store, record),
                        "record": f"{store.uri}/{rel}"}
     return [rows[k] for k in sorted(rows)]
+
+
+def _seconds(store: RunStore, record: dict) -> float:
+    """What an iteration's steps took when they were computed (recorded in their COMMIT.json), not a rerun's time."""
+    total = 0.0
+    for key, value in record.items():
+        if isinstance(value, dict) and "rel" in value:
+            total += float(store.step_meta(f"{store.uri}/{value['rel']}").get("seconds", 0.0))
+    return round(total, 3)
 
 
 def list_runs(root: str) -> list[dict]:

@@ -23,7 +23,7 @@ from tierprune.kernels.scores import block_mean, magnitude_scores, masked_block_
 
 from .prune import named_linears
 from .refs import ArtifactRef, committed_or_compute, store_cache_policy
-from .tier_tables import block_coords, layer_of
+from .tier_tables import block_coords, layer_of, module_column
 
 if TYPE_CHECKING:
     from .run_state import RunState
@@ -40,7 +40,7 @@ def score_blocks(model: nn.Module, stats: dict[str, torch.Tensor], *, block_size
     """One row per block of every prunable linear; stats: module -> S (in,) from activation_stats."""
     if select not in ("wanda", "magnitude"):
         raise ValueError(f"select must be 'wanda' or 'magnitude', got {select!r}")
-    frames = []
+    names, dense, nm = [], [], []
     for name, module in named_linears(model).items():
         if name not in stats:
             raise TierpruneError(f"no activation statistics for {name}: were they collected on this model?")
@@ -51,18 +51,20 @@ def score_blocks(model: nn.Module, stats: dict[str, torch.Tensor], *, block_size
                                  f"{S.shape[0]} features, or its input dim is not divisible by 4 (2:4)")
         scores = wanda_scores(W, S)  # (out, in) fp32
         chooser = magnitude_scores(W) if select == "magnitude" else scores
-        dense_means = block_mean(scores, block_size)  # (nbr, nbc)
-        nm_means = masked_block_mean(scores, nm_mask(chooser, 2, 4), block_size)  # (nbr, nbc)
-        rows, cols = block_coords(tuple(dense_means.shape))
-        frames.append(pd.DataFrame({
-            "module": pd.Series(name, index=range(rows.size), dtype="str"),
-            "layer": np.full(rows.size, layer_of(name), dtype=np.int32),
-            "block_row": rows,
-            "block_col": cols,
-            "score": dense_means.flatten().cpu().numpy().astype(np.float32),
-            "score_2_4": nm_means.flatten().cpu().numpy().astype(np.float32),
-        }))
-    return pd.concat(frames, ignore_index=True)
+        names.append(name)
+        dense.append(block_mean(scores, block_size))  # (nbr, nbc)
+        nm.append(masked_block_mean(scores, nm_mask(chooser, 2, 4), block_size))  # (nbr, nbc)
+    # One table built from whole columns: 25 million rows at 7B, never a frame per module.
+    shapes = [tuple(d.shape) for d in dense]
+    coords = [block_coords(shape) for shape in shapes]
+    return pd.DataFrame({
+        "module": module_column(names, [r * c for r, c in shapes]),
+        "layer": np.concatenate([np.full(r * c, layer_of(n), dtype=np.int32) for n, (r, c) in zip(names, shapes)]),
+        "block_row": np.concatenate([rows for rows, _ in coords]),
+        "block_col": np.concatenate([cols for _, cols in coords]),
+        "score": torch.cat([d.flatten() for d in dense]).float().cpu().numpy(),
+        "score_2_4": torch.cat([m.flatten() for m in nm]).float().cpu().numpy(),
+    })
 
 
 # ---------------------------------------------------------------------------- the Prefect step

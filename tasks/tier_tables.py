@@ -1,5 +1,9 @@
 """Tier tables: a model's tier maps as one DataFrame row per block, and back.
 
+A LLaMA-2-7B has 25 million blocks, so the module name is a pandas Categorical in memory (one small
+code per row, not 25 million string objects) and a plain string column on disk (Parquet dictionary-
+encodes it): `pd.read_parquet` gives strings, tierprune's own reader categories again.
+
 Columns (TIER_COLUMNS): module (str, full module name), layer (int32), block_row, block_col (int32),
 tier (int8: 0 Dense, 1 2:4, 2 TopK), iteration_demoted (int16: the progressive iteration in which
 the block last changed tier, -1 = never), score (float32: the score the block was ranked on in the
@@ -14,6 +18,7 @@ import torch
 
 __all__ = [
     "TIER_COLUMNS",
+    "module_column",
     "layer_of",
     "block_coords",
     "tier_table",
@@ -39,6 +44,12 @@ def block_coords(shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
     return (np.repeat(np.arange(nbr, dtype=np.int32), nbc), np.tile(np.arange(nbc, dtype=np.int32), nbr))
 
 
+def module_column(names: list[str], counts: list[int]) -> pd.Categorical:
+    """The module column of a per-block table: names[i] repeated counts[i] times, as a Categorical."""
+    codes = np.repeat(np.arange(len(names), dtype=np.int32), np.asarray(counts, dtype=np.int64))
+    return pd.Categorical.from_codes(codes, categories=pd.Index(names, dtype="str"))
+
+
 def _per_block(name: str, values: dict[str, torch.Tensor] | None, shape: tuple[int, int], what: str,
                fill: float, dtype: str) -> np.ndarray:
     if values is None or name not in values:
@@ -54,23 +65,21 @@ def tier_table(tier_maps: dict[str, torch.Tensor], iteration_demoted: dict[str, 
     """One row per block of every tier map (nbr, nbc); modules missing from the optional maps get -1 / NaN."""
     # Stable: modules of one layer keep the order they were given in (q, k, v, o, gate, up, down).
     names = sorted(tier_maps, key=layer_of)
-    frames = []
-    for name in names:
-        tier_map = tier_maps[name]
-        shape = tuple(tier_map.shape)
-        rows, cols = block_coords(shape)
-        frames.append(pd.DataFrame({
-            "module": pd.Series(name, index=range(rows.size), dtype="str"),
-            "layer": np.full(rows.size, layer_of(name), dtype=np.int32),
-            "block_row": rows,
-            "block_col": cols,
-            "tier": tier_map.detach().cpu().flatten().numpy().astype(np.int8),
-            "iteration_demoted": _per_block(name, iteration_demoted, shape, "iteration_demoted", NEVER, "int16"),
-            "score": _per_block(name, scores, shape, "score", np.nan, "float32"),
-        }))
-    if not frames:
+    if not names:
         return pd.DataFrame({c: pd.Series(dtype=t) for c, t in _DTYPES.items()})
-    return pd.concat(frames, ignore_index=True)
+    shapes = [tuple(tier_maps[n].shape) for n in names]
+    coords = [block_coords(shape) for shape in shapes]
+    return pd.DataFrame({
+        "module": module_column(names, [r * c for r, c in shapes]),
+        "layer": np.concatenate([np.full(r * c, layer_of(n), dtype=np.int32) for n, (r, c) in zip(names, shapes)]),
+        "block_row": np.concatenate([rows for rows, _ in coords]),
+        "block_col": np.concatenate([cols for _, cols in coords]),
+        "tier": np.concatenate([tier_maps[n].detach().cpu().flatten().numpy().astype(np.int8) for n in names]),
+        "iteration_demoted": np.concatenate([_per_block(n, iteration_demoted, shape, "iteration_demoted", NEVER,
+                                                        "int16") for n, shape in zip(names, shapes)]),
+        "score": np.concatenate([_per_block(n, scores, shape, "score", np.nan, "float32")
+                                 for n, shape in zip(names, shapes)]),
+    })
 
 
 def block_maps(df: pd.DataFrame, column: str, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
@@ -79,7 +88,7 @@ def block_maps(df: pd.DataFrame, column: str, dtype: torch.dtype | None = None) 
     Each module's rows must cover its blocks exactly once (in any row order); nbr and nbc are one past
     the largest block_row and block_col.
     """
-    codes, names = pd.factorize(df["module"], sort=False)  # modules in order of first appearance
+    codes, names = _module_codes(df["module"])  # modules in order of first appearance
     counts = np.bincount(codes, minlength=len(names))
     if np.all(codes[1:] >= codes[:-1]):
         order = None  # tier_table's own order: each module's rows are contiguous, no sort needed
@@ -103,6 +112,19 @@ def block_maps(df: pd.DataFrame, column: str, dtype: torch.dtype | None = None) 
         t = torch.from_numpy(grid.reshape(nbr, nbc))
         out[str(name)] = t if dtype is None else t.to(dtype)
     return out
+
+
+def _module_codes(column: pd.Series) -> tuple[np.ndarray, list[str]]:
+    """(codes, names): codes[i] indexes names; names in order of first appearance."""
+    if isinstance(column.dtype, pd.CategoricalDtype):
+        raw = column.cat.codes.to_numpy()
+        used, first = np.unique(raw, return_index=True)
+        order = used[np.argsort(first)]  # category codes in order of first appearance
+        remap = np.full(len(column.cat.categories), -1, dtype=np.int64)
+        remap[order] = np.arange(len(order))
+        return remap[raw], [str(column.cat.categories[c]) for c in order]
+    codes, names = pd.factorize(column, sort=False)
+    return codes, [str(n) for n in names]
 
 
 def tier_maps_from_table(df: pd.DataFrame) -> dict[str, torch.Tensor]:

@@ -13,6 +13,7 @@ from tierprune.errors import TierpruneError
 from tierprune.storage.checkpoints import checkpoint_blobs, load_checkpoint, save_checkpoint, save_pretrained_dir
 from tierprune.storage.formats import (
     pack_mask,
+    single_tensor_file,
     tensor_file_bytes,
     tensor_file_metadata,
     tensors_from_bytes,
@@ -152,3 +153,12 @@ def test_save_pretrained_dir_onto_file_refused(tmp_path: Path) -> None:
     with pytest.raises(TierpruneError, match="is a file") as info:
         save_pretrained_dir(model, tokenizer, str(target))
     assert str(target) in str(info.value)
+
+
+@pytest.mark.parametrize("tensor", [torch.randn(3, 5).bfloat16(), torch.tensor(3), torch.zeros(0), torch.randn(7),
+                                    torch.rand(4, 4) > 0.5, torch.randn(2, 3, 4).half(), torch.randn(6, 4).t()])
+def test_single_tensor_file_is_what_safetensors_writes(tensor: torch.Tensor) -> None:
+    import safetensors.torch
+
+    header, data = single_tensor_file("model.layers.0.mlp.up_proj.weight", tensor)
+    assert header + bytes(data) == safetensors.torch.save({"model.layers.0.mlp.up_proj.weight": tensor.contiguous()})
