@@ -1,0 +1,179 @@
+"""Triton kernels of the hybrid Dense / 2:4 / TopK format (16x16 blocks); imported only when used.
+
+One program handles one 16-row block-row (or a split of its blocks) and walks each tier's contiguous
+blocks NB at a time, so every packed byte is read once. Each tier is turned into a (16, NB·16) tile
+in registers:
+  Dense  a plain load;
+  2:4    every element of the tile reads its group's metadata byte (8 elements share one) and loads
+         the kept value whose 2-bit position equals its column, masked otherwise: no value moves
+         through registers twice, and masked-off lanes issue no memory traffic;
+  TopK   k entries become a one-hot (16, NB·KP) matrix against x gathered at the entries' columns.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+BS = 16  # the kernels are written for 16x16 blocks
+
+
+@triton.jit
+def _split_range(row_ptr, br, split, SPLIT: tl.constexpr):
+    """Blocks [lo, hi) of block-row `br` that split `split` of SPLIT handles."""
+    start = tl.load(row_ptr + br)
+    end = tl.load(row_ptr + br + 1)
+    n = end - start
+    return start + n * split // SPLIT, start + n * (split + 1) // SPLIT
+
+
+@triton.jit
+def _dense_tile(dv_ptr, dc_ptr, b, hi, NB: tl.constexpr):
+    """(16, NB·16) weights of dense blocks b..b+NB and the input column of each tile column."""
+    rows = tl.arange(0, 16)
+    kk = tl.arange(0, NB * 16)
+    blk = b + kk // 16  # (NB·16,)
+    valid = blk < hi
+    col = tl.load(dc_ptr + blk, mask=valid, other=0).to(tl.int32) * 16 + kk % 16
+    w = tl.load(dv_ptr + blk[None, :] * 256 + rows[:, None] * 16 + (kk % 16)[None, :],
+                mask=valid[None, :], other=0.0)  # (16, NB·16)
+    return w, col, valid
+
+
+@triton.jit
+def _nm_tile(nv_ptr, meta_ptr, nc_ptr, b, hi, NB: tl.constexpr):
+    """(16, NB·16) weights of 2:4 blocks b..b+NB, decompressed in registers, and their input columns."""
+    rows = tl.arange(0, 16)
+    kk = tl.arange(0, NB * 16)
+    blk = b + kk // 16  # (NB·16,)
+    valid = blk < hi
+    c = kk % 16
+    g = c // 4  # group of 4 inside the block row
+    j = c % 4  # position inside the group
+    col = tl.load(nc_ptr + blk, mask=valid, other=0).to(tl.int32) * 16 + c
+    # Row r of a block keeps 8 values; their positions are 2 bytes, group g's two in byte g//2.
+    meta = tl.load(meta_ptr + blk[None, :] * 32 + rows[:, None] * 2 + (g // 2)[None, :],
+                   mask=valid[None, :], other=0).to(tl.int32)  # (16, NB·16)
+    shift = ((g % 2) * 4)[None, :]
+    hit0 = ((meta >> shift) & 3) == j[None, :]
+    hit1 = ((meta >> (shift + 2)) & 3) == j[None, :]
+    slot = (g * 2)[None, :] + tl.where(hit0, 0, 1)
+    w = tl.load(nv_ptr + blk[None, :] * 128 + rows[:, None] * 8 + slot,
+                mask=valid[None, :] & (hit0 | hit1), other=0.0)  # (16, NB·16)
+    return w, col, valid
+
+
+@triton.jit
+def _topk_entries(tv_ptr, tp_ptr, tc_ptr, b, hi, TOPK: tl.constexpr, KP: tl.constexpr, NB: tl.constexpr):
+    """Entries of TopK blocks b..b+NB: value, row in the block and input column; (NB·KP,) each."""
+    ee = tl.arange(0, NB * KP)
+    blk = b + ee // KP
+    slot = ee % KP
+    valid = (blk < hi) & (slot < TOPK)
+    v = tl.load(tv_ptr + blk * TOPK + slot, mask=valid, other=0.0)
+    p = tl.load(tp_ptr + blk * TOPK + slot, mask=valid, other=0).to(tl.int32)
+    col = tl.load(tc_ptr + blk, mask=valid, other=0).to(tl.int32) * 16 + p % 16
+    return v, p // 16, col, valid
+
+
+@triton.jit
+def _x_tile(x_ptr, stride_xt, col, valid, T, K_IN, TP: tl.constexpr):
+    """x gathered at input columns `col` (K,) for the first TP tokens -> (K, TP)."""
+    toks = tl.arange(0, TP)
+    mask = valid[:, None] & (col[:, None] < K_IN) & (toks[None, :] < T)
+    return tl.load(x_ptr + toks[None, :] * stride_xt + col[:, None], mask=mask, other=0.0)
+
+
+@triton.jit
+def _mma(acc, w, xv, UPCAST: tl.constexpr):
+    """acc + w @ xv. UPCAST works around Triton 3.7's interpreter, whose dot multiplies bf16 bit
+    patterns as integers; compiled kernels never set it."""
+    if UPCAST:
+        return acc + tl.dot(w.to(tl.float32), xv.to(tl.float32))
+    return acc + tl.dot(w, xv)
+
+
+@triton.jit
+def _hybrid_decode_kernel(
+    x_ptr, out_ptr,
+    dv_ptr, dc_ptr, dp_ptr,
+    nv_ptr, meta_ptr, nc_ptr, np_ptr,
+    tv_ptr, tp_ptr, tc_ptr, tpp_ptr,
+    T, N_OUT, K_IN, stride_xt, stride_ot,
+    TOPK: tl.constexpr, KP: tl.constexpr, NB: tl.constexpr, TP: tl.constexpr,
+    SPLIT: tl.constexpr, ATOMIC: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """out (T, N_OUT) = x (T, K_IN) @ W.T for T <= TP tokens; grid (nbr, SPLIT)."""
+    br = tl.program_id(0)
+    split = tl.program_id(1)
+    rows = tl.arange(0, 16)
+    acc = tl.zeros((16, TP), dtype=tl.float32)  # (rows of the block-row, tokens)
+
+    lo, hi = _split_range(dp_ptr, br, split, SPLIT)
+    for b in range(lo, hi, NB):
+        w, col, valid = _dense_tile(dv_ptr, dc_ptr, b, hi, NB)
+        acc = _mma(acc, w, _x_tile(x_ptr, stride_xt, col, valid, T, K_IN, TP), UPCAST)
+
+    lo, hi = _split_range(np_ptr, br, split, SPLIT)
+    for b in range(lo, hi, NB):
+        w, col, valid = _nm_tile(nv_ptr, meta_ptr, nc_ptr, b, hi, NB)
+        acc = _mma(acc, w, _x_tile(x_ptr, stride_xt, col, valid, T, K_IN, TP), UPCAST)
+
+    lo, hi = _split_range(tpp_ptr, br, split, SPLIT)
+    for b in range(lo, hi, NB):
+        v, r, col, valid = _topk_entries(tv_ptr, tp_ptr, tc_ptr, b, hi, TOPK, KP, NB)
+        w = (rows[:, None] == r[None, :]).to(v.dtype) * v[None, :]  # (16, NB·KP) one-hot rows
+        acc = _mma(acc, w, _x_tile(x_ptr, stride_xt, col, valid, T, K_IN, TP), UPCAST)
+
+    toks = tl.arange(0, TP)
+    orow = br * 16 + rows
+    optr = out_ptr + toks[None, :] * stride_ot + orow[:, None]
+    omask = (orow[:, None] < N_OUT) & (toks[None, :] < T)
+    if ATOMIC:
+        tl.atomic_add(optr, acc, mask=omask)  # out is fp32 and zeroed: splits of a block-row add up
+    else:
+        tl.store(optr, acc.to(out_ptr.dtype.element_ty), mask=omask)
+
+
+@triton.jit
+def _hybrid_unpack_kernel(
+    w_ptr,
+    dv_ptr, dc_ptr, dp_ptr,
+    nv_ptr, meta_ptr, nc_ptr, np_ptr,
+    tv_ptr, tp_ptr, tc_ptr, tpp_ptr,
+    N_OUT, K_IN, stride_w,
+    TOPK: tl.constexpr, KP: tl.constexpr, NB: tl.constexpr, SPLIT: tl.constexpr,
+):
+    """Write the dense weight W (N_OUT, K_IN) of the blocks of one block-row split; grid (nbr, SPLIT)."""
+    br = tl.program_id(0)
+    split = tl.program_id(1)
+    rows = tl.arange(0, 16)
+    orow = br * 16 + rows
+    rmask = orow < N_OUT
+
+    lo, hi = _split_range(dp_ptr, br, split, SPLIT)
+    for b in range(lo, hi, NB):
+        w, col, valid = _dense_tile(dv_ptr, dc_ptr, b, hi, NB)
+        tl.store(w_ptr + orow[:, None] * stride_w + col[None, :], w,
+                 mask=rmask[:, None] & (valid & (col < K_IN))[None, :])
+
+    lo, hi = _split_range(np_ptr, br, split, SPLIT)
+    for b in range(lo, hi, NB):
+        w, col, valid = _nm_tile(nv_ptr, meta_ptr, nc_ptr, b, hi, NB)
+        tl.store(w_ptr + orow[:, None] * stride_w + col[None, :], w,
+                 mask=rmask[:, None] & (valid & (col < K_IN))[None, :])
+
+    lo, hi = _split_range(tpp_ptr, br, split, SPLIT)
+    kk = tl.arange(0, NB * 16)
+    for b in range(lo, hi, NB):
+        # Zero the blocks, then scatter their k entries; the barrier orders the two stores.
+        blk = b + kk // 16
+        valid = blk < hi
+        col = tl.load(tc_ptr + blk, mask=valid, other=0).to(tl.int32) * 16 + kk % 16
+        zeros = tl.zeros((16, NB * 16), dtype=w_ptr.dtype.element_ty)
+        tl.store(w_ptr + orow[:, None] * stride_w + col[None, :], zeros,
+                 mask=rmask[:, None] & (valid & (col < K_IN))[None, :])
+        tl.debug_barrier()
+        v, r, vcol, vvalid = _topk_entries(tv_ptr, tp_ptr, tc_ptr, b, hi, TOPK, KP, NB)
+        vrow = br * 16 + r
+        tl.store(w_ptr + vrow * stride_w + vcol, v, mask=vvalid & (vrow < N_OUT) & (vcol < K_IN))
+        tl.debug_barrier()
