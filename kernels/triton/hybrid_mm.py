@@ -7,13 +7,15 @@ its CPU path is the pure-torch reference. This module imports triton only when a
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
 from ..hybrid import HYBRID_TENSOR_NAMES, HybridWeight, hybrid_matmul_ref
 
 __all__ = ["DECODE_MAX_TOKENS", "hybrid_mm", "hybrid_mm_decode", "hybrid_mm_prefill", "hybrid_unpack",
-           "decode_config"]
+           "decode_config", "set_decode_config"]
 
 DECODE_MAX_TOKENS = 16
 _KERNEL_DTYPES = (torch.bfloat16, torch.float16)
@@ -44,20 +46,32 @@ def _check(hw: HybridWeight) -> None:
         assert t.is_contiguous(), f"{name} is not contiguous"
 
 
-def decode_config(hw: HybridWeight, num_sms: int = 132) -> tuple[int, int]:
-    """(NB blocks per step, SPLIT programs per block-row) for the decode kernel.
+DecodeConfig = tuple[int, int, int]  # (NB blocks per step, SPLIT programs per block-row, num_warps)
+_TUNED_DECODE: dict[tuple[int, int, int], DecodeConfig] = {}
 
-    Split a block-row across programs until the grid covers every SM about twice: a 4096-row matrix
-    has only 256 block-rows, too few programs to keep enough bytes in flight.
+
+def set_decode_config(shape: tuple[int, int], tokens: int, config: DecodeConfig) -> None:
+    """Use `config` for weights of `shape` (out, in) at `tokens` tokens (a benchmark's tuning result)."""
+    _TUNED_DECODE[(shape[0], shape[1], tokens)] = config
+
+
+def decode_config(hw: HybridWeight, tokens: int = 1, num_sms: int = 132) -> DecodeConfig:
+    """(NB, SPLIT, num_warps) for the decode kernel: a tuned entry if set, else a heuristic.
+
+    Split a block-row across programs until the grid covers every SM about four times: a 4096-row
+    matrix has only 256 block-rows, too few programs to keep enough bytes in flight.
     """
+    tuned = _TUNED_DECODE.get((hw.shape[0], hw.shape[1], tokens))
+    if tuned is not None:
+        return tuned
     nbr = len(hw.dense_row_ptr) - 1
     per_row = max(1, sum(hw.tier_counts()) // max(nbr, 1))
-    split = max(1, min(-(-2 * num_sms // max(nbr, 1)), per_row // 8))
-    return 4, _pow2_at_least(split)
+    split = max(1, min(-(-4 * num_sms // max(nbr, 1)), per_row // 32))
+    return 8, _pow2_at_least(split), 4
 
 
 def hybrid_mm_decode(x: torch.Tensor, hw: HybridWeight, *, nb: int | None = None, split: int | None = None,
-                     num_warps: int = 4) -> torch.Tensor:
+                     num_warps: int | None = None) -> torch.Tensor:
     """x (T, in) @ W.T -> (T, out) for T <= 16 tokens, reading every packed byte once."""
     assert x.dim() == 2 and x.is_contiguous(), (tuple(x.shape), x.stride())
     assert x.shape[0] <= DECODE_MAX_TOKENS, f"decode takes at most {DECODE_MAX_TOKENS} tokens, got {x.shape[0]}"
@@ -68,8 +82,8 @@ def hybrid_mm_decode(x: torch.Tensor, hw: HybridWeight, *, nb: int | None = None
     K = _kernels()
     T, (n_out, k_in) = x.shape[0], hw.shape
     nbr = len(hw.dense_row_ptr) - 1
-    default_nb, default_split = decode_config(hw, _num_sms(x.device))
-    nb, split = nb or default_nb, split or default_split
+    default_nb, default_split, default_warps = decode_config(hw, T, _num_sms(x.device))
+    nb, split, num_warps = nb or default_nb, split or default_split, num_warps or default_warps
     atomic = split > 1
     out = torch.zeros(T, n_out, dtype=torch.float32, device=x.device) if atomic else x.new_empty(T, n_out)
     K._hybrid_decode_kernel[(nbr, split)](
@@ -81,9 +95,10 @@ def hybrid_mm_decode(x: torch.Tensor, hw: HybridWeight, *, nb: int | None = None
     return out.to(x.dtype) if atomic else out
 
 
-def hybrid_unpack(hw: HybridWeight, *, nb: int = 4, split: int = 1, num_warps: int = 4) -> torch.Tensor:
+def hybrid_unpack(hw: HybridWeight, *, nb: int = 4, split: int | None = None, num_warps: int = 4) -> torch.Tensor:
     """The dense weight (out, in) written by the unpack kernel (the prefill workspace)."""
     _check(hw)
+    split = split or decode_config(hw, DECODE_MAX_TOKENS, _num_sms(hw.device))[1]
     K = _kernels()
     n_out, k_in = hw.shape
     nbr = len(hw.dense_row_ptr) - 1
@@ -108,6 +123,7 @@ def _interpreting() -> bool:
     return bool(knobs.runtime.interpret)
 
 
+@functools.lru_cache(maxsize=None)
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
