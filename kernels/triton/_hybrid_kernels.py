@@ -4,9 +4,9 @@ One program handles one 16-row block-row (or a split of its blocks) and walks ea
 blocks NB at a time, so every packed byte is read once. Each tier is turned into a (16, NB·16) tile
 in registers:
   Dense  a plain load;
-  2:4    every element of the tile reads its group's metadata byte (8 elements share one) and loads
-         the kept value whose 2-bit position equals its column, masked otherwise: no value moves
-         through registers twice, and masked-off lanes issue no memory traffic;
+  2:4    values (16, NB, 8) and metadata (16, NB) 16-bit words are loaded as contiguous tiles, then
+         each group of 4 is rebuilt with two compares and two selects per element (scattered
+         per-element loads would make the metadata, not the bandwidth, the limit);
   TopK   k entries become a one-hot (16, NB·KP) matrix against x gathered at the entries' columns.
 """
 from __future__ import annotations
@@ -27,39 +27,50 @@ def _split_range(row_ptr, br, split, SPLIT: tl.constexpr):
 
 
 @triton.jit
+def _tile_cols(c_ptr, b, hi, NB: tl.constexpr):
+    """Input column of each of the NB·16 tile columns of blocks b..b+NB, and whether its block exists."""
+    blk = b + tl.arange(0, NB)
+    first = tl.load(c_ptr + blk, mask=blk < hi, other=0).to(tl.int32) * 16  # (NB,) one load per block
+    col = tl.reshape(first[:, None] + tl.arange(0, 16)[None, :], (NB * 16,))
+    col = tl.max_contiguous(tl.multiple_of(col, 16), 16)  # runs of 16 from a multiple of 16: vector loads of x
+    valid = (b + tl.arange(0, NB * 16) // 16) < hi
+    return col, valid
+
+
+@triton.jit
 def _dense_tile(dv_ptr, dc_ptr, b, hi, NB: tl.constexpr):
     """(16, NB·16) weights of dense blocks b..b+NB and the input column of each tile column."""
     rows = tl.arange(0, 16)
     kk = tl.arange(0, NB * 16)
     blk = b + kk // 16  # (NB·16,)
-    valid = blk < hi
-    col = tl.load(dc_ptr + blk, mask=valid, other=0).to(tl.int32) * 16 + kk % 16
     w = tl.load(dv_ptr + blk[None, :] * 256 + rows[:, None] * 16 + (kk % 16)[None, :],
-                mask=valid[None, :], other=0.0)  # (16, NB·16)
+                mask=(blk < hi)[None, :], other=0.0)  # (16, NB·16)
+    col, valid = _tile_cols(dc_ptr, b, hi, NB)
     return w, col, valid
 
 
 @triton.jit
 def _nm_tile(nv_ptr, meta_ptr, nc_ptr, b, hi, NB: tl.constexpr):
-    """(16, NB·16) weights of 2:4 blocks b..b+NB, decompressed in registers, and their input columns."""
+    """(16, NB·16) weights of 2:4 blocks b..b+NB, decompressed in registers, and their input columns.
+
+    Values and metadata are read as contiguous tiles (vector loads the pipeliner can prefetch), then
+    expanded: a row's 8 positions are one little-endian 16-bit word, group g's two at bits 4g and 4g+2.
+    """
     rows = tl.arange(0, 16)
-    kk = tl.arange(0, NB * 16)
-    blk = b + kk // 16  # (NB·16,)
-    valid = blk < hi
-    c = kk % 16
-    g = c // 4  # group of 4 inside the block row
-    j = c % 4  # position inside the group
-    col = tl.load(nc_ptr + blk, mask=valid, other=0).to(tl.int32) * 16 + c
-    # Row r of a block keeps 8 values; their positions are 2 bytes, group g's two in byte g//2.
-    meta = tl.load(meta_ptr + blk[None, :] * 32 + rows[:, None] * 2 + (g // 2)[None, :],
-                   mask=valid[None, :], other=0).to(tl.int32)  # (16, NB·16)
-    shift = ((g % 2) * 4)[None, :]
-    hit0 = ((meta >> shift) & 3) == j[None, :]
-    hit1 = ((meta >> (shift + 2)) & 3) == j[None, :]
-    slot = (g * 2)[None, :] + tl.where(hit0, 0, 1)
-    w = tl.load(nv_ptr + blk[None, :] * 128 + rows[:, None] * 8 + slot,
-                mask=valid[None, :] & (hit0 | hit1), other=0.0)  # (16, NB·16)
-    return w, col, valid
+    blk = b + tl.arange(0, NB)  # (NB,)
+    ok = blk < hi
+    vals = tl.load(nv_ptr + blk[None, :, None] * 128 + rows[:, None, None] * 8 + tl.arange(0, 8)[None, None, :],
+                   mask=ok[None, :, None], other=0.0)  # (16, NB, 8)
+    meta = tl.load(meta_ptr.to(tl.pointer_type(tl.int16)) + blk[None, :] * 16 + rows[:, None],
+                   mask=ok[None, :], other=0).to(tl.int32)  # (16, NB)
+    v0, v1 = tl.split(tl.reshape(vals, (16, NB, 4, 2)))  # (16, NB, 4) kept values of each group
+    nib = (meta[:, :, None] >> (tl.arange(0, 4) * 4)[None, None, :]) & 15  # (16, NB, 4)
+    i0 = (nib & 3)[:, :, :, None]
+    i1 = (nib >> 2)[:, :, :, None]
+    j = tl.arange(0, 4)[None, None, None, :]
+    w = tl.where(j == i0, v0[:, :, :, None], tl.where(j == i1, v1[:, :, :, None], 0.0))  # (16, NB, 4, 4)
+    col, valid = _tile_cols(nc_ptr, b, hi, NB)
+    return tl.reshape(w, (16, NB * 16)), col, valid
 
 
 @triton.jit
@@ -163,12 +174,9 @@ def _hybrid_unpack_kernel(
                  mask=rmask[:, None] & (valid & (col < K_IN))[None, :])
 
     lo, hi = _split_range(tpp_ptr, br, split, SPLIT)
-    kk = tl.arange(0, NB * 16)
     for b in range(lo, hi, NB):
         # Zero the blocks, then scatter their k entries; the barrier orders the two stores.
-        blk = b + kk // 16
-        valid = blk < hi
-        col = tl.load(tc_ptr + blk, mask=valid, other=0).to(tl.int32) * 16 + kk % 16
+        col, valid = _tile_cols(tc_ptr, b, hi, NB)
         zeros = tl.zeros((16, NB * 16), dtype=w_ptr.dtype.element_ty)
         tl.store(w_ptr + orow[:, None] * stride_w + col[None, :], zeros,
                  mask=rmask[:, None] & (valid & (col < K_IN))[None, :])

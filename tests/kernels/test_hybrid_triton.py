@@ -147,19 +147,31 @@ from tierprune.kernels.triton import _hybrid_kernels as K
 PACKED = {"dv_ptr": "*{w}", "dc_ptr": "*i16", "dp_ptr": "*i32", "nv_ptr": "*{w}", "meta_ptr": "*u8",
           "nc_ptr": "*i16", "np_ptr": "*i32", "tv_ptr": "*{w}", "tp_ptr": "*u8", "tc_ptr": "*i16", "tpp_ptr": "*i32"}
 target = GPUTarget("cuda", 90, 32)
+ALIGNED_INTS = ("N_OUT", "K_IN", "stride_xt", "stride_ot", "stride_w")
+
+
+def aligned(sig):
+    # What the JIT specializes at launch for 16-byte-aligned tensors and multiples of 16 (LLaMA shapes).
+    return {(i,): [["tt.divisibility", 16]] for i, (name, ty) in enumerate(sig.items())
+            if ty.startswith("*") or name in ALIGNED_INTS}
+
+
 report = {}
 for dtype, atomic in [("bf16", True), ("bf16", False), ("fp16", False)]:
     packed = {name: t.format(w=dtype) for name, t in PACKED.items()}
     consts = dict(TOPK=10, KP=16, NB=4, TP=16, SPLIT=2 if atomic else 1, ATOMIC=atomic, UPCAST=False)
     sig = {"x_ptr": "*" + dtype, "out_ptr": "*fp32" if atomic else "*" + dtype, **packed,
            **{n: "i32" for n in ("T", "N_OUT", "K_IN", "stride_xt", "stride_ot")}, **{n: "constexpr" for n in consts}}
-    k = triton.compile(ASTSource(fn=K._hybrid_decode_kernel, signature=sig, constexprs=consts),
+    k = triton.compile(ASTSource(fn=K._hybrid_decode_kernel, signature=sig, constexprs=consts, attrs=aligned(sig)),
                        target=target, options={"num_warps": 4})
-    report[f"decode-{dtype}-{atomic}"] = {"mma": k.asm["ptx"].count("mma.sync"), "cubin": len(k.asm["cubin"])}
+    report[f"decode-{dtype}-{atomic}"] = {"mma": k.asm["ptx"].count("mma.sync"), "cubin": len(k.asm["cubin"]),
+                                          "async_copies": k.asm["ttgir"].count("ttg.async_copy_global_to_local"),
+                                          "nm_values_prefetched": "async_copy_global_to_local" in "".join(
+                                              line for line in k.asm["ttgir"].splitlines() if "tensor<16x4x8x" in line)}
     consts = dict(TOPK=10, KP=16, NB=4, SPLIT=1)
     sig = {"w_ptr": "*" + dtype, **packed, **{n: "i32" for n in ("N_OUT", "K_IN", "stride_w")},
            **{n: "constexpr" for n in consts}}
-    k = triton.compile(ASTSource(fn=K._hybrid_unpack_kernel, signature=sig, constexprs=consts),
+    k = triton.compile(ASTSource(fn=K._hybrid_unpack_kernel, signature=sig, constexprs=consts, attrs=aligned(sig)),
                        target=target, options={"num_warps": 4})
     report[f"unpack-{dtype}"] = {"mma": 0, "cubin": len(k.asm["cubin"])}
 print(json.dumps(report))
@@ -179,3 +191,6 @@ def test_kernels_compile_for_hopper() -> None:
         assert item["cubin"] > 0, name
         if name.startswith("decode"):
             assert item["mma"] > 0, (name, item)  # the tile products run on the tensor cores
+            # The software pipeliner prefetches the dense tile, the 2:4 values and x with async copies
+            # (vector loads): two tensors per loop, at least two stages each, in both loops.
+            assert item["async_copies"] >= 8 and item["nm_values_prefetched"], (name, item)
