@@ -53,6 +53,7 @@ SHAPES = {  # (out, in)
 TINY_SHAPES = {"tiny 64x96": (64, 96), "tiny 48x208": (48, 208)}
 MIXES = {"90/10/0": (0.90, 0.10, 0.0), "35/45/20": (0.35, 0.45, 0.20)}
 PLACEMENTS = ("random", "clustered")
+E2E_MIX = ("35/45/20", "random")  # the end-to-end model's tiers; its decode configs come from these rows
 DECODE_CONFIGS = [(nb, split, 8 if nb == 16 else 4) for nb in (4, 8, 16) for split in (1, 2, 4, 8)]
 
 
@@ -228,7 +229,7 @@ def bench_kernels(args, device: str, t0: float) -> list[dict]:
                                cublas_us=dense_us, hybrid_default_us=hybrid_us)
                     if T <= DECODE_MAX_TOKENS and device.startswith("cuda") and not args.no_tune:
                         row.update(tune_decode(hws, x, device, args))
-                        hybrid_us = min(hybrid_us, row["hybrid_best_us"])
+                        hybrid_us = min(hybrid_us, row.get("hybrid_best_us", hybrid_us))
                     elif T > DECODE_MAX_TOKENS and device.startswith("cuda"):
                         row["unpack_us"], _ = measure_us([lambda h=h: hybrid_unpack(h) for h in hws], device,
                                                          args.inner, args.reps)
@@ -251,7 +252,7 @@ def bench_kernels(args, device: str, t0: float) -> list[dict]:
 
 
 def tune_decode(hws: list[HybridWeight], x: torch.Tensor, device: str, args) -> dict:
-    """Time the decode kernel over DECODE_CONFIGS; keep the best for this shape and token count."""
+    """Time the decode kernel over DECODE_CONFIGS; the best and the heuristic's choice."""
     best = None
     for config in DECODE_CONFIGS:
         nb, split, warps = config
@@ -262,7 +263,6 @@ def tune_decode(hws: list[HybridWeight], x: torch.Tensor, device: str, args) -> 
             best = (us, config)
     if best is None:
         return {}
-    set_decode_config(hws[0].shape, x.shape[0], best[1])
     return {"hybrid_best_us": best[0], "decode_config": list(best[1]),
             "default_config": list(decode_config(hws[0], x.shape[0]))}
 
@@ -415,7 +415,7 @@ def bench_end_to_end(args, device: str) -> list[dict]:
         for i, block in enumerate(model.blocks):  # prune: the dense run computes what the hybrid one does
             for name in ("qkv", "o", "gate_up", "down"):
                 W = getattr(block, name).weight
-                tier_maps[(i, name)] = make_tier_map(tuple(W.shape), MIXES["35/45/20"], "random", g)
+                tier_maps[(i, name)] = make_tier_map(tuple(W.shape), MIXES[E2E_MIX[0]], E2E_MIX[1], g)
                 W.mul_(tier_keep_mask(W.float().abs(), tier_maps[(i, name)].to(device), BS, TOPK_K))
     linear_bytes = sum(getattr(b, n).weight.numel() * 2 for b in model.blocks for n in ("qkv", "o", "gate_up", "down"))
     dense = decode_speed(model, args.steps, device, use_graph=not args.no_graph)
@@ -483,6 +483,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = bench_kernels(args, device, t0)
     print(f"kernel table: {time.perf_counter() - t0:.0f} s")
     if not args.no_e2e:
+        for row in rows:  # the end-to-end model decodes with the configs tuned on its own tier mix
+            if (row["mix"], row["placement"]) == E2E_MIX and "decode_config" in row:
+                set_decode_config((row["out"], row["inp"]), row["tokens"], tuple(row["decode_config"]))
         rows += bench_end_to_end(args, device)
     print(f"total: {time.perf_counter() - t0:.0f} s")
     for row in rows:
