@@ -185,7 +185,8 @@ def bsr_fns(W: torch.Tensor, x, device) -> list[Callable[[], object]]:
 
 
 def bench_kernels(args, device: str, t0: float) -> list[dict]:
-    shapes = TINY_SHAPES if args.tiny else {k: v for k, v in SHAPES.items() if not args.shapes or k.split()[0] in args.shapes}
+    shapes = TINY_SHAPES if args.tiny else {
+        name: shape for name, shape in SHAPES.items() if not args.shapes or name.split()[0] in args.shapes}
     tokens_list = args.tokens
     rows = []
     for shape_name, shape in shapes.items():

@@ -27,7 +27,8 @@ def _gen(seed: int) -> torch.Generator:
 
 def random_tier_map(shape: tuple[int, int], g: torch.Generator, probs=(0.35, 0.45, 0.20)) -> torch.Tensor:
     nbr, nbc = -(-shape[0] // BS), -(-shape[1] // BS)
-    return torch.multinomial(torch.tensor(probs), nbr * nbc, replacement=True, generator=g).view(nbr, nbc).to(torch.int8)
+    tiers = torch.multinomial(torch.tensor(probs), nbr * nbc, replacement=True, generator=g)
+    return tiers.view(nbr, nbc).to(torch.int8)
 
 
 def pruned_weight(shape: tuple[int, int], tier_map: torch.Tensor, g: torch.Generator,
