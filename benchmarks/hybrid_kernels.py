@@ -4,8 +4,9 @@
    placement (random, clustered). Each method is timed by replaying a CUDA graph of `--inner` calls that
    cycle through several copies of the weights (more bytes than the L2 holds, so every call reads its
    weight from HBM), `--reps` replays timed with CUDA events; medians. Ratios are cuBLAS time / method
-   time (> 1 is faster than cuBLAS). The decode kernel (<= 16 tokens) is tuned over (NB, SPLIT, warps)
-   per case; `hybrid` is the best, `hybrid_default` the untuned heuristic.
+   time (> 1 is faster than cuBLAS). Up to 128 tokens the op streams the packed weight; the streaming
+   kernel is tuned per case over (NB, SPLIT, warps, token tile), at 128 tokens against unpack + cuBLAS
+   too; `hybrid` is the best, `hybrid_default` the untuned heuristic. From 2048 tokens: unpack + cuBLAS.
 2. End to end: greedy decode, batch 1, of a randomly initialised LLaMA-2-7B-shaped model (a minimal
    LLaMA written here: fused QKV and gate-up linears, RoPE, static KV cache; not transformers' model, so
    that one decode step captures into one CUDA graph), dense vs hybrid at 35/45/20: tokens/s and peak memory.
@@ -35,9 +36,11 @@ from tierprune.kernels.masks import nm_mask
 from tierprune.kernels.tiers import DENSE, NM_2_4, TOPK, target_counts, tier_keep_mask
 from tierprune.kernels.triton.hybrid_mm import (
     DECODE_MAX_TOKENS,
+    SKINNY_MAX_TOKENS,
     decode_config,
     hybrid_mm,
     hybrid_mm_decode,
+    hybrid_mm_prefill,
     hybrid_unpack,
     set_decode_config,
 )
@@ -54,7 +57,8 @@ TINY_SHAPES = {"tiny 64x96": (64, 96), "tiny 48x208": (48, 208)}
 MIXES = {"90/10/0": (0.90, 0.10, 0.0), "35/45/20": (0.35, 0.45, 0.20)}
 PLACEMENTS = ("random", "clustered")
 E2E_MIX = ("35/45/20", "random")  # the end-to-end model's tiers; its decode configs come from these rows
-DECODE_CONFIGS = [(nb, split, 8 if nb == 16 else 4) for nb in (4, 8, 16) for split in (1, 2, 4, 8)]
+DECODE_CONFIGS = [(nb, split, 8 if nb == 16 else 4, 16) for nb in (4, 8, 16) for split in (1, 2, 4, 8)]
+SKINNY_CONFIGS = [(nb, split, 4, tile) for tile in (32, 64) for nb in (2, 4, 8) for split in (1, 2, 4)]
 
 
 # ---------------------------------------------------------------- weights
@@ -228,10 +232,10 @@ def bench_kernels(args, device: str, t0: float) -> list[dict]:
                                dense_nbytes=W.numel() * 2, bytes_vs_ideal=hw.nbytes / ideal,
                                bytes_vs_dense=hw.nbytes / (W.numel() * 2), copies=n, timing=mode,
                                cublas_us=dense_us, hybrid_default_us=hybrid_us)
-                    if T <= DECODE_MAX_TOKENS and device.startswith("cuda") and not args.no_tune:
+                    if T <= SKINNY_MAX_TOKENS and device.startswith("cuda") and not args.no_tune:
                         row.update(tune_decode(hws, x, device, args))
                         hybrid_us = min(hybrid_us, row.get("hybrid_best_us", hybrid_us))
-                    elif T > DECODE_MAX_TOKENS and device.startswith("cuda"):
+                    if T > DECODE_MAX_TOKENS and device.startswith("cuda"):
                         row["unpack_us"], _ = measure_us([lambda h=h: hybrid_unpack(h) for h in hws], device,
                                                          args.inner, args.reps)
                     row["hybrid_us"] = hybrid_us
@@ -253,19 +257,27 @@ def bench_kernels(args, device: str, t0: float) -> list[dict]:
 
 
 def tune_decode(hws: list[HybridWeight], x: torch.Tensor, device: str, args) -> dict:
-    """Time the decode kernel over DECODE_CONFIGS; the best and the heuristic's choice."""
+    """Time the streaming kernel over its configs (and, above 16 tokens, unpack + cuBLAS); the best wins.
+
+    A config is (NB, SPLIT, num_warps, token tile); token tile 0 stands for unpack + cuBLAS.
+    """
+    T = x.shape[0]
+    configs = DECODE_CONFIGS if T <= DECODE_MAX_TOKENS else SKINNY_CONFIGS + [(0, 0, 0, 0)]
     best = None
-    for config in DECODE_CONFIGS:
-        nb, split, warps = config
-        us, _ = try_measure(f"decode {config}", lambda: [
-            lambda h=h: hybrid_mm_decode(x, h, nb=nb, split=split, num_warps=warps) for h in hws],
-            device, args.inner, args.reps)
+    for config in configs:
+        nb, split, warps, tile = config
+        if tile:
+            make = lambda: [lambda h=h: hybrid_mm_decode(x, h, nb=nb, split=split, num_warps=warps, token_tile=tile)
+                            for h in hws]
+        else:
+            make = lambda: [lambda h=h: hybrid_mm_prefill(x, h) for h in hws]
+        us, _ = try_measure(f"config {config}", make, device, args.inner, args.reps)
         if us is not None and (best is None or us < best[0]):
             best = (us, config)
     if best is None:
         return {}
     return {"hybrid_best_us": best[0], "decode_config": list(best[1]),
-            "default_config": list(decode_config(hws[0], x.shape[0]))}
+            "default_config": list(decode_config(hws[0], T))}
 
 
 HEADER = (f"{'shape':26} {'tok':>5} {'mix':>8} {'place':>9} {'bytes/ideal':>11} {'bytes/dense':>11} "

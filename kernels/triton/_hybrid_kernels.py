@@ -103,7 +103,7 @@ def _mma(acc, w, xv, UPCAST: tl.constexpr):
     return acc + tl.dot(w, xv)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])  # one binary for 1..16 tokens, not one for T == 1
 def _hybrid_decode_kernel(
     x_ptr, out_ptr,
     dv_ptr, dc_ptr, dp_ptr,
@@ -113,9 +113,13 @@ def _hybrid_decode_kernel(
     TOPK: tl.constexpr, KP: tl.constexpr, NB: tl.constexpr, TP: tl.constexpr,
     SPLIT: tl.constexpr, ATOMIC: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    """out (T, N_OUT) = x (T, K_IN) @ W.T for T <= TP tokens; grid (nbr, SPLIT)."""
+    """out (T, N_OUT) = x (T, K_IN) @ W.T; grid (nbr, SPLIT, cdiv(T, TP)), one token tile per axis-2 step."""
     br = tl.program_id(0)
     split = tl.program_id(1)
+    tile = tl.program_id(2)
+    x_ptr += tile * TP * stride_xt
+    out_ptr += tile * TP * stride_ot
+    T = T - tile * TP  # tokens left from this tile on; the masks keep the first min(T, TP)
     rows = tl.arange(0, 16)
     acc = tl.zeros((16, TP), dtype=tl.float32)  # (rows of the block-row, tokens)
 

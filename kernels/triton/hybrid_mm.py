@@ -1,7 +1,8 @@
 """x @ W.T for a packed hybrid weight: Triton wrappers and the `tierprune::hybrid_mm` custom op.
 
-Decode (at most 16 tokens) streams the packed bytes once (`_hybrid_decode_kernel`); prefill unpacks
-the weight into a dense workspace with `_hybrid_unpack_kernel` and hands it to cuBLAS. The custom op
+Decode and short prefills (at most SKINNY_MAX_TOKENS tokens) stream the packed bytes once per tile of
+16-64 tokens (`_hybrid_decode_kernel`); longer prefills unpack the weight into a dense workspace with
+`_hybrid_unpack_kernel` and hand it to cuBLAS, which is compute-bound there anyway. The custom op
 has a fake implementation, so torch.compile traces it and CUDA graphs capture it (no host syncs);
 its CPU path is the pure-torch reference. This module imports triton only when a kernel runs.
 """
@@ -14,10 +15,11 @@ import torch.nn.functional as F
 
 from ..hybrid import HYBRID_TENSOR_NAMES, HybridWeight, hybrid_matmul_ref
 
-__all__ = ["DECODE_MAX_TOKENS", "hybrid_mm", "hybrid_mm_decode", "hybrid_mm_prefill", "hybrid_unpack",
-           "decode_config", "set_decode_config"]
+__all__ = ["DECODE_MAX_TOKENS", "SKINNY_MAX_TOKENS", "hybrid_mm", "hybrid_mm_decode", "hybrid_mm_prefill",
+           "hybrid_unpack", "decode_config", "set_decode_config"]
 
-DECODE_MAX_TOKENS = 16
+DECODE_MAX_TOKENS = 16  # decode proper: one token tile of 16
+SKINNY_MAX_TOKENS = 128  # up to here the op streams the packed weight; above, unpack + cuBLAS
 _KERNEL_DTYPES = (torch.bfloat16, torch.float16)
 
 
@@ -46,17 +48,19 @@ def _check(hw: HybridWeight) -> None:
         assert t.is_contiguous(), f"{name} is not contiguous"
 
 
-DecodeConfig = tuple[int, int, int]  # (NB blocks per step, SPLIT programs per block-row, num_warps)
+# (NB blocks per step, SPLIT programs per block-row, num_warps, token tile); a token tile of 0 sends the
+# op to unpack + cuBLAS (a tuning result may find that faster for a short prefill).
+DecodeConfig = tuple[int, int, int, int]
 _TUNED_DECODE: dict[tuple[int, int, int], DecodeConfig] = {}
 
 
 def set_decode_config(shape: tuple[int, int], tokens: int, config: DecodeConfig) -> None:
     """Use `config` for weights of `shape` (out, in) at `tokens` tokens (a benchmark's tuning result)."""
-    _TUNED_DECODE[(shape[0], shape[1], tokens)] = config
+    _TUNED_DECODE[(shape[0], shape[1], tokens)] = tuple(config)
 
 
 def decode_config(hw: HybridWeight, tokens: int = 1, num_sms: int = 132) -> DecodeConfig:
-    """(NB, SPLIT, num_warps) for the decode kernel: a tuned entry if set, else a heuristic.
+    """(NB, SPLIT, num_warps, token tile) for the decode kernel: a tuned entry if set, else a heuristic.
 
     Split a block-row across programs until the grid covers every SM about four times: a 4096-row
     matrix has only 256 block-rows, too few programs to keep enough bytes in flight.
@@ -65,16 +69,21 @@ def decode_config(hw: HybridWeight, tokens: int = 1, num_sms: int = 132) -> Deco
     if tuned is not None:
         return tuned
     nbr = len(hw.dense_row_ptr) - 1
+    token_tile = min(64, _pow2_at_least(tokens, 16))  # tl.dot needs 16; x tiles beyond 64 crowd the SM
+    tiles = -(-tokens // token_tile)
     per_row = max(1, sum(hw.tier_counts()) // max(nbr, 1))
-    split = max(1, min(-(-4 * num_sms // max(nbr, 1)), per_row // 32))
-    return 8, _pow2_at_least(split), 4
+    split = max(1, min(-(-4 * num_sms // max(nbr * tiles, 1)), per_row // 32))
+    nb = 8 if token_tile <= 16 else 4
+    return nb, _pow2_at_least(split), 4, token_tile
 
 
 def hybrid_mm_decode(x: torch.Tensor, hw: HybridWeight, *, nb: int | None = None, split: int | None = None,
-                     num_warps: int | None = None) -> torch.Tensor:
-    """x (T, in) @ W.T -> (T, out) for T <= 16 tokens, reading every packed byte once."""
+                     num_warps: int | None = None, token_tile: int | None = None) -> torch.Tensor:
+    """x (T, in) @ W.T -> (T, out) streaming the packed weight: every byte read once per token tile.
+
+    Meant for decode and short prefills (T <= SKINNY_MAX_TOKENS); longer inputs go to hybrid_mm_prefill.
+    """
     assert x.dim() == 2 and x.is_contiguous(), (tuple(x.shape), x.stride())
-    assert x.shape[0] <= DECODE_MAX_TOKENS, f"decode takes at most {DECODE_MAX_TOKENS} tokens, got {x.shape[0]}"
     assert x.shape[1] == hw.shape[1], (tuple(x.shape), hw.shape)
     assert x.dtype == hw.dtype and x.dtype in _KERNEL_DTYPES, (x.dtype, hw.dtype)
     assert x.device == hw.device, (x.device, hw.device)
@@ -82,15 +91,16 @@ def hybrid_mm_decode(x: torch.Tensor, hw: HybridWeight, *, nb: int | None = None
     K = _kernels()
     T, (n_out, k_in) = x.shape[0], hw.shape
     nbr = len(hw.dense_row_ptr) - 1
-    default_nb, default_split, default_warps = decode_config(hw, T, _num_sms(x.device))
-    nb, split, num_warps = nb or default_nb, split or default_split, num_warps or default_warps
+    default = decode_config(hw, T, _num_sms(x.device))
+    nb, split = nb or default[0], split or default[1]
+    num_warps, token_tile = num_warps or default[2], token_tile or default[3]
+    assert token_tile >= 16 and token_tile & (token_tile - 1) == 0, f"token tile {token_tile}: a power of 2 >= 16"
     atomic = split > 1
     out = torch.zeros(T, n_out, dtype=torch.float32, device=x.device) if atomic else x.new_empty(T, n_out)
-    K._hybrid_decode_kernel[(nbr, split)](
+    K._hybrid_decode_kernel[(nbr, split, -(-T // token_tile))](
         x, out, *_packed_args(hw), T, n_out, k_in, x.stride(0), out.stride(0),
-        TOPK=hw.topk, KP=_pow2_at_least(hw.topk), NB=nb, TP=DECODE_MAX_TOKENS, SPLIT=split, ATOMIC=atomic,
-        UPCAST=x.dtype == torch.bfloat16 and _interpreting(),
-        num_warps=num_warps,
+        TOPK=hw.topk, KP=_pow2_at_least(hw.topk), NB=nb, TP=token_tile, SPLIT=split, ATOMIC=atomic,
+        UPCAST=x.dtype == torch.bfloat16 and _interpreting(), num_warps=num_warps,
     )
     return out.to(x.dtype) if atomic else out
 
@@ -98,7 +108,7 @@ def hybrid_mm_decode(x: torch.Tensor, hw: HybridWeight, *, nb: int | None = None
 def hybrid_unpack(hw: HybridWeight, *, nb: int = 4, split: int | None = None, num_warps: int = 4) -> torch.Tensor:
     """The dense weight (out, in) written by the unpack kernel (the prefill workspace)."""
     _check(hw)
-    split = split or decode_config(hw, DECODE_MAX_TOKENS, _num_sms(hw.device))[1]
+    split = split or decode_config(hw, 1, _num_sms(hw.device))[1]
     K = _kernels()
     n_out, k_in = hw.shape
     nbr = len(hw.dense_row_ptr) - 1
@@ -147,7 +157,9 @@ def _hybrid_mm_op(x: torch.Tensor, dense_values: torch.Tensor, dense_cols: torch
         return hybrid_matmul_ref(x, hw)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, in_features).contiguous()
-    if x2.shape[0] <= DECODE_MAX_TOKENS and x2.dtype in _KERNEL_DTYPES and x2.dtype == hw.dtype:
+    T = x2.shape[0]
+    stream = T <= SKINNY_MAX_TOKENS and decode_config(hw, T, _num_sms(x.device))[3] != 0
+    if stream and x2.dtype in _KERNEL_DTYPES and x2.dtype == hw.dtype:
         out = hybrid_mm_decode(x2, hw)
     else:
         out = hybrid_mm_prefill(x2.to(hw.dtype), hw).to(x.dtype)

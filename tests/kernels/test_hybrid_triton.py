@@ -56,8 +56,8 @@ def test_kernels_run_interpreted_without_cuda() -> None:
     assert kind == ("JITFunction" if torch.cuda.is_available() else "InterpretedFunction"), kind
 
 
-@pytest.mark.parametrize("split", [1, 2, 3])
-@pytest.mark.parametrize("tokens", [1, 7, DECODE_MAX_TOKENS])
+@pytest.mark.parametrize("split", [1, 3])
+@pytest.mark.parametrize("tokens", [1, 7, DECODE_MAX_TOKENS, 40])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", SHAPES)
 def test_decode_matches_reference(shape, dtype, tokens, split) -> None:
@@ -73,6 +73,14 @@ def test_decode_block_steps(nb) -> None:
     W, hw, g = _case((32, 208), torch.float16, seed=nb)
     x = torch.randn(3, 208, generator=g).to(torch.float16)
     _close(hybrid_mm_decode(x.to(KERNEL_DEVICE), hw, nb=nb), _expected(x, W), torch.float16)
+
+
+@pytest.mark.parametrize("tokens, token_tile", [(40, 16), (33, 32), (64, 64), (70, 32)])
+def test_decode_token_tiles(tokens, token_tile) -> None:
+    W, hw, g = _case((48, 80), torch.bfloat16, seed=tokens)
+    x = torch.randn(tokens, 80, generator=g).to(torch.bfloat16)
+    got = hybrid_mm_decode(x.to(KERNEL_DEVICE), hw, token_tile=token_tile, split=2)
+    _close(got, _expected(x, W), torch.bfloat16)
 
 
 @pytest.mark.parametrize("tier", [DENSE, NM_2_4, TOPK])
@@ -101,9 +109,9 @@ def test_prefill_matches_reference() -> None:
 
 def test_decode_refuses_bad_inputs() -> None:
     W, hw, _ = _case((32, 64), torch.bfloat16, seed=13)
-    x = torch.zeros(DECODE_MAX_TOKENS + 1, 64, dtype=torch.bfloat16, device=KERNEL_DEVICE)
-    with pytest.raises(AssertionError, match="at most 16 tokens"):
-        hybrid_mm_decode(x, hw)
+    x = torch.zeros(4, 64, dtype=torch.bfloat16, device=KERNEL_DEVICE)
+    with pytest.raises(AssertionError, match="token tile 24"):
+        hybrid_mm_decode(x, hw, token_tile=24)
     with pytest.raises(AssertionError):
         hybrid_mm_decode(torch.zeros(2, 64, dtype=torch.float16, device=KERNEL_DEVICE), hw)  # dtype
     with pytest.raises(AssertionError):
@@ -157,14 +165,14 @@ def aligned(sig):
 
 
 report = {}
-for dtype, atomic in [("bf16", True), ("bf16", False), ("fp16", False)]:
+for dtype, atomic, tp in [("bf16", True, 16), ("bf16", False, 16), ("fp16", False, 16), ("bf16", True, 64)]:
     packed = {name: t.format(w=dtype) for name, t in PACKED.items()}
-    consts = dict(TOPK=10, KP=16, NB=4, TP=16, SPLIT=2 if atomic else 1, ATOMIC=atomic, UPCAST=False)
+    consts = dict(TOPK=10, KP=16, NB=4, TP=tp, SPLIT=2 if atomic else 1, ATOMIC=atomic, UPCAST=False)
     sig = {"x_ptr": "*" + dtype, "out_ptr": "*fp32" if atomic else "*" + dtype, **packed,
            **{n: "i32" for n in ("T", "N_OUT", "K_IN", "stride_xt", "stride_ot")}, **{n: "constexpr" for n in consts}}
     k = triton.compile(ASTSource(fn=K._hybrid_decode_kernel, signature=sig, constexprs=consts, attrs=aligned(sig)),
                        target=target, options={"num_warps": 4})
-    report[f"decode-{dtype}-{atomic}"] = {"mma": k.asm["ptx"].count("mma.sync"), "cubin": len(k.asm["cubin"]),
+    report[f"decode-{dtype}-{atomic}-{tp}"] = {"mma": k.asm["ptx"].count("mma.sync"), "cubin": len(k.asm["cubin"]),
                                           "async_copies": k.asm["ttgir"].count("ttg.async_copy_global_to_local"),
                                           "nm_values_prefetched": "async_copy_global_to_local" in "".join(
                                               line for line in k.asm["ttgir"].splitlines() if "tensor<16x4x8x" in line)}
@@ -185,7 +193,8 @@ def test_kernels_compile_for_hopper() -> None:
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
-    expected = {"decode-bf16-True", "decode-bf16-False", "decode-fp16-False", "unpack-bf16", "unpack-fp16"}
+    expected = {"decode-bf16-True-16", "decode-bf16-False-16", "decode-fp16-False-16", "decode-bf16-True-64",
+                "unpack-bf16", "unpack-fp16"}
     assert set(report) == expected, report
     for name, item in report.items():
         assert item["cubin"] > 0, name
@@ -194,3 +203,17 @@ def test_kernels_compile_for_hopper() -> None:
             # The software pipeliner prefetches the dense tile, the 2:4 values and x with async copies
             # (vector loads): two tensors per loop, at least two stages each, in both loops.
             assert item["async_copies"] >= 8 and item["nm_values_prefetched"], (name, item)
+
+
+def test_tuned_configs_override_the_heuristic(monkeypatch) -> None:
+    from tierprune.kernels.triton import hybrid_mm as module
+
+    monkeypatch.setattr(module, "_TUNED_DECODE", {})
+    W, hw, g = _case((40, 52), torch.bfloat16, seed=16)
+    nb, split, warps, tile = module.decode_config(hw, 5)
+    assert tile == 16 and split >= 1 and nb in (4, 8)
+    assert module.decode_config(hw, 40)[3] == 64  # one token tile of 64 for a short prefill
+    module.set_decode_config((40, 52), 5, (2, 1, 4, 0))  # token tile 0: unpack + cuBLAS wins at 5 tokens
+    assert module.decode_config(hw, 5) == (2, 1, 4, 0)
+    x = torch.randn(5, 52, generator=g).to(torch.bfloat16)
+    _close(hybrid_mm(x.to(KERNEL_DEVICE), hw), _expected(x, W), torch.bfloat16)
