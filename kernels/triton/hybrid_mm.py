@@ -158,6 +158,8 @@ def _hybrid_mm_op(x: torch.Tensor, dense_values: torch.Tensor, dense_cols: torch
     lead = x.shape[:-1]
     x2 = x.reshape(-1, in_features).contiguous()
     T = x2.shape[0]
+    if T == 0:  # an empty grid is not a launch
+        return x.new_empty(*lead, out_features)
     stream = T <= SKINNY_MAX_TOKENS and decode_config(hw, T, _num_sms(x.device))[3] != 0
     if stream and x2.dtype in _KERNEL_DTYPES and x2.dtype == hw.dtype:
         out = hybrid_mm_decode(x2, hw)
