@@ -5,8 +5,8 @@
    cycle through several copies of the weights (more bytes than the L2 holds, so every call reads its
    weight from HBM), `--reps` replays timed with CUDA events; medians. Ratios are cuBLAS time / method
    time (> 1 is faster than cuBLAS). Up to 128 tokens the op streams the packed weight; the streaming
-   kernel is tuned per case over (NB, SPLIT, warps, token tile), at 128 tokens against unpack + cuBLAS
-   too; `hybrid` is the best, `hybrid_default` the untuned heuristic. From 2048 tokens: unpack + cuBLAS.
+   kernel is tuned per case over (NB, SPLIT, warps, token tile), at 1 token against the GEMV kernel
+   (no tensor cores), at 128 tokens against unpack + cuBLAS; `hybrid` is the best, `hybrid_default` the untuned heuristic. From 2048 tokens: unpack + cuBLAS.
 2. End to end: greedy decode, batch 1, of a randomly initialised LLaMA-2-7B-shaped model (a minimal
    LLaMA written here: fused QKV and gate-up linears, RoPE, static KV cache; not transformers' model, so
    that one decode step captures into one CUDA graph), dense vs hybrid at 35/45/20: tokens/s and peak memory.
@@ -58,6 +58,7 @@ MIXES = {"90/10/0": (0.90, 0.10, 0.0), "35/45/20": (0.35, 0.45, 0.20)}
 PLACEMENTS = ("random", "clustered")
 E2E_MIX = ("35/45/20", "random")  # the end-to-end model's tiers; its decode configs come from these rows
 DECODE_CONFIGS = [(nb, split, 8 if nb == 16 else 4, 16) for nb in (4, 8, 16) for split in (1, 2, 4, 8)]
+GEMV_CONFIGS = [(nb, split, 4, 1) for nb in (4, 8, 16) for split in (1, 2, 4, 8)]  # one token, no tensor cores
 SKINNY_CONFIGS = [(nb, split, 4, tile) for tile in (32, 64) for nb in (2, 4, 8) for split in (1, 2, 4)]
 
 
@@ -262,7 +263,10 @@ def tune_decode(hws: list[HybridWeight], x: torch.Tensor, device: str, args) -> 
     A config is (NB, SPLIT, num_warps, token tile); token tile 0 stands for unpack + cuBLAS.
     """
     T = x.shape[0]
-    configs = DECODE_CONFIGS if T <= DECODE_MAX_TOKENS else SKINNY_CONFIGS + [(0, 0, 0, 0)]
+    if T == 1:
+        configs = GEMV_CONFIGS + [c for c in DECODE_CONFIGS if c[0] <= 8]
+    else:
+        configs = DECODE_CONFIGS if T <= DECODE_MAX_TOKENS else SKINNY_CONFIGS + [(0, 0, 0, 0)]
     best = None
     for config in configs:
         nb, split, warps, tile = config

@@ -150,6 +150,61 @@ def _hybrid_decode_kernel(
 
 
 @triton.jit
+def _hybrid_gemv_kernel(
+    x_ptr, out_ptr,
+    dv_ptr, dc_ptr, dp_ptr,
+    nv_ptr, meta_ptr, nc_ptr, np_ptr,
+    tv_ptr, tp_ptr, tc_ptr, tpp_ptr,
+    N_OUT, K_IN,
+    TOPK: tl.constexpr, KP: tl.constexpr, NB: tl.constexpr, SPLIT: tl.constexpr, ATOMIC: tl.constexpr,
+):
+    """out (N_OUT,) = W @ x (K_IN,) for one token, without tensor cores; grid (nbr, SPLIT).
+
+    2:4 blocks are not expanded: each kept value gathers its own x (x stays in L1), which costs
+    about a third of the instructions of rebuilding dense tiles and needs no shared memory.
+    """
+    br = tl.program_id(0)
+    split = tl.program_id(1)
+    rows = tl.arange(0, 16)
+    acc = tl.zeros((16,), dtype=tl.float32)
+
+    lo, hi = _split_range(dp_ptr, br, split, SPLIT)
+    for b in tl.range(lo, hi, NB, num_stages=3):
+        w, col, valid = _dense_tile(dv_ptr, dc_ptr, b, hi, NB)  # (16, NB·16)
+        xv = tl.load(x_ptr + col, mask=valid & (col < K_IN), other=0.0).to(tl.float32)  # (NB·16,)
+        acc += tl.sum(w.to(tl.float32) * xv[None, :], axis=1)
+
+    lo, hi = _split_range(np_ptr, br, split, SPLIT)
+    slot = tl.arange(0, 8)
+    for b in tl.range(lo, hi, NB, num_stages=3):
+        blk = b + tl.arange(0, NB)
+        ok = blk < hi
+        vals = tl.load(nv_ptr + blk[None, :, None] * 128 + rows[:, None, None] * 8 + slot[None, None, :],
+                       mask=ok[None, :, None], other=0.0)  # (16, NB, 8)
+        meta = tl.load(meta_ptr.to(tl.pointer_type(tl.int16)) + blk[None, :] * 16 + rows[:, None],
+                       mask=ok[None, :], other=0).to(tl.int32)  # (16, NB)
+        first = tl.load(nc_ptr + blk, mask=ok, other=0).to(tl.int32) * 16  # (NB,)
+        # Kept value s of a row sits in group s//2 at the 2-bit position s of the row's word.
+        pos = (meta[:, :, None] >> (slot * 2)[None, None, :]) & 3  # (16, NB, 8)
+        col = first[None, :, None] + (slot // 2 * 4)[None, None, :] + pos
+        xv = tl.load(x_ptr + col, mask=ok[None, :, None] & (col < K_IN), other=0.0).to(tl.float32)
+        acc += tl.sum(tl.sum(vals.to(tl.float32) * xv, axis=2), axis=1)
+
+    lo, hi = _split_range(tpp_ptr, br, split, SPLIT)
+    for b in tl.range(lo, hi, NB, num_stages=3):
+        v, r, col, valid = _topk_entries(tv_ptr, tp_ptr, tc_ptr, b, hi, TOPK, KP, NB)  # (NB·KP,) each
+        xv = tl.load(x_ptr + col, mask=valid & (col < K_IN), other=0.0).to(tl.float32)
+        contrib = v.to(tl.float32) * xv
+        acc += tl.sum(tl.where(rows[:, None] == r[None, :], contrib[None, :], 0.0), axis=1)
+
+    orow = br * 16 + rows
+    if ATOMIC:
+        tl.atomic_add(out_ptr + orow, acc, mask=orow < N_OUT)
+    else:
+        tl.store(out_ptr + orow, acc.to(out_ptr.dtype.element_ty), mask=orow < N_OUT)
+
+
+@triton.jit
 def _hybrid_unpack_kernel(
     w_ptr,
     dv_ptr, dc_ptr, dp_ptr,

@@ -48,8 +48,9 @@ def _check(hw: HybridWeight) -> None:
         assert t.is_contiguous(), f"{name} is not contiguous"
 
 
-# (NB blocks per step, SPLIT programs per block-row, num_warps, token tile); a token tile of 0 sends the
-# op to unpack + cuBLAS (a tuning result may find that faster for a short prefill).
+# (NB blocks per step, SPLIT programs per block-row, num_warps, token tile). Token tile 1 is the GEMV
+# kernel (one token, no tensor cores); 0 sends the op to unpack + cuBLAS (a tuning result may find that
+# faster for a short prefill).
 DecodeConfig = tuple[int, int, int, int]
 _TUNED_DECODE: dict[tuple[int, int, int], DecodeConfig] = {}
 
@@ -74,6 +75,8 @@ def decode_config(hw: HybridWeight, tokens: int = 1, num_sms: int = 132) -> Deco
     per_row = max(1, sum(hw.tier_counts()) // max(nbr, 1))
     split = max(1, min(-(-4 * num_sms // max(nbr * tiles, 1)), per_row // 32))
     nb = 8 if token_tile <= 16 else 4
+    if tokens == 1:
+        token_tile = 1  # the GEMV kernel: no tensor-core tiles to rebuild, so fewer instructions per byte
     return nb, _pow2_at_least(split), 4, token_tile
 
 
@@ -94,8 +97,17 @@ def hybrid_mm_decode(x: torch.Tensor, hw: HybridWeight, *, nb: int | None = None
     default = decode_config(hw, T, _num_sms(x.device))
     nb, split = nb or default[0], split or default[1]
     num_warps, token_tile = num_warps or default[2], token_tile or default[3]
-    assert token_tile >= 16 and token_tile & (token_tile - 1) == 0, f"token tile {token_tile}: a power of 2 >= 16"
+    assert token_tile == 1 or (token_tile >= 16 and token_tile & (token_tile - 1) == 0), \
+        f"token tile {token_tile}: 1 (the GEMV kernel, one token) or a power of 2 >= 16"
     atomic = split > 1
+    if token_tile == 1:
+        assert T == 1, f"the GEMV kernel (token tile 1) takes one token, got {T}"
+        out = torch.zeros(1, n_out, dtype=torch.float32, device=x.device) if atomic else x.new_empty(1, n_out)
+        K._hybrid_gemv_kernel[(nbr, split)](
+            x, out, *_packed_args(hw), n_out, k_in,
+            TOPK=hw.topk, KP=_pow2_at_least(hw.topk), NB=nb, SPLIT=split, ATOMIC=atomic, num_warps=num_warps,
+        )
+        return out.to(x.dtype) if atomic else out
     out = torch.zeros(T, n_out, dtype=torch.float32, device=x.device) if atomic else x.new_empty(T, n_out)
     K._hybrid_decode_kernel[(nbr, split, -(-T // token_tile))](
         x, out, *_packed_args(hw), T, n_out, k_in, x.stride(0), out.stride(0),

@@ -75,7 +75,7 @@ def test_decode_block_steps(nb) -> None:
     _close(hybrid_mm_decode(x.to(KERNEL_DEVICE), hw, nb=nb), _expected(x, W), torch.float16)
 
 
-@pytest.mark.parametrize("tokens, token_tile", [(40, 16), (33, 32), (64, 64), (70, 32)])
+@pytest.mark.parametrize("tokens, token_tile", [(1, 16), (1, 1), (40, 16), (33, 32), (64, 64), (70, 32)])
 def test_decode_token_tiles(tokens, token_tile) -> None:
     W, hw, g = _case((48, 80), torch.bfloat16, seed=tokens)
     x = torch.randn(tokens, 80, generator=g).to(torch.bfloat16)
@@ -83,13 +83,27 @@ def test_decode_token_tiles(tokens, token_tile) -> None:
     _close(got, _expected(x, W), torch.bfloat16)
 
 
+@pytest.mark.parametrize("split", [1, 3])
+@pytest.mark.parametrize("nb", [1, 4, 16])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_gemv_matches_reference(shape, nb, split) -> None:
+    W, hw, g = _case(shape, torch.bfloat16, seed=nb + split)
+    x = torch.randn(1, shape[1], generator=g).to(torch.bfloat16)
+    got = hybrid_mm_decode(x.to(KERNEL_DEVICE), hw, nb=nb, split=split, token_tile=1)
+    assert got.shape == (1, shape[0]) and got.dtype == torch.bfloat16
+    _close(got, _expected(x, W), torch.bfloat16)
+    with pytest.raises(AssertionError, match="one token"):
+        hybrid_mm_decode(torch.cat([x, x]).to(KERNEL_DEVICE), hw, token_tile=1)
+
+
+@pytest.mark.parametrize("tokens", [1, 2])
 @pytest.mark.parametrize("tier", [DENSE, NM_2_4, TOPK])
-def test_decode_single_tier(tier) -> None:
+def test_decode_single_tier(tier, tokens) -> None:
     probs = [1e-9, 1e-9, 1e-9]
     probs[tier] = 1.0
     W, hw, g = _case((32, 64), torch.bfloat16, seed=tier, probs=tuple(probs))
     assert hw.tier_counts()[tier] == 8
-    x = torch.randn(2, 64, generator=g).to(torch.bfloat16)
+    x = torch.randn(tokens, 64, generator=g).to(torch.bfloat16)
     _close(hybrid_mm_decode(x.to(KERNEL_DEVICE), hw), _expected(x, W), torch.bfloat16)
 
 
@@ -176,6 +190,14 @@ for dtype, atomic, tp in [("bf16", True, 16), ("bf16", False, 16), ("fp16", Fals
                                           "async_copies": k.asm["ttgir"].count("ttg.async_copy_global_to_local"),
                                           "nm_values_prefetched": "async_copy_global_to_local" in "".join(
                                               line for line in k.asm["ttgir"].splitlines() if "tensor<16x4x8x" in line)}
+    if tp == 16:
+        consts = dict(TOPK=10, KP=16, NB=8, SPLIT=2 if atomic else 1, ATOMIC=atomic)
+        sig = {"x_ptr": "*" + dtype, "out_ptr": "*fp32" if atomic else "*" + dtype, **packed,
+               **{n: "i32" for n in ("N_OUT", "K_IN")}, **{n: "constexpr" for n in consts}}
+        k = triton.compile(ASTSource(fn=K._hybrid_gemv_kernel, signature=sig, constexprs=consts, attrs=aligned(sig)),
+                           target=target, options={"num_warps": 4})
+        report[f"gemv-{dtype}-{atomic}"] = {"cubin": len(k.asm["cubin"]),
+                                            "async_copies": k.asm["ttgir"].count("ttg.async_copy_global_to_local")}
     consts = dict(TOPK=10, KP=16, NB=4, SPLIT=1)
     sig = {"w_ptr": "*" + dtype, **packed, **{n: "i32" for n in ("N_OUT", "K_IN", "stride_w")},
            **{n: "constexpr" for n in consts}}
@@ -194,7 +216,7 @@ def test_kernels_compile_for_hopper() -> None:
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     expected = {"decode-bf16-True-16", "decode-bf16-False-16", "decode-fp16-False-16", "decode-bf16-True-64",
-                "unpack-bf16", "unpack-fp16"}
+                "gemv-bf16-True", "gemv-bf16-False", "gemv-fp16-False", "unpack-bf16", "unpack-fp16"}
     assert set(report) == expected, report
     for name, item in report.items():
         assert item["cubin"] > 0, name
@@ -212,6 +234,7 @@ def test_tuned_configs_override_the_heuristic(monkeypatch) -> None:
     W, hw, g = _case((40, 52), torch.bfloat16, seed=16)
     nb, split, warps, tile = module.decode_config(hw, 5)
     assert tile == 16 and split >= 1 and nb in (4, 8)
+    assert module.decode_config(hw, 1)[3] == 1  # one token: the GEMV kernel
     assert module.decode_config(hw, 40)[3] == 64  # one token tile of 64 for a short prefill
     module.set_decode_config((40, 52), 5, (2, 1, 4, 0))  # token tile 0: unpack + cuBLAS wins at 5 tokens
     assert module.decode_config(hw, 5) == (2, 1, 4, 0)
