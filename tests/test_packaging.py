@@ -66,7 +66,9 @@ def test_wheel_holds_only_the_tierprune_namespace(installed) -> None:
     assert tops == {"tierprune", installed["wheel"].name.split("-py")[0] + ".dist-info"}, tops
     for sub in SUBPACKAGES:
         assert f"tierprune/{sub}/__init__.py" in names, sub
-    for module in ("kernels/masks.py", "tasks/prune.py", "tasks/oneshot.py", "storage/tables.py", "cli.py"):
+    for module in ("kernels/masks.py", "kernels/hybrid.py", "kernels/triton/hybrid_mm.py",
+                   "kernels/triton/_hybrid_kernels.py", "hybrid_linear.py", "tasks/prune.py", "tasks/oneshot.py",
+                   "storage/tables.py", "cli.py"):
         assert f"tierprune/{module}" in names, module
 
 

@@ -1,0 +1,195 @@
+"""x @ W.T for a packed hybrid weight: Triton wrappers and the `tierprune::hybrid_mm` custom op.
+
+Decode and short prefills (at most SKINNY_MAX_TOKENS tokens) stream the packed bytes once per tile of
+16-64 tokens (`_hybrid_decode_kernel`); longer prefills unpack the weight into a dense workspace with
+`_hybrid_unpack_kernel` and hand it to cuBLAS, which is compute-bound there anyway. The custom op
+has a fake implementation, so torch.compile traces it and CUDA graphs capture it (no host syncs);
+its CPU path is the pure-torch reference. This module imports triton only when a kernel runs.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from ..hybrid import HYBRID_TENSOR_NAMES, HybridWeight, hybrid_matmul_ref
+
+__all__ = ["DECODE_MAX_TOKENS", "SKINNY_MAX_TOKENS", "hybrid_mm", "hybrid_mm_decode", "hybrid_mm_prefill",
+           "hybrid_unpack", "decode_config", "set_decode_config"]
+
+DECODE_MAX_TOKENS = 16  # decode proper: one token tile of 16
+SKINNY_MAX_TOKENS = 128  # up to here the op streams the packed weight; above, unpack + cuBLAS
+_KERNEL_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def _kernels():
+    from . import _hybrid_kernels  # triton is imported here, not at module import
+
+    return _hybrid_kernels
+
+
+def _pow2_at_least(n: int, floor: int = 1) -> int:
+    return max(floor, 1 << (max(n, 1) - 1).bit_length())
+
+
+def _nonempty(t: torch.Tensor) -> torch.Tensor:
+    # A tier with no blocks still passes a pointer; one element keeps every launcher happy.
+    return t if t.numel() else t.new_zeros(1)
+
+
+def _packed_args(hw: HybridWeight) -> list[torch.Tensor]:
+    return [_nonempty(t) for t in hw.tensors().values()]
+
+
+def _check(hw: HybridWeight) -> None:
+    assert hw.block_size == 16, f"the Triton kernels need 16x16 blocks, got {hw.block_size}"
+    for name, t in hw.tensors().items():
+        assert t.is_contiguous(), f"{name} is not contiguous"
+
+
+# (NB blocks per step, SPLIT programs per block-row, num_warps, token tile). Token tile 1 is the GEMV
+# kernel (one token, no tensor cores); 0 sends the op to unpack + cuBLAS (a tuning result may find that
+# faster for a short prefill).
+DecodeConfig = tuple[int, int, int, int]
+_TUNED_DECODE: dict[tuple[int, int, int], DecodeConfig] = {}
+
+
+def set_decode_config(shape: tuple[int, int], tokens: int, config: DecodeConfig) -> None:
+    """Use `config` for weights of `shape` (out, in) at `tokens` tokens (a benchmark's tuning result)."""
+    _TUNED_DECODE[(shape[0], shape[1], tokens)] = tuple(config)
+
+
+def decode_config(hw: HybridWeight, tokens: int = 1, num_sms: int = 132) -> DecodeConfig:
+    """(NB, SPLIT, num_warps, token tile) for the decode kernel: a tuned entry if set, else a heuristic.
+
+    Split a block-row across programs until the grid covers every SM about four times: a 4096-row
+    matrix has only 256 block-rows, too few programs to keep enough bytes in flight.
+    """
+    tuned = _TUNED_DECODE.get((hw.shape[0], hw.shape[1], tokens))
+    if tuned is not None:
+        return tuned
+    nbr = len(hw.dense_row_ptr) - 1
+    token_tile = min(64, _pow2_at_least(tokens, 16))  # tl.dot needs 16; x tiles beyond 64 crowd the SM
+    tiles = -(-tokens // token_tile)
+    per_row = max(1, sum(hw.tier_counts()) // max(nbr, 1))
+    split = max(1, min(-(-4 * num_sms // max(nbr * tiles, 1)), per_row // 32))
+    nb = 8 if token_tile <= 16 else 4
+    if tokens == 1:
+        token_tile = 1  # the GEMV kernel: no tensor-core tiles to rebuild, so fewer instructions per byte
+    return nb, _pow2_at_least(split), 4, token_tile
+
+
+def hybrid_mm_decode(x: torch.Tensor, hw: HybridWeight, *, nb: int | None = None, split: int | None = None,
+                     num_warps: int | None = None, token_tile: int | None = None) -> torch.Tensor:
+    """x (T, in) @ W.T -> (T, out) streaming the packed weight: every byte read once per token tile.
+
+    Meant for decode and short prefills (T <= SKINNY_MAX_TOKENS); longer inputs go to hybrid_mm_prefill.
+    """
+    assert x.dim() == 2 and x.is_contiguous(), (tuple(x.shape), x.stride())
+    assert x.shape[1] == hw.shape[1], (tuple(x.shape), hw.shape)
+    assert x.dtype == hw.dtype and x.dtype in _KERNEL_DTYPES, (x.dtype, hw.dtype)
+    assert x.device == hw.device, (x.device, hw.device)
+    _check(hw)
+    K = _kernels()
+    T, (n_out, k_in) = x.shape[0], hw.shape
+    nbr = len(hw.dense_row_ptr) - 1
+    default = decode_config(hw, T, _num_sms(x.device))
+    nb, split = nb or default[0], split or default[1]
+    num_warps, token_tile = num_warps or default[2], token_tile or default[3]
+    assert token_tile == 1 or (token_tile >= 16 and token_tile & (token_tile - 1) == 0), \
+        f"token tile {token_tile}: 1 (the GEMV kernel, one token) or a power of 2 >= 16"
+    atomic = split > 1
+    if token_tile == 1:
+        assert T == 1, f"the GEMV kernel (token tile 1) takes one token, got {T}"
+        out = torch.zeros(1, n_out, dtype=torch.float32, device=x.device) if atomic else x.new_empty(1, n_out)
+        K._hybrid_gemv_kernel[(nbr, split)](
+            x, out, *_packed_args(hw), n_out, k_in,
+            TOPK=hw.topk, KP=_pow2_at_least(hw.topk), NB=nb, SPLIT=split, ATOMIC=atomic, num_warps=num_warps,
+        )
+        return out.to(x.dtype) if atomic else out
+    out = torch.zeros(T, n_out, dtype=torch.float32, device=x.device) if atomic else x.new_empty(T, n_out)
+    K._hybrid_decode_kernel[(nbr, split, -(-T // token_tile))](
+        x, out, *_packed_args(hw), T, n_out, k_in, x.stride(0), out.stride(0),
+        TOPK=hw.topk, KP=_pow2_at_least(hw.topk), NB=nb, TP=token_tile, SPLIT=split, ATOMIC=atomic,
+        UPCAST=x.dtype == torch.bfloat16 and _interpreting(), num_warps=num_warps,
+    )
+    return out.to(x.dtype) if atomic else out
+
+
+def hybrid_unpack(hw: HybridWeight, *, nb: int = 4, split: int | None = None, num_warps: int = 4) -> torch.Tensor:
+    """The dense weight (out, in) written by the unpack kernel (the prefill workspace)."""
+    _check(hw)
+    split = split or decode_config(hw, 1, _num_sms(hw.device))[1]
+    K = _kernels()
+    n_out, k_in = hw.shape
+    nbr = len(hw.dense_row_ptr) - 1
+    W = torch.empty(n_out, k_in, dtype=hw.dtype, device=hw.device)  # every block is written
+    K._hybrid_unpack_kernel[(nbr, split)](
+        W, *_packed_args(hw), n_out, k_in, W.stride(0),
+        TOPK=hw.topk, KP=_pow2_at_least(hw.topk), NB=nb, SPLIT=split, num_warps=num_warps,
+    )
+    return W
+
+
+def hybrid_mm_prefill(x: torch.Tensor, hw: HybridWeight) -> torch.Tensor:
+    """x (T, in) @ W.T -> (T, out): unpack into a dense workspace, then the dense GEMM (cuBLAS on CUDA)."""
+    assert x.dim() == 2 and x.shape[1] == hw.shape[1], (tuple(x.shape), hw.shape)
+    assert x.dtype == hw.dtype, (x.dtype, hw.dtype)
+    return F.linear(x, hybrid_unpack(hw))
+
+
+def _interpreting() -> bool:
+    from triton import knobs
+
+    return bool(knobs.runtime.interpret)
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132  # the interpreter on CPU: any number works, an H100/H200's keeps the grid realistic
+
+
+def _as_hybrid(tensors: list[torch.Tensor], out_features: int, in_features: int, block_size: int,
+               topk: int) -> HybridWeight:
+    return HybridWeight((out_features, in_features), block_size, topk, *tensors)
+
+
+@torch.library.custom_op("tierprune::hybrid_mm", mutates_args=())
+def _hybrid_mm_op(x: torch.Tensor, dense_values: torch.Tensor, dense_cols: torch.Tensor,
+                  dense_row_ptr: torch.Tensor, nm_values: torch.Tensor, nm_meta: torch.Tensor,
+                  nm_cols: torch.Tensor, nm_row_ptr: torch.Tensor, topk_values: torch.Tensor,
+                  topk_pos: torch.Tensor, topk_cols: torch.Tensor, topk_row_ptr: torch.Tensor,
+                  out_features: int, in_features: int, block_size: int, topk: int) -> torch.Tensor:
+    hw = _as_hybrid([dense_values, dense_cols, dense_row_ptr, nm_values, nm_meta, nm_cols, nm_row_ptr,
+                     topk_values, topk_pos, topk_cols, topk_row_ptr], out_features, in_features, block_size, topk)
+    if not x.is_cuda or block_size != 16:
+        return hybrid_matmul_ref(x, hw)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, in_features).contiguous()
+    T = x2.shape[0]
+    if T == 0:  # an empty grid is not a launch
+        return x.new_empty(*lead, out_features)
+    stream = T <= SKINNY_MAX_TOKENS and decode_config(hw, T, _num_sms(x.device))[3] != 0
+    if stream and x2.dtype in _KERNEL_DTYPES and x2.dtype == hw.dtype:
+        out = hybrid_mm_decode(x2, hw)
+    else:
+        out = hybrid_mm_prefill(x2.to(hw.dtype), hw).to(x.dtype)
+    return out.reshape(*lead, out_features)
+
+
+@_hybrid_mm_op.register_fake
+def _(x, dense_values, dense_cols, dense_row_ptr, nm_values, nm_meta, nm_cols, nm_row_ptr, topk_values,
+      topk_pos, topk_cols, topk_row_ptr, out_features, in_features, block_size, topk):
+    torch._check(x.shape[-1] == in_features)
+    return x.new_empty(*x.shape[:-1], out_features)
+
+
+def hybrid_mm(x: torch.Tensor, hw: HybridWeight) -> torch.Tensor:
+    """x (..., in) @ W.T -> (..., out) through the `tierprune::hybrid_mm` op."""
+    if x.shape[-1] != hw.shape[1]:
+        raise ValueError(f"x has {x.shape[-1]} features, the weight expects {hw.shape[1]}")
+    tensors = [getattr(hw, name) for name in HYBRID_TENSOR_NAMES]
+    return torch.ops.tierprune.hybrid_mm(x, *tensors, hw.shape[0], hw.shape[1], hw.block_size, hw.topk)

@@ -1,0 +1,242 @@
+"""Triton hybrid kernels against the pure-torch reference: on CUDA if present, else in Triton's interpreter.
+
+Without CUDA, tests/kernels/conftest.py sets TRITON_INTERPRET=1 before the kernels are imported. The
+kernels are also compiled for sm_90 (Hopper) to PTX and a cubin on the CPU: the interpreter accepts code
+that the compiler refuses, so this catches what the interpreter cannot.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tierprune.kernels.hybrid import hybrid_matmul_ref, pack_hybrid
+from tierprune.kernels.tiers import DENSE, NM_2_4, TOPK
+from tierprune.kernels.triton.hybrid_mm import (
+    DECODE_MAX_TOKENS,
+    hybrid_mm,
+    hybrid_mm_decode,
+    hybrid_mm_prefill,
+    hybrid_unpack,
+)
+
+from .test_hybrid import pruned_weight, random_tier_map
+
+pytest.importorskip("triton")
+
+pytestmark = pytest.mark.unit
+KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+SHAPES = [(64, 96), (40, 52), (48, 208)]  # full blocks; edge blocks both ways; 13 blocks per row
+
+
+def _case(shape, dtype, seed, probs=(0.35, 0.45, 0.20)):
+    g = torch.Generator().manual_seed(seed)
+    tier_map = random_tier_map(shape, g, probs)
+    W = pruned_weight(shape, tier_map, g, dtype)
+    return W, pack_hybrid(W, tier_map).to(KERNEL_DEVICE), g
+
+
+def _expected(x: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    return x.double().cpu() @ W.double().T
+
+
+def _close(got: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
+    tol = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float32: 1e-5}[dtype]
+    torch.testing.assert_close(got.double().cpu(), expected, rtol=tol, atol=tol * expected.abs().max().item())
+
+
+def test_kernels_run_interpreted_without_cuda() -> None:
+    from tierprune.kernels.triton import _hybrid_kernels as K
+
+    kind = type(K._hybrid_decode_kernel).__name__
+    assert kind == ("JITFunction" if torch.cuda.is_available() else "InterpretedFunction"), kind
+
+
+@pytest.mark.parametrize("split", [1, 3])
+@pytest.mark.parametrize("tokens", [1, 7, DECODE_MAX_TOKENS, 40])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_decode_matches_reference(shape, dtype, tokens, split) -> None:
+    W, hw, g = _case(shape, dtype, seed=tokens + split)
+    x = torch.randn(tokens, shape[1], generator=g).to(dtype)
+    got = hybrid_mm_decode(x.to(KERNEL_DEVICE), hw, split=split)
+    assert got.shape == (tokens, shape[0]) and got.dtype == dtype
+    _close(got, _expected(x, W), dtype)
+
+
+@pytest.mark.parametrize("nb", [1, 2, 8])
+def test_decode_block_steps(nb) -> None:
+    W, hw, g = _case((32, 208), torch.float16, seed=nb)
+    x = torch.randn(3, 208, generator=g).to(torch.float16)
+    _close(hybrid_mm_decode(x.to(KERNEL_DEVICE), hw, nb=nb), _expected(x, W), torch.float16)
+
+
+@pytest.mark.parametrize("tokens, token_tile", [(1, 16), (1, 1), (40, 16), (33, 32), (64, 64), (70, 32)])
+def test_decode_token_tiles(tokens, token_tile) -> None:
+    W, hw, g = _case((48, 80), torch.bfloat16, seed=tokens)
+    x = torch.randn(tokens, 80, generator=g).to(torch.bfloat16)
+    got = hybrid_mm_decode(x.to(KERNEL_DEVICE), hw, token_tile=token_tile, split=2)
+    _close(got, _expected(x, W), torch.bfloat16)
+
+
+@pytest.mark.parametrize("split", [1, 3])
+@pytest.mark.parametrize("nb", [1, 4, 16])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_gemv_matches_reference(shape, nb, split) -> None:
+    W, hw, g = _case(shape, torch.bfloat16, seed=nb + split)
+    x = torch.randn(1, shape[1], generator=g).to(torch.bfloat16)
+    got = hybrid_mm_decode(x.to(KERNEL_DEVICE), hw, nb=nb, split=split, token_tile=1)
+    assert got.shape == (1, shape[0]) and got.dtype == torch.bfloat16
+    _close(got, _expected(x, W), torch.bfloat16)
+    with pytest.raises(AssertionError, match="one token"):
+        hybrid_mm_decode(torch.cat([x, x]).to(KERNEL_DEVICE), hw, token_tile=1)
+
+
+@pytest.mark.parametrize("tokens", [1, 2])
+@pytest.mark.parametrize("tier", [DENSE, NM_2_4, TOPK])
+def test_decode_single_tier(tier, tokens) -> None:
+    probs = [1e-9, 1e-9, 1e-9]
+    probs[tier] = 1.0
+    W, hw, g = _case((32, 64), torch.bfloat16, seed=tier, probs=tuple(probs))
+    assert hw.tier_counts()[tier] == 8
+    x = torch.randn(tokens, 64, generator=g).to(torch.bfloat16)
+    _close(hybrid_mm_decode(x.to(KERNEL_DEVICE), hw), _expected(x, W), torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_unpack_is_exact(shape, dtype) -> None:
+    W, hw, _ = _case(shape, dtype, seed=11)
+    for split in (1, 2):
+        assert torch.equal(hybrid_unpack(hw, split=split).cpu(), W)
+
+
+def test_prefill_matches_reference() -> None:
+    W, hw, g = _case((40, 52), torch.bfloat16, seed=12)
+    x = torch.randn(33, 52, generator=g).to(torch.bfloat16)
+    _close(hybrid_mm_prefill(x.to(KERNEL_DEVICE), hw), _expected(x, W), torch.bfloat16)
+
+
+def test_decode_refuses_bad_inputs() -> None:
+    W, hw, _ = _case((32, 64), torch.bfloat16, seed=13)
+    x = torch.zeros(4, 64, dtype=torch.bfloat16, device=KERNEL_DEVICE)
+    with pytest.raises(AssertionError, match="token tile 24"):
+        hybrid_mm_decode(x, hw, token_tile=24)
+    with pytest.raises(AssertionError):
+        hybrid_mm_decode(torch.zeros(2, 64, dtype=torch.float16, device=KERNEL_DEVICE), hw)  # dtype
+    with pytest.raises(AssertionError):
+        hybrid_mm_decode(torch.zeros(64, 2, dtype=torch.bfloat16, device=KERNEL_DEVICE).t(), hw)  # layout
+
+
+def test_custom_op_matches_reference_and_passes_opcheck() -> None:
+    W, hw, g = _case((40, 52), torch.bfloat16, seed=14)
+    x = torch.randn(2, 5, 52, generator=g).to(torch.bfloat16).to(KERNEL_DEVICE)
+    got = hybrid_mm(x, hw)
+    assert got.shape == (2, 5, 40)
+    _close(got, _expected(x, W), torch.bfloat16)
+    _close(hybrid_mm(x.reshape(10, 52), hw), _expected(x.reshape(10, 52), W), torch.bfloat16)
+    # Schema, fake (meta) implementation and dispatcher registration, as torch.compile relies on them.
+    args = (x, *hw.tensors().values(), hw.shape[0], hw.shape[1], hw.block_size, hw.topk)
+    torch.library.opcheck(torch.ops.tierprune.hybrid_mm.default, args,
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+
+
+def test_custom_op_traces_under_torch_compile() -> None:
+    W, hw, g = _case((32, 48), torch.float32, seed=15)
+    x = torch.randn(4, 48, generator=g)
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def f(x, *tensors):
+        return torch.ops.tierprune.hybrid_mm(x, *tensors, 32, 48, 16, 10) * 2
+
+    got = f(x.to(KERNEL_DEVICE), *hw.tensors().values())
+    _close(got / 2, _expected(x, W), torch.float32)
+
+
+# Run in a fresh interpreter: a process whose triton was imported in interpreter mode cannot compile
+# (Triton's own standard library is decorated for the interpreter at import).
+COMPILE_SCRIPT = r"""
+import json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from tierprune.kernels.triton import _hybrid_kernels as K
+
+PACKED = {"dv_ptr": "*{w}", "dc_ptr": "*i16", "dp_ptr": "*i32", "nv_ptr": "*{w}", "meta_ptr": "*u8",
+          "nc_ptr": "*i16", "np_ptr": "*i32", "tv_ptr": "*{w}", "tp_ptr": "*u8", "tc_ptr": "*i16", "tpp_ptr": "*i32"}
+target = GPUTarget("cuda", 90, 32)
+ALIGNED_INTS = ("N_OUT", "K_IN", "stride_xt", "stride_ot", "stride_w")
+
+
+def aligned(sig):
+    # What the JIT specializes at launch for 16-byte-aligned tensors and multiples of 16 (LLaMA shapes).
+    return {(i,): [["tt.divisibility", 16]] for i, (name, ty) in enumerate(sig.items())
+            if ty.startswith("*") or name in ALIGNED_INTS}
+
+
+report = {}
+for dtype, atomic, tp in [("bf16", True, 16), ("bf16", False, 16), ("fp16", False, 16), ("bf16", True, 64)]:
+    packed = {name: t.format(w=dtype) for name, t in PACKED.items()}
+    consts = dict(TOPK=10, KP=16, NB=4, TP=tp, SPLIT=2 if atomic else 1, ATOMIC=atomic, UPCAST=False)
+    sig = {"x_ptr": "*" + dtype, "out_ptr": "*fp32" if atomic else "*" + dtype, **packed,
+           **{n: "i32" for n in ("T", "N_OUT", "K_IN", "stride_xt", "stride_ot")}, **{n: "constexpr" for n in consts}}
+    k = triton.compile(ASTSource(fn=K._hybrid_decode_kernel, signature=sig, constexprs=consts, attrs=aligned(sig)),
+                       target=target, options={"num_warps": 4})
+    report[f"decode-{dtype}-{atomic}-{tp}"] = {"mma": k.asm["ptx"].count("mma.sync"), "cubin": len(k.asm["cubin"]),
+                                          "async_copies": k.asm["ttgir"].count("ttg.async_copy_global_to_local"),
+                                          "nm_values_prefetched": "async_copy_global_to_local" in "".join(
+                                              line for line in k.asm["ttgir"].splitlines() if "tensor<16x4x8x" in line)}
+    if tp == 16:
+        consts = dict(TOPK=10, KP=16, NB=8, SPLIT=2 if atomic else 1, ATOMIC=atomic)
+        sig = {"x_ptr": "*" + dtype, "out_ptr": "*fp32" if atomic else "*" + dtype, **packed,
+               **{n: "i32" for n in ("N_OUT", "K_IN")}, **{n: "constexpr" for n in consts}}
+        k = triton.compile(ASTSource(fn=K._hybrid_gemv_kernel, signature=sig, constexprs=consts, attrs=aligned(sig)),
+                           target=target, options={"num_warps": 4})
+        report[f"gemv-{dtype}-{atomic}"] = {"cubin": len(k.asm["cubin"]),
+                                            "async_copies": k.asm["ttgir"].count("ttg.async_copy_global_to_local")}
+    consts = dict(TOPK=10, KP=16, NB=4, SPLIT=1)
+    sig = {"w_ptr": "*" + dtype, **packed, **{n: "i32" for n in ("N_OUT", "K_IN", "stride_w")},
+           **{n: "constexpr" for n in consts}}
+    k = triton.compile(ASTSource(fn=K._hybrid_unpack_kernel, signature=sig, constexprs=consts, attrs=aligned(sig)),
+                       target=target, options={"num_warps": 4})
+    report[f"unpack-{dtype}"] = {"mma": 0, "cubin": len(k.asm["cubin"])}
+print(json.dumps(report))
+"""
+
+
+def test_kernels_compile_for_hopper() -> None:
+    """PTX and a cubin for sm_90, built on the CPU with the ptxas that ships in the triton wheel."""
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    proc = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    expected = {"decode-bf16-True-16", "decode-bf16-False-16", "decode-fp16-False-16", "decode-bf16-True-64",
+                "gemv-bf16-True", "gemv-bf16-False", "gemv-fp16-False", "unpack-bf16", "unpack-fp16"}
+    assert set(report) == expected, report
+    for name, item in report.items():
+        assert item["cubin"] > 0, name
+        if name.startswith("decode"):
+            assert item["mma"] > 0, (name, item)  # the tile products run on the tensor cores
+            # The software pipeliner prefetches the dense tile, the 2:4 values and x with async copies
+            # (vector loads): two tensors per loop, at least two stages each, in both loops.
+            assert item["async_copies"] >= 8 and item["nm_values_prefetched"], (name, item)
+
+
+def test_tuned_configs_override_the_heuristic(monkeypatch) -> None:
+    from tierprune.kernels.triton import hybrid_mm as module
+
+    monkeypatch.setattr(module, "_TUNED_DECODE", {})
+    W, hw, g = _case((40, 52), torch.bfloat16, seed=16)
+    nb, split, warps, tile = module.decode_config(hw, 5)
+    assert tile == 16 and split >= 1 and nb in (4, 8)
+    assert module.decode_config(hw, 1)[3] == 1  # one token: the GEMV kernel
+    assert module.decode_config(hw, 40)[3] == 64  # one token tile of 64 for a short prefill
+    module.set_decode_config((40, 52), 5, (2, 1, 4, 0))  # token tile 0: unpack + cuBLAS wins at 5 tokens
+    assert module.decode_config(hw, 5) == (2, 1, 4, 0)
+    x = torch.randn(5, 52, generator=g).to(torch.bfloat16)
+    _close(hybrid_mm(x.to(KERNEL_DEVICE), hw), _expected(x, W), torch.bfloat16)
