@@ -396,8 +396,9 @@ class RunStore:
         if meta is not None and not isinstance(meta, dict):
             raise TierpruneError(f"step meta must be a dict or None, got {type(meta).__name__}")
         started, io_before = time.perf_counter(), dict(self.io)
-        payload = {name: encode(name, value) for name, value in files.items()}
-        hashes = {name: self._hash(data) for name, data in payload.items()}
+        with ThreadPoolExecutor(max_workers=len(files)) as pool:  # pyarrow and sha256 release the GIL
+            payload = dict(zip(files, pool.map(lambda item: encode(*item), files.items())))
+            hashes = dict(zip(payload, pool.map(self._hash, payload.values())))
         sizes = {name: len(data) for name, data in payload.items()}
         blobs = dict(blobs or {})
         _json_bytes({"files": hashes, "meta": meta}, f"meta of step {step_uri}")  # refused before anything is written
@@ -416,8 +417,9 @@ class RunStore:
         crash_point(f"{point}:before-files")
         step_path = self._p(rel)
         self._fs.makedirs(step_path, exist_ok=True)
-        for name, data in payload.items():
-            self._put_checked(f"{step_path}/{name}", data, hashes[name])
+        with ThreadPoolExecutor(max_workers=len(payload)) as pool:  # a tier table and its masks side by side
+            list(pool.map(lambda item: self._put_checked(f"{step_path}/{item[0]}", item[1], hashes[item[0]]),
+                          payload.items()))
         for name, value in files.items():
             if not isinstance(value, (bytes, bytearray, memoryview)):
                 self._recent[(f"{step_path}/{name}", hashes[name])] = value

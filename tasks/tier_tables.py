@@ -118,8 +118,7 @@ def _module_codes(column: pd.Series) -> tuple[np.ndarray, list[str]]:
     """(codes, names): codes[i] indexes names; names in order of first appearance."""
     if isinstance(column.dtype, pd.CategoricalDtype):
         raw = column.cat.codes.to_numpy()
-        used, first = np.unique(raw, return_index=True)
-        order = used[np.argsort(first)]  # category codes in order of first appearance
+        order = pd.unique(raw)  # category codes in order of first appearance (hashing, no sort of 25M rows)
         remap = np.full(len(column.cat.categories), -1, dtype=np.int64)
         remap[order] = np.arange(len(order))
         return remap[raw], [str(column.cat.categories[c]) for c in order]
