@@ -15,7 +15,6 @@ from typing import Any
 
 import pandas as pd
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import safetensors.torch
 import torch
@@ -31,14 +30,14 @@ def encode(name: str, value: Any) -> bytes:
     if isinstance(value, (bytes, bytearray, memoryview)):
         return bytes(value)
     if name.endswith(".parquet") and isinstance(value, pd.DataFrame):
-        table = pa.Table.from_pandas(value, preserve_index=False)
-        for i, field in enumerate(table.schema):
-            if pa.types.is_dictionary(field.type):
-                # Categorical in memory, plain values on disk (Parquet dictionary-encodes them anyway), so
-                # that pd.read_parquet alone reads the file as the schema says.
-                table = table.set_column(i, field.name, pc.cast(table.column(i), field.type.value_type))
+        table = pa.Table.from_pandas(value, preserve_index=False).replace_schema_metadata(None)
+        # A Categorical is written as Parquet's own dictionary encoding of its values, and without the Arrow
+        # schema (store_schema=False) a reader sees plain strings: pd.read_parquet alone reads the schema the
+        # README gives. Repeated integer columns (layer, block row/col) are dictionary-encoded too; this
+        # halves the time to write a 7B model's 25-million-row tables.
+        repeated = [f.name for f in table.schema if pa.types.is_dictionary(f.type) or pa.types.is_integer(f.type)]
         buf = io.BytesIO()
-        pq.write_table(table.replace_schema_metadata(None), buf)
+        pq.write_table(table, buf, store_schema=False, use_dictionary=repeated, compression="snappy")
         return buf.getvalue()
     if name.endswith(".safetensors") and isinstance(value, dict):
         return tensor_file_bytes(value)
