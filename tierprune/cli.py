@@ -182,10 +182,9 @@ def demo(
     console.print(f"[dim]demo ({label} data): plan {plan}; 16×512 calibration tokens, 16 evaluation windows "
                   "of 512 — a quick look, not the protocol's numbers[/]")
     _check_run_inputs(cfg)
-    from tierprune.flows.progressive import progressive
-
-    rows = progressive(cfg)
+    rows = _run_flow(cfg)
     console.print(_rows_table(f"demo run {store.rstrip('/')}/{cfg.run}", rows))
+    _print_next_steps(cfg.store, cfg.run)
 
 
 runs_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Inspect and manage stored runs.")
@@ -194,12 +193,20 @@ app.add_typer(runs_app, name="runs")
 
 def _rows_table(title: str, rows: list[dict]) -> Table:
     table = Table(title=title)
-    columns = list(rows[0]) if rows else ["(none)"]
+    columns = list(dict.fromkeys(k for row in rows for k in row)) or ["(none)"]
     for column in columns:
-        table.add_column(column)
+        # A URI or status is folded onto more lines rather than cut with "…": it must stay copyable.
+        table.add_column(column, overflow="fold")
     for row in rows:
-        table.add_row(*[f"{v:.4g}" if isinstance(v, float) else str(v) for v in row.values()])
+        table.add_row(*["" if row.get(c) is None else f"{row[c]:.4g}" if isinstance(row[c], float) else str(row[c])
+                        for c in columns])
     return table
+
+
+def _print_uris(rows: list[dict]) -> None:
+    # Whole URIs on lines of their own (no wrapping by rich): a terminal or a script can copy them as they are.
+    for row in rows:
+        console.print(f"iteration {row['iteration']}: {row['uri']}", soft_wrap=True, highlight=False, markup=False)
 
 
 def _progressive_config(**kw) -> "ProgressiveConfig":
@@ -235,6 +242,30 @@ def _check_run_inputs(cfg) -> None:
     open_run(cfg)  # a foreign folder or another run under this name is refused here
 
 
+def _run_flow(cfg) -> list[dict]:
+    """The progressive flow in this process, one progress line per step, a server that dies with us."""
+    from tierprune import lifecycle, progress
+    from tierprune.flows.progressive import progressive
+
+    lifecycle.guard_flow_process()
+    with _progress_bars() as update, progress.reporting(update):
+        return progressive(cfg)
+
+
+def _run_location(store: str, run: str) -> str:
+    """The run's folder as a URI that works from any directory (a local store made absolute)."""
+    if "://" in store:
+        return f"{store.rstrip('/')}/{run}"
+    return str(Path(store).expanduser().resolve() / run)
+
+
+def _print_next_steps(store: str, run: str) -> None:
+    location = _run_location(store, run)
+    for line in (f"run stored at {location}", "next:", f"  tierprune runs show {location}",
+                 f"  tierprune runs export {location} --output DIR"):
+        console.print(line, soft_wrap=True, highlight=False, markup=False)
+
+
 @app.command()
 def run(
     plan: str = typer.Option(..., help="plan file: CSV (iteration,dense,mid_2_4,topk,...,epochs), YAML or JSON"),
@@ -263,10 +294,9 @@ def run(
         eval_seqlen=eval_seqlen, eval_max_windows=eval_max_windows, plan=plan, store=store, run=run_name,
         resume_from=resume_from, block_size=block_size, topk=topk, select=select, scope=scope, device=device)
     _check_run_inputs(cfg)
-    from tierprune.flows.progressive import progressive
-
-    rows = progressive(cfg)
+    rows = _run_flow(cfg)
     console.print(_rows_table(f"run {cfg.store.rstrip('/')}/{cfg.run}", rows))
+    _print_next_steps(cfg.store, cfg.run)
 
 
 @runs_app.command("list")
@@ -282,25 +312,134 @@ def runs_show(run_uri: str = typer.Argument(..., help="STORE/RUN")) -> None:
     """A run's finished iterations: tier fractions, sparsity, perplexity."""
     from tierprune.tasks.runs import run_summary, split_run_uri
 
-    rows = [{k: v for k, v in r.items() if k != "finished"} for r in run_summary(split_run_uri(run_uri))]
-    console.print(_rows_table(f"run {run_uri}", rows))
+    rows = run_summary(split_run_uri(run_uri))
+    console.print(_rows_table(f"run {run_uri}", [{k: v for k, v in r.items() if k not in ("finished", "uri")}
+                                                  for r in rows]))
+    _print_uris(rows)
+
+
+@runs_app.command("verify")
+def runs_verify(run_uri: str = typer.Argument(..., help="STORE/RUN")) -> None:
+    """Hash every file of every step: committed, damaged (a file missing or differing) or missing (no COMMIT.json).
+
+    Exit status 1 if any step (or the manifest) is not intact.
+    """
+    from tierprune.tasks.runs import split_run_uri, verify_run
+
+    statuses = verify_run(split_run_uri(run_uri))
+    table = Table(title=f"run {run_uri}")
+    for column in ("step", "status", "detail"):
+        table.add_column(column, overflow="fold")
+    for s in statuses:
+        style = "" if s.status == "committed" else "red"
+        table.add_row(s.step, Text(s.status, style=style), s.detail)
+    console.print(table)
+    bad = [s for s in statuses if s.status != "committed"]
+    console.print(f"{len(statuses) - len(bad)} committed, {len(bad)} damaged or missing", highlight=False)
+    if bad:
+        raise typer.Exit(1)
+
+
+@runs_app.command("repair")
+def runs_repair(run_uri: str = typer.Argument(..., help="STORE/RUN")) -> None:
+    """Rebuild a missing or garbled manifest.json from RUN.json and the steps' COMMIT.json (old one kept as .bak)."""
+    from tierprune.tasks.runs import split_run_uri
+
+    store = split_run_uri(run_uri)
+    with store.lock(owner="tierprune runs repair"):
+        result = store.repair()
+    backup = f"; the previous manifest is kept as {result['backup']}" if result["backup"] else ""
+    console.print(f"rebuilt {store.uri}/manifest.json with {result['steps']} committed steps{backup}",
+                  highlight=False, soft_wrap=True)
 
 
 @runs_app.command("unlock")
-def runs_unlock(run_uri: str = typer.Argument(..., help="STORE/RUN")) -> None:
-    """Break a stale writer lock left by a crashed run (only when that process is gone)."""
+def runs_unlock(
+    run_uri: str = typer.Argument(..., help="STORE/RUN"),
+    force: bool = typer.Option(False, "--force", help="also break a lock held from another host"),
+) -> None:
+    """Break the writer lock of a run whose writer is gone.
+
+    A lock whose process still runs on this host is never broken. A lock held from another host is broken only
+    with --force (this host cannot see whether that process is alive); a dead process of this host's is just
+    removed.
+    """
     from tierprune.tasks.runs import split_run_uri
 
-    broke = split_run_uri(run_uri).break_lock()
-    console.print("lock removed" if broke else "the run was not locked")
+    store = split_run_uri(run_uri)
+    holder = store.lock_holder()
+    if holder is None:
+        console.print("the run was not locked")
+        return
+    state = store.lock_state()
+    who = (f"{holder.get('owner', 'an unknown writer')} (pid {holder.get('pid', '?')} on {holder.get('host', '?')}, "
+           f"since {holder.get('since', '?')})")
+    if state == "alive":
+        raise TierpruneError(f"run {store.uri} is locked by {who}, which is still running on this host; "
+                             "stop that process first (it releases the lock when it ends)")
+    if state == "foreign" and not force:
+        raise TierpruneError(f"run {store.uri} is locked by {who}; this host cannot tell whether that process is "
+                             f"alive: if it is gone, break the lock with `tierprune runs unlock {run_uri} --force`")
+    if not store.break_lock(token=holder.get("token")):
+        raise TierpruneError(f"the lock of run {store.uri} changed while looking at it; run the command again")
+    reason = "its process no longer exists" if state == "dead" else "--force"
+    console.print(f"removed the lock of {who} from {store.uri} ({reason})", highlight=False, soft_wrap=True)
+
+
+def default_prefect_home(environ: dict[str, str], cwd: Path) -> str | None:
+    """Where Prefect keeps its state for the CLI, unless the environment or a project's config says where.
+
+    None when PREFECT_HOME is set, or a prefect.toml (or pyproject.toml's [tool.prefect]) in cwd sets `home`;
+    else a folder of tierprune's cache ($TIERPRUNE_CACHE or ~/.cache/tierprune), not the shared ~/.prefect.
+    """
+    import tomllib
+
+    if environ.get("PREFECT_HOME"):
+        return None
+    for name, keys in (("prefect.toml", ()), ("pyproject.toml", ("tool", "prefect"))):
+        path = cwd / name
+        if not path.is_file():
+            continue
+        try:
+            table = tomllib.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+            continue  # not ours to judge: Prefect reports its own config errors
+        for key in keys:
+            table = table.get(key, {}) if isinstance(table, dict) else {}
+        if isinstance(table, dict) and "home" in table:
+            return None
+    cache = environ.get("TIERPRUNE_CACHE") or str(Path.home() / ".cache" / "tierprune")
+    return str(Path(cache) / "prefect")
+
+
+def _quiet_prefect_console(environ: dict[str, str]) -> None:
+    # Prefect's console handler prints every task's start and end (~56 lines for the demo) and the tracebacks of
+    # crashed tasks; the CLI shows progress bars and one error line instead. Logs still go to the Prefect API
+    # (the UI shows them); PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL=INFO brings them back to the terminal.
+    import logging
+
+    environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
+    # tierprune's own warnings (a stale lock broken, a rebuilt manifest) still reach the terminal, one line each.
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("warning: %(message)s"))
+    handler.setLevel(logging.WARNING)
+    tierprune_logger = logging.getLogger("tierprune")
+    tierprune_logger.addHandler(handler)
+    tierprune_logger.propagate = False
 
 
 def main() -> None:
     import os
 
+    from .lifecycle import Terminated, run_cleanups, termination_message, write_error_line
+
     # Our own rich bars report progress; transformers' tqdm bars (loading/writing weights) would only add
     # noise to stderr, which for bad input must be one line. Warnings stay on. Set before it is imported.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    prefect_home = default_prefect_home(os.environ, Path.cwd())
+    if prefect_home:
+        os.environ["PREFECT_HOME"] = prefect_home
+    _quiet_prefect_console(os.environ)
     # The project's prefect.toml, for runs started outside the repository: no telemetry, a patient
     # ephemeral server, no task caching unless a task brings its own key.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -321,6 +460,12 @@ def main() -> None:
     except TierpruneError as exc:
         _print_error(str(exc))
         sys.exit(2)
+    except Terminated as exc:
+        # SIGTERM/SIGINT during a flow (tierprune.lifecycle): the unwinding released the lock and removed
+        # temporary files; exit now, without Prefect's exit hooks that would wait on its server.
+        run_cleanups()
+        write_error_line(termination_message(exc.signal_name))
+        os._exit(exc.exit_code)
     except KeyboardInterrupt:
         err_console.print("interrupted")
         sys.exit(130)
