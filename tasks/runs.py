@@ -17,21 +17,22 @@ def split_run_uri(uri: str) -> RunStore:
     return RunStore(root, run)
 
 
-def _health(store: RunStore, rels: dict[str, str]) -> str:
-    """"ok", or which of the named steps ({label: rel}) is not intact and why (every file hashed)."""
+def _health(store: RunStore, rels: dict[str, str], deep: bool) -> str:
+    """"ok", or which of the named steps ({label: rel}) is not intact and why (deep: every file hashed)."""
     problems = []
     for label, rel in rels.items():
-        status = store.step_status(rel)
+        status = store.step_status(rel, deep)
         if status.status != "committed":
             problems.append(f"{label} {status.status}: {status.detail}")
     return "ok" if not problems else "; ".join(problems)
 
 
-def run_summary(store: RunStore) -> list[dict]:
+def run_summary(store: RunStore, deep: bool = True) -> list[dict]:
     """One row per finished iteration: iteration, status, tier fractions, sparsity, ppl, uri.
 
     status is "ok" only when the iteration's record, tier map, checkpoint and evaluation are all intact (every
-    file hashed); otherwise it names what is damaged or missing, and the row stays listed.
+    file hashed; without deep only markers, presence and sizes); otherwise it names what is damaged or missing,
+    and the row stays listed.
     """
     if not store.exists():
         raise TierpruneError(f"no tierprune run at {store.uri}")
@@ -44,13 +45,13 @@ def run_summary(store: RunStore) -> list[dict]:
         finished = (step.get("meta") or {}).get("finished", "")
         row = {"iteration": int(folder.removeprefix("iter-")), "finished": finished, "status": "",
                "sparsity": None, "ppl": None, "uri": f"{store.uri}/{folder}"}
-        record_status = store.step_status(rel)
+        record_status = store.step_status(rel, deep)
         if record_status.status != "committed":
             row["status"] = f"record {record_status.status}: {record_status.detail}"
         else:
             record = json.loads(store.read(step_uri, "iteration.json"))
             row["iteration"] = record["iteration"]
-            row["status"] = _health(store, {k: record[k]["rel"] for k in ("tiers", "checkpoint", "eval")})
+            row["status"] = _health(store, {k: record[k]["rel"] for k in ("tiers", "checkpoint", "eval")}, deep)
             try:
                 evaluation = json.loads(store.read(f"{store.uri}/{record['eval']['rel']}", "eval.json"))
             except TierpruneError:
@@ -92,7 +93,7 @@ def list_runs(root: str) -> list[dict]:
         row = {"run": name, "status": _quick_status(store), "iterations": None, "last iteration": None,
                "ppl": None, "sparsity": None}
         try:
-            summary = run_summary(store)
+            summary = run_summary(store, deep=False)  # hashing every checkpoint of every run is runs verify's job
         except TierpruneError:
             summary = []  # a garbled manifest: listed, its status says so
         else:
