@@ -11,7 +11,6 @@ import sys
 import pytest
 from fsspec.core import url_to_fs
 
-from tierprune import lifecycle
 from tierprune.errors import TierpruneError
 from tierprune.storage.runstore import RunStore
 
@@ -210,6 +209,8 @@ def test_break_lock_with_a_token_leaves_a_lock_taken_over_since(root: str) -> No
 
 def test_a_hard_termination_releases_the_held_lock(root: str) -> None:
     # What tierprune.lifecycle runs when SIGTERM cannot unwind in time.
+    from tierprune import lifecycle
+
     store = RunStore(root, "r1")
     store.create({"fingerprint": "fp-1"})
     lock = store.lock()
