@@ -310,7 +310,7 @@ def runs_list(store: str = typer.Argument(..., help="the --store of the runs")) 
 
 @runs_app.command("show")
 def runs_show(run_uri: str = typer.Argument(..., help="STORE/RUN")) -> None:
-    """A run's finished iterations: tier fractions, sparsity, perplexity."""
+    """A run's finished iterations: status (files hashed), tier fractions, sparsity, perplexity; full URIs."""
     from tierprune.tasks.runs import run_summary, split_run_uri
 
     rows = run_summary(split_run_uri(run_uri))
