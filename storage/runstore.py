@@ -2,7 +2,9 @@
 
 Layout of a run folder (``{root}/{run}``)::
 
-    manifest.json                     what the run is (caller's keys, "fingerprint") and the steps it recorded
+    RUN.json                          what the run is (caller's keys, "fingerprint"), written once by create()
+    manifest.json                     RUN.json's keys plus the steps it recorded; rebuilt from RUN.json and the
+                                      steps' COMMIT.json when missing (`tierprune runs repair` when garbled)
     LOCK                              present while a writer holds the run (see RunLock)
     blobs/ab/ab12…ef.safetensors      content-addressed tensors (one per file, named by its sha256): a tensor
                                       that did not change between checkpoints is stored once
@@ -29,9 +31,10 @@ import socket
 import threading
 import time
 import uuid
-from contextlib import contextmanager
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
@@ -41,16 +44,18 @@ from fsspec.implementations.memory import MemoryFileSystem
 
 from tierprune.errors import TierpruneError
 from tierprune.faults import crash_point
+from tierprune.lifecycle import cancel_on_termination, cleanup_on_termination, on_termination
 
 from .formats import decode, encode
 from .tables import _atomic_open
 
-__all__ = ["RunStore", "RunLock", "CorruptArtifactError", "sha256_bytes", "blob_rel", "run_names"]
+__all__ = ["RunStore", "RunLock", "CorruptArtifactError", "StepStatus", "sha256_bytes", "blob_rel", "run_names"]
 
 log = logging.getLogger(__name__)
 
 FORMAT = "tierprune-run/1"
 MANIFEST = "manifest.json"
+IDENTITY = "RUN.json"
 COMMIT = "COMMIT.json"
 LOCK = "LOCK"
 # Run, step and file names become path components on every backend: no separators, no "." or "..".
@@ -58,7 +63,7 @@ _NAME = re.compile(r"[A-Za-z0-9._-]+")
 # A step folder relative to the run folder, as step_uri builds it.
 _STEP_REL = re.compile(r"iter-(\d{3,})/([A-Za-z0-9._-]+)")
 # What a crash during create() or a lock taken before create() may leave in a run folder with no manifest yet.
-_CREATE_LEFTOVERS = re.compile(rf"({re.escape(MANIFEST)}\.tmp-[0-9a-f]+|{LOCK})")
+_CREATE_LEFTOVERS = re.compile(rf"(({re.escape(MANIFEST)}|{re.escape(IDENTITY)})\.tmp-[0-9a-f]+|{LOCK})")
 _RESERVED_KEYS = ("format", "created", "steps")
 _HASH_CHUNK = 8 * 2**20
 _RECENT_OBJECTS = 6
@@ -94,6 +99,15 @@ def _json_bytes(obj: Any, what: str) -> bytes:
         return json.dumps(obj, indent=2, sort_keys=True, allow_nan=False).encode()
     except (TypeError, ValueError) as e:
         raise TierpruneError(f"{what} cannot be stored as JSON: {e}") from e
+
+
+@dataclass(frozen=True)
+class StepStatus:
+    """One step's health: status is "committed", "damaged" (a file missing or differing) or "missing" (no COMMIT.json)."""
+
+    step: str
+    status: str
+    detail: str
 
 
 class RunStore:
@@ -174,23 +188,29 @@ class RunStore:
     # ---- manifest ----------------------------------------------------------------------------------------
 
     def exists(self) -> bool:
-        """Whether the run folder holds a manifest (garbled or not: create() will not overwrite it)."""
-        path = self._p(MANIFEST)
-        self._fs.invalidate_cache(path)
-        return self._fs.isfile(path)
+        """Whether the run folder holds a manifest or a RUN.json (garbled or not: create() will not overwrite it)."""
+        for name in (MANIFEST, IDENTITY):
+            path = self._p(name)
+            self._fs.invalidate_cache(path)
+            if self._fs.isfile(path):
+                return True
+        return False
 
     def manifest(self) -> dict:
         """The run's manifest.json as a dict."""
         try:
             raw = self._cat(MANIFEST)
         except FileNotFoundError:
-            raise TierpruneError(f"no tierprune run at {self.uri} (no {MANIFEST})") from None
+            rebuilt = self._rebuilt_manifest()  # from RUN.json and the COMMIT.json files; nothing is written
+            if rebuilt is None:
+                raise TierpruneError(f"no tierprune run at {self.uri} (no {MANIFEST})") from None
+            return rebuilt
         try:
             data = json.loads(raw)
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise TierpruneError(f"{self._u(MANIFEST)} is garbled: {e}") from e
+            raise TierpruneError(f"{self._u(MANIFEST)} is garbled ({e}); {self._repair_hint()}") from e
         if not isinstance(data, dict) or not isinstance(data.get("steps"), dict):
-            raise TierpruneError(f"{self._u(MANIFEST)} is garbled: not a tierprune run manifest")
+            raise TierpruneError(f"{self._u(MANIFEST)} is garbled (not a tierprune run manifest); {self._repair_hint()}")
         if data.get("format") != FORMAT:
             fmt = data.get("format")
             raise TierpruneError(f"{self._u(MANIFEST)} has format {fmt!r}; this tierprune reads {FORMAT}")
@@ -212,15 +232,105 @@ class RunStore:
                     f"run {self.uri} already exists with fingerprint {existing.get('fingerprint')!r}, not "
                     f"{manifest.get('fingerprint')!r}: a different run under the same name; pick another run name"
                 )
+            self._complete_identity(existing)
             return
         self._refuse_foreign_folder()
-        data = _json_bytes({**manifest, "format": FORMAT, "created": _now(), "steps": {}}, "the run manifest")
+        identity = {**manifest, "format": FORMAT, "created": _now()}
+        data = _json_bytes({**identity, "steps": {}}, "the run manifest")
+        # RUN.json first: from then on the run exists, and a lost or damaged manifest can be rebuilt from it.
+        self._write_atomic(IDENTITY, _json_bytes(identity, "the run identity"))
         self._write_atomic(MANIFEST, data)
 
     def check_can_create(self) -> None:
         """Refuse, without writing, a run folder that create() would refuse (a file, or someone else's files)."""
         if not self.exists():
             self._refuse_foreign_folder()
+
+    # ---- identity, rebuild and repair --------------------------------------------------------------------
+
+    def _identity(self) -> dict | None:
+        """RUN.json (what create() was given, plus format and created time), or None for a run without one."""
+        try:
+            raw = self._cat(IDENTITY)
+        except FileNotFoundError:
+            return None
+        try:
+            data = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise TierpruneError(f"{self._u(IDENTITY)} is garbled: {e}") from e
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise TierpruneError(f"{self._u(IDENTITY)} is not a {FORMAT} run identity")
+        return data
+
+    def _marker_rels(self) -> list[str]:
+        """Step folders (relative to the run) that hold a COMMIT.json, readable or not."""
+        self._fs.invalidate_cache(self._path)
+        rels = set()
+        for path in self._fs.glob(f"{self._path}/iter-*/*/{COMMIT}"):
+            rel = posixpath.relpath(posixpath.dirname(path), self._path)
+            if _STEP_REL.fullmatch(rel):
+                rels.add(rel)
+        return sorted(rels)
+
+    def _rebuilt_manifest(self) -> dict | None:
+        """The manifest as RUN.json and the steps' COMMIT.json files describe it; None without a RUN.json."""
+        # COMMIT.json holds exactly what _record_step puts into the manifest (files and meta), so nothing is lost.
+        identity = self._identity()
+        if identity is None:
+            return None
+        steps = {}
+        for rel in self._marker_rels():
+            marker = self._marker(rel)
+            if marker is not None:
+                steps[rel] = {"files": marker["files"], "meta": marker.get("meta")}
+        return {**identity, "steps": steps}
+
+    def _repair_hint(self) -> str:
+        if self._identity_exists():
+            return f"rebuild it from the committed steps with `tierprune runs repair {self.uri}`"
+        return f"it cannot be rebuilt: the run has no {IDENTITY} (made by an older tierprune)"
+
+    def _identity_exists(self) -> bool:
+        path = self._p(IDENTITY)
+        self._fs.invalidate_cache(path)
+        return self._fs.isfile(path)
+
+    def _complete_identity(self, manifest: dict) -> None:
+        # A run reopened by its writer: write back a manifest that was missing (rebuilt in memory by manifest()),
+        # and give a run made before RUN.json existed its identity, so that its manifest can be rebuilt later.
+        if not self._identity_exists():
+            identity = {k: v for k, v in manifest.items() if k != "steps"}
+            self._write_atomic(IDENTITY, _json_bytes(identity, "the run identity"))
+        path = self._p(MANIFEST)
+        self._fs.invalidate_cache(path)
+        if not self._fs.isfile(path):
+            log.warning("run %s: %s was missing; rebuilt it from %s and the committed steps", self.uri, MANIFEST,
+                        IDENTITY)
+            self._write_atomic(MANIFEST, _json_bytes(manifest, "the run manifest"))
+
+    def repair(self) -> dict:
+        """Rebuild manifest.json from RUN.json and the steps' COMMIT.json; a previous one is kept as manifest.json.bak.
+
+        Returns {"steps": number of steps recorded, "backup": URI of the old manifest or None}.
+        """
+        identity = self._identity()
+        if identity is None:
+            if not self._fs.isfile(self._p(MANIFEST)):
+                raise TierpruneError(f"no tierprune run at {self.uri} (no {MANIFEST}, no {IDENTITY})")
+            raise TierpruneError(f"cannot repair {self.uri}: it has no {IDENTITY} (made by an older tierprune), "
+                                 "so what the run is cannot be restored")
+        rebuilt = self._rebuilt_manifest()
+        assert rebuilt is not None
+        backup = None
+        try:
+            old = self._cat(MANIFEST)
+        except FileNotFoundError:
+            old = None
+        if old is not None:
+            backup = self._u(f"{MANIFEST}.bak")
+            self._write_atomic(f"{MANIFEST}.bak", old)
+        self._write_atomic(MANIFEST, _json_bytes(rebuilt, "the run manifest"))
+        return {"steps": len(rebuilt["steps"]), "backup": backup}
 
     def _refuse_foreign_folder(self) -> None:
         # Never write a manifest into a folder that holds someone else's files: a later cleanup of the run
@@ -413,6 +523,7 @@ class RunStore:
                 f"step {step_uri} is already committed with other files; a step's key must change with its inputs"
             )
 
+        self._remove_stale_temps(rel)
         point = f"commit:{rel.rsplit('-', 1)[0]}"  # e.g. commit:iter-002/checkpoint (tierprune.faults)
         crash_point(f"{point}:before-files")
         step_path = self._p(rel)
@@ -444,6 +555,11 @@ class RunStore:
         parts = (data,) if isinstance(data, (bytes, bytearray, memoryview)) else data
         size = sum(len(p) for p in parts)
         tmp = f"{path}.tmp-{uuid.uuid4().hex[:12]}"
+        with cleanup_on_termination(lambda: self._fs.rm(tmp)):
+            self._put_checked_via(tmp, path, parts, size, digest)
+
+    def _put_checked_via(self, tmp: str, path: str, parts: tuple[bytes | memoryview, ...], size: int,
+                         digest: str) -> None:
         try:
             # No fsync here (it made a 13 GB checkpoint disk-bound): after a power cut a data file may be short
             # or zero-filled under its name, and then its size (load_step) or its sha256 (first read in the next
@@ -567,18 +683,112 @@ class RunStore:
                 found.add(int(m.group(1)))
         return sorted(found)
 
+    # ---- health ------------------------------------------------------------------------------------------
+
+    def step_status(self, rel: str, deep: bool = True) -> StepStatus:
+        """Whether one step (``iter-001/score-…``) is committed, damaged or missing, and why.
+
+        deep hashes every file (as load_step does); otherwise only COMMIT.json and the files' presence (and
+        sizes, where the marker records them) are checked: cheap enough for listing many runs.
+        """
+        if not _STEP_REL.fullmatch(rel):
+            raise TierpruneError(f"{rel!r} is not a step folder (iter-NNN/step-key)")
+        try:
+            self._cat(f"{rel}/{COMMIT}")
+        except (FileNotFoundError, IsADirectoryError):
+            return StepStatus(rel, "missing", f"no {COMMIT}: the step was never committed or its marker was lost")
+        marker = self._marker(rel)
+        if marker is None:
+            return StepStatus(rel, "damaged", f"{COMMIT} is unreadable")
+        sizes = marker.get("sizes") if isinstance(marker.get("sizes"), dict) else {}
+        for name, digest in sorted(marker["files"].items()):
+            path = self._p(f"{rel}/{name}")
+            self._fs.invalidate_cache(path)
+            try:
+                size = self._fs.size(path)
+                if name in sizes and size != sizes[name]:
+                    return StepStatus(rel, "damaged", f"{name} has {size} bytes, {sizes[name]} were committed")
+                if deep and self._sha256_file(path) != digest:
+                    return StepStatus(rel, "damaged", f"{name} does not match its sha256")
+            except (FileNotFoundError, IsADirectoryError):
+                return StepStatus(rel, "damaged", f"{name} is missing")
+        for digest, size in sorted((marker.get("blobs") or {}).items()):  # a checkpoint's tensors
+            path = self._p(blob_rel(digest))
+            if self._size(path) != size:
+                return StepStatus(rel, "damaged", f"blob {digest[:12]}… is missing or has the wrong size")
+            if deep and self._sha256_file(path) != digest:
+                return StepStatus(rel, "damaged", f"blob {digest[:12]}… does not match its sha256")
+        return StepStatus(rel, "committed", "")
+
+    def verify(self, deep: bool = True) -> list[StepStatus]:
+        """The status of every step the manifest records or that holds a COMMIT.json, plus the manifest's own
+        status when it is not intact (as a StepStatus named manifest.json). Reads only; nothing is repaired."""
+        problems: list[StepStatus] = []
+        recorded: dict = {}
+        try:
+            raw = self._cat(MANIFEST)
+        except FileNotFoundError:
+            problems.append(StepStatus(MANIFEST, "missing", f"rebuilt from {IDENTITY} when the run is next written"
+                                       if self._identity_exists() else "and no RUN.json to rebuild it from"))
+        else:
+            try:
+                recorded = json.loads(raw)["steps"]
+                if not isinstance(recorded, dict):
+                    raise TypeError("steps is not a dict")
+            except (UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
+                recorded = {}
+                problems.append(StepStatus(MANIFEST, "damaged", f"garbled ({e}); {self._repair_hint()}"))
+        rels = sorted(set(recorded) | set(self._marker_rels()))
+        return problems + [self.step_status(rel, deep) for rel in rels if _STEP_REL.fullmatch(rel)]
+
+    def _remove_stale_temps(self, rel: str) -> int:
+        """Remove the *.tmp-* files a crashed attempt at this step left in its folder; returns how many."""
+        # No marker lists them, so they are never read, but on object stores they are whole checkpoints
+        # that nobody else would ever delete. Only called by the lock holder, so no writer is using them.
+        folder = self._p(rel)
+        self._fs.invalidate_cache(folder)
+        try:
+            entries = self._fs.ls(folder, detail=False)
+        except FileNotFoundError:
+            return 0
+        stale = [e for e in entries if ".tmp-" in posixpath.basename(e.rstrip("/"))]
+        for path in stale:
+            try:
+                self._fs.rm(path)
+            except FileNotFoundError:
+                pass
+        if stale:
+            log.warning("step %s: removed %d temporary file(s) left by an earlier attempt", self._u(rel), len(stale))
+        return len(stale)
+
     # ---- lock --------------------------------------------------------------------------------------------
 
     def lock(self, owner: str | None = None) -> RunLock:
         """A context manager that holds the run's LOCK for one writer; see RunLock."""
         return RunLock(self, owner)
 
-    def break_lock(self) -> bool:
-        """Remove LOCK whoever holds it; True if there was one. Only for a writer known to be gone."""
+    def lock_holder(self) -> dict | None:
+        """What LOCK says (owner, pid, host, since, token), {"owner": ...} if unreadable, None if unlocked."""
+        return RunLock(self)._holder() or None
+
+    def lock_state(self) -> str:
+        """"unlocked", "alive" (held by a running process of this host), "dead" (its process of this host is
+        gone) or "foreign" (held from another host, or unreadable: this host cannot tell whether it is alive)."""
+        holder = self.lock_holder()
+        if holder is None:
+            return "unlocked"
+        if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
+            return "foreign"
+        return "dead" if _pid_is_gone(holder["pid"]) else "alive"
+
+    def break_lock(self, token: str | None = None) -> bool:
+        """Remove LOCK (only if it still holds token, when given); True if removed. Only for a writer known to be gone."""
         path = self._p(LOCK)
         self._fs.invalidate_cache(path)
         if not self._fs.exists(path):
             return False
+        if token is not None and (self.lock_holder() or {}).get("token") != token:
+            return False  # taken over since the caller looked: that is someone else's lock now
         try:
             self._fs.rm(path)
         except FileNotFoundError:
@@ -602,6 +812,7 @@ class RunLock:
         self.owner = owner or _default_owner()
         self.token = uuid.uuid4().hex
         self.held = False
+        self._on_termination: int | None = None
 
     def __enter__(self) -> RunLock:
         self.acquire()
@@ -637,13 +848,7 @@ class RunLock:
         pid = holder.get("pid")
         if holder.get("host") != socket.gethostname() or not isinstance(pid, int) or pid == os.getpid():
             return False
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        except PermissionError:
-            return False  # alive, owned by someone else
-        return False
+        return _pid_is_gone(pid)
 
     def _acquire_once(self) -> None:
         store = self.store
@@ -683,12 +888,15 @@ class RunLock:
         if not store._atomic_create and self._holder().get("token") != self.token:
             raise self._locked_error()
         self.held = True
+        # A SIGTERM that cannot unwind in time still releases the lock (tierprune.lifecycle).
+        self._on_termination = on_termination(self.release)
 
     def release(self) -> None:
         """Remove LOCK if it is still ours."""
         if not self.held:
             return
         self.held = False
+        cancel_on_termination(self._on_termination)
         # Remove only our own LOCK: after a break_lock another writer may hold the run now.
         if self._holder().get("token") == self.token:
             try:
@@ -716,6 +924,17 @@ class RunLock:
             f"(pid {h.get('pid', '?')} on {h.get('host', '?')}); if that process is gone, break the lock with "
             f"`tierprune runs unlock {uri}`"
         )
+
+
+def _pid_is_gone(pid: int) -> bool:
+    """Whether no process with this pid exists on this host."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # alive, owned by someone else
+    return False
 
 
 def _default_owner() -> str:

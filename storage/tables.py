@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 
 from tierprune.errors import TierpruneError
+from tierprune.lifecycle import cleanup_on_termination
 
 __all__ = ["save_table", "load_table", "save_file"]
 
@@ -32,7 +33,8 @@ def _atomic_open(uri: str) -> Iterator[IO[bytes]]:
     # A crash mid-write leaves only a .tmp-* sibling, never a truncated file under the real name.
     tmp = f"{path}.tmp-{uuid.uuid4().hex[:12]}"
     try:
-        with fs.open(tmp, "wb") as f:
+        # A SIGTERM that cannot unwind in time removes it too (tierprune.lifecycle).
+        with cleanup_on_termination(lambda: fs.rm(tmp)), fs.open(tmp, "wb") as f:
             yield f
         fs.mv(tmp, path)
     finally:

@@ -74,7 +74,7 @@ def collect_activations_task(state: RunState, iteration: int, checkpoint: Artifa
     from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
     from tierprune.faults import crash_point
-    from tierprune.progress import report_progress
+    from tierprune.progress import report as report_progress
     from tierprune.storage.datasets import load_texts
 
     from .calibration import sample_calibration

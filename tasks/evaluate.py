@@ -103,7 +103,7 @@ def _eval_ids(state: RunState, tokenizer) -> torch.Tensor:
 @task(name="evaluate", persist_result=True, cache_policy=store_cache_policy("eval", _eval_material))
 def evaluate_task(state: RunState, iteration: int, checkpoint: ArtifactRef, tiers: ArtifactRef) -> ArtifactRef:
     """Sparsity, tier fractions and perplexity of the model at `checkpoint`, committed as eval.json."""
-    from tierprune.progress import report_progress
+    from tierprune.progress import report as report_progress
 
     from .tier_tables import tier_maps_from_table
 

@@ -1,10 +1,10 @@
-"""Reading runs back: which runs a store holds, and each run's finished iterations."""
+"""Reading runs back: which runs a store holds, each run's finished iterations, and each step's health."""
 from __future__ import annotations
 
 from tierprune.errors import TierpruneError
-from tierprune.storage.runstore import RunStore, run_names
+from tierprune.storage.runstore import RunStore, StepStatus, run_names
 
-__all__ = ["split_run_uri", "list_runs", "run_summary", "summary_json"]
+__all__ = ["split_run_uri", "list_runs", "run_summary", "summary_json", "verify_run"]
 
 
 def split_run_uri(uri: str) -> RunStore:
@@ -15,8 +15,23 @@ def split_run_uri(uri: str) -> RunStore:
     return RunStore(root, run)
 
 
-def run_summary(store: RunStore) -> list[dict]:
-    """One row per finished iteration: iteration, tier fractions, sparsity, ppl."""
+def _health(store: RunStore, rels: dict[str, str], deep: bool) -> str:
+    """"ok", or which of the named steps ({label: rel}) is not intact and why (deep: every file hashed)."""
+    problems = []
+    for label, rel in rels.items():
+        status = store.step_status(rel, deep)
+        if status.status != "committed":
+            problems.append(f"{label} {status.status}: {status.detail}")
+    return "ok" if not problems else "; ".join(problems)
+
+
+def run_summary(store: RunStore, deep: bool = True) -> list[dict]:
+    """One row per finished iteration: iteration, status, tier fractions, sparsity, ppl, uri.
+
+    status is "ok" only when the iteration's record, tier map, checkpoint and evaluation are all intact (every
+    file hashed; without deep only markers, presence and sizes); otherwise it names what is damaged or missing,
+    and the row stays listed.
+    """
     if not store.exists():
         raise TierpruneError(f"no tierprune run at {store.uri}")
     rows = {}
@@ -25,18 +40,27 @@ def run_summary(store: RunStore) -> list[dict]:
         if not name.startswith("iteration-"):
             continue
         step_uri = f"{store.uri}/{rel}"
-        if store.load_step(step_uri) is None:
-            continue  # damaged: not a valid starting point, not listed
-        record = store.read_object(step_uri, "iteration.json")
-        eval_uri = f"{store.uri}/{record['eval']['rel']}"
-        evaluation = store.read_object(eval_uri, "eval.json")
         finished = (step.get("meta") or {}).get("finished", "")
-        k = record["iteration"]
+        row = {"iteration": int(folder.removeprefix("iter-")), "finished": finished, "status": "",
+               "sparsity": None, "ppl": None, "tiers": None, "seconds": None, "uri": f"{store.uri}/{folder}",
+               "record": step_uri}
+        record_status = store.step_status(rel, deep)
+        if record_status.status != "committed":
+            row["status"] = f"record {record_status.status}: {record_status.detail}"
+        else:
+            record = store.read_object(step_uri, "iteration.json")
+            row["iteration"] = record["iteration"]
+            row["status"] = _health(store, {k: record[k]["rel"] for k in ("tiers", "checkpoint", "eval")}, deep)
+            row["seconds"] = _seconds(store, record)
+            try:
+                evaluation = store.read_object(f"{store.uri}/{record['eval']['rel']}", "eval.json")
+            except TierpruneError:
+                evaluation = None  # damaged: the status says so
+            if evaluation is not None:
+                row.update(sparsity=evaluation["sparsity"], ppl=evaluation.get("ppl"), tiers=dict(evaluation["tiers"]))
+        k = row["iteration"]
         if k not in rows or finished > rows[k]["finished"]:
-            rows[k] = {"iteration": k, "finished": finished, "uri": f"{store.uri}/{folder}",
-                       "sparsity": evaluation["sparsity"], "ppl": evaluation.get("ppl"),
-                       "tiers": dict(evaluation["tiers"]), "seconds": _seconds(store, record),
-                       "record": f"{store.uri}/{rel}"}
+            rows[k] = row
     return [rows[k] for k in sorted(rows)]
 
 
@@ -49,17 +73,43 @@ def _seconds(store: RunStore, record: dict) -> float:
     return round(total, 3)
 
 
+def verify_run(store: RunStore) -> list[StepStatus]:
+    """Every step of the run with its status (committed, damaged, missing), every file hashed."""
+    if not store.exists():
+        raise TierpruneError(f"no tierprune run at {store.uri}")
+    return store.verify(deep=True)
+
+
+def _quick_status(store: RunStore) -> str:
+    # For a listing of many runs: markers, presence and sizes only (runs verify hashes every file).
+    bad = [s for s in store.verify(deep=False) if s.status != "committed"]
+    if not bad:
+        status = "ok"
+    elif bad[0].step == "manifest.json":
+        status = f"manifest {bad[0].status}" + (f", {len(bad) - 1} step(s) not committed" if len(bad) > 1 else "")
+    else:
+        status = f"{len(bad)} step(s) not committed"
+    lock = store.lock_state()
+    return status if lock == "unlocked" else f"{status}, locked ({'stale' if lock == 'dead' else lock})"
+
+
 def list_runs(root: str) -> list[dict]:
-    """Every run folder directly under `root`, with its last finished iteration."""
+    """Every run folder directly under `root` (with a manifest or a RUN.json), its status and last iteration."""
     out = []
     for name in run_names(root):
+        store = RunStore(root, name)
+        row = {"run": name, "status": _quick_status(store), "iterations": None, "last iteration": None,
+               "ppl": None, "sparsity": None}
         try:
-            summary = run_summary(RunStore(root, name))
+            summary = run_summary(store, deep=False)  # hashing every checkpoint of every run is runs verify's job
         except TierpruneError:
-            continue  # a garbled manifest: not listed as a run
-        last = summary[-1] if summary else {}
-        out.append({"run": name, "iterations": len(summary), "last iteration": last.get("iteration"),
-                    "ppl": last.get("ppl"), "sparsity": last.get("sparsity")})
+            summary = []  # a garbled manifest: listed, its status says so
+        else:
+            row["iterations"] = len(summary)
+        if summary:
+            last = summary[-1]
+            row.update({"last iteration": last["iteration"], "ppl": last["ppl"], "sparsity": last["sparsity"]})
+        out.append(row)
     return out
 
 
@@ -67,4 +117,5 @@ def summary_json(store: RunStore) -> dict:
     """`runs show --json`: {"run", "iterations": [{"iteration", "ppl", "sparsity", "tiers", "seconds"}, ...]}."""
     return {"run": store.uri, "iterations": [
         {"iteration": r["iteration"], "ppl": r["ppl"], "sparsity": r["sparsity"], "tiers": r["tiers"],
-         "seconds": r["seconds"], "uri": r["uri"], "finished": r["finished"]} for r in run_summary(store)]}
+         "seconds": r["seconds"], "status": r["status"], "uri": r["uri"], "finished": r["finished"]}
+        for r in run_summary(store)]}

@@ -14,7 +14,7 @@ whole file to a few minutes on two cores:
   process owns its SQLite database, each CLI run still has its own PREFECT_HOME), instead of each
   starting an ephemeral server (~7 s of CPU per run); the reference run and one crash scenario
   (EPHEMERAL_POINT) use the default ephemeral server, as a user's `tierprune run` does, and in that
-  scenario the server orphaned by the kill is left running during the rerun, as it would be;
+  scenario the killed CLI's server must be gone within seconds (tierprune.lifecycle's watchdog);
 - evaluation reads the first lines of wikitext-2's test split (a copy): every evaluate step tokenizes the
   whole file (~2.5 s each, 4 per run), while 2 windows of 32 tokens need a few hundred tokens.
 """
@@ -77,6 +77,8 @@ def _env(home: Path, crash_at: str | None = None, api_url: str | None = None) ->
         PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="180",
         # Several runs share a few cores: one thread each (the same in every run, so results stay comparable).
         OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
+        # The CLI silences Prefect's console log; the reruns' "already committed at" lines are read from it.
+        PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL="INFO",
     )
     if crash_at is not None:
         env["TIERPRUNE_CRASH_AT"] = crash_at
@@ -86,10 +88,23 @@ def _env(home: Path, crash_at: str | None = None, api_url: str | None = None) ->
 
 
 def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except (ProcessLookupError, PermissionError):
-        return False
+    """Whether a process of group pgid still runs (zombies, which hold no port, do not count)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
+
+
+def _group_gone_within(pgid: int, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while _group_alive(pgid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
     return True
 
 
@@ -165,9 +180,9 @@ class Runner:
             leave_orphans: bool = False) -> tuple[int, int]:
         """(exit status, process group id) of one `tierprune run` into store.
 
-        Output goes to a file, not a pipe, and the CLI gets a session of its own: a SIGKILLed CLI leaves its
-        ephemeral Prefect server (a child holding the same stdout) running. That group is killed here, unless
-        leave_orphans (the caller then kills it with _kill_group).
+        Output goes to a file, not a pipe, and the CLI gets a session of its own, which is killed here (a server
+        that outlived its CLI must not outlive the test), unless leave_orphans: the caller then checks that the
+        group ends by itself, and kills what is left with _kill_group.
         """
         args = ["--plan", "schedules/plans/smoke.csv", "--store", str(store), "--run", RUN, "--model", str(self.model),
                 "--calib", f"c4:{self.data / 'c4-subset'}", "--calib-samples", "4", "--calib-seqlen", "32",
@@ -279,17 +294,15 @@ def _crash_scenario(runner: Runner, index: int, point: str) -> dict:
     ephemeral = point == EPHEMERAL_POINT
     began = time.perf_counter()
     crash_rc, crash_group = runner.run(store, home, log, crash_at=point, ephemeral=ephemeral, leave_orphans=ephemeral)
-    orphaned = ephemeral and _group_alive(crash_group)  # the killed CLI's ephemeral Prefect server lives on
-    try:
-        before = _snapshot(store / RUN)
-        offset = log.stat().st_size
-        rerun_rc, _ = runner.run(store, home, log, ephemeral=ephemeral)
-        with open(log, "rb") as f:
-            f.seek(offset)
-            rerun_log = f.read().decode(errors="replace")
-    finally:
-        if ephemeral:
-            _kill_group(crash_group)  # the ephemeral server orphaned by the kill ran on during the rerun
+    # The SIGKILLed CLI's ephemeral Prefect server (and the watchdog that ends it) must be gone within seconds.
+    orphaned = ephemeral and not _group_gone_within(crash_group, 10)
+    _kill_group(crash_group)
+    before = _snapshot(store / RUN)
+    offset = log.stat().st_size
+    rerun_rc, _ = runner.run(store, home, log, ephemeral=ephemeral)
+    with open(log, "rb") as f:
+        f.seek(offset)
+        rerun_log = f.read().decode(errors="replace")
     run_uri = str(store / RUN)
     skipped = {uri[len(run_uri) + 1:] for uri in re.findall(r"already committed at (\S+)", rerun_log)
                if uri.startswith(f"{run_uri}/")}
@@ -355,8 +368,6 @@ def outcomes(tmp_path_factory, tiny_llama_dir: Path, data_dir: Path) -> dict:
     result["seconds"] = time.perf_counter() - began
     print(f"crash-safety scenarios: {result['seconds']:.0f} s in all; " + ", ".join(
         f"{p} {c.get('seconds', 0):.0f} s" for p, c in result["crash"].items()))
-    print("ephemeral Prefect server left running by the SIGKILLed CLI:",
-          result["crash"][EPHEMERAL_POINT].get("orphaned"))
     return result
 
 
@@ -442,6 +453,13 @@ def test_kill_then_rerun_recomputes_nothing_committed_and_ends_identical(outcome
     assert set(after["committed"]) == set(ref["committed"])
     assert _digests(c["final"]) == _digests(ref["final"])
     assert _digests(c["artifacts"]) == _digests(ref["artifacts"])
+
+
+def test_sigkill_leaves_no_ephemeral_prefect_server(outcomes) -> None:
+    c = outcomes["crash"][EPHEMERAL_POINT]
+    assert "error" not in c, c.get("error")
+    assert c["crash_rc"] == -signal.SIGKILL, _tail(c["log"])
+    assert not c["orphaned"], "the ephemeral Prefect server outlived its SIGKILLed CLI"
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -85,7 +85,7 @@ def prune(
     sparsity: float = typer.Option(0.5, help="fraction pruned (unstructured, block, sparsegpt)"),
     block_size: int = typer.Option(16, help="block edge for block and tiers patterns"),
     tiers: str = typer.Option("0.35,0.45,0.20", help="dense,2:4,topk fractions of blocks (tiers pattern)"),
-    topk: int = typer.Option(10, help="weights kept per TopK block"),
+    topk: int = typer.Option(10, help="weights kept per TopK block (0: TopK blocks are removed entirely)"),
     select: str = typer.Option("wanda", help="survivors inside 2:4/TopK blocks by wanda score or magnitude"),
     scope: str = typer.Option("matrix", help="tier fractions per matrix, or global over the model"),
     calib: Optional[str] = typer.Option(None, help="calibration data spec [default: c4, or $TIERPRUNE_DATA]"),
@@ -161,12 +161,20 @@ app.add_typer(runs_app, name="runs")
 
 def _rows_table(title: str, rows: list[dict]) -> Table:
     table = Table(title=title)
-    columns = list(rows[0]) if rows else ["(none)"]
+    columns = list(dict.fromkeys(k for row in rows for k in row)) or ["(none)"]
     for column in columns:
-        table.add_column(column)
+        # A URI or status is folded onto more lines rather than cut with "…": it must stay copyable.
+        table.add_column(column, overflow="fold")
     for row in rows:
-        table.add_row(*[f"{v:.4g}" if isinstance(v, float) else str(v) for v in row.values()])
+        table.add_row(*["" if row.get(c) is None else f"{row[c]:.4g}" if isinstance(row[c], float) else str(row[c])
+                        for c in columns])
     return table
+
+
+def _print_uris(rows: list[dict]) -> None:
+    # Whole URIs on lines of their own (no wrapping by rich): a terminal or a script can copy them as they are.
+    for row in rows:
+        console.print(f"iteration {row['iteration']}: {row['uri']}", soft_wrap=True, highlight=False, markup=False)
 
 
 def _progressive_run(cfg: TierpruneConfig) -> None:
@@ -176,22 +184,37 @@ def _progressive_run(cfg: TierpruneConfig) -> None:
     try:
         check_run_inputs(cfg)
     except NothingToDo as exc:
-        console.print(str(exc))
+        console.print(str(exc), highlight=False, soft_wrap=True)
         return
     if "://" not in cfg.run.store:
         Path(cfg.run.store).mkdir(parents=True, exist_ok=True)  # a local store folder is created on first use
+    rows = _run_flow(cfg)
+    console.print(_rows_table(f"run {_run_location(cfg.run.store, cfg.run.name)}", rows))
+    _print_next_steps(cfg.run.store, cfg.run.name)
+
+
+def _run_flow(cfg) -> list[dict]:
+    """The progressive flow in this process, one progress line per step, a server that dies with us."""
+    from tierprune import lifecycle, progress
     from tierprune.flows.progressive import progressive
 
-    rows = progressive(cfg)
-    run_uri = _absolute_run_uri(cfg)
-    console.print(_rows_table(f"run {run_uri}", rows))
-    console.print(f"next: tierprune runs show {run_uri}\n      tierprune runs export {run_uri} --output DIR")
+    lifecycle.guard_flow_process()
+    with _progress_bars() as update, progress.reporting(update):
+        return progressive(cfg)
 
 
-def _absolute_run_uri(cfg: TierpruneConfig) -> str:
-    store = cfg.run.store
-    root = store if "://" in store else str(Path(store).resolve())
-    return f"{root.rstrip('/')}/{cfg.run.name}"
+def _run_location(store: str, run: str) -> str:
+    """The run's folder as a URI that works from any directory (a local store made absolute)."""
+    if "://" in store:
+        return f"{store.rstrip('/')}/{run}"
+    return str(Path(store).expanduser().resolve() / run)
+
+
+def _print_next_steps(store: str, run: str) -> None:
+    location = _run_location(store, run)
+    for line in (f"run stored at {location}", "next:", f"  tierprune runs show {location}",
+                 f"  tierprune runs export {location} --output DIR"):
+        console.print(line, soft_wrap=True, highlight=False, markup=False)
 
 
 @app.command()
@@ -202,7 +225,8 @@ def run(
     resume_from: Optional[str] = typer.Option(None, help="start after a finished iteration: STORE/RUN/iter-00K"),
     model: str = typer.Option("smollm2-135m", help="hub id, local directory, .gguf file or alias"),
     gguf_file: Optional[str] = typer.Option(None, help="GGUF file inside --model's directory or hub repo"),
-    block_size: int = typer.Option(16), topk: int = typer.Option(10, help="weights kept per TopK block"),
+    block_size: int = typer.Option(16),
+    topk: int = typer.Option(10, help="weights kept per TopK block (0: TopK blocks are removed entirely)"),
     select: str = typer.Option("wanda"), scope: str = typer.Option("matrix"),
     calib: Optional[str] = typer.Option(None, help="calibration data spec [default: c4, or $TIERPRUNE_DATA]"),
     calib_samples: int = typer.Option(128), calib_seqlen: int = typer.Option(2048),
@@ -232,17 +256,18 @@ def runs_list(store: str = typer.Argument(..., help="the --store of the runs")) 
 @runs_app.command("show")
 def runs_show(run_uri: str = typer.Argument(..., help="STORE/RUN"),
               as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table")) -> None:
-    """A run's finished iterations: tier fractions, sparsity, perplexity, seconds."""
+    """A run's finished iterations: status (files hashed), tier fractions, sparsity, perplexity, seconds; full URIs."""
     from tierprune.tasks.runs import split_run_uri, summary_json
 
     summary = summary_json(split_run_uri(run_uri))
     if as_json:
         print(json.dumps(summary, indent=2))
         return
-    rows = [{"iteration": r["iteration"], **{f"tier {t}": v for t, v in r["tiers"].items()},
-             "sparsity": r["sparsity"], "ppl": r["ppl"], "seconds": r["seconds"], "uri": r["uri"]}
-            for r in summary["iterations"]]
+    rows = [{"iteration": r["iteration"], "status": r["status"],
+             **{f"tier {t}": v for t, v in (r["tiers"] or {}).items()},
+             "sparsity": r["sparsity"], "ppl": r["ppl"], "seconds": r["seconds"]} for r in summary["iterations"]]
     console.print(_rows_table(f"run {summary['run']}", rows))
+    _print_uris(summary["iterations"])
 
 
 @runs_app.command("export")
@@ -261,21 +286,128 @@ def runs_export(run_uri: str = typer.Argument(..., help="STORE/RUN"),
                   f"sparsity {done['sparsity']:.4f}, ppl {ppl})")
 
 
-@runs_app.command("unlock")
-def runs_unlock(run_uri: str = typer.Argument(..., help="STORE/RUN")) -> None:
-    """Break a stale writer lock left by a crashed run (only when that process is gone)."""
+@runs_app.command("verify")
+def runs_verify(run_uri: str = typer.Argument(..., help="STORE/RUN")) -> None:
+    """Hash every file of every step: committed, damaged (a file missing or differing) or missing (no COMMIT.json).
+
+    Exit status 1 if any step (or the manifest) is not intact.
+    """
+    from tierprune.tasks.runs import split_run_uri, verify_run
+
+    statuses = verify_run(split_run_uri(run_uri))
+    table = Table(title=f"run {run_uri}")
+    for column in ("step", "status", "detail"):
+        table.add_column(column, overflow="fold")
+    for s in statuses:
+        style = "" if s.status == "committed" else "red"
+        table.add_row(s.step, Text(s.status, style=style), s.detail)
+    console.print(table)
+    bad = [s for s in statuses if s.status != "committed"]
+    console.print(f"{len(statuses) - len(bad)} committed, {len(bad)} damaged or missing", highlight=False)
+    if bad:
+        raise typer.Exit(1)
+
+
+@runs_app.command("repair")
+def runs_repair(run_uri: str = typer.Argument(..., help="STORE/RUN")) -> None:
+    """Rebuild a missing or garbled manifest.json from RUN.json and the steps' COMMIT.json (old one kept as .bak)."""
     from tierprune.tasks.runs import split_run_uri
 
-    broke = split_run_uri(run_uri).break_lock()
-    console.print("lock removed" if broke else "the run was not locked")
+    store = split_run_uri(run_uri)
+    with store.lock(owner="tierprune runs repair"):
+        result = store.repair()
+    backup = f"; the previous manifest is kept as {result['backup']}" if result["backup"] else ""
+    console.print(f"rebuilt {store.uri}/manifest.json with {result['steps']} committed steps{backup}",
+                  highlight=False, soft_wrap=True)
+
+
+@runs_app.command("unlock")
+def runs_unlock(
+    run_uri: str = typer.Argument(..., help="STORE/RUN"),
+    force: bool = typer.Option(False, "--force", help="also break a lock held from another host"),
+) -> None:
+    """Break the writer lock of a run whose writer is gone.
+
+    A lock whose process still runs on this host is never broken. A lock held from another host is broken only
+    with --force (this host cannot see whether that process is alive); a dead process of this host's is just
+    removed.
+    """
+    from tierprune.tasks.runs import split_run_uri
+
+    store = split_run_uri(run_uri)
+    holder = store.lock_holder()
+    if holder is None:
+        console.print("the run was not locked")
+        return
+    state = store.lock_state()
+    who = (f"{holder.get('owner', 'an unknown writer')} (pid {holder.get('pid', '?')} on {holder.get('host', '?')}, "
+           f"since {holder.get('since', '?')})")
+    if state == "alive":
+        raise TierpruneError(f"run {store.uri} is locked by {who}, which is still running on this host; "
+                             "stop that process first (it releases the lock when it ends)")
+    if state == "foreign" and not force:
+        raise TierpruneError(f"run {store.uri} is locked by {who}; this host cannot tell whether that process is "
+                             f"alive: if it is gone, break the lock with `tierprune runs unlock {run_uri} --force`")
+    if not store.break_lock(token=holder.get("token")):
+        raise TierpruneError(f"the lock of run {store.uri} changed while looking at it; run the command again")
+    reason = "its process no longer exists" if state == "dead" else "--force"
+    console.print(f"removed the lock of {who} from {store.uri} ({reason})", highlight=False, soft_wrap=True)
+
+
+def default_prefect_home(environ: dict[str, str], cwd: Path) -> str | None:
+    """Where Prefect keeps its state for the CLI, unless the environment or a project's config says where.
+
+    None when PREFECT_HOME is set, or a prefect.toml (or pyproject.toml's [tool.prefect]) in cwd sets `home`;
+    else a folder of tierprune's cache ($TIERPRUNE_CACHE or ~/.cache/tierprune), not the shared ~/.prefect.
+    """
+    import tomllib
+
+    if environ.get("PREFECT_HOME"):
+        return None
+    for name, keys in (("prefect.toml", ()), ("pyproject.toml", ("tool", "prefect"))):
+        path = cwd / name
+        if not path.is_file():
+            continue
+        try:
+            table = tomllib.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+            continue  # not ours to judge: Prefect reports its own config errors
+        for key in keys:
+            table = table.get(key, {}) if isinstance(table, dict) else {}
+        if isinstance(table, dict) and "home" in table:
+            return None
+    cache = environ.get("TIERPRUNE_CACHE") or str(Path.home() / ".cache" / "tierprune")
+    return str(Path(cache) / "prefect")
+
+
+def _quiet_prefect_console(environ: dict[str, str]) -> None:
+    # Prefect's console handler prints every task's start and end (~56 lines for the demo) and the tracebacks of
+    # crashed tasks; the CLI shows progress bars and one error line instead. Logs still go to the Prefect API
+    # (the UI shows them); PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL=INFO brings them back to the terminal.
+    import logging
+
+    environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
+    # tierprune's own warnings (a stale lock broken, a rebuilt manifest) still reach the terminal, one line each.
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("warning: %(message)s"))
+    handler.setLevel(logging.WARNING)
+    tierprune_logger = logging.getLogger("tierprune")
+    tierprune_logger.addHandler(handler)
+    tierprune_logger.propagate = False
 
 
 def main() -> None:
     import os
 
+    from .lifecycle import Terminated, run_cleanups, termination_message, write_error_line
+
     # Our own rich bars report progress; transformers' tqdm bars (loading/writing weights) would only add
     # noise to stderr, which for bad input must be one line. Warnings stay on. Set before it is imported.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    prefect_home = default_prefect_home(os.environ, Path.cwd())
+    if prefect_home:
+        os.environ["PREFECT_HOME"] = prefect_home
+    _quiet_prefect_console(os.environ)
     # The project's prefect.toml, for runs started outside the repository: no telemetry, a patient
     # ephemeral server, no task caching unless a task brings its own key.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -296,6 +428,12 @@ def main() -> None:
     except TierpruneError as exc:
         _print_error(str(exc))
         sys.exit(2)
+    except Terminated as exc:
+        # SIGTERM/SIGINT during a flow (tierprune.lifecycle): the unwinding released the lock and removed
+        # temporary files; exit now, without Prefect's exit hooks that would wait on its server.
+        run_cleanups()
+        write_error_line(termination_message(exc.signal_name))
+        os._exit(exc.exit_code)
     except KeyboardInterrupt:
         err_console.print("interrupted")
         sys.exit(130)

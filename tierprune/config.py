@@ -45,7 +45,7 @@ class CalibrationConfig(_Frozen):
 class PruneConfig(_Frozen):
     method: Literal["wanda", "magnitude", "sparsegpt", "none"] = "wanda"
     pattern: str = "unstructured"  # unstructured | N:M | block | tiers
-    sparsity: float = Field(0.5, ge=0.0, lt=1.0)
+    sparsity: float = Field(0.5, ge=0.0, lt=1.0, allow_inf_nan=False)
     block_size: int = Field(16, ge=1)
     tiers: tuple[float, float, float] = (0.35, 0.45, 0.20)  # dense, 2:4, topk fractions of blocks
     topk: int = Field(10, ge=0)  # weights kept per TopK block

@@ -1,30 +1,32 @@
-"""Progress of long steps, for whoever shows it (the CLI's progress bars); silent when nobody listens.
+"""Step progress, reported by the steps and shown by whoever listens (the CLI's progress bars).
 
-Steps call `report_progress(stage, done, total)`; the CLI installs a listener with `listen`. One
-listener per process: a run is one process, and the steps run in its main thread.
+A step calls `report("iteration 2: collect activations", done, total)` as it goes; the CLI wraps a flow in
+`reporting(callback)`, and each distinct step name gets one progress line. With nobody listening, report()
+costs a loop over an empty list. Listeners run in the reporting thread and must be quick.
 """
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-__all__ = ["report_progress", "listen"]
+__all__ = ["Reporter", "report", "reporting"]
 
-_listener: Callable[[str, int, int], None] | None = None
+Reporter = Callable[[str, int, int], None]
+
+_reporters: list[Reporter] = []
 
 
-def report_progress(stage: str, done: int, total: int) -> None:
-    """Tell the listener (if any) that `done` of `total` units of `stage` are finished."""
-    if _listener is not None:
-        _listener(stage, done, total)
+def report(step: str, done: int, total: int) -> None:
+    """Tell every listener that `step` has done `done` of `total` units (layers, windows, files...)."""
+    for reporter in list(_reporters):
+        reporter(step, done, total)
 
 
 @contextmanager
-def listen(callback: Callable[[str, int, int], None]) -> Iterator[None]:
-    """Send every report_progress to callback while the block runs."""
-    global _listener
-    previous, _listener = _listener, callback
+def reporting(reporter: Reporter) -> Iterator[None]:
+    """Send every report() made while the block runs to reporter."""
+    _reporters.append(reporter)
     try:
         yield
     finally:
-        _listener = previous
+        _reporters.remove(reporter)
