@@ -406,6 +406,10 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     prefect_home = default_prefect_home(os.environ, Path.cwd())
     if prefect_home:
+        try:
+            Path(prefect_home).mkdir(parents=True, exist_ok=True)  # Prefect creates only the last level itself
+        except OSError:
+            pass  # Prefect then says what it could not create
         os.environ["PREFECT_HOME"] = prefect_home
     _quiet_prefect_console(os.environ)
     # The project's prefect.toml, for runs started outside the repository: no telemetry, a patient
