@@ -15,7 +15,7 @@ from fsspec.core import url_to_fs
 from tierprune.errors import TierpruneError
 from tierprune.lifecycle import cleanup_on_termination
 
-__all__ = ["save_table", "load_table", "save_file"]
+__all__ = ["save_table", "load_table", "save_file", "read_text"]
 
 # pyarrow's DNF filters: [("col", "op", value), ...] (AND) or a list of such lists (OR of ANDs).
 Filters = list[tuple[str, str, Any]] | list[list[tuple[str, str, Any]]]
@@ -72,3 +72,11 @@ def save_file(value: Any, uri: str) -> str:
     with _atomic_open(uri) as f:
         f.write(data)
     return uri
+
+
+def read_text(uri: str) -> str:
+    """The UTF-8 text of a small file at any fsspec URI (a byte-order mark dropped); FileNotFoundError if none."""
+    import fsspec
+
+    with fsspec.open(uri, "r", encoding="utf-8-sig") as f:
+        return f.read()

@@ -281,11 +281,10 @@ def load_plan(path_or_text: str | os.PathLike[str]) -> Plan:
         return _parse(source, "csv", "plan text")
     if kind is None:
         raise _error(f"plan {source!r}: not a .csv, .yaml, .yml or .json file, nor CSV text with a header")
-    import fsspec  # the one file read outside storage/: plans are small user inputs, not artifacts
+    from tierprune.storage.tables import read_text
 
     try:
-        with fsspec.open(source, "r", encoding="utf-8-sig") as f:
-            text = f.read()
+        text = read_text(source)
     except FileNotFoundError:
         raise _error(f"plan file {source} not found") from None
     except IsADirectoryError:

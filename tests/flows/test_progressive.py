@@ -61,7 +61,8 @@ def test_flow_runs_resumes_for_free_and_reports(prefect_harness, tiny_llama_dir,
     assert len(before) == 3 + 6 * 3  # start, eval, record; then 6 steps per iteration
     # The same flow again: every step is found committed, nothing is recomputed or rewritten.
     again = progressive(cfg)
-    assert [{**r, "seconds": 0} for r in again] == [{**r, "seconds": 0} for r in rows]
+    assert again == rows  # seconds too: what the steps took when computed, not the rerun's lookups
+    assert all(r["seconds"] > 0 for r in rows)
     assert _markers(store) == before
     from prefect.client.schemas.sorting import ArtifactSort
 
