@@ -116,6 +116,7 @@ def breakdown(run: Path) -> list[dict]:
             "checkpoint_s": round(sec("checkpoint") + sec("start"), 2),
             "checkpoint_writes_s": round(io("checkpoint", "write_seconds") + io("start", "write_seconds"), 2),
             "hashing_s": round(sum(io(n, "hash_seconds") for n in meta), 2),
+            "host_copies_s": round(sum(io(n, "copy_seconds") for n in meta), 2),
             "evaluation_s": sec("eval", "compute_seconds"),
             "steps_s": round(step_total, 2),
             "orchestration_s": None if previous_end is None else round(end - previous_end - step_total, 2),
@@ -126,6 +127,9 @@ def breakdown(run: Path) -> list[dict]:
         denominator = changed_tensor_bytes + row["masks_bytes"]
         row["stored_over_changed"] = round(stored / denominator, 4) if denominator else None
         row["compute_s"] = round(row["calibration_s"] + row["scoring_s"] + row["evaluation_s"], 2)
+        row["steps"] = {n: {"compute_s": round(sec(n, "compute_seconds"), 2), "commit_s": round(sec(n, "commit_seconds"), 2),
+                            **{k: round(io(n, k), 2) for k in ("hash_seconds", "write_seconds", "copy_seconds")}}
+                        for n in sorted(meta)}
         rows.append(row)
         previous_end = end
     return rows
@@ -172,11 +176,15 @@ def main() -> None:
     print(f"tierprune run: {wall:.1f} s in all (Prefect start, model load and iteration 0 included); "
           f"peak host RSS {peak_rss / 1e9:.1f} GB = {peak_rss / model_bytes:.2f} x the model's {model_bytes / 1e9:.1f} GB")
     keys = ["iteration", "wall_s", "compute_s", "calibration_s", "scoring_s", "demotion_s", "tier_mask_writes_s",
-            "checkpoint_s", "checkpoint_writes_s", "hashing_s", "evaluation_s", "orchestration_s", "stored_bytes",
-            "changed_tensor_bytes", "masks_bytes", "stored_over_changed"]
+            "checkpoint_s", "checkpoint_writes_s", "hashing_s", "host_copies_s", "evaluation_s", "orchestration_s",
+            "stored_bytes", "changed_tensor_bytes", "masks_bytes", "stored_over_changed"]
     print(" | ".join(keys))
     for row in rows:
         print(" | ".join(f"{row[k]:.4g}" if isinstance(row[k], float) else str(row[k]) for k in keys))
+    print("per step (seconds; hash/write/copy are summed over the writer threads):")
+    for row in rows:
+        for name, step in row["steps"].items():
+            print(f"  iteration {row['iteration']} {name:12s} " + "  ".join(f"{k} {v:.4g}" for k, v in step.items()))
     print(json.dumps({"wall_s": wall, "peak_rss_bytes": peak_rss, "model_bytes": model_bytes, "iterations": rows}))
 
 

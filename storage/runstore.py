@@ -131,14 +131,15 @@ class RunStore:
         self._verified: set[tuple[str, str]] = set()
         # Seconds and bytes of this object's I/O and hashing, for benchmarks (steps record the deltas).
         self.io: dict[str, float] = {"write_seconds": 0.0, "hash_seconds": 0.0, "read_seconds": 0.0,
-                                     "bytes_written": 0, "bytes_read": 0}
+                                     "copy_seconds": 0.0, "bytes_written": 0, "bytes_read": 0}
         self._io_lock = threading.Lock()
         # The last few objects this object committed (DataFrames, JSON), by (path, sha256): the next step of
         # the same process reads them back without parsing the file again. Callers never modify them.
         self._recent: OrderedDict[tuple[str, str], Any] = OrderedDict()
 
     @contextmanager
-    def _timed(self, key: str, nbytes: int = 0, bytes_key: str | None = None):
+    def timed(self, key: str, nbytes: int = 0, bytes_key: str | None = None):
+        """Add the block's seconds (and nbytes) to this store's io counters (summed over threads)."""
         started = time.perf_counter()
         try:
             yield
@@ -149,7 +150,7 @@ class RunStore:
                     self.io[bytes_key] += nbytes
 
     def _hash(self, data: bytes) -> str:
-        with self._timed("hash_seconds"):
+        with self.timed("hash_seconds"):
             return sha256_bytes(data)
 
     def __repr__(self) -> str:
@@ -564,7 +565,7 @@ class RunStore:
             # No fsync here (it made a 13 GB checkpoint disk-bound): after a power cut a data file may be short
             # or zero-filled under its name, and then its size (load_step) or its sha256 (first read in the next
             # process) says so and the step is recomputed. COMMIT.json and the manifest are still synced.
-            with self._timed("write_seconds", size, "bytes_written"), self._fs.open(tmp, "wb") as f:
+            with self.timed("write_seconds", size, "bytes_written"), self._fs.open(tmp, "wb") as f:
                 for part in parts:
                     f.write(part)
             if self._size(tmp) != size:
@@ -588,7 +589,7 @@ class RunStore:
         parts = (data,) if isinstance(data, (bytes, bytearray, memoryview)) else tuple(data)
         size = sum(len(p) for p in parts)
         if digest is None:
-            with self._timed("hash_seconds"):
+            with self.timed("hash_seconds"):
                 h = hashlib.sha256()
                 for part in parts:
                     h.update(part)  # releases the GIL on large buffers: threads hash in parallel
@@ -609,7 +610,7 @@ class RunStore:
         """The bytes of a blob, checked against their sha256 the first time this object reads them."""
         path = self._p(blob_rel(digest))
         try:
-            with self._timed("read_seconds"):
+            with self.timed("read_seconds"):
                 data = self._cat(blob_rel(digest))
         except (FileNotFoundError, IsADirectoryError):
             raise CorruptArtifactError(f"blob {digest[:12]}… of run {self.uri} is missing") from None
@@ -626,7 +627,7 @@ class RunStore:
         self._fs.invalidate_cache(path)
         h = hashlib.sha256()
         try:
-            with self._timed("hash_seconds"), self._fs.open(path, "rb") as f:
+            with self.timed("hash_seconds"), self._fs.open(path, "rb") as f:
                 while chunk := f.read(_HASH_CHUNK):
                     h.update(chunk)
         except (FileNotFoundError, IsADirectoryError):
@@ -643,7 +644,7 @@ class RunStore:
         if digest is None:
             raise TierpruneError(f"step {step_uri} has no file {name!r} (it has {sorted(marker['files'])})")
         try:
-            with self._timed("read_seconds"):
+            with self.timed("read_seconds"):
                 data = self._cat(f"{rel}/{name}")
         except (FileNotFoundError, IsADirectoryError):
             raise CorruptArtifactError(f"{step_uri}/{name} is missing although its step is committed") from None
