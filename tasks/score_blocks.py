@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Literal
 
-import numpy as np
 import pandas as pd
 import torch
 from prefect import task
@@ -23,7 +22,7 @@ from tierprune.kernels.scores import block_mean, magnitude_scores, masked_block_
 
 from .prune import named_linears
 from .refs import ArtifactRef, committed_or_compute, store_cache_policy
-from .tier_tables import block_coords, layer_of, module_column
+from .tier_tables import block_index_columns
 
 if TYPE_CHECKING:
     from .run_state import RunState
@@ -54,14 +53,8 @@ def score_blocks(model: nn.Module, stats: dict[str, torch.Tensor], *, block_size
         names.append(name)
         dense.append(block_mean(scores, block_size))  # (nbr, nbc)
         nm.append(masked_block_mean(scores, nm_mask(chooser, 2, 4), block_size))  # (nbr, nbc)
-    # One table built from whole columns: 25 million rows at 7B, never a frame per module.
-    shapes = [tuple(d.shape) for d in dense]
-    coords = [block_coords(shape) for shape in shapes]
     return pd.DataFrame({
-        "module": module_column(names, [r * c for r, c in shapes]),
-        "layer": np.concatenate([np.full(r * c, layer_of(n), dtype=np.int32) for n, (r, c) in zip(names, shapes)]),
-        "block_row": np.concatenate([rows for rows, _ in coords]),
-        "block_col": np.concatenate([cols for _, cols in coords]),
+        **block_index_columns(names, [tuple(d.shape) for d in dense]),
         "score": torch.cat([d.flatten() for d in dense]).float().cpu().numpy(),
         "score_2_4": torch.cat([m.flatten() for m in nm]).float().cpu().numpy(),
     })

@@ -19,6 +19,7 @@ import torch
 __all__ = [
     "TIER_COLUMNS",
     "module_column",
+    "block_index_columns",
     "layer_of",
     "block_coords",
     "tier_table",
@@ -50,6 +51,18 @@ def module_column(names: list[str], counts: list[int]) -> pd.Categorical:
     return pd.Categorical.from_codes(codes, categories=pd.Index(names, dtype="str"))
 
 
+def block_index_columns(names: list[str], shapes: list[tuple[int, int]]) -> dict[str, object]:
+    """module, layer, block_row, block_col of every block of the (nbr, nbc) maps of `names`, as whole columns:
+    a 7B model has 25 million blocks, so a per-block table is never built a frame per module."""
+    coords = [block_coords(shape) for shape in shapes]
+    return {
+        "module": module_column(names, [r * c for r, c in shapes]),
+        "layer": np.concatenate([np.full(r * c, layer_of(n), dtype=np.int32) for n, (r, c) in zip(names, shapes)]),
+        "block_row": np.concatenate([rows for rows, _ in coords]),
+        "block_col": np.concatenate([cols for _, cols in coords]),
+    }
+
+
 def _per_block(name: str, values: dict[str, torch.Tensor] | None, shape: tuple[int, int], what: str,
                fill: float, dtype: str) -> np.ndarray:
     if values is None or name not in values:
@@ -68,12 +81,8 @@ def tier_table(tier_maps: dict[str, torch.Tensor], iteration_demoted: dict[str, 
     if not names:
         return pd.DataFrame({c: pd.Series(dtype=t) for c, t in _DTYPES.items()})
     shapes = [tuple(tier_maps[n].shape) for n in names]
-    coords = [block_coords(shape) for shape in shapes]
     return pd.DataFrame({
-        "module": module_column(names, [r * c for r, c in shapes]),
-        "layer": np.concatenate([np.full(r * c, layer_of(n), dtype=np.int32) for n, (r, c) in zip(names, shapes)]),
-        "block_row": np.concatenate([rows for rows, _ in coords]),
-        "block_col": np.concatenate([cols for _, cols in coords]),
+        **block_index_columns(names, shapes),
         "tier": np.concatenate([tier_maps[n].detach().cpu().flatten().numpy().astype(np.int8) for n in names]),
         "iteration_demoted": np.concatenate([_per_block(n, iteration_demoted, shape, "iteration_demoted", NEVER,
                                                         "int16") for n, shape in zip(names, shapes)]),

@@ -48,7 +48,7 @@ def test_a_change_to_a_source_file_changes_the_code_version(checkout: Path, edit
 def test_readme_and_tests_do_not_change_the_code_version(checkout: Path) -> None:
     before = _version(checkout)
     (checkout / "README.md").write_text("another readme\n")
-    (checkout / "tests" / "test_new.py").write_text("def test_x():\n    assert True\n")
+    (checkout / "tests" / "test_new.py").write_text("def test_x():\n    assert 1 + 1 == 2\n")
     (checkout / "tests" / "conftest.py").write_text("# edited\n")
     assert _version(checkout) == before
 
