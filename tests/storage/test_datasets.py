@@ -184,3 +184,14 @@ def test_hub_forms_fail_clearly_offline(hub_offline: None, spec: str, split: str
 def test_c4_hub_has_no_test_split() -> None:
     with pytest.raises(TierpruneError, match="no test split"):
         load_texts("c4", "test")
+
+
+def test_evaluation_uses_c4_validation_and_wikitext_test() -> None:
+    # C4 has no test split: `--eval c4` (and c4:PATH) report on validation, as the reference's C4 numbers do.
+    from tierprune.storage.datasets import evaluation_split
+
+    assert evaluation_split("c4") == "validation"
+    assert evaluation_split("c4:/data/c4-subset") == "validation"
+    assert evaluation_split("wikitext2") == "test"
+    assert evaluation_split("wikitext2:/data/wikitext-2-raw") == "test"
+    assert evaluation_split("text:/data/*.txt") == "test"
