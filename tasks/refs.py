@@ -25,7 +25,8 @@ from tierprune import __version__
 from tierprune.faults import crash_point
 from tierprune.storage.runstore import RunStore
 
-__all__ = ["ArtifactRef", "code_version", "source_files", "step_key", "committed_or_compute", "store_cache_policy"]
+__all__ = ["ArtifactRef", "code_version", "source_files", "package_versions", "step_key", "committed_or_compute",
+           "store_cache_policy"]
 
 log = logging.getLogger(__name__)
 
@@ -59,14 +60,19 @@ def source_files(roots: list[Path] | None = None) -> list[Path]:
     return sorted(files)
 
 
-def _library_versions() -> dict[str, str]:
+def package_versions(names: tuple[str, ...]) -> dict[str, str]:
+    """The installed version of each named distribution ("absent" if it is not installed)."""
     out = {}
-    for name in _LIBRARIES:
+    for name in names:
         try:
             out[name] = version(name)
         except PackageNotFoundError:
             out[name] = "absent"
     return out
+
+
+def _library_versions() -> dict[str, str]:
+    return package_versions(_LIBRARIES)
 
 
 def code_version(roots: list[Path] | None = None) -> str:

@@ -25,7 +25,7 @@ from tierprune.plan import Plan, load_plan, plan_fingerprint
 from tierprune.storage.checkpoints import checkpoint_blobs, load_checkpoint, save_checkpoint
 from tierprune.storage.runstore import RunStore
 
-from .refs import ArtifactRef, code_version
+from .refs import ArtifactRef, code_version, package_versions
 
 __all__ = ["RunState", "NothingToDo", "run_identity", "open_run", "check_run_inputs", "find_iteration",
            "model_tensors"]
@@ -161,18 +161,6 @@ def _fingerprint(identity: dict) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 
-def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for name in ("tierprune", "torch", "transformers", "peft", "prefect", "pyarrow", "fsspec", "safetensors"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            pass
-    return out
-
-
 def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
     out = []
     for key in sorted(set(old) | set(new)):
@@ -210,7 +198,8 @@ def open_run(state: RunState) -> dict:
             "plan": state.plan.to_rows(),
             "config": cfg.model_dump(mode="json"),
             "code_version": code_version(),
-            "versions": _versions(),
+            "versions": package_versions(("tierprune", "torch", "transformers", "peft", "prefect", "pyarrow",
+                                          "fsspec", "safetensors")),
         })
     return store.manifest()
 
