@@ -35,7 +35,7 @@ __all__ = [
     "FinetuneConfig", "FinetuneResult", "TrainState", "TeacherTopK",
     "iteration_tokens", "finetune_windows", "calibration_doc_indices", "check_disjoint",
     "distillation_loss", "topk_distillation_loss", "hidden_state_loss", "teacher_topk_logits",
-    "apply_masks_", "mask_gradients", "merge_lora_", "finetune_model_",
+    "apply_masks_", "mask_gradients", "wrap_lora", "merge_lora_", "finetune_model_",
 ]
 
 LLAMA_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -324,10 +324,15 @@ def _masked_lora_forward(layer: nn.Module, param_mask: torch.Tensor | None) -> C
     return forward
 
 
-def _wrap_lora(model: nn.Module, cfg: FinetuneConfig, masks: dict[str, tuple[nn.Module, torch.Tensor]]) -> nn.Module:
+def wrap_lora(model: nn.Module, masks: dict[str, torch.Tensor], cfg: FinetuneConfig) -> nn.Module:
+    """The model with peft LoRA adapters on cfg.lora_targets whose updates respect the masks; undo with merge_lora_.
+
+    peft injects the adapters into `model` itself and returns its PeftModel wrapper; only the
+    adapters require gradients.
+    """
     from peft import LoraConfig, get_peft_model
 
-    mask_by_module = {id(module): m for module, m in masks.values()}
+    mask_by_module = {id(module): m for module, m in _resolve_masks(model, masks).values()}
     config = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, target_modules=list(cfg.lora_targets),
                         lora_dropout=0.0, bias="none")
     try:
@@ -542,7 +547,6 @@ def finetune_model_(model: nn.Module, masks: dict[str, torch.Tensor], train_ids:
     state restores the trainable ones). on_step(state) is called every cfg.commit_every steps.
     """
     started = time.perf_counter()
-    resolved = _resolve_masks(model, masks)
     apply_masks_(model, masks)  # masks handed in may be ahead of the weights (a fresh demotion)
     result = FinetuneResult(method=cfg.method)
     if cfg.method == "none" or train_ids.shape[0] == 0:
@@ -569,7 +573,7 @@ def finetune_model_(model: nn.Module, masks: dict[str, torch.Tensor], train_ids:
     model.requires_grad_(False)
     hooks: list[torch.utils.hooks.RemovableHandle] = []
     if cfg.method == "lora":
-        trained_model = _wrap_lora(model, cfg, resolved)
+        trained_model = wrap_lora(model, masks, cfg)
         trainables = {n: p for n, p in trained_model.named_parameters() if p.requires_grad}
     else:
         trained_model = model
@@ -606,6 +610,8 @@ def finetune_model_(model: nn.Module, masks: dict[str, torch.Tensor], train_ids:
                 "seconds": seconds_before + time.perf_counter() - started, "fingerprint": fingerprint}
         return _capture_state(trainables, optimizer, scheduler, meta)
 
+    if val_ids is not None and state is None:
+        result.val_losses.append((0, _held_out_loss(trained_model, val_ids, micro)))  # where the curve starts
     trained_model.train()
     try:
         while step < total_steps and not result.stopped_early:
