@@ -315,7 +315,7 @@ def _masked_lora_forward(layer: nn.Module, param_mask: torch.Tensor | None) -> C
         for adapter in layer.active_adapters:
             delta = layer.get_delta_weight(adapter)  # laid out like base.weight
             weight = weight + (delta if param_mask is None else delta.masked_fill(~param_mask, 0))
-        x = x.to(weight.dtype) if not torch.is_autocast_enabled() else x
+        x = x if torch.is_autocast_enabled(x.device.type) else x.to(weight.dtype)
         if conv1d:  # GPT-2's Conv1D: y = x·W + b with W (in, out)
             out = x @ weight
             return out + base.bias if base.bias is not None else out
@@ -460,9 +460,12 @@ def _device_of(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def _autocast(device: torch.device | str):
-    # bf16 on CUDA (tensor cores); on the CPU bf16 matmuls are slow and fp32 keeps runs bit-reproducible.
-    return torch.autocast("cuda", dtype=torch.bfloat16) if torch.device(device).type == "cuda" else nullcontext()
+def _autocast(device: torch.device | str, low_precision: bool = False):
+    # bf16 on CUDA (tensor cores); on the CPU bf16 matmuls are slow and fp32 keeps runs bit-reproducible,
+    # so the CPU autocasts only a model that was loaded in 16 bits (its trained weights are fp32 copies).
+    if torch.device(device).type == "cuda" or low_precision:
+        return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+    return nullcontext()
 
 
 def _trainable_parameters(model: nn.Module, cfg: FinetuneConfig) -> dict[str, nn.Parameter]:
@@ -497,12 +500,12 @@ def _lr_lambda(cfg: FinetuneConfig, total_steps: int) -> Callable[[int], float]:
 
 
 @torch.no_grad()
-def _held_out_loss(model: nn.Module, val_ids: torch.Tensor, batch_size: int) -> float:
+def _held_out_loss(model: nn.Module, val_ids: torch.Tensor, batch_size: int, low_precision: bool = False) -> float:
     device = _device_of(model)
     total, count = 0.0, 0
     for start in range(0, val_ids.shape[0], batch_size):
         x = val_ids[start:start + batch_size].to(device)
-        with _autocast(device):
+        with _autocast(device, low_precision):
             logits = model(input_ids=x, use_cache=False).logits
         total += _shifted_ce(logits, x).item() * x.shape[0]
         count += x.shape[0]
@@ -582,6 +585,11 @@ def finetune_model_(model: nn.Module, masks: dict[str, torch.Tensor], train_ids:
             p.requires_grad_(True)
         hooks = mask_gradients(model, masks)
 
+    # Master weights in fp32: AdamW steps of lr·1 on bf16 weights of ~0.02 fall below half an ulp and vanish.
+    low_precision = {n: p.dtype for n, p in trainables.items() if p.dtype in (torch.bfloat16, torch.float16)}
+    for n in low_precision:
+        trainables[n].data = trainables[n].data.float()
+    sixteen_bit = bool(low_precision) or any(p.dtype in (torch.bfloat16, torch.float16) for p in model.parameters())
     device = _device_of(model)
     micro = cfg.batch_size
     per_step = cfg.batch_size * cfg.grad_accum
@@ -611,7 +619,7 @@ def finetune_model_(model: nn.Module, masks: dict[str, torch.Tensor], train_ids:
         return _capture_state(trainables, optimizer, scheduler, meta)
 
     if val_ids is not None and state is None:
-        result.val_losses.append((0, _held_out_loss(trained_model, val_ids, micro)))  # where the curve starts
+        result.val_losses.append((0, _held_out_loss(trained_model, val_ids, micro, sixteen_bit)))  # where the curve starts
     trained_model.train()
     try:
         while step < total_steps and not result.stopped_early:
@@ -622,7 +630,7 @@ def finetune_model_(model: nn.Module, masks: dict[str, torch.Tensor], train_ids:
             for start in range(0, step_windows.numel(), micro):
                 index = step_windows[start:start + micro]
                 x = train_ids[index].to(device)
-                with _autocast(device):
+                with _autocast(device, sixteen_bit):
                     loss = _step_loss(trained_model, teacher, x, index, cfg)
                 # A short last step weighs its micro-batches by their share of its windows.
                 weight = index.numel() / step_windows.numel()
@@ -636,7 +644,7 @@ def finetune_model_(model: nn.Module, masks: dict[str, torch.Tensor], train_ids:
             result.losses.append(step_loss)
             if val_ids is not None and cfg.eval_every and step % cfg.eval_every == 0:
                 trained_model.eval()
-                val = _held_out_loss(trained_model, val_ids, micro)
+                val = _held_out_loss(trained_model, val_ids, micro, sixteen_bit)
                 trained_model.train()
                 result.val_losses.append((step, val))
                 best, bad_evals = (val, 0) if val < best else (best, bad_evals + 1)
@@ -647,11 +655,16 @@ def finetune_model_(model: nn.Module, masks: dict[str, torch.Tensor], train_ids:
     finally:
         for h in hooks:
             h.remove()
+        with torch.no_grad():
+            for n, dtype in low_precision.items():
+                trainables[n].data = trainables[n].data.to(dtype)
     trained_model.eval()
     if cfg.method == "lora":
         model = merge_lora_(trained_model, masks)
+    else:
+        apply_masks_(model, masks)
     if val_ids is not None and (not result.val_losses or result.val_losses[-1][0] != step):
-        result.val_losses.append((step, _held_out_loss(model, val_ids, micro)))
+        result.val_losses.append((step, _held_out_loss(model, val_ids, micro, sixteen_bit)))
     for p in model.parameters():
         p.requires_grad_(requires_grad_before.get(id(p), False))
     result.steps = step

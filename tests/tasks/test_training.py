@@ -168,6 +168,23 @@ def test_mask_holds_after_optimizer_steps_with_weight_decay(train: str) -> None:
     assert all(p.requires_grad for p in model.parameters())  # flags restored as they were
 
 
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_a_bf16_model_trains_on_fp32_master_weights_and_stays_bf16(method: str) -> None:
+    model = make_tiny_llama(dtype=torch.bfloat16)
+    masks = random_masks(model, keep=0.4)
+    start = params(model)
+    # Steps of lr 2e-5 are under half a bf16 ulp for weights above ~0.008: applied to bf16 weights they
+    # vanish one by one; summed in fp32 copies over 16 steps they change the weight.
+    cfg = FinetuneConfig(method=method, lr=2e-5, batch_size=1, schedule="constant", lora_rank=4, lora_alpha=64)
+    result = finetune_model_(model, masks, token_windows(16), cfg, val_ids=token_windows(4, seed=9))
+    assert result.steps == 16 and all(math.isfinite(v) for v in result.losses)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert pruned_nonzeros(model, masks) == 0
+    large = {n: masks[n] & (start[f"{n}.weight"].abs() > 0.01) for n in masks}
+    changed = sum(int((params(model)[f"{n}.weight"] != start[f"{n}.weight"])[large[n]].sum()) for n in masks)
+    assert changed > 0.5 * sum(int(m.sum()) for m in large.values())
+
+
 # --------------------------------------------------------------------------------------------------- LoRA
 
 def test_lora_merge_is_exact_and_keeps_the_sparsity() -> None:
