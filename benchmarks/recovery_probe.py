@@ -110,14 +110,17 @@ def main() -> None:
 
     def measure(state) -> None:  # the model mid-training (full fine-tuning: its weights are the trained ones)
         if state.step in ppl_at and args.ft_method == "full":
+            t = time.perf_counter()
             model.eval()
             curve.append((state.step, state.step * args.ft_batch_size * args.grad_accum * args.ft_seqlen, ppl()))
             model.train()
+            record["curve_eval_seconds"] = record.get("curve_eval_seconds", 0.0) + time.perf_counter() - t
             print(f"step {curve[-1][0]}: {curve[-1][1]} tokens, ppl {curve[-1][2]:.1f}", flush=True)
 
     result = finetune_model_(model, masks, train_ids, cfg, teacher=teacher, val_ids=val_ids, on_step=measure)
-    record.update(ft_steps=result.steps, ft_tokens=result.tokens, ft_seconds=result.seconds,
-                  ft_tokens_per_second=result.tokens / result.seconds, val_losses=result.val_losses,
+    ft_seconds = result.seconds - record.get("curve_eval_seconds", 0.0)
+    record.update(ft_steps=result.steps, ft_tokens=result.tokens, ft_seconds=ft_seconds,
+                  ft_tokens_per_second=result.tokens / ft_seconds, val_losses=result.val_losses,
                   train_loss_first=result.losses[:5], train_loss_last=result.losses[-5:])
     leaked = sum(int((weight_view(m)[~masks[n]] != 0).sum()) for n, m in named_linears(model).items())
     record["pruned_weights_nonzero_after"] = leaked

@@ -81,11 +81,11 @@ class FinetuneConfig(BaseModel):
         return self
 
 
-def iteration_tokens(cfg: FinetuneConfig, epochs: int) -> int:
-    """Training tokens of an iteration whose plan row says `epochs` (0 = no fine-tuning)."""
-    if epochs < 0:
+def iteration_tokens(cfg: FinetuneConfig, epochs: float) -> int:
+    """Training tokens of an iteration whose plan row says `epochs` (0 = no fine-tuning; 0.1 is a tenth of N)."""
+    if not epochs >= 0:
         raise TierpruneError(f"plan epochs must be >= 0, got {epochs}")
-    return 0 if cfg.method == "none" else epochs * cfg.tokens_per_epoch
+    return 0 if cfg.method == "none" else round(epochs * cfg.tokens_per_epoch)
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -546,8 +546,10 @@ def finetune_model_(model: nn.Module, masks: dict[str, torch.Tensor], train_ids:
     masks: module name -> keep mask (out, in), bool. teacher: the dense model (logits on the fly) or
     its cached top-k logits (TeacherTopK, rows aligned with train_ids); needed when kd_weight > 0
     or hidden_weight > 0. val_ids (m, L): held-out windows for the loss curve and early stopping.
-    state: a TrainState from on_step to resume from (the model may hold any weights then: the
-    state restores the trainable ones). on_step(state) is called every cfg.commit_every steps.
+    state: a TrainState from on_step to resume from; the model must then be as it was when this
+    iteration's fine-tuning started (the state restores what training changed: the trained weights
+    or the LoRA adapters). on_step(state) is called every cfg.commit_every steps and after the last.
+    Early stopping ends the run; it does not roll back to the best evaluation.
     """
     started = time.perf_counter()
     apply_masks_(model, masks)  # masks handed in may be ahead of the weights (a fresh demotion)

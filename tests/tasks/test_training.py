@@ -98,6 +98,7 @@ def test_budget_is_epochs_times_tokens_per_epoch() -> None:
     cfg = FinetuneConfig(tokens_per_epoch=4096)
     assert iteration_tokens(cfg, 3) == 3 * 4096
     assert iteration_tokens(cfg, 0) == 0
+    assert iteration_tokens(cfg, 0.1) == 410  # the smoke plan's epochs
     assert iteration_tokens(cfg.model_copy(update={"method": "none"}), 3) == 0
     with pytest.raises(TierpruneError):
         iteration_tokens(cfg, -1)
