@@ -40,7 +40,7 @@ def main() -> None:
     parser.add_argument("--calib-seqlen", type=int, default=512)
     parser.add_argument("--eval-seqlen", type=int, default=512)
     parser.add_argument("--eval-max-windows", type=int, default=16)
-    parser.add_argument("--val-windows", type=int, default=4, help="WikiText-2 validation windows for the held-out loss")
+    parser.add_argument("--val-windows", type=int, default=4, help="WikiText-2 validation windows (held-out loss)")
     parser.add_argument("--tiers", default="0.35,0.45,0.20")
     parser.add_argument("--topk", type=int, default=10)
     parser.add_argument("--ft-method", default="full", choices=["full", "lora"])

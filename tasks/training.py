@@ -192,7 +192,8 @@ def _shifted_ce(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), ids[:, 1:].flatten())
 
 
-def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                      temperature: float = 1.0) -> torch.Tensor:
     """T²·KL(teacher ‖ student) of the softened distributions, mean over positions; logits (B, L, V).
 
     The T² factor keeps gradient sizes comparable across temperatures (Hinton et al., 2015).
@@ -235,7 +236,7 @@ class TeacherTopK:
 
 @torch.no_grad()
 def teacher_topk_logits(teacher: nn.Module, ids: torch.Tensor, k: int, batch_size: int = 8) -> TeacherTopK:
-    """The teacher's top-k logits for windows ids (n, L), for storing when the teacher does not fit beside the student."""
+    """The teacher's top-k logits for windows ids (n, L): to store when the teacher does not fit beside the student."""
     if k < 1:
         raise TierpruneError(f"top-k for cached teacher logits must be >= 1, got {k}")
     device = _device_of(teacher)
@@ -374,12 +375,12 @@ class TrainState:
     def step(self) -> int:
         return int(self.meta["step"])
 
-    def to_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    def as_dicts(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """(tensors, JSON-able metadata), as the run store saves them."""
         return dict(self.tensors), dict(self.meta)
 
     @classmethod
-    def from_dict(cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> TrainState:
+    def from_dicts(cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> TrainState:
         return cls(dict(tensors), dict(meta))
 
 
@@ -424,7 +425,8 @@ def _jsonable(value: Any) -> Any:
 def _restore_state(state: TrainState, trainables: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer,
                    scheduler: torch.optim.lr_scheduler.LambdaLR) -> None:
     if state.meta.get("param_names") != list(trainables):
-        raise TierpruneError("the saved fine-tuning state trains other parameters than this run; start the iteration anew")
+        raise TierpruneError("the saved fine-tuning state trains other parameters than this run; "
+                             "start the iteration anew")
     for name, p in trainables.items():
         p.copy_(state.tensors[f"param/{name}"])
     per_param: dict[int, dict[str, Any]] = {}
@@ -557,7 +559,8 @@ def finetune_model_(model: nn.Module, masks: dict[str, torch.Tensor], train_ids:
     if cfg.method == "none" or train_ids.shape[0] == 0:
         return result
     if train_ids.dim() != 2 or train_ids.dtype != torch.long:
-        raise TierpruneError(f"training ids must be (windows, seqlen) int64, got {train_ids.dtype} {tuple(train_ids.shape)}")
+        raise TierpruneError(f"training ids must be (windows, seqlen) int64, "
+                             f"got {train_ids.dtype} {tuple(train_ids.shape)}")
     if teacher is None and (cfg.kd_weight > 0 or cfg.hidden_weight > 0):
         raise TierpruneError(f"kd_weight {cfg.kd_weight} / hidden_weight {cfg.hidden_weight} need a teacher model")
     if isinstance(teacher, TeacherTopK):
@@ -621,7 +624,8 @@ def finetune_model_(model: nn.Module, masks: dict[str, torch.Tensor], train_ids:
         return _capture_state(trainables, optimizer, scheduler, meta)
 
     if val_ids is not None and state is None:
-        result.val_losses.append((0, _held_out_loss(trained_model, val_ids, micro, sixteen_bit)))  # where the curve starts
+        # Where the curve starts: the loss right after pruning.
+        result.val_losses.append((0, _held_out_loss(trained_model, val_ids, micro, sixteen_bit)))
     trained_model.train()
     try:
         while step < total_steps and not result.stopped_early:

@@ -73,8 +73,8 @@ def assert_same_params(a, b) -> None:
 
 def storage_roundtrip(state: TrainState) -> TrainState:
     """The state through safetensors bytes and JSON, as the run store keeps it."""
-    tensors, meta = state.to_dict()
-    return TrainState.from_dict(load_safetensors(save_safetensors(tensors)), json.loads(json.dumps(meta)))
+    tensors, meta = state.as_dicts()
+    return TrainState.from_dicts(load_safetensors(save_safetensors(tensors)), json.loads(json.dumps(meta)))
 
 
 # ------------------------------------------------------------------------------------------ config, budget
