@@ -37,7 +37,7 @@ def progressive(cfg: TierpruneConfig) -> list[dict]:
             checkpoint = tiers = dense_start_task(state)
             evaluation = evaluate_task(state, 0, checkpoint, tiers)
             record_iteration_task(state, 0, {"checkpoint": checkpoint, "tiers": tiers, "eval": evaluation})
-            rows.append(report_task(state, 0, evaluation, tiers, evaluation.seconds))
+            rows.append(report_task(state, 0, evaluation, tiers, checkpoint.seconds + evaluation.seconds))
         for step in state.plan.steps:
             k = step.iteration
             if k <= start:

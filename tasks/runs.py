@@ -66,11 +66,9 @@ def run_summary(store: RunStore, deep: bool = True) -> list[dict]:
 
 def _seconds(store: RunStore, record: dict) -> float:
     """What an iteration's steps took when they were computed (recorded in their COMMIT.json), not a rerun's time."""
-    total = 0.0
-    for key, value in record.items():
-        if isinstance(value, dict) and "rel" in value:
-            total += float(store.step_meta(f"{store.uri}/{value['rel']}").get("seconds", 0.0))
-    return round(total, 3)
+    # Each step once: iteration 0's checkpoint and tier map are the same start step.
+    rels = {value["rel"] for value in record.values() if isinstance(value, dict) and "rel" in value}
+    return round(sum(float(store.step_meta(f"{store.uri}/{rel}").get("seconds", 0.0)) for rel in rels), 3)
 
 
 def verify_run(store: RunStore) -> list[StepStatus]:
