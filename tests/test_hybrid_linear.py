@@ -38,13 +38,18 @@ def _ids(vocab: int = 128, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, vocab, (2, 12), generator=torch.Generator().manual_seed(seed))
 
 
-def test_from_linear_matches_the_linear() -> None:
-    g = torch.Generator().manual_seed(0)
-    linear = nn.Linear(52, 40)
-    tier_map = _random_tier_map((40, 52), g)
+def _pruned_linear(in_features: int, out_features: int, g: torch.Generator) -> tuple[nn.Linear, HybridLinear]:
+    """A linear whose weight obeys a random tier map, and its HybridLinear."""
+    linear = nn.Linear(in_features, out_features)
+    tier_map = _random_tier_map((out_features, in_features), g)
     with torch.no_grad():
         linear.weight.mul_(tier_keep_mask(linear.weight.abs(), tier_map, BS, K))
-    hybrid = HybridLinear.from_linear(linear, tier_map)
+    return linear, HybridLinear.from_linear(linear, tier_map)
+
+
+def test_from_linear_matches_the_linear() -> None:
+    g = torch.Generator().manual_seed(0)
+    linear, hybrid = _pruned_linear(52, 40, g)
     x = torch.randn(3, 5, 52, generator=g)
     torch.testing.assert_close(hybrid(x), linear(x))
     assert torch.equal(hybrid.dense_weight(), linear.weight)
@@ -132,11 +137,7 @@ def test_convert_refuses_unknown_names_and_broken_weights() -> None:
 
 def test_hybrid_linear_compiles_fullgraph() -> None:
     g = torch.Generator().manual_seed(3)
-    linear = nn.Linear(48, 32)
-    tier_map = _random_tier_map((32, 48), g)
-    with torch.no_grad():
-        linear.weight.mul_(tier_keep_mask(linear.weight.abs(), tier_map, BS, K))
-    hybrid = HybridLinear.from_linear(linear, tier_map)
+    linear, hybrid = _pruned_linear(48, 32, g)
     compiled = torch.compile(hybrid, fullgraph=True, backend="aot_eager")
     x = torch.randn(4, 48, generator=g)
     torch.testing.assert_close(compiled(x), linear(x))
