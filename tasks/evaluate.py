@@ -92,12 +92,10 @@ def _eval_ids(state: RunState, tokenizer) -> torch.Tensor:
     from tierprune.storage.datasets import evaluation_split, load_texts
 
     e = state.cfg.eval
-    cached = getattr(state, "_eval_ids", None)
-    if cached is None:
-        cached = eval_token_ids(e.data.split(":", 1)[0], load_texts(e.data, evaluation_split(e.data)), tokenizer,
-                                e.seqlen)
-        state._eval_ids = cached
-    return cached
+    if state.eval_ids is None:
+        state.eval_ids = eval_token_ids(e.data.split(":", 1)[0], load_texts(e.data, evaluation_split(e.data)),
+                                        tokenizer, e.seqlen)
+    return state.eval_ids
 
 
 @task(name="evaluate", persist_result=True, cache_policy=store_cache_policy("eval", _eval_material))

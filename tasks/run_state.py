@@ -62,6 +62,7 @@ class RunState:
         self._held: dict[str, dict] = {}  # tensor name -> checkpoint index entry that the model holds now
         self._masks: tuple[str, dict[str, torch.Tensor]] | None = None  # (step digest, module -> keep mask)
         self._identity: dict | None = None
+        self.eval_ids: torch.Tensor | None = None  # (1, T) evaluation tokens, tokenized once per run state
 
     @property
     def identity(self) -> dict:
