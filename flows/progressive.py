@@ -4,12 +4,24 @@ collect activations → score blocks → demote → finetune → evaluate, as th
 Wiring only: every step is a task over the run store and passes small references along; the
 steps share one RunState (the store, the plan, the working model). Rerunning the same flow after a
 crash recomputes nothing that was committed.
+
+Three entry points, one body (`run_progressive`, plain wiring over the tasks):
+- `progressive`: the flow deployments serve and the UI's run form shows; flat parameters, one per flag of
+  `tierprune run`, turned into the config by `config_from_flags`, checked like the CLI checks them.
+- `progressive_from_config`: the same flow (same name) taking a ready TierpruneConfig, for the CLI and tests.
+Both hold the device's GPU slot (flows.gpu_slots) for the whole run.
 """
 from __future__ import annotations
 
 from prefect import flow, get_run_logger
 
-from tierprune.config import TierpruneConfig
+from tierprune.config import TierpruneConfig, config_from_flags
+from tierprune.flows.gpu_slots import device_slot
+from tierprune.flows.parameters import (
+    RUN_NAME_TEMPLATE, BlockSize, Calib, CalibBatchSize, CalibSamples, CalibSeqlen, Compile, Device, Dtype, Eval,
+    EvalBatchSize, EvalMaxWindows, EvalSeqlen, GgufFile, Model, Plan, ResumeFrom, Run, Scope, Seed, Select, Store,
+    Topk, described, flow_run_name,
+)
 from tierprune.tasks.collect_activations import collect_activations_task
 from tierprune.tasks.demote import demote_task
 from tierprune.tasks.evaluate import evaluate_task
@@ -21,8 +33,7 @@ from tierprune.tasks.score_blocks import score_blocks_task
 from tierprune.tasks.start import dense_start_task, resume_start_task
 
 
-@flow(name="progressive", log_prints=False)
-def progressive(cfg: TierpruneConfig) -> list[dict]:
+def run_progressive(cfg: TierpruneConfig) -> list[dict]:
     """Run (or resume) a progressive three-tier run; returns one summary row per iteration."""
     logger = get_run_logger()
     state = RunState(cfg)
@@ -56,12 +67,62 @@ def progressive(cfg: TierpruneConfig) -> list[dict]:
     return rows
 
 
+
+@flow(name="progressive", log_prints=False)
+def progressive_from_config(cfg: TierpruneConfig) -> list[dict]:
+    """The progressive flow over a ready config (the CLI checked it before Prefect started)."""
+    with device_slot(cfg.device):
+        return run_progressive(cfg)
+
+
+@flow(name="progressive", log_prints=False)
+@described
+def progressive(
+    plan: Plan = "smoke",
+    store: Store = "runs",
+    run: Run = RUN_NAME_TEMPLATE,
+    resume_from: ResumeFrom = None,
+    model: Model = "smollm2-135m",
+    gguf_file: GgufFile = None,
+    dtype: Dtype = "auto",
+    block_size: BlockSize = 16,
+    topk: Topk = 10,
+    select: Select = "wanda",
+    scope: Scope = "matrix",
+    calib: Calib = None,
+    calib_samples: CalibSamples = 128,
+    calib_seqlen: CalibSeqlen = 2048,
+    calib_batch_size: CalibBatchSize = 8,
+    seed: Seed = 0,
+    compile: Compile = False,
+    eval: Eval = None,
+    eval_seqlen: EvalSeqlen = 2048,
+    eval_max_windows: EvalMaxWindows = None,
+    eval_batch_size: EvalBatchSize = 1,
+    device: Device = "cpu",
+) -> list[dict]:
+    """Progressive three-tier pruning: Dense → 2:4 → TopK blocks, iteration by iteration as the plan says.
+
+    Rerunning with the same run name and settings resumes the run; resume_from starts a new run after a
+    finished iteration of another one.
+    """
+    flags = dict(locals())  # exactly the parameters above (first statement): the flags of `tierprune run`
+    from tierprune.tasks.run_state import NothingToDo, check_run_inputs
+
+    flags["run"] = flow_run_name(run)
+    cfg = config_from_flags(**flags)
+    try:
+        check_run_inputs(cfg)  # bad input fails the run in seconds, with the CLI's one-line message
+    except NothingToDo as exc:
+        get_run_logger().info("%s", exc)
+        return []
+    with device_slot(cfg.device):
+        return run_progressive(cfg)
+
+
 if __name__ == "__main__":
     import sys
 
-    from tierprune.config import config_from_flags
-
     # A tiny preset: the embedded SmolLM2, the smoke plan, a local store, a quick look at the numbers.
-    progressive(config_from_flags(plan="schedules/plans/smoke.csv", store=sys.argv[1] if len(sys.argv) > 1 else "runs",
-                                  run="smoke", calib_samples=16, calib_seqlen=512, eval_seqlen=512,
-                                  eval_max_windows=16))
+    progressive(plan="smoke", store=sys.argv[1] if len(sys.argv) > 1 else "runs", run="smoke", calib_samples=16,
+                calib_seqlen=512, eval_seqlen=512, eval_max_windows=16)

@@ -1,4 +1,4 @@
-"""Command line: `tierprune prune ...` and `tierprune demo`.
+"""Command line: `tierprune prune`, `run`, `demo`, `runs ...` and `serve`.
 
 Bad input of any kind ends in one line on stderr and exit status 2, never a traceback.
 """
@@ -196,11 +196,11 @@ def _progressive_run(cfg: TierpruneConfig) -> None:
 def _run_flow(cfg) -> list[dict]:
     """The progressive flow in this process, one progress line per step, a server that dies with us."""
     from tierprune import lifecycle, progress
-    from tierprune.flows.progressive import progressive
+    from tierprune.flows.progressive import progressive_from_config
 
     lifecycle.guard_flow_process()
     with _progress_bars() as update, progress.reporting(update):
-        return progressive(cfg)
+        return progressive_from_config(cfg)
 
 
 def _run_location(store: str, run: str) -> str:
@@ -352,6 +352,30 @@ def runs_unlock(
         raise TierpruneError(f"the lock of run {store.uri} changed while looking at it; run the command again")
     reason = "its process no longer exists" if state == "dead" else "--force"
     console.print(f"removed the lock of {who} from {store.uri} ({reason})", highlight=False, soft_wrap=True)
+
+
+@app.command()
+def serve(
+    tz: Optional[str] = typer.Option(None, help="IANA time zone of the overnight schedule [default: this machine's]"),
+    at: str = typer.Option("22:00", help="time of day of the overnight run, HH:MM"),
+    store: str = typer.Option("runs", help="the run store the progressive forms propose (on this machine)"),
+    overnight_plan: str = typer.Option("smoke", help="the overnight run's plan (a shipped plan's name, a path or URL)"),
+    limit: Optional[int] = typer.Option(None, help="flow runs at most at once [default: no limit; GPUs are "
+                                                   "shared one run at a time anyway]"),
+) -> None:
+    """Serve the deployments (progressive/manual, progressive/overnight, oneshot/manual, evaluate/manual) from
+    this process, against the Prefect server at $PREFECT_API_URL; runs execute here. Ctrl-C stops."""
+    from prefect.settings import PREFECT_API_URL
+
+    if not PREFECT_API_URL.value():  # from the environment or the active Prefect profile
+        raise TierpruneError("tierprune serve needs a Prefect server: start one with `prefect server start` and set "
+                             "PREFECT_API_URL=http://127.0.0.1:4200/api")
+    from prefect import serve as prefect_serve
+
+    from tierprune.schedules.deployments import deployments
+
+    served = deployments(tz=tz, at=at, store=store, overnight={"plan": overnight_plan})
+    prefect_serve(*served, limit=limit)
 
 
 def default_prefect_home(environ: dict[str, str], cwd: Path) -> str | None:

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, model_validator
 
 from .errors import TierpruneError
 
-__all__ = ["PLAN_COLUMNS", "PlanStep", "Plan", "load_plan", "plan_fingerprint"]
+__all__ = ["PLAN_COLUMNS", "PlanStep", "Plan", "load_plan", "plan_fingerprint", "shipped_plans"]
 
 PLAN_COLUMNS = ("iteration", "dense", "mid_2_4", "topk", "dense_to_2_4", "mid_2_4_to_topk", "epochs")
 _FRACTIONS = PLAN_COLUMNS[1:6]
@@ -273,14 +273,29 @@ def _kind(path: str) -> str | None:
     return next((kind for suffix, kind in _SUFFIXES.items() if name.lower().endswith(suffix)), None)
 
 
+def shipped_plans() -> dict[str, str]:
+    """name -> file of every plan shipped in schedules/plans/ (`smoke` -> .../plans/smoke.csv)."""
+    from importlib.resources import files
+
+    folder = files("tierprune.schedules") / "plans"
+    return {entry.name.rsplit(".", 1)[0]: str(entry) for entry in sorted(folder.iterdir(), key=lambda e: e.name)
+            if _kind(entry.name)}
+
+
 def load_plan(path_or_text: str | os.PathLike[str]) -> Plan:
-    """A plan from a .csv/.yaml/.yml/.json path or fsspec URL, or from CSV text (anything with a newline)."""
+    """A plan from a .csv/.yaml/.yml/.json path or fsspec URL, CSV text (anything with a newline), or the name
+    of a shipped plan (`smoke`, `llama2-5iter`)."""
     source = os.fspath(path_or_text)
     kind = _kind(source)
     if "\n" in source.strip() or (kind is None and "," in source):
         return _parse(source, "csv", "plan text")
     if kind is None:
-        raise _error(f"plan {source!r}: not a .csv, .yaml, .yml or .json file, nor CSV text with a header")
+        shipped = shipped_plans()
+        if source not in shipped:
+            raise _error(f"plan {source!r}: not a .csv, .yaml, .yml or .json file, nor CSV text with a header, nor "
+                         f"a shipped plan ({', '.join(shipped)})")
+        source = shipped[source]
+        kind = _kind(source)
     from tierprune.storage.tables import read_text
 
     try:

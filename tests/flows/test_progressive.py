@@ -49,7 +49,7 @@ def store_uri(request, mem_root) -> str:
 def test_flow_runs_resumes_for_free_and_reports(prefect_harness, tiny_llama_dir, data_dir, store_uri):
     from prefect.client.orchestration import get_client
 
-    from tierprune.flows.progressive import progressive
+    from tierprune.flows.progressive import progressive_from_config as progressive
 
     cfg = _config(tiny_llama_dir, data_dir, store_uri, "r")
     rows = progressive(cfg)
@@ -73,7 +73,7 @@ def test_flow_runs_resumes_for_free_and_reports(prefect_harness, tiny_llama_dir,
 
 def test_resume_from_another_runs_iteration_matches_the_original(prefect_harness, tiny_llama_dir, data_dir,
                                                                  mem_root):
-    from tierprune.flows.progressive import progressive
+    from tierprune.flows.progressive import progressive_from_config as progressive
 
     progressive(_config(tiny_llama_dir, data_dir, mem_root, "original"))
     original = RunStore(mem_root, "original")
@@ -86,7 +86,7 @@ def test_resume_from_another_runs_iteration_matches_the_original(prefect_harness
 
 
 def test_second_writer_is_refused(prefect_harness, tiny_llama_dir, data_dir, mem_root):
-    from tierprune.flows.progressive import progressive
+    from tierprune.flows.progressive import progressive_from_config as progressive
 
     cfg = _config(tiny_llama_dir, data_dir, mem_root, "busy")
     store = RunStore(mem_root, "busy")
@@ -101,7 +101,7 @@ def test_resume_with_a_tier_map_of_another_shape_is_refused(prefect_harness, tin
     from transformers import AutoTokenizer
 
     from tests.conftest import make_tiny_llama
-    from tierprune.flows.progressive import progressive
+    from tierprune.flows.progressive import progressive_from_config as progressive
 
     progressive(_config(tiny_llama_dir, data_dir, mem_root, "small"))
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
