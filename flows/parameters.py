@@ -27,7 +27,8 @@ __all__ = ["RUN_NAME_TEMPLATE", "expand_run_name", "flow_run_name", "described",
            "Method", "Pattern", "Sparsity", "BlockSize", "Tiers", "Topk", "Select", "Scope", "Calib",
            "CalibSamples", "CalibSeqlen", "CalibBatchSize", "Seed", "Compile", "Eval", "EvalSeqlen",
            "EvalMaxWindows", "EvalBatchSize", "Device", "Offload", "FtMethod", "FtData", "FtTokens", "FtSeqlen",
-           "FtBatchSize", "FtLr", "KdWeight", "LoraRank", "LoraTargets"]
+           "FtBatchSize", "FtLr", "FtGradAccum", "FtSchedule", "FtWarmup", "FtTrain", "FtCommitEvery", "KdWeight",
+           "LoraRank", "LoraTargets"]
 
 # With the time: two runs launched from the form on one day are two runs, not one refused as "other settings".
 RUN_NAME_TEMPLATE = "{flow}-{date}-{time}"
@@ -86,15 +87,26 @@ Offload = Annotated[bool, Field(description="Keep the model on the CPU and strea
 # ---- recovery fine-tuning (the flags of `tierprune run`) ------------------------------------------------------
 FtMethod = Annotated[Literal["none", "full", "lora"],
                      Field(description="Recovery fine-tuning after each demotion: none, masked full, or LoRA")]
-FtData = Annotated[str | None, Field(description="Fine-tuning data spec; empty: the calibration data")]
-FtTokens = Annotated[int, Field(ge=0, description="Training tokens per iteration")]
-FtSeqlen = Annotated[int, Field(ge=2, description="Tokens per training sequence")]
-FtBatchSize = Annotated[int, Field(ge=1, description="Sequences per optimizer step")]
+FtData = Annotated[str | None, Field(description="Fine-tuning data spec; empty: the calibration corpus minus the "
+                                                 "documents the calibration draw used")]
+FtTokens = Annotated[int, Field(ge=0, description="Training tokens per plan epoch (an iteration trains the plan's "
+                                                  "epochs × this)")]
+FtSeqlen = Annotated[int, Field(ge=2, description="Tokens per training window")]
+FtBatchSize = Annotated[int, Field(ge=1, description="Windows per forward pass")]
 FtLr = Annotated[float, Field(gt=0.0, description="Learning rate")]
-KdWeight = Annotated[float, Field(ge=0.0, le=1.0, description="Weight of logit distillation from the dense "
-                                                              "model (0: plain language-model loss)")]
+FtGradAccum = Annotated[int, Field(ge=1, description="Forward passes per optimizer step")]
+FtSchedule = Annotated[Literal["constant", "cosine", "linear"],
+                       Field(description="Learning-rate schedule after the warm-up")]
+FtWarmup = Annotated[float, Field(ge=0.0, lt=1.0, description="Warm-up as a fraction of an iteration's steps")]
+FtTrain = Annotated[Literal["linears", "all_but_embeddings", "all"],
+                    Field(description="What full fine-tuning updates")]
+FtCommitEvery = Annotated[int, Field(ge=0, description="Optimizer steps between committed training states (a "
+                                                       "killed run resumes from the last one); 0: none")]
+KdWeight = Annotated[float, Field(ge=0.0, le=1.0, description="Distillation from the dense model: 0 = "
+                                                              "cross-entropy only, 1 = distillation only")]
 LoraRank = Annotated[int, Field(ge=1, description="LoRA rank")]
-LoraTargets = Annotated[str, Field(description="Comma-separated module names LoRA adapts, e.g. q_proj,v_proj")]
+LoraTargets = Annotated[str, Field(description="Comma-separated module-name suffixes LoRA adapts, e.g. "
+                                               "q_proj,v_proj")]
 
 
 F = TypeVar("F", bound=Callable)

@@ -19,8 +19,9 @@ from tierprune.config import TierpruneConfig, config_from_flags
 from tierprune.flows.gpu_slots import device_slot
 from tierprune.flows.parameters import (
     RUN_NAME_TEMPLATE, BlockSize, Calib, CalibBatchSize, CalibSamples, CalibSeqlen, Compile, Device, Dtype, Eval,
-    EvalBatchSize, EvalMaxWindows, EvalSeqlen, GgufFile, Model, Plan, ResumeFrom, Run, Scope, Seed, Select, Store,
-    Topk, described, flow_run_name,
+    EvalBatchSize, EvalMaxWindows, EvalSeqlen, FtBatchSize, FtCommitEvery, FtData, FtGradAccum, FtLr, FtMethod,
+    FtSchedule, FtSeqlen, FtTokens, FtTrain, FtWarmup, GgufFile, KdWeight, LoraRank, LoraTargets, Model, Plan,
+    ResumeFrom, Run, Scope, Seed, Select, Store, Topk, described, flow_run_name,
 )
 from tierprune.tasks.collect_activations import collect_activations_task
 from tierprune.tasks.demote import demote_task
@@ -100,6 +101,20 @@ def progressive(
     eval_max_windows: EvalMaxWindows = None,
     eval_batch_size: EvalBatchSize = 1,
     device: Device = "cpu",
+    ft_method: FtMethod = "full",
+    ft_data: FtData = None,
+    ft_tokens: FtTokens = 2_457_600,
+    ft_seqlen: FtSeqlen = 512,
+    ft_batch_size: FtBatchSize = 16,
+    ft_lr: FtLr = 1e-4,
+    ft_grad_accum: FtGradAccum = 1,
+    ft_schedule: FtSchedule = "constant",
+    ft_warmup: FtWarmup = 0.0,
+    ft_train: FtTrain = "linears",
+    ft_commit_every: FtCommitEvery = 100,
+    kd_weight: KdWeight = 1.0,
+    lora_rank: LoraRank = 16,
+    lora_targets: LoraTargets = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
 ) -> list[dict]:
     """Progressive three-tier pruning: Dense → 2:4 → TopK blocks, iteration by iteration as the plan says.
 

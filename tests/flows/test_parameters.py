@@ -20,7 +20,9 @@ PROGRESSIVE_LEAVES_OUT = {
     "method", "pattern", "sparsity", "tiers",  # a progressive run is Wanda tiers; its fractions come from the plan
     "offload",  # the progressive steps do not stream layers (the one-shot engine does)
 }
-ONESHOT_LEAVES_OUT = {"plan", "store", "run", "resume_from"}  # those make a run progressive
+FINETUNE = {name for name in FLAGS if name.startswith("ft_")} | {"kd_weight", "lora_rank", "lora_targets"}
+# plan, store, run, resume_from make a run progressive; one-shot pruning does not fine-tune.
+ONESHOT_LEAVES_OUT = {"plan", "store", "run", "resume_from"} | FINETUNE
 ONESHOT_ADDS = {"output"}  # prune --output
 # The form proposes values where the CLI requires them.
 FORM_DEFAULTS = {"plan": "smoke", "store": "runs", "run": RUN_NAME_TEMPLATE}
@@ -67,12 +69,14 @@ def test_every_form_field_has_a_description_and_choices_are_enums(flow):
             assert field["default"] in field["enum"], name
 
 
-@pytest.mark.parametrize("name", ["select", "scope", "dtype", "device", "method", "pattern"])
+@pytest.mark.parametrize("name", ["select", "scope", "dtype", "device", "method", "pattern", "ft_method", "ft_schedule",
+                                  "ft_train"])
 def test_every_choice_the_form_offers_is_accepted_by_the_config(name, monkeypatch):
     import torch
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the choices, not this machine, are tested
-    hints = typing.get_type_hints(oneshot.fn, include_extras=True)
+    flow = progressive if name.startswith("ft_") else oneshot
+    hints = typing.get_type_hints(flow.fn, include_extras=True)
     choices = typing.get_args(typing.get_args(hints[name])[0])
     assert len(choices) >= 2
     for choice in choices:

@@ -22,6 +22,8 @@ import pytest
 BIN = Path(sys.executable).parent
 SERVER_START_SECONDS = 120
 SERVE_START_SECONDS = 120
+# The smoke plan's 0.1 epochs of 2,560 tokens: two optimizer steps of distillation per iteration (as tests/flows).
+TINY_FINETUNE = {"ft_tokens": 2560, "ft_seqlen": 32, "ft_batch_size": 4}
 
 
 def free_port() -> int:
@@ -62,7 +64,7 @@ class LivePrefect:
         return {"plan": "smoke", "model": str(tiny_llama_dir), "store": str(self.store),
                 "calib": f"c4:{data_dir}/c4-subset", "calib_samples": 4, "calib_seqlen": 32, "calib_batch_size": 2,
                 "eval": f"wikitext2:{data_dir}/wikitext-2-raw", "eval_seqlen": 32, "eval_max_windows": 2,
-                "device": "cpu", **extra}
+                "device": "cpu", **TINY_FINETUNE, **extra}
 
 
 def _wait(what: str, check, seconds: float, process: subprocess.Popen, log: Path) -> None:

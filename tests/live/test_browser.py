@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.live.conftest import TINY_FINETUNE
+
 pytestmark = pytest.mark.slow
 
 RUN_SECONDS = 300  # a tiny-model run takes ~20 s; room for a busy machine
@@ -135,7 +137,7 @@ def test_launch_from_the_form_see_the_artifacts_and_resume(page, live_prefect, t
     url = live_prefect.url
     quick = {"model": str(tiny_llama_dir), "calib": f"c4:{data_dir}/c4-subset", "calib_samples": 4,
              "calib_seqlen": 32, "calib_batch_size": 2, "eval": f"wikitext2:{data_dir}/wikitext-2-raw",
-             "eval_seqlen": 32, "eval_max_windows": 2}
+             "eval_seqlen": 32, "eval_max_windows": 2, **TINY_FINETUNE}
 
     _open_custom_run(page, url)
     expect(_field(page, "store").locator("textarea, input").first).to_have_value(str(live_prefect.store))
