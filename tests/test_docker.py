@@ -96,3 +96,13 @@ def test_the_compose_commands_are_real_cli_commands_with_these_options():
     prefect_file = deploy["entrypoint"][deploy["entrypoint"].index("--prefect-file") + 1]
     assert (ROOT / prefect_file).is_file() and deploy["working_dir"] == "/opt/tierprune"
     assert "WORKDIR /opt/tierprune" in DOCKERFILE
+
+
+def test_the_image_carries_prefect_toml_settings_as_environment():
+    """The worker runs flows outside the repository, where prefect.toml is not read: its settings are ENV."""
+    prefect_toml = tomllib.loads((ROOT / "prefect.toml").read_text())
+    env = " ".join(args for op, args in _instructions() if op == "ENV")
+    assert prefect_toml["tasks"]["default_no_cache"] is True and "PREFECT_TASKS_DEFAULT_NO_CACHE=true" in env
+    assert prefect_toml["server"]["analytics_enabled"] is False and "PREFECT_SERVER_ANALYTICS_ENABLED=false" in env
+    home = re.search(r"PREFECT_HOME=(\S+)", env).group(1)
+    assert home.startswith(re.search(r"HOME=(/home/\S+)", env).group(1))  # writable by the non-root user
