@@ -35,7 +35,10 @@ from tierprune.tasks.start import dense_start_task, resume_start_task
 
 
 def run_progressive(cfg: TierpruneConfig) -> list[dict]:
-    """Run (or resume) a progressive three-tier run; returns one summary row per iteration."""
+    """Run (or resume) a progressive three-tier run; returns one summary row per iteration.
+
+    Undecorated, so that both flows below share it; call it inside a flow run (its steps are tasks).
+    """
     logger = get_run_logger()
     state = RunState(cfg)
     rows = []
@@ -66,7 +69,6 @@ def run_progressive(cfg: TierpruneConfig) -> list[dict]:
             rows.append(report_task(state, k, evaluation, tiers, seconds, checkpoint))
             logger.info("iteration %d done: %s", k, rows[-1])
     return rows
-
 
 
 @flow(name="progressive", log_prints=False)
