@@ -136,7 +136,7 @@ def test_lora_recovery_merges_into_exactly_the_tier_maps_sparsity(prefect_harnes
                                                                   mem_root, tmp_path):
     from safetensors.torch import load_file
 
-    from tierprune.flows.progressive import progressive
+    from tierprune.flows.progressive import progressive_from_config as progressive
     from tierprune.tasks.export import export_run
 
     cfg = _config(tiny_llama_dir, data_dir, mem_root, "lora", ft_method="lora", lora_rank=4, ft_lr=1e-2,
