@@ -59,9 +59,14 @@ def run_row(name: str, args: argparse.Namespace) -> dict:
                "--ft-tokens", str(args.ft_tokens), "--ft-lr", str(args.lr), *(SMOKE if args.smoke else PROTOCOL), *extra]
     started = time.perf_counter()
     with open(work / "log.txt", "w") as log:
-        proc = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env, timeout=args.timeout)
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+        try:
+            returncode = proc.wait(timeout=args.timeout)
+        except subprocess.TimeoutExpired:  # what finished by then is still in the store: report it
+            proc.kill()
+            returncode = f"killed after {args.timeout} s"
     wall = time.perf_counter() - started
-    row = {"row": name, "returncode": proc.returncode, "wall_s": round(wall, 1),
+    row = {"row": name, "returncode": returncode, "wall_s": round(wall, 1),
            "command": " ".join(["tierprune", *command[3:]])}
     shown = subprocess.run([sys.executable, "-m", "tierprune.cli", "runs", "show", str(work / "store" / name),
                             "--json"], capture_output=True, text=True, env=env)

@@ -112,14 +112,17 @@ def _held_out_ids(cfg: TierpruneConfig, tokenizer) -> torch.Tensor | None:
 
 # ----------------------------------------------------------------------------------------- the step
 
-def _ppl_of(state: RunState, model: nn.Module, tokenizer) -> float | None:
+def _ppl_before(state: RunState, iteration: int, model: nn.Module, tokenizer) -> float | None:
+    """The perplexity of the freshly demoted model (masks applied, not trained yet), as evaluate measures it."""
     from .evaluate import _eval_ids, perplexity
 
     e = state.cfg.eval
     if not e.data:
         return None
     ppl, _ = perplexity(model, _eval_ids(state, tokenizer), e.seqlen, max_windows=e.max_windows,
-                        batch_size=e.batch_size, device=state.cfg.device)
+                        batch_size=e.batch_size, device=state.cfg.device,
+                        on_progress=lambda d, t: report_progress(f"iteration {iteration}: evaluate before finetune",
+                                                                 d, t))
     return ppl
 
 
@@ -166,7 +169,7 @@ def _train(state: RunState, iteration: int, key: str, model: nn.Module, tokenize
     resumed = _latest_train_state(state, iteration, key)
     if resumed is None:
         apply_masks_(model, masks)
-        before = {"ppl_before_finetune": _ppl_of(state, model, tokenizer)}
+        before = {"ppl_before_finetune": _ppl_before(state, iteration, model, tokenizer)}
     else:
         before = resumed[1]
     teacher = state.teacher() if ft.kd_weight > 0 or ft.hidden_weight > 0 else None
@@ -180,11 +183,12 @@ def _train(state: RunState, iteration: int, key: str, model: nn.Module, tokenize
         state.store.commit_step(uri, {"state.safetensors": tensors, "state.json": {"train": meta, "context": before}},
                                 {"step": train_state.step, "of": total_steps})
         _drop_train_states(state, iteration, key, keep=uri)  # one state at a time: each is weights plus Adam's
-        report_progress(f"iteration {iteration}: finetune (state committed)", train_state.step, total_steps)
         crash_point(f"step:iter-{iteration:03d}/finetune:state-{train_state.step}")  # tests only (tierprune.faults)
 
     result = finetune_model_(model, keep, train_ids, ft, teacher=teacher, val_ids=val_ids,
-                             state=resumed[0] if resumed else None, on_step=commit)
+                             state=resumed[0] if resumed else None, on_step=commit,
+                             on_progress=lambda done, total: report_progress(f"iteration {iteration}: finetune",
+                                                                             done, total))
     record.update(before, method=ft.method, tokens=result.tokens, steps=result.steps,
                   train_seconds=round(result.seconds, 3), stopped_early=result.stopped_early,
                   resumed_from_step=resumed[0].step if resumed else None,

@@ -509,7 +509,8 @@ def _step_loss(model: nn.Module, teacher: nn.Module | TeacherTopK | None, x: tor
 def finetune_model_(model: nn.Module, masks: dict[str, torch.Tensor], train_ids: torch.Tensor, cfg: FinetuneConfig, *,
                     teacher: nn.Module | TeacherTopK | None = None, val_ids: torch.Tensor | None = None,
                     state: TrainState | None = None,
-                    on_step: Callable[[TrainState], None] | None = None) -> FinetuneResult:
+                    on_step: Callable[[TrainState], None] | None = None,
+                    on_progress: Callable[[int, int], None] | None = None) -> FinetuneResult:
     """Fine-tune model in place on the windows train_ids (n, L), one pass, keeping every mask exact.
 
     masks: module name -> keep mask (out, in), bool. teacher: the dense model (logits on the fly) or
@@ -517,7 +518,8 @@ def finetune_model_(model: nn.Module, masks: dict[str, torch.Tensor], train_ids:
     or hidden_weight > 0. val_ids (m, L): held-out windows for the loss curve and early stopping.
     state: a TrainState from on_step to resume from; the model must then be as it was when this
     iteration's fine-tuning started (the state restores what training changed: the trained weights
-    or the LoRA adapters). on_step(state) is called every cfg.commit_every steps and after the last.
+    or the LoRA adapters). on_step(state) is called every cfg.commit_every steps and after the last;
+    on_progress(steps done, total steps) after every optimizer step.
     Early stopping ends the run; it does not roll back to the best evaluation.
     """
     started = time.perf_counter()
@@ -615,6 +617,8 @@ def finetune_model_(model: nn.Module, masks: dict[str, torch.Tensor], train_ids:
                 apply_masks_(model, masks)  # weight decay and bf16 rounding must not revive a pruned weight
             step += 1
             result.losses.append(step_loss)
+            if on_progress is not None:
+                on_progress(step, total_steps)
             if val_ids is not None and cfg.eval_every and step % cfg.eval_every == 0:
                 trained_model.eval()
                 val = _held_out_loss(trained_model, val_ids, micro, sixteen_bit)
