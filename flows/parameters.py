@@ -27,7 +27,8 @@ __all__ = ["RUN_NAME_TEMPLATE", "expand_run_name", "flow_run_name", "described",
            "Method", "Pattern", "Sparsity", "BlockSize", "Tiers", "Topk", "Select", "Scope", "Calib",
            "CalibSamples", "CalibSeqlen", "CalibBatchSize", "Seed", "Compile", "Eval", "EvalSeqlen",
            "EvalMaxWindows", "EvalBatchSize", "Device", "Offload", "FtMethod", "FtData", "FtTokens", "FtSeqlen",
-           "FtBatchSize", "FtLr", "FtGradAccum", "FtSchedule", "FtWarmup", "FtTrain", "FtCommitEvery", "KdWeight",
+           "FtBatchSize", "FtLr", "FtGradAccum", "FtSchedule", "FtWarmup", "FtTrain", "FtCommitEvery", "FtEvalEvery",
+           "FtPatience", "KdWeight",
            "LoraRank", "LoraTargets"]
 
 # With the time: two runs launched from the form on one day are two runs, not one refused as "other settings".
@@ -102,6 +103,10 @@ FtTrain = Annotated[Literal["linears", "all_but_embeddings", "all"],
                     Field(description="What full fine-tuning updates")]
 FtCommitEvery = Annotated[int, Field(ge=0, description="Optimizer steps between committed training states (a "
                                                        "killed run resumes from the last one); 0: none")]
+FtEvalEvery = Annotated[int, Field(ge=0, description="Optimizer steps between held-out losses during fine-tuning; "
+                                                     "0: only at the start and the end")]
+FtPatience = Annotated[int, Field(ge=0, description="Held-out evaluations without improvement before fine-tuning "
+                                                    "stops early (needs ft_eval_every); 0: never")]
 KdWeight = Annotated[float, Field(ge=0.0, le=1.0, description="Distillation from the dense model: 0 = "
                                                               "cross-entropy only, 1 = distillation only")]
 LoraRank = Annotated[int, Field(ge=1, description="LoRA rank")]

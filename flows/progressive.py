@@ -19,8 +19,8 @@ from tierprune.config import TierpruneConfig, config_from_flags
 from tierprune.flows.gpu_slots import device_slot
 from tierprune.flows.parameters import (
     RUN_NAME_TEMPLATE, BlockSize, Calib, CalibBatchSize, CalibSamples, CalibSeqlen, Compile, Device, Dtype, Eval,
-    EvalBatchSize, EvalMaxWindows, EvalSeqlen, FtBatchSize, FtCommitEvery, FtData, FtGradAccum, FtLr, FtMethod,
-    FtSchedule, FtSeqlen, FtTokens, FtTrain, FtWarmup, GgufFile, KdWeight, LoraRank, LoraTargets, Model, Plan,
+    EvalBatchSize, EvalMaxWindows, EvalSeqlen, FtBatchSize, FtCommitEvery, FtData, FtEvalEvery, FtGradAccum, FtLr, FtMethod,
+    FtPatience, FtSchedule, FtSeqlen, FtTokens, FtTrain, FtWarmup, GgufFile, KdWeight, LoraRank, LoraTargets, Model, Plan,
     ResumeFrom, Run, Scope, Seed, Select, Store, Topk, described, flow_run_name,
 )
 from tierprune.tasks.collect_activations import collect_activations_task
@@ -114,6 +114,8 @@ def progressive(
     ft_warmup: FtWarmup = 0.0,
     ft_train: FtTrain = "linears",
     ft_commit_every: FtCommitEvery = 100,
+    ft_eval_every: FtEvalEvery = 0,
+    ft_patience: FtPatience = 0,
     kd_weight: KdWeight = 1.0,
     lora_rank: LoraRank = 16,
     lora_targets: LoraTargets = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
