@@ -31,6 +31,7 @@ __all__ = ["RunState", "NothingToDo", "run_identity", "open_run", "check_run_inp
            "model_tensors"]
 
 _MISMATCH = "tier map / checkpoint does not match the model's shapes"
+_ZERO_SHOT_FIELDS = ("zero_shot", "zero_shot_limit", "zero_shot_include")
 
 
 class NothingToDo(TierpruneError):
@@ -146,13 +147,17 @@ def run_identity(cfg: TierpruneConfig, plan: Plan) -> dict:
     """
     from tierprune.storage.datasets import data_identity
 
+    from .zeroshot import zero_shot_identity
+
     c, e = cfg.calibration, cfg.eval
     return {
         "model": {**model_identity(cfg.model.name, cfg.model.gguf_file), "dtype": cfg.model.dtype},
         "plan": plan.to_rows(), "plan_fingerprint": plan_fingerprint(plan),
         "calibration": {**c.model_dump(mode="json", exclude={"data", "batch_size"}), "data": data_identity(c.data)},
         "prune": cfg.prune.model_dump(mode="json"),
-        "eval": {**e.model_dump(mode="json", exclude={"data", "batch_size"}), "data": data_identity(e.data)},
+        # Zero-shot settings only when asked for: runs made before they existed keep their identity.
+        "eval": {**e.model_dump(mode="json", exclude={"data", "batch_size", *_ZERO_SHOT_FIELDS}),
+                 "data": data_identity(e.data), **zero_shot_identity(e)},
         "device": "cuda" if cfg.device.startswith("cuda") else "cpu",
         "offload": cfg.offload,
     }
@@ -280,6 +285,10 @@ def check_run_inputs(cfg: TierpruneConfig) -> None:
     check_data_spec(cfg.calibration.data, "--calib")
     if cfg.eval.data:
         check_data_spec(cfg.eval.data, "--eval")
+    if cfg.eval.zero_shot:
+        from .zeroshot import check_zero_shot_tasks
+
+        check_zero_shot_tasks(cfg.eval.zero_shot, cfg.eval.zero_shot_include)
     store = RunStore(run.store, run.name)  # a bad run name
     if "://" not in run.store and Path(run.store).is_file():
         raise TierpruneError(f"--store {run.store} is a file; give a folder (it is created if missing)")

@@ -28,6 +28,8 @@ __all__ = ["WANDA_ZERO_SHOT_TASKS", "check_zero_shot_tasks", "zero_shot_accuracy
 
 # Requests per forward pass. Continuations are scored right-padded, so this changes speed, not results.
 BATCH_SIZE = 16
+# lm-eval's defaults (python's random, then numpy and the few-shot sampler), as its simple_evaluate uses them.
+_LM_EVAL_SEEDS = (0, 1234)
 
 
 def _lm_eval():
@@ -139,6 +141,37 @@ def _metric(result: dict, name: str) -> float | None:
     return float(value) if isinstance(value, (int, float)) else None
 
 
+def _load_tasks(manager, tasks: tuple[str, ...]) -> dict:
+    """lm-eval's loaded tasks ({"tasks", "groups", "group_map"}), each set to 0-shot; datasets are read here."""
+    try:
+        loaded = manager.load(list(tasks))
+    except OSError as exc:  # a dataset not reachable (no hub) or not where its task definition says
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise TierpruneError(f"zero-shot tasks {','.join(tasks)}: a dataset could not be loaded "
+                             f"({type(exc).__name__}: {first})") from None
+    for task in loaded["tasks"].values():
+        task.set_config(key="num_fewshot", value=0)  # zero-shot whatever the task's default
+        task.set_fewshot_seed(seed=_LM_EVAL_SEEDS[1])
+    return loaded
+
+
+@contextmanager
+def _seeded() -> Iterator[None]:
+    # lm-eval's default seeds, as simple_evaluate sets them, without leaving the run's random state changed.
+    import random
+
+    import numpy as np
+
+    state = random.getstate(), np.random.get_state()
+    random.seed(_LM_EVAL_SEEDS[0])
+    np.random.seed(_LM_EVAL_SEEDS[1])
+    try:
+        yield
+    finally:
+        random.setstate(state[0])
+        np.random.set_state(state[1])
+
+
 def zero_shot_accuracy(model: nn.Module, tokenizer, tasks: tuple[str, ...] | list[str], *, limit: int | None = None,
                        include_path: str | None = None, batch_size: int = BATCH_SIZE,
                        on_progress: Callable[[int, int], None] | None = None) -> dict:
@@ -148,23 +181,23 @@ def zero_shot_accuracy(model: nn.Module, tokenizer, tasks: tuple[str, ...] | lis
     "limit", "lm_eval": version}; mean_acc is the plain mean of the tasks' acc, as Wanda's table.
     """
     lm_eval = _lm_eval()
+    from lm_eval.evaluator import evaluate
     from lm_eval.models.huggingface import HFLM
 
     tasks = tuple(dict.fromkeys(tasks))
     if not tasks:
         raise TierpruneError("no zero-shot task given")
     manager = _manager_for(tasks, include_path)
-    with _quiet_lm_eval():
+    # lm-eval's evaluate(), not simple_evaluate(): that one also runs `git describe` in the working directory
+    # and collects the machine's environment report, neither of which belongs in an eval record.
+    with _quiet_lm_eval(), _seeded():
+        loaded = _load_tasks(manager, tasks)
         # A copy of the tokenizer: HFLM sets a pad token on the one it gets, and the run's tokenizer stays as loaded.
         lm = _progress_lm(HFLM, on_progress)(pretrained=model, tokenizer=copy.deepcopy(tokenizer),
                                              batch_size=batch_size)
         was_training = model.training
         try:
-            results = lm_eval.simple_evaluate(lm, tasks=list(tasks), task_manager=manager, limit=limit,
-                                              num_fewshot=0, bootstrap_iters=0, log_samples=False)
-        except OSError as exc:  # a task's dataset is not reachable (no hub) or not where its YAML says
-            raise TierpruneError(f"zero-shot tasks {','.join(tasks)}: a dataset could not be loaded "
-                                 f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+            results = evaluate(lm=lm, task_dict=loaded, limit=limit, bootstrap_iters=0, log_samples=False)
         finally:
             model.train(was_training)
     per_task = {}
