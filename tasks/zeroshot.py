@@ -11,6 +11,7 @@ import difflib
 import functools
 import hashlib
 import logging
+import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,7 +25,8 @@ if TYPE_CHECKING:
 
     from tierprune.config import EvalConfig
 
-__all__ = ["WANDA_ZERO_SHOT_TASKS", "check_zero_shot_tasks", "zero_shot_accuracy", "zero_shot_identity"]
+__all__ = ["WANDA_ZERO_SHOT_TASKS", "check_zero_shot_tasks", "load_zero_shot_tasks", "zero_shot_accuracy",
+           "zero_shot_identity"]
 
 # Requests per forward pass. Continuations are scored right-padded, so this changes speed, not results.
 BATCH_SIZE = 16
@@ -141,13 +143,39 @@ def _metric(result: dict, name: str) -> float | None:
     return float(value) if isinstance(value, (int, float)) else None
 
 
-def _load_tasks(manager, tasks: tuple[str, ...]) -> dict:
-    """lm-eval's loaded tasks ({"tasks", "groups", "group_map"}), each set to 0-shot; datasets are read here."""
+def _hub_or_offline() -> bool:
+    """Whether the Hugging Face hub answers; if not, this process goes offline (cached datasets still load)."""
+    from tierprune.models import _hub_reachable
+
+    if _hub_reachable():
+        return True
+    # Without this, datasets retries every request for ~25 s and prints a line each time.
+    import datasets.config
+    from huggingface_hub import constants
+
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    constants.HF_HUB_OFFLINE = datasets.config.HF_HUB_OFFLINE = True  # both read the variable at import
+    return False
+
+
+def load_zero_shot_tasks(tasks: tuple[str, ...] | list[str], include_path: str | None = None) -> dict:
+    """lm-eval's loaded tasks ({"tasks", "groups", "group_map"}), each set to 0-shot; their datasets are read here.
+
+    Call it before slow steps so that a dataset that cannot be had fails in seconds; hand the result to
+    zero_shot_accuracy(task_dict=...), which otherwise loads the tasks itself.
+    """
+    tasks = tuple(dict.fromkeys(tasks))
+    if not tasks:
+        raise TierpruneError("no zero-shot task given")
+    manager = _manager_for(tasks, include_path)
+    online = _hub_or_offline()
     try:
-        loaded = manager.load(list(tasks))
+        with _quiet_lm_eval(), _seeded():
+            loaded = manager.load(list(tasks))
     except OSError as exc:  # a dataset not reachable (no hub) or not where its task definition says
         first = str(exc).splitlines()[0] if str(exc) else ""
-        raise TierpruneError(f"zero-shot tasks {','.join(tasks)}: a dataset could not be loaded "
+        where = "" if online else "the Hugging Face hub is unreachable (offline) and "
+        raise TierpruneError(f"zero-shot tasks {','.join(tasks)}: {where}a dataset could not be loaded "
                              f"({type(exc).__name__}: {first})") from None
     for task in loaded["tasks"].values():
         task.set_config(key="num_fewshot", value=0)  # zero-shot whatever the task's default
@@ -174,7 +202,7 @@ def _seeded() -> Iterator[None]:
 
 def zero_shot_accuracy(model: nn.Module, tokenizer, tasks: tuple[str, ...] | list[str], *, limit: int | None = None,
                        include_path: str | None = None, batch_size: int = BATCH_SIZE,
-                       on_progress: Callable[[int, int], None] | None = None) -> dict:
+                       on_progress: Callable[[int, int], None] | None = None, task_dict: dict | None = None) -> dict:
     """Accuracy of an in-memory causal LM on lm-eval tasks, 0-shot, on the device the model is on.
 
     Returns {"tasks": {name: {"acc", "acc_norm" (where lm-eval reports it), "samples"}}, "mean_acc",
@@ -185,13 +213,10 @@ def zero_shot_accuracy(model: nn.Module, tokenizer, tasks: tuple[str, ...] | lis
     from lm_eval.models.huggingface import HFLM
 
     tasks = tuple(dict.fromkeys(tasks))
-    if not tasks:
-        raise TierpruneError("no zero-shot task given")
-    manager = _manager_for(tasks, include_path)
+    loaded = task_dict if task_dict is not None else load_zero_shot_tasks(tasks, include_path)
     # lm-eval's evaluate(), not simple_evaluate(): that one also runs `git describe` in the working directory
     # and collects the machine's environment report, neither of which belongs in an eval record.
     with _quiet_lm_eval(), _seeded():
-        loaded = _load_tasks(manager, tasks)
         # A copy of the tokenizer: HFLM sets a pad token on the one it gets, and the run's tokenizer stays as loaded.
         lm = _progress_lm(HFLM, on_progress)(pretrained=model, tokenizer=copy.deepcopy(tokenizer),
                                              batch_size=batch_size)

@@ -25,6 +25,7 @@ def runs(data_dir: Path, checkpoints: dict[str, Path]) -> dict[str, subprocess.C
     cases = {
         "unknown_task": [*quick, "--zero-shot", "tierprune_easy_fact", "--zero-shot-include", str(ZEROSHOT_DIR)],
         "limit_without_tasks": [*quick, "--zero-shot-limit", "3"],
+        "offline_builtin_task": [*quick, "--zero-shot", "boolq", "--zero-shot-limit", "3"],  # _cli_env: offline
         "pruned": [*quick, "--pattern", "2:4", "--zero-shot", TASK, "--zero-shot-limit", "5",
                    "--zero-shot-include", str(ZEROSHOT_DIR), "--json", str(root / "zs.json")],
     }
@@ -34,7 +35,7 @@ def runs(data_dir: Path, checkpoints: dict[str, Path]) -> dict[str, subprocess.C
         return subprocess.run([sys.executable, "-m", "tierprune.cli", "prune", *args], cwd=root, env=env,
                               capture_output=True, text=True, timeout=300)
 
-    with ThreadPoolExecutor(max_workers=3) as pool:
+    with ThreadPoolExecutor(max_workers=4) as pool:
         futures = {name: pool.submit(run, args) for name, args in cases.items()}
         return {name: f.result() for name, f in futures.items()}
 
@@ -42,6 +43,7 @@ def runs(data_dir: Path, checkpoints: dict[str, Path]) -> dict[str, subprocess.C
 @pytest.mark.parametrize("case,message", [
     ("unknown_task", "unknown zero-shot task(s): tierprune_easy_fact (did you mean tierprune_easy_facts?)"),
     ("limit_without_tasks", "need --zero-shot TASKS"),
+    ("offline_builtin_task", "zero-shot tasks boolq: the Hugging Face hub is unreachable (offline)"),
 ])
 def test_bad_zero_shot_input_is_one_line_and_exit_2(runs, case: str, message: str) -> None:
     proc = runs[case]
