@@ -71,18 +71,24 @@ def _rounded(value: float | None, digits: int) -> float | None:
 
 
 @task(name="report")
-def report_task(state, iteration: int, evaluation, tiers_ref, seconds: float) -> dict:
+def report_task(state, iteration: int, evaluation, tiers_ref, seconds: float, checkpoint=None) -> dict:
     """Prefect artifacts for one iteration: a table row and the markdown heatmap report.
 
     seconds: the compute time the iteration's steps recorded when committed (a rerun shows the same).
+    checkpoint: the iteration's finetune step, whose record holds the ppl before fine-tuning and the tokens trained.
     """
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
     record = state.store.read_object(evaluation.uri, "eval.json")
     tiers = state.store.read_object(tiers_ref.uri, "tiers.parquet")
     row = {"iteration": iteration, **{f"tier {k}": round(v, 4) for k, v in record["tiers"].items()},
-           "sparsity": round(record["sparsity"], 4), "ppl": record.get("ppl"),
-           "recovery %": _rounded((record.get("recovery") or {}).get("ppl"), 1)}
+           "sparsity": round(record["sparsity"], 4)}
+    if checkpoint is not None:
+        trained = state.store.step_meta(checkpoint.uri)
+        tokens = trained.get("tokens", 0)
+        row.update({"ppl before ft": trained.get("ppl_before_finetune") if tokens else record.get("ppl"),
+                    "ft tokens": tokens})
+    row.update({"ppl": record.get("ppl"), "recovery %": _rounded((record.get("recovery") or {}).get("ppl"), 1)})
     if record.get("zero_shot"):
         row["zero-shot acc"] = _rounded(record["zero_shot"]["mean_acc"], 4)
         row["zero-shot recovery %"] = _rounded((record.get("recovery") or {}).get("zero_shot_mean_acc"), 1)

@@ -63,6 +63,7 @@ class RunState:
         self._held: dict[str, dict] = {}  # tensor name -> checkpoint index entry that the model holds now
         self._masks: tuple[str, dict[str, torch.Tensor]] | None = None  # (step digest, module -> keep mask)
         self._identity: dict | None = None
+        self._teacher: nn.Module | None = None
         self.eval_ids: torch.Tensor | None = None  # (1, T) evaluation tokens, tokenized once per run state
 
     @property
@@ -107,6 +108,14 @@ class RunState:
         self._held = dict(entries)
         return loaded
 
+    def teacher(self) -> nn.Module:
+        """The dense model as loaded from its source, frozen: the teacher of distillation (loaded once)."""
+        if self._teacher is None:
+            m = self.cfg.model
+            loaded = load_model(m.name, m.gguf_file, m.dtype, self.cfg.device)
+            self._teacher = loaded.model.to(self.cfg.device).eval().requires_grad_(False)
+        return self._teacher
+
     def forget_model_state(self) -> None:
         """Say that the model's tensors are unknown (a step that changed them failed half-way)."""
         self._held = {}
@@ -149,7 +158,7 @@ def run_identity(cfg: TierpruneConfig, plan: Plan) -> dict:
 
     from .zeroshot import zero_shot_identity
 
-    c, e = cfg.calibration, cfg.eval
+    c, e, ft = cfg.calibration, cfg.eval, cfg.finetune
     return {
         "model": {**model_identity(cfg.model.name, cfg.model.gguf_file), "dtype": cfg.model.dtype},
         "plan": plan.to_rows(), "plan_fingerprint": plan_fingerprint(plan),
@@ -158,6 +167,9 @@ def run_identity(cfg: TierpruneConfig, plan: Plan) -> dict:
         # Zero-shot settings only when asked for: runs made before they existed keep their identity.
         "eval": {**e.model_dump(mode="json", exclude={"data", "batch_size", *_ZERO_SHOT_FIELDS}),
                  "data": data_identity(e.data), **zero_shot_identity(e)},
+        # How often training commits its state changes no result, so a resume may choose another interval.
+        "finetune": {**ft.model_dump(mode="json", exclude={"data", "commit_every"}),
+                     "data": data_identity(ft.data) if ft.data else None},
         "device": "cuda" if cfg.device.startswith("cuda") else "cpu",
         "offload": cfg.offload,
     }
@@ -289,6 +301,9 @@ def check_run_inputs(cfg: TierpruneConfig) -> None:
         from .zeroshot import check_zero_shot_tasks
 
         check_zero_shot_tasks(cfg.eval.zero_shot, cfg.eval.zero_shot_include)
+    from .finetune import check_finetune_data
+
+    check_finetune_data(cfg, [step.epochs for step in plan.steps])
     store = RunStore(run.store, run.name)  # a bad run name
     if "://" not in run.store and Path(run.store).is_file():
         raise TierpruneError(f"--store {run.store} is a file; give a folder (it is created if missing)")
