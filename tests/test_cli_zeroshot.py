@@ -11,7 +11,6 @@ import pytest
 
 from tests.test_cli import _cli_env, checkpoints  # noqa: F401  (the module fixture of tiny checkpoints)
 
-pytest.importorskip("lm_eval", reason="the eval extra (lm-eval) is part of the test install")
 
 ZEROSHOT_DIR = Path(__file__).parent / "data" / "zeroshot"
 TASK = "tierprune_easy_facts"

@@ -10,7 +10,6 @@ from tierprune.config import TierpruneConfig, config_from_flags
 from tierprune.storage.runstore import RunStore
 
 pytestmark = pytest.mark.slow
-pytest.importorskip("lm_eval", reason="the eval extra (lm-eval) is part of the test install")
 
 PLAN = str(Path(__file__).parents[2] / "schedules" / "plans" / "smoke.csv")
 ZEROSHOT_DIR = str(Path(__file__).parents[1] / "data" / "zeroshot")

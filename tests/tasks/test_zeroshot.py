@@ -8,16 +8,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import lm_eval  # the eval extra is part of the test install: missing, these tests fail rather than skip
 import pytest
 import torch
 
 from tests.conftest import make_tiny_llama, make_tiny_tokenizer
 from tierprune.config import WANDA_ZERO_SHOT_TASKS, config_from_flags, parse_zero_shot
 from tierprune.errors import TierpruneError
-
-lm_eval = pytest.importorskip("lm_eval", reason="the eval extra (lm-eval) is part of the test install")
-
-from tierprune.tasks.zeroshot import check_zero_shot_tasks, zero_shot_accuracy, zero_shot_identity  # noqa: E402
+from tierprune.tasks.zeroshot import check_zero_shot_tasks, zero_shot_accuracy, zero_shot_identity
 
 ZEROSHOT_DIR = Path(__file__).parents[1] / "data" / "zeroshot"
 TASK = "tierprune_easy_facts"
