@@ -17,8 +17,9 @@ TASK = "tierprune_easy_facts"
 
 
 def _config(tiny_llama_dir: Path, data_dir: Path, store: str, run: str, **extra) -> TierpruneConfig:
+    # No fine-tuning: what is tested here is the evaluation, and training would only make the test slower.
     settings = {"eval_max_windows": 2, "zero_shot": TASK, "zero_shot_limit": 8, "zero_shot_include": ZEROSHOT_DIR,
-                **extra}
+                "ft_method": "none", **extra}
     return config_from_flags(model=str(tiny_llama_dir), calib=f"c4:{data_dir}/c4-subset", calib_samples=4,
                              calib_seqlen=32, calib_batch_size=2, eval=f"wikitext2:{data_dir}/wikitext-2-raw",
                              eval_seqlen=32, plan=PLAN, store=store, run=run, **settings)
