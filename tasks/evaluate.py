@@ -100,9 +100,10 @@ def _eval_ids(state: RunState, tokenizer) -> torch.Tensor:
 
 @task(name="evaluate", persist_result=True, cache_policy=store_cache_policy("eval", _eval_material))
 def evaluate_task(state: RunState, iteration: int, checkpoint: ArtifactRef, tiers: ArtifactRef) -> ArtifactRef:
-    """Sparsity, tier fractions and perplexity of the model at `checkpoint`, committed as eval.json."""
+    """Sparsity, tier fractions, perplexity, zero-shot accuracy and recovery in % of dense, committed as eval.json."""
     from tierprune.progress import report as report_progress
 
+    from .recovery import recovery_of
     from .tier_tables import tier_maps_from_table
 
     def compute() -> dict:
@@ -116,6 +117,14 @@ def evaluate_task(state: RunState, iteration: int, checkpoint: ArtifactRef, tier
                                       max_windows=e.max_windows, batch_size=e.batch_size, device=state.cfg.device,
                                       on_progress=lambda d, t: report_progress(f"iteration {iteration}: evaluate", d, t))
             record.update(ppl=ppl, eval_windows=windows, eval=e.model_dump(mode="json"))
+        if e.zero_shot:
+            from .zeroshot import zero_shot_accuracy
+
+            record["zero_shot"] = zero_shot_accuracy(
+                loaded.model, loaded.tokenizer, e.zero_shot, limit=e.zero_shot_limit,
+                include_path=e.zero_shot_include,
+                on_progress=lambda d, t: report_progress(f"iteration {iteration}: zero-shot", d, t))
+        record["recovery"] = recovery_of(state, iteration, record)
         return {"eval.json": record}
 
     material = _eval_material({"state": state, "checkpoint": checkpoint, "tiers": tiers})

@@ -18,6 +18,7 @@ from .calibration import sample_calibration
 from .evaluate import eval_token_ids, perplexity, sparsity_report
 from .prune import check_shapes, prune_model_
 from .tier_tables import tier_table
+from .zeroshot import load_zero_shot_tasks, zero_shot_accuracy
 
 __all__ = ["default_data_spec", "tier_table", "run_oneshot"]
 
@@ -42,6 +43,8 @@ def run_oneshot(cfg: TierpruneConfig, output: str | None = None, progress: Progr
     # Read the data before the slow steps, so a bad path fails in seconds, not after pruning.
     calib_texts = load_texts(c.data, "train") if p.needs_calibration else None
     eval_texts = load_texts(e.data, evaluation_split(e.data)) if e.data else None
+    # A misspelt task or a dataset that cannot be had fails here, not after pruning.
+    zero_shot_tasks = load_zero_shot_tasks(e.zero_shot, e.zero_shot_include) if e.zero_shot else None
     loaded = loaded or load_model(cfg.model.name, cfg.model.gguf_file, cfg.model.dtype, cfg.device)
     model, tokenizer = loaded.model, loaded.tokenizer
     if p.method != "none":
@@ -79,6 +82,10 @@ def run_oneshot(cfg: TierpruneConfig, output: str | None = None, progress: Progr
         record.update(ppl=ppl, eval_windows=windows, eval_tokens=windows * e.seqlen)
     else:
         record["ppl"] = None
+    if e.zero_shot:
+        model.to(cfg.device)
+        record["zero_shot"] = zero_shot_accuracy(model, tokenizer, e.zero_shot, limit=e.zero_shot_limit,
+                                                 on_progress=tick("zero-shot"), task_dict=zero_shot_tasks)
     record["seconds"] = time.perf_counter() - started
     record["modules"] = report["modules"]
     if output:

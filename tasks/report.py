@@ -54,7 +54,9 @@ def report_markdown(iteration: int, record: dict, tiers: pd.DataFrame) -> str:
     layers = sorted(tiers["layer"].unique().tolist())
     fractions = ", ".join(f"{k} {v:.3f}" for k, v in record["tiers"].items())
     ppl = "n/a" if record.get("ppl") is None else f"{record['ppl']:.3f}"
-    lines = [f"# Iteration {iteration}", "", f"- perplexity: {ppl}", f"- sparsity: {record['sparsity']:.4f}",
+    recovery = (record.get("recovery") or {}).get("ppl")
+    lines = [f"# Iteration {iteration}", "", f"- perplexity: {ppl}"
+             + ("" if recovery is None else f" ({recovery:.1f}% of dense)"), f"- sparsity: {record['sparsity']:.4f}",
              f"- tier fractions (blocks): {fractions}", "",
              "Tier maps, blue Dense, orange 2:4, red TopK; one row of blocks per 16 output rows.", ""]
     for layer in layers:
@@ -62,6 +64,10 @@ def report_markdown(iteration: int, record: dict, tiers: pd.DataFrame) -> str:
         modules = ", ".join(n.rsplit(".", 1)[-1] for n in maps if f".{layer}." in f".{n}.")
         lines += [f"**layer {layer}** ({modules})", "", f"![layer {layer}](data:image/png;base64,{png})", ""]
     return "\n".join(lines)
+
+
+def _rounded(value: float | None, digits: int) -> float | None:
+    return None if value is None else round(value, digits)
 
 
 @task(name="report")
@@ -82,7 +88,11 @@ def report_task(state, iteration: int, evaluation, tiers_ref, seconds: float, ch
         tokens = trained.get("tokens", 0)
         row.update({"ppl before ft": trained.get("ppl_before_finetune") if tokens else record.get("ppl"),
                     "ft tokens": tokens})
-    row.update({"ppl": record.get("ppl"), "seconds": round(seconds, 1)})
+    row.update({"ppl": record.get("ppl"), "recovery %": _rounded((record.get("recovery") or {}).get("ppl"), 1)})
+    if record.get("zero_shot"):
+        row["zero-shot acc"] = _rounded(record["zero_shot"]["mean_acc"], 4)
+        row["zero-shot recovery %"] = _rounded((record.get("recovery") or {}).get("zero_shot_mean_acc"), 1)
+    row["seconds"] = round(seconds, 1)
     create_table_artifact([row], key=f"iteration-{iteration}", description=f"iteration {iteration}")
     create_markdown_artifact(report_markdown(iteration, record, tiers), key=f"tier-maps-{iteration}",
                              description=f"tier maps after iteration {iteration}")

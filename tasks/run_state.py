@@ -31,6 +31,7 @@ __all__ = ["RunState", "NothingToDo", "run_identity", "open_run", "check_run_inp
            "model_tensors"]
 
 _MISMATCH = "tier map / checkpoint does not match the model's shapes"
+_ZERO_SHOT_FIELDS = ("zero_shot", "zero_shot_limit", "zero_shot_include")
 
 
 class NothingToDo(TierpruneError):
@@ -156,13 +157,17 @@ def run_identity(cfg: TierpruneConfig, plan: Plan) -> dict:
     """
     from tierprune.storage.datasets import data_identity
 
+    from .zeroshot import zero_shot_identity
+
     c, e, ft = cfg.calibration, cfg.eval, cfg.finetune
     return {
         "model": {**model_identity(cfg.model.name, cfg.model.gguf_file), "dtype": cfg.model.dtype},
         "plan": plan.to_rows(), "plan_fingerprint": plan_fingerprint(plan),
         "calibration": {**c.model_dump(mode="json", exclude={"data", "batch_size"}), "data": data_identity(c.data)},
         "prune": cfg.prune.model_dump(mode="json"),
-        "eval": {**e.model_dump(mode="json", exclude={"data", "batch_size"}), "data": data_identity(e.data)},
+        # Zero-shot settings only when asked for: runs made before they existed keep their identity.
+        "eval": {**e.model_dump(mode="json", exclude={"data", "batch_size", *_ZERO_SHOT_FIELDS}),
+                 "data": data_identity(e.data), **zero_shot_identity(e)},
         # How often training commits its state changes no result, so a resume may choose another interval.
         "finetune": {**ft.model_dump(mode="json", exclude={"data", "commit_every"}),
                      "data": data_identity(ft.data) if ft.data else None},
@@ -293,6 +298,10 @@ def check_run_inputs(cfg: TierpruneConfig) -> None:
     check_data_spec(cfg.calibration.data, "--calib")
     if cfg.eval.data:
         check_data_spec(cfg.eval.data, "--eval")
+    if cfg.eval.zero_shot:
+        from .zeroshot import check_zero_shot_tasks
+
+        check_zero_shot_tasks(cfg.eval.zero_shot, cfg.eval.zero_shot_include)
     from .finetune import check_finetune_data
 
     check_finetune_data(cfg, [step.epochs for step in plan.steps])

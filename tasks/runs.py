@@ -4,6 +4,8 @@ from __future__ import annotations
 from tierprune.errors import TierpruneError
 from tierprune.storage.runstore import RunStore, StepStatus, run_names
 
+from .recovery import recovery_pct
+
 __all__ = ["split_run_uri", "list_runs", "run_summary", "summary_json", "verify_run"]
 
 
@@ -26,7 +28,7 @@ def _health(store: RunStore, rels: dict[str, str], deep: bool) -> str:
 
 
 def run_summary(store: RunStore, deep: bool = True) -> list[dict]:
-    """One row per finished iteration: iteration, status, tier fractions, sparsity, ppl, uri.
+    """One row per finished iteration: iteration, status, tier fractions, sparsity, ppl, zero_shot, recovery, uri.
 
     status is "ok" only when the iteration's record, tier map, checkpoint and evaluation are all intact (every
     file hashed; without deep only markers, presence and sizes); otherwise it names what is damaged or missing,
@@ -43,7 +45,8 @@ def run_summary(store: RunStore, deep: bool = True) -> list[dict]:
         finished = (step.get("meta") or {}).get("finished", "")
         row = {"iteration": int(folder.removeprefix("iter-")), "finished": finished, "status": "",
                "sparsity": None, "ppl": None, "ppl_before_finetune": None, "finetune_tokens": None, "tiers": None,
-               "seconds": None, "uri": f"{store.uri}/{folder}", "record": step_uri}
+               "seconds": None, "uri": f"{store.uri}/{folder}", "record": step_uri, "zero_shot": None,
+               "recovery": None}
         record_status = store.step_status(rel, deep)
         if record_status.status != "committed":
             row["status"] = f"record {record_status.status}: {record_status.detail}"
@@ -57,12 +60,18 @@ def run_summary(store: RunStore, deep: bool = True) -> list[dict]:
             except TierpruneError:
                 evaluation = None  # damaged: the status says so
             if evaluation is not None:
-                row.update(sparsity=evaluation["sparsity"], ppl=evaluation.get("ppl"), tiers=dict(evaluation["tiers"]))
+                row.update(sparsity=evaluation["sparsity"], ppl=evaluation.get("ppl"), tiers=dict(evaluation["tiers"]),
+                           zero_shot=evaluation.get("zero_shot"), recovery=evaluation.get("recovery"))
             if row["iteration"] > 0:
                 row.update(_finetune_summary(store, record, row["ppl"]))
         k = row["iteration"]
         if k not in rows or finished > rows[k]["finished"]:
             rows[k] = row
+    dense = rows.get(0)
+    for row in rows.values():
+        if row["recovery"] is None and row["ppl"] is not None and dense is not None and dense["ppl"] is not None:
+            # Evaluated before eval records carried recovery: the same numbers from this run's iteration 0.
+            row["recovery"] = {**recovery_pct(row, dense), "dense": "iteration 0 of this run", "reason": None}
     return [rows[k] for k in sorted(rows)]
 
 
@@ -124,9 +133,14 @@ def list_runs(root: str) -> list[dict]:
 
 def summary_json(store: RunStore) -> dict:
     """`runs show --json`: {"run", "iterations": [{"iteration", "ppl", "ppl_before_finetune", "finetune_tokens",
-    "sparsity", "tiers", "seconds", ...}, ...]}."""
+    "sparsity", "tiers", "seconds", ...}, ...]}.
+
+    recovery_pct is the ppl's recovery in % of dense (null with recovery.reason when unknown); zero_shot the
+    accuracies when asked for (else null); recovery the eval record's whole entry, zero-shot tasks included.
+    """
     return {"run": store.uri, "iterations": [
         {"iteration": r["iteration"], "ppl": r["ppl"], "ppl_before_finetune": r["ppl_before_finetune"],
          "finetune_tokens": r["finetune_tokens"], "sparsity": r["sparsity"], "tiers": r["tiers"],
-         "seconds": r["seconds"], "status": r["status"], "uri": r["uri"], "finished": r["finished"]}
+         "seconds": r["seconds"], "status": r["status"], "uri": r["uri"], "finished": r["finished"],
+         "recovery_pct": (r["recovery"] or {}).get("ppl"), "zero_shot": r["zero_shot"], "recovery": r["recovery"]}
         for r in run_summary(store)]}

@@ -53,6 +53,12 @@ def _summary(record: dict) -> Table:
         e = record["settings"]["eval"]
         table.add_row("perplexity", f"{record['ppl']:.3f}  ({e['data']}, seqlen {e['seqlen']}, "
                                     f"{record['eval_windows']} windows)")
+    if record.get("zero_shot"):
+        z = record["zero_shot"]
+        limit = f", first {z['limit']} items each" if z["limit"] else ""
+        for name, result in z["tasks"].items():
+            table.add_row(f"zero-shot {name}", f"acc {result['acc']:.4f}  ({result['samples']} items)")
+        table.add_row("zero-shot mean acc", f"{z['mean_acc']:.4f}  ({len(z['tasks'])} tasks, 0-shot{limit})")
     table.add_row("seconds", f"{record['seconds']:.1f} (prune {record['prune_seconds']:.1f})")
     return table
 
@@ -98,6 +104,9 @@ def prune(
     eval_seqlen: int = typer.Option(2048, help="tokens per evaluation window"),
     eval_max_windows: Optional[int] = typer.Option(None, help="cap on evaluation windows (quick runs)"),
     eval_batch_size: int = typer.Option(1, help="windows per forward pass (speed only)"),
+    zero_shot: Optional[str] = typer.Option(None, help="lm-eval tasks, comma list; 'wanda' = Wanda's seven"),
+    zero_shot_limit: Optional[int] = typer.Option(None, help="first N items of each zero-shot task (quick runs)"),
+    zero_shot_include: Optional[str] = typer.Option(None, help="folder of your own lm-eval task YAMLs"),
     device: str = typer.Option("cpu", help="cpu | cuda | cuda:N"),
     dtype: str = typer.Option("auto", help="auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16 | float16"),
     offload: bool = typer.Option(False, help="keep the model on the CPU, stream layers through the device"),
@@ -111,6 +120,7 @@ def prune(
         calib_samples=calib_samples, calib_seqlen=calib_seqlen, calib_batch_size=calib_batch_size, seed=seed,
         compile=compile, eval=eval, eval_seqlen=eval_seqlen, eval_max_windows=eval_max_windows,
         eval_batch_size=eval_batch_size, device=device, offload=offload,
+        zero_shot=zero_shot, zero_shot_limit=zero_shot_limit, zero_shot_include=zero_shot_include,
     )
     _run(cfg, output, json_path)
 
@@ -242,6 +252,9 @@ def run(
     compile: bool = typer.Option(False, "--compile", help="torch.compile the layers during calibration"),
     eval: Optional[str] = typer.Option(None, "--eval", help="eval data spec, or 'none' [default: wikitext2]"),
     eval_seqlen: int = typer.Option(2048), eval_max_windows: Optional[int] = typer.Option(None),
+    zero_shot: Optional[str] = typer.Option(None, help="lm-eval tasks, comma list; 'wanda' = Wanda's seven"),
+    zero_shot_limit: Optional[int] = typer.Option(None, help="first N items of each zero-shot task (quick runs)"),
+    zero_shot_include: Optional[str] = typer.Option(None, help="folder of your own lm-eval task YAMLs"),
     device: str = typer.Option("cpu"), dtype: str = typer.Option("auto"),
     ft_method: str = typer.Option("full", help="recovery between iterations: none | full (masked) | lora"),
     ft_data: Optional[str] = typer.Option(
@@ -268,7 +281,8 @@ def run(
         resume_from=resume_from, block_size=block_size, topk=topk, select=select, scope=scope, device=device,
         ft_method=ft_method, ft_data=ft_data, ft_tokens=ft_tokens, ft_seqlen=ft_seqlen, ft_batch_size=ft_batch_size,
         ft_lr=ft_lr, ft_grad_accum=ft_grad_accum, ft_schedule=ft_schedule, ft_warmup=ft_warmup, ft_train=ft_train,
-        ft_commit_every=ft_commit_every, ft_eval_every=ft_eval_every, ft_patience=ft_patience, kd_weight=kd_weight, lora_rank=lora_rank, lora_targets=lora_targets)
+        ft_commit_every=ft_commit_every, ft_eval_every=ft_eval_every, ft_patience=ft_patience, kd_weight=kd_weight, lora_rank=lora_rank, lora_targets=lora_targets,
+        zero_shot=zero_shot, zero_shot_limit=zero_shot_limit, zero_shot_include=zero_shot_include)
     _progressive_run(cfg)
 
 
@@ -283,18 +297,26 @@ def runs_list(store: str = typer.Argument(..., help="the --store of the runs")) 
 @runs_app.command("show")
 def runs_show(run_uri: str = typer.Argument(..., help="STORE/RUN"),
               as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table")) -> None:
-    """A run's finished iterations: status (files hashed), tier fractions, sparsity, perplexity, seconds; full URIs."""
+    """A run's finished iterations: status (files hashed), tier fractions, sparsity, perplexity, recovery in % of
+    dense, zero-shot accuracy, seconds; full URIs."""
     from tierprune.tasks.runs import split_run_uri, summary_json
 
     summary = summary_json(split_run_uri(run_uri))
     if as_json:
         print(json.dumps(summary, indent=2))
         return
+    zero_shot = any(r["zero_shot"] for r in summary["iterations"])
     rows = [{"iteration": r["iteration"], "status": r["status"],
              **{f"tier {t}": v for t, v in (r["tiers"] or {}).items()},
              "sparsity": r["sparsity"], "ppl before ft": r["ppl_before_finetune"], "ppl": r["ppl"],
+             "recovery %": r["recovery_pct"],
+             **({"zero-shot acc": (r["zero_shot"] or {}).get("mean_acc"),
+                 "zero-shot recovery %": (r["recovery"] or {}).get("zero_shot_mean_acc")} if zero_shot else {}),
              "ft tokens": r["finetune_tokens"], "seconds": r["seconds"]} for r in summary["iterations"]]
     console.print(_rows_table(f"run {summary['run']}", rows))
+    reasons = {r["recovery"]["reason"] for r in summary["iterations"] if r["recovery"] and r["recovery"]["reason"]}
+    for reason in sorted(reasons):
+        console.print(f"no recovery %: {reason}", soft_wrap=True, highlight=False, markup=False)
     _print_uris(summary["iterations"])
 
 

@@ -13,12 +13,14 @@ __all__ = [
     "CalibrationConfig",
     "PruneConfig",
     "EvalConfig",
+    "WANDA_ZERO_SHOT_TASKS",
     "FinetuneConfig",
     "RunConfig",
     "TierpruneConfig",
     "config_from_flags",
     "parse_fractions",
     "one_line",
+    "parse_zero_shot",
 ]
 
 _NM = re.compile(r"^(\d+):(\d+)$")
@@ -96,11 +98,31 @@ class PruneConfig(_Frozen):
         return self.method in ("wanda", "sparsegpt")
 
 
+# The zero-shot tasks of Wanda's tables, as lm-eval-harness names them ("wanda" on the command line).
+WANDA_ZERO_SHOT_TASKS = ("boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
+
+
 class EvalConfig(_Frozen):
     data: str | None = "wikitext2"
     seqlen: int = Field(2048, ge=2)
     max_windows: int | None = Field(None, ge=1)  # cap for quick runs; always reported
     batch_size: int = Field(1, ge=1)
+    zero_shot: tuple[str, ...] = ()  # lm-eval task names, 0-shot accuracy on the in-memory model
+    zero_shot_limit: int | None = Field(None, ge=1)  # first N items of each task, for quick runs; always reported
+    zero_shot_include: str | None = None  # a folder of the user's lm-eval task YAMLs
+
+    @field_validator("zero_shot")
+    @classmethod
+    def _task_names(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if any(not name or name != name.strip() or "," in name for name in v):
+            raise ValueError(f"zero-shot task names must be non-empty, without spaces or commas: {list(v)}")
+        return tuple(dict.fromkeys(v))
+
+    @model_validator(mode="after")
+    def _zero_shot_settings_need_tasks(self) -> EvalConfig:
+        if not self.zero_shot and (self.zero_shot_limit is not None or self.zero_shot_include is not None):
+            raise ValueError("--zero-shot-limit and --zero-shot-include need --zero-shot TASKS")
+        return self
 
 
 LLAMA_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -202,6 +224,16 @@ def parse_fractions(text: str) -> tuple[float, float, float]:
     return values  # type: ignore[return-value]
 
 
+def parse_zero_shot(text: str | None) -> tuple[str, ...]:
+    """'wanda' -> Wanda's seven tasks; 'boolq,rte' -> ('boolq', 'rte'); 'wanda' may stand in a list; None -> ()."""
+    if text is None or not text.strip():
+        return ()
+    names: list[str] = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            raise TierpruneError(f"--zero-shot wants a comma list of lm-eval task names or 'wanda', got {text!r}")
+        names += WANDA_ZERO_SHOT_TASKS if part == "wanda" else [part]
+    return tuple(dict.fromkeys(names))
 def parse_names(text: str, flag: str) -> tuple[str, ...]:
     """'q_proj, v_proj' -> ('q_proj', 'v_proj'); a clear error for an empty list."""
     names = tuple(part.strip() for part in text.split(",") if part.strip())
@@ -245,6 +277,7 @@ def config_from_flags(
     lora_targets: str = ",".join(LLAMA_LINEARS), ft_grad_accum: int = 1, ft_schedule: str = "constant",
     ft_warmup: float = 0.0, ft_train: str = "linears", ft_commit_every: int = 100, ft_eval_every: int = 0,
     ft_patience: int = 0,
+    zero_shot: str | None = None, zero_shot_limit: int | None = None, zero_shot_include: str | None = None,
 ) -> TierpruneConfig:
     """The one mapping of the command-line flags (snake_case) to the config, for prune, run and the demo alike.
 
@@ -266,7 +299,9 @@ def config_from_flags(
                               sparsity=sparsity, block_size=block_size, tiers=parse_fractions(tiers), topk=topk,
                               select=select, scope=scope),
             eval=EvalConfig(data=None if eval == "none" else (eval or default_data_spec("wikitext2")),
-                            seqlen=eval_seqlen, max_windows=eval_max_windows, batch_size=eval_batch_size),
+                            seqlen=eval_seqlen, max_windows=eval_max_windows, batch_size=eval_batch_size,
+                            zero_shot=parse_zero_shot(zero_shot), zero_shot_limit=zero_shot_limit,
+                            zero_shot_include=zero_shot_include),
             run=RunConfig(plan=plan, store=store, name=run, resume_from=resume_from) if progressive else None,
             finetune=_finetune_config(method=ft_method, data=ft_data, tokens_per_epoch=ft_tokens, seqlen=ft_seqlen,
                                       batch_size=ft_batch_size, lr=ft_lr, kd_weight=kd_weight, lora_rank=lora_rank,
