@@ -112,6 +112,20 @@ def test_decode_single_tier(tier, tokens, prefetch) -> None:
     _close(hybrid_mm_decode(x.to(KERNEL_DEVICE), hw, prefetch=prefetch), _expected(x, W), torch.bfloat16)
 
 
+def test_empty_tiers_launch_nothing_extra() -> None:
+    """An empty tier's buffers are stood in for by a view of a row-pointer array: no tensor (and no fill kernel)
+    made per call, which at 90/10/0 (no TopK blocks) was three kernels more per matrix."""
+    from tierprune.kernels.triton.hybrid_mm import _packed_args
+
+    W, hw, _ = _case((32, 64), torch.bfloat16, seed=4, probs=(0.9, 0.1, 1e-9))
+    assert hw.tier_counts()[2] == 0
+    args = dict(zip(hw.tensors(), _packed_args(hw)))
+    for name in ("topk_values", "topk_pos", "topk_cols"):
+        assert args[name].numel() >= 1 and args[name].dtype == getattr(hw, name).dtype
+        assert args[name].data_ptr() == hw.dense_row_ptr.data_ptr(), name
+    assert args["dense_values"] is hw.dense_values  # non-empty buffers pass as they are
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("shape", SHAPES)
 def test_unpack_is_exact(shape, dtype) -> None:
