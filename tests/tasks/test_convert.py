@@ -153,6 +153,30 @@ def test_refuses_what_is_neither_a_run_nor_an_export(tmp_path, pruned_llama_fold
     assert not (tmp_path / "out").exists()
 
 
+def test_topk_of_an_export_folder_is_inferred_or_checked(tmp_path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from tierprune.adapters import weight_view
+    from tierprune.kernels.tiers import TOPK
+
+    model = make_tiny_llama(dtype=torch.bfloat16)
+    tier_maps = prune_randomly_(model, seed=5)
+    name, tier_map = next((n, m) for n, m in tier_maps.items() if (m == TOPK).any())
+    r, c = (tier_map == TOPK).nonzero()[0].tolist()
+    block = weight_view(model.get_submodule(name))[r * 16:(r + 1) * 16, c * 16:(c + 1) * 16]
+    assert int((block != 0).sum()) == 10
+    with torch.no_grad():
+        block[block == 0] = 0.5  # the whole block non-zero: 256 entries in a TopK block
+    folder = _export_folder(tmp_path / "export", model, tier_maps)
+    with pytest.raises(TierpruneError, match=rf"{name} does not obey its tier map \(0 2:4 groups, 1 TopK blocks over 10"):
+        convert(str(folder), str(tmp_path / "k10"), topk=10)
+    assert not (tmp_path / "k10").exists()
+    done = convert(str(folder), str(tmp_path / "inferred"))  # the most non-zeros of any TopK block: lossless
+    assert done["topk"] == 256
+    expected = _logits(AutoModelForCausalLM.from_pretrained(folder).eval(), _ids())
+    torch.testing.assert_close(_logits(load_hybrid(str(tmp_path / "inferred")), _ids()), expected, rtol=0, atol=0)
+
+
 def _cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TIERPRUNE_", "PREFECT_"))}
     env.update(COLUMNS="200", NO_COLOR="1", HF_HUB_OFFLINE="1", TIERPRUNE_CACHE=str(cwd / "cache"),
@@ -176,3 +200,39 @@ def test_cli_prints_the_bytes_and_refuses_in_one_line(tmp_path, pruned_llama_fol
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
     assert proc.stderr.startswith("error: model.layers.0.mlp.up_proj does not obey its tier map")
     assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.slow
+def test_a_run_converts_like_its_export(prefect_harness, tiny_llama_dir, data_dir, mem_root, tmp_path) -> None:
+    """STORE/RUN: the last (or a chosen) iteration, read from the store as `runs export` reads it."""
+    from transformers import AutoModelForCausalLM
+
+    from tierprune.config import config_from_flags
+    from tierprune.flows.progressive import progressive
+    from tierprune.storage.runstore import RunStore
+    from tierprune.tasks.export import export_run
+
+    plan = str(Path(__file__).parents[2] / "schedules" / "plans" / "smoke.csv")  # 80/20/0, 55/35/10, 35/45/20
+    cfg = config_from_flags(model=str(tiny_llama_dir), calib=f"c4:{data_dir}/c4-subset", calib_samples=4,
+                            calib_seqlen=32, calib_batch_size=2, eval="none", plan=plan, store=mem_root, run="r")
+    progressive(cfg)
+    run = f"{mem_root}/r"
+    export_run(RunStore(mem_root, "r"), str(tmp_path / "export"))
+    ids = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(0))
+    expected = _logits(AutoModelForCausalLM.from_pretrained(tmp_path / "export").eval(), ids)
+
+    done = convert(run, str(tmp_path / "last"))
+    assert done["iteration"] == 3 and done["topk"] == 10 and done["modules"] == 14
+    torch.testing.assert_close(_logits(load_hybrid(str(tmp_path / "last")), ids), expected, rtol=0, atol=0)
+    blocks = [m["blocks"] for m in json.loads((tmp_path / "last" / "hybrid.json").read_text())["modules"].values()]
+    assert sum(b[2] for b in blocks) > 0  # iteration 3 has TopK blocks
+
+    first = convert(run, str(tmp_path / "first"), iteration=1)
+    assert first["iteration"] == 1 and first["packed_bytes"] > done["packed_bytes"]
+    blocks = [m["blocks"] for m in json.loads((tmp_path / "first" / "hybrid.json").read_text())["modules"].values()]
+    assert sum(b[2] for b in blocks) == 0  # 80/20/0: no TopK blocks yet
+    with pytest.raises(TierpruneError, match="no finished iteration 9"):
+        convert(run, str(tmp_path / "nine"), iteration=9)
+    with pytest.raises(TierpruneError, match="--topk 12: run .* was pruned with topk 10"):
+        convert(run, str(tmp_path / "k12"), topk=12)
+    assert not (tmp_path / "nine").exists() and not (tmp_path / "k12").exists()
