@@ -51,7 +51,7 @@ def progressive(cfg: TierpruneConfig) -> list[dict]:
                      "eval": evaluation}
             record_iteration_task(state, k, steps)
             seconds = sum(ref.seconds for ref in steps.values())
-            rows.append(report_task(state, k, evaluation, tiers, seconds))
+            rows.append(report_task(state, k, evaluation, tiers, seconds, checkpoint))
             logger.info("iteration %d done: %s", k, rows[-1])
     return rows
 

@@ -673,6 +673,27 @@ class RunStore:
             return self._recent[key]
         return decode(name, self.read(step_uri, name))
 
+    def steps_of(self, iteration: int, step: str, key_prefix: str = "") -> list[str]:
+        """URIs of the step folders `iter-NNN/<step>-<key_prefix>…` that hold a COMMIT.json, sorted by name."""
+        _check_name("step", step)
+        pattern = f"{self._path}/iter-{iteration:03d}/{step}-{key_prefix}*/{COMMIT}"
+        self._fs.invalidate_cache(self._p(f"iter-{iteration:03d}"))
+        rels = sorted(posixpath.relpath(posixpath.dirname(path), self._path) for path in self._fs.glob(pattern))
+        return [self._u(rel) for rel in rels if _STEP_REL.fullmatch(rel)]
+
+    def drop_step(self, step_uri: str) -> None:
+        """Remove a committed step and its manifest entry: for scratch state (a training state) that a later
+        commit supersedes. The marker goes first, so a crash half-way leaves a step that reads as missing."""
+        rel = self._step_rel(step_uri)
+        self._invalidate(rel, [])
+        try:
+            self._fs.rm(self._p(rel), recursive=True)
+        except FileNotFoundError:
+            pass
+        manifest = self.manifest()
+        if manifest["steps"].pop(rel, None) is not None:
+            self._write_atomic(MANIFEST, _json_bytes(manifest, "the run manifest"))
+
     def iterations(self) -> list[int]:
         """Sorted iteration numbers with at least one step whose COMMIT.json exists (files not re-hashed)."""
         self._fs.invalidate_cache(self._path)

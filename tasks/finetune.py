@@ -1,11 +1,16 @@
-"""Step 4 of a progressive iteration: make the weights obey the stored keep masks (and, later, recover).
+"""Step 4 of a progressive iteration: recover from the demotion by fine-tuning, keeping the stored masks exact.
 
-The masks are the demote step's stored data (tasks.demote.keep_masks): applying them zeroes every
-weight a block's tier removed, including one that drifted away from zero in memory. Recovery
-training between iterations is its own issue; until then `epochs` is recorded, not run.
+The masks are the demote step's stored data (tasks.demote.keep_masks). The iteration trains
+`epochs × --ft-tokens` tokens (the plan's column; 0 = only apply the masks) on the fine-tuning
+corpus: the calibration corpus without the documents the calibration draw used, or `--ft-data`.
+The teacher of distillation is the dense model as loaded. Every `commit_every` optimizer steps the
+training state is committed to the store (`iter-NNN/trainstate-…`), so a run killed during
+fine-tuning resumes from the last committed step; the states are dropped once the checkpoint is in.
+The training itself is tasks.training (plain functions, no store).
 """
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import torch
@@ -13,16 +18,22 @@ from prefect import task
 from torch import nn
 
 from tierprune.adapters import weight_view
+from tierprune.config import FinetuneConfig, TierpruneConfig
 from tierprune.errors import TierpruneError
+from tierprune.faults import crash_point
+from tierprune.progress import report as report_progress
 
 from .prune import named_linears
-from .refs import ArtifactRef, committed_or_compute, store_cache_policy
+from .refs import ArtifactRef, committed_or_compute, step_key, store_cache_policy
+from .training import TrainState, calibration_doc_indices, check_disjoint, finetune_model_, finetune_windows, iteration_tokens
 
 if TYPE_CHECKING:
     from .demote import PackedMasks
     from .run_state import RunState
 
-__all__ = ["apply_masks_", "finetune_", "finetune_task"]
+__all__ = ["apply_masks_", "finetune_corpus", "check_finetune_data", "needs_training", "finetune_task"]
+
+TRAIN_STATE = "trainstate"  # step name of the committed mid-training states
 
 
 @torch.no_grad()
@@ -42,27 +53,159 @@ def apply_masks_(model: nn.Module, masks: PackedMasks) -> set[str]:
     return {f"{name}.weight" for name in linears}
 
 
-def finetune_(model: nn.Module, masks: PackedMasks, *, epochs: int = 0) -> tuple[set[str], dict]:
-    """Recovery step after a demotion. For now it ONLY applies the stored masks (no training yet).
+# ---------------------------------------------------------------------------------------------- data
 
-    Returns the names of the tensors changed and a record of what was done.
+def _corpus_spec(cfg: TierpruneConfig) -> str:
+    return cfg.finetune.data or cfg.calibration.data
+
+
+def needs_training(cfg: TierpruneConfig, epochs: float) -> bool:
+    return iteration_tokens(cfg.finetune, epochs) >= cfg.finetune.seqlen
+
+
+def finetune_corpus(cfg: TierpruneConfig, tokenizer) -> tuple[list[str], list[int]]:
+    """The fine-tuning documents, and the indices of those the calibration draw took (left out of training).
+
+    With the default corpus (the calibration data) calibration stays the reference draw over all
+    documents, and fine-tuning uses only the documents that draw never touched.
     """
-    changed = apply_masks_(model, masks)
-    return changed, {"epochs_requested": epochs, "epochs_run": 0,
-                     "note": "stored masks applied; fine-tuning not implemented yet"}
+    from tierprune.storage.datasets import load_texts
+
+    spec = _corpus_spec(cfg)
+    texts = load_texts(spec, "train")
+    c = cfg.calibration
+    drawn = calibration_doc_indices(texts, tokenizer, c.nsamples, c.seqlen, c.seed) if spec == c.data else []
+    return texts, drawn
 
 
-# ---------------------------------------------------------------------------- the Prefect step
+def check_finetune_data(cfg: TierpruneConfig, plan_epochs: list[float]) -> None:
+    """Refuse (one line) a fine-tuning corpus that shares documents with the evaluation text; seconds, no model."""
+    from tierprune.storage.datasets import check_data_spec, evaluation_split, load_texts
+
+    if not any(needs_training(cfg, epochs) for epochs in plan_epochs):
+        return
+    spec = _corpus_spec(cfg)
+    if cfg.finetune.data:
+        check_data_spec(spec, "--ft-data")
+    if cfg.eval.data:
+        # Every document is checked, the calibration ones too: stricter than needed, and no tokenizer to load.
+        check_disjoint(load_texts(spec, "train"), load_texts(cfg.eval.data, evaluation_split(cfg.eval.data)))
+
+
+def _held_out_ids(cfg: TierpruneConfig, tokenizer) -> torch.Tensor | None:
+    """The first `val_windows` windows of the evaluation corpus' validation split (WikiText-2 valid), or None.
+
+    None when the evaluation split is the validation split itself (C4), or there is no evaluation data.
+    """
+    from tierprune.storage.datasets import evaluation_split, load_texts
+
+    ft, spec = cfg.finetune, cfg.eval.data
+    if not ft.val_windows or not spec or evaluation_split(spec) == "validation":
+        return None
+    ids = tokenizer("\n\n".join(load_texts(spec, "validation")), return_tensors="pt").input_ids[0]
+    n = min(ft.val_windows, ids.numel() // ft.seqlen)
+    return ids[: n * ft.seqlen].view(n, ft.seqlen) if n else None
+
+
+# ----------------------------------------------------------------------------------------- the step
+
+def _ppl_of(state: RunState, model: nn.Module, tokenizer) -> float | None:
+    from .evaluate import _eval_ids, perplexity
+
+    e = state.cfg.eval
+    if not e.data:
+        return None
+    ppl, _ = perplexity(model, _eval_ids(state, tokenizer), e.seqlen, max_windows=e.max_windows,
+                        batch_size=e.batch_size, device=state.cfg.device)
+    return ppl
+
+
+def _latest_train_state(state: RunState, iteration: int, key: str) -> tuple[TrainState, dict] | None:
+    """The committed training state of this step's key with the most steps, and what was recorded beside it."""
+    for uri in reversed(state.store.steps_of(iteration, TRAIN_STATE, key[:10])):
+        if state.store.verify_step(uri):
+            tensors = state.store.read_object(uri, "state.safetensors")
+            meta = state.store.read_object(uri, "state.json")
+            return TrainState.from_dicts(tensors, meta["train"]), meta["context"]
+    return None
+
+
+def _drop_train_states(state: RunState, iteration: int, key: str, keep: str | None = None) -> None:
+    for uri in state.store.steps_of(iteration, TRAIN_STATE, key[:10]):
+        if uri != keep:
+            state.store.drop_step(uri)
+
+
 def _finetune_material(p: dict) -> dict:
     state = p["state"]
-    return {"checkpoint": p["checkpoint"].digest, "tiers": p["tiers"].digest,
-            "epochs": state.plan.step(p["iteration"]).epochs}
+    epochs = state.plan.step(p["iteration"]).epochs
+    material = {"checkpoint": p["checkpoint"].digest, "tiers": p["tiers"].digest, "epochs": epochs}
+    if needs_training(state.cfg, epochs):
+        # What training depends on: its settings, its corpus and the calibration draw left out of it, the teacher.
+        identity = state.identity
+        material.update(finetune=identity["finetune"], calibration=identity["calibration"],
+                        model=identity["model"], eval=identity["eval"])
+    return material
+
+
+def _train(state: RunState, iteration: int, key: str, model: nn.Module, tokenizer, masks: PackedMasks,
+           n_tokens: int, record: dict) -> set[str]:
+    """Fine-tune the working model in place for n_tokens; returns the names of the tensors training changed."""
+    ft: FinetuneConfig = state.cfg.finetune
+    device = state.cfg.device
+    keep = {name: masks.mask(name, device) for name in masks}
+    texts, drawn = finetune_corpus(state.cfg, tokenizer)
+    # Each iteration its own draw of windows (the seed moves with the iteration), from the same documents.
+    train_ids = finetune_windows(texts, tokenizer, ft.seqlen, n_tokens, exclude_docs=drawn,
+                                 seed=ft.seed * 1000 + iteration)
+    val_ids = _held_out_ids(state.cfg, tokenizer)
+    resumed = _latest_train_state(state, iteration, key)
+    if resumed is None:
+        apply_masks_(model, masks)
+        before = {"ppl_before_finetune": _ppl_of(state, model, tokenizer)}
+    else:
+        before = resumed[1]
+    teacher = state.teacher() if ft.kd_weight > 0 or ft.hidden_weight > 0 else None
+    total_steps = math.ceil(train_ids.shape[0] / (ft.batch_size * ft.grad_accum))
+
+    def commit(train_state: TrainState) -> None:
+        if train_state.step >= total_steps:
+            return  # the checkpoint commit follows at once; a state of the finished run would only cost bytes
+        tensors, meta = train_state.as_dicts()
+        uri = state.store.step_uri(iteration, TRAIN_STATE, f"{key[:10]}{train_state.step:06d}")
+        state.store.commit_step(uri, {"state.safetensors": tensors, "state.json": {"train": meta, "context": before}},
+                                {"step": train_state.step, "of": total_steps})
+        _drop_train_states(state, iteration, key, keep=uri)  # one state at a time: each is weights plus Adam's
+        report_progress(f"iteration {iteration}: finetune (state committed)", train_state.step, total_steps)
+        crash_point(f"step:iter-{iteration:03d}/finetune:state-{train_state.step}")  # tests only (tierprune.faults)
+
+    result = finetune_model_(model, keep, train_ids, ft, teacher=teacher, val_ids=val_ids,
+                             state=resumed[0] if resumed else None, on_step=commit)
+    record.update(before, method=ft.method, tokens=result.tokens, steps=result.steps,
+                  train_seconds=round(result.seconds, 3), stopped_early=result.stopped_early,
+                  resumed_from_step=resumed[0].step if resumed else None,
+                  first_loss=result.losses[0] if result.losses else None,
+                  last_loss=result.losses[-1] if result.losses else None,
+                  val_losses=[list(v) for v in result.val_losses], corpus_documents=len(texts) - len(drawn),
+                  windows=int(train_ids.shape[0]))
+    if ft.method == "lora" or ft.train == "linears":
+        return {f"{name}.weight" for name in named_linears(model)} | _biases(model)
+    return {name for name, _ in model.named_parameters()}
+
+
+def _biases(model: nn.Module) -> set[str]:
+    return {f"{name}.bias" for name, m in named_linears(model).items() if getattr(m, "bias", None) is not None}
 
 
 @task(name="finetune", persist_result=True, cache_policy=store_cache_policy("checkpoint", _finetune_material))
 def finetune_task(state: RunState, iteration: int, checkpoint: ArtifactRef, tiers: ArtifactRef) -> ArtifactRef:
-    """The next checkpoint: the model at `checkpoint` with the masks of `tiers` applied; only changed tensors written."""
-    record: dict = {}
+    """The next checkpoint: the model at `checkpoint` with the masks of `tiers` applied, then fine-tuned as the
+    plan's epochs say; only the tensors that changed are written."""
+    epochs = state.plan.step(iteration).epochs
+    n_tokens = iteration_tokens(state.cfg.finetune, epochs)
+    material = _finetune_material({"state": state, "iteration": iteration, "checkpoint": checkpoint, "tiers": tiers})
+    key = step_key("checkpoint", material)
+    record: dict = {"epochs": epochs, "tokens_planned": n_tokens if needs_training(state.cfg, epochs) else 0}
 
     def compute() -> tuple[dict, dict[str, int]]:
         loaded = state.model_at(checkpoint)
@@ -70,13 +213,17 @@ def finetune_task(state: RunState, iteration: int, checkpoint: ArtifactRef, tier
         if masks is None:
             raise TierpruneError(f"{tiers.uri} holds no keep masks to apply")
         try:
-            changed, done = finetune_(loaded.model, masks, epochs=state.plan.step(iteration).epochs)
-            record.update(done)
+            if needs_training(state.cfg, epochs):
+                changed = _train(state, iteration, key, loaded.model, loaded.tokenizer, masks, n_tokens, record)
+            else:
+                changed = apply_masks_(loaded.model, masks)
+                record.update(method="none", tokens=0, steps=0)
             index, blobs = state.save_checkpoint(changed)
         except BaseException:
             state.forget_model_state()  # half-changed weights must never pass for a checkpoint
             raise
         return {"checkpoint.json": index}, blobs
 
-    material = _finetune_material({"state": state, "iteration": iteration, "checkpoint": checkpoint, "tiers": tiers})
-    return committed_or_compute(state.store, iteration, "checkpoint", material, compute, record)
+    ref = committed_or_compute(state.store, iteration, "checkpoint", material, compute, record)
+    _drop_train_states(state, iteration, key)
+    return ref

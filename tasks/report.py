@@ -65,17 +65,24 @@ def report_markdown(iteration: int, record: dict, tiers: pd.DataFrame) -> str:
 
 
 @task(name="report")
-def report_task(state, iteration: int, evaluation, tiers_ref, seconds: float) -> dict:
+def report_task(state, iteration: int, evaluation, tiers_ref, seconds: float, checkpoint=None) -> dict:
     """Prefect artifacts for one iteration: a table row and the markdown heatmap report.
 
     seconds: the compute time the iteration's steps recorded when committed (a rerun shows the same).
+    checkpoint: the iteration's finetune step, whose record holds the ppl before fine-tuning and the tokens trained.
     """
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
     record = state.store.read_object(evaluation.uri, "eval.json")
     tiers = state.store.read_object(tiers_ref.uri, "tiers.parquet")
     row = {"iteration": iteration, **{f"tier {k}": round(v, 4) for k, v in record["tiers"].items()},
-           "sparsity": round(record["sparsity"], 4), "ppl": record.get("ppl"), "seconds": round(seconds, 1)}
+           "sparsity": round(record["sparsity"], 4)}
+    if checkpoint is not None:
+        trained = state.store.step_meta(checkpoint.uri)
+        tokens = trained.get("tokens", 0)
+        row.update({"ppl before ft": trained.get("ppl_before_finetune") if tokens else record.get("ppl"),
+                    "ft tokens": tokens})
+    row.update({"ppl": record.get("ppl"), "seconds": round(seconds, 1)})
     create_table_artifact([row], key=f"iteration-{iteration}", description=f"iteration {iteration}")
     create_markdown_artifact(report_markdown(iteration, record, tiers), key=f"tier-maps-{iteration}",
                              description=f"tier maps after iteration {iteration}")

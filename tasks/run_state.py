@@ -62,6 +62,7 @@ class RunState:
         self._held: dict[str, dict] = {}  # tensor name -> checkpoint index entry that the model holds now
         self._masks: tuple[str, dict[str, torch.Tensor]] | None = None  # (step digest, module -> keep mask)
         self._identity: dict | None = None
+        self._teacher: nn.Module | None = None
         self.eval_ids: torch.Tensor | None = None  # (1, T) evaluation tokens, tokenized once per run state
 
     @property
@@ -106,6 +107,14 @@ class RunState:
         self._held = dict(entries)
         return loaded
 
+    def teacher(self) -> nn.Module:
+        """The dense model as loaded from its source, frozen: the teacher of distillation (loaded once)."""
+        if self._teacher is None:
+            m = self.cfg.model
+            loaded = load_model(m.name, m.gguf_file, m.dtype, self.cfg.device)
+            self._teacher = loaded.model.to(self.cfg.device).eval().requires_grad_(False)
+        return self._teacher
+
     def forget_model_state(self) -> None:
         """Say that the model's tensors are unknown (a step that changed them failed half-way)."""
         self._held = {}
@@ -146,13 +155,16 @@ def run_identity(cfg: TierpruneConfig, plan: Plan) -> dict:
     """
     from tierprune.storage.datasets import data_identity
 
-    c, e = cfg.calibration, cfg.eval
+    c, e, ft = cfg.calibration, cfg.eval, cfg.finetune
     return {
         "model": {**model_identity(cfg.model.name, cfg.model.gguf_file), "dtype": cfg.model.dtype},
         "plan": plan.to_rows(), "plan_fingerprint": plan_fingerprint(plan),
         "calibration": {**c.model_dump(mode="json", exclude={"data", "batch_size"}), "data": data_identity(c.data)},
         "prune": cfg.prune.model_dump(mode="json"),
         "eval": {**e.model_dump(mode="json", exclude={"data", "batch_size"}), "data": data_identity(e.data)},
+        # How often training commits its state changes no result, so a resume may choose another interval.
+        "finetune": {**ft.model_dump(mode="json", exclude={"data", "commit_every"}),
+                     "data": data_identity(ft.data) if ft.data else None},
         "device": "cuda" if cfg.device.startswith("cuda") else "cpu",
         "offload": cfg.offload,
     }
@@ -280,6 +292,9 @@ def check_run_inputs(cfg: TierpruneConfig) -> None:
     check_data_spec(cfg.calibration.data, "--calib")
     if cfg.eval.data:
         check_data_spec(cfg.eval.data, "--eval")
+    from .finetune import check_finetune_data
+
+    check_finetune_data(cfg, [step.epochs for step in plan.steps])
     store = RunStore(run.store, run.name)  # a bad run name
     if "://" not in run.store and Path(run.store).is_file():
         raise TierpruneError(f"--store {run.store} is a file; give a folder (it is created if missing)")

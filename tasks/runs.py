@@ -42,8 +42,8 @@ def run_summary(store: RunStore, deep: bool = True) -> list[dict]:
         step_uri = f"{store.uri}/{rel}"
         finished = (step.get("meta") or {}).get("finished", "")
         row = {"iteration": int(folder.removeprefix("iter-")), "finished": finished, "status": "",
-               "sparsity": None, "ppl": None, "tiers": None, "seconds": None, "uri": f"{store.uri}/{folder}",
-               "record": step_uri}
+               "sparsity": None, "ppl": None, "ppl_before_finetune": None, "finetune_tokens": None, "tiers": None,
+               "seconds": None, "uri": f"{store.uri}/{folder}", "record": step_uri}
         record_status = store.step_status(rel, deep)
         if record_status.status != "committed":
             row["status"] = f"record {record_status.status}: {record_status.detail}"
@@ -58,10 +58,21 @@ def run_summary(store: RunStore, deep: bool = True) -> list[dict]:
                 evaluation = None  # damaged: the status says so
             if evaluation is not None:
                 row.update(sparsity=evaluation["sparsity"], ppl=evaluation.get("ppl"), tiers=dict(evaluation["tiers"]))
+            if row["iteration"] > 0:
+                row.update(_finetune_summary(store, record, row["ppl"]))
         k = row["iteration"]
         if k not in rows or finished > rows[k]["finished"]:
             rows[k] = row
     return [rows[k] for k in sorted(rows)]
+
+
+def _finetune_summary(store: RunStore, record: dict, ppl: float | None) -> dict:
+    """The iteration's ppl before fine-tuning and the tokens trained, from its finetune step's COMMIT.json."""
+    meta = store.step_meta(f"{store.uri}/{record['checkpoint']['rel']}")
+    tokens = meta.get("tokens", 0)
+    # Without training the model evaluated after the step is the model before it.
+    before = meta.get("ppl_before_finetune") if tokens else ppl
+    return {"ppl_before_finetune": before, "finetune_tokens": tokens}
 
 
 def _seconds(store: RunStore, record: dict) -> float:
@@ -112,8 +123,10 @@ def list_runs(root: str) -> list[dict]:
 
 
 def summary_json(store: RunStore) -> dict:
-    """`runs show --json`: {"run", "iterations": [{"iteration", "ppl", "sparsity", "tiers", "seconds"}, ...]}."""
+    """`runs show --json`: {"run", "iterations": [{"iteration", "ppl", "ppl_before_finetune", "finetune_tokens",
+    "sparsity", "tiers", "seconds", ...}, ...]}."""
     return {"run": store.uri, "iterations": [
-        {"iteration": r["iteration"], "ppl": r["ppl"], "sparsity": r["sparsity"], "tiers": r["tiers"],
+        {"iteration": r["iteration"], "ppl": r["ppl"], "ppl_before_finetune": r["ppl_before_finetune"],
+         "finetune_tokens": r["finetune_tokens"], "sparsity": r["sparsity"], "tiers": r["tiers"],
          "seconds": r["seconds"], "status": r["status"], "uri": r["uri"], "finished": r["finished"]}
         for r in run_summary(store)]}

@@ -22,10 +22,10 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from tierprune.adapters import weight_view
+from tierprune.config import FinetuneConfig
 from tierprune.errors import TierpruneError
 
 from .calibration import sample_calibration
@@ -38,47 +38,7 @@ __all__ = [
     "apply_masks_", "mask_gradients", "wrap_lora", "merge_lora_", "finetune_model_",
 ]
 
-LLAMA_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
-
-# --------------------------------------------------------------------------------------------- config
-
-class FinetuneConfig(BaseModel):
-    """How one iteration recovers. Moves into tierprune/config.py once the wiring lands."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    method: Literal["none", "full", "lora"] = "full"
-    tokens_per_epoch: int = Field(0, ge=0)  # N: an iteration trains plan-epochs × N tokens
-    seqlen: int = Field(512, ge=2)
-    batch_size: int = Field(8, ge=1)  # windows per forward
-    grad_accum: int = Field(1, ge=1)  # forwards per optimizer step
-    lr: float = Field(1e-4, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    schedule: Literal["cosine", "linear", "constant"] = "cosine"  # after warm-up; cosine/linear decay to 0
-    warmup_steps: int = Field(0, ge=0)
-    warmup_fraction: float = Field(0.0, ge=0, lt=1)  # of the iteration's steps; used when warmup_steps is 0
-    kd_weight: float = Field(0.0, ge=0, le=1)  # 0 = cross-entropy only, 1 = distillation only
-    kd_temperature: float = Field(1.0, gt=0)
-    hidden_weight: float = Field(0.0, ge=0)  # per-layer hidden-state loss, added on top (needs a teacher model)
-    lora_rank: int = Field(16, ge=1)
-    lora_alpha: float = Field(32.0, gt=0)
-    lora_targets: tuple[str, ...] = LLAMA_LINEARS  # module-name suffixes, as peft's target_modules
-    train: Literal["linears", "all_but_embeddings", "all"] = "linears"  # what full fine-tuning updates
-    seed: int = 0
-    eval_every: int = Field(0, ge=0)  # optimizer steps between held-out losses; 0 = only at the end
-    patience: int = Field(0, ge=0)  # evaluations without improvement before stopping; 0 = never stop early
-    commit_every: int = Field(0, ge=0)  # optimizer steps between on_step calls (state saves); 0 = none
-
-    @model_validator(mode="after")
-    def _consistent(self) -> FinetuneConfig:
-        if self.warmup_steps and self.warmup_fraction:
-            raise ValueError("give warmup_steps or warmup_fraction, not both")
-        if self.method == "lora" and not self.lora_targets:
-            raise ValueError("LoRA needs at least one target module suffix (lora_targets)")
-        if self.patience and not self.eval_every:
-            raise ValueError("early stopping (patience) needs eval_every > 0")
-        return self
 
 
 def iteration_tokens(cfg: FinetuneConfig, epochs: float) -> int:

@@ -65,6 +65,13 @@ def test_bad_run_inputs(tmp_path, tiny_llama_dir, data_dir):
         "bad resume": (["--plan", str(SMOKE), "--run", "a", "--resume-from", str(store / "ghost" / "iter-001")],
                        ("--resume-from",)),
         "missing plan": (["--plan", str(tmp_path / "none.csv"), "--run", "a"], ("none.csv",)),
+        # Fine-tuning on the text the run is evaluated on (what the seed did with WikiText-2).
+        "ft data overlaps eval": (["--plan", str(SMOKE), "--run", "a", "--eval", f"wikitext2:{data_dir}/wikitext-2-raw",
+                                   "--ft-data", f"text:{data_dir}/wikitext-2-raw/wiki.test.raw"],
+                                  ("fine-tuning data overlaps the evaluation text",)),
+        "missing ft data": (["--plan", str(SMOKE), "--run", "a", "--ft-data", f"c4:{tmp_path / 'nowhere'}"],
+                            ("--ft-data", "nowhere")),
+        "bad ft method": (["--plan", str(SMOKE), "--run", "a", "--ft-method", "qlora"], ("method",)),
     }
     import torch
 

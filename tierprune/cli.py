@@ -137,6 +137,12 @@ def _demo_data(data: str | None) -> tuple[str, str, str]:
         return "pydoc", "pydoc", "pydoc"
 
 
+# Recovery that fits the demo's 10 minutes on 2 cores: full masked fine-tuning with distillation from the dense
+# model, at a learning rate raised for the tiny budget (README: "Recovery settings" has the measurements).
+DEMO_FINETUNE = {"ft_method": "full", "kd_weight": 1.0, "ft_lr": 5e-4, "ft_seqlen": 256, "ft_batch_size": 4,
+                 "ft_tokens": 81_920}  # × the smoke plan's 0.1 epochs = 8,192 tokens (8 steps) per iteration
+
+
 @app.command()
 def demo(
     data: Optional[str] = typer.Option(None, help="folder with c4-subset/ and wikitext-2-raw/ [$TIERPRUNE_DATA]"),
@@ -149,9 +155,11 @@ def demo(
     calib, evaluation, label = _demo_data(data)
     plan = str(files("tierprune.schedules") / "plans" / "smoke.csv")
     cfg = config_from_flags(calib=calib, calib_samples=16, calib_seqlen=512, eval=evaluation, eval_seqlen=512,
-                            eval_max_windows=16, plan=plan, store=store, run=f"demo-{label}", device=device)
+                            eval_max_windows=16, plan=plan, store=store, run=f"demo-{label}", device=device,
+                            **DEMO_FINETUNE)
     console.print(f"[dim]demo ({label} data): plan {plan}; 16×512 calibration tokens, 16 evaluation windows "
-                  "of 512 — a quick look, not the protocol's numbers[/]")
+                  f"of 512, {DEMO_FINETUNE['ft_tokens'] // 10:,} distillation tokens per iteration — a quick look, "
+                  "not the protocol's numbers[/]")
     _progressive_run(cfg)
 
 
@@ -235,13 +243,30 @@ def run(
     eval: Optional[str] = typer.Option(None, "--eval", help="eval data spec, or 'none' [default: wikitext2]"),
     eval_seqlen: int = typer.Option(2048), eval_max_windows: Optional[int] = typer.Option(None),
     device: str = typer.Option("cpu"), dtype: str = typer.Option("auto"),
+    ft_method: str = typer.Option("full", help="recovery between iterations: none | full (masked) | lora"),
+    ft_data: Optional[str] = typer.Option(
+        None, help="fine-tuning corpus spec [default: the calibration corpus minus the documents it drew]"),
+    ft_tokens: int = typer.Option(2_457_600, help="training tokens per plan epoch (an iteration trains epochs × N)"),
+    ft_seqlen: int = typer.Option(512), ft_batch_size: int = typer.Option(16, help="windows per forward"),
+    ft_lr: float = typer.Option(1e-4), ft_grad_accum: int = typer.Option(1, help="forwards per optimizer step"),
+    ft_schedule: str = typer.Option("constant", help="constant | cosine | linear, after the warm-up"),
+    ft_warmup: float = typer.Option(0.0, help="warm-up as a fraction of an iteration's steps"),
+    ft_train: str = typer.Option("linears", help="what full fine-tuning updates: linears | all_but_embeddings | all"),
+    ft_commit_every: int = typer.Option(100, help="optimizer steps between committed training states (resume)"),
+    kd_weight: float = typer.Option(1.0, help="distillation from the dense model: 0 = cross-entropy only, 1 = KD only"),
+    lora_rank: int = typer.Option(16),
+    lora_targets: str = typer.Option("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+                                     help="module-name suffixes LoRA adapts (comma list)"),
 ) -> None:
     """Progressive three-tier pruning as a Prefect flow; rerun the same command to resume after a crash."""
     cfg = config_from_flags(
         model=model, gguf_file=gguf_file, dtype=dtype, calib=calib, calib_samples=calib_samples,
         calib_seqlen=calib_seqlen, calib_batch_size=calib_batch_size, seed=seed, compile=compile, eval=eval,
         eval_seqlen=eval_seqlen, eval_max_windows=eval_max_windows, plan=plan, store=store, run=run_name,
-        resume_from=resume_from, block_size=block_size, topk=topk, select=select, scope=scope, device=device)
+        resume_from=resume_from, block_size=block_size, topk=topk, select=select, scope=scope, device=device,
+        ft_method=ft_method, ft_data=ft_data, ft_tokens=ft_tokens, ft_seqlen=ft_seqlen, ft_batch_size=ft_batch_size,
+        ft_lr=ft_lr, ft_grad_accum=ft_grad_accum, ft_schedule=ft_schedule, ft_warmup=ft_warmup, ft_train=ft_train,
+        ft_commit_every=ft_commit_every, kd_weight=kd_weight, lora_rank=lora_rank, lora_targets=lora_targets)
     _progressive_run(cfg)
 
 
@@ -265,7 +290,8 @@ def runs_show(run_uri: str = typer.Argument(..., help="STORE/RUN"),
         return
     rows = [{"iteration": r["iteration"], "status": r["status"],
              **{f"tier {t}": v for t, v in (r["tiers"] or {}).items()},
-             "sparsity": r["sparsity"], "ppl": r["ppl"], "seconds": r["seconds"]} for r in summary["iterations"]]
+             "sparsity": r["sparsity"], "ppl before ft": r["ppl_before_finetune"], "ppl": r["ppl"],
+             "ft tokens": r["finetune_tokens"], "seconds": r["seconds"]} for r in summary["iterations"]]
     console.print(_rows_table(f"run {summary['run']}", rows))
     _print_uris(summary["iterations"])
 

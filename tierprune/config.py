@@ -13,6 +13,7 @@ __all__ = [
     "CalibrationConfig",
     "PruneConfig",
     "EvalConfig",
+    "FinetuneConfig",
     "RunConfig",
     "TierpruneConfig",
     "config_from_flags",
@@ -102,6 +103,50 @@ class EvalConfig(_Frozen):
     batch_size: int = Field(1, ge=1)
 
 
+LLAMA_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class FinetuneConfig(_Frozen):
+    """How each iteration recovers after its demotion (tasks.training); the plan's `epochs` scales the budget."""
+
+    method: Literal["none", "full", "lora"] = "full"
+    data: str | None = None  # dataset spec of the corpus; None = the calibration corpus minus its drawn documents
+    tokens_per_epoch: int = Field(2_457_600, ge=0)  # N: an iteration trains plan-epochs × N tokens (300 × 16 × 512)
+    seqlen: int = Field(512, ge=2)
+    batch_size: int = Field(16, ge=1)  # windows per forward
+    grad_accum: int = Field(1, ge=1)  # forwards per optimizer step
+    lr: float = Field(1e-4, gt=0, allow_inf_nan=False)
+    weight_decay: float = Field(0.0, ge=0)
+    schedule: Literal["cosine", "linear", "constant"] = "constant"  # after warm-up; cosine/linear decay to 0
+    warmup_steps: int = Field(0, ge=0)
+    warmup_fraction: float = Field(0.0, ge=0, lt=1)  # of the iteration's steps; used when warmup_steps is 0
+    kd_weight: float = Field(1.0, ge=0, le=1)  # 0 = cross-entropy only, 1 = distillation only
+    kd_temperature: float = Field(1.0, gt=0)
+    hidden_weight: float = Field(0.0, ge=0)  # per-layer hidden-state loss on top (needs the teacher model)
+    teacher_cache: bool = False  # cache the teacher's top-k logits in the store instead of holding a second model
+    lora_rank: int = Field(16, ge=1)
+    lora_alpha: float = Field(32.0, gt=0)
+    lora_targets: tuple[str, ...] = LLAMA_LINEARS  # module-name suffixes, as peft's target_modules
+    train: Literal["linears", "all_but_embeddings", "all"] = "linears"  # what full fine-tuning updates
+    seed: int = 0
+    val_windows: int = Field(8, ge=0)  # held-out windows (the eval corpus' validation split) for the loss curve
+    eval_every: int = Field(0, ge=0)  # optimizer steps between held-out losses; 0 = only at start and end
+    patience: int = Field(0, ge=0)  # evaluations without improvement before stopping; 0 = never stop early
+    commit_every: int = Field(100, ge=0)  # optimizer steps between committed training states; 0 = none
+
+    @model_validator(mode="after")
+    def _consistent(self) -> FinetuneConfig:
+        if self.warmup_steps and self.warmup_fraction:
+            raise ValueError("give warmup_steps or warmup_fraction, not both")
+        if self.method == "lora" and not self.lora_targets:
+            raise ValueError("LoRA needs at least one target module suffix (--lora-targets)")
+        if self.patience and not self.eval_every:
+            raise ValueError("early stopping (patience) needs eval_every > 0")
+        if self.teacher_cache and self.hidden_weight:
+            raise ValueError("the hidden-state loss needs the teacher model, not cached logits")
+        return self
+
+
 class RunConfig(_Frozen):
     """Where a progressive run lives and what it follows; None in TierpruneConfig for one-shot pruning."""
 
@@ -119,6 +164,7 @@ class TierpruneConfig(_Frozen):
     prune: PruneConfig = PruneConfig()
     eval: EvalConfig = EvalConfig()
     run: RunConfig | None = None  # set for progressive runs
+    finetune: FinetuneConfig = FinetuneConfig()  # recovery between iterations (progressive runs)
     device: str = "cpu"
     offload: bool = False  # keep the model on the CPU and stream layers through the device
 
@@ -156,6 +202,14 @@ def parse_fractions(text: str) -> tuple[float, float, float]:
     return values  # type: ignore[return-value]
 
 
+def parse_names(text: str, flag: str) -> tuple[str, ...]:
+    """'q_proj, v_proj' -> ('q_proj', 'v_proj'); a clear error for an empty list."""
+    names = tuple(part.strip() for part in text.split(",") if part.strip())
+    if not names:
+        raise TierpruneError(f"{flag} needs at least one name, got {text!r}")
+    return names
+
+
 def config_from_flags(
     *, model: str = "smollm2-135m", gguf_file: str | None = None, dtype: str = "auto",
     method: str = "wanda", pattern: str = "unstructured", sparsity: float = 0.5, block_size: int = 16,
@@ -165,6 +219,10 @@ def config_from_flags(
     eval: str | None = None, eval_seqlen: int = 2048, eval_max_windows: int | None = None, eval_batch_size: int = 1,
     device: str = "cpu", offload: bool = False,
     plan: str | None = None, store: str | None = None, run: str | None = None, resume_from: str | None = None,
+    ft_method: str = "full", ft_data: str | None = None, ft_tokens: int = 2_457_600, ft_seqlen: int = 512,
+    ft_batch_size: int = 16, ft_lr: float = 1e-4, kd_weight: float = 1.0, lora_rank: int = 16,
+    lora_targets: str = ",".join(LLAMA_LINEARS), ft_grad_accum: int = 1, ft_schedule: str = "constant",
+    ft_warmup: float = 0.0, ft_train: str = "linears", ft_commit_every: int = 100,
 ) -> TierpruneConfig:
     """The one mapping of the command-line flags (snake_case) to the config, for prune, run and the demo alike.
 
@@ -188,6 +246,11 @@ def config_from_flags(
             eval=EvalConfig(data=None if eval == "none" else (eval or default_data_spec("wikitext2")),
                             seqlen=eval_seqlen, max_windows=eval_max_windows, batch_size=eval_batch_size),
             run=RunConfig(plan=plan, store=store, name=run, resume_from=resume_from) if progressive else None,
+            finetune=FinetuneConfig(method=ft_method, data=ft_data, tokens_per_epoch=ft_tokens, seqlen=ft_seqlen,
+                                    batch_size=ft_batch_size, lr=ft_lr, kd_weight=kd_weight, lora_rank=lora_rank,
+                                    lora_targets=parse_names(lora_targets, "--lora-targets"),
+                                    grad_accum=ft_grad_accum, schedule=ft_schedule, warmup_fraction=ft_warmup,
+                                    train=ft_train, commit_every=ft_commit_every, seed=seed),
             device=device, offload=offload,
         )
     except ValidationError as exc:

@@ -13,6 +13,9 @@ The names of the points are a contract with tests/test_crash_safety.py:
     start, activations, scores, tiers (demote), checkpoint (finetune), eval, iteration.
 ``step:iter-NNN/activations:layer-<i>``
     inside collect activations, after layer i (1-based) has been calibrated (a kill mid-step).
+``step:iter-NNN/finetune:state-<s>``
+    tierprune.tasks.finetune, right after the training state of optimizer step s was committed (a kill
+    mid-fine-tuning; the rerun resumes from step s).
 ``commit:iter-NNN/<step>:before-files``
     RunStore.commit_step, before any file of the step is written.
 ``commit:iter-NNN/<step>:before-marker``

@@ -13,13 +13,16 @@ from tierprune.storage.runstore import RunStore
 
 pytestmark = pytest.mark.slow
 
+# The smoke plan's 0.1 epochs of 2,560 tokens: 8 windows of 32 tokens, two optimizer steps of distillation per iteration.
+TINY_FINETUNE = {"ft_tokens": 2560, "ft_seqlen": 32, "ft_batch_size": 4}
 PLAN = str(Path(__file__).parents[2] / "schedules" / "plans" / "smoke.csv")
 
 
 def _config(tiny_llama_dir: Path, data_dir: Path, store: str, run: str, **extra) -> TierpruneConfig:
     return config_from_flags(model=str(tiny_llama_dir), calib=f"c4:{data_dir}/c4-subset", calib_samples=4,
                              calib_seqlen=32, calib_batch_size=2, eval=f"wikitext2:{data_dir}/wikitext-2-raw",
-                             eval_seqlen=32, eval_max_windows=2, plan=PLAN, store=store, run=run, **extra)
+                             eval_seqlen=32, eval_max_windows=2, plan=PLAN, store=store, run=run,
+                             **{**TINY_FINETUNE, **extra})
 
 
 def _markers(store: RunStore) -> dict[str, bytes]:
