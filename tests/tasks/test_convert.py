@@ -212,9 +212,12 @@ def test_a_run_converts_like_its_export(prefect_harness, tiny_llama_dir, data_di
     from tierprune.storage.runstore import RunStore
     from tierprune.tasks.export import export_run
 
-    plan = str(Path(__file__).parents[2] / "schedules" / "plans" / "smoke.csv")  # 80/20/0, 55/35/10, 35/45/20
+    plan = tmp_path / "plan.csv"  # 80/20/0, then 35/45/20; no fine-tuning (epochs 0)
+    plan.write_text("iteration,dense,mid_2_4,topk,dense_to_2_4,mid_2_4_to_topk,epochs\n"
+                    "1,0.8,0.2,0.0,0.2,0.0,0\n2,0.35,0.45,0.2,0.45,0.2,0\n")
     cfg = config_from_flags(model=str(tiny_llama_dir), calib=f"c4:{data_dir}/c4-subset", calib_samples=4,
-                            calib_seqlen=32, calib_batch_size=2, eval="none", plan=plan, store=mem_root, run="r")
+                            calib_seqlen=32, calib_batch_size=2, eval="none", plan=str(plan), store=mem_root,
+                            run="r")
     progressive(cfg)
     run = f"{mem_root}/r"
     export_run(RunStore(mem_root, "r"), str(tmp_path / "export"))
@@ -222,10 +225,10 @@ def test_a_run_converts_like_its_export(prefect_harness, tiny_llama_dir, data_di
     expected = _logits(AutoModelForCausalLM.from_pretrained(tmp_path / "export").eval(), ids)
 
     done = convert(run, str(tmp_path / "last"))
-    assert done["iteration"] == 3 and done["topk"] == 10 and done["modules"] == 14
+    assert done["iteration"] == 2 and done["topk"] == 10 and done["modules"] == 14
     torch.testing.assert_close(_logits(load_hybrid(str(tmp_path / "last")), ids), expected, rtol=0, atol=0)
     blocks = [m["blocks"] for m in json.loads((tmp_path / "last" / "hybrid.json").read_text())["modules"].values()]
-    assert sum(b[2] for b in blocks) > 0  # iteration 3 has TopK blocks
+    assert sum(b[2] for b in blocks) > 0  # iteration 2 has TopK blocks
 
     first = convert(run, str(tmp_path / "first"), iteration=1)
     assert first["iteration"] == 1 and first["packed_bytes"] > done["packed_bytes"]
