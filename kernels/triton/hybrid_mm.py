@@ -68,19 +68,25 @@ def set_decode_config(shape: tuple[int, int], tokens: int, config: tuple) -> Non
 def decode_config(hw: HybridWeight, tokens: int = 1, num_sms: int = 132) -> DecodeConfig:
     """(NB, SPLIT, num_warps, token tile, prefetch) for the decode kernels: a tuned entry if set, else a heuristic.
 
-    Split a block-row across programs until the grid covers every SM about four times: a 4096-row
-    matrix has only 256 block-rows, too few programs to keep enough bytes in flight.
+    From benchmarks/decode_sweep.py on an H200 (README): at one token the prefetching GEMV, with 4 blocks per
+    step, 8 splits per block-row and 2 warps, is the fastest config for 4096-row matrices (256 block-rows,
+    too few programs alone) and for any matrix that is mostly 2:4 and TopK; a mostly dense matrix with
+    enough block-rows does best with one program per block-row. From 2 tokens, the tile kernel without
+    prefetching, split until the grid covers every SM about four times.
     """
     tuned = _TUNED_DECODE.get((hw.shape[0], hw.shape[1], tokens))
     if tuned is not None:
         return tuned
     nbr = len(hw.dense_row_ptr) - 1
+    counts = hw.tier_counts()
+    per_row = max(1, sum(counts) // max(nbr, 1))
+    if tokens == 1:  # the GEMV kernel: no tensor-core tiles to rebuild, fewer instructions per byte
+        if nbr >= 4 * num_sms and counts[0] >= sum(counts) / 2:
+            return 8, 1, 4, 1, True
+        return 4, _pow2_at_least(max(1, min(8, per_row // 16))), 2, 1, True
     token_tile = min(64, _pow2_at_least(tokens, 16))  # tl.dot needs 16; x tiles beyond 64 crowd the SM
     tiles = -(-tokens // token_tile)
-    per_row = max(1, sum(hw.tier_counts()) // max(nbr, 1))
     split = _pow2_at_least(max(1, min(-(-4 * num_sms // max(nbr * tiles, 1)), per_row // 32)))
-    if tokens == 1:
-        return 8, split, 4, 1, True  # the GEMV kernel: no tensor-core tiles to rebuild, fewer instructions per byte
     return (8 if token_tile <= 16 else 4), split, 4, token_tile, False
 
 
