@@ -25,7 +25,8 @@ from tierprune.progress import report as report_progress
 
 from .prune import named_linears
 from .refs import ArtifactRef, committed_or_compute, step_key, store_cache_policy
-from .training import TrainState, calibration_doc_indices, check_disjoint, finetune_model_, finetune_windows, iteration_tokens
+from .training import (TrainState, calibration_doc_indices, check_disjoint, corpus_stream, draw_windows, finetune_model_,
+                       iteration_tokens)
 
 if TYPE_CHECKING:
     from .demote import PackedMasks
@@ -63,8 +64,8 @@ def needs_training(cfg: TierpruneConfig, epochs: float) -> bool:
     return iteration_tokens(cfg.finetune, epochs) >= cfg.finetune.seqlen
 
 
-def finetune_corpus(cfg: TierpruneConfig, tokenizer) -> tuple[list[str], list[int]]:
-    """The fine-tuning documents, and the indices of those the calibration draw took (left out of training).
+def finetune_corpus(cfg: TierpruneConfig, tokenizer) -> tuple[torch.Tensor, dict]:
+    """The fine-tuning tokens (T,) and what they are made of.
 
     With the default corpus (the calibration data) calibration stays the reference draw over all
     documents, and fine-tuning uses only the documents that draw never touched.
@@ -75,7 +76,9 @@ def finetune_corpus(cfg: TierpruneConfig, tokenizer) -> tuple[list[str], list[in
     texts = load_texts(spec, "train")
     c = cfg.calibration
     drawn = calibration_doc_indices(texts, tokenizer, c.nsamples, c.seqlen, c.seed) if spec == c.data else []
-    return texts, drawn
+    stream = corpus_stream(texts, tokenizer, drawn)
+    return stream, {"corpus_documents": len(texts) - len(drawn), "calibration_documents_left_out": len(drawn),
+                    "corpus_tokens": int(stream.numel())}
 
 
 def check_finetune_data(cfg: TierpruneConfig, plan_epochs: list[float]) -> None:
@@ -109,14 +112,17 @@ def _held_out_ids(cfg: TierpruneConfig, tokenizer) -> torch.Tensor | None:
 
 # ----------------------------------------------------------------------------------------- the step
 
-def _ppl_of(state: RunState, model: nn.Module, tokenizer) -> float | None:
+def _ppl_before(state: RunState, iteration: int, model: nn.Module, tokenizer) -> float | None:
+    """The perplexity of the freshly demoted model (masks applied, not trained yet), as evaluate measures it."""
     from .evaluate import _eval_ids, perplexity
 
     e = state.cfg.eval
     if not e.data:
         return None
     ppl, _ = perplexity(model, _eval_ids(state, tokenizer), e.seqlen, max_windows=e.max_windows,
-                        batch_size=e.batch_size, device=state.cfg.device)
+                        batch_size=e.batch_size, device=state.cfg.device,
+                        on_progress=lambda d, t: report_progress(f"iteration {iteration}: evaluate before finetune",
+                                                                 d, t))
     return ppl
 
 
@@ -154,15 +160,16 @@ def _train(state: RunState, iteration: int, key: str, model: nn.Module, tokenize
     ft: FinetuneConfig = state.cfg.finetune
     device = state.cfg.device
     keep = {name: masks.mask(name, device) for name in masks}
-    texts, drawn = finetune_corpus(state.cfg, tokenizer)
+    if state.finetune_corpus is None:  # tokenized once per process (seconds for a C4 shard)
+        state.finetune_corpus = finetune_corpus(state.cfg, tokenizer)
+    stream, corpus = state.finetune_corpus
     # Each iteration its own draw of windows (the seed moves with the iteration), from the same documents.
-    train_ids = finetune_windows(texts, tokenizer, ft.seqlen, n_tokens, exclude_docs=drawn,
-                                 seed=ft.seed * 1000 + iteration)
+    train_ids = draw_windows(stream, ft.seqlen, n_tokens, seed=ft.seed * 1000 + iteration)
     val_ids = _held_out_ids(state.cfg, tokenizer)
     resumed = _latest_train_state(state, iteration, key)
     if resumed is None:
         apply_masks_(model, masks)
-        before = {"ppl_before_finetune": _ppl_of(state, model, tokenizer)}
+        before = {"ppl_before_finetune": _ppl_before(state, iteration, model, tokenizer)}
     else:
         before = resumed[1]
     teacher = state.teacher() if ft.kd_weight > 0 or ft.hidden_weight > 0 else None
@@ -176,18 +183,18 @@ def _train(state: RunState, iteration: int, key: str, model: nn.Module, tokenize
         state.store.commit_step(uri, {"state.safetensors": tensors, "state.json": {"train": meta, "context": before}},
                                 {"step": train_state.step, "of": total_steps})
         _drop_train_states(state, iteration, key, keep=uri)  # one state at a time: each is weights plus Adam's
-        report_progress(f"iteration {iteration}: finetune (state committed)", train_state.step, total_steps)
         crash_point(f"step:iter-{iteration:03d}/finetune:state-{train_state.step}")  # tests only (tierprune.faults)
 
     result = finetune_model_(model, keep, train_ids, ft, teacher=teacher, val_ids=val_ids,
-                             state=resumed[0] if resumed else None, on_step=commit)
+                             state=resumed[0] if resumed else None, on_step=commit,
+                             on_progress=lambda done, total: report_progress(f"iteration {iteration}: finetune",
+                                                                             done, total))
     record.update(before, method=ft.method, tokens=result.tokens, steps=result.steps,
                   train_seconds=round(result.seconds, 3), stopped_early=result.stopped_early,
                   resumed_from_step=resumed[0].step if resumed else None,
                   first_loss=result.losses[0] if result.losses else None,
                   last_loss=result.losses[-1] if result.losses else None,
-                  val_losses=[list(v) for v in result.val_losses], corpus_documents=len(texts) - len(drawn),
-                  windows=int(train_ids.shape[0]))
+                  val_losses=[list(v) for v in result.val_losses], windows=int(train_ids.shape[0]), **corpus)
     if ft.method == "lora" or ft.train == "linears":
         return {f"{name}.weight" for name in named_linears(model)} | _biases(model)
     return {name for name, _ in model.named_parameters()}

@@ -64,6 +64,7 @@ class RunState:
         self._identity: dict | None = None
         self._teacher: nn.Module | None = None
         self.eval_ids: torch.Tensor | None = None  # (1, T) evaluation tokens, tokenized once per run state
+        self.finetune_corpus: tuple[torch.Tensor, dict] | None = None  # fine-tuning tokens (T,) and their summary
 
     @property
     def identity(self) -> dict:

@@ -33,7 +33,7 @@ from .prune import named_linears
 
 __all__ = [
     "FinetuneConfig", "FinetuneResult", "TrainState", "TeacherTopK",
-    "iteration_tokens", "finetune_windows", "calibration_doc_indices", "check_disjoint",
+    "iteration_tokens", "corpus_stream", "draw_windows", "finetune_windows", "calibration_doc_indices", "check_disjoint",
     "distillation_loss", "topk_distillation_loss", "hidden_state_loss", "teacher_topk_logits",
     "apply_masks_", "mask_gradients", "wrap_lora", "merge_lora_", "finetune_model_",
 ]
@@ -75,19 +75,8 @@ def calibration_doc_indices(texts: list[str], tokenizer, nsamples: int, seqlen: 
     return [i for i, text in enumerate(texts) if text in used]
 
 
-def finetune_windows(texts: list[str], tokenizer, seqlen: int, n_tokens: int, exclude_docs: Iterable[int] = (),
-                     seed: int = 0) -> torch.Tensor:
-    """(n_tokens // seqlen, seqlen) token ids from the documents not in exclude_docs.
-
-    The kept documents are tokenized in index order, joined with the EOS token (when the tokenizer
-    has one), cut into non-overlapping windows (remainder dropped), and drawn in a seeded random
-    order; a budget larger than the corpus takes further passes, each in a new order.
-    """
-    if n_tokens < 0:
-        raise TierpruneError(f"fine-tuning tokens must be >= 0, got {n_tokens}")
-    n_windows = n_tokens // seqlen
-    if n_windows == 0:
-        return torch.empty(0, seqlen, dtype=torch.long)
+def corpus_stream(texts: list[str], tokenizer, exclude_docs: Iterable[int] = ()) -> torch.Tensor:
+    """The documents not in exclude_docs, tokenized in index order and joined with the EOS token (if any): (T,)."""
     excluded = set(exclude_docs)
     kept = [t for i, t in enumerate(texts) if i not in excluded and t.strip()]
     if not kept:
@@ -98,7 +87,17 @@ def finetune_windows(texts: list[str], tokenizer, seqlen: int, n_tokens: int, ex
         pieces.append(tokenizer(text, return_tensors="pt").input_ids[0])
         if eos is not None:
             pieces.append(torch.tensor([eos]))
-    stream = torch.cat(pieces)
+    return torch.cat(pieces)
+
+
+def draw_windows(stream: torch.Tensor, seqlen: int, n_tokens: int, seed: int = 0) -> torch.Tensor:
+    """(n_tokens // seqlen, seqlen) non-overlapping windows of stream (remainder dropped), in a seeded random
+    order; a budget larger than the corpus takes further passes, each in a new order."""
+    if n_tokens < 0:
+        raise TierpruneError(f"fine-tuning tokens must be >= 0, got {n_tokens}")
+    n_windows = n_tokens // seqlen
+    if n_windows == 0:
+        return torch.empty(0, seqlen, dtype=torch.long)
     available = stream.numel() // seqlen
     if available == 0:
         raise TierpruneError(f"the fine-tuning corpus has {stream.numel()} tokens, fewer than one window of {seqlen}")
@@ -106,6 +105,14 @@ def finetune_windows(texts: list[str], tokenizer, seqlen: int, n_tokens: int, ex
     gen = torch.Generator().manual_seed(seed)
     order = torch.cat([torch.randperm(available, generator=gen) for _ in range(math.ceil(n_windows / available))])
     return windows[order[:n_windows]].contiguous()
+
+
+def finetune_windows(texts: list[str], tokenizer, seqlen: int, n_tokens: int, exclude_docs: Iterable[int] = (),
+                     seed: int = 0) -> torch.Tensor:
+    """(n_tokens // seqlen, seqlen) token ids from the documents not in exclude_docs (corpus_stream, draw_windows)."""
+    if n_tokens // seqlen <= 0:
+        return draw_windows(torch.empty(0, dtype=torch.long), seqlen, n_tokens, seed)
+    return draw_windows(corpus_stream(texts, tokenizer, exclude_docs), seqlen, n_tokens, seed)
 
 
 _WORD = re.compile(r"\w+")
@@ -502,7 +509,8 @@ def _step_loss(model: nn.Module, teacher: nn.Module | TeacherTopK | None, x: tor
 def finetune_model_(model: nn.Module, masks: dict[str, torch.Tensor], train_ids: torch.Tensor, cfg: FinetuneConfig, *,
                     teacher: nn.Module | TeacherTopK | None = None, val_ids: torch.Tensor | None = None,
                     state: TrainState | None = None,
-                    on_step: Callable[[TrainState], None] | None = None) -> FinetuneResult:
+                    on_step: Callable[[TrainState], None] | None = None,
+                    on_progress: Callable[[int, int], None] | None = None) -> FinetuneResult:
     """Fine-tune model in place on the windows train_ids (n, L), one pass, keeping every mask exact.
 
     masks: module name -> keep mask (out, in), bool. teacher: the dense model (logits on the fly) or
@@ -510,7 +518,8 @@ def finetune_model_(model: nn.Module, masks: dict[str, torch.Tensor], train_ids:
     or hidden_weight > 0. val_ids (m, L): held-out windows for the loss curve and early stopping.
     state: a TrainState from on_step to resume from; the model must then be as it was when this
     iteration's fine-tuning started (the state restores what training changed: the trained weights
-    or the LoRA adapters). on_step(state) is called every cfg.commit_every steps and after the last.
+    or the LoRA adapters). on_step(state) is called every cfg.commit_every steps and after the last;
+    on_progress(steps done, total steps) after every optimizer step.
     Early stopping ends the run; it does not roll back to the best evaluation.
     """
     started = time.perf_counter()
@@ -608,6 +617,8 @@ def finetune_model_(model: nn.Module, masks: dict[str, torch.Tensor], train_ids:
                 apply_masks_(model, masks)  # weight decay and bf16 rounding must not revive a pruned weight
             step += 1
             result.losses.append(step_loss)
+            if on_progress is not None:
+                on_progress(step, total_steps)
             if val_ids is not None and cfg.eval_every and step % cfg.eval_every == 0:
                 trained_model.eval()
                 val = _held_out_loss(trained_model, val_ids, micro, sixteen_bit)

@@ -89,7 +89,8 @@ def _kill_group(pgid: int) -> None:
 def killed_run(tmp_path_factory, tiny_llama_dir: Path, data_dir: Path) -> dict:
     tmp = tmp_path_factory.mktemp("reliability")
     common = ["run", "--plan", "schedules/plans/smoke.csv", "--run", RUN, "--model", str(tiny_llama_dir),
-              "--calib", f"c4:{data_dir / 'c4-subset'}", "--calib-samples", "4", "--calib-seqlen", "32"]
+              "--calib", f"c4:{data_dir / 'c4-subset'}", "--calib-samples", "4", "--calib-seqlen", "32",
+              "--ft-tokens", "2560", "--ft-seqlen", "32", "--ft-batch-size", "4"]
     out: dict = {"tmp": tmp}
 
     def start(args: list[str], log: Path, **extra: str) -> subprocess.Popen:

@@ -186,7 +186,9 @@ class Runner:
         """
         args = ["--plan", "schedules/plans/smoke.csv", "--store", str(store), "--run", RUN, "--model", str(self.model),
                 "--calib", f"c4:{self.data / 'c4-subset'}", "--calib-samples", "4", "--calib-seqlen", "32",
-                "--eval", f"wikitext2:{self.wikitext}", "--eval-seqlen", "32", "--eval-max-windows", "2"]
+                "--eval", f"wikitext2:{self.wikitext}", "--eval-seqlen", "32", "--eval-max-windows", "2",
+                # Two optimizer steps of distillation per iteration: the finetune step trains, as in a real run.
+                "--ft-tokens", "2560", "--ft-seqlen", "32", "--ft-batch-size", "4"]
         env = _env(home, crash_at, None if ephemeral else self.api_url)
         with open(log, "ab") as out:
             out.write(f"\n===== tierprune run (TIERPRUNE_CRASH_AT={crash_at})\n".encode())

@@ -253,6 +253,8 @@ def run(
     ft_warmup: float = typer.Option(0.0, help="warm-up as a fraction of an iteration's steps"),
     ft_train: str = typer.Option("linears", help="what full fine-tuning updates: linears | all_but_embeddings | all"),
     ft_commit_every: int = typer.Option(100, help="optimizer steps between committed training states (resume)"),
+    ft_eval_every: int = typer.Option(0, help="optimizer steps between held-out losses (WikiText-2 valid); 0 = ends"),
+    ft_patience: int = typer.Option(0, help="held-out losses without improvement before stopping; 0 = never"),
     kd_weight: float = typer.Option(1.0, help="distillation from the dense model: 0 = cross-entropy only, 1 = KD only"),
     lora_rank: int = typer.Option(16),
     lora_targets: str = typer.Option("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
@@ -266,7 +268,7 @@ def run(
         resume_from=resume_from, block_size=block_size, topk=topk, select=select, scope=scope, device=device,
         ft_method=ft_method, ft_data=ft_data, ft_tokens=ft_tokens, ft_seqlen=ft_seqlen, ft_batch_size=ft_batch_size,
         ft_lr=ft_lr, ft_grad_accum=ft_grad_accum, ft_schedule=ft_schedule, ft_warmup=ft_warmup, ft_train=ft_train,
-        ft_commit_every=ft_commit_every, kd_weight=kd_weight, lora_rank=lora_rank, lora_targets=lora_targets)
+        ft_commit_every=ft_commit_every, ft_eval_every=ft_eval_every, ft_patience=ft_patience, kd_weight=kd_weight, lora_rank=lora_rank, lora_targets=lora_targets)
     _progressive_run(cfg)
 
 

@@ -210,6 +210,27 @@ def parse_names(text: str, flag: str) -> tuple[str, ...]:
     return names
 
 
+# FinetuneConfig field -> the flag that sets it, so that a refused value names what the user typed.
+_FINETUNE_FLAGS = {
+    "method": "--ft-method", "data": "--ft-data", "tokens_per_epoch": "--ft-tokens", "seqlen": "--ft-seqlen",
+    "batch_size": "--ft-batch-size", "lr": "--ft-lr", "kd_weight": "--kd-weight", "lora_rank": "--lora-rank",
+    "lora_targets": "--lora-targets", "grad_accum": "--ft-grad-accum", "schedule": "--ft-schedule",
+    "warmup_fraction": "--ft-warmup", "train": "--ft-train", "commit_every": "--ft-commit-every",
+    "eval_every": "--ft-eval-every", "patience": "--ft-patience",
+}
+
+
+def _finetune_config(**fields) -> FinetuneConfig:
+    try:
+        return FinetuneConfig(**fields)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = err.get("loc", ())
+        flag = _FINETUNE_FLAGS.get(str(loc[0])) if loc else None
+        message = err.get("msg", str(exc)).removeprefix("Value error, ")
+        raise TierpruneError(f"{flag}: {message}" if flag else f"fine-tuning: {message}") from None
+
+
 def config_from_flags(
     *, model: str = "smollm2-135m", gguf_file: str | None = None, dtype: str = "auto",
     method: str = "wanda", pattern: str = "unstructured", sparsity: float = 0.5, block_size: int = 16,
@@ -222,7 +243,8 @@ def config_from_flags(
     ft_method: str = "full", ft_data: str | None = None, ft_tokens: int = 2_457_600, ft_seqlen: int = 512,
     ft_batch_size: int = 16, ft_lr: float = 1e-4, kd_weight: float = 1.0, lora_rank: int = 16,
     lora_targets: str = ",".join(LLAMA_LINEARS), ft_grad_accum: int = 1, ft_schedule: str = "constant",
-    ft_warmup: float = 0.0, ft_train: str = "linears", ft_commit_every: int = 100,
+    ft_warmup: float = 0.0, ft_train: str = "linears", ft_commit_every: int = 100, ft_eval_every: int = 0,
+    ft_patience: int = 0,
 ) -> TierpruneConfig:
     """The one mapping of the command-line flags (snake_case) to the config, for prune, run and the demo alike.
 
@@ -246,11 +268,12 @@ def config_from_flags(
             eval=EvalConfig(data=None if eval == "none" else (eval or default_data_spec("wikitext2")),
                             seqlen=eval_seqlen, max_windows=eval_max_windows, batch_size=eval_batch_size),
             run=RunConfig(plan=plan, store=store, name=run, resume_from=resume_from) if progressive else None,
-            finetune=FinetuneConfig(method=ft_method, data=ft_data, tokens_per_epoch=ft_tokens, seqlen=ft_seqlen,
-                                    batch_size=ft_batch_size, lr=ft_lr, kd_weight=kd_weight, lora_rank=lora_rank,
-                                    lora_targets=parse_names(lora_targets, "--lora-targets"),
-                                    grad_accum=ft_grad_accum, schedule=ft_schedule, warmup_fraction=ft_warmup,
-                                    train=ft_train, commit_every=ft_commit_every, seed=seed),
+            finetune=_finetune_config(method=ft_method, data=ft_data, tokens_per_epoch=ft_tokens, seqlen=ft_seqlen,
+                                      batch_size=ft_batch_size, lr=ft_lr, kd_weight=kd_weight, lora_rank=lora_rank,
+                                      lora_targets=parse_names(lora_targets, "--lora-targets"),
+                                      grad_accum=ft_grad_accum, schedule=ft_schedule, warmup_fraction=ft_warmup,
+                                      train=ft_train, commit_every=ft_commit_every, eval_every=ft_eval_every,
+                                      patience=ft_patience, seed=seed),
             device=device, offload=offload,
         )
     except ValidationError as exc:

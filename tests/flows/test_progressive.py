@@ -6,6 +6,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+import torch
 
 from tierprune.config import TierpruneConfig, config_from_flags
 from tierprune.errors import TierpruneError
@@ -115,3 +116,44 @@ def test_resume_with_a_tier_map_of_another_shape_is_refused(prefect_harness, tin
                   resume_from=f"{RunStore(mem_root, 'small').uri}/iter-002")
     with pytest.raises(TierpruneError, match="does not match the model"):
         progressive(cfg)
+
+
+def _checkpoint_tensors(store: RunStore, iteration: int) -> tuple[dict, dict]:
+    """(weights by name, keep masks by module) of iteration `iteration` as committed in the store."""
+    from tierprune.storage.checkpoints import load_checkpoint
+    from tierprune.tasks.demote import read_masks
+
+    rel = next(r for r in store.committed_steps() if r.startswith(f"iter-{iteration:03d}/iteration-"))
+    record = json.loads(store.read(f"{store.uri}/{rel}", "iteration.json"))
+    index = store.read_object(f"{store.uri}/{record['checkpoint']['rel']}", "checkpoint.json")
+    if "masks.safetensors" not in record["tiers"]["files"]:
+        return dict(load_checkpoint(store, index)), {}  # the dense start
+    masks = read_masks(store.read(f"{store.uri}/{record['tiers']['rel']}", "masks.safetensors"))
+    return dict(load_checkpoint(store, index)), {name: masks.mask(name) for name in masks}
+
+
+def test_lora_recovery_merges_into_exactly_the_tier_maps_sparsity(prefect_harness, tiny_llama_dir, data_dir,
+                                                                  mem_root, tmp_path):
+    from safetensors.torch import load_file
+
+    from tierprune.flows.progressive import progressive
+    from tierprune.tasks.export import export_run
+
+    cfg = _config(tiny_llama_dir, data_dir, mem_root, "lora", ft_method="lora", lora_rank=4, ft_lr=1e-2,
+                  lora_targets="q_proj,v_proj,down_proj")
+    rows = progressive(cfg)
+    assert all(r["ft tokens"] == 256 for r in rows[1:])
+    store = RunStore(mem_root, "lora")
+    for k in (1, 2, 3):
+        weights, masks = _checkpoint_tensors(store, k)
+        previous, _ = _checkpoint_tensors(store, k - 1)
+        for module, keep in masks.items():
+            W = weights[f"{module}.weight"]
+            assert int((W[~keep] != 0).sum()) == 0, (k, module)  # the merge added no non-zero anywhere
+            adapted = module.endswith(("q_proj", "v_proj", "down_proj"))
+            # LoRA moved the adapted weights (inside the mask) and left the others as masked before.
+            assert (not torch.equal(W, previous[f"{module}.weight"] * keep)) == adapted, (k, module)
+    exported = export_run(store, str(tmp_path / "out"))
+    weights = load_file(tmp_path / "out" / "model.safetensors")
+    _, masks = _checkpoint_tensors(store, exported["iteration"])
+    assert all(int((weights[f"{m}.weight"][~keep] != 0).sum()) == 0 for m, keep in masks.items())

@@ -1,0 +1,113 @@
+"""The recovery quality study: progressive vs one-shot three tiers, with the same fine-tuning budget.
+
+Every row is a real `tierprune run` (Prefect flow, run store, CLI) on SmolLM2-135M with the
+PROTOCOL's settings: calibration 128 × 2048 tokens of C4, WikiText-2 test at seqlen 2048, all windows.
+  progressive  the seed's 5-iteration plan (schedules/plans/llama2-5iter.csv), 1 epoch per iteration
+  one-shot     one iteration straight to 35/45/20 with 5 epochs: the same total fine-tuning tokens
+Rows run side by side (a 135M model leaves an H200 mostly idle), each in its own store and Prefect home;
+wall times are therefore those of shared runs. Prints one JSON line per row and a markdown table.
+
+    python benchmarks/quality_study.py --model PATH.gguf --data DATA_DIR --out OUT [--rows a,b] [--device cuda]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+PLANS = Path(__file__).resolve().parents[1] / "schedules" / "plans"
+ONE_SHOT = "iteration,dense,mid_2_4,topk,dense_to_2_4,mid_2_4_to_topk,epochs\n1,0.35,0.45,0.20,0.65,0.20,{epochs}\n"
+
+PROTOCOL = ["--calib-samples", "128", "--calib-seqlen", "2048", "--eval-seqlen", "2048", "--ft-seqlen", "512",
+            "--ft-batch-size", "16"]
+SMOKE = ["--calib-samples", "4", "--calib-seqlen", "32", "--eval-seqlen", "32", "--eval-max-windows", "2",
+         "--ft-seqlen", "32", "--ft-batch-size", "4"]  # --smoke: checks the script on a tiny model in minutes
+
+# name -> (plan, extra flags); every row trains --ft-tokens per plan epoch (5 epochs in all).
+ROWS = {
+    "progressive-kd": ("progressive", ["--ft-method", "full", "--kd-weight", "1.0"]),
+    "oneshot-kd": ("oneshot", ["--ft-method", "full", "--kd-weight", "1.0"]),
+    "progressive-ce": ("progressive", ["--ft-method", "full", "--kd-weight", "0"]),
+    "oneshot-ce": ("oneshot", ["--ft-method", "full", "--kd-weight", "0"]),
+    "progressive-lora-kd": ("progressive", ["--ft-method", "lora", "--kd-weight", "1.0", "--ft-lr", "1e-3"]),
+    "oneshot-lora-kd": ("oneshot", ["--ft-method", "lora", "--kd-weight", "1.0", "--ft-lr", "1e-3"]),
+    "progressive-kd-global": ("progressive", ["--ft-method", "full", "--kd-weight", "1.0", "--scope", "global"]),
+    "progressive-kd-k16": ("progressive", ["--ft-method", "full", "--kd-weight", "1.0", "--topk", "16"]),
+    "oneshot-none": ("oneshot", ["--ft-method", "none"]),
+}
+
+
+def run_row(name: str, args: argparse.Namespace) -> dict:
+    kind, extra = ROWS[name]
+    work = Path(args.out) / name
+    work.mkdir(parents=True, exist_ok=True)
+    if kind == "progressive":
+        plan = str(PLANS / "llama2-5iter.csv")
+    else:
+        plan = str(work / "oneshot.csv")
+        Path(plan).write_text(ONE_SHOT.format(epochs=5))
+    env = {**os.environ, "PREFECT_HOME": str(work / "prefect"), "COLUMNS": "200", "NO_COLOR": "1",
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    command = [sys.executable, "-m", "tierprune.cli", "run", "--plan", plan, "--store", str(work / "store"),
+               "--run", name, "--model", args.model, "--device", args.device,
+               "--calib", f"c4:{args.data}/c4-subset", "--eval", f"wikitext2:{args.data}/wikitext-2-raw",
+               "--ft-tokens", str(args.ft_tokens), "--ft-lr", str(args.lr), *(SMOKE if args.smoke else PROTOCOL), *extra]
+    started = time.perf_counter()
+    with open(work / "log.txt", "w") as log:
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+        try:
+            returncode = proc.wait(timeout=args.timeout)
+        except subprocess.TimeoutExpired:  # what finished by then is still in the store: report it
+            proc.kill()
+            returncode = f"killed after {args.timeout} s"
+    wall = time.perf_counter() - started
+    row = {"row": name, "returncode": returncode, "wall_s": round(wall, 1),
+           "command": " ".join(["tierprune", *command[3:]])}
+    shown = subprocess.run([sys.executable, "-m", "tierprune.cli", "runs", "show", str(work / "store" / name),
+                            "--json"], capture_output=True, text=True, env=env)
+    if shown.returncode == 0:
+        iterations = json.loads(shown.stdout)["iterations"]
+        last = iterations[-1]
+        row.update(dense_ppl=iterations[0]["ppl"], final_ppl=last["ppl"], sparsity=last["sparsity"],
+                   tokens=sum(it.get("finetune_tokens") or 0 for it in iterations),
+                   per_iteration=[(it["iteration"], it.get("ppl_before_finetune"), it["ppl"]) for it in iterations])
+    else:
+        row["error"] = (shown.stderr or "")[-400:]
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--data", required=True, help="folder with c4-subset/ and wikitext-2-raw/")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--rows", default=",".join(ROWS))
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--ft-tokens", type=int, default=2_457_600, help="per plan epoch (300 × 16 × 512)")
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--parallel", type=int, default=4)
+    parser.add_argument("--timeout", type=int, default=560)
+    parser.add_argument("--smoke", action="store_true", help="tiny settings, to check the script itself")
+    args = parser.parse_args()
+    names = [n.strip() for n in args.rows.split(",") if n.strip()]
+    unknown = sorted(set(names) - set(ROWS))
+    if unknown:
+        sys.exit(f"error: unknown rows {unknown}; known: {', '.join(ROWS)}")
+    results = []
+    with ThreadPoolExecutor(max_workers=args.parallel) as pool:
+        for row in pool.map(lambda n: run_row(n, args), names):
+            print(json.dumps(row), flush=True)
+            results.append(row)
+    print("\n| row | tokens | wall s | final ppl | sparsity | dense ppl |\n|---|---|---|---|---|---|")
+    for r in results:
+        print(f"| {r['row']} | {r.get('tokens', '')} | {r['wall_s']} | {r.get('final_ppl', 'failed')} | "
+              f"{r.get('sparsity', '')} | {r.get('dense_ppl', '')} |")
+
+
+if __name__ == "__main__":
+    main()

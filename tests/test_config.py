@@ -1,0 +1,35 @@
+"""The one flag mapping (config_from_flags): fine-tuning flags land in FinetuneConfig, bad values are one line."""
+from __future__ import annotations
+
+import pytest
+
+from tierprune.config import FinetuneConfig, config_from_flags
+from tierprune.errors import TierpruneError
+
+RUN = {"plan": "p.csv", "store": "s", "run": "r"}
+
+
+def test_fine_tuning_flags_map_onto_the_finetune_config():
+    cfg = config_from_flags(**RUN, ft_method="lora", ft_data="c4:/data", ft_tokens=4096, ft_seqlen=128,
+                            ft_batch_size=2, ft_lr=3e-4, kd_weight=0.25, lora_rank=8, lora_targets=" q_proj, v_proj ,",
+                            ft_schedule="cosine", ft_warmup=0.1, ft_eval_every=5, ft_patience=2, seed=7)
+    ft = cfg.finetune
+    assert (ft.method, ft.data, ft.tokens_per_epoch, ft.seqlen, ft.batch_size) == ("lora", "c4:/data", 4096, 128, 2)
+    assert (ft.lr, ft.kd_weight, ft.lora_rank, ft.lora_targets) == (3e-4, 0.25, 8, ("q_proj", "v_proj"))
+    assert (ft.schedule, ft.warmup_fraction, ft.eval_every, ft.patience, ft.seed) == ("cosine", 0.1, 5, 2, 7)
+    # The defaults a bare `tierprune run` gets: masked full fine-tuning, distillation only.
+    assert config_from_flags(**RUN).finetune == FinetuneConfig()
+    assert (FinetuneConfig().method, FinetuneConfig().kd_weight) == ("full", 1.0)
+
+
+@pytest.mark.parametrize("flags, fragment", [
+    ({"ft_method": "qlora"}, "--ft-method: Input should be 'none', 'full' or 'lora'"),
+    ({"kd_weight": 1.5}, "--kd-weight: .*less than or equal to 1"),
+    ({"lora_targets": " , "}, "--lora-targets needs at least one name"),
+    ({"ft_patience": 3}, "early stopping .*needs eval_every"),
+    ({"ft_lr": float("nan")}, "--ft-lr: .*finite"),
+])
+def test_bad_fine_tuning_flags_are_one_line(flags, fragment):
+    with pytest.raises(TierpruneError, match=fragment) as info:
+        config_from_flags(**RUN, **flags)
+    assert "\n" not in str(info.value)
