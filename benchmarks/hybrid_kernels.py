@@ -57,9 +57,11 @@ TINY_SHAPES = {"tiny 64x96": (64, 96), "tiny 48x208": (48, 208)}
 MIXES = {"90/10/0": (0.90, 0.10, 0.0), "35/45/20": (0.35, 0.45, 0.20)}
 PLACEMENTS = ("random", "clustered")
 E2E_MIX = ("35/45/20", "random")  # the end-to-end model's tiers; its decode configs come from these rows
-DECODE_CONFIGS = [(nb, split, 8 if nb == 16 else 4, 16) for nb in (4, 8, 16) for split in (1, 2, 4, 8)]
-GEMV_CONFIGS = [(nb, split, 4, 1) for nb in (4, 8, 16) for split in (1, 2, 4, 8)]  # one token, no tensor cores
-SKINNY_CONFIGS = [(nb, split, 4, tile) for tile in (32, 64) for nb in (2, 4, 8) for split in (1, 2, 4)]
+# (NB, SPLIT, num_warps, token tile, prefetch): see tierprune.kernels.triton.hybrid_mm.decode_config
+DECODE_CONFIGS = [(nb, split, 4, 16, prefetch) for nb in (4, 8) for split in (2, 4, 8) for prefetch in (False, True)]
+GEMV_CONFIGS = [(nb, split, 4, 1, prefetch) for nb in (4, 8, 16) for split in (2, 4, 8)  # one token, no tensor cores
+                for prefetch in (False, True)]
+SKINNY_CONFIGS = [(nb, split, 4, tile, False) for tile in (32, 64) for nb in (2, 4, 8) for split in (1, 2, 4)]
 
 
 # ---------------------------------------------------------------- weights
@@ -260,19 +262,19 @@ def bench_kernels(args, device: str, t0: float) -> list[dict]:
 def tune_decode(hws: list[HybridWeight], x: torch.Tensor, device: str, args) -> dict:
     """Time the streaming kernel over its configs (and, above 16 tokens, unpack + cuBLAS); the best wins.
 
-    A config is (NB, SPLIT, num_warps, token tile); token tile 0 stands for unpack + cuBLAS.
+    A config is (NB, SPLIT, num_warps, token tile, prefetch); token tile 0 stands for unpack + cuBLAS.
     """
     T = x.shape[0]
     if T == 1:
         configs = GEMV_CONFIGS + [c for c in DECODE_CONFIGS if c[0] <= 8]
     else:
-        configs = DECODE_CONFIGS if T <= DECODE_MAX_TOKENS else SKINNY_CONFIGS + [(0, 0, 0, 0)]
+        configs = DECODE_CONFIGS if T <= DECODE_MAX_TOKENS else SKINNY_CONFIGS + [(0, 0, 0, 0, False)]
     best = None
     for config in configs:
-        nb, split, warps, tile = config
+        nb, split, warps, tile, prefetch = config
         if tile:
-            make = lambda: [lambda h=h: hybrid_mm_decode(x, h, nb=nb, split=split, num_warps=warps, token_tile=tile)
-                            for h in hws]
+            make = lambda: [lambda h=h: hybrid_mm_decode(x, h, nb=nb, split=split, num_warps=warps, token_tile=tile,
+                                                         prefetch=prefetch) for h in hws]
         else:
             make = lambda: [lambda h=h: hybrid_mm_prefill(x, h) for h in hws]
         us, _ = try_measure(f"config {config}", make, device, args.inner, args.reps)

@@ -79,22 +79,33 @@ def load_checkpoint(store: RunStore, index: dict, names: list[str] | None = None
             yield from pool.map(get, names[start:start + 2 * _WORKERS])
 
 
-def save_pretrained_dir(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, uri: str) -> str:
-    """Save a transformers model (safetensors) and its tokenizer as a from_pretrained folder at uri."""
+def save_pretrained_dir(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, uri: str, *,
+                        weights: bool = True) -> str:
+    """Save a transformers model (safetensors) and its tokenizer as a from_pretrained folder at uri.
+
+    weights=False writes only the config (and generation config) and the tokenizer: a packed model's folder.
+    """
     fs, path = url_to_fs(uri)
     if fs.isfile(path):
         raise TierpruneError(f"cannot save a model folder at {uri}: it is a file")
     if isinstance(fs, LocalFileSystem):
-        _save_pretrained_local(model, tokenizer, path)
+        _save_pretrained_local(model, tokenizer, path, weights)
         return uri
     with tempfile.TemporaryDirectory() as tmp:
-        _save_pretrained_local(model, tokenizer, tmp)
+        _save_pretrained_local(model, tokenizer, tmp, weights)
         # The trailing separator copies the folder's contents into path, whether path exists or not.
         fs.put(tmp + os.sep, path, recursive=True)
     return uri
 
 
-def _save_pretrained_local(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, directory: str) -> None:
-    # transformers 5 always writes safetensors; safe_serialization is gone from its signature.
-    model.save_pretrained(directory)
+def _save_pretrained_local(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, directory: str,
+                           weights: bool) -> None:
+    if weights:
+        # transformers 5 always writes safetensors; safe_serialization is gone from its signature.
+        model.save_pretrained(directory)
+    else:
+        os.makedirs(directory, exist_ok=True)
+        model.config.save_pretrained(directory)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(directory)
     tokenizer.save_pretrained(directory)

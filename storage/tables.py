@@ -15,7 +15,7 @@ from fsspec.core import url_to_fs
 from tierprune.errors import TierpruneError
 from tierprune.lifecycle import cleanup_on_termination
 
-__all__ = ["save_table", "load_table", "save_file", "read_text"]
+__all__ = ["save_table", "load_table", "save_file", "load_file", "file_exists", "read_text"]
 
 # pyarrow's DNF filters: [("col", "op", value), ...] (AND) or a list of such lists (OR of ANDs).
 Filters = list[tuple[str, str, Any]] | list[list[tuple[str, str, Any]]]
@@ -72,6 +72,22 @@ def save_file(value: Any, uri: str) -> str:
     with _atomic_open(uri) as f:
         f.write(data)
     return uri
+
+
+def load_file(uri: str) -> Any:
+    """What save_file wrote at uri (decoded by its extension, see formats.decode); TierpruneError if missing."""
+    from .formats import decode
+
+    fs, path = url_to_fs(uri)
+    if not fs.isfile(path):
+        raise TierpruneError(f"no file at {uri}")
+    return decode(posixpath.basename(uri), fs.cat_file(path))
+
+
+def file_exists(uri: str) -> bool:
+    """Whether uri names an existing file (not a folder), on any fsspec filesystem."""
+    fs, path = url_to_fs(uri)
+    return fs.isfile(path)
 
 
 def read_text(uri: str) -> str:

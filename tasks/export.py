@@ -7,7 +7,11 @@ the tier map: at most 2 non-zeros in every group of 4 of a 2:4 block, at most k 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import pandas as pd
 import torch
+from torch import nn
 
 from tierprune.adapters import weight_view
 from tierprune.config import TierpruneConfig
@@ -25,11 +29,25 @@ from .run_state import model_tensors
 from .runs import run_summary
 from .tier_tables import tier_maps_from_table
 
-__all__ = ["export_run"]
+__all__ = ["LoadedIteration", "load_iteration", "export_run"]
 
 
-def export_run(store: RunStore, output: str, iteration: int | None = None) -> dict:
-    """Write iteration `iteration` (default: the last finished) of a run to `output`; returns what was written."""
+@dataclass
+class LoadedIteration:
+    """One finished iteration of a run, loaded on the CPU: the model with its stored masks applied."""
+
+    model: nn.Module
+    tokenizer: object
+    tier_table: pd.DataFrame
+    masks_bytes: bytes | None
+    row: dict  # the iteration's run_summary row
+    dtype: str
+    block_size: int
+    topk: int
+
+
+def load_iteration(store: RunStore, iteration: int | None = None) -> LoadedIteration:
+    """Iteration `iteration` (default: the last finished) of a run; refuses weights that break the tier map."""
     rows = run_summary(store)
     if not rows:
         raise TierpruneError(f"run {store.uri} has no finished iteration to export")
@@ -64,9 +82,17 @@ def export_run(store: RunStore, output: str, iteration: int | None = None) -> di
         if groups or blocks:
             raise TierpruneError(f"{name} does not obey its tier map ({groups} 2:4 groups, {blocks} TopK blocks "
                                  "over their budget): the run's masks are damaged")
-    save_pretrained_dir(loaded.model, loaded.tokenizer, output)
-    save_file(tier_table, f"{output.rstrip('/')}/tier_maps.parquet")
-    if masks_bytes is not None:
-        save_file(masks_bytes, f"{output.rstrip('/')}/masks.safetensors")
+    return LoadedIteration(loaded.model, loaded.tokenizer, tier_table, masks_bytes, row, dtype,
+                           prune.block_size, prune.topk)
+
+
+def export_run(store: RunStore, output: str, iteration: int | None = None) -> dict:
+    """Write iteration `iteration` (default: the last finished) of a run to `output`; returns what was written."""
+    it = load_iteration(store, iteration)
+    save_pretrained_dir(it.model, it.tokenizer, output)
+    save_file(it.tier_table, f"{output.rstrip('/')}/tier_maps.parquet")
+    if it.masks_bytes is not None:
+        save_file(it.masks_bytes, f"{output.rstrip('/')}/masks.safetensors")
+    row = it.row
     return {"iteration": row["iteration"], "output": output, "ppl": row["ppl"], "sparsity": row["sparsity"],
-            "tiers": row["tiers"], "dtype": dtype}
+            "tiers": row["tiers"], "dtype": it.dtype}

@@ -428,6 +428,28 @@ def serve(
     prefect_serve(*served, limit=limit)
 
 
+@app.command()
+def convert(source: str = typer.Argument(..., help="STORE/RUN, or a folder written by `tierprune runs export`"),
+            output: str = typer.Option(..., help="folder to write: config, tokenizer, hybrid.safetensors, hybrid.json"),
+            iteration: Optional[int] = typer.Option(None, help="which finished iteration of a run [default: the last]"),
+            topk: Optional[int] = typer.Option(None, help="weights per TopK block [default: the run's; for an export "
+                                                          "folder, the most non-zeros of any TopK block]"),
+            dense: bool = typer.Option(False, "--dense", help="also write model.safetensors (dense, zeros where "
+                                                              "pruned) so that plain transformers loads the folder")) -> None:
+    """Pack a pruned model's linears in the hybrid Dense / 2:4 / TopK format (HybridLinear layers)."""
+    from tierprune.tasks.convert import convert as convert_model
+
+    if "://" not in output and Path(output).is_file():
+        raise TierpruneError(f"--output {output} is a file; give a folder")
+    done = convert_model(source, output, iteration, topk=topk, dense=dense)
+    mib = 2 ** 20
+    which = "" if done["iteration"] is None else f" (iteration {done['iteration']})"
+    console.print(f"converted {done['modules']} linears of {source}{which} to {output}: packed "
+                  f"{done['packed_bytes'] / mib:.2f} MiB vs dense {done['dense_bytes'] / mib:.2f} MiB "
+                  f"({done['packed_bytes'] / max(done['dense_bytes'], 1):.3f}x; {done['block_size']}x"
+                  f"{done['block_size']} blocks, topk {done['topk']}, {done['dtype']})", highlight=False, soft_wrap=True)
+
+
 def default_prefect_home(environ: dict[str, str], cwd: Path) -> str | None:
     """Where Prefect keeps its state for the CLI, unless the environment or a project's config says where.
 

@@ -33,13 +33,12 @@ def _pow2_at_least(n: int, floor: int = 1) -> int:
     return max(floor, 1 << (max(n, 1) - 1).bit_length())
 
 
-def _nonempty(t: torch.Tensor) -> torch.Tensor:
-    # A tier with no blocks still passes a pointer; one element keeps every launcher happy.
-    return t if t.numel() else t.new_zeros(1)
-
-
 def _packed_args(hw: HybridWeight) -> list[torch.Tensor]:
-    return [_nonempty(t) for t in hw.tensors().values()]
+    # A tier with no blocks still passes a pointer, never read (its row pointers are all zero). A view of a
+    # row-pointer array (never empty) stands in: allocating one element per call would launch a fill kernel
+    # for every empty buffer, three extra kernels per matrix at 90/10/0.
+    stand_in = hw.dense_row_ptr
+    return [t if t.numel() else stand_in.view(t.dtype)[:1] for t in hw.tensors().values()]
 
 
 def _check(hw: HybridWeight) -> None:
@@ -48,40 +47,52 @@ def _check(hw: HybridWeight) -> None:
         assert t.is_contiguous(), f"{name} is not contiguous"
 
 
-# (NB blocks per step, SPLIT programs per block-row, num_warps, token tile). Token tile 1 is the GEMV
+# (NB blocks per step, SPLIT programs per block-row, num_warps, token tile, prefetch). Token tile 1 is a GEMV
 # kernel (one token, no tensor cores); 0 sends the op to unpack + cuBLAS (a tuning result may find that
-# faster for a short prefill).
-DecodeConfig = tuple[int, int, int, int]
+# faster for a short prefill). prefetch: the `*_prefetch_kernel`s, which issue each step's loads a step ahead.
+# SPLIT > 1: the prefetching kernels sum the splits' partials in a workspace (the last split of a
+# block-row adds them); the others add into a zeroed fp32 output with atomics, two kernels more (zero, cast).
+DecodeConfig = tuple[int, int, int, int, bool]
 _TUNED_DECODE: dict[tuple[int, int, int], DecodeConfig] = {}
 
 
-def set_decode_config(shape: tuple[int, int], tokens: int, config: DecodeConfig) -> None:
-    """Use `config` for weights of `shape` (out, in) at `tokens` tokens (a benchmark's tuning result)."""
-    _TUNED_DECODE[(shape[0], shape[1], tokens)] = tuple(config)
+def set_decode_config(shape: tuple[int, int], tokens: int, config: tuple) -> None:
+    """Use `config` for weights of `shape` (out, in) at `tokens` tokens (a benchmark's tuning result).
+
+    A 4-tuple (without `prefetch`) means the GEMV kernel without prefetching.
+    """
+    config = tuple(config)
+    _TUNED_DECODE[(shape[0], shape[1], tokens)] = (*config, False) if len(config) == 4 else config
 
 
 def decode_config(hw: HybridWeight, tokens: int = 1, num_sms: int = 132) -> DecodeConfig:
-    """(NB, SPLIT, num_warps, token tile) for the decode kernel: a tuned entry if set, else a heuristic.
+    """(NB, SPLIT, num_warps, token tile, prefetch) for the decode kernels: a tuned entry if set, else a heuristic.
 
-    Split a block-row across programs until the grid covers every SM about four times: a 4096-row
-    matrix has only 256 block-rows, too few programs to keep enough bytes in flight.
+    From benchmarks/decode_sweep.py on an H200 (README): at one token the prefetching GEMV, with 4 blocks per
+    step, 8 splits per block-row and 2 warps, is the fastest config for 4096-row matrices (256 block-rows,
+    too few programs alone) and for any matrix that is mostly 2:4 and TopK; a mostly dense matrix with
+    enough block-rows does best with one program per block-row. From 2 tokens, the tile kernel without
+    prefetching, split until the grid covers every SM about four times.
     """
     tuned = _TUNED_DECODE.get((hw.shape[0], hw.shape[1], tokens))
     if tuned is not None:
         return tuned
     nbr = len(hw.dense_row_ptr) - 1
+    counts = hw.tier_counts()
+    per_row = max(1, sum(counts) // max(nbr, 1))
+    if tokens == 1:  # the GEMV kernel: no tensor-core tiles to rebuild, fewer instructions per byte
+        if nbr >= 4 * num_sms and counts[0] >= sum(counts) / 2:
+            return 8, 1, 4, 1, True
+        return 4, _pow2_at_least(max(1, min(8, per_row // 16))), 2, 1, True
     token_tile = min(64, _pow2_at_least(tokens, 16))  # tl.dot needs 16; x tiles beyond 64 crowd the SM
     tiles = -(-tokens // token_tile)
-    per_row = max(1, sum(hw.tier_counts()) // max(nbr, 1))
-    split = max(1, min(-(-4 * num_sms // max(nbr * tiles, 1)), per_row // 32))
-    nb = 8 if token_tile <= 16 else 4
-    if tokens == 1:
-        token_tile = 1  # the GEMV kernel: no tensor-core tiles to rebuild, so fewer instructions per byte
-    return nb, _pow2_at_least(split), 4, token_tile
+    split = _pow2_at_least(max(1, min(-(-4 * num_sms // max(nbr * tiles, 1)), per_row // 32)))
+    return (8 if token_tile <= 16 else 4), split, 4, token_tile, False
 
 
 def hybrid_mm_decode(x: torch.Tensor, hw: HybridWeight, *, nb: int | None = None, split: int | None = None,
-                     num_warps: int | None = None, token_tile: int | None = None) -> torch.Tensor:
+                     num_warps: int | None = None, token_tile: int | None = None,
+                     prefetch: bool | None = None) -> torch.Tensor:
     """x (T, in) @ W.T -> (T, out) streaming the packed weight: every byte read once per token tile.
 
     Meant for decode and short prefills (T <= SKINNY_MAX_TOKENS); longer inputs go to hybrid_mm_prefill.
@@ -97,30 +108,65 @@ def hybrid_mm_decode(x: torch.Tensor, hw: HybridWeight, *, nb: int | None = None
     default = decode_config(hw, T, _num_sms(x.device))
     nb, split = nb or default[0], split or default[1]
     num_warps, token_tile = num_warps or default[2], token_tile or default[3]
+    prefetch = default[4] if prefetch is None else prefetch
     assert token_tile == 1 or (token_tile >= 16 and token_tile & (token_tile - 1) == 0), \
         f"token tile {token_tile}: 1 (the GEMV kernel, one token) or a power of 2 >= 16"
+    kp = _pow2_at_least(hw.topk)
+    tiles = -(-T // token_tile)
+    if prefetch:  # one kernel: splits meet in a workspace, the last one of a tile writes the output
+        out = x.new_empty(T, n_out)
+        ws = torch.empty(split if split > 1 else 0, T, n_out, dtype=torch.float32, device=x.device)
+        cnt = _split_counters(x.device, nbr * tiles) if split > 1 else out
+        args = (x, out, ws if split > 1 else out, cnt, *_packed_args(hw))
+        if token_tile == 1:
+            assert T == 1, f"the GEMV kernel (token tile 1) takes one token, got {T}"
+            K._hybrid_gemv_prefetch_kernel[(nbr, split)](*args, n_out, k_in, TOPK=hw.topk, KP=kp, NB=nb,
+                                                         SPLIT=split, num_warps=num_warps)
+        else:
+            K._hybrid_decode_prefetch_kernel[(nbr, split, tiles)](
+                *args, T, n_out, k_in, x.stride(0), out.stride(0), TOPK=hw.topk, KP=kp, NB=nb, TP=token_tile,
+                SPLIT=split, UPCAST=x.dtype == torch.bfloat16 and _interpreting(), num_warps=num_warps)
+        return out
     atomic = split > 1
+    out = torch.zeros(T, n_out, dtype=torch.float32, device=x.device) if atomic else x.new_empty(T, n_out)
     if token_tile == 1:
         assert T == 1, f"the GEMV kernel (token tile 1) takes one token, got {T}"
-        out = torch.zeros(1, n_out, dtype=torch.float32, device=x.device) if atomic else x.new_empty(1, n_out)
         K._hybrid_gemv_kernel[(nbr, split)](
-            x, out, *_packed_args(hw), n_out, k_in,
-            TOPK=hw.topk, KP=_pow2_at_least(hw.topk), NB=nb, SPLIT=split, ATOMIC=atomic, num_warps=num_warps,
+            x, out, *_packed_args(hw), n_out, k_in, TOPK=hw.topk, KP=kp, NB=nb, SPLIT=split, ATOMIC=atomic,
+            num_warps=num_warps,
         )
-        return out.to(x.dtype) if atomic else out
-    out = torch.zeros(T, n_out, dtype=torch.float32, device=x.device) if atomic else x.new_empty(T, n_out)
-    K._hybrid_decode_kernel[(nbr, split, -(-T // token_tile))](
-        x, out, *_packed_args(hw), T, n_out, k_in, x.stride(0), out.stride(0),
-        TOPK=hw.topk, KP=_pow2_at_least(hw.topk), NB=nb, TP=token_tile, SPLIT=split, ATOMIC=atomic,
-        UPCAST=x.dtype == torch.bfloat16 and _interpreting(), num_warps=num_warps,
-    )
+    else:
+        K._hybrid_decode_kernel[(nbr, split, tiles)](
+            x, out, *_packed_args(hw), T, n_out, k_in, x.stride(0), out.stride(0), TOPK=hw.topk, KP=kp, NB=nb,
+            TP=token_tile, SPLIT=split, ATOMIC=atomic, UPCAST=x.dtype == torch.bfloat16 and _interpreting(),
+            num_warps=num_warps,
+        )
     return out.to(x.dtype) if atomic else out
+
+
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def _split_counters(device: torch.device, n: int) -> torch.Tensor:
+    """n zeroed int32 counters for the split reduction, kept per device: each launch leaves them at zero.
+
+    Kernels on one stream run one after another, so they can share them; the first call allocates (and
+    zeroes) them, so call once before capturing a CUDA graph on another stream.
+    """
+    counters = _COUNTERS.get(device)
+    if counters is None or counters.numel() < n:
+        counters = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+        _COUNTERS[device] = counters
+    return counters
 
 
 def hybrid_unpack(hw: HybridWeight, *, nb: int = 4, split: int | None = None, num_warps: int = 4) -> torch.Tensor:
     """The dense weight (out, in) written by the unpack kernel (the prefill workspace)."""
     _check(hw)
-    split = split or decode_config(hw, 1, _num_sms(hw.device))[1]
+    if split is None:  # cover every SM about four times: unpacking writes the dense bytes, it needs the programs
+        nbr = len(hw.dense_row_ptr) - 1
+        per_row = max(1, sum(hw.tier_counts()) // max(nbr, 1))
+        split = _pow2_at_least(max(1, min(-(-4 * _num_sms(hw.device) // max(nbr, 1)), per_row // 32)))
     K = _kernels()
     n_out, k_in = hw.shape
     nbr = len(hw.dense_row_ptr) - 1

@@ -60,19 +60,21 @@ def test_kernels_run_interpreted_without_cuda() -> None:
 @pytest.mark.parametrize("tokens", [1, 7, DECODE_MAX_TOKENS, 40])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_decode_matches_reference(shape, dtype, tokens, split) -> None:
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_decode_matches_reference(shape, dtype, tokens, split, prefetch) -> None:
     W, hw, g = _case(shape, dtype, seed=tokens + split)
     x = torch.randn(tokens, shape[1], generator=g).to(dtype)
-    got = hybrid_mm_decode(x.to(KERNEL_DEVICE), hw, split=split)
+    got = hybrid_mm_decode(x.to(KERNEL_DEVICE), hw, split=split, prefetch=prefetch)
     assert got.shape == (tokens, shape[0]) and got.dtype == dtype
     _close(got, _expected(x, W), dtype)
 
 
+@pytest.mark.parametrize("prefetch", [False, True])
 @pytest.mark.parametrize("nb", [1, 2, 8])
-def test_decode_block_steps(nb) -> None:
+def test_decode_block_steps(nb, prefetch) -> None:
     W, hw, g = _case((32, 208), torch.float16, seed=nb)
     x = torch.randn(3, 208, generator=g).to(torch.float16)
-    _close(hybrid_mm_decode(x.to(KERNEL_DEVICE), hw, nb=nb), _expected(x, W), torch.float16)
+    _close(hybrid_mm_decode(x.to(KERNEL_DEVICE), hw, nb=nb, prefetch=prefetch), _expected(x, W), torch.float16)
 
 
 @pytest.mark.parametrize("tokens, token_tile", [(1, 16), (1, 1), (40, 16), (33, 32), (64, 64), (70, 32)])
@@ -86,25 +88,42 @@ def test_decode_token_tiles(tokens, token_tile) -> None:
 @pytest.mark.parametrize("split", [1, 3])
 @pytest.mark.parametrize("nb", [1, 4, 16])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_gemv_matches_reference(shape, nb, split) -> None:
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_gemv_matches_reference(shape, nb, split, prefetch) -> None:
     W, hw, g = _case(shape, torch.bfloat16, seed=nb + split)
     x = torch.randn(1, shape[1], generator=g).to(torch.bfloat16)
-    got = hybrid_mm_decode(x.to(KERNEL_DEVICE), hw, nb=nb, split=split, token_tile=1)
+    got = hybrid_mm_decode(x.to(KERNEL_DEVICE), hw, nb=nb, split=split, token_tile=1, prefetch=prefetch)
     assert got.shape == (1, shape[0]) and got.dtype == torch.bfloat16
     _close(got, _expected(x, W), torch.bfloat16)
     with pytest.raises(AssertionError, match="one token"):
         hybrid_mm_decode(torch.cat([x, x]).to(KERNEL_DEVICE), hw, token_tile=1)
 
 
+@pytest.mark.parametrize("prefetch", [False, True])
 @pytest.mark.parametrize("tokens", [1, 2])
 @pytest.mark.parametrize("tier", [DENSE, NM_2_4, TOPK])
-def test_decode_single_tier(tier, tokens) -> None:
+def test_decode_single_tier(tier, tokens, prefetch) -> None:
+    """Two tiers empty: their buffers are empty tensors, which the launcher stands in for without a kernel."""
     probs = [1e-9, 1e-9, 1e-9]
     probs[tier] = 1.0
     W, hw, g = _case((32, 64), torch.bfloat16, seed=tier, probs=tuple(probs))
     assert hw.tier_counts()[tier] == 8
     x = torch.randn(tokens, 64, generator=g).to(torch.bfloat16)
-    _close(hybrid_mm_decode(x.to(KERNEL_DEVICE), hw), _expected(x, W), torch.bfloat16)
+    _close(hybrid_mm_decode(x.to(KERNEL_DEVICE), hw, prefetch=prefetch), _expected(x, W), torch.bfloat16)
+
+
+def test_empty_tiers_launch_nothing_extra() -> None:
+    """An empty tier's buffers are stood in for by a view of a row-pointer array: no tensor (and no fill kernel)
+    made per call, which at 90/10/0 (no TopK blocks) was three kernels more per matrix."""
+    from tierprune.kernels.triton.hybrid_mm import _packed_args
+
+    W, hw, _ = _case((32, 64), torch.bfloat16, seed=4, probs=(0.9, 0.1, 1e-9))
+    assert hw.tier_counts()[2] == 0
+    args = dict(zip(hw.tensors(), _packed_args(hw)))
+    for name in ("topk_values", "topk_pos", "topk_cols"):
+        assert args[name].numel() >= 1 and args[name].dtype == getattr(hw, name).dtype
+        assert args[name].data_ptr() == hw.dense_row_ptr.data_ptr(), name
+    assert args["dense_values"] is hw.dense_values  # non-empty buffers pass as they are
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
@@ -198,6 +217,25 @@ for dtype, atomic, tp in [("bf16", True, 16), ("bf16", False, 16), ("fp16", Fals
                            target=target, options={"num_warps": 4})
         report[f"gemv-{dtype}-{atomic}"] = {"cubin": len(k.asm["cubin"]),
                                             "async_copies": k.asm["ttgir"].count("ttg.async_copy_global_to_local")}
+for dtype, atomic in [("bf16", False), ("bf16", True), ("fp16", False)]:  # atomic: here, SPLIT 2 (a workspace)
+    packed = {name: t.format(w=dtype) for name, t in PACKED.items()}
+    out = "*" + dtype
+    consts = dict(TOPK=10, KP=16, NB=8, TP=16, SPLIT=2 if atomic else 1, UPCAST=False)
+    sig = {"x_ptr": "*" + dtype, "out_ptr": out, "ws_ptr": "*fp32", "cnt_ptr": "*i32", **packed,
+           **{n: "i32" for n in ("T", "N_OUT", "K_IN", "stride_xt", "stride_ot")}, **{n: "constexpr" for n in consts}}
+    k = triton.compile(ASTSource(fn=K._hybrid_decode_prefetch_kernel, signature=sig, constexprs=consts,
+                                 attrs=aligned(sig)), target=target, options={"num_warps": 4})
+    report[f"prefetch-decode-{dtype}-{atomic}-16"] = {"mma": k.asm["ptx"].count("mma.sync"),
+                                                      "cubin": len(k.asm["cubin"])}
+    consts = dict(TOPK=10, KP=16, NB=16, SPLIT=2 if atomic else 1)
+    sig = {"x_ptr": "*" + dtype, "out_ptr": out, "ws_ptr": "*fp32", "cnt_ptr": "*i32", **packed,
+           **{n: "i32" for n in ("N_OUT", "K_IN")},
+           **{n: "constexpr" for n in consts}}
+    k = triton.compile(ASTSource(fn=K._hybrid_gemv_prefetch_kernel, signature=sig, constexprs=consts,
+                                 attrs=aligned(sig)), target=target, options={"num_warps": 8})
+    report[f"prefetch-gemv-{dtype}-{atomic}"] = {"cubin": len(k.asm["cubin"])}
+for dtype in ("bf16", "fp16"):
+    packed = {name: t.format(w=dtype) for name, t in PACKED.items()}
     consts = dict(TOPK=10, KP=16, NB=4, SPLIT=1)
     sig = {"w_ptr": "*" + dtype, **packed, **{n: "i32" for n in ("N_OUT", "K_IN", "stride_w")},
            **{n: "constexpr" for n in consts}}
@@ -216,10 +254,14 @@ def test_kernels_compile_for_hopper() -> None:
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     expected = {"decode-bf16-True-16", "decode-bf16-False-16", "decode-fp16-False-16", "decode-bf16-True-64",
-                "gemv-bf16-True", "gemv-bf16-False", "gemv-fp16-False", "unpack-bf16", "unpack-fp16"}
+                "gemv-bf16-True", "gemv-bf16-False", "gemv-fp16-False", "unpack-bf16", "unpack-fp16",
+                "prefetch-decode-bf16-False-16", "prefetch-decode-bf16-True-16", "prefetch-decode-fp16-False-16",
+                "prefetch-gemv-bf16-False", "prefetch-gemv-bf16-True", "prefetch-gemv-fp16-False"}
     assert set(report) == expected, report
     for name, item in report.items():
         assert item["cubin"] > 0, name
+        if "decode" in name:
+            assert item["mma"] > 0, (name, item)
         if name.startswith("decode"):
             assert item["mma"] > 0, (name, item)  # the tile products run on the tensor cores
             # The software pipeliner prefetches the dense tile, the 2:4 values and x with async copies
@@ -232,11 +274,11 @@ def test_tuned_configs_override_the_heuristic(monkeypatch) -> None:
 
     monkeypatch.setattr(module, "_TUNED_DECODE", {})
     W, hw, g = _case((40, 52), torch.bfloat16, seed=16)
-    nb, split, warps, tile = module.decode_config(hw, 5)
+    nb, split, warps, tile, prefetch = module.decode_config(hw, 5)
     assert tile == 16 and split >= 1 and nb in (4, 8)
     assert module.decode_config(hw, 1)[3] == 1  # one token: the GEMV kernel
     assert module.decode_config(hw, 40)[3] == 64  # one token tile of 64 for a short prefill
     module.set_decode_config((40, 52), 5, (2, 1, 4, 0))  # token tile 0: unpack + cuBLAS wins at 5 tokens
-    assert module.decode_config(hw, 5) == (2, 1, 4, 0)
+    assert module.decode_config(hw, 5) == (2, 1, 4, 0, False)  # a 4-tuple: the per-tier loops
     x = torch.randn(5, 52, generator=g).to(torch.bfloat16)
     _close(hybrid_mm(x.to(KERNEL_DEVICE), hw), _expected(x, W), torch.bfloat16)

@@ -1,0 +1,110 @@
+"""Sweep of the decode kernels' configurations at 1-16 tokens on the GPU: which kernel and config is fastest.
+
+A narrower companion of hybrid_kernels.py (same weights, same timing: CUDA graphs over rotated weight copies,
+CUDA events, medians) for finding why decode is far from bandwidth. Each case prints cuBLAS, then every
+config as (NB, SPLIT, num_warps, token tile, prefetch) with its time and ratio, and the effective bandwidth of
+the best (packed bytes + x + out over time). Imports only tierprune.kernels (no prefect, no transformers).
+
+    python benchmarks/decode_sweep.py --shapes qkvo up down --tokens 1 16 --mixes 35/45/20 90/10/0
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import zlib
+
+import torch
+import torch.nn.functional as F
+
+from tierprune.kernels.hybrid import pack_hybrid
+from tierprune.kernels.triton.hybrid_mm import hybrid_mm, hybrid_mm_decode
+
+from hybrid_kernels import BS, MIXES, SHAPES, TOPK_K, clone_hybrid, copies_needed, make_tier_map, measure_us, pruned_weight
+
+GEMV = [(8, 4, 4, 1, True), (8, 8, 4, 1, True), (16, 4, 4, 1, True), (4, 8, 4, 1, True), (8, 2, 4, 1, True),
+        (8, 16, 4, 1, True), (4, 8, 2, 1, True), (8, 4, 4, 1, False), (8, 8, 4, 1, False), (16, 4, 4, 1, False)]
+TILES = [(8, 4, 4, 16, True), (8, 2, 4, 16, True), (4, 4, 4, 16, True), (8, 8, 4, 16, True),
+         (8, 4, 4, 16, False), (4, 2, 4, 16, False), (8, 2, 4, 16, False), (8, 8, 4, 16, False)]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--shapes", nargs="*", default=["qkvo", "up", "down"])
+    p.add_argument("--tokens", type=int, nargs="*", default=[1, 16])
+    p.add_argument("--mixes", nargs="*", default=["35/45/20", "90/10/0"])
+    p.add_argument("--placements", nargs="*", default=["random"])
+    p.add_argument("--e2e-layers", type=int, default=0, help="then decode end to end (hybrid_kernels.py's model) "
+                                                              "with the best 35/45/20 random configs; 0: skip")
+    p.add_argument("--inner", type=int, default=20)
+    p.add_argument("--reps", type=int, default=15)
+    p.add_argument("--budget-s", type=float, default=150)
+    args = p.parse_args()
+    device = "cuda"
+    t0 = time.perf_counter()
+    print(f"{torch.cuda.get_device_name()} torch {torch.__version__}", flush=True)
+    rows = []
+    for shape_name, shape in SHAPES.items():
+        if shape_name.split()[0] not in args.shapes:
+            continue
+        dense = None
+        for mix_name, placement in [(m, pl) for pl in args.placements for m in args.mixes]:
+            g = torch.Generator().manual_seed(zlib.crc32(f"{shape} {mix_name} {placement}".encode()))
+            tier_map = make_tier_map(shape, MIXES[mix_name], placement, g)
+            W = pruned_weight(shape, tier_map, device, seed=1)
+            hw = pack_hybrid(W, tier_map.to(device), block_size=BS, topk=TOPK_K)
+            hws = [hw] + [clone_hybrid(hw) for _ in range(copies_needed(hw.nbytes, device) - 1)]
+            if dense is None:
+                dense = [W.clone() for _ in range(copies_needed(W.numel() * 2, device))]
+            for T in args.tokens:
+                if time.perf_counter() - t0 > args.budget_s:
+                    print("budget reached", flush=True)
+                    break
+                x = (torch.randn(T, shape[1], device=device) * 0.5).to(torch.bfloat16)
+                cublas, _ = measure_us([lambda w=w: F.linear(x, w) for w in dense], device, args.inner, args.reps)
+                default, _ = measure_us([lambda h=h: hybrid_mm(x, h) for h in hws], device, args.inner, args.reps)
+                ref = F.linear(x.float(), W.float())
+                results = {}
+                for cfg in (GEMV if T == 1 else TILES):
+                    nb, split, warps, tile, prefetch = cfg
+                    fns = [lambda h=h: hybrid_mm_decode(x, h, nb=nb, split=split, num_warps=warps, token_tile=tile,
+                                                        prefetch=prefetch) for h in hws]
+                    try:
+                        err = (fns[0]().float() - ref).abs().max().item() / ref.abs().max().item()
+                        us, _ = measure_us(fns, device, args.inner, args.reps)
+                    except Exception as e:  # a config that does not compile or fit: say so, keep sweeping
+                        print(f"  {cfg}: failed {type(e).__name__}: {str(e)[:100]}", flush=True)
+                        continue
+                    results[cfg] = (us, err)
+                best_cfg, (best_us, best_err) = min(results.items(), key=lambda kv: kv[1][0])
+                moved = hw.nbytes + x.numel() * 2 + T * shape[0] * 2
+                print(f"{shape_name:26} {mix_name:8} {placement:9} T={T:<3} cuBLAS {cublas:7.1f} us ({W.numel() * 2 / cublas / 1e3:6.0f} "
+                      f"GB/s) default {default:7.1f} ({cublas / default:.2f}x) best {best_us:7.1f} "
+                      f"({cublas / best_us:.2f}x, {moved / best_us / 1e3:6.0f} GB/s) {best_cfg} err {best_err:.1e}",
+                      flush=True)
+                for cfg, (us, err) in sorted(results.items(), key=lambda kv: kv[1][0]):
+                    print(f"    {str(cfg):24} {us:7.1f} us {cublas / us:5.2f}x", flush=True)
+                rows.append(dict(shape=shape_name, out=shape[0], inp=shape[1], mix=mix_name, placement=placement,
+                                 tokens=T, best=list(best_cfg), best_us=best_us, cublas_us=cublas, default_us=default,
+                                 configs={str(k): v[0] for k, v in results.items()}, packed_bytes=hw.nbytes))
+            del hws, hw
+        del dense
+        torch.cuda.empty_cache()
+    print(f"sweep {time.perf_counter() - t0:.0f} s", flush=True)
+    if args.e2e_layers:
+        from hybrid_kernels import bench_end_to_end
+
+        from tierprune.kernels.triton.hybrid_mm import set_decode_config
+
+        for r in rows:
+            if (r["mix"], r["placement"]) == ("35/45/20", "random"):
+                set_decode_config((r["out"], r["inp"]), r["tokens"], tuple(r["best"]))
+        rows += bench_end_to_end(argparse.Namespace(tiny=False, layers=args.e2e_layers, steps=128, no_graph=False),
+                                 device)
+    print(f"total {time.perf_counter() - t0:.0f} s")
+    for r in rows:
+        print(json.dumps(r))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,241 @@
+"""`tierprune convert`: a run or an export folder packed into HybridLinear layers, the same logits, loads back
+packed and dense (plain transformers), refuses weights that break their tier map without writing anything."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from tierprune.errors import TierpruneError
+from tierprune.hybrid_linear import HybridLinear
+from tierprune.storage.tables import save_file
+from tierprune.tasks.convert import convert, load_dense, load_hybrid
+from tierprune.tasks.prune import named_linears
+from tierprune.tasks.tier_tables import tier_table
+
+from ..conftest import make_tiny_llama, make_tiny_tokenizer
+from ..test_hybrid_linear import prune_randomly_
+
+TEXTS = ["the quick brown fox jumps over the lazy dog", "pack the blocks, keep the logits"] * 4
+
+
+def _export_folder(folder: Path, model: nn.Module, tier_maps: dict[str, torch.Tensor]) -> Path:
+    """What `tierprune runs export` writes: model, tokenizer, tier_maps.parquet."""
+    model.save_pretrained(folder)
+    make_tiny_tokenizer(TEXTS).save_pretrained(folder)
+    save_file(tier_table(tier_maps), f"{folder}/tier_maps.parquet")
+    return folder
+
+
+def _ids(seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(seed))
+
+
+def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids).logits.float()
+
+
+@pytest.fixture
+def pruned_llama_folder(tmp_path: Path) -> tuple[Path, torch.Tensor]:
+    # intermediate 120: the MLP has edge blocks (120 = 7.5 blocks of 16) on both of its dims
+    from transformers import AutoModelForCausalLM
+
+    model = make_tiny_llama(intermediate=120, dtype=torch.bfloat16)
+    tier_maps = prune_randomly_(model, seed=3)
+    folder = _export_folder(tmp_path / "export", model, tier_maps)
+    # The reference is the export as plain transformers loads it: a model cast with .to(bf16) in memory also
+    # casts its rotary frequencies, which a loaded one keeps in fp32.
+    return folder, _logits(AutoModelForCausalLM.from_pretrained(folder).eval(), _ids())
+
+
+def test_export_folder_converts_with_the_same_logits_and_loads_back(tmp_path, pruned_llama_folder) -> None:
+    folder, expected = pruned_llama_folder
+    out = tmp_path / "hybrid"
+    done = convert(str(folder), str(out))
+    assert done["modules"] == 14 and done["block_size"] == 16 and done["topk"] == 10 and done["dtype"] == "bfloat16"
+    assert 0.4 < done["packed_bytes"] / done["dense_bytes"] < 0.85
+    assert {p.name for p in out.iterdir()} >= {"config.json", "hybrid.safetensors", "hybrid.json", "tokenizer.json"}
+    assert not (out / "model.safetensors").exists()  # no dense copy unless asked for
+    layout = json.loads((out / "hybrid.json").read_text())
+    assert layout["format"] == "tierprune-hybrid/1" and len(layout["modules"]) == 14
+    assert layout["modules"]["model.layers.0.mlp.down_proj"]["shape"] == [64, 120]
+    # The packed tensors are smaller than the dense model's by the linears' saving (the file adds one JSON
+    # header entry per buffer, 13 per linear, which a tiny model notices).
+    from safetensors.torch import load_file
+
+    dense_tensor_bytes = sum(t.numel() * t.element_size() for t in load_file(folder / "model.safetensors").values())
+    layouts = 14 * 5 * 8  # each HybridLinear's hybrid_layout: 5 int64
+    assert done["model_file_bytes"] == dense_tensor_bytes - done["dense_bytes"] + done["packed_bytes"] + layouts
+    assert (out / "hybrid.safetensors").stat().st_size < (folder / "model.safetensors").stat().st_size
+
+    hybrid = load_hybrid(str(out))
+    packed = [n for n, m in hybrid.named_modules() if isinstance(m, HybridLinear)]
+    assert len(packed) == 14
+    torch.testing.assert_close(_logits(hybrid, _ids()), expected, rtol=0, atol=0)
+    assert hybrid.lm_head.weight.data_ptr() == hybrid.model.embed_tokens.weight.data_ptr()  # still tied
+
+    plain = load_dense(str(out))
+    assert all(isinstance(m, nn.Linear) for m in named_linears(plain).values())
+    torch.testing.assert_close(_logits(plain, _ids()), expected, rtol=0, atol=0)
+    with pytest.raises(OSError):  # without --dense, plain transformers says so instead of loading random weights
+        from transformers import AutoModelForCausalLM
+
+        AutoModelForCausalLM.from_pretrained(out)
+
+
+def test_dense_copy_loads_in_plain_transformers(tmp_path, pruned_llama_folder) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, expected = pruned_llama_folder
+    out = tmp_path / "hybrid"
+    convert(str(folder), str(out), dense=True)
+    plain = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert plain.dtype == torch.bfloat16
+    assert all(isinstance(m, nn.Linear) for m in named_linears(plain).values())
+    torch.testing.assert_close(_logits(plain, _ids()), expected, rtol=0, atol=0)
+    assert AutoTokenizer.from_pretrained(out)("the fox").input_ids
+    torch.testing.assert_close(_logits(load_hybrid(str(out)), _ids()), expected, rtol=0, atol=0)
+
+
+def test_gpt2_conv1d_folder(tmp_path) -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_embd=64, n_inner=128, n_layer=2, n_head=4, vocab_size=128,
+                                       n_positions=64)).eval()
+    tier_maps = prune_randomly_(model, seed=4)
+    expected = _logits(model, _ids())
+    out = tmp_path / "hybrid"
+    done = convert(str(_export_folder(tmp_path / "export", model, tier_maps)), str(out))
+    assert done["modules"] == 8 and all(m["transposed"] for m in json.loads((out / "hybrid.json").read_text())
+                                        ["modules"].values())
+    hybrid = load_hybrid(str(out))
+    assert hybrid.transformer.h[0].attn.c_attn.transposed
+    torch.testing.assert_close(_logits(hybrid, _ids()), expected, rtol=1e-5, atol=1e-5)
+    plain = load_dense(str(out))
+    assert type(plain.transformer.h[0].attn.c_attn).__name__ == "Conv1D"  # (in, out) again
+    torch.testing.assert_close(_logits(plain, _ids()), expected, rtol=1e-5, atol=1e-5)
+
+
+def _break_2_4(folder: Path, name: str) -> None:
+    """Fill a whole weight with non-zeros: every 2:4 and TopK block of its tier map is broken."""
+    from safetensors.torch import load_file, save_file as save_tensors
+
+    state = load_file(folder / "model.safetensors")
+    state[f"{name}.weight"] = torch.ones_like(state[f"{name}.weight"])
+    save_tensors(state, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+def test_refuses_weights_that_break_their_tier_map_and_writes_nothing(tmp_path, pruned_llama_folder) -> None:
+    folder, _ = pruned_llama_folder
+    _break_2_4(folder, "model.layers.1.self_attn.o_proj")
+    out = tmp_path / "hybrid"
+    with pytest.raises(TierpruneError, match="model.layers.1.self_attn.o_proj does not obey its tier map"):
+        convert(str(folder), str(out))
+    assert not out.exists()
+
+
+def test_refuses_what_is_neither_a_run_nor_an_export(tmp_path, pruned_llama_folder) -> None:
+    folder, _ = pruned_llama_folder
+    with pytest.raises(TierpruneError, match="neither a run"):
+        convert(str(tmp_path / "nothing"), str(tmp_path / "out"))
+    with pytest.raises(TierpruneError, match="--iteration applies to a run"):
+        convert(str(folder), str(tmp_path / "out"), iteration=1)
+    with pytest.raises(TierpruneError, match="not a converted model folder"):
+        load_hybrid(str(folder))
+    assert not (tmp_path / "out").exists()
+
+
+def test_topk_of_an_export_folder_is_inferred_or_checked(tmp_path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from tierprune.adapters import weight_view
+    from tierprune.kernels.tiers import TOPK
+
+    model = make_tiny_llama(dtype=torch.bfloat16)
+    tier_maps = prune_randomly_(model, seed=5)
+    name, tier_map = next((n, m) for n, m in tier_maps.items() if (m == TOPK).any())
+    r, c = (tier_map == TOPK).nonzero()[0].tolist()
+    block = weight_view(model.get_submodule(name))[r * 16:(r + 1) * 16, c * 16:(c + 1) * 16]
+    assert int((block != 0).sum()) == 10
+    with torch.no_grad():
+        block[block == 0] = 0.5  # the whole block non-zero: 256 entries in a TopK block
+    folder = _export_folder(tmp_path / "export", model, tier_maps)
+    with pytest.raises(TierpruneError, match=rf"{name} does not obey its tier map \(0 2:4 groups, 1 TopK blocks over 10"):
+        convert(str(folder), str(tmp_path / "k10"), topk=10)
+    assert not (tmp_path / "k10").exists()
+    done = convert(str(folder), str(tmp_path / "inferred"))  # the most non-zeros of any TopK block: lossless
+    assert done["topk"] == 256
+    expected = _logits(AutoModelForCausalLM.from_pretrained(folder).eval(), _ids())
+    torch.testing.assert_close(_logits(load_hybrid(str(tmp_path / "inferred")), _ids()), expected, rtol=0, atol=0)
+
+
+def _cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TIERPRUNE_", "PREFECT_"))}
+    env.update(COLUMNS="200", NO_COLOR="1", HF_HUB_OFFLINE="1", TIERPRUNE_CACHE=str(cwd / "cache"),
+               PREFECT_HOME=str(cwd / "prefect"))
+    return subprocess.run([sys.executable, "-m", "tierprune.cli", *args], capture_output=True, text=True, env=env,
+                          cwd=cwd, timeout=300)
+
+
+def test_cli_prints_the_bytes_and_refuses_in_one_line(tmp_path, pruned_llama_folder) -> None:
+    folder, _ = pruned_llama_folder
+    proc = _cli(["convert", str(folder), "--output", "out"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    layout = json.loads((tmp_path / "out" / "hybrid.json").read_text())
+    mib = 2 ** 20
+    assert (f"packed {layout['packed_linear_bytes'] / mib:.2f} MiB vs dense "
+            f"{layout['dense_linear_bytes'] / mib:.2f} MiB") in proc.stdout, proc.stdout
+    assert "converted 14 linears" in proc.stdout
+
+    _break_2_4(folder, "model.layers.0.mlp.up_proj")
+    proc = _cli(["convert", str(folder), "--output", "bad"], tmp_path)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith("error: model.layers.0.mlp.up_proj does not obey its tier map")
+    assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.slow
+def test_a_run_converts_like_its_export(prefect_harness, tiny_llama_dir, data_dir, mem_root, tmp_path) -> None:
+    """STORE/RUN: the last (or a chosen) iteration, read from the store as `runs export` reads it."""
+    from transformers import AutoModelForCausalLM
+
+    from tierprune.config import config_from_flags
+    from tierprune.flows.progressive import progressive
+    from tierprune.storage.runstore import RunStore
+    from tierprune.tasks.export import export_run
+
+    plan = tmp_path / "plan.csv"  # 80/20/0, then 35/45/20; no fine-tuning (epochs 0)
+    plan.write_text("iteration,dense,mid_2_4,topk,dense_to_2_4,mid_2_4_to_topk,epochs\n"
+                    "1,0.8,0.2,0.0,0.2,0.0,0\n2,0.35,0.45,0.2,0.45,0.2,0\n")
+    cfg = config_from_flags(model=str(tiny_llama_dir), calib=f"c4:{data_dir}/c4-subset", calib_samples=4,
+                            calib_seqlen=32, calib_batch_size=2, eval="none", plan=str(plan), store=mem_root,
+                            run="r")
+    progressive(cfg)
+    run = f"{mem_root}/r"
+    export_run(RunStore(mem_root, "r"), str(tmp_path / "export"))
+    ids = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(0))
+    expected = _logits(AutoModelForCausalLM.from_pretrained(tmp_path / "export").eval(), ids)
+
+    done = convert(run, str(tmp_path / "last"))
+    assert done["iteration"] == 2 and done["topk"] == 10 and done["modules"] == 14
+    torch.testing.assert_close(_logits(load_hybrid(str(tmp_path / "last")), ids), expected, rtol=0, atol=0)
+    blocks = [m["blocks"] for m in json.loads((tmp_path / "last" / "hybrid.json").read_text())["modules"].values()]
+    assert sum(b[2] for b in blocks) > 0  # iteration 2 has TopK blocks
+
+    first = convert(run, str(tmp_path / "first"), iteration=1)
+    assert first["iteration"] == 1 and first["packed_bytes"] > done["packed_bytes"]
+    blocks = [m["blocks"] for m in json.loads((tmp_path / "first" / "hybrid.json").read_text())["modules"].values()]
+    assert sum(b[2] for b in blocks) == 0  # 80/20/0: no TopK blocks yet
+    with pytest.raises(TierpruneError, match="no finished iteration 9"):
+        convert(run, str(tmp_path / "nine"), iteration=9)
+    with pytest.raises(TierpruneError, match="--topk 12: run .* was pruned with topk 10"):
+        convert(run, str(tmp_path / "k12"), topk=12)
+    assert not (tmp_path / "nine").exists() and not (tmp_path / "k12").exists()
