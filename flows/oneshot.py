@@ -15,6 +15,7 @@ from tierprune.config import TierpruneConfig, config_from_flags
 from tierprune.flows.gpu_slots import device_slot
 from tierprune.flows.parameters import (
     BlockSize, Calib, CalibBatchSize, CalibSamples, CalibSeqlen, Compile, Device, Dtype, Eval, EvalBatchSize,
+    ZeroShot, ZeroShotInclude, ZeroShotLimit,
     EvalMaxWindows, EvalSeqlen, GgufFile, Method, Model, Offload, Pattern, Scope, Seed, Select, Sparsity, Tiers,
     Topk, described,
 )
@@ -64,6 +65,9 @@ def oneshot(
     eval_seqlen: EvalSeqlen = 2048,
     eval_max_windows: EvalMaxWindows = None,
     eval_batch_size: EvalBatchSize = 1,
+    zero_shot: ZeroShot = None,
+    zero_shot_limit: ZeroShotLimit = None,
+    zero_shot_include: ZeroShotInclude = None,
     device: Device = "cpu",
     offload: Offload = False,
     output: Output = None,

@@ -26,7 +26,7 @@ from tierprune.errors import TierpruneError
 __all__ = ["RUN_NAME_TEMPLATE", "expand_run_name", "flow_run_name", "described", "Plan", "Store", "Run", "ResumeFrom", "Model", "GgufFile", "Dtype",
            "Method", "Pattern", "Sparsity", "BlockSize", "Tiers", "Topk", "Select", "Scope", "Calib",
            "CalibSamples", "CalibSeqlen", "CalibBatchSize", "Seed", "Compile", "Eval", "EvalSeqlen",
-           "EvalMaxWindows", "EvalBatchSize", "Device", "Offload", "FtMethod", "FtData", "FtTokens", "FtSeqlen",
+           "EvalMaxWindows", "EvalBatchSize", "ZeroShot", "ZeroShotLimit", "ZeroShotInclude", "Device", "Offload", "FtMethod", "FtData", "FtTokens", "FtSeqlen",
            "FtBatchSize", "FtLr", "FtGradAccum", "FtSchedule", "FtWarmup", "FtTrain", "FtCommitEvery", "FtEvalEvery",
            "FtPatience", "KdWeight",
            "LoraRank", "LoraTargets"]
@@ -76,6 +76,11 @@ Eval = Annotated[str | None, Field(description="Evaluation data spec, or none to
 EvalSeqlen = Annotated[int, Field(ge=2, description="Tokens per evaluation window")]
 EvalMaxWindows = Annotated[int | None, Field(ge=1, description="Cap on evaluation windows (quick runs); empty: all")]
 EvalBatchSize = Annotated[int, Field(ge=1, description="Windows per forward pass (speed only)")]
+ZeroShot = Annotated[str | None, Field(description="lm-eval tasks for zero-shot accuracy, comma separated; wanda = "
+                                                   "Wanda's seven; empty: none")]
+ZeroShotLimit = Annotated[int | None, Field(ge=1, description="Score only the first N items of each zero-shot task "
+                                                              "(quick runs); empty: all")]
+ZeroShotInclude = Annotated[str | None, Field(description="A folder of your own lm-eval task YAMLs")]
 
 # ---- where it runs ---------------------------------------------------------------------------------------------
 Device = Annotated[Literal["cpu", "cuda", "cuda:0", "cuda:1", "cuda:2", "cuda:3", "cuda:4", "cuda:5", "cuda:6",

@@ -19,7 +19,8 @@ from tierprune.config import TierpruneConfig, config_from_flags
 from tierprune.flows.gpu_slots import device_slot
 from tierprune.flows.parameters import (
     RUN_NAME_TEMPLATE, BlockSize, Calib, CalibBatchSize, CalibSamples, CalibSeqlen, Compile, Device, Dtype, Eval,
-    EvalBatchSize, EvalMaxWindows, EvalSeqlen, FtBatchSize, FtCommitEvery, FtData, FtEvalEvery, FtGradAccum, FtLr, FtMethod,
+    EvalBatchSize, EvalMaxWindows, EvalSeqlen, FtBatchSize, FtCommitEvery, FtData, FtEvalEvery, FtGradAccum, FtLr,
+    FtMethod, ZeroShot, ZeroShotInclude, ZeroShotLimit,
     FtPatience, FtSchedule, FtSeqlen, FtTokens, FtTrain, FtWarmup, GgufFile, KdWeight, LoraRank, LoraTargets, Model, Plan,
     ResumeFrom, Run, Scope, Seed, Select, Store, Topk, described, flow_run_name,
 )
@@ -102,6 +103,9 @@ def progressive(
     eval_seqlen: EvalSeqlen = 2048,
     eval_max_windows: EvalMaxWindows = None,
     eval_batch_size: EvalBatchSize = 1,
+    zero_shot: ZeroShot = None,
+    zero_shot_limit: ZeroShotLimit = None,
+    zero_shot_include: ZeroShotInclude = None,
     device: Device = "cpu",
     ft_method: FtMethod = "full",
     ft_data: FtData = None,
