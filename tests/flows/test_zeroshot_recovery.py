@@ -40,7 +40,7 @@ def test_every_iteration_records_zero_shot_and_recovery_of_dense(prefect_harness
     from typer.testing import CliRunner
 
     from tierprune.cli import app
-    from tierprune.flows.progressive import progressive
+    from tierprune.flows.progressive import progressive_from_config as progressive
     from tierprune.tasks.runs import summary_json
 
     rows = progressive(_config(tiny_llama_dir, data_dir, mem_root, "r"))
@@ -82,7 +82,7 @@ def test_every_iteration_records_zero_shot_and_recovery_of_dense(prefect_harness
 
 def test_resumed_run_takes_dense_numbers_from_its_source_or_says_why_not(prefect_harness, tiny_llama_dir,
                                                                          data_dir, mem_root):
-    from tierprune.flows.progressive import progressive
+    from tierprune.flows.progressive import progressive_from_config as progressive
 
     progressive(_config(tiny_llama_dir, data_dir, mem_root, "original"))
     original = RunStore(mem_root, "original")

@@ -208,7 +208,7 @@ def test_a_run_converts_like_its_export(prefect_harness, tiny_llama_dir, data_di
     from transformers import AutoModelForCausalLM
 
     from tierprune.config import config_from_flags
-    from tierprune.flows.progressive import progressive
+    from tierprune.flows.progressive import progressive_from_config as progressive
     from tierprune.storage.runstore import RunStore
     from tierprune.tasks.export import export_run
 
