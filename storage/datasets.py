@@ -44,6 +44,22 @@ def evaluation_split(spec: str) -> Split:
     return "validation" if spec.split(":", 1)[0] == "c4" else "test"
 
 
+def held_out_split(spec: str | None) -> Split | None:
+    """The split that may serve as held-out text beside the evaluation split, or None where there is none.
+
+    Only WikiText-2 has one (valid beside test): C4 evaluates on its validation split, and text globs and
+    pydoc give the same documents for every split, so a "held-out" loss there would be the evaluation text.
+    A local WikiText folder without wiki.valid.raw (many copies hold only the test file) has none either.
+    """
+    if not spec or spec.split(":", 1)[0] != "wikitext2":
+        return None
+    path = spec.partition(":")[2]
+    if not path:
+        return "validation"
+    fs, root = url_to_fs(path)
+    return "validation" if fs.isfile(posixpath.join(root, _WIKITEXT_FILES["validation"])) else None
+
+
 def check_data_spec(spec: str, flag: str = "data") -> None:
     """Refuse, in milliseconds, a spec of an unknown form or whose local path or glob finds nothing (no data read)."""
     kind, sep, path = spec.partition(":")

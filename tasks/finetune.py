@@ -83,7 +83,7 @@ def finetune_corpus(cfg: TierpruneConfig, tokenizer) -> tuple[torch.Tensor, dict
 
 def check_finetune_data(cfg: TierpruneConfig, plan_epochs: list[float]) -> None:
     """Refuse (one line) a fine-tuning corpus that shares documents with the evaluation text; seconds, no model."""
-    from tierprune.storage.datasets import check_data_spec, evaluation_split, load_texts
+    from tierprune.storage.datasets import check_data_spec, evaluation_split, held_out_split, load_texts
 
     if not any(needs_training(cfg, epochs) for epochs in plan_epochs):
         return
@@ -93,19 +93,24 @@ def check_finetune_data(cfg: TierpruneConfig, plan_epochs: list[float]) -> None:
     if cfg.eval.data:
         # Every document is checked, the calibration ones too: stricter than needed, and no tokenizer to load.
         check_disjoint(load_texts(spec, "train"), load_texts(cfg.eval.data, evaluation_split(cfg.eval.data)))
+    if cfg.finetune.patience and cfg.finetune.val_windows and held_out_split(cfg.eval.data) is None:
+        raise TierpruneError(f"--ft-patience stops on a held-out loss, and --eval {cfg.eval.data or '(none)'} has "
+                             "no held-out split (a wikitext2 folder needs wiki.valid.raw); drop --ft-patience")
 
 
 def _held_out_ids(cfg: TierpruneConfig, tokenizer) -> torch.Tensor | None:
-    """The first `val_windows` windows of the evaluation corpus' validation split (WikiText-2 valid), or None.
+    """The first `val_windows` windows of the evaluation corpus' held-out split (WikiText-2 valid), or None.
 
-    None when the evaluation split is the validation split itself (C4), or there is no evaluation data.
+    None when the corpus has no such split (see held_out_split) or there is no evaluation data: the run then
+    trains without a held-out loss curve, which only --ft-patience needs (refused up front without one).
     """
-    from tierprune.storage.datasets import evaluation_split, load_texts
+    from tierprune.storage.datasets import held_out_split, load_texts
 
     ft, spec = cfg.finetune, cfg.eval.data
-    if not ft.val_windows or not spec or evaluation_split(spec) == "validation":
+    split = held_out_split(spec)
+    if not ft.val_windows or split is None:
         return None
-    ids = tokenizer("\n\n".join(load_texts(spec, "validation")), return_tensors="pt").input_ids[0]
+    ids = tokenizer("\n\n".join(load_texts(spec, split)), return_tensors="pt").input_ids[0]
     n = min(ft.val_windows, ids.numel() // ft.seqlen)
     return ids[: n * ft.seqlen].view(n, ft.seqlen) if n else None
 

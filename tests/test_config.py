@@ -26,7 +26,7 @@ def test_fine_tuning_flags_map_onto_the_finetune_config():
     ({"ft_method": "qlora"}, "--ft-method: Input should be 'none', 'full' or 'lora'"),
     ({"kd_weight": 1.5}, "--kd-weight: .*less than or equal to 1"),
     ({"lora_targets": " , "}, "--lora-targets needs at least one name"),
-    ({"ft_patience": 3}, "early stopping .*needs eval_every"),
+    ({"ft_patience": 3}, "early stopping .*--ft-eval-every"),
     ({"ft_lr": float("nan")}, "--ft-lr: .*finite"),
 ])
 def test_bad_fine_tuning_flags_are_one_line(flags, fragment):

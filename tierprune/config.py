@@ -163,7 +163,7 @@ class FinetuneConfig(_Frozen):
         if self.method == "lora" and not self.lora_targets:
             raise ValueError("LoRA needs at least one target module suffix (--lora-targets)")
         if self.patience and not self.eval_every:
-            raise ValueError("early stopping (patience) needs eval_every > 0")
+            raise ValueError("early stopping (--ft-patience) needs held-out losses: set --ft-eval-every > 0")
         if self.teacher_cache and self.hidden_weight:
             raise ValueError("the hidden-state loss needs the teacher model, not cached logits")
         return self

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 from tierprune.errors import TierpruneError
-from tierprune.storage.datasets import join_rows, load_texts
+from tierprune.storage.datasets import held_out_split, join_rows, load_texts
 
 pytestmark = pytest.mark.unit
 
@@ -195,3 +195,18 @@ def test_evaluation_uses_c4_validation_and_wikitext_test() -> None:
     assert evaluation_split("wikitext2") == "test"
     assert evaluation_split("wikitext2:/data/wikitext-2-raw") == "test"
     assert evaluation_split("text:/data/*.txt") == "test"
+
+
+@needs_wikitext
+def test_held_out_split_only_where_it_differs_from_the_evaluation_text(tmp_path: Path) -> None:
+    assert held_out_split(f"wikitext2:{WIKITEXT}") == "validation"
+    assert held_out_split("wikitext2") == "validation"  # the hub dataset has all three splits
+    test_only = tmp_path / "wikitext"
+    test_only.mkdir()
+    (test_only / "wiki.test.raw").write_text(" = A = \n")
+    assert held_out_split(f"wikitext2:{test_only}") is None
+    # C4 is evaluated on its validation split; text and pydoc give the same documents for every split.
+    assert held_out_split(f"c4:{DATA / 'c4-subset'}") is None
+    assert held_out_split(f"text:{test_only}/*.raw") is None
+    assert held_out_split("pydoc") is None
+    assert held_out_split(None) is None
