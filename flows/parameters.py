@@ -28,7 +28,7 @@ __all__ = ["RUN_NAME_TEMPLATE", "expand_run_name", "flow_run_name", "described",
            "CalibSamples", "CalibSeqlen", "CalibBatchSize", "Seed", "Compile", "Eval", "EvalSeqlen",
            "EvalMaxWindows", "EvalBatchSize", "ZeroShot", "ZeroShotLimit", "ZeroShotInclude", "Device", "Offload", "FtMethod", "FtData", "FtTokens", "FtSeqlen",
            "FtBatchSize", "FtLr", "FtGradAccum", "FtSchedule", "FtWarmup", "FtTrain", "FtCommitEvery", "FtEvalEvery",
-           "FtPatience", "KdWeight",
+           "FtPatience", "KdWeight", "KdCacheTopk",
            "LoraRank", "LoraTargets"]
 
 # With the time: two runs launched from the form on one day are two runs, not one refused as "other settings".
@@ -87,8 +87,9 @@ Device = Annotated[Literal["cpu", "cuda", "cuda:0", "cuda:1", "cuda:2", "cuda:3"
                            "cuda:7"],
                    Field(description="Where the model computes; one run at a time per GPU (a global "
                                      "concurrency limit per device)")]
-Offload = Annotated[bool, Field(description="Keep the model on the CPU and stream one decoder layer at a time "
-                                            "through the device (models larger than the device)")]
+Offload = Annotated[bool, Field(description="Keep the model in CPU memory: calibration and evaluation stream the "
+                                            "decoder layers that do not fit through the device (models larger "
+                                            "than the device; a progressive run cannot fine-tune then)")]
 
 # ---- recovery fine-tuning (the flags of `tierprune run`) ------------------------------------------------------
 FtMethod = Annotated[Literal["none", "full", "lora"],
@@ -114,6 +115,9 @@ FtPatience = Annotated[int, Field(ge=0, description="Held-out evaluations withou
                                                     "stops early (needs ft_eval_every); 0: never")]
 KdWeight = Annotated[float, Field(ge=0.0, le=1.0, description="Distillation from the dense model: 0 = "
                                                               "cross-entropy only, 1 = distillation only")]
+KdCacheTopk = Annotated[int, Field(ge=0, description="0 = the teacher runs beside the student; K = its top-K "
+                                                     "logits per position are stored first and the teacher freed "
+                                                     "(memory short)")]
 LoraRank = Annotated[int, Field(ge=1, description="LoRA rank")]
 LoraTargets = Annotated[str, Field(description="Comma-separated module-name suffixes LoRA adapts, e.g. "
                                                "q_proj,v_proj")]

@@ -20,9 +20,9 @@ from tierprune.flows.gpu_slots import device_slot
 from tierprune.flows.parameters import (
     RUN_NAME_TEMPLATE, BlockSize, Calib, CalibBatchSize, CalibSamples, CalibSeqlen, Compile, Device, Dtype, Eval,
     EvalBatchSize, EvalMaxWindows, EvalSeqlen, FtBatchSize, FtCommitEvery, FtData, FtEvalEvery, FtGradAccum, FtLr,
-    FtMethod, ZeroShot, ZeroShotInclude, ZeroShotLimit,
-    FtPatience, FtSchedule, FtSeqlen, FtTokens, FtTrain, FtWarmup, GgufFile, KdWeight, LoraRank, LoraTargets, Model, Plan,
-    ResumeFrom, Run, Scope, Seed, Select, Store, Topk, described, flow_run_name,
+    FtMethod, FtPatience, FtSchedule, FtSeqlen, FtTokens, FtTrain, FtWarmup, GgufFile, KdCacheTopk, KdWeight, LoraRank,
+    LoraTargets, Model, Offload, Plan, ResumeFrom, Run, Scope, Seed, Select, Store, Topk, ZeroShot, ZeroShotInclude,
+    ZeroShotLimit, described, flow_run_name,
 )
 from tierprune.tasks.collect_activations import collect_activations_task
 from tierprune.tasks.demote import demote_task
@@ -107,6 +107,7 @@ def progressive(
     zero_shot_limit: ZeroShotLimit = None,
     zero_shot_include: ZeroShotInclude = None,
     device: Device = "cpu",
+    offload: Offload = False,
     ft_method: FtMethod = "full",
     ft_data: FtData = None,
     ft_tokens: FtTokens = 2_457_600,
@@ -121,6 +122,7 @@ def progressive(
     ft_eval_every: FtEvalEvery = 0,
     ft_patience: FtPatience = 0,
     kd_weight: KdWeight = 1.0,
+    kd_cache_topk: KdCacheTopk = 0,
     lora_rank: LoraRank = 16,
     lora_targets: LoraTargets = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
 ) -> list[dict]:

@@ -29,14 +29,17 @@ ACTIVATION_COLUMNS = ["layer", "module", "in_features", "sq_norm", "n_tokens", "
 
 
 def collect_activations(model: nn.Module, calib_ids: torch.Tensor, *, batch_size: int = 8,
-                        device: str | torch.device = "cpu", compile: bool = False,
+                        device: str | torch.device = "cpu", offload: bool = False, compile: bool = False,
                         on_progress: Callable[[int, int], None] | None = None) -> pd.DataFrame:
     """One row per prunable linear, in layer order; calib_ids (n_samples, seqlen) int64.
 
-    walk_layers moves the model to `device` and leaves it there.
+    walk_layers moves the model to `device` and leaves it there; offloaded, one layer at a time goes there,
+    and the model is back in CPU memory afterwards.
     """
-    stats = walk_layers(model, calib_ids, None, batch_size=batch_size, device=device, compile=compile,
-                        on_progress=on_progress)
+    stats = walk_layers(model, calib_ids, None, batch_size=batch_size, device=device, offload=offload,
+                        compile=compile, on_progress=on_progress)
+    if offload:
+        model.to("cpu")  # walk_layers leaves embeddings and head on the device
     names = list(stats)
     sq_norms = [stats[n].sq_norm.detach().float().cpu().numpy() for n in names]  # (in,) each
     return pd.DataFrame({
@@ -91,7 +94,7 @@ def collect_activations_task(state: RunState, iteration: int, checkpoint: Artifa
             crash_point(f"step:iter-{iteration:03d}/activations:layer-{done}")  # tests only (tierprune.faults)
 
         df = collect_activations(loaded.model, ids, batch_size=c.batch_size, device=state.cfg.device,
-                                 compile=c.compile, on_progress=on_progress)
+                                 offload=state.cfg.offload, compile=c.compile, on_progress=on_progress)
         return {"activations.parquet": df}
 
     material = _activations_material({"state": state, "checkpoint": checkpoint})

@@ -19,6 +19,7 @@ from tierprune.adapters import weight_view
 from tierprune.errors import TierpruneError
 from tierprune.kernels.tiers import TIER_NAMES, tier_counts
 
+from .placement import placed_for_inference
 from .prune import named_linears
 from .refs import ArtifactRef, committed_or_compute, store_cache_policy
 
@@ -111,19 +112,21 @@ def evaluate_task(state: RunState, iteration: int, checkpoint: ArtifactRef, tier
         maps = tier_maps_from_table(state.store.read_object(tiers.uri, "tiers.parquet"))
         report = sparsity_report(loaded.model, maps)
         record = {"iteration": iteration, "sparsity": report["sparsity"], "tiers": report["tiers"], "ppl": None}
-        e = state.cfg.eval
-        if e.data:
-            ppl, windows = perplexity(loaded.model, _eval_ids(state, loaded.tokenizer), e.seqlen,
-                                      max_windows=e.max_windows, batch_size=e.batch_size, device=state.cfg.device,
-                                      on_progress=lambda d, t: report_progress(f"iteration {iteration}: evaluate", d, t))
-            record.update(ppl=ppl, eval_windows=windows, eval=e.model_dump(mode="json"))
-        if e.zero_shot:
-            from .zeroshot import zero_shot_accuracy
+        e, device = state.cfg.eval, state.cfg.device
+        with placed_for_inference(loaded.model, device, state.cfg.offload):
+            if e.data:
+                ppl, windows = perplexity(
+                    loaded.model, _eval_ids(state, loaded.tokenizer), e.seqlen, max_windows=e.max_windows,
+                    batch_size=e.batch_size, device=device,
+                    on_progress=lambda d, t: report_progress(f"iteration {iteration}: evaluate", d, t))
+                record.update(ppl=ppl, eval_windows=windows, eval=e.model_dump(mode="json"))
+            if e.zero_shot:
+                from .zeroshot import zero_shot_accuracy
 
-            record["zero_shot"] = zero_shot_accuracy(
-                loaded.model, loaded.tokenizer, e.zero_shot, limit=e.zero_shot_limit,
-                include_path=e.zero_shot_include,
-                on_progress=lambda d, t: report_progress(f"iteration {iteration}: zero-shot", d, t))
+                record["zero_shot"] = zero_shot_accuracy(
+                    loaded.model, loaded.tokenizer, e.zero_shot, limit=e.zero_shot_limit,
+                    include_path=e.zero_shot_include,
+                    on_progress=lambda d, t: report_progress(f"iteration {iteration}: zero-shot", d, t))
         record["recovery"] = recovery_of(state, iteration, record)
         return {"eval.json": record}
 

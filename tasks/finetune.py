@@ -25,8 +25,10 @@ from tierprune.progress import report as report_progress
 
 from .prune import named_linears
 from .refs import ArtifactRef, committed_or_compute, step_key, store_cache_policy
-from .training import (TrainState, calibration_doc_indices, check_disjoint, corpus_stream, draw_windows, finetune_model_,
-                       iteration_tokens)
+from .training import (
+    TeacherTopK, TrainState, calibration_doc_indices, check_disjoint, corpus_stream, draw_windows, finetune_model_,
+    iteration_tokens, teacher_topk_logits,
+)
 
 if TYPE_CHECKING:
     from .demote import PackedMasks
@@ -35,6 +37,7 @@ if TYPE_CHECKING:
 __all__ = ["apply_masks_", "finetune_corpus", "check_finetune_data", "needs_training", "finetune_task"]
 
 TRAIN_STATE = "trainstate"  # step name of the committed mid-training states
+TEACHER_LOGITS = "teacher"  # step name of the cached top-k teacher logits (--kd-cache-topk)
 
 
 @torch.no_grad()
@@ -147,6 +150,23 @@ def _drop_train_states(state: RunState, iteration: int, key: str, keep: str | No
             state.store.drop_step(uri)
 
 
+def _cached_teacher(state: RunState, iteration: int, key: str, train_ids: torch.Tensor) -> TeacherTopK:
+    """The teacher's top-k logits for this step's training windows: read from the store, or computed with the
+    teacher, committed, and the teacher freed, so that it never sits in memory beside the training student."""
+    ft = state.cfg.finetune
+    uri = state.store.step_uri(iteration, TEACHER_LOGITS, key[:10])
+    if state.store.steps_of(iteration, TEACHER_LOGITS, key[:10]) and state.store.verify_step(uri):
+        tensors = state.store.read_object(uri, "teacher.safetensors")
+        return TeacherTopK(tensors["values"], tensors["indices"])
+    cached = teacher_topk_logits(state.teacher(), train_ids, ft.teacher_topk, batch_size=ft.batch_size)
+    state.forget_teacher()
+    # bf16 values: a quarter of fp32's bytes at (n, L, k); the loss is a softmax over k of them
+    state.store.commit_step(uri, {"teacher.safetensors": {"values": cached.values.to(torch.bfloat16),
+                                                          "indices": cached.indices}},
+                            {"windows": int(train_ids.shape[0]), "topk": ft.teacher_topk})
+    return TeacherTopK(cached.values.to(torch.bfloat16), cached.indices)
+
+
 def _finetune_material(p: dict) -> dict:
     state = p["state"]
     epochs = state.plan.step(p["iteration"]).epochs
@@ -177,7 +197,9 @@ def _train(state: RunState, iteration: int, key: str, model: nn.Module, tokenize
         before = {"ppl_before_finetune": _ppl_before(state, iteration, model, tokenizer)}
     else:
         before = resumed[1]
-    teacher = state.teacher() if ft.kd_weight > 0 or ft.hidden_weight > 0 else None
+    teacher = None
+    if ft.kd_weight > 0 or ft.hidden_weight > 0:
+        teacher = _cached_teacher(state, iteration, key, train_ids) if ft.teacher_cache else state.teacher()
     total_steps = math.ceil(train_ids.shape[0] / (ft.batch_size * ft.grad_accum))
 
     def commit(train_state: TrainState) -> None:
@@ -238,4 +260,6 @@ def finetune_task(state: RunState, iteration: int, checkpoint: ArtifactRef, tier
 
     ref = committed_or_compute(state.store, iteration, "checkpoint", material, compute, record)
     _drop_train_states(state, iteration, key)
+    for uri in state.store.steps_of(iteration, TEACHER_LOGITS, key[:10]):
+        state.store.drop_step(uri)  # scratch of this step, like the training states: the checkpoint is in
     return ref

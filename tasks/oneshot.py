@@ -16,6 +16,7 @@ from tierprune.storage.tables import save_table
 
 from .calibration import sample_calibration
 from .evaluate import eval_token_ids, perplexity, sparsity_report
+from .placement import placed_for_inference
 from .prune import check_shapes, prune_model_
 from .tier_tables import tier_table
 from .zeroshot import load_zero_shot_tasks, zero_shot_accuracy
@@ -75,17 +76,16 @@ def run_oneshot(cfg: TierpruneConfig, output: str | None = None, progress: Progr
         "prune_seconds": prune_seconds,
         "settings": cfg.model_dump(mode="json"),
     }
+    record["ppl"] = None
     if eval_ids is not None:
-        model.to(cfg.device)
-        ppl, windows = perplexity(model, eval_ids, e.seqlen, max_windows=e.max_windows, batch_size=e.batch_size,
-                                  device=cfg.device, on_progress=tick("eval"))
+        with placed_for_inference(model, cfg.device, cfg.offload):
+            ppl, windows = perplexity(model, eval_ids, e.seqlen, max_windows=e.max_windows, batch_size=e.batch_size,
+                                      device=cfg.device, on_progress=tick("eval"))
         record.update(ppl=ppl, eval_windows=windows, eval_tokens=windows * e.seqlen)
-    else:
-        record["ppl"] = None
     if e.zero_shot:
-        model.to(cfg.device)
-        record["zero_shot"] = zero_shot_accuracy(model, tokenizer, e.zero_shot, limit=e.zero_shot_limit,
-                                                 on_progress=tick("zero-shot"), task_dict=zero_shot_tasks)
+        with placed_for_inference(model, cfg.device, cfg.offload):
+            record["zero_shot"] = zero_shot_accuracy(model, tokenizer, e.zero_shot, limit=e.zero_shot_limit,
+                                                     on_progress=tick("zero-shot"), task_dict=zero_shot_tasks)
     record["seconds"] = time.perf_counter() - started
     record["modules"] = report["modules"]
     if output:

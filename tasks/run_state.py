@@ -84,7 +84,8 @@ class RunState:
         if self._loaded is None:
             m = self.cfg.model
             self._loaded = load_model(m.name, m.gguf_file, m.dtype, self.cfg.device)
-            self._loaded.model.to(self.cfg.device)
+            if not self.cfg.offload:  # offloaded, it lives in CPU memory and steps stream it through the device
+                self._loaded.model.to(self.cfg.device)
             self._held = {}
         return self._loaded
 
@@ -116,6 +117,12 @@ class RunState:
             loaded = load_model(m.name, m.gguf_file, m.dtype, self.cfg.device)
             self._teacher = loaded.model.to(self.cfg.device).eval().requires_grad_(False)
         return self._teacher
+
+    def forget_teacher(self) -> None:
+        """Free the teacher (its top-k logits are cached): the memory goes to the student's training."""
+        self._teacher = None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     def forget_model_state(self) -> None:
         """Say that the model's tensors are unknown (a step that changed them failed half-way)."""
@@ -302,9 +309,13 @@ def check_run_inputs(cfg: TierpruneConfig) -> None:
         from .zeroshot import check_zero_shot_tasks
 
         check_zero_shot_tasks(cfg.eval.zero_shot, cfg.eval.zero_shot_include)
-    from .finetune import check_finetune_data
+    from .finetune import check_finetune_data, needs_training
 
     check_finetune_data(cfg, [step.epochs for step in plan.steps])
+    if cfg.offload and any(needs_training(cfg, step.epochs) for step in plan.steps):
+        raise TierpruneError("--offload streams calibration and evaluation through the device, but fine-tuning "
+                             "needs the whole model there: use --ft-method none (or a plan with epochs 0), or "
+                             "fine-tune across GPUs under FSDP (README: scale-out)")
     store = RunStore(run.store, run.name)  # a bad run name
     if "://" not in run.store and Path(run.store).is_file():
         raise TierpruneError(f"--store {run.store} is a file; give a folder (it is created if missing)")

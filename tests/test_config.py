@@ -28,6 +28,7 @@ def test_fine_tuning_flags_map_onto_the_finetune_config():
     ({"lora_targets": " , "}, "--lora-targets needs at least one name"),
     ({"ft_patience": 3}, "early stopping .*--ft-eval-every"),
     ({"ft_lr": float("nan")}, "--ft-lr: .*finite"),
+    ({"kd_cache_topk": -4}, "--kd-cache-topk: .*greater than or equal to 1"),
 ])
 def test_bad_fine_tuning_flags_are_one_line(flags, fragment):
     with pytest.raises(TierpruneError, match=fragment) as info:

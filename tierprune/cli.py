@@ -256,6 +256,8 @@ def run(
     zero_shot_limit: Optional[int] = typer.Option(None, help="first N items of each zero-shot task (quick runs)"),
     zero_shot_include: Optional[str] = typer.Option(None, help="folder of your own lm-eval task YAMLs"),
     device: str = typer.Option("cpu"), dtype: str = typer.Option("auto"),
+    offload: bool = typer.Option(False, help="keep the model in CPU memory; calibration and evaluation stream its "
+                                 "layers through the device (no fine-tuning then)"),
     ft_method: str = typer.Option("full", help="recovery between iterations: none | full (masked) | lora"),
     ft_data: Optional[str] = typer.Option(
         None, help="fine-tuning corpus spec [default: the calibration corpus minus the documents it drew]"),
@@ -269,6 +271,8 @@ def run(
     ft_eval_every: int = typer.Option(0, help="optimizer steps between held-out losses (WikiText-2 valid); 0 = ends"),
     ft_patience: int = typer.Option(0, help="held-out losses without improvement before stopping; 0 = never"),
     kd_weight: float = typer.Option(1.0, help="distillation from the dense model: 0 = cross-entropy only, 1 = KD only"),
+    kd_cache_topk: int = typer.Option(0, help="0 = the teacher runs beside the student; K = store its top-K logits "
+                                      "per position first and free it (memory short)"),
     lora_rank: int = typer.Option(16),
     lora_targets: str = typer.Option("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
                                      help="module-name suffixes LoRA adapts (comma list)"),
@@ -279,9 +283,10 @@ def run(
         calib_seqlen=calib_seqlen, calib_batch_size=calib_batch_size, seed=seed, compile=compile, eval=eval,
         eval_seqlen=eval_seqlen, eval_max_windows=eval_max_windows, plan=plan, store=store, run=run_name,
         resume_from=resume_from, block_size=block_size, topk=topk, select=select, scope=scope, device=device,
-        ft_method=ft_method, ft_data=ft_data, ft_tokens=ft_tokens, ft_seqlen=ft_seqlen, ft_batch_size=ft_batch_size,
+        offload=offload, ft_method=ft_method, ft_data=ft_data, ft_tokens=ft_tokens, ft_seqlen=ft_seqlen, ft_batch_size=ft_batch_size,
         ft_lr=ft_lr, ft_grad_accum=ft_grad_accum, ft_schedule=ft_schedule, ft_warmup=ft_warmup, ft_train=ft_train,
-        ft_commit_every=ft_commit_every, ft_eval_every=ft_eval_every, ft_patience=ft_patience, kd_weight=kd_weight, lora_rank=lora_rank, lora_targets=lora_targets,
+        ft_commit_every=ft_commit_every, ft_eval_every=ft_eval_every, ft_patience=ft_patience, kd_weight=kd_weight,
+        kd_cache_topk=kd_cache_topk, lora_rank=lora_rank, lora_targets=lora_targets,
         zero_shot=zero_shot, zero_shot_limit=zero_shot_limit, zero_shot_include=zero_shot_include)
     _progressive_run(cfg)
 

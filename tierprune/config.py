@@ -145,7 +145,10 @@ class FinetuneConfig(_Frozen):
     kd_weight: float = Field(1.0, ge=0, le=1)  # 0 = cross-entropy only, 1 = distillation only
     kd_temperature: float = Field(1.0, gt=0)
     hidden_weight: float = Field(0.0, ge=0)  # per-layer hidden-state loss on top (needs the teacher model)
-    teacher_cache: bool = False  # cache the teacher's top-k logits in the store instead of holding a second model
+    # Memory short: the teacher's top-k logits per position are computed first and stored in the run store,
+    # and the teacher is freed before the student trains (KD against its renormalised top k).
+    teacher_cache: bool = False
+    teacher_topk: int = Field(64, ge=1)
     lora_rank: int = Field(16, ge=1)
     lora_alpha: float = Field(32.0, gt=0)
     lora_targets: tuple[str, ...] = LLAMA_LINEARS  # module-name suffixes, as peft's target_modules
@@ -248,7 +251,8 @@ _FINETUNE_FLAGS = {
     "batch_size": "--ft-batch-size", "lr": "--ft-lr", "kd_weight": "--kd-weight", "lora_rank": "--lora-rank",
     "lora_targets": "--lora-targets", "grad_accum": "--ft-grad-accum", "schedule": "--ft-schedule",
     "warmup_fraction": "--ft-warmup", "train": "--ft-train", "commit_every": "--ft-commit-every",
-    "eval_every": "--ft-eval-every", "patience": "--ft-patience",
+    "eval_every": "--ft-eval-every", "patience": "--ft-patience", "teacher_cache": "--kd-cache-topk",
+    "teacher_topk": "--kd-cache-topk",
 }
 
 
@@ -276,7 +280,7 @@ def config_from_flags(
     ft_batch_size: int = 16, ft_lr: float = 1e-4, kd_weight: float = 1.0, lora_rank: int = 16,
     lora_targets: str = ",".join(LLAMA_LINEARS), ft_grad_accum: int = 1, ft_schedule: str = "constant",
     ft_warmup: float = 0.0, ft_train: str = "linears", ft_commit_every: int = 100, ft_eval_every: int = 0,
-    ft_patience: int = 0,
+    ft_patience: int = 0, kd_cache_topk: int = 0,
     zero_shot: str | None = None, zero_shot_limit: int | None = None, zero_shot_include: str | None = None,
 ) -> TierpruneConfig:
     """The one mapping of the command-line flags (snake_case) to the config, for prune, run and the demo alike.
@@ -308,7 +312,8 @@ def config_from_flags(
                                       lora_targets=parse_names(lora_targets, "--lora-targets"),
                                       grad_accum=ft_grad_accum, schedule=ft_schedule, warmup_fraction=ft_warmup,
                                       train=ft_train, commit_every=ft_commit_every, eval_every=ft_eval_every,
-                                      patience=ft_patience, seed=seed),
+                                      patience=ft_patience, seed=seed, teacher_cache=kd_cache_topk != 0,
+                                      teacher_topk=kd_cache_topk or 64),
             device=device, offload=offload,
         )
     except ValidationError as exc:

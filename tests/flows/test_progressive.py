@@ -157,3 +157,53 @@ def test_lora_recovery_merges_into_exactly_the_tier_maps_sparsity(prefect_harnes
     weights = load_file(tmp_path / "out" / "model.safetensors")
     _, masks = _checkpoint_tensors(store, exported["iteration"])
     assert all(int((weights[f"{m}.weight"][~keep] != 0).sum()) == 0 for m, keep in masks.items())
+
+
+def test_offload_streams_calibration_and_evaluation_to_the_same_result(prefect_harness, tiny_llama_dir, data_dir,
+                                                                        mem_root, monkeypatch):
+    from tierprune.flows.progressive import progressive_from_config as progressive
+    from tierprune.tasks import placement
+
+    plain = progressive(_config(tiny_llama_dir, data_dir, mem_root, "plain", ft_method="none"))
+    # A device that holds no decoder layer: evaluation streams every layer through it (CPU here).
+    monkeypatch.setattr(placement, "device_budget", lambda device: 0)
+    offloaded = progressive(_config(tiny_llama_dir, data_dir, mem_root, "offloaded", ft_method="none", offload=True))
+    assert [r["ppl"] for r in offloaded] == [r["ppl"] for r in plain]
+    assert all(r["ppl"] for r in plain)
+    a, b = RunStore(mem_root, "plain"), RunStore(mem_root, "offloaded")
+    for k in (1, 2, 3):
+        assert _final(a, k)["tiers"] == _final(b, k)["tiers"], k
+        assert _final(a, k)["checkpoint"] == _final(b, k)["checkpoint"], k
+
+
+def test_offload_refuses_fine_tuning(tiny_llama_dir, data_dir, mem_root):
+    from tierprune.tasks.run_state import check_run_inputs
+
+    with pytest.raises(TierpruneError, match="--offload .* --ft-method none"):
+        check_run_inputs(_config(tiny_llama_dir, data_dir, mem_root, "r", offload=True))
+
+
+def test_cached_teacher_logits_train_without_the_teacher_beside_the_student(prefect_harness, tiny_llama_dir, data_dir,
+                                                                            mem_root, monkeypatch):
+    from tierprune.flows.progressive import progressive_from_config as progressive
+    from tierprune.tasks import finetune
+    from tierprune.tasks.training import TeacherTopK
+
+    seen = []
+    real = finetune.finetune_model_
+
+    def spy(model, masks, train_ids, cfg, *, teacher=None, **kw):
+        seen.append((type(teacher), tuple(teacher.values.shape), teacher.values.dtype))
+        return real(model, masks, train_ids, cfg, teacher=teacher, **kw)
+
+    monkeypatch.setattr(finetune, "finetune_model_", spy)
+    rows = progressive(_config(tiny_llama_dir, data_dir, mem_root, "cached", kd_cache_topk=8))
+    # Every iteration trained against 8 stored logits per position of its 8 windows of 32 tokens.
+    assert seen == [(TeacherTopK, (8, 32, 8), torch.bfloat16)] * 3
+    assert all(r["ft tokens"] == 256 for r in rows[1:])
+    store = RunStore(mem_root, "cached")
+    steps = store.committed_steps()
+    assert not [rel for rel in steps if "/teacher-" in rel]  # scratch, dropped once each checkpoint is in
+    for k in (1, 2, 3):
+        weights, masks = _checkpoint_tensors(store, k)
+        assert all(int((weights[f"{m}.weight"][~keep] != 0).sum()) == 0 for m, keep in masks.items())
