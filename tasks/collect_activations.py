@@ -34,12 +34,10 @@ def collect_activations(model: nn.Module, calib_ids: torch.Tensor, *, batch_size
     """One row per prunable linear, in layer order; calib_ids (n_samples, seqlen) int64.
 
     walk_layers moves the model to `device` and leaves it there; offloaded, one layer at a time goes there,
-    and the model is back in CPU memory afterwards.
+    and the model stays where it lives.
     """
     stats = walk_layers(model, calib_ids, None, batch_size=batch_size, device=device, offload=offload,
                         compile=compile, on_progress=on_progress)
-    if offload:
-        model.to("cpu")  # walk_layers leaves embeddings and head on the device
     names = list(stats)
     sq_norms = [stats[n].sq_norm.detach().float().cpu().numpy() for n in names]  # (in,) each
     return pd.DataFrame({

@@ -160,11 +160,12 @@ def _cached_teacher(state: RunState, iteration: int, key: str, train_ids: torch.
         return TeacherTopK(tensors["values"], tensors["indices"])
     cached = teacher_topk_logits(state.teacher(), train_ids, ft.teacher_topk, batch_size=ft.batch_size)
     state.forget_teacher()
-    # bf16 values: a quarter of fp32's bytes at (n, L, k); the loss is a softmax over k of them
-    state.store.commit_step(uri, {"teacher.safetensors": {"values": cached.values.to(torch.bfloat16),
-                                                          "indices": cached.indices}},
+    # bf16 values, in memory as stored, so that a resumed run trains on the very numbers a fresh one does;
+    # half of fp32's bytes at (n, L, k), and the loss is a softmax over k of them
+    cached = TeacherTopK(cached.values.to(torch.bfloat16), cached.indices)
+    state.store.commit_step(uri, {"teacher.safetensors": {"values": cached.values, "indices": cached.indices}},
                             {"windows": int(train_ids.shape[0]), "topk": ft.teacher_topk})
-    return TeacherTopK(cached.values.to(torch.bfloat16), cached.indices)
+    return cached
 
 
 def _finetune_material(p: dict) -> dict:

@@ -67,7 +67,7 @@ def _non_layer_modules(model: nn.Module, layers: nn.ModuleList) -> list[nn.Modul
     return [m for m in model.modules() if id(m) not in inside]
 
 
-def _place_outside_layers(model: nn.Module, layers: nn.ModuleList, device: torch.device) -> None:
+def place_outside_layers(model: nn.Module, layers: nn.ModuleList, device: torch.device) -> None:
     """Move embeddings, norms, rotary tables, head to `device`, leaving the layers where they are."""
     for module in _non_layer_modules(model, layers):
         for tensors in (module._parameters, module._buffers):
@@ -147,14 +147,18 @@ def walk_layers(model: nn.Module, input_ids: torch.Tensor, visit: LayerVisitor |
     `compile=True` runs each layer through torch.compile (fused norms, rotary, activations): the
     statistics are then summed in fp32 and divided by N once, instead of the reference's running
     average, which changes S only by rounding. Not with `hessian`.
+
+    `offload=True`: the model lives in CPU memory; each layer visits the device in turn, embeddings and head
+    for the whole walk, and all of it is back where it was afterwards.
     """
     if compile and hessian:
         raise ValueError("compile=True gathers Σx² only; SparseGPT's Gram matrices need compile=False")
     device = torch.device(device)
     layers = decoder_layers(model)
     prefix = layers_prefix(model)
+    outside_home = next(model.parameters()).device  # offloaded: where embeddings and head go back to
     if offload:
-        _place_outside_layers(model, layers, device)
+        place_outside_layers(model, layers, device)
     else:
         model.to(device)
     inputs = capture_layer_inputs(model, input_ids, batch_size, device)
@@ -185,6 +189,8 @@ def walk_layers(model: nn.Module, input_ids: torch.Tensor, visit: LayerVisitor |
             layer.to(home)
         if on_progress is not None:
             on_progress(i + 1, len(layers))
+    if offload:
+        place_outside_layers(model, layers, outside_home)  # the whole model back where it lives
     return all_stats
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -77,13 +78,14 @@ def run_oneshot(cfg: TierpruneConfig, output: str | None = None, progress: Progr
         "settings": cfg.model_dump(mode="json"),
     }
     record["ppl"] = None
-    if eval_ids is not None:
-        with placed_for_inference(model, cfg.device, cfg.offload):
-            ppl, windows = perplexity(model, eval_ids, e.seqlen, max_windows=e.max_windows, batch_size=e.batch_size,
-                                      device=cfg.device, on_progress=tick("eval"))
-        record.update(ppl=ppl, eval_windows=windows, eval_tokens=windows * e.seqlen)
-    if e.zero_shot:
-        with placed_for_inference(model, cfg.device, cfg.offload):
+    evaluates = eval_ids is not None or bool(e.zero_shot)
+    # Placed once for both: offloaded, the layers that do not fit are streamed and everything moves back after.
+    with placed_for_inference(model, cfg.device, cfg.offload) if evaluates else nullcontext():
+        if eval_ids is not None:
+            ppl, windows = perplexity(model, eval_ids, e.seqlen, max_windows=e.max_windows,
+                                      batch_size=e.batch_size, device=cfg.device, on_progress=tick("eval"))
+            record.update(ppl=ppl, eval_windows=windows, eval_tokens=windows * e.seqlen)
+        if e.zero_shot:
             record["zero_shot"] = zero_shot_accuracy(model, tokenizer, e.zero_shot, limit=e.zero_shot_limit,
                                                      on_progress=tick("zero-shot"), task_dict=zero_shot_tasks)
     record["seconds"] = time.perf_counter() - started

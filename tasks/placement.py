@@ -8,7 +8,8 @@ hooks (which leave meta tensors behind and read weights from a separate map), th
 tensors throughout, so that later steps (demote, fine-tune, save) see it unchanged.
 
 The budget counts the layers' bytes (accelerate's compute_module_sizes); embeddings, final norm and head are
-always on the device (every forward needs them), and `reserve` is left free for activations and logits.
+always on the device (every forward needs them), and ACTIVATION_RESERVE of the free memory is left for
+activations and logits.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from torch import nn
 
 from tierprune.adapters import decoder_layers, layers_prefix
 
-from .layerwise import _place_outside_layers
+from .layerwise import place_outside_layers
 
 __all__ = ["resident_layer_count", "device_budget", "streamed", "placed_for_inference"]
 
@@ -81,7 +82,7 @@ def streamed(model: nn.Module, device: str | torch.device, *, budget: int | None
     budget = device_budget(device) if budget is None else budget
     resident = resident_layer_count(model, budget)
     try:
-        _place_outside_layers(model, layers, device)
+        place_outside_layers(model, layers, device)
         for i, layer in enumerate(layers):
             if i < resident:
                 layer.to(device)
