@@ -42,6 +42,18 @@ ROWS = {
 }
 
 
+def step_seconds(run_dir: Path) -> dict[str, float]:
+    """Compute seconds per kind of step (finetune's training loop apart), summed over the run's iterations."""
+    totals: dict[str, float] = {}
+    for commit in sorted(run_dir.glob("iter-*/*/COMMIT.json")):
+        meta = json.loads(commit.read_text()).get("meta", {})
+        kind = commit.parent.name.rsplit("-", 1)[0]
+        totals[kind] = totals.get(kind, 0.0) + float(meta.get("seconds", 0.0))
+        if "train_seconds" in meta:
+            totals["of which training"] = totals.get("of which training", 0.0) + float(meta["train_seconds"])
+    return {k: round(v, 1) for k, v in totals.items()}
+
+
 def run_row(name: str, args: argparse.Namespace) -> dict:
     kind, extra = ROWS[name]
     work = Path(args.out) / name
@@ -51,8 +63,10 @@ def run_row(name: str, args: argparse.Namespace) -> dict:
     else:
         plan = str(work / "oneshot.csv")
         Path(plan).write_text(ONE_SHOT.format(epochs=5))
+    # Rows share the machine's cores: without a cap each takes all of them for its CPU steps (tier maps).
+    threads = str(max(1, (os.cpu_count() or 1) // args.parallel))
     env = {**os.environ, "PREFECT_HOME": str(work / "prefect"), "COLUMNS": "200", "NO_COLOR": "1",
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "OMP_NUM_THREADS": threads}
     command = [sys.executable, "-m", "tierprune.cli", "run", "--plan", plan, "--store", str(work / "store"),
                "--run", name, "--model", args.model, "--device", args.device,
                "--calib", f"c4:{args.data}/c4-subset", "--eval", f"wikitext2:{args.data}/wikitext-2-raw",
@@ -75,7 +89,8 @@ def run_row(name: str, args: argparse.Namespace) -> dict:
         last = iterations[-1]
         row.update(dense_ppl=iterations[0]["ppl"], final_ppl=last["ppl"], sparsity=last["sparsity"],
                    tokens=sum(it.get("finetune_tokens") or 0 for it in iterations),
-                   per_iteration=[(it["iteration"], it.get("ppl_before_finetune"), it["ppl"]) for it in iterations])
+                   per_iteration=[(it["iteration"], it.get("ppl_before_finetune"), it["ppl"]) for it in iterations],
+                   step_seconds=step_seconds(work / "store" / name))
     else:
         row["error"] = (shown.stderr or "")[-400:]
     return row
@@ -105,8 +120,10 @@ def main() -> None:
             results.append(row)
     print("\n| row | tokens | wall s | final ppl | sparsity | dense ppl |\n|---|---|---|---|---|---|")
     for r in results:
-        print(f"| {r['row']} | {r.get('tokens', '')} | {r['wall_s']} | {r.get('final_ppl', 'failed')} | "
-              f"{r.get('sparsity', '')} | {r.get('dense_ppl', '')} |")
+        ppl = f"{r['final_ppl']:.2f}" if "final_ppl" in r else "failed"
+        sparsity = f"{r['sparsity']:.3f}" if "sparsity" in r else ""
+        dense = f"{r['dense_ppl']:.2f}" if "dense_ppl" in r else ""
+        print(f"| {r['row']} | {r.get('tokens', '')} | {r['wall_s']} | {ppl} | {sparsity} | {dense} |")
 
 
 if __name__ == "__main__":

@@ -52,8 +52,12 @@ def perplexity(model: nn.Module, ids: torch.Tensor, seqlen: int, *, max_windows:
     for start in range(0, n_windows, batch_size):
         x = windows[start:start + batch_size].to(device)
         logits = model(x, use_cache=False).logits  # (b, L, V)
-        # Loss per window, in fp32, mean over its L-1 shifted positions: as the reference.
-        loss = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), x[:, 1:], reduction="none").mean(dim=1)
+        # Loss per window, in fp32, mean over its L-1 shifted positions: as the reference. Classes in the last
+        # dimension: with them in dimension 1 (a transposed view) CUDA's log-softmax takes a strided path
+        # that cost ~0.2 s a window on an H200, 30x the model's forward.
+        b, length = x.shape
+        loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), x[:, 1:].flatten(),
+                               reduction="none").view(b, length - 1).mean(dim=1)
         losses.append(loss.cpu())
         if on_progress is not None:
             on_progress(min(start + batch_size, n_windows), n_windows)

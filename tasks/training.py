@@ -249,8 +249,14 @@ def _resolve_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> dict[str
 @torch.no_grad()
 def apply_masks_(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
     """Zero, in place, every weight whose keep-mask (out, in) is False."""
-    for module, param_mask in _resolve_masks(model, masks).values():
-        module.weight.masked_fill_(~param_mask, 0)
+    _zero_pruned_([(module, ~keep) for module, keep in _resolve_masks(model, masks).values()])
+
+
+@torch.no_grad()
+def _zero_pruned_(pruned_positions: list[tuple[nn.Module, torch.Tensor]]) -> None:
+    # (module, True where pruned), shaped like module.weight
+    for module, pruned in pruned_positions:
+        module.weight.masked_fill_(pruned, 0)
 
 
 def mask_gradients(model: nn.Module, masks: dict[str, torch.Tensor]) -> list[torch.utils.hooks.RemovableHandle]:
@@ -549,6 +555,7 @@ def finetune_model_(model: nn.Module, masks: dict[str, torch.Tensor], train_ids:
     requires_grad_before = {id(p): p.requires_grad for p in model.parameters()}
     model.requires_grad_(False)
     hooks: list[torch.utils.hooks.RemovableHandle] = []
+    pruned_positions: list[tuple[nn.Module, torch.Tensor]] = []
     if cfg.method == "lora":
         trained_model = wrap_lora(model, masks, cfg)
         trainables = {n: p for n, p in trained_model.named_parameters() if p.requires_grad}
@@ -558,6 +565,8 @@ def finetune_model_(model: nn.Module, masks: dict[str, torch.Tensor], train_ids:
         for p in trainables.values():
             p.requires_grad_(True)
         hooks = mask_gradients(model, masks)
+        # Resolved and inverted once, not at each of the steps that re-apply them.
+        pruned_positions = [(module, ~keep) for module, keep in _resolve_masks(model, masks).values()]
 
     # Master weights in fp32: AdamW steps of lr·1 on bf16 weights of ~0.02 fall below half an ulp and vanish.
     low_precision = {n: p.dtype for n, p in trainables.items() if p.dtype in (torch.bfloat16, torch.float16)}
@@ -572,8 +581,11 @@ def finetune_model_(model: nn.Module, masks: dict[str, torch.Tensor], train_ids:
     order = torch.randperm(n_windows, generator=torch.Generator().manual_seed(cfg.seed))
     decay = [p for p in trainables.values() if p.dim() >= 2]  # no decay on norms and biases, as nanoGPT
     no_decay = [p for p in trainables.values() if p.dim() < 2]
+    # Fused on CUDA: one kernel for all parameters instead of a few per tensor, where launches dominate
+    # a small model's step. The CPU keeps the default, which the bit-identical resume tests pin.
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr,
+                                  fused=True if device.type == "cuda" else None)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg, total_steps))
 
     step, best, bad_evals, seconds_before = 0, math.inf, 0, 0.0
@@ -601,7 +613,7 @@ def finetune_model_(model: nn.Module, masks: dict[str, torch.Tensor], train_ids:
             cursor = step * per_step
             step_windows = order[cursor:cursor + per_step]
             optimizer.zero_grad(set_to_none=True)
-            step_loss = 0.0
+            step_loss = torch.zeros((), device=device)
             for start in range(0, step_windows.numel(), micro):
                 index = step_windows[start:start + micro]
                 x = train_ids[index].to(device)
@@ -610,13 +622,13 @@ def finetune_model_(model: nn.Module, masks: dict[str, torch.Tensor], train_ids:
                 # A short last step weighs its micro-batches by their share of its windows.
                 weight = index.numel() / step_windows.numel()
                 (loss * weight).backward()
-                step_loss += loss.item() * weight
+                step_loss += loss.detach().float() * weight  # read once per step: each .item() waits for the device
             optimizer.step()
             scheduler.step()
             if cfg.method == "full":
-                apply_masks_(model, masks)  # weight decay and bf16 rounding must not revive a pruned weight
+                _zero_pruned_(pruned_positions)  # weight decay and bf16 rounding must not revive a pruned weight
             step += 1
-            result.losses.append(step_loss)
+            result.losses.append(step_loss.item())
             if on_progress is not None:
                 on_progress(step, total_steps)
             if val_ids is not None and cfg.eval_every and step % cfg.eval_every == 0:
