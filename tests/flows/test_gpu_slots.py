@@ -35,3 +35,54 @@ def test_a_second_run_on_the_same_gpu_waits_for_the_slot(prefect_harness, monkey
             assert cpu is None
     with concurrency(name, occupy=1, strict=True, timeout_seconds=5):  # released at the end of the block
         pass
+
+
+_HOLD = """
+import sys, time
+from pathlib import Path
+from tierprune.flows.gpu_slots import host_slot
+with host_slot("gpu-test-0", Path(sys.argv[1])):
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_a_killed_holder_frees_the_host_slot_at_once(tmp_path, caplog):
+    """The ephemeral API's slot: a run SIGKILLed while holding it must not block the next run."""
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    from tierprune.flows.gpu_slots import host_slot
+
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        taken = threading.Event()
+
+        def take() -> None:
+            with host_slot("gpu-test-0", tmp_path, poll_seconds=0.05):
+                taken.set()
+
+        with caplog.at_level("WARNING", logger="tierprune.flows.gpu_slots"):
+            waiter = threading.Thread(target=take)
+            waiter.start()
+            time.sleep(0.5)
+            assert not taken.is_set(), "the slot was taken while another process held it"
+            assert f"taken by pid {holder.pid}" in caplog.text  # the wait is said, with who holds the slot
+            holder.kill()
+            holder.wait()
+            waiter.join(timeout=10)
+        assert taken.is_set(), "the slot of a killed process was not freed"
+    finally:
+        holder.kill()
+
+
+def test_without_a_server_the_slot_is_a_file_lock_under_prefect_home(tmp_path):
+    from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
+
+    with temporary_settings(updates={PREFECT_HOME: str(tmp_path)}, restore_defaults={PREFECT_API_URL}):
+        with device_slot("cuda:0") as name:
+            lock = tmp_path / "gpu-slots" / f"{name}.lock"
+            assert lock.read_text().startswith("pid ")
