@@ -274,3 +274,23 @@ def test_same_seed_same_weights_other_seed_other_masks(data_dir, checkpoints) ->
     assert any(not torch.equal(a[n] == 0, c[n] == 0) for n in a if n.endswith("proj.weight"))
     t0, t1 = pruned(0, "tiers"), pruned(0, "tiers")
     assert all(torch.equal(t0[n], t1[n]) for n in t0)
+
+
+def test_progress_to_a_file_is_written_as_it_happens():
+    """Redirected (nohup ... > run.log, docker logs), progress must not wait for the end of the run."""
+    import io
+
+    from rich.console import Console
+
+    from tierprune import cli
+
+    out = io.StringIO()
+    lines = cli._ProgressLines(Console(file=out, width=200), every=3600)
+    lines.update("iteration 1: calibrate", 1, 30)
+    assert out.getvalue() == "", "a line per layer would flood the log"
+    lines.update("iteration 1: calibrate", 30, 30)
+    first = out.getvalue()
+    assert first.startswith("iteration 1: calibrate: 30/30 (") and first.endswith(" s)\n")
+    lines.every = 0.0  # a long stage says where it is at least every `every` seconds
+    lines.update("iteration 1: finetune", 100, 300)
+    assert out.getvalue()[len(first):].startswith("iteration 1: finetune: 100/300 (")

@@ -5,7 +5,9 @@ Bad input of any kind ends in one line on stderr and exit status 2, never a trac
 from __future__ import annotations
 
 import json
+import os
 import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
@@ -21,8 +23,10 @@ from .errors import TierpruneError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Progressive three-tier block pruning for causal language models.")
-err_console = Console(stderr=True)
-console = Console()
+# Written to a file or a pipe, rich would wrap tables at 80 columns; COLUMNS still wins when set.
+_WIDTH = None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 200
+err_console = Console(stderr=True, width=_WIDTH)
+console = Console(width=_WIDTH)
 
 
 def _print_error(message: str) -> None:
@@ -32,7 +36,10 @@ def _print_error(message: str) -> None:
 
 @contextmanager
 def _progress_bars():
-    """A rich progress bar per stage, created on first use."""
+    """A rich progress bar per stage on a terminal; plain lines, written as they happen, anywhere else."""
+    if not err_console.is_terminal:
+        yield _ProgressLines(err_console).update
+        return
     bars: dict[str, int] = {}
     with Progress(TextColumn("{task.description:>8}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=err_console, transient=False) as progress:
@@ -41,6 +48,26 @@ def _progress_bars():
                 bars[stage] = progress.add_task(stage, total=total)
             progress.update(bars[stage], completed=done, total=total)
         yield update
+
+
+class _ProgressLines:
+    """Progress for a log file or a pipe (`nohup tierprune run ... > run.log`, docker logs, a Prefect worker).
+
+    A rich progress display there renders only when it closes, so a run of hours printed nothing until it
+    ended. Instead: a line when a stage ends, and one at most every `every` seconds while it runs.
+    """
+
+    def __init__(self, out: Console, every: float = 60.0):
+        self.out, self.every = out, every
+        self.started: dict[str, float] = {}
+        self.last_line: dict[str, float] = {}
+
+    def update(self, stage: str, done: int, total: int) -> None:
+        now = time.monotonic()
+        started = self.started.setdefault(stage, now)
+        if done >= total or now - self.last_line.get(stage, started) >= self.every:
+            self.last_line[stage] = now
+            self.out.print(f"{stage}: {done}/{total} ({now - started:.1f} s)", highlight=False, soft_wrap=True)
 
 
 def _summary(record: dict) -> Table:
