@@ -77,8 +77,15 @@ def run_row(name: str, args: argparse.Namespace) -> dict:
         try:
             returncode = proc.wait(timeout=args.timeout)
         except subprocess.TimeoutExpired:  # what finished by then is still in the store: report it
-            proc.kill()
-            returncode = f"killed after {args.timeout} s"
+            # SIGTERM first: the run commits nothing half-way and frees its lock and GPU slot, so the same
+            # command resumes it; SIGKILL only if it has not stopped in a minute.
+            proc.terminate()
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            returncode = f"stopped after {args.timeout} s (rerun the same command to resume)"
     wall = time.perf_counter() - started
     row = {"row": name, "returncode": returncode, "wall_s": round(wall, 1),
            "command": " ".join(["tierprune", *command[3:]])}
