@@ -6,7 +6,7 @@ does not depend on the weights. Each variant runs a few warm-up steps, then --st
 finetune_model_ itself, and prints ms per optimizer step and training tokens per second.
 --profile also prints torch.profiler's top operators by device time for the first variant.
 
-    python benchmarks/finetune_speed.py --device cuda --variants full-kd:16x512,full-ce:16x512,lora-kd:16x512
+    python benchmarks/finetune_speed.py --device cuda --variants full-kd:16x512,full-kd:16x512:compile,lora-kd:16x512
 """
 from __future__ import annotations
 
@@ -43,14 +43,16 @@ def random_masks(model: torch.nn.Module, sparsity: float) -> dict[str, torch.Ten
 
 
 def run_variant(model, teacher, masks, spec: str, args) -> dict:
-    method_loss, shape = spec.split(":")
+    method_loss, shape, *options = spec.split(":")
     method, loss = method_loss.split("-")
     batch, seqlen = (int(v) for v in shape.split("x"))
     cfg = FinetuneConfig(method=method, kd_weight=1.0 if loss == "kd" else 0.0, batch_size=batch, seqlen=seqlen,
-                         lr=1e-4, commit_every=0)
+                         lr=1e-4, commit_every=0, compile="compile" in options)
     work = copy.deepcopy(model)
     ids = torch.randint(0, args.vocab, ((args.warmup + args.steps) * batch, seqlen))
+    started = time.perf_counter()  # the warm-up steps include a compile's tracing and code generation
     finetune_model_(work, masks, ids[: args.warmup * batch], cfg, teacher=teacher if loss == "kd" else None)
+    warmup_seconds = time.perf_counter() - started
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -59,14 +61,15 @@ def run_variant(model, teacher, masks, spec: str, args) -> dict:
     seconds = time.perf_counter() - started
     peak = torch.cuda.max_memory_allocated() / 2**30 if args.device.startswith("cuda") else float("nan")
     return {"variant": spec, "steps": result.steps, "ms_per_step": 1000 * seconds / result.steps,
-            "tokens_per_s": result.tokens / seconds, "peak_gib": peak}
+            "tokens_per_s": result.tokens / seconds, "peak_gib": peak, "warmup_s": warmup_seconds}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--variants", default="full-kd:16x512,full-ce:16x512,lora-kd:16x512,full-kd:32x512",
-                        help="METHOD-LOSS:BATCHxSEQLEN, comma separated; METHOD full|lora, LOSS kd|ce")
+                        help="METHOD-LOSS:BATCHxSEQLEN[:compile], comma separated; METHOD full|lora, LOSS kd|ce; "
+                             ":compile = --ft-compile")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--profile", action="store_true")
@@ -82,11 +85,11 @@ def main() -> None:
     teacher = copy.deepcopy(model).requires_grad_(False)
     masks = random_masks(model, 0.42)
     print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters on {args.device}", flush=True)
-    print("| variant | steps | ms/step | tokens/s | peak GiB |\n|---|---|---|---|---|", flush=True)
+    print("| variant | steps | ms/step | tokens/s | peak GiB | warm-up s |\n|---|---|---|---|---|---|", flush=True)
     for spec in args.variants.split(","):
         r = run_variant(model, teacher, masks, spec.strip(), args)
         print(f"| {r['variant']} | {r['steps']} | {r['ms_per_step']:.1f} | {r['tokens_per_s']:,.0f} | "
-              f"{r['peak_gib']:.1f} |", flush=True)
+              f"{r['peak_gib']:.1f} | {r['warmup_s']:.1f} |", flush=True)
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 

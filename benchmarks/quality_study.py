@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -70,7 +71,8 @@ def run_row(name: str, args: argparse.Namespace) -> dict:
     command = [sys.executable, "-m", "tierprune.cli", "run", "--plan", plan, "--store", str(work / "store"),
                "--run", name, "--model", args.model, "--device", args.device,
                "--calib", f"c4:{args.data}/c4-subset", "--eval", f"wikitext2:{args.data}/wikitext-2-raw",
-               "--ft-tokens", str(args.ft_tokens), "--ft-lr", str(args.lr), *(SMOKE if args.smoke else PROTOCOL), *extra]
+               "--ft-tokens", str(args.ft_tokens), "--ft-lr", str(args.lr), *(SMOKE if args.smoke else PROTOCOL), *extra,
+               *shlex.split(args.extra)]
     started = time.perf_counter()
     with open(work / "log.txt", "w") as log:
         proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -114,6 +116,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--parallel", type=int, default=4)
     parser.add_argument("--timeout", type=int, default=560)
+    parser.add_argument("--extra", default="", help='flags added to every row, e.g. "--ft-compile"')
     parser.add_argument("--smoke", action="store_true", help="tiny settings, to check the script itself")
     args = parser.parse_args()
     names = [n.strip() for n in args.rows.split(",") if n.strip()]

@@ -28,7 +28,7 @@ __all__ = ["RUN_NAME_TEMPLATE", "expand_run_name", "flow_run_name", "described",
            "CalibSamples", "CalibSeqlen", "CalibBatchSize", "Seed", "Compile", "Eval", "EvalSeqlen",
            "EvalMaxWindows", "EvalBatchSize", "ZeroShot", "ZeroShotLimit", "ZeroShotInclude", "Device", "Offload", "FtMethod", "FtData", "FtTokens", "FtSeqlen",
            "FtBatchSize", "FtLr", "FtGradAccum", "FtSchedule", "FtWarmup", "FtTrain", "FtCommitEvery", "FtEvalEvery",
-           "FtPatience", "KdWeight", "KdCacheTopk",
+           "FtPatience", "FtCompile", "KdWeight", "KdCacheTopk",
            "LoraRank", "LoraTargets"]
 
 # With the time: two runs launched from the form on one day are two runs, not one refused as "other settings".
@@ -113,6 +113,8 @@ FtEvalEvery = Annotated[int, Field(ge=0, description="Optimizer steps between he
                                                      "0: only at the start and the end")]
 FtPatience = Annotated[int, Field(ge=0, description="Held-out evaluations without improvement before fine-tuning "
                                                     "stops early (needs ft_eval_every); 0: never")]
+FtCompile = Annotated[bool, Field(description="torch.compile the training forwards (faster on a GPU, after a "
+                                             "compile of tens of seconds)")]
 KdWeight = Annotated[float, Field(ge=0.0, le=1.0, description="Distillation from the dense model: 0 = "
                                                               "cross-entropy only, 1 = distillation only")]
 KdCacheTopk = Annotated[int, Field(ge=0, description="0 = the teacher runs beside the student; K = its top-K "

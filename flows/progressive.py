@@ -20,9 +20,9 @@ from tierprune.flows.gpu_slots import device_slot
 from tierprune.flows.parameters import (
     RUN_NAME_TEMPLATE, BlockSize, Calib, CalibBatchSize, CalibSamples, CalibSeqlen, Compile, Device, Dtype, Eval,
     EvalBatchSize, EvalMaxWindows, EvalSeqlen, FtBatchSize, FtCommitEvery, FtData, FtEvalEvery, FtGradAccum, FtLr,
-    FtMethod, FtPatience, FtSchedule, FtSeqlen, FtTokens, FtTrain, FtWarmup, GgufFile, KdCacheTopk, KdWeight, LoraRank,
-    LoraTargets, Model, Offload, Plan, ResumeFrom, Run, Scope, Seed, Select, Store, Topk, ZeroShot, ZeroShotInclude,
-    ZeroShotLimit, described, flow_run_name,
+    FtCompile, FtMethod, FtPatience, FtSchedule, FtSeqlen, FtTokens, FtTrain, FtWarmup, GgufFile, KdCacheTopk,
+    KdWeight, LoraRank, LoraTargets, Model, Offload, Plan, ResumeFrom, Run, Scope, Seed, Select, Store, Topk,
+    ZeroShot, ZeroShotInclude, ZeroShotLimit, described, flow_run_name,
 )
 from tierprune.tasks.collect_activations import collect_activations_task
 from tierprune.tasks.demote import demote_task
@@ -121,6 +121,7 @@ def progressive(
     ft_commit_every: FtCommitEvery = 100,
     ft_eval_every: FtEvalEvery = 0,
     ft_patience: FtPatience = 0,
+    ft_compile: FtCompile = False,
     kd_weight: KdWeight = 1.0,
     kd_cache_topk: KdCacheTopk = 0,
     lora_rank: LoraRank = 16,

@@ -167,6 +167,9 @@ def run_identity(cfg: TierpruneConfig, plan: Plan) -> dict:
     from .zeroshot import zero_shot_identity
 
     c, e, ft = cfg.calibration, cfg.eval, cfg.finetune
+    # How often training commits its state changes no result, so a resume may choose another interval.
+    # Compiled training only when asked for: runs made before the option existed keep their identity.
+    ft_untracked = {"data", "commit_every"} | (set() if ft.compile else {"compile"})
     return {
         "model": {**model_identity(cfg.model.name, cfg.model.gguf_file), "dtype": cfg.model.dtype},
         "plan": plan.to_rows(), "plan_fingerprint": plan_fingerprint(plan),
@@ -175,8 +178,7 @@ def run_identity(cfg: TierpruneConfig, plan: Plan) -> dict:
         # Zero-shot settings only when asked for: runs made before they existed keep their identity.
         "eval": {**e.model_dump(mode="json", exclude={"data", "batch_size", *_ZERO_SHOT_FIELDS}),
                  "data": data_identity(e.data), **zero_shot_identity(e)},
-        # How often training commits its state changes no result, so a resume may choose another interval.
-        "finetune": {**ft.model_dump(mode="json", exclude={"data", "commit_every"}),
+        "finetune": {**ft.model_dump(mode="json", exclude=ft_untracked),
                      "data": data_identity(ft.data) if ft.data else None},
         "device": "cuda" if cfg.device.startswith("cuda") else "cpu",
         "offload": cfg.offload,

@@ -358,8 +358,9 @@ class TrainState:
 
 
 def _fingerprint(cfg: FinetuneConfig, train_ids: torch.Tensor, masks: dict[str, torch.Tensor]) -> dict[str, Any]:
-    # Enough to refuse resuming a state into a different run; not a hash of the data itself.
-    return {"config": cfg.model_dump(mode="json"), "train_shape": list(train_ids.shape),
+    # Enough to refuse resuming a state into a different run; not a hash of the data itself. How often states
+    # are committed and whether the forwards are compiled change how the run goes, not what it trains.
+    return {"config": cfg.model_dump(mode="json", exclude={"commit_every", "compile"}), "train_shape": list(train_ids.shape),
             "train_sum": int(train_ids.sum()), "masked_modules": sorted(masks)}
 
 
@@ -604,6 +605,10 @@ def finetune_model_(model: nn.Module, masks: dict[str, torch.Tensor], train_ids:
                 "seconds": seconds_before + time.perf_counter() - started, "fingerprint": fingerprint}
         return _capture_state(trainables, optimizer, scheduler, meta)
 
+    # Compiled forwards for the training steps only (held-out losses run the eager model): the wrappers share
+    # the modules' parameters, and every decoder layer runs the same code, so one trace serves them all.
+    step_model = torch.compile(trained_model) if cfg.compile else trained_model
+    step_teacher = torch.compile(teacher) if cfg.compile and isinstance(teacher, nn.Module) else teacher
     if val_ids is not None and state is None:
         # Where the curve starts: the loss right after pruning.
         result.val_losses.append((0, _held_out_loss(trained_model, val_ids, micro, sixteen_bit)))
@@ -618,7 +623,7 @@ def finetune_model_(model: nn.Module, masks: dict[str, torch.Tensor], train_ids:
                 index = step_windows[start:start + micro]
                 x = train_ids[index].to(device)
                 with _autocast(device, sixteen_bit):
-                    loss = _step_loss(trained_model, teacher, x, index, cfg)
+                    loss = _step_loss(step_model, step_teacher, x, index, cfg)
                 # A short last step weighs its micro-batches by their share of its windows.
                 weight = index.numel() / step_windows.numel()
                 (loss * weight).backward()

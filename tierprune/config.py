@@ -158,6 +158,9 @@ class FinetuneConfig(_Frozen):
     eval_every: int = Field(0, ge=0)  # optimizer steps between held-out losses; 0 = only at start and end
     patience: int = Field(0, ge=0)  # evaluations without improvement before stopping; 0 = never stop early
     commit_every: int = Field(100, ge=0)  # optimizer steps between committed training states; 0 = none
+    # torch.compile the training forwards (student and live teacher): a small model's step is bound by
+    # kernel launches on a GPU; costs a compile (tens of seconds) once per process and model shape.
+    compile: bool = False
 
     @model_validator(mode="after")
     def _consistent(self) -> FinetuneConfig:
@@ -252,7 +255,7 @@ _FINETUNE_FLAGS = {
     "lora_targets": "--lora-targets", "grad_accum": "--ft-grad-accum", "schedule": "--ft-schedule",
     "warmup_fraction": "--ft-warmup", "train": "--ft-train", "commit_every": "--ft-commit-every",
     "eval_every": "--ft-eval-every", "patience": "--ft-patience", "teacher_cache": "--kd-cache-topk",
-    "teacher_topk": "--kd-cache-topk",
+    "teacher_topk": "--kd-cache-topk", "compile": "--ft-compile",
 }
 
 
@@ -280,7 +283,7 @@ def config_from_flags(
     ft_batch_size: int = 16, ft_lr: float = 1e-4, kd_weight: float = 1.0, lora_rank: int = 16,
     lora_targets: str = ",".join(LLAMA_LINEARS), ft_grad_accum: int = 1, ft_schedule: str = "constant",
     ft_warmup: float = 0.0, ft_train: str = "linears", ft_commit_every: int = 100, ft_eval_every: int = 0,
-    ft_patience: int = 0, kd_cache_topk: int = 0,
+    ft_patience: int = 0, kd_cache_topk: int = 0, ft_compile: bool = False,
     zero_shot: str | None = None, zero_shot_limit: int | None = None, zero_shot_include: str | None = None,
 ) -> TierpruneConfig:
     """The one mapping of the command-line flags (snake_case) to the config, for prune, run and the demo alike.
@@ -313,7 +316,7 @@ def config_from_flags(
                                       grad_accum=ft_grad_accum, schedule=ft_schedule, warmup_fraction=ft_warmup,
                                       train=ft_train, commit_every=ft_commit_every, eval_every=ft_eval_every,
                                       patience=ft_patience, seed=seed, teacher_cache=kd_cache_topk != 0,
-                                      teacher_topk=kd_cache_topk or 64),
+                                      teacher_topk=kd_cache_topk or 64, compile=ft_compile),
             device=device, offload=offload,
         )
     except ValidationError as exc:
