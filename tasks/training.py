@@ -360,8 +360,8 @@ class TrainState:
 def _fingerprint(cfg: FinetuneConfig, train_ids: torch.Tensor, masks: dict[str, torch.Tensor]) -> dict[str, Any]:
     # Enough to refuse resuming a state into a different run; not a hash of the data itself. How often states
     # are committed and whether the forwards are compiled change how the run goes, not what it trains.
-    return {"config": cfg.model_dump(mode="json", exclude={"commit_every", "compile"}), "train_shape": list(train_ids.shape),
-            "train_sum": int(train_ids.sum()), "masked_modules": sorted(masks)}
+    return {"config": cfg.model_dump(mode="json", exclude={"commit_every", "compile"}),
+            "train_shape": list(train_ids.shape), "train_sum": int(train_ids.sum()), "masked_modules": sorted(masks)}
 
 
 def _capture_state(trainables: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer,
