@@ -6,7 +6,7 @@ from tierprune.storage.runstore import RunStore, StepStatus, run_names
 
 from .recovery import recovery_pct
 
-__all__ = ["split_run_uri", "list_runs", "run_summary", "summary_json", "verify_run"]
+__all__ = ["split_run_uri", "list_runs", "run_summary", "in_progress", "summary_json", "verify_run"]
 
 
 def split_run_uri(uri: str) -> RunStore:
@@ -75,6 +75,28 @@ def run_summary(store: RunStore, deep: bool = True) -> list[dict]:
     return [rows[k] for k in sorted(rows)]
 
 
+def in_progress(store: RunStore) -> dict | None:
+    """The iteration after the last finished one, if any of its steps is committed: what a rerun resumes from.
+
+    {"iteration", "steps": [step kinds committed, in the order the manifest has them], "finetune_step",
+    "finetune_steps"} (the last committed training state's step and the iteration's total, or None).
+    """
+    by_iteration: dict[int, dict[str, dict]] = {}
+    for rel, step in store.committed_steps().items():
+        folder, _, name = rel.partition("/")
+        if folder.startswith("iter-") and name:
+            by_iteration.setdefault(int(folder.removeprefix("iter-")), {})[name] = step
+    finished = [k for k, steps in by_iteration.items() if any(n.startswith("iteration-") for n in steps)]
+    pending = sorted(k for k in by_iteration if k > max(finished, default=-1))
+    if not pending:
+        return None
+    k = pending[0]
+    kinds = list(dict.fromkeys(name.rsplit("-", 1)[0] for name in by_iteration[k]))
+    states = [(step.get("meta") or {}) for name, step in by_iteration[k].items() if name.startswith("trainstate-")]
+    last = max(states, key=lambda meta: meta.get("step", 0), default={})
+    return {"iteration": k, "steps": kinds, "finetune_step": last.get("step"), "finetune_steps": last.get("of")}
+
+
 def _finetune_summary(store: RunStore, record: dict, ppl: float | None) -> dict:
     """The iteration's ppl before fine-tuning and the tokens trained, from its finetune step's COMMIT.json."""
     meta = store.step_meta(f"{store.uri}/{record['checkpoint']['rel']}")
@@ -132,13 +154,15 @@ def list_runs(root: str) -> list[dict]:
 
 
 def summary_json(store: RunStore) -> dict:
-    """`runs show --json`: {"run", "iterations": [{"iteration", "ppl", "ppl_before_finetune", "finetune_tokens",
-    "sparsity", "tiers", "seconds", ...}, ...]}.
+    """`runs show --json`: {"run", "in_progress", "iterations": [{"iteration", "ppl", "ppl_before_finetune",
+    "finetune_tokens", "sparsity", "tiers", "seconds", ...}, ...]}.
+
+    in_progress: the unfinished iteration a rerun resumes (see in_progress), or null.
 
     recovery_pct is the ppl's recovery in % of dense (null with recovery.reason when unknown); zero_shot the
     accuracies when asked for (else null); recovery the eval record's whole entry, zero-shot tasks included.
     """
-    return {"run": store.uri, "iterations": [
+    return {"run": store.uri, "in_progress": in_progress(store), "iterations": [
         {"iteration": r["iteration"], "ppl": r["ppl"], "ppl_before_finetune": r["ppl_before_finetune"],
          "finetune_tokens": r["finetune_tokens"], "sparsity": r["sparsity"], "tiers": r["tiers"],
          "seconds": r["seconds"], "status": r["status"], "uri": r["uri"], "finished": r["finished"],

@@ -352,6 +352,12 @@ def runs_show(run_uri: str = typer.Argument(..., help="STORE/RUN"),
     for reason in sorted(reasons):
         console.print(f"no recovery %: {reason}", soft_wrap=True, highlight=False, markup=False)
     _print_uris(summary["iterations"])
+    pending = summary["in_progress"]
+    if pending:
+        training = (f"; fine-tuning committed at step {pending['finetune_step']} of {pending['finetune_steps']}"
+                    if pending["finetune_step"] else "")
+        console.print(f"iteration {pending['iteration']}: unfinished, committed {', '.join(pending['steps'])}"
+                      f"{training}; rerun the run's command to resume", soft_wrap=True, highlight=False, markup=False)
 
 
 @runs_app.command("export")
