@@ -513,6 +513,30 @@ def _step_loss(model: nn.Module, teacher: nn.Module | TeacherTopK | None, x: tor
     return loss
 
 
+def _compile_repeated_blocks(*models: nn.Module | TeacherTopK | None) -> list[nn.Module]:
+    """Compile, in place, every block of each model's stacks of identical blocks (a LLaMA's decoder layers).
+
+    Regional compilation: the layers of a stack run the same code, so one trace (one for the student's
+    fp32 trainable weights, one for the frozen teacher's) serves all 30 of them, where compiling the whole
+    model would trace and generate code for every layer: a compile of seconds, not minutes. The loss, the
+    embeddings and the LM head stay eager. Returns the blocks, whose `_compiled_call_impl` the caller resets.
+    """
+    blocks: list[nn.Module] = []
+    inside: set[int] = set()  # modules within a chosen block: an inner stack (MoE experts) is compiled with it
+    for model in models:
+        if not isinstance(model, nn.Module):
+            continue
+        for stack in model.modules():
+            if id(stack) in inside or not isinstance(stack, nn.ModuleList) or len(stack) < 2:
+                continue
+            if len({type(block) for block in stack}) == 1:
+                for block in stack:
+                    block.compile()
+                    blocks.append(block)
+                    inside.update(id(m) for m in block.modules())
+    return blocks
+
+
 def finetune_model_(model: nn.Module, masks: dict[str, torch.Tensor], train_ids: torch.Tensor, cfg: FinetuneConfig, *,
                     teacher: nn.Module | TeacherTopK | None = None, val_ids: torch.Tensor | None = None,
                     state: TrainState | None = None,
@@ -605,10 +629,8 @@ def finetune_model_(model: nn.Module, masks: dict[str, torch.Tensor], train_ids:
                 "seconds": seconds_before + time.perf_counter() - started, "fingerprint": fingerprint}
         return _capture_state(trainables, optimizer, scheduler, meta)
 
-    # Compiled forwards for the training steps only (held-out losses run the eager model): the wrappers share
-    # the modules' parameters, and every decoder layer runs the same code, so one trace serves them all.
-    step_model = torch.compile(trained_model) if cfg.compile else trained_model
-    step_teacher = torch.compile(teacher) if cfg.compile and isinstance(teacher, nn.Module) else teacher
+    # Compiled blocks for the training steps only (held-out losses run eager); undone in `finally`.
+    compiled_blocks = _compile_repeated_blocks(trained_model, teacher) if cfg.compile else []
     if val_ids is not None and state is None:
         # Where the curve starts: the loss right after pruning.
         result.val_losses.append((0, _held_out_loss(trained_model, val_ids, micro, sixteen_bit)))
@@ -623,7 +645,7 @@ def finetune_model_(model: nn.Module, masks: dict[str, torch.Tensor], train_ids:
                 index = step_windows[start:start + micro]
                 x = train_ids[index].to(device)
                 with _autocast(device, sixteen_bit):
-                    loss = _step_loss(step_model, step_teacher, x, index, cfg)
+                    loss = _step_loss(trained_model, teacher, x, index, cfg)
                 # A short last step weighs its micro-batches by their share of its windows.
                 weight = index.numel() / step_windows.numel()
                 (loss * weight).backward()
@@ -647,6 +669,8 @@ def finetune_model_(model: nn.Module, masks: dict[str, torch.Tensor], train_ids:
             if on_step is not None and cfg.commit_every and (step % cfg.commit_every == 0 or step == total_steps):
                 on_step(snapshot())
     finally:
+        for block in compiled_blocks:
+            block._compiled_call_impl = None  # back to the eager forward (nn.Module.compile's own slot)
         for h in hooks:
             h.remove()
         with torch.no_grad():

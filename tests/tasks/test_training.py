@@ -321,8 +321,17 @@ def test_compiled_training_matches_eager_and_keeps_the_masks(method: str) -> Non
         model = make_tiny_llama()
         masks = random_masks(model)
         cfg = FinetuneConfig(method=method, lr=5e-3, batch_size=4, kd_weight=0.5, lora_rank=4, compile=compiled)
-        result = finetune_model_(model, masks, ids, cfg, teacher=teacher)
+        compiled_during = []  # decoder layers (student's and teacher's) compiled while it trains
+
+        def count_compiled(step: int, total: int) -> None:
+            compiled_during.append(sum(getattr(m, "_compiled_call_impl", None) is not None
+                                       for net in (model, teacher) for m in net.modules()))
+
+        result = finetune_model_(model, masks, ids, cfg, teacher=teacher, on_progress=count_compiled)
         assert pruned_nonzeros(model, masks) == 0
+        layers = 2 * len(model.model.layers)
+        assert compiled_during == [layers if compiled else 0] * 3
+        assert not any(getattr(m, "_compiled_call_impl", None) for net in (model, teacher) for m in net.modules())
         runs[compiled] = (params(model), result.losses)
     (eager, eager_losses), (fast, fast_losses) = runs[False], runs[True]
     assert len(fast_losses) == len(eager_losses) == 3
