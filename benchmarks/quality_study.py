@@ -8,12 +8,15 @@ Rows run side by side (a 135M model leaves an H200 mostly idle), each in its own
 wall times are therefore those of shared runs. Prints one JSON line per row and a markdown table.
 
     python benchmarks/quality_study.py --model PATH.gguf --data DATA_DIR --out OUT [--rows a,b] [--device cuda]
+
+A row is a name below, optionally with variants: progressive-kd+ft-lr=3e-4+ft-compile+plan=NAME|PATH.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -55,11 +58,36 @@ def step_seconds(run_dir: Path) -> dict[str, float]:
     return {k: round(v, 1) for k, v in totals.items()}
 
 
-def run_row(name: str, args: argparse.Namespace) -> dict:
-    kind, extra = ROWS[name]
+def parse_row(spec: str) -> tuple[str, str, list[str], str | None]:
+    """'NAME[+FLAG=VALUE...]' -> (folder/run name, row kind, flags, plan or None).
+
+    A variant adds or overrides `tierprune run` flags of a named row, e.g. progressive-kd+ft-lr=3e-4+ft-schedule=cosine;
+    a bare FLAG is a switch (ft-compile); plan=NAME|PATH (a shipped plan or a file) replaces the row's plan.
+    """
+    name, *variants = spec.split("+")
+    if name not in ROWS:
+        raise ValueError(f"unknown row {name!r}; known: {', '.join(ROWS)}")
+    kind, flags = ROWS[name]
+    flags, plan = list(flags), None
+    for variant in variants:
+        key, sep, value = variant.partition("=")
+        if not key or (sep and not value):
+            raise ValueError(f"row variant {variant!r} in {spec!r} is not FLAG=VALUE or a bare FLAG")
+        if key == "plan":
+            plan = value
+        else:
+            flags += [f"--{key}", value] if sep else [f"--{key}"]  # the last of a repeated typer option wins
+    folder = re.sub(r"[^A-Za-z0-9._-]+", "_", spec)
+    return folder, kind, flags, plan
+
+
+def run_row(spec: str, args: argparse.Namespace) -> dict:
+    name, kind, extra, plan = parse_row(spec)
     work = Path(args.out) / name
     work.mkdir(parents=True, exist_ok=True)
-    if kind == "progressive":
+    if plan is not None:
+        pass
+    elif kind == "progressive":
         plan = str(PLANS / "llama2-5iter.csv")
     else:
         plan = str(work / "oneshot.csv")
@@ -89,7 +117,7 @@ def run_row(name: str, args: argparse.Namespace) -> dict:
                 proc.wait()
             returncode = f"stopped after {args.timeout} s (rerun the same command to resume)"
     wall = time.perf_counter() - started
-    row = {"row": name, "returncode": returncode, "wall_s": round(wall, 1),
+    row = {"row": spec, "returncode": returncode, "wall_s": round(wall, 1),
            "command": " ".join(["tierprune", *command[3:]])}
     shown = subprocess.run([sys.executable, "-m", "tierprune.cli", "runs", "show", str(work / "store" / name),
                             "--json"], capture_output=True, text=True, env=env)
@@ -102,6 +130,8 @@ def run_row(name: str, args: argparse.Namespace) -> dict:
                    step_seconds=step_seconds(work / "store" / name))
     else:
         row["error"] = (shown.stderr or "")[-400:]
+    if returncode != 0:
+        row["log_tail"] = (work / "log.txt").read_text(errors="replace")[-600:]
     return row
 
 
@@ -120,9 +150,11 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny settings, to check the script itself")
     args = parser.parse_args()
     names = [n.strip() for n in args.rows.split(",") if n.strip()]
-    unknown = sorted(set(names) - set(ROWS))
-    if unknown:
-        sys.exit(f"error: unknown rows {unknown}; known: {', '.join(ROWS)}")
+    try:
+        for spec in names:
+            parse_row(spec)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
     results = []
     with ThreadPoolExecutor(max_workers=args.parallel) as pool:
         for row in pool.map(lambda n: run_row(n, args), names):

@@ -125,5 +125,5 @@ def test_plan_by_name_is_the_shipped_file():
     assert {"smoke", "llama2-5iter"} <= set(shipped_plans())
     shipped = files("tierprune.schedules") / "plans" / "llama2-5iter.csv"
     assert load_plan("llama2-5iter") == load_plan(str(shipped))
-    with pytest.raises(TierpruneError, match=r"nor a shipped plan \(llama2-5iter, smoke"):
+    with pytest.raises(TierpruneError, match=r"nor a shipped plan \(llama2-5iter-backloaded, llama2-5iter, smoke"):
         load_plan("smokey")
