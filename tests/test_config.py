@@ -34,3 +34,24 @@ def test_bad_fine_tuning_flags_are_one_line(flags, fragment):
     with pytest.raises(TierpruneError, match=fragment) as info:
         config_from_flags(**RUN, **flags)
     assert "\n" not in str(info.value)
+
+
+def test_the_default_recipe_is_the_measured_one_everywhere():
+    """lr 1e-3, cosine after a 5% warm-up (the H200 sweep): the same in the config, the flags and `tierprune run`."""
+    import inspect
+
+    from tierprune import cli
+
+    ft = FinetuneConfig()
+    assert (ft.lr, ft.schedule, ft.warmup_fraction) == (1e-3, "cosine", 0.05)
+    flags = inspect.signature(config_from_flags).parameters
+    options = inspect.signature(cli.run).parameters
+    for flag in ("ft_lr", "ft_schedule", "ft_warmup"):
+        assert options[flag].default.default == flags[flag].default, flag
+    # A warm-up in steps replaces the default fraction; both given explicitly is still an error.
+    assert FinetuneConfig(warmup_steps=3).warmup_steps == 3
+    with pytest.raises(ValueError, match="not both"):
+        FinetuneConfig(warmup_steps=3, warmup_fraction=0.1)
+    # The demo keeps the constant 5e-4 its measured numbers were taken with.
+    assert (cli.DEMO_FINETUNE["ft_lr"], cli.DEMO_FINETUNE["ft_schedule"], cli.DEMO_FINETUNE["ft_warmup"]) == (
+        5e-4, "constant", 0.0)

@@ -176,8 +176,8 @@ def _demo_data(data: str | None) -> tuple[str, str, str]:
 
 # Recovery that fits the demo's 10 minutes on 2 cores: full masked fine-tuning with distillation from the dense
 # model, at a learning rate raised for the tiny budget (README: "Recovery settings" has the measurements).
-DEMO_FINETUNE = {"ft_method": "full", "kd_weight": 1.0, "ft_lr": 5e-4, "ft_seqlen": 256, "ft_batch_size": 4,
-                 "ft_tokens": 81_920}  # × the smoke plan's 0.1 epochs = 8,192 tokens (8 steps) per iteration
+DEMO_FINETUNE = {"ft_method": "full", "kd_weight": 1.0, "ft_lr": 5e-4, "ft_schedule": "constant", "ft_warmup": 0.0,
+                 "ft_seqlen": 256, "ft_batch_size": 4, "ft_tokens": 81_920}  # × the smoke plan's 0.1 epochs = 8,192 tokens (8 steps) per iteration
 
 
 @app.command()
@@ -290,9 +290,9 @@ def run(
         None, help="fine-tuning corpus spec [default: the calibration corpus minus the documents it drew]"),
     ft_tokens: int = typer.Option(2_457_600, help="training tokens per plan epoch (an iteration trains epochs × N)"),
     ft_seqlen: int = typer.Option(512), ft_batch_size: int = typer.Option(16, help="windows per forward"),
-    ft_lr: float = typer.Option(1e-4), ft_grad_accum: int = typer.Option(1, help="forwards per optimizer step"),
-    ft_schedule: str = typer.Option("constant", help="constant | cosine | linear, after the warm-up"),
-    ft_warmup: float = typer.Option(0.0, help="warm-up as a fraction of an iteration's steps"),
+    ft_lr: float = typer.Option(1e-3), ft_grad_accum: int = typer.Option(1, help="forwards per optimizer step"),
+    ft_schedule: str = typer.Option("cosine", help="constant | cosine | linear, after the warm-up"),
+    ft_warmup: float = typer.Option(0.05, help="warm-up as a fraction of an iteration's steps"),
     ft_train: str = typer.Option("linears", help="what full fine-tuning updates: linears | all_but_embeddings | all"),
     ft_commit_every: int = typer.Option(100, help="optimizer steps between committed training states (resume)"),
     ft_eval_every: int = typer.Option(0, help="optimizer steps between held-out losses (WikiText-2 valid); 0 = ends"),
