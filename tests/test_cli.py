@@ -285,12 +285,15 @@ def test_progress_to_a_file_is_written_as_it_happens():
     from tierprune import cli
 
     out = io.StringIO()
-    lines = cli._ProgressLines(Console(file=out, width=200), every=3600)
+    import time
+
+    lines = cli._ProgressLines(Console(file=out, width=200), every=3600, clock_start=time.monotonic() - 125)
     lines.update("iteration 1: calibrate", 1, 30)
     assert out.getvalue() == "", "a line per layer would flood the log"
     lines.update("iteration 1: calibrate", 30, 30)
     first = out.getvalue()
-    assert first.startswith("iteration 1: calibrate: 30/30 (") and first.endswith(" s)\n")
+    # the seconds since the command started lead the line: where a log's time went between stages
+    assert first.startswith("[+125 s] iteration 1: calibrate: 30/30 (") and first.endswith(" s)\n")
     lines.every = 0.0  # a long stage says where it is at least every `every` seconds
     lines.update("iteration 1: finetune", 100, 300)
-    assert out.getvalue()[len(first):].startswith("iteration 1: finetune: 100/300 (")
+    assert out.getvalue()[len(first):].startswith("[+125 s] iteration 1: finetune: 100/300 (")

@@ -21,6 +21,8 @@ from rich.text import Text
 from .config import TierpruneConfig, config_from_flags
 from .errors import TierpruneError
 
+_COMMAND_STARTED = time.monotonic()  # the run clock of progress lines: imported as the command starts
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Progressive three-tier block pruning for causal language models.")
 # Written to a file or a pipe, rich would wrap tables at 80 columns; COLUMNS still wins when set.
@@ -54,11 +56,13 @@ class _ProgressLines:
     """Progress for a log file or a pipe (`nohup tierprune run ... > run.log`, docker logs, a Prefect worker).
 
     A rich progress display there renders only when it closes, so a run of hours printed nothing until it
-    ended. Instead: a line when a stage ends, and one at most every `every` seconds while it runs.
+    ended. Instead: a line when a stage ends, and one at most every `every` seconds while it runs. Each line
+    starts with the seconds since the command started, so a log shows where the time went between stages.
     """
 
-    def __init__(self, out: Console, every: float = 60.0):
+    def __init__(self, out: Console, every: float = 60.0, clock_start: float | None = None):
         self.out, self.every = out, every
+        self.clock_start = _COMMAND_STARTED if clock_start is None else clock_start
         self.started: dict[str, float] = {}
         self.last_line: dict[str, float] = {}
 
@@ -67,7 +71,8 @@ class _ProgressLines:
         started = self.started.setdefault(stage, now)
         if done >= total or now - self.last_line.get(stage, started) >= self.every:
             self.last_line[stage] = now
-            self.out.print(f"{stage}: {done}/{total} ({now - started:.1f} s)", highlight=False, soft_wrap=True)
+            self.out.print(f"[+{now - self.clock_start:.0f} s] {stage}: {done}/{total} ({now - started:.1f} s)",
+                           highlight=False, soft_wrap=True)
 
 
 def _summary(record: dict) -> Table:
