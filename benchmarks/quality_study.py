@@ -83,10 +83,10 @@ def parse_row(spec: str) -> tuple[str, str, list[str], str | None]:
 
 def run_row(spec: str, args: argparse.Namespace) -> dict:
     name, kind, extra, plan = parse_row(spec)
-    work = Path(args.out) / name
+    work = Path(args.out).resolve() / name
     work.mkdir(parents=True, exist_ok=True)
     if plan is not None:
-        pass
+        plan = str(Path(plan).resolve()) if Path(plan).is_file() else plan  # a file, or a shipped plan's name
     elif kind == "progressive":
         plan = str(PLANS / "llama2-5iter.csv")
     else:
@@ -96,14 +96,19 @@ def run_row(spec: str, args: argparse.Namespace) -> dict:
     threads = str(max(1, (os.cpu_count() or 1) // args.parallel))
     env = {**os.environ, "PREFECT_HOME": str(work / "prefect"), "COLUMNS": "200", "NO_COLOR": "1",
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "OMP_NUM_THREADS": threads}
+    model = str(Path(args.model).resolve()) if Path(args.model).exists() else args.model  # a file or a hub name
+    data = Path(args.data).resolve()
+    lr = ["--ft-lr", str(args.lr)] if args.lr is not None else []  # a row's own --ft-lr comes later and wins
     command = [sys.executable, "-m", "tierprune.cli", "run", "--plan", plan, "--store", str(work / "store"),
-               "--run", name, "--model", args.model, "--device", args.device,
-               "--calib", f"c4:{args.data}/c4-subset", "--eval", f"wikitext2:{args.data}/wikitext-2-raw",
-               "--ft-tokens", str(args.ft_tokens), "--ft-lr", str(args.lr), *(SMOKE if args.smoke else PROTOCOL), *extra,
+               "--run", name, "--model", model, "--device", args.device,
+               "--calib", f"c4:{data}/c4-subset", "--eval", f"wikitext2:{data}/wikitext-2-raw",
+               "--ft-tokens", str(args.ft_tokens), *lr, *(SMOKE if args.smoke else PROTOCOL), *extra,
                *shlex.split(args.extra)]
     started = time.perf_counter()
     with open(work / "log.txt", "w") as log:
-        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+        # cwd: the row's folder, so that `-m tierprune.cli` imports the installed package even when the script
+        # is started from a source checkout, whose top-level tierprune/ folder holds only part of it.
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=work)
         try:
             returncode = proc.wait(timeout=args.timeout)
         except subprocess.TimeoutExpired:  # what finished by then is still in the store: report it
@@ -120,7 +125,7 @@ def run_row(spec: str, args: argparse.Namespace) -> dict:
     row = {"row": spec, "returncode": returncode, "wall_s": round(wall, 1),
            "command": " ".join(["tierprune", *command[3:]])}
     shown = subprocess.run([sys.executable, "-m", "tierprune.cli", "runs", "show", str(work / "store" / name),
-                            "--json"], capture_output=True, text=True, env=env)
+                            "--json"], capture_output=True, text=True, env=env, cwd=work)
     if shown.returncode == 0:
         iterations = json.loads(shown.stdout)["iterations"]
         last = iterations[-1]
@@ -143,7 +148,8 @@ def main() -> None:
     parser.add_argument("--rows", default=",".join(ROWS))
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--ft-tokens", type=int, default=2_457_600, help="per plan epoch (300 × 16 × 512)")
-    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--lr", type=float, default=None,
+                        help="--ft-lr for every row without its own (default: tierprune run's; the study's first tables used 1e-4)")
     parser.add_argument("--parallel", type=int, default=4)
     parser.add_argument("--timeout", type=int, default=560)
     parser.add_argument("--extra", default="", help='flags added to every row, e.g. "--ft-compile"')
