@@ -352,21 +352,21 @@ def test_compiled_training_of_a_gpt2_compiles_its_blocks_and_keeps_the_masks() -
                             bos_token_id=0, eos_token_id=0, use_cache=False)
         return GPT2LMHeadModel(config).eval()
 
-    teacher, ids = gpt2(1), token_windows(8, seqlen=16)
+    ids = token_windows(8, seqlen=16)  # cross-entropy only: no teacher to compile, half the compile time
     runs = {}
     for compiled in (False, True):
         model = gpt2(0)
         masks = random_masks(model)
-        cfg = FinetuneConfig(method="full", lr=5e-3, batch_size=4, kd_weight=0.5, compile=compiled)
+        cfg = FinetuneConfig(method="full", lr=5e-3, batch_size=4, kd_weight=0.0, compile=compiled)
         compiled_during = []
 
         def count_compiled(step: int, total: int) -> None:
             compiled_during.append(sum(getattr(m, "_compiled_call_impl", None) is not None
-                                       for net in (model, teacher) for m in net.modules()))
+                                       for m in model.modules()))
 
-        result = finetune_model_(model, masks, ids, cfg, teacher=teacher, on_progress=count_compiled)
+        result = finetune_model_(model, masks, ids, cfg, on_progress=count_compiled)
         assert pruned_nonzeros(model, masks) == 0
-        assert compiled_during == [2 * len(model.transformer.h) if compiled else 0] * 2
+        assert compiled_during == [len(model.transformer.h) if compiled else 0] * 2
         runs[compiled] = result.losses
     assert runs[True] == pytest.approx(runs[False], rel=1e-2)  # rounding, through Adam: see the LLaMA test
 
