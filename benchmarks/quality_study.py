@@ -149,7 +149,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--ft-tokens", type=int, default=2_457_600, help="per plan epoch (300 × 16 × 512)")
     parser.add_argument("--lr", type=float, default=None,
-                        help="--ft-lr for every row without its own (default: tierprune run's; the study's first tables used 1e-4)")
+                        help="--ft-lr for every row without its own (default: tierprune run's; "
+                             "the study's first tables used 1e-4)")
     parser.add_argument("--parallel", type=int, default=4)
     parser.add_argument("--timeout", type=int, default=560)
     parser.add_argument("--extra", default="", help='flags added to every row, e.g. "--ft-compile"')

@@ -279,14 +279,13 @@ def test_same_seed_same_weights_other_seed_other_masks(data_dir, checkpoints) ->
 def test_progress_to_a_file_is_written_as_it_happens():
     """Redirected (nohup ... > run.log, docker logs), progress must not wait for the end of the run."""
     import io
+    import time
 
     from rich.console import Console
 
     from tierprune import cli
 
     out = io.StringIO()
-    import time
-
     lines = cli._ProgressLines(Console(file=out, width=200), every=3600, clock_start=time.monotonic() - 125)
     lines.update("iteration 1: calibrate", 1, 30)
     assert out.getvalue() == "", "a line per layer would flood the log"
