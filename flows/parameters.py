@@ -27,7 +27,8 @@ __all__ = ["RUN_NAME_TEMPLATE", "expand_run_name", "flow_run_name", "described",
            "Method", "Pattern", "Sparsity", "BlockSize", "Tiers", "Topk", "Select", "Scope", "Calib",
            "CalibSamples", "CalibSeqlen", "CalibBatchSize", "Seed", "Compile", "Eval", "EvalSeqlen",
            "EvalMaxWindows", "EvalBatchSize", "ZeroShot", "ZeroShotLimit", "ZeroShotInclude", "Device", "Offload", "FtMethod", "FtData", "FtTokens", "FtSeqlen",
-           "FtBatchSize", "FtLr", "FtGradAccum", "FtSchedule", "FtWarmup", "FtTrain", "FtCommitEvery", "FtEvalEvery",
+           "FtBatchSize", "FtLr", "FtGradAccum", "FtSchedule", "FtWarmup", "FtTrain", "FtCommitEvery", "FtCommitMinutes",
+           "FtEvalEvery",
            "FtPatience", "FtCompile", "KdWeight", "KdCacheTopk",
            "LoraRank", "LoraTargets"]
 
@@ -107,8 +108,11 @@ FtSchedule = Annotated[Literal["constant", "cosine", "linear"],
 FtWarmup = Annotated[float, Field(ge=0.0, lt=1.0, description="Warm-up as a fraction of an iteration's steps")]
 FtTrain = Annotated[Literal["linears", "all_but_embeddings", "all"],
                     Field(description="What full fine-tuning updates")]
-FtCommitEvery = Annotated[int, Field(ge=0, description="Optimizer steps between committed training states (a "
-                                                       "killed run resumes from the last one); 0: none")]
+FtCommitEvery = Annotated[int | None, Field(ge=0, description="Optimizer steps between committed training states "
+                                                              "(a killed run resumes from the last one); 0: none; "
+                                                              "empty: by time (ft_commit_minutes)")]
+FtCommitMinutes = Annotated[float, Field(ge=0, description="Minutes of training between committed training states "
+                                                           "when ft_commit_every is empty; 0: none")]
 FtEvalEvery = Annotated[int, Field(ge=0, description="Optimizer steps between held-out losses during fine-tuning; "
                                                      "0: only at the start and the end")]
 FtPatience = Annotated[int, Field(ge=0, description="Held-out evaluations without improvement before fine-tuning "

@@ -19,10 +19,10 @@ from tierprune.config import TierpruneConfig, config_from_flags
 from tierprune.flows.gpu_slots import device_slot
 from tierprune.flows.parameters import (
     RUN_NAME_TEMPLATE, BlockSize, Calib, CalibBatchSize, CalibSamples, CalibSeqlen, Compile, Device, Dtype, Eval,
-    EvalBatchSize, EvalMaxWindows, EvalSeqlen, FtBatchSize, FtCommitEvery, FtData, FtEvalEvery, FtGradAccum, FtLr,
-    FtCompile, FtMethod, FtPatience, FtSchedule, FtSeqlen, FtTokens, FtTrain, FtWarmup, GgufFile, KdCacheTopk,
-    KdWeight, LoraRank, LoraTargets, Model, Offload, Plan, ResumeFrom, Run, Scope, Seed, Select, Store, Topk,
-    ZeroShot, ZeroShotInclude, ZeroShotLimit, described, flow_run_name,
+    EvalBatchSize, EvalMaxWindows, EvalSeqlen, FtBatchSize, FtCommitEvery, FtCommitMinutes, FtCompile, FtData,
+    FtEvalEvery, FtGradAccum, FtLr, FtMethod, FtPatience, FtSchedule, FtSeqlen, FtTokens, FtTrain, FtWarmup,
+    GgufFile, KdCacheTopk, KdWeight, LoraRank, LoraTargets, Model, Offload, Plan, ResumeFrom, Run, Scope, Seed,
+    Select, Store, Topk, ZeroShot, ZeroShotInclude, ZeroShotLimit, described, flow_run_name,
 )
 from tierprune.tasks.collect_activations import collect_activations_task
 from tierprune.tasks.demote import demote_task
@@ -118,7 +118,8 @@ def progressive(
     ft_schedule: FtSchedule = "cosine",
     ft_warmup: FtWarmup = 0.05,
     ft_train: FtTrain = "linears",
-    ft_commit_every: FtCommitEvery = 100,
+    ft_commit_every: FtCommitEvery = None,
+    ft_commit_minutes: FtCommitMinutes = 10.0,
     ft_eval_every: FtEvalEvery = 0,
     ft_patience: FtPatience = 0,
     ft_compile: FtCompile = False,

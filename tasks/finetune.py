@@ -191,7 +191,9 @@ def _train(state: RunState, iteration: int, key: str, model: nn.Module, tokenize
     stream, corpus = state.finetune_corpus
     # Each iteration its own draw of windows (the seed moves with the iteration), from the same documents.
     train_ids = draw_windows(stream, ft.seqlen, n_tokens, seed=ft.seed * 1000 + iteration)
-    val_ids = _held_out_ids(state.cfg, tokenizer)
+    if state.held_out_ids is None:  # tokenized once per process, like the evaluation text
+        state.held_out_ids = (_held_out_ids(state.cfg, tokenizer),)
+    val_ids = state.held_out_ids[0]
     resumed = _latest_train_state(state, iteration, key)
     if resumed is None:
         apply_masks_(model, masks)

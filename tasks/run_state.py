@@ -66,6 +66,7 @@ class RunState:
         self._teacher: nn.Module | None = None
         self.eval_ids: torch.Tensor | None = None  # (1, T) evaluation tokens, tokenized once per run state
         self.finetune_corpus: tuple[torch.Tensor, dict] | None = None  # fine-tuning tokens (T,) and their summary
+        self.held_out_ids: tuple[torch.Tensor | None] | None = None  # (held-out windows or None,), once per state
 
     @property
     def identity(self) -> dict:
@@ -169,7 +170,7 @@ def run_identity(cfg: TierpruneConfig, plan: Plan) -> dict:
     c, e, ft = cfg.calibration, cfg.eval, cfg.finetune
     # How often training commits its state changes no result, so a resume may choose another interval.
     # Compiled training only when asked for: runs made before the option existed keep their identity.
-    ft_untracked = {"data", "commit_every"} | (set() if ft.compile else {"compile"})
+    ft_untracked = {"data", "commit_every", "commit_minutes"} | (set() if ft.compile else {"compile"})
     return {
         "model": {**model_identity(cfg.model.name, cfg.model.gguf_file), "dtype": cfg.model.dtype},
         "plan": plan.to_rows(), "plan_fingerprint": plan_fingerprint(plan),

@@ -360,7 +360,7 @@ class TrainState:
 def _fingerprint(cfg: FinetuneConfig, train_ids: torch.Tensor, masks: dict[str, torch.Tensor]) -> dict[str, Any]:
     # Enough to refuse resuming a state into a different run; not a hash of the data itself. How often states
     # are committed and whether the forwards are compiled change how the run goes, not what it trains.
-    return {"config": cfg.model_dump(mode="json", exclude={"commit_every", "compile"}),
+    return {"config": cfg.model_dump(mode="json", exclude={"commit_every", "commit_minutes", "compile"}),
             "train_shape": list(train_ids.shape), "train_sum": int(train_ids.sum()), "masked_modules": sorted(masks)}
 
 
@@ -537,6 +537,13 @@ def _compile_repeated_blocks(*models: nn.Module | TeacherTopK | None) -> list[nn
     return blocks
 
 
+def _commit_due(cfg: FinetuneConfig, step: int, total_steps: int, seconds_since_commit: float) -> bool:
+    """Whether the training state after `step` is committed: by steps when commit_every is given, else by time."""
+    if cfg.commit_every is not None:
+        return bool(cfg.commit_every) and (step % cfg.commit_every == 0 or step == total_steps)
+    return bool(cfg.commit_minutes) and (step == total_steps or seconds_since_commit >= 60 * cfg.commit_minutes)
+
+
 def finetune_model_(model: nn.Module, masks: dict[str, torch.Tensor], train_ids: torch.Tensor, cfg: FinetuneConfig, *,
                     teacher: nn.Module | TeacherTopK | None = None, val_ids: torch.Tensor | None = None,
                     state: TrainState | None = None,
@@ -549,8 +556,9 @@ def finetune_model_(model: nn.Module, masks: dict[str, torch.Tensor], train_ids:
     or hidden_weight > 0. val_ids (m, L): held-out windows for the loss curve and early stopping.
     state: a TrainState from on_step to resume from; the model must then be as it was when this
     iteration's fine-tuning started (the state restores what training changed: the trained weights
-    or the LoRA adapters). on_step(state) is called every cfg.commit_every steps and after the last;
-    on_progress(steps done, total steps) after every optimizer step.
+    or the LoRA adapters). on_step(state) is called every cfg.commit_every steps, or (commit_every None)
+    every cfg.commit_minutes of training, and after the last step; on_progress(steps done, total steps)
+    after every optimizer step.
     Early stopping ends the run; it does not roll back to the best evaluation.
     """
     started = time.perf_counter()
@@ -604,6 +612,9 @@ def finetune_model_(model: nn.Module, masks: dict[str, torch.Tensor], train_ids:
     n_windows = train_ids.shape[0]
     total_steps = math.ceil(n_windows / per_step)
     order = torch.randperm(n_windows, generator=torch.Generator().manual_seed(cfg.seed))
+    # The windows in training order, on the device once (tens of MB): a step slices its micro-batches, where
+    # copying each from pageable host memory would make the host wait for the device at every step.
+    ordered_ids = train_ids[order].to(device)
     decay = [p for p in trainables.values() if p.dim() >= 2]  # no decay on norms and biases, as nanoGPT
     no_decay = [p for p in trainables.values() if p.dim() < 2]
     # Fused on CUDA: one kernel for all parameters instead of a few per tensor, where launches dominate
@@ -623,7 +634,17 @@ def finetune_model_(model: nn.Module, masks: dict[str, torch.Tensor], train_ids:
         result.val_losses = [tuple(v) for v in state.meta["val_losses"]]
         result.stopped_early = bool(state.meta.get("stopped_early", False))
 
+    pending_losses: list[torch.Tensor] = []  # step losses still on the device
+
+    def read_losses() -> None:
+        # One host-device sync for many steps: reading each step's loss would stall the host every step, and a
+        # small model's step is bound by the host launching kernels, which can run ahead only without it.
+        if pending_losses:
+            result.losses.extend(torch.stack(pending_losses).tolist())
+            pending_losses.clear()
+
     def snapshot() -> TrainState:
+        read_losses()
         meta = {"step": step, "cursor": min(step * per_step, n_windows), "best_val": best, "bad_evals": bad_evals,
                 "losses": result.losses, "val_losses": result.val_losses, "stopped_early": result.stopped_early,
                 "seconds": seconds_before + time.perf_counter() - started, "fingerprint": fingerprint}
@@ -635,6 +656,7 @@ def finetune_model_(model: nn.Module, masks: dict[str, torch.Tensor], train_ids:
         # Where the curve starts: the loss right after pruning.
         result.val_losses.append((0, _held_out_loss(trained_model, val_ids, micro, sixteen_bit)))
     trained_model.train()
+    last_commit = time.perf_counter()
     try:
         while step < total_steps and not result.stopped_early:
             cursor = step * per_step
@@ -643,7 +665,7 @@ def finetune_model_(model: nn.Module, masks: dict[str, torch.Tensor], train_ids:
             step_loss = torch.zeros((), device=device)
             for start in range(0, step_windows.numel(), micro):
                 index = step_windows[start:start + micro]
-                x = train_ids[index].to(device)
+                x = ordered_ids[cursor + start:cursor + start + index.numel()]  # = train_ids[index], on the device
                 with _autocast(device, sixteen_bit):
                     loss = _step_loss(trained_model, teacher, x, index, cfg)
                 # A short last step weighs its micro-batches by their share of its windows.
@@ -655,10 +677,11 @@ def finetune_model_(model: nn.Module, masks: dict[str, torch.Tensor], train_ids:
             if cfg.method == "full":
                 _zero_pruned_(pruned_positions)  # weight decay and bf16 rounding must not revive a pruned weight
             step += 1
-            result.losses.append(step_loss.item())
+            pending_losses.append(step_loss)
             if on_progress is not None:
                 on_progress(step, total_steps)
             if val_ids is not None and cfg.eval_every and step % cfg.eval_every == 0:
+                read_losses()
                 trained_model.eval()
                 val = _held_out_loss(trained_model, val_ids, micro, sixteen_bit)
                 trained_model.train()
@@ -666,8 +689,10 @@ def finetune_model_(model: nn.Module, masks: dict[str, torch.Tensor], train_ids:
                 best, bad_evals = (val, 0) if val < best else (best, bad_evals + 1)
                 if cfg.patience and bad_evals >= cfg.patience:
                     result.stopped_early = True
-            if on_step is not None and cfg.commit_every and (step % cfg.commit_every == 0 or step == total_steps):
+            if on_step is not None and _commit_due(cfg, step, total_steps, time.perf_counter() - last_commit):
                 on_step(snapshot())
+                last_commit = time.perf_counter()
+        read_losses()
     finally:
         for block in compiled_blocks:
             block._compiled_call_impl = None  # back to the eager forward (nn.Module.compile's own slot)

@@ -301,7 +301,11 @@ def run(
     ft_schedule: str = typer.Option("cosine", help="constant | cosine | linear, after the warm-up"),
     ft_warmup: float = typer.Option(0.05, help="warm-up as a fraction of an iteration's steps"),
     ft_train: str = typer.Option("linears", help="what full fine-tuning updates: linears | all_but_embeddings | all"),
-    ft_commit_every: int = typer.Option(100, help="optimizer steps between committed training states (resume)"),
+    ft_commit_every: Optional[int] = typer.Option(
+        None, help="optimizer steps between committed training states (resume); 0 = none "
+        "[default: by time, --ft-commit-minutes]"),
+    ft_commit_minutes: float = typer.Option(10.0, help="minutes of training between committed training states "
+                                            "when --ft-commit-every is not given; 0 = none"),
     ft_eval_every: int = typer.Option(0, help="optimizer steps between held-out losses (WikiText-2 valid); 0 = ends"),
     ft_patience: int = typer.Option(0, help="held-out losses without improvement before stopping; 0 = never"),
     ft_compile: bool = typer.Option(False, "--ft-compile",
@@ -321,7 +325,8 @@ def run(
         resume_from=resume_from, block_size=block_size, topk=topk, select=select, scope=scope, device=device,
         offload=offload, ft_method=ft_method, ft_data=ft_data, ft_tokens=ft_tokens, ft_seqlen=ft_seqlen, ft_batch_size=ft_batch_size,
         ft_lr=ft_lr, ft_grad_accum=ft_grad_accum, ft_schedule=ft_schedule, ft_warmup=ft_warmup, ft_train=ft_train,
-        ft_commit_every=ft_commit_every, ft_eval_every=ft_eval_every, ft_patience=ft_patience, kd_weight=kd_weight,
+        ft_commit_every=ft_commit_every, ft_commit_minutes=ft_commit_minutes,
+        ft_eval_every=ft_eval_every, ft_patience=ft_patience, kd_weight=kd_weight,
         kd_cache_topk=kd_cache_topk, ft_compile=ft_compile, lora_rank=lora_rank, lora_targets=lora_targets,
         zero_shot=zero_shot, zero_shot_limit=zero_shot_limit, zero_shot_include=zero_shot_include)
     _progressive_run(cfg)

@@ -312,6 +312,29 @@ def test_a_resume_may_commit_at_another_interval_and_compile() -> None:
     assert result.steps == 5
 
 
+def test_states_are_committed_by_time_unless_a_step_interval_is_given(monkeypatch) -> None:
+    """The default commits every commit_minutes of training (plus the last step), not every N steps."""
+    import tierprune.tasks.training as training
+
+    assert _ProjectFinetuneConfig().commit_every is None and _ProjectFinetuneConfig().commit_minutes > 0
+    clock = iter(float(t) for t in range(0, 10_000, 50))  # each reading of the clock 50 s after the last
+    monkeypatch.setattr(training.time, "perf_counter", lambda: next(clock))
+    teacher, ids = make_tiny_llama(seed=1), token_windows(20)
+    cfg = _run_cfg("full").model_copy(update={"commit_every": None, "commit_minutes": 1.5})
+    states: list[TrainState] = []
+    result = finetune_model_(make_tiny_llama(), random_masks(make_tiny_llama()), ids, cfg, teacher=teacher,
+                             on_step=states.append)
+    steps = [s.step for s in states]
+    # 50 s a step: a state once 90 s have passed since the last one, and one at the end
+    assert steps == [2, 4, 5], steps
+    assert len(result.losses) == 5 and states[0].meta["losses"] == result.losses[:2]
+    never = cfg.model_copy(update={"commit_minutes": 0.0})
+    states.clear()
+    finetune_model_(make_tiny_llama(), random_masks(make_tiny_llama()), ids, never, teacher=teacher,
+                    on_step=states.append)
+    assert states == []
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["full", "lora"])
 def test_compiled_training_matches_eager_and_keeps_the_masks(method: str) -> None:
