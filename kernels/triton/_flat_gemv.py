@@ -103,14 +103,22 @@ def _hybrid_flat_gemv_kernel(
         brow = tl.load(brow_ptr + N_DENSE + N_NM + blk, mask=ok, other=-1).to(tl.int32)
         part = _topk_partials(x_ptr, tv_ptr, tp_ptr, tc_ptr, blk, ok, K_IN, TOPK, KP)
 
-    # Segment sum over equal block-rows: a one-hot (NB, NB) match, so that each block-row of the chunk
-    # costs one atomic per output row instead of one per block (NB·16 atomics per chunk would make the
-    # atomic units, not the bytes, the limit). Its head (first block of the row in the chunk) emits it.
-    same = (brow[:, None] == brow[None, :]) & ok[None, :]  # (NB, NB)
-    seg = tl.sum(tl.where(same[:, :, None], part[None, :, :], 0.0), axis=1)  # (NB, 16) row total at every block
-    earlier = tl.sum((same & (i[None, :] < i[:, None])).to(tl.int32), axis=1)  # (NB,) same-row blocks before
-    head = ok & (earlier == 0)
-    need = tl.load(need_ptr + brow, mask=head, other=0)  # issued early: independent of the sums
+    # Sum the partials per block-row before the atomics, so that a block-row costs one atomic per output row
+    # rather than one per block (NB·16 atomics per chunk, all of a block-row's on the same 16 addresses, would
+    # make the atomics the limit). The blocks are sorted by block-row, and a chunk is short beside a tier's
+    # blocks per block-row (tens to hundreds in LLaMA shapes), so a chunk nearly always lies in one or two
+    # block-rows: its first and its last. Those two are summed (a masked sum over the NB blocks each) and
+    # emitted from the chunk's first and last block; a block of any row in between emits its own partial.
+    # A one-hot (NB, NB) segment sum is general but costs NB·NB·16 selects and, compiled for sm_90, about as
+    # many instructions as the products themselves (the first version of this kernel).
+    first = tl.min(tl.where(ok, brow, 1 << 30), axis=0)  # the chunk's first block-row (blocks are sorted)
+    final = tl.max(brow, axis=0)  # its last one (missing blocks read -1)
+    tail = i == tl.sum(ok.to(tl.int32), axis=0) - 1  # (NB,) the chunk's last block
+    sum_first = tl.sum(tl.where((brow == first)[:, None], part, 0.0), axis=0)  # (16,)
+    sum_final = tl.sum(tl.where(((brow == final) & (brow != first))[:, None], part, 0.0), axis=0)  # (16,)
+    head = (i == 0) | (tail & (final != first)) | (ok & (brow != first) & (brow != final))  # (NB,) emitters
+    seg = tl.where((i == 0)[:, None], sum_first[None, :], tl.where(tail[:, None], sum_final[None, :], part))
+    need = tl.load(need_ptr + brow, mask=head, other=0)  # (NB,) contributors of each emitter's block-row
 
     rows = tl.arange(0, 16)
     orow = brow[:, None] * 16 + rows[None, :]  # (NB, 16); the workspace covers the padded last block-row

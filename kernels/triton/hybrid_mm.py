@@ -210,19 +210,22 @@ def _flat_state(hw: HybridWeight, nb: int) -> _FlatState:
         entry = _FLAT_STATES[key] = (refs, state)
     state = entry[1]
     if nb not in state.contributors:
-        # A program contributes once to each block-row of its chunk: count the chunks' first blocks of a
-        # block-row (a chunk's first block, or a block whose row differs from the previous block's).
+        # Mirrors the kernel's emitters: per chunk, its first block (for the chunk's first block-row), its
+        # last block if that lies in another block-row, and every block of a block-row strictly in between.
         nbr = len(hw.dense_row_ptr) - 1
         need = torch.zeros(nbr, dtype=torch.int32, device=hw.device)
         start = 0
         for n in hw.tier_counts():
-            rows = state.block_rows[start:start + n].to(torch.int64)
+            rows = state.block_rows[start:start + n].to(torch.int64)  # (n,)
             start += n
             if n == 0:
                 continue
             i = torch.arange(n, device=hw.device)
-            head = (i % nb == 0) | torch.cat([rows.new_ones(1, dtype=torch.bool), rows[1:] != rows[:-1]])
-            need.index_add_(0, rows, head.to(torch.int32))
+            chunk_start = i - i % nb
+            chunk_tail = torch.clamp(chunk_start + nb, max=n) - 1
+            first, final = rows[chunk_start], rows[chunk_tail]
+            emits = (i == chunk_start) | ((i == chunk_tail) & (final != first)) | ((rows != first) & (rows != final))
+            need.index_add_(0, rows, emits.to(torch.int32))
         state.contributors[nb] = need
     return state
 
