@@ -5,6 +5,8 @@ Decode and short prefills (at most SKINNY_MAX_TOKENS tokens) stream the packed b
 `_hybrid_unpack_kernel` and hand it to cuBLAS, which is compute-bound there anyway. The custom op
 has a fake implementation, so torch.compile traces it and CUDA graphs capture it (no host syncs);
 its CPU path is the pure-torch reference. This module imports triton only when a kernel runs.
+`hybrid_mm_flat_gemv` (one token, one program per chunk of a tier's blocks, _flat_gemv.py) is a candidate
+for decode that the op does not dispatch to yet.
 """
 from __future__ import annotations
 
@@ -178,11 +180,10 @@ class _FlatState:
 _FLAT_STATES: dict[int, tuple[tuple[weakref.ref, ...], _FlatState]] = {}
 
 
-def _flat_block_rows(row_ptr: torch.Tensor) -> torch.Tensor:
-    """(n,) int32 block-row of each block of one tier, from its (nbr+1,) row pointers."""
+def _flat_block_rows(row_ptr: torch.Tensor, n: int) -> torch.Tensor:
+    """(n,) int32 block-row of each of the tier's n blocks, from its (nbr+1,) row pointers."""
     counts = row_ptr[1:] - row_ptr[:-1]
-    # output_size: the length is known without reading the device (no host sync, capturable).
-    n = int(row_ptr[-1]) if row_ptr.device.type == "cpu" else None
+    # output_size from the host's block count: repeat_interleave would otherwise read the total from the device.
     return torch.repeat_interleave(torch.arange(len(counts), device=row_ptr.device, dtype=torch.int32), counts,
                                    output_size=n)
 
@@ -200,7 +201,7 @@ def _flat_state(hw: HybridWeight, nb: int) -> _FlatState:
         nbr = len(hw.dense_row_ptr) - 1
         assert nbr <= torch.iinfo(torch.int16).max, f"{nbr} block-rows do not fit the int16 block-row index"
         counts = hw.tier_counts()
-        rows = [_flat_block_rows(rp) if n else rp.new_empty(0) for rp, n in zip(sources, counts)]
+        rows = [_flat_block_rows(rp, n) for rp, n in zip(sources, counts)]
         state = _FlatState(
             block_rows=torch.cat(rows).to(torch.int16),
             workspace=torch.zeros(nbr * 16, dtype=torch.float32, device=hw.device),
@@ -233,7 +234,9 @@ def _flat_state(hw: HybridWeight, nb: int) -> _FlatState:
 def hybrid_mm_flat_gemv(x: torch.Tensor, hw: HybridWeight, *, nb: int = 8, num_warps: int = 2) -> torch.Tensor:
     """x (1, in) @ W.T -> (1, out): one launch, one program per chunk of nb consecutive blocks of a tier.
 
-    Not the op's default yet (decode_config picks among the per-block-row kernels); see _flat_gemv.py.
+    Not the op's default yet (decode_config picks among the per-block-row kernels); see _flat_gemv.py. The
+    weight's workspace and counters are shared by its calls, which must therefore run one after another (one
+    stream), as decode does; the first call per weight and nb builds them (call it once before graph capture).
     """
     assert x.dim() == 2 and x.shape[0] == 1 and x.is_contiguous(), (tuple(x.shape), x.stride())
     assert x.shape[1] == hw.shape[1], (tuple(x.shape), hw.shape)
