@@ -9,7 +9,7 @@ the best (packed bytes + x + out over time). Imports only tierprune.kernels (no 
     python benchmarks/decode_sweep.py --tokens 1 --flat     # also the flat tier stream GEMV, FLAT configs
     python benchmarks/decode_sweep.py --tiny --device cpu --tokens 1 --flat --inner 1 --reps 1  # a CPU dry run
 
---flat times hybrid_mm_flat_gemv at one token as (NB, num_warps), after the per-block-row configs of the same
+--flat times hybrid_mm_flat_gemv at one token as (NB, num_warps, nm_expand), after the per-block-row configs of the same
 case, each against the same cuBLAS time; the JSON rows then carry `flat` and `flat_best`.
 """
 from __future__ import annotations
@@ -32,9 +32,12 @@ GEMV = [(8, 4, 4, 1, True), (8, 8, 4, 1, True), (16, 4, 4, 1, True), (4, 8, 4, 1
         (8, 16, 4, 1, True), (4, 8, 2, 1, True), (8, 4, 4, 1, False), (8, 8, 4, 1, False), (16, 4, 4, 1, False)]
 TILES = [(8, 4, 4, 16, True), (8, 2, 4, 16, True), (4, 4, 4, 16, True), (8, 8, 4, 16, True),
          (8, 4, 4, 16, False), (4, 2, 4, 16, False), (8, 2, 4, 16, False), (8, 8, 4, 16, False)]
-# The flat tier stream GEMV (--flat): (NB blocks per program, num_warps). Few warps per short program keep
-# many programs resident per SM, which is how it hides latency; larger NB amortizes the per-program epilogue.
-FLAT = [(4, 1), (8, 1), (8, 2), (16, 2), (16, 4), (32, 4), (32, 8), (64, 8)]
+# The flat tier stream GEMV (--flat): (NB blocks per program, num_warps, 2:4 rebuilt as dense rows). Few warps
+# per short program keep many programs resident per SM, which is how it hides latency; larger NB amortizes the
+# per-program epilogue. Compiled for sm_90 the 2:4 rebuild takes ~1.6x the instructions of the x gathers but a
+# third of the memory instructions: which limits is for the device to say.
+FLAT = [(4, 1, False), (8, 1, False), (8, 2, False), (16, 2, False), (16, 4, False), (32, 4, False),
+        (32, 8, False), (64, 8, False), (8, 2, True), (16, 4, True), (32, 4, True)]
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -49,7 +52,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--reps", type=int, default=15)
     p.add_argument("--budget-s", type=float, default=150)
     p.add_argument("--flat", action="store_true", help="at one token, also time the flat tier stream GEMV "
-                                                       "(hybrid_mm_flat_gemv) over FLAT's (NB, num_warps)")
+                                                       "(hybrid_mm_flat_gemv) over FLAT's (NB, warps, nm_expand)")
     p.add_argument("--tiny", action="store_true", help="tiny shapes (all of them, --shapes ignored): a dry run")
     p.add_argument("--device", default="cuda", help="cpu: Triton's interpreter (TRITON_INTERPRET=1), timing "
                                                     "meaningless")
@@ -100,20 +103,21 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 for cfg, (us, err) in sorted(results.items(), key=lambda kv: kv[1][0]):
                     print(f"    {str(cfg):24} {us:7.1f} us {cublas / us:5.2f}x", flush=True)
                 flat = {}
-                for nb, warps in (FLAT if args.flat and T == 1 else []):
-                    fns = [lambda h=h: hybrid_mm_flat_gemv(x, h, nb=nb, num_warps=warps) for h in hws]
+                for nb, warps, expand in (FLAT if args.flat and T == 1 else []):
+                    fns = [lambda h=h: hybrid_mm_flat_gemv(x, h, nb=nb, num_warps=warps, nm_expand=expand)
+                           for h in hws]
                     try:  # the first call also builds each copy's block-row index (outside the graph)
                         err = (fns[0]().float() - ref).abs().max().item() / ref.abs().max().item()
                         us, _ = measure_us(fns, device, args.inner, args.reps)
                     except Exception as e:
-                        print(f"  flat {(nb, warps)}: failed {type(e).__name__}: {str(e)[:100]}", flush=True)
+                        print(f"  flat {(nb, warps, expand)}: failed {type(e).__name__}: {str(e)[:100]}", flush=True)
                         continue
-                    flat[(nb, warps)] = (us, err)
+                    flat[(nb, warps, expand)] = (us, err)
                 if flat:
                     flat_cfg, (flat_us, flat_err) = min(flat.items(), key=lambda kv: kv[1][0])
                     print(f"  flat tier stream, one launch: best {flat_us:7.1f} us ({cublas / flat_us:.2f}x cuBLAS, "
                           f"{moved / flat_us / 1e3:6.0f} GB/s, {best_us / flat_us:.2f}x the best above) "
-                          f"(NB, warps) {flat_cfg} err {flat_err:.1e}", flush=True)
+                          f"(NB, warps, 2:4 rebuilt) {flat_cfg} err {flat_err:.1e}", flush=True)
                     for cfg, (us, err) in sorted(flat.items(), key=lambda kv: kv[1][0]):
                         print(f"    flat {str(cfg):19} {us:7.1f} us {cublas / us:5.2f}x err {err:.1e}", flush=True)
                 row = dict(shape=shape_name, out=shape[0], inp=shape[1], mix=mix_name, placement=placement,

@@ -62,7 +62,7 @@ spec = importlib.util.spec_from_file_location("decode_sweep", sys.argv[1] + "/de
 sweep = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(sweep)
 sweep.GEMV = [(4, 2, 2, 1, True)]  # the interpreter is slow: one config of each kernel
-sweep.FLAT = [(4, 1), (16, 2)]
+sweep.FLAT = [(4, 1, False), (16, 2, True)]
 common = ["--tiny", "--device", "cpu", "--tokens", "1", "--inner", "1", "--reps", "1"]
 rows = sweep.main(common + ["--mixes", "35/45/20", "--flat"]) + sweep.main(common + ["--mixes", "90/10/0"])
 print("ROWS " + json.dumps(rows))
@@ -80,7 +80,8 @@ def test_decode_sweep_flat_dry_run() -> None:
     flat, plain = rows[:2], rows[2:]  # the two tiny shapes with --flat, then without
     assert len(flat) == len(plain) == 2
     for r in flat:
-        assert set(r["flat"]) == {"(4, 1)", "(16, 2)"} and r["flat_best"] in ([4, 1], [16, 2])
+        assert set(r["flat"]) == {"(4, 1, False)", "(16, 2, True)"}
+        assert r["flat_best"] in ([4, 1, False], [16, 2, True])
         assert r["flat_err"] < 2e-2 and r["cublas_us"] > 0
-    assert out.count("flat tier stream, one launch") == 2 and "flat (16, 2)" in out
+    assert out.count("flat tier stream, one launch") == 2 and "flat (16, 2, True)" in out
     assert all("flat" not in r for r in plain)  # without --flat the sweep is what it was

@@ -57,6 +57,30 @@ def _nm_partials(x_ptr, nv_ptr, meta_ptr, nc_ptr, blk, ok, K_IN):
 
 
 @triton.jit
+def _nm_partials_expanded(x_ptr, nv_ptr, meta_ptr, nc_ptr, blk, ok, K_IN):
+    """_nm_partials by rebuilding each block's dense (16, 16) rows in registers against x read as 16-wide vectors.
+
+    Two compares and two selects per weight instead of a gathered x per kept value: fewer memory instructions
+    (the load units, not the ALUs, may be what limits the gathers), more arithmetic.
+    """
+    r = tl.arange(0, 16)
+    s = tl.arange(0, 8)
+    vals = tl.load(nv_ptr + blk[:, None, None] * 128 + r[None, :, None] * 8 + s[None, None, :],
+                   mask=ok[:, None, None], other=0.0)  # (NB, 16, 8)
+    word = tl.load(meta_ptr.to(tl.pointer_type(tl.int16)) + blk[:, None] * 16 + r[None, :],
+                   mask=ok[:, None], other=0).to(tl.int32)  # (NB, 16)
+    col = tl.load(nc_ptr + blk, mask=ok, other=0).to(tl.int32)[:, None] * 16 + r[None, :]  # (NB, 16)
+    xv = tl.load(x_ptr + col, mask=ok[:, None] & (col < K_IN), other=0.0).to(tl.float32)  # (NB, 16)
+    v0, v1 = tl.split(tl.reshape(vals, (vals.shape[0], 16, 4, 2)))  # (NB, 16, 4) each group's two kept values
+    nib = (word[:, :, None] >> (tl.arange(0, 4) * 4)[None, None, :]) & 15  # (NB, 16, 4) group g: bits 4g..4g+3
+    j = tl.arange(0, 4)[None, None, None, :]
+    w = tl.where(j == (nib & 3)[:, :, :, None], v0[:, :, :, None],
+                 tl.where(j == (nib >> 2)[:, :, :, None], v1[:, :, :, None], 0.0))  # (NB, 16, 4, 4)
+    w = tl.reshape(w, (vals.shape[0], 16, 16))
+    return tl.sum(w.to(tl.float32) * xv[:, None, :], axis=2)
+
+
+@triton.jit
 def _topk_partials(x_ptr, tv_ptr, tp_ptr, tc_ptr, blk, ok, K_IN, TOPK: tl.constexpr, KP: tl.constexpr):
     """(NB, 16) fp32 of TopK blocks: each entry's value times x at its column, summed into its row."""
     e = tl.arange(0, KP)  # TOPK entries padded to a power of 2
@@ -77,13 +101,14 @@ def _hybrid_flat_gemv_kernel(
     nv_ptr, meta_ptr, nc_ptr, np_ptr,
     tv_ptr, tp_ptr, tc_ptr, tpp_ptr,
     N_DENSE, N_NM, N_TOPK, P_DENSE, P_NM, N_OUT, K_IN,
-    TOPK: tl.constexpr, KP: tl.constexpr, NB: tl.constexpr,
+    TOPK: tl.constexpr, KP: tl.constexpr, NB: tl.constexpr, NM_EXPAND: tl.constexpr,
 ):
     """out (N_OUT,) = W @ x (K_IN,); grid (P_DENSE + P_NM + P_TOPK,), one chunk of NB blocks per program.
 
     brow_ptr: block-row of every block, the three tiers one after another (int16). ws_ptr (nbr·16,) fp32 and
     cnt_ptr (nbr,) int32 are zero on entry and left zero; need_ptr (nbr,) int32 is the number of programs
     that contribute to each block-row. The row pointers (dp/np/tpp) are not read: the chunking replaces them.
+    NM_EXPAND: 2:4 blocks rebuilt as dense rows (_nm_partials_expanded) rather than gathering x per kept value.
     """
     pid = tl.program_id(0)
     i = tl.arange(0, NB)
@@ -96,7 +121,10 @@ def _hybrid_flat_gemv_kernel(
         blk = (pid - P_DENSE) * NB + i
         ok = blk < N_NM
         brow = tl.load(brow_ptr + N_DENSE + blk, mask=ok, other=-1).to(tl.int32)
-        part = _nm_partials(x_ptr, nv_ptr, meta_ptr, nc_ptr, blk, ok, K_IN)
+        if NM_EXPAND:
+            part = _nm_partials_expanded(x_ptr, nv_ptr, meta_ptr, nc_ptr, blk, ok, K_IN)
+        else:
+            part = _nm_partials(x_ptr, nv_ptr, meta_ptr, nc_ptr, blk, ok, K_IN)
     else:
         blk = (pid - P_DENSE - P_NM) * NB + i
         ok = blk < N_TOPK

@@ -231,12 +231,14 @@ def _flat_state(hw: HybridWeight, nb: int) -> _FlatState:
     return state
 
 
-def hybrid_mm_flat_gemv(x: torch.Tensor, hw: HybridWeight, *, nb: int = 8, num_warps: int = 2) -> torch.Tensor:
+def hybrid_mm_flat_gemv(x: torch.Tensor, hw: HybridWeight, *, nb: int = 8, num_warps: int = 2,
+                        nm_expand: bool = False) -> torch.Tensor:
     """x (1, in) @ W.T -> (1, out): one launch, one program per chunk of nb consecutive blocks of a tier.
 
     Not the op's default yet (decode_config picks among the per-block-row kernels); see _flat_gemv.py. The
     weight's workspace and counters are shared by its calls, which must therefore run one after another (one
     stream), as decode does; the first call per weight and nb builds them (call it once before graph capture).
+    nm_expand: rebuild 2:4 blocks as dense rows against 16-wide x vectors instead of gathering x per kept value.
     """
     assert x.dim() == 2 and x.shape[0] == 1 and x.is_contiguous(), (tuple(x.shape), x.stride())
     assert x.shape[1] == hw.shape[1], (tuple(x.shape), hw.shape)
@@ -253,7 +255,7 @@ def hybrid_mm_flat_gemv(x: torch.Tensor, hw: HybridWeight, *, nb: int = 8, num_w
     _flat_gemv._hybrid_flat_gemv_kernel[(p_dense + p_nm + p_topk,)](
         x, out, state.workspace, state.arrivals, state.contributors[nb], state.block_rows, *_packed_args(hw),
         n_dense, n_nm, n_topk, p_dense, p_nm, hw.shape[0], hw.shape[1],
-        TOPK=hw.topk, KP=_pow2_at_least(hw.topk), NB=nb, num_warps=num_warps,
+        TOPK=hw.topk, KP=_pow2_at_least(hw.topk), NB=nb, NM_EXPAND=nm_expand, num_warps=num_warps,
     )
     return out
 

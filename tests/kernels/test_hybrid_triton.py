@@ -131,17 +131,17 @@ FLAT_MIXES = {"35/45/20": (0.35, 0.45, 0.20), "90/10/0": (0.90, 0.10, 1e-9), "al
               "all dense": (1.0, 1e-9, 1e-9), "all 2:4": (1e-9, 1.0, 1e-9)}
 
 
-@pytest.mark.parametrize("nb", [1, 4, 16])
+@pytest.mark.parametrize("nb, nm_expand", [(1, False), (4, False), (16, False), (2, True), (16, True)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("mix", FLAT_MIXES)
-def test_flat_gemv_matches_reference(mix, shape, dtype, nb) -> None:
+def test_flat_gemv_matches_reference(mix, shape, dtype, nb, nm_expand) -> None:
     W, hw, g = _case(shape, dtype, seed=len(mix) + nb, probs=FLAT_MIXES[mix])
     # The near-zero tiers are empty (no programs, stand-in buffers); the others are not.
     assert [c == 0 for c in hw.tier_counts()] == [p < 1e-6 for p in FLAT_MIXES[mix]] or mix == "90/10/0"
     assert hw.tier_counts()[0] > 0 or mix in ("all TopK", "all 2:4")
     x = torch.randn(1, shape[1], generator=g).to(dtype)
-    got = hybrid_mm_flat_gemv(x.to(KERNEL_DEVICE), hw, nb=nb, num_warps=2)
+    got = hybrid_mm_flat_gemv(x.to(KERNEL_DEVICE), hw, nb=nb, num_warps=2, nm_expand=nm_expand)
     assert got.shape == (1, shape[0]) and got.dtype == dtype
     _close(got, _expected(x, W), dtype)
     _close(got, hybrid_matmul_ref(x.to(KERNEL_DEVICE), hw).double().cpu(), dtype)
@@ -362,8 +362,9 @@ from tierprune.kernels.triton import _flat_gemv as F
 PACKED = {"dv_ptr": "*{w}", "dc_ptr": "*i16", "dp_ptr": "*i32", "nv_ptr": "*{w}", "meta_ptr": "*u8",
           "nc_ptr": "*i16", "np_ptr": "*i32", "tv_ptr": "*{w}", "tp_ptr": "*u8", "tc_ptr": "*i16", "tpp_ptr": "*i32"}
 report = {}
-for dtype, nb, warps in [("bf16", 4, 1), ("bf16", 8, 2), ("fp16", 16, 4), ("bf16", 32, 4)]:
-    consts = dict(TOPK=10, KP=16, NB=nb)
+for dtype, nb, warps, expand in [("bf16", 4, 1, False), ("bf16", 8, 2, False), ("fp16", 16, 4, False),
+                                 ("bf16", 32, 4, False), ("bf16", 16, 4, True), ("fp16", 8, 2, True)]:
+    consts = dict(TOPK=10, KP=16, NB=nb, NM_EXPAND=expand)
     sig = {"x_ptr": "*" + dtype, "out_ptr": "*" + dtype, "ws_ptr": "*fp32", "cnt_ptr": "*i32", "need_ptr": "*i32",
            "brow_ptr": "*i16", **{k: v.format(w=dtype) for k, v in PACKED.items()},
            **{n: "i32" for n in ("N_DENSE", "N_NM", "N_TOPK", "P_DENSE", "P_NM", "N_OUT", "K_IN")},
@@ -373,7 +374,7 @@ for dtype, nb, warps in [("bf16", 4, 1), ("bf16", 8, 2), ("fp16", 16, 4), ("bf16
     k = triton.compile(ASTSource(fn=F._hybrid_flat_gemv_kernel, signature=sig, constexprs=consts, attrs=attrs),
                        target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
     ptx = k.asm["ptx"]
-    report[f"{dtype}-{nb}-{warps}"] = {"cubin": len(k.asm["cubin"]),
+    report[f"{dtype}-{nb}-{warps}-{int(expand)}"] = {"cubin": len(k.asm["cubin"]),
                                        "atomics": sorted(set(re.findall(r"atom\.global\.[a-z0-9._]+", ptx)))}
 print(json.dumps(report))
 """
@@ -389,7 +390,8 @@ def test_flat_gemv_compiles_for_hopper() -> None:
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert set(report) == {"bf16-4-1", "bf16-8-2", "fp16-16-4", "bf16-32-4"}, report
+    expected = {"bf16-4-1-0", "bf16-8-2-0", "fp16-16-4-0", "bf16-32-4-0", "bf16-16-4-1", "fp16-8-2-1"}
+    assert set(report) == expected, report
     for name, item in report.items():
         assert item["cubin"] > 0, name
         ordered = [a for a in item["atomics"] if ".acq_rel." in a or ".release." in a or ".acquire." in a]
