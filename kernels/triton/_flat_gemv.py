@@ -94,7 +94,9 @@ def _topk_partials(x_ptr, tv_ptr, tp_ptr, tc_ptr, blk, ok, K_IN, TOPK: tl.conste
     return tl.sum(tl.where((p // 16)[:, :, None] == rows[None, None, :], contrib[:, :, None], 0.0), axis=1)
 
 
-@triton.jit
+# The block and chunk counts only bound the masks: one binary for every weight of a shape, not one per
+# combination of counts that happen to be multiples of 16 (or 1), which Triton would otherwise specialize on.
+@triton.jit(do_not_specialize=["N_DENSE", "N_NM", "N_TOPK", "P_DENSE", "P_NM"])
 def _hybrid_flat_gemv_kernel(
     x_ptr, out_ptr, ws_ptr, cnt_ptr, need_ptr, brow_ptr,
     dv_ptr, dc_ptr, dp_ptr,
