@@ -113,24 +113,24 @@ def _hybrid_flat_gemv_kernel(
     NM_EXPAND: 2:4 blocks rebuilt as dense rows (_nm_partials_expanded) rather than gathering x per kept value.
     """
     pid = tl.program_id(0)
+    if pid < P_DENSE:  # this program's tier: its first block, the tier's block count, its rows in brow_ptr
+        start, n, tier_rows = pid * NB, N_DENSE, brow_ptr
+    elif pid < P_DENSE + P_NM:
+        start, n, tier_rows = (pid - P_DENSE) * NB, N_NM, brow_ptr + N_DENSE
+    else:
+        start, n, tier_rows = (pid - P_DENSE - P_NM) * NB, N_TOPK, brow_ptr + N_DENSE + N_NM
     i = tl.arange(0, NB)
+    blk = start + i
+    ok = blk < n
+    brow = tl.load(tier_rows + blk, mask=ok, other=-1).to(tl.int32)  # (NB,)
     if pid < P_DENSE:
-        blk = pid * NB + i
-        ok = blk < N_DENSE
-        brow = tl.load(brow_ptr + blk, mask=ok, other=-1).to(tl.int32)
         part = _dense_partials(x_ptr, dv_ptr, dc_ptr, blk, ok, K_IN)
     elif pid < P_DENSE + P_NM:
-        blk = (pid - P_DENSE) * NB + i
-        ok = blk < N_NM
-        brow = tl.load(brow_ptr + N_DENSE + blk, mask=ok, other=-1).to(tl.int32)
         if NM_EXPAND:
             part = _nm_partials_expanded(x_ptr, nv_ptr, meta_ptr, nc_ptr, blk, ok, K_IN)
         else:
             part = _nm_partials(x_ptr, nv_ptr, meta_ptr, nc_ptr, blk, ok, K_IN)
     else:
-        blk = (pid - P_DENSE - P_NM) * NB + i
-        ok = blk < N_TOPK
-        brow = tl.load(brow_ptr + N_DENSE + N_NM + blk, mask=ok, other=-1).to(tl.int32)
         part = _topk_partials(x_ptr, tv_ptr, tp_ptr, tc_ptr, blk, ok, K_IN, TOPK, KP)
 
     # Sum the partials per block-row before the atomics, so that a block-row costs one atomic per output row
@@ -140,10 +140,13 @@ def _hybrid_flat_gemv_kernel(
     # block-rows: its first and its last. Those two are summed (a masked sum over the NB blocks each) and
     # emitted from the chunk's first and last block; a block of any row in between emits its own partial.
     # A one-hot (NB, NB) segment sum is general but costs NB·NB·16 selects and, compiled for sm_90, about as
-    # many instructions as the products themselves (the first version of this kernel).
-    first = tl.min(tl.where(ok, brow, 1 << 30), axis=0)  # the chunk's first block-row (blocks are sorted)
-    final = tl.max(brow, axis=0)  # its last one (missing blocks read -1)
-    tail = i == tl.sum(ok.to(tl.int32), axis=0) - 1  # (NB,) the chunk's last block
+    # many instructions as the products themselves (the first version of this kernel). The first and last
+    # rows are read as two scalars (same cache line as brow) rather than reduced over the chunk: fewer
+    # cross-thread steps.
+    last_i = tl.minimum(n - start, NB) - 1  # the chunk's last block
+    first = tl.load(tier_rows + start).to(tl.int32)
+    final = tl.load(tier_rows + start + last_i).to(tl.int32)
+    tail = i == last_i  # (NB,)
     sum_first = tl.sum(tl.where((brow == first)[:, None], part, 0.0), axis=0)  # (16,)
     sum_final = tl.sum(tl.where(((brow == final) & (brow != first))[:, None], part, 0.0), axis=0)  # (16,)
     head = (i == 0) | (tail & (final != first)) | (ok & (brow != first) & (brow != final))  # (NB,) emitters
