@@ -175,8 +175,9 @@ class _FlatState:
 
 
 # Keyed by id() of the weight's dense row pointers, with weak references to the three row-pointer tensors it was
-# derived from: an entry goes when its weight goes, and a reused id() is caught by the identity check. The
-# packed format stays as it is (HybridWeight, its nbytes and the custom op's tensor list are unchanged).
+# derived from: an entry goes when one of them goes (a replaced entry's references die with it, callbacks
+# unrun, so they never remove a later entry under the same key), and a reused id() is caught by the identity
+# check. The packed format stays as it is (HybridWeight, its nbytes and the custom op's tensor list unchanged).
 _FLAT_STATES: dict[int, tuple[tuple[weakref.ref, ...], _FlatState]] = {}
 
 

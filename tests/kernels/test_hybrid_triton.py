@@ -178,6 +178,7 @@ def test_flat_gemv_state_is_exact_and_left_zeroed() -> None:
 
 def test_flat_gemv_state_follows_the_weight() -> None:
     """Two weights of one shape never share state; a weight's state goes with it."""
+    import dataclasses
     import gc
 
     from tierprune.kernels.triton import hybrid_mm as module
@@ -194,6 +195,18 @@ def test_flat_gemv_state_follows_the_weight() -> None:
     del hw2
     gc.collect()
     assert key not in module._FLAT_STATES
+    # A weight that shares the dense row pointers of another but not its 2:4 ones gets its own state, which
+    # outlives the other weight (whose dying 2:4 row pointers must not take the shared key's entry with them).
+    hw3 = dataclasses.replace(hw1, nm_row_ptr=hw1.nm_row_ptr.clone())
+    _close(hybrid_mm_flat_gemv(x, hw3, nb=4), _expected(x, W1), torch.bfloat16)
+    state3 = module._FLAT_STATES[id(hw1.dense_row_ptr)][1]
+    assert state3 is not module._flat_state(hw1, 4)  # hw1 takes the key back: a new entry for hw1
+    assert module._flat_state(hw3, 4) is not state3  # and hw3 again (one entry per key: they alternate)
+    state3 = module._flat_state(hw3, 4)
+    del hw1
+    gc.collect()
+    assert module._FLAT_STATES[id(hw3.dense_row_ptr)][1] is state3
+    _close(hybrid_mm_flat_gemv(x, hw3, nb=4), _expected(x, W1), torch.bfloat16)
 
 
 def test_flat_gemv_refuses_bad_inputs() -> None:
