@@ -6,6 +6,11 @@ config as (NB, SPLIT, num_warps, token tile, prefetch) with its time and ratio, 
 the best (packed bytes + x + out over time). Imports only tierprune.kernels (no prefect, no transformers).
 
     python benchmarks/decode_sweep.py --shapes qkvo up down --tokens 1 16 --mixes 35/45/20 90/10/0
+    python benchmarks/decode_sweep.py --tokens 1 --flat     # also the flat tier stream GEMV, FLAT configs
+    python benchmarks/decode_sweep.py --tiny --device cpu --tokens 1 --flat --inner 1 --reps 1  # a CPU dry run
+
+--flat times hybrid_mm_flat_gemv at one token as (NB, num_warps, nm_expand), after the per-block-row configs of the same
+case, each against the same cuBLAS time; the JSON rows then carry `flat` and `flat_best`.
 """
 from __future__ import annotations
 
@@ -18,17 +23,24 @@ import torch
 import torch.nn.functional as F
 
 from tierprune.kernels.hybrid import pack_hybrid
-from tierprune.kernels.triton.hybrid_mm import hybrid_mm, hybrid_mm_decode
+from tierprune.kernels.triton.hybrid_mm import hybrid_mm, hybrid_mm_decode, hybrid_mm_flat_gemv
 
-from hybrid_kernels import BS, MIXES, SHAPES, TOPK_K, clone_hybrid, copies_needed, make_tier_map, measure_us, pruned_weight
+from hybrid_kernels import (BS, MIXES, SHAPES, TINY_SHAPES, TOPK_K, clone_hybrid, copies_needed, make_tier_map,
+                            measure_us, pruned_weight)
 
 GEMV = [(8, 4, 4, 1, True), (8, 8, 4, 1, True), (16, 4, 4, 1, True), (4, 8, 4, 1, True), (8, 2, 4, 1, True),
         (8, 16, 4, 1, True), (4, 8, 2, 1, True), (8, 4, 4, 1, False), (8, 8, 4, 1, False), (16, 4, 4, 1, False)]
 TILES = [(8, 4, 4, 16, True), (8, 2, 4, 16, True), (4, 4, 4, 16, True), (8, 8, 4, 16, True),
          (8, 4, 4, 16, False), (4, 2, 4, 16, False), (8, 2, 4, 16, False), (8, 8, 4, 16, False)]
+# The flat tier stream GEMV (--flat): (NB blocks per program, num_warps, 2:4 rebuilt as dense rows). Few warps
+# per short program keep many programs resident per SM, which is how it hides latency; larger NB amortizes the
+# per-program epilogue. Compiled for sm_90 the 2:4 rebuild takes ~1.6x the instructions of the x gathers but a
+# third of the memory instructions: which limits is for the device to say.
+FLAT = [(4, 1, False), (8, 1, False), (8, 2, False), (16, 2, False), (16, 4, False), (32, 4, False),
+        (32, 8, False), (64, 8, False), (8, 2, True), (16, 4, True), (32, 4, True)]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser()
     p.add_argument("--shapes", nargs="*", default=["qkvo", "up", "down"])
     p.add_argument("--tokens", type=int, nargs="*", default=[1, 16])
@@ -39,13 +51,19 @@ def main() -> None:
     p.add_argument("--inner", type=int, default=20)
     p.add_argument("--reps", type=int, default=15)
     p.add_argument("--budget-s", type=float, default=150)
-    args = p.parse_args()
-    device = "cuda"
+    p.add_argument("--flat", action="store_true", help="at one token, also time the flat tier stream GEMV "
+                                                       "(hybrid_mm_flat_gemv) over FLAT's (NB, warps, nm_expand)")
+    p.add_argument("--tiny", action="store_true", help="tiny shapes (all of them, --shapes ignored): a dry run")
+    p.add_argument("--device", default="cuda", help="cpu: Triton's interpreter (TRITON_INTERPRET=1), timing "
+                                                    "meaningless")
+    args = p.parse_args(argv)
+    device = args.device
     t0 = time.perf_counter()
-    print(f"{torch.cuda.get_device_name()} torch {torch.__version__}", flush=True)
+    name = torch.cuda.get_device_name() if device.startswith("cuda") else device
+    print(f"{name} torch {torch.__version__}", flush=True)
     rows = []
-    for shape_name, shape in SHAPES.items():
-        if shape_name.split()[0] not in args.shapes:
+    for shape_name, shape in (TINY_SHAPES if args.tiny else SHAPES).items():
+        if not args.tiny and shape_name.split()[0] not in args.shapes:
             continue
         dense = None
         for mix_name, placement in [(m, pl) for pl in args.placements for m in args.mixes]:
@@ -84,12 +102,38 @@ def main() -> None:
                       flush=True)
                 for cfg, (us, err) in sorted(results.items(), key=lambda kv: kv[1][0]):
                     print(f"    {str(cfg):24} {us:7.1f} us {cublas / us:5.2f}x", flush=True)
-                rows.append(dict(shape=shape_name, out=shape[0], inp=shape[1], mix=mix_name, placement=placement,
-                                 tokens=T, best=list(best_cfg), best_us=best_us, cublas_us=cublas, default_us=default,
-                                 configs={str(k): v[0] for k, v in results.items()}, packed_bytes=hw.nbytes))
+                flat = {}
+                for nb, warps, expand in (FLAT if args.flat and T == 1 else []):
+                    fns = [lambda h=h: hybrid_mm_flat_gemv(x, h, nb=nb, num_warps=warps, nm_expand=expand)
+                           for h in hws]
+                    try:  # the first call also builds each copy's block-row index (outside the graph)
+                        err = (fns[0]().float() - ref).abs().max().item() / ref.abs().max().item()
+                        us, _ = measure_us(fns, device, args.inner, args.reps)
+                        # Checked again after the replays: a sum that landed after its block-row was written
+                        # (an ordering bug in the last-contributor handshake) would stay in the workspace.
+                        err = max(err, (fns[0]().float() - ref).abs().max().item() / ref.abs().max().item())
+                    except Exception as e:
+                        print(f"  flat {(nb, warps, expand)}: failed {type(e).__name__}: {str(e)[:100]}", flush=True)
+                        continue
+                    flat[(nb, warps, expand)] = (us, err)
+                if flat:
+                    flat_cfg, (flat_us, flat_err) = min(flat.items(), key=lambda kv: kv[1][0])
+                    print(f"  flat tier stream, one launch: best {flat_us:7.1f} us ({cublas / flat_us:.2f}x cuBLAS, "
+                          f"{moved / flat_us / 1e3:6.0f} GB/s, {best_us / flat_us:.2f}x the best above) "
+                          f"(NB, warps, 2:4 rebuilt) {flat_cfg} err {flat_err:.1e}", flush=True)
+                    for cfg, (us, err) in sorted(flat.items(), key=lambda kv: kv[1][0]):
+                        print(f"    flat {str(cfg):19} {us:7.1f} us {cublas / us:5.2f}x err {err:.1e}", flush=True)
+                row = dict(shape=shape_name, out=shape[0], inp=shape[1], mix=mix_name, placement=placement,
+                           tokens=T, best=list(best_cfg), best_us=best_us, cublas_us=cublas, default_us=default,
+                           configs={str(k): v[0] for k, v in results.items()}, packed_bytes=hw.nbytes)
+                if flat:
+                    row.update(flat={str(k): v[0] for k, v in flat.items()}, flat_best=list(flat_cfg),
+                               flat_best_us=flat_us, flat_err=flat_err)
+                rows.append(row)
             del hws, hw
         del dense
-        torch.cuda.empty_cache()
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
     print(f"sweep {time.perf_counter() - t0:.0f} s", flush=True)
     if args.e2e_layers:
         from hybrid_kernels import bench_end_to_end
@@ -104,6 +148,7 @@ def main() -> None:
     print(f"total {time.perf_counter() - t0:.0f} s")
     for r in rows:
         print(json.dumps(r))
+    return rows
 
 
 if __name__ == "__main__":

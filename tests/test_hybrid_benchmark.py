@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -48,3 +52,36 @@ def test_tiny_run_end_to_end(bench, capsys) -> None:
     out = capsys.readouterr().out
     assert "x cuBLAS" in out and "hybrid / dense tokens/s" in out
     assert sum(line.startswith("{") for line in out.splitlines()) == len(rows)
+
+
+# In a fresh interpreter with TRITON_INTERPRET=1: Triton reads it when a kernel module is first imported.
+FLAT_SWEEP_SCRIPT = r"""
+import importlib.util, json, sys
+sys.path.insert(0, sys.argv[1])  # the sweep imports hybrid_kernels as a sibling
+spec = importlib.util.spec_from_file_location("decode_sweep", sys.argv[1] + "/decode_sweep.py")
+sweep = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(sweep)
+sweep.GEMV = [(4, 2, 2, 1, True)]  # the interpreter is slow: one config of each kernel
+sweep.FLAT = [(4, 1, False), (16, 2, True)]
+common = ["--tiny", "--device", "cpu", "--tokens", "1", "--inner", "1", "--reps", "1"]
+rows = sweep.main(common + ["--mixes", "35/45/20", "--flat"]) + sweep.main(common + ["--mixes", "90/10/0"])
+print("ROWS " + json.dumps(rows))
+"""
+
+
+def test_decode_sweep_flat_dry_run() -> None:
+    """decode_sweep.py --flat on the CPU: the flat GEMV's calls, checks and report beside the other kernels."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "-c", FLAT_SWEEP_SCRIPT, str(SCRIPT.parent)], capture_output=True,
+                          text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = proc.stdout
+    rows = json.loads(out.split("ROWS ", 1)[1])
+    flat, plain = rows[:2], rows[2:]  # the two tiny shapes with --flat, then without
+    assert len(flat) == len(plain) == 2
+    for r in flat:
+        assert set(r["flat"]) == {"(4, 1, False)", "(16, 2, True)"}
+        assert r["flat_best"] in ([4, 1, False], [16, 2, True])
+        assert r["flat_err"] < 2e-2 and r["cublas_us"] > 0
+    assert out.count("flat tier stream, one launch") == 2 and "flat (16, 2, True)" in out
+    assert all("flat" not in r for r in plain)  # without --flat the sweep is what it was

@@ -20,6 +20,7 @@ from tierprune.kernels.triton.hybrid_mm import (
     DECODE_MAX_TOKENS,
     hybrid_mm,
     hybrid_mm_decode,
+    hybrid_mm_flat_gemv,
     hybrid_mm_prefill,
     hybrid_unpack,
 )
@@ -124,6 +125,101 @@ def test_empty_tiers_launch_nothing_extra() -> None:
         assert args[name].numel() >= 1 and args[name].dtype == getattr(hw, name).dtype
         assert args[name].data_ptr() == hw.dense_row_ptr.data_ptr(), name
     assert args["dense_values"] is hw.dense_values  # non-empty buffers pass as they are
+
+
+FLAT_MIXES = {"35/45/20": (0.35, 0.45, 0.20), "90/10/0": (0.90, 0.10, 1e-9), "all TopK": (1e-9, 1e-9, 1.0),
+              "all dense": (1.0, 1e-9, 1e-9), "all 2:4": (1e-9, 1.0, 1e-9)}
+
+
+@pytest.mark.parametrize("nb, nm_expand", [(1, False), (4, False), (16, False), (2, True), (16, True)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("mix", FLAT_MIXES)
+def test_flat_gemv_matches_reference(mix, shape, dtype, nb, nm_expand) -> None:
+    W, hw, g = _case(shape, dtype, seed=len(mix) + nb, probs=FLAT_MIXES[mix])
+    # The near-zero tiers are empty (no programs, stand-in buffers); the others are not.
+    assert [c == 0 for c in hw.tier_counts()] == [p < 1e-6 for p in FLAT_MIXES[mix]] or mix == "90/10/0"
+    assert hw.tier_counts()[0] > 0 or mix in ("all TopK", "all 2:4")
+    x = torch.randn(1, shape[1], generator=g).to(dtype)
+    got = hybrid_mm_flat_gemv(x.to(KERNEL_DEVICE), hw, nb=nb, num_warps=2, nm_expand=nm_expand)
+    assert got.shape == (1, shape[0]) and got.dtype == dtype
+    _close(got, _expected(x, W), dtype)
+    _close(got, hybrid_matmul_ref(x.to(KERNEL_DEVICE), hw).double().cpu(), dtype)
+
+
+def test_flat_gemv_state_is_exact_and_left_zeroed() -> None:
+    """Hand-worked chunking: block-rows of every block, and how many programs write each block-row.
+
+    (64, 64): 4 block-rows of 4 blocks. Dense 3 blocks in block-row 0, 1 in 3; 2:4 row 1 full; TopK one block
+    in each of block-rows 0, 2 and 3, so that with NB 2 one TopK chunk spans rows 2 and 3 and, with NB 4,
+    the only TopK chunk spans rows 0, 2 and 3 (row 2 strictly inside: its block emits on its own).
+    """
+    from tierprune.kernels.triton import hybrid_mm as module
+
+    D, N, T = DENSE, NM_2_4, TOPK
+    tier_map = torch.tensor([[D, D, D, T], [N, N, N, N], [T, N, N, N], [N, D, N, T]], dtype=torch.int8)
+    g = torch.Generator().manual_seed(21)
+    W = pruned_weight((64, 64), tier_map, g, torch.bfloat16)
+    hw = pack_hybrid(W, tier_map).to(KERNEL_DEVICE)
+    assert hw.tier_counts() == (4, 9, 3)
+    state = module._flat_state(hw, 2)
+    assert state.block_rows.tolist() == [0, 0, 0, 3] + [1, 1, 1, 1, 2, 2, 2, 3, 3] + [0, 2, 3]
+    # NB 2. Dense chunks [0 0] [0 3]: row 0 twice, row 3 once. 2:4 [1 1] [1 1] [2 2] [2 3] [3]: rows 1, 2 and
+    # 3 twice each. TopK [0 2] [3]: rows 0, 2 and 3 once each.
+    assert state.contributors[2].tolist() == [3, 2, 3, 4]
+    # NB 4. Dense [0 0 0 3]; 2:4 [1 1 1 1] [2 2 2 3] [3]; TopK [0 2 3] with row 2 in between.
+    assert module._flat_state(hw, 4).contributors[4].tolist() == [2, 1, 2, 4]
+    assert module._flat_state(hw, 2) is state  # cached per weight
+    x = torch.randn(1, 64, generator=g).to(torch.bfloat16)
+    for nb in (2, 4, 2):  # repeated calls: each leaves the workspace and counters zeroed for the next
+        _close(hybrid_mm_flat_gemv(x.to(KERNEL_DEVICE), hw, nb=nb), _expected(x, W), torch.bfloat16)
+        assert not state.workspace.any() and not state.arrivals.any()
+
+
+def test_flat_gemv_state_follows_the_weight() -> None:
+    """Two weights of one shape never share state; a weight's state goes with it."""
+    import dataclasses
+    import gc
+
+    from tierprune.kernels.triton import hybrid_mm as module
+
+    W1, hw1, g = _case((48, 80), torch.bfloat16, seed=22)
+    W2, hw2, _ = _case((48, 80), torch.bfloat16, seed=23)
+    x = torch.randn(1, 80, generator=g).to(torch.bfloat16).to(KERNEL_DEVICE)
+    for _ in range(2):
+        _close(hybrid_mm_flat_gemv(x, hw1, nb=4), _expected(x, W1), torch.bfloat16)
+        _close(hybrid_mm_flat_gemv(x, hw2, nb=4), _expected(x, W2), torch.bfloat16)
+    assert module._flat_state(hw1, 4) is not module._flat_state(hw2, 4)
+    key = id(hw2.dense_row_ptr)
+    assert key in module._FLAT_STATES
+    del hw2
+    gc.collect()
+    assert key not in module._FLAT_STATES
+    # A weight that shares the dense row pointers of another but not its 2:4 ones gets its own state, which
+    # outlives the other weight (whose dying 2:4 row pointers must not take the shared key's entry with them).
+    hw3 = dataclasses.replace(hw1, nm_row_ptr=hw1.nm_row_ptr.clone())
+    _close(hybrid_mm_flat_gemv(x, hw3, nb=4), _expected(x, W1), torch.bfloat16)
+    state3 = module._FLAT_STATES[id(hw1.dense_row_ptr)][1]
+    assert state3 is not module._flat_state(hw1, 4)  # hw1 takes the key back: a new entry for hw1
+    assert module._flat_state(hw3, 4) is not state3  # and hw3 again (one entry per key: they alternate)
+    state3 = module._flat_state(hw3, 4)
+    del hw1
+    gc.collect()
+    assert module._FLAT_STATES[id(hw3.dense_row_ptr)][1] is state3
+    _close(hybrid_mm_flat_gemv(x, hw3, nb=4), _expected(x, W1), torch.bfloat16)
+
+
+def test_flat_gemv_refuses_bad_inputs() -> None:
+    W, hw, _ = _case((32, 64), torch.bfloat16, seed=24)
+    x = torch.zeros(1, 64, dtype=torch.bfloat16, device=KERNEL_DEVICE)
+    with pytest.raises(AssertionError):
+        hybrid_mm_flat_gemv(torch.cat([x, x]), hw)  # one token only
+    with pytest.raises(AssertionError, match="nb 6"):
+        hybrid_mm_flat_gemv(x, hw, nb=6)
+    with pytest.raises(AssertionError):
+        hybrid_mm_flat_gemv(x.half(), hw)  # dtype
+    with pytest.raises(AssertionError):
+        hybrid_mm_flat_gemv(torch.zeros(1, 128, dtype=torch.bfloat16, device=KERNEL_DEVICE)[:, ::2], hw)  # strided
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
@@ -267,6 +363,54 @@ def test_kernels_compile_for_hopper() -> None:
             # The software pipeliner prefetches the dense tile, the 2:4 values and x with async copies
             # (vector loads): two tensors per loop, at least two stages each, in both loops.
             assert item["async_copies"] >= 8 and item["nm_values_prefetched"], (name, item)
+
+
+FLAT_COMPILE_SCRIPT = r"""
+import json, re
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from tierprune.kernels.triton import _flat_gemv as F
+
+PACKED = {"dv_ptr": "*{w}", "dc_ptr": "*i16", "dp_ptr": "*i32", "nv_ptr": "*{w}", "meta_ptr": "*u8",
+          "nc_ptr": "*i16", "np_ptr": "*i32", "tv_ptr": "*{w}", "tp_ptr": "*u8", "tc_ptr": "*i16", "tpp_ptr": "*i32"}
+report = {}
+for dtype, nb, warps, expand in [("bf16", 4, 1, False), ("bf16", 8, 2, False), ("fp16", 16, 4, False),
+                                 ("bf16", 32, 4, False), ("bf16", 16, 4, True), ("fp16", 8, 2, True)]:
+    consts = dict(TOPK=10, KP=16, NB=nb, NM_EXPAND=expand)
+    sig = {"x_ptr": "*" + dtype, "out_ptr": "*" + dtype, "ws_ptr": "*fp32", "cnt_ptr": "*i32", "need_ptr": "*i32",
+           "brow_ptr": "*i16", **{k: v.format(w=dtype) for k, v in PACKED.items()},
+           **{n: "i32" for n in ("N_DENSE", "N_NM", "N_TOPK", "P_DENSE", "P_NM", "N_OUT", "K_IN")},
+           **{n: "constexpr" for n in consts}}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, (n, t) in enumerate(sig.items())
+             if t.startswith("*") or n in ("N_OUT", "K_IN")}
+    k = triton.compile(ASTSource(fn=F._hybrid_flat_gemv_kernel, signature=sig, constexprs=consts, attrs=attrs),
+                       target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+    ptx = k.asm["ptx"]
+    report[f"{dtype}-{nb}-{warps}-{int(expand)}"] = {"cubin": len(k.asm["cubin"]),
+                                       "atomics": sorted(set(re.findall(r"atom\.global\.[a-z0-9._]+", ptx)))}
+print(json.dumps(report))
+"""
+
+
+def test_flat_gemv_compiles_for_hopper() -> None:
+    """A cubin for sm_90 per config; one ordered atomic (the block-row counter), the partial sums relaxed.
+
+    Ordered (acq_rel) fp32 additions would put a fence before every one of them.
+    """
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    proc = subprocess.run([sys.executable, "-c", FLAT_COMPILE_SCRIPT], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    expected = {"bf16-4-1-0", "bf16-8-2-0", "fp16-16-4-0", "bf16-32-4-0", "bf16-16-4-1", "fp16-8-2-1"}
+    assert set(report) == expected, report
+    for name, item in report.items():
+        assert item["cubin"] > 0, name
+        ordered = [a for a in item["atomics"] if ".acq_rel." in a or ".release." in a or ".acquire." in a]
+        assert ordered == ["atom.global.gpu.acq_rel.add.u32"], (name, item["atomics"])
+        assert any(".relaxed.add." in a and "f32" in a for a in item["atomics"]), (name, item["atomics"])
+        assert any(".relaxed.exch.b32" in a for a in item["atomics"]), (name, item["atomics"])
 
 
 def test_tuned_configs_override_the_heuristic(monkeypatch) -> None:

@@ -1,0 +1,171 @@
+"""One-token GEMV over the hybrid format as a flat stream of blocks: no loop in any program.
+
+The per-block-row kernels in _hybrid_kernels.py loop over a block-row's blocks, and every step waits on
+small dependent loads (block column -> x gather, 2:4 metadata -> x gather) that the pipeliner does not
+prefetch; their block-rows also differ in work. Here each tier's flat block array (sorted by block-row)
+is cut into chunks of NB consecutive blocks and every program takes one chunk: programs [0, P_DENSE)
+the dense chunks, the next P_NM the 2:4 chunks, the rest the TopK chunks, one launch for all three.
+A program issues all of its loads at once, so the latency is hidden by the many short programs resident
+on each SM rather than by a pipeliner, and every program does the same amount of work within its tier.
+
+A chunk's blocks can belong to several block-rows (a row boundary inside the chunk, or a chunk that
+spans rows with no blocks of this tier). Each program sums its blocks' (16,) partials per block-row,
+adds each sum into an fp32 workspace row with atomics and counts itself on the block-row's counter; the
+contributor that counts last (the count of contributors per block-row is known from the chunking, see
+hybrid_mm.py's _flat_state) reads the row back while zeroing it, writes the output in its dtype and
+resets the counter. So the workspace and counters stay zeroed between launches and a call is one
+kernel: no zero-fill before, no cast after.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+__all__ = ["_hybrid_flat_gemv_kernel"]
+
+
+@triton.jit
+def _dense_partials(x_ptr, dv_ptr, dc_ptr, blk, ok, K_IN):
+    """(NB, 16) fp32: each dense block's product with x at its 16 input columns."""
+    r = tl.arange(0, 16)
+    w = tl.load(dv_ptr + blk[:, None, None] * 256 + r[None, :, None] * 16 + r[None, None, :],
+                mask=ok[:, None, None], other=0.0)  # (NB, 16, 16), 512 contiguous bytes per block
+    # (NB, 16): runs of 16 from a multiple of 16, which the compiler sees in 2-D (vector loads of x, no hints).
+    col = tl.load(dc_ptr + blk, mask=ok, other=0).to(tl.int32)[:, None] * 16 + r[None, :]
+    xv = tl.load(x_ptr + col, mask=ok[:, None] & (col < K_IN), other=0.0).to(tl.float32)  # (NB, 16)
+    return tl.sum(w.to(tl.float32) * xv[:, None, :], axis=2)
+
+
+@triton.jit
+def _nm_partials(x_ptr, nv_ptr, meta_ptr, nc_ptr, blk, ok, K_IN):
+    """(NB, 16) fp32 of 2:4 blocks, each kept value multiplied by x gathered at its own column.
+
+    A row's 8 two-bit positions are one 16-bit word (little-endian bytes, low bits first): kept value s sits
+    in group s//2 at column (s//2)*4 + ((word >> 2s) & 3). Gathering x per kept value costs 8 gathers per row
+    instead of rebuilding a 16-wide dense row (two compares and two selects per weight); x is L1-resident.
+    """
+    r = tl.arange(0, 16)
+    s = tl.arange(0, 8)
+    vals = tl.load(nv_ptr + blk[:, None, None] * 128 + r[None, :, None] * 8 + s[None, None, :],
+                   mask=ok[:, None, None], other=0.0)  # (NB, 16, 8), 256 contiguous bytes per block
+    word = tl.load(meta_ptr.to(tl.pointer_type(tl.int16)) + blk[:, None] * 16 + r[None, :],
+                   mask=ok[:, None], other=0).to(tl.int32)  # (NB, 16), 32 contiguous bytes per block
+    first = tl.load(nc_ptr + blk, mask=ok, other=0).to(tl.int32) * 16  # (NB,)
+    col = first[:, None, None] + (s // 2 * 4)[None, None, :] + ((word[:, :, None] >> (s * 2)[None, None, :]) & 3)
+    xv = tl.load(x_ptr + col, mask=ok[:, None, None] & (col < K_IN), other=0.0).to(tl.float32)  # (NB, 16, 8)
+    return tl.sum(vals.to(tl.float32) * xv, axis=2)
+
+
+@triton.jit
+def _nm_partials_expanded(x_ptr, nv_ptr, meta_ptr, nc_ptr, blk, ok, K_IN):
+    """_nm_partials by rebuilding each block's dense (16, 16) rows in registers against x read as 16-wide vectors.
+
+    Two compares and two selects per weight instead of a gathered x per kept value: fewer memory instructions
+    (the load units, not the ALUs, may be what limits the gathers), more arithmetic.
+    """
+    r = tl.arange(0, 16)
+    s = tl.arange(0, 8)
+    vals = tl.load(nv_ptr + blk[:, None, None] * 128 + r[None, :, None] * 8 + s[None, None, :],
+                   mask=ok[:, None, None], other=0.0)  # (NB, 16, 8)
+    word = tl.load(meta_ptr.to(tl.pointer_type(tl.int16)) + blk[:, None] * 16 + r[None, :],
+                   mask=ok[:, None], other=0).to(tl.int32)  # (NB, 16)
+    col = tl.load(nc_ptr + blk, mask=ok, other=0).to(tl.int32)[:, None] * 16 + r[None, :]  # (NB, 16)
+    xv = tl.load(x_ptr + col, mask=ok[:, None] & (col < K_IN), other=0.0).to(tl.float32)  # (NB, 16)
+    v0, v1 = tl.split(tl.reshape(vals, (vals.shape[0], 16, 4, 2)))  # (NB, 16, 4) each group's two kept values
+    nib = (word[:, :, None] >> (tl.arange(0, 4) * 4)[None, None, :]) & 15  # (NB, 16, 4) group g: bits 4g..4g+3
+    j = tl.arange(0, 4)[None, None, None, :]
+    w = tl.where(j == (nib & 3)[:, :, :, None], v0[:, :, :, None],
+                 tl.where(j == (nib >> 2)[:, :, :, None], v1[:, :, :, None], 0.0))  # (NB, 16, 4, 4)
+    w = tl.reshape(w, (vals.shape[0], 16, 16))
+    return tl.sum(w.to(tl.float32) * xv[:, None, :], axis=2)
+
+
+@triton.jit
+def _topk_partials(x_ptr, tv_ptr, tp_ptr, tc_ptr, blk, ok, K_IN, TOPK: tl.constexpr, KP: tl.constexpr):
+    """(NB, 16) fp32 of TopK blocks: each entry's value times x at its column, summed into its row."""
+    e = tl.arange(0, KP)  # TOPK entries padded to a power of 2
+    valid = ok[:, None] & (e < TOPK)[None, :]  # (NB, KP)
+    v = tl.load(tv_ptr + blk[:, None] * TOPK + e[None, :], mask=valid, other=0.0)
+    p = tl.load(tp_ptr + blk[:, None] * TOPK + e[None, :], mask=valid, other=0).to(tl.int32)  # row-major in block
+    col = tl.load(tc_ptr + blk, mask=ok, other=0).to(tl.int32)[:, None] * 16 + p % 16
+    xv = tl.load(x_ptr + col, mask=valid & (col < K_IN), other=0.0).to(tl.float32)
+    contrib = v.to(tl.float32) * xv  # (NB, KP)
+    rows = tl.arange(0, 16)
+    return tl.sum(tl.where((p // 16)[:, :, None] == rows[None, None, :], contrib[:, :, None], 0.0), axis=1)
+
+
+# The block and chunk counts only bound the masks: one binary for every weight of a shape, not one per
+# combination of counts that happen to be multiples of 16 (or 1), which Triton would otherwise specialize on.
+@triton.jit(do_not_specialize=["N_DENSE", "N_NM", "N_TOPK", "P_DENSE", "P_NM"])
+def _hybrid_flat_gemv_kernel(
+    x_ptr, out_ptr, ws_ptr, cnt_ptr, need_ptr, brow_ptr,
+    dv_ptr, dc_ptr, dp_ptr,
+    nv_ptr, meta_ptr, nc_ptr, np_ptr,
+    tv_ptr, tp_ptr, tc_ptr, tpp_ptr,
+    N_DENSE, N_NM, N_TOPK, P_DENSE, P_NM, N_OUT, K_IN,
+    TOPK: tl.constexpr, KP: tl.constexpr, NB: tl.constexpr, NM_EXPAND: tl.constexpr,
+):
+    """out (N_OUT,) = W @ x (K_IN,); grid (P_DENSE + P_NM + P_TOPK,), one chunk of NB blocks per program.
+
+    brow_ptr: block-row of every block, the three tiers one after another (int16). ws_ptr (nbr·16,) fp32 and
+    cnt_ptr (nbr,) int32 are zero on entry and left zero; need_ptr (nbr,) int32 is the number of programs
+    that contribute to each block-row. The row pointers (dp/np/tpp) are not read: the chunking replaces them.
+    NM_EXPAND: 2:4 blocks rebuilt as dense rows (_nm_partials_expanded) rather than gathering x per kept value.
+    """
+    pid = tl.program_id(0)
+    if pid < P_DENSE:  # this program's tier: its first block, the tier's block count, its rows in brow_ptr
+        start, n, tier_rows = pid * NB, N_DENSE, brow_ptr
+    elif pid < P_DENSE + P_NM:
+        start, n, tier_rows = (pid - P_DENSE) * NB, N_NM, brow_ptr + N_DENSE
+    else:
+        start, n, tier_rows = (pid - P_DENSE - P_NM) * NB, N_TOPK, brow_ptr + N_DENSE + N_NM
+    i = tl.arange(0, NB)
+    blk = start + i
+    ok = blk < n
+    brow = tl.load(tier_rows + blk, mask=ok, other=-1).to(tl.int32)  # (NB,)
+    if pid < P_DENSE:
+        part = _dense_partials(x_ptr, dv_ptr, dc_ptr, blk, ok, K_IN)
+    elif pid < P_DENSE + P_NM:
+        if NM_EXPAND:
+            part = _nm_partials_expanded(x_ptr, nv_ptr, meta_ptr, nc_ptr, blk, ok, K_IN)
+        else:
+            part = _nm_partials(x_ptr, nv_ptr, meta_ptr, nc_ptr, blk, ok, K_IN)
+    else:
+        part = _topk_partials(x_ptr, tv_ptr, tp_ptr, tc_ptr, blk, ok, K_IN, TOPK, KP)
+
+    # Sum the partials per block-row before the atomics, so that a block-row costs one atomic per output row
+    # rather than one per block (NB·16 atomics per chunk, all of a block-row's on the same 16 addresses, would
+    # make the atomics the limit). The blocks are sorted by block-row, and a chunk is short beside a tier's
+    # blocks per block-row (tens to hundreds in LLaMA shapes), so a chunk nearly always lies in one or two
+    # block-rows: its first and its last. Those two are summed (a masked sum over the NB blocks each) and
+    # emitted from the chunk's first and last block; a block of any row in between emits its own partial.
+    # A one-hot (NB, NB) segment sum is general but costs NB·NB·16 selects and, compiled for sm_90, about as
+    # many instructions as the products themselves (the first version of this kernel). The first and last
+    # rows are read as two scalars (same cache line as brow) rather than reduced over the chunk: fewer
+    # cross-thread steps.
+    last_i = tl.minimum(n - start, NB) - 1  # the chunk's last block
+    first = tl.load(tier_rows + start).to(tl.int32)
+    final = tl.load(tier_rows + start + last_i).to(tl.int32)
+    tail = i == last_i  # (NB,)
+    sum_first = tl.sum(tl.where((brow == first)[:, None], part, 0.0), axis=0)  # (16,)
+    sum_final = tl.sum(tl.where(((brow == final) & (brow != first))[:, None], part, 0.0), axis=0)  # (16,)
+    head = (i == 0) | (tail & (final != first)) | (ok & (brow != first) & (brow != final))  # (NB,) emitters
+    seg = tl.where((i == 0)[:, None], sum_first[None, :], tl.where(tail[:, None], sum_final[None, :], part))
+    need = tl.load(need_ptr + brow, mask=head, other=0)  # (NB,) contributors of each emitter's block-row
+
+    rows = tl.arange(0, 16)
+    orow = brow[:, None] * 16 + rows[None, :]  # (NB, 16); the workspace covers the padded last block-row
+    # Masks as full (NB, 16) tensors: Triton 3.7's interpreter drops the broadcast of an (1, 1) mask at NB = 1.
+    every = rows[None, :] >= 0
+    tl.atomic_add(ws_ptr + orow, seg, mask=head[:, None] & every, sem="relaxed")
+    tl.debug_barrier()  # every thread's additions are issued before the count says so
+    arrived = tl.atomic_add(cnt_ptr + brow, 1, mask=head, sem="acq_rel")  # (NB,)
+    last = head & (arrived == need - 1)
+    tl.debug_barrier()
+    # Read back and zero in one atomic (the sums live in L2; a plain load could hit a stale L1 line). On the
+    # 32-bit pattern: an exchange is the same instruction for both, and Triton's interpreter exchanges ints only.
+    bits = tl.atomic_xchg(ws_ptr.to(tl.pointer_type(tl.int32)) + orow, 0, mask=last[:, None] & every,
+                          sem="relaxed")
+    total = bits.to(tl.float32, bitcast=True)  # (NB, 16)
+    tl.store(out_ptr + orow, total.to(out_ptr.dtype.element_ty), mask=last[:, None] & (orow < N_OUT))
+    tl.atomic_xchg(cnt_ptr + brow, 0, mask=last, sem="relaxed")
