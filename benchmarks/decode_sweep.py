@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from tierprune.kernels.hybrid import pack_hybrid
-from tierprune.kernels.triton.hybrid_mm import hybrid_mm, hybrid_mm_decode, hybrid_mm_flat_gemv
+from tierprune.kernels.triton.hybrid_mm import decode_config, hybrid_mm, hybrid_mm_decode, hybrid_mm_flat_gemv
 
 from hybrid_kernels import (BS, MIXES, SHAPES, TINY_SHAPES, TOPK_K, clone_hybrid, copies_needed, make_tier_map,
                             measure_us, pruned_weight)
@@ -51,6 +51,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--inner", type=int, default=20)
     p.add_argument("--reps", type=int, default=15)
     p.add_argument("--budget-s", type=float, default=150)
+    p.add_argument("--heuristic-only", action="store_true",
+                   help="of the per-block-row kernels time only the config decode_config picks (the op's default)")
     p.add_argument("--flat", action="store_true", help="at one token, also time the flat tier stream GEMV "
                                                        "(hybrid_mm_flat_gemv) over FLAT's (NB, warps, nm_expand)")
     p.add_argument("--tiny", action="store_true", help="tiny shapes (all of them, --shapes ignored): a dry run")
@@ -83,7 +85,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 default, _ = measure_us([lambda h=h: hybrid_mm(x, h) for h in hws], device, args.inner, args.reps)
                 ref = F.linear(x.float(), W.float())
                 results = {}
-                for cfg in (GEMV if T == 1 else TILES):
+                configs = GEMV if T == 1 else TILES
+                if args.heuristic_only:
+                    configs = [decode_config(hw, T, torch.cuda.get_device_properties(device).multi_processor_count
+                                             if device == "cuda" else 132)]
+                for cfg in configs:
                     nb, split, warps, tile, prefetch = cfg
                     fns = [lambda h=h: hybrid_mm_decode(x, h, nb=nb, split=split, num_warps=warps, token_tile=tile,
                                                         prefetch=prefetch) for h in hws]
