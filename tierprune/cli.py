@@ -286,6 +286,7 @@ def run(
     compile: bool = typer.Option(False, "--compile", help="torch.compile the layers during calibration"),
     eval: Optional[str] = typer.Option(None, "--eval", help="eval data spec, or 'none' [default: wikitext2]"),
     eval_seqlen: int = typer.Option(2048), eval_max_windows: Optional[int] = typer.Option(None),
+    eval_batch_size: int = typer.Option(1, help="windows per forward pass (speed only; PROTOCOL's is 1)"),
     zero_shot: Optional[str] = typer.Option(None, help="lm-eval tasks, comma list; 'wanda' = Wanda's seven"),
     zero_shot_limit: Optional[int] = typer.Option(None, help="first N items of each zero-shot task (quick runs)"),
     zero_shot_include: Optional[str] = typer.Option(None, help="folder of your own lm-eval task YAMLs"),
@@ -302,8 +303,8 @@ def run(
     ft_warmup: float = typer.Option(0.05, help="warm-up as a fraction of an iteration's steps"),
     ft_train: str = typer.Option("linears", help="what full fine-tuning updates: linears | all_but_embeddings | all"),
     ft_commit_every: Optional[int] = typer.Option(
-        None, help="optimizer steps between committed training states (resume); 0 = none "
-        "[default: by time, --ft-commit-minutes]"),
+        None, help="optimizer steps between committed training states (resume); 0 = none; "
+        "not given: by time (--ft-commit-minutes)"),
     ft_commit_minutes: float = typer.Option(10.0, help="minutes of training between committed training states "
                                             "when --ft-commit-every is not given; 0 = none"),
     ft_eval_every: int = typer.Option(0, help="optimizer steps between held-out losses (WikiText-2 valid); 0 = ends"),
@@ -321,7 +322,8 @@ def run(
     cfg = config_from_flags(
         model=model, gguf_file=gguf_file, dtype=dtype, calib=calib, calib_samples=calib_samples,
         calib_seqlen=calib_seqlen, calib_batch_size=calib_batch_size, seed=seed, compile=compile, eval=eval,
-        eval_seqlen=eval_seqlen, eval_max_windows=eval_max_windows, plan=plan, store=store, run=run_name,
+        eval_seqlen=eval_seqlen, eval_max_windows=eval_max_windows, eval_batch_size=eval_batch_size, plan=plan,
+        store=store, run=run_name,
         resume_from=resume_from, block_size=block_size, topk=topk, select=select, scope=scope, device=device,
         offload=offload, ft_method=ft_method, ft_data=ft_data, ft_tokens=ft_tokens, ft_seqlen=ft_seqlen, ft_batch_size=ft_batch_size,
         ft_lr=ft_lr, ft_grad_accum=ft_grad_accum, ft_schedule=ft_schedule, ft_warmup=ft_warmup, ft_train=ft_train,

@@ -45,6 +45,22 @@ def test_flow_parameters_are_the_flags_of_config_from_flags(flow, left_out, adde
         assert parameter.default == expected, name
 
 
+def test_tierprune_run_has_a_flag_for_every_parameter_of_the_progressive_flow():
+    """The Prefect form and the CLI are two doors to the same run: a setting of one is a setting of the other
+    (`tierprune run` once lacked --eval-batch-size, which the form had)."""
+    import typer
+
+    from tierprune.cli import app
+
+    run = typer.main.get_command(app).commands["run"]
+    flags = {"run" if p.name == "run_name" else p.name: p.default for p in run.params}
+    parameters = _parameters(progressive)
+    assert set(flags) == set(parameters)
+    differing = {name: (flags[name], p.default) for name, p in parameters.items()
+                 if name not in FORM_DEFAULTS and flags[name] != p.default}
+    assert not differing, differing
+
+
 def test_evaluate_takes_a_subset_of_the_flags_with_their_defaults():
     parameters = _parameters(evaluate)
     assert set(parameters) <= set(FLAGS) and {"model", "eval", "eval_max_windows", "device"} <= set(parameters)
