@@ -5,8 +5,8 @@ Decode and short prefills (at most SKINNY_MAX_TOKENS tokens) stream the packed b
 `_hybrid_unpack_kernel` and hand it to cuBLAS, which is compute-bound there anyway. The custom op
 has a fake implementation, so torch.compile traces it and CUDA graphs capture it (no host syncs);
 its CPU path is the pure-torch reference. This module imports triton only when a kernel runs.
-`hybrid_mm_flat_gemv` (one token, one program per chunk of a tier's blocks, _flat_gemv.py) is a candidate
-for decode that the op does not dispatch to yet.
+At one token a weight with fewer than half of its blocks dense goes to `hybrid_mm_flat_gemv` instead (one
+program per chunk of a tier's blocks, _flat_gemv.py): faster there on the H200, slower on mostly dense ones.
 """
 from __future__ import annotations
 
@@ -19,8 +19,9 @@ import torch.nn.functional as F
 
 from ..hybrid import HYBRID_TENSOR_NAMES, HybridWeight, hybrid_matmul_ref
 
-__all__ = ["DECODE_MAX_TOKENS", "SKINNY_MAX_TOKENS", "hybrid_mm", "hybrid_mm_decode", "hybrid_mm_flat_gemv",
-           "hybrid_mm_prefill", "hybrid_unpack", "decode_config", "set_decode_config"]
+__all__ = ["DECODE_MAX_TOKENS", "SKINNY_MAX_TOKENS", "FLAT_GEMV_CONFIG", "hybrid_mm", "hybrid_mm_decode",
+           "hybrid_mm_flat_gemv", "hybrid_mm_prefill", "hybrid_unpack", "decode_config", "set_decode_config",
+           "use_flat_gemv", "prefers_flat_gemv", "flat_gemv_ready"]
 
 DECODE_MAX_TOKENS = 16  # decode proper: one token tile of 16
 SKINNY_MAX_TOKENS = 128  # up to here the op streams the packed weight; above, unpack + cuBLAS
@@ -232,6 +233,31 @@ def _flat_state(hw: HybridWeight, nb: int) -> _FlatState:
     return state
 
 
+# One-token decode of a mostly 2:4 / TopK weight goes to the flat GEMV with these (NB, num_warps): on the H200
+# it ran 1.05-1.14x the per-block-row kernels at 35/45/20 and 0.86-0.93x at 90/10/0 (README, session 7).
+FLAT_GEMV_CONFIG = (8, 1)
+_FLAT_GEMV_ENABLED = [True]
+
+
+def use_flat_gemv(enabled: bool) -> None:
+    """Let the op send one-token products of mostly 2:4 / TopK weights to the flat GEMV (the default), or not."""
+    _FLAT_GEMV_ENABLED[0] = bool(enabled)
+
+
+def prefers_flat_gemv(hw: HybridWeight) -> bool:
+    """Whether the op's one-token product of `hw` takes the flat GEMV: fewer than half of its blocks dense."""
+    counts = hw.tier_counts()
+    return _FLAT_GEMV_ENABLED[0] and 2 * counts[0] < sum(counts)
+
+
+def flat_gemv_ready(hw: HybridWeight, nb: int) -> bool:
+    """Whether `hw`'s flat GEMV state for chunks of nb exists, so that a call builds nothing."""
+    entry = _FLAT_STATES.get(id(hw.dense_row_ptr))
+    sources = (hw.dense_row_ptr, hw.nm_row_ptr, hw.topk_row_ptr)
+    return (entry is not None and all(ref() is t for ref, t in zip(entry[0], sources))
+            and nb in entry[1].contributors)
+
+
 def hybrid_mm_flat_gemv(x: torch.Tensor, hw: HybridWeight, *, nb: int = 8, num_warps: int = 2,
                         nm_expand: bool = False) -> torch.Tensor:
     """x (1, in) @ W.T -> (1, out): one launch, one program per chunk of nb consecutive blocks of a tier.
@@ -319,6 +345,13 @@ def _hybrid_mm_op(x: torch.Tensor, dense_values: torch.Tensor, dense_cols: torch
     T = x2.shape[0]
     if T == 0:  # an empty grid is not a launch
         return x.new_empty(*lead, out_features)
+    if T == 1 and x2.dtype in _KERNEL_DTYPES and x2.dtype == hw.dtype and prefers_flat_gemv(hw):
+        nb, num_warps = FLAT_GEMV_CONFIG
+        # The first call per weight builds the flat state (allocations and small kernels). Inside a CUDA graph
+        # capture that would leave the state in the graph's private memory, so a capture that comes before
+        # any eager call (warm-up) keeps the per-block-row kernel.
+        if flat_gemv_ready(hw, nb) or not torch.cuda.is_current_stream_capturing():
+            return hybrid_mm_flat_gemv(x2, hw, nb=nb, num_warps=num_warps).reshape(*lead, out_features)
     stream = T <= SKINNY_MAX_TOKENS and decode_config(hw, T, _num_sms(x.device))[3] != 0
     if stream and x2.dtype in _KERNEL_DTYPES and x2.dtype == hw.dtype:
         out = hybrid_mm_decode(x2, hw)

@@ -222,6 +222,29 @@ def test_flat_gemv_refuses_bad_inputs() -> None:
         hybrid_mm_flat_gemv(torch.zeros(1, 128, dtype=torch.bfloat16, device=KERNEL_DEVICE)[:, ::2], hw)  # strided
 
 
+def test_the_op_sends_one_token_of_a_mostly_sparse_weight_to_the_flat_gemv(monkeypatch) -> None:
+    """Which weights the op's one-token product takes to the flat GEMV, and that a CUDA graph capture never
+    builds its state (the capture keeps the per-block-row kernel until an eager call has built it)."""
+    import tierprune.kernels.triton.hybrid_mm as module
+
+    _, sparse, g = _case((64, 96), torch.bfloat16, seed=31, probs=(0.2, 0.5, 0.3))
+    _, mostly_dense, _ = _case((64, 96), torch.bfloat16, seed=32, probs=(0.9, 0.1, 0.0))
+    assert 2 * sparse.tier_counts()[0] < 24 < 2 * mostly_dense.tier_counts()[0]  # of 4 x 6 blocks
+    assert module.prefers_flat_gemv(sparse) and not module.prefers_flat_gemv(mostly_dense)
+    module.use_flat_gemv(False)
+    try:
+        assert not module.prefers_flat_gemv(sparse)
+    finally:
+        module.use_flat_gemv(True)
+
+    nb = module.FLAT_GEMV_CONFIG[0]
+    assert not module.flat_gemv_ready(sparse, nb)
+    x = torch.randn(1, 96, generator=g).to(torch.bfloat16).to(KERNEL_DEVICE)
+    module.hybrid_mm_flat_gemv(x, sparse, nb=nb)
+    assert module.flat_gemv_ready(sparse, nb) and not module.flat_gemv_ready(sparse, 2 * nb)
+    assert not module.flat_gemv_ready(mostly_dense, nb)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("shape", SHAPES)
 def test_unpack_is_exact(shape, dtype) -> None:
