@@ -46,7 +46,7 @@ def test_tiny_run_end_to_end(bench, capsys) -> None:
         assert r["cublas_us"] > 0 and r["hybrid_us"] > 0
         if r["mix"] == "35/45/20":
             assert 0.6 < r["bytes_vs_dense"] < 0.65, r
-    assert [r["model"] for r in e2e] == ["dense", "hybrid", "hybrid-no-flat"]
+    assert [r["model"] for r in e2e] == ["dense", "hybrid", "hybrid-flat"]
     assert e2e[1]["first_logits_max_abs_diff"] == 0.0  # same pruned weights, same function
     assert e2e[1]["linear_weight_gib"] < 0.7 * e2e[0]["linear_weight_gib"]
     out = capsys.readouterr().out

@@ -5,8 +5,9 @@ Decode and short prefills (at most SKINNY_MAX_TOKENS tokens) stream the packed b
 `_hybrid_unpack_kernel` and hand it to cuBLAS, which is compute-bound there anyway. The custom op
 has a fake implementation, so torch.compile traces it and CUDA graphs capture it (no host syncs);
 its CPU path is the pure-torch reference. This module imports triton only when a kernel runs.
-At one token a weight with fewer than half of its blocks dense goes to `hybrid_mm_flat_gemv` instead (one
-program per chunk of a tier's blocks, _flat_gemv.py): faster there on the H200, slower on mostly dense ones.
+With use_flat_gemv(True), at one token a weight with fewer than half of its blocks dense goes to
+`hybrid_mm_flat_gemv` instead (one program per chunk of a tier's blocks, _flat_gemv.py): faster per matrix
+there on the H200, slower on mostly dense ones; not yet run end to end, so off by default.
 """
 from __future__ import annotations
 
@@ -233,14 +234,15 @@ def _flat_state(hw: HybridWeight, nb: int) -> _FlatState:
     return state
 
 
-# One-token decode of a mostly 2:4 / TopK weight goes to the flat GEMV with these (NB, num_warps): on the H200
-# it ran 1.05-1.14x the per-block-row kernels at 35/45/20 and 0.86-0.93x at 90/10/0 (README, session 7).
+# With use_flat_gemv(True), one-token decode of a mostly 2:4 / TopK weight goes to the flat GEMV with these
+# (NB, num_warps): on the H200 it ran 1.05-1.14x the per-block-row kernels at 35/45/20 and 0.86-0.93x at
+# 90/10/0 (README, session 7). Off by default until an end-to-end decode under CUDA graphs has run it.
 FLAT_GEMV_CONFIG = (8, 1)
-_FLAT_GEMV_ENABLED = [True]
+_FLAT_GEMV_ENABLED = [False]
 
 
 def use_flat_gemv(enabled: bool) -> None:
-    """Let the op send one-token products of mostly 2:4 / TopK weights to the flat GEMV (the default), or not."""
+    """Let the op send one-token products of mostly 2:4 / TopK weights to the flat GEMV, or not (the default)."""
     _FLAT_GEMV_ENABLED[0] = bool(enabled)
 
 
