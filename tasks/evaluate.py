@@ -47,10 +47,13 @@ def perplexity(model: nn.Module, ids: torch.Tensor, seqlen: int, *, max_windows:
         n_windows = min(n_windows, max_windows)
     if n_windows == 0:  # user input (data, --eval-seqlen): a one-line error, not a traceback
         raise TierpruneError(f"evaluation text has {ids.shape[1]} tokens, fewer than one window of {seqlen}")
-    windows = ids[:, : n_windows * seqlen].reshape(n_windows, seqlen)
+    # On the device once, and the losses kept there until the end: a copy from pageable host memory, or a
+    # loss read back, per window would make the host wait for the device at every window, where a small
+    # model's forward is bound by the host launching its kernels and could run ahead.
+    windows = ids[:, : n_windows * seqlen].reshape(n_windows, seqlen).to(device)
     losses = []
     for start in range(0, n_windows, batch_size):
-        x = windows[start:start + batch_size].to(device)
+        x = windows[start:start + batch_size]
         logits = model(x, use_cache=False).logits  # (b, L, V)
         # Loss per window, in fp32, mean over its L-1 shifted positions: as the reference. Classes in the last
         # dimension: with them in dimension 1 (a transposed view) CUDA's log-softmax takes a strided path
@@ -58,10 +61,10 @@ def perplexity(model: nn.Module, ids: torch.Tensor, seqlen: int, *, max_windows:
         b, length = x.shape
         loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), x[:, 1:].flatten(),
                                reduction="none").view(b, length - 1).mean(dim=1)
-        losses.append(loss.cpu())
+        losses.append(loss)
         if on_progress is not None:
             on_progress(min(start + batch_size, n_windows), n_windows)
-    return math.exp(torch.cat(losses).double().mean().item()), n_windows
+    return math.exp(torch.cat(losses).cpu().double().mean().item()), n_windows
 
 
 def sparsity_report(model: nn.Module, tier_maps: dict[str, torch.Tensor] | None = None) -> dict:
