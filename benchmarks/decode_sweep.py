@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from tierprune.kernels.hybrid import pack_hybrid
-from tierprune.kernels.triton.hybrid_mm import decode_config, hybrid_mm, hybrid_mm_decode, hybrid_mm_flat_gemv
+from tierprune.kernels.triton.flat_gemv import hybrid_mm_flat_gemv
+from tierprune.kernels.triton.hybrid_mm import decode_config, hybrid_mm, hybrid_mm_decode
 
 from hybrid_kernels import (BS, MIXES, SHAPES, TINY_SHAPES, TOPK_K, clone_hybrid, copies_needed, make_tier_map,
                             measure_us, pruned_weight)

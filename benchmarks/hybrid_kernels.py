@@ -449,7 +449,7 @@ def bench_end_to_end(args, device: str) -> list[dict]:
     hybrid_bytes = sum(getattr(b, n).nbytes for b in model.blocks for n in ("qkv", "o", "gate_up", "down"))
     hybrid = decode_speed(model, args.steps, device, use_graph=not args.no_graph)
     # The same model with the op's one-token dispatch to the flat GEMV on (off by default): what it is worth.
-    from tierprune.kernels.triton.hybrid_mm import use_flat_gemv
+    from tierprune.kernels.triton.flat_gemv import use_flat_gemv
 
     use_flat_gemv(True)
     try:

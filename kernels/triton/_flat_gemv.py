@@ -12,7 +12,7 @@ A chunk's blocks can belong to several block-rows (a row boundary inside the chu
 spans rows with no blocks of this tier). Each program sums its blocks' (16,) partials per block-row,
 adds each sum into an fp32 workspace row with atomics and counts itself on the block-row's counter; the
 contributor that counts last (the count of contributors per block-row is known from the chunking, see
-hybrid_mm.py's _flat_state) reads the row back while zeroing it, writes the output in its dtype and
+flat_gemv.py's _flat_state) reads the row back while zeroing it, writes the output in its dtype and
 resets the counter. So the workspace and counters stay zeroed between launches and a call is one
 kernel: no zero-fill before, no cast after.
 """

@@ -5,24 +5,21 @@ Decode and short prefills (at most SKINNY_MAX_TOKENS tokens) stream the packed b
 `_hybrid_unpack_kernel` and hand it to cuBLAS, which is compute-bound there anyway. The custom op
 has a fake implementation, so torch.compile traces it and CUDA graphs capture it (no host syncs);
 its CPU path is the pure-torch reference. This module imports triton only when a kernel runs.
-With use_flat_gemv(True), at one token a weight with fewer than half of its blocks dense goes to
-`hybrid_mm_flat_gemv` instead (one program per chunk of a tier's blocks, _flat_gemv.py): faster per matrix
-there on the H200, slower on mostly dense ones; not yet run end to end, so off by default.
+With flat_gemv.use_flat_gemv(True), at one token a weight with fewer than half of its blocks dense goes to
+the flat GEMV instead (flat_gemv.py): faster per matrix there on the H200, slower on mostly dense ones; not
+yet run end to end, so off by default.
 """
 from __future__ import annotations
 
 import functools
-import weakref
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 from ..hybrid import HYBRID_TENSOR_NAMES, HybridWeight, hybrid_matmul_ref
 
-__all__ = ["DECODE_MAX_TOKENS", "SKINNY_MAX_TOKENS", "FLAT_GEMV_CONFIG", "hybrid_mm", "hybrid_mm_decode",
-           "hybrid_mm_flat_gemv", "hybrid_mm_prefill", "hybrid_unpack", "decode_config", "set_decode_config",
-           "use_flat_gemv", "prefers_flat_gemv", "flat_gemv_ready"]
+__all__ = ["DECODE_MAX_TOKENS", "SKINNY_MAX_TOKENS", "hybrid_mm", "hybrid_mm_decode", "hybrid_mm_prefill",
+           "hybrid_unpack", "decode_config", "set_decode_config"]
 
 DECODE_MAX_TOKENS = 16  # decode proper: one token tile of 16
 SKINNY_MAX_TOKENS = 128  # up to here the op streams the packed weight; above, unpack + cuBLAS
@@ -166,129 +163,6 @@ def _split_counters(device: torch.device, n: int) -> torch.Tensor:
     return counters
 
 
-@dataclass
-class _FlatState:
-    """What the flat-stream GEMV needs beside the packed buffers, built once per weight (kept by _flat_state)."""
-
-    block_rows: torch.Tensor  # (nd+nn+nt,) int16: block-row of every block, the three tiers one after another
-    workspace: torch.Tensor  # (nbr·16,) fp32, zero between launches
-    arrivals: torch.Tensor  # (nbr,) int32, zero between launches
-    contributors: dict[int, torch.Tensor] = field(default_factory=dict)  # NB -> (nbr,) int32 programs per block-row
-
-
-# Keyed by id() of the weight's dense row pointers, with weak references to the three row-pointer tensors it was
-# derived from: an entry goes when one of them goes (a replaced entry's references die with it, callbacks
-# unrun, so they never remove a later entry under the same key), and a reused id() is caught by the identity
-# check. The packed format stays as it is (HybridWeight, its nbytes and the custom op's tensor list unchanged).
-_FLAT_STATES: dict[int, tuple[tuple[weakref.ref, ...], _FlatState]] = {}
-
-
-def _flat_block_rows(row_ptr: torch.Tensor, n: int) -> torch.Tensor:
-    """(n,) int32 block-row of each of the tier's n blocks, from its (nbr+1,) row pointers."""
-    counts = row_ptr[1:] - row_ptr[:-1]
-    # output_size from the host's block count: repeat_interleave would otherwise read the total from the device.
-    return torch.repeat_interleave(torch.arange(len(counts), device=row_ptr.device, dtype=torch.int32), counts,
-                                   output_size=n)
-
-
-def _flat_state(hw: HybridWeight, nb: int) -> _FlatState:
-    """The block-row index, zeroed workspace and counters of `hw`, and the contributor counts for chunks of nb.
-
-    The first call per weight (and per nb) builds them with a few small kernels: call once before capturing
-    a CUDA graph, as the benchmarks' warm-up does.
-    """
-    sources = (hw.dense_row_ptr, hw.nm_row_ptr, hw.topk_row_ptr)
-    key = id(hw.dense_row_ptr)
-    entry = _FLAT_STATES.get(key)
-    if entry is None or any(ref() is not t for ref, t in zip(entry[0], sources)):
-        nbr = len(hw.dense_row_ptr) - 1
-        assert nbr <= torch.iinfo(torch.int16).max, f"{nbr} block-rows do not fit the int16 block-row index"
-        counts = hw.tier_counts()
-        rows = [_flat_block_rows(rp, n) for rp, n in zip(sources, counts)]
-        state = _FlatState(
-            block_rows=torch.cat(rows).to(torch.int16),
-            workspace=torch.zeros(nbr * 16, dtype=torch.float32, device=hw.device),
-            arrivals=torch.zeros(nbr, dtype=torch.int32, device=hw.device),
-        )
-        refs = tuple(weakref.ref(t, lambda _, key=key: _FLAT_STATES.pop(key, None)) for t in sources)
-        entry = _FLAT_STATES[key] = (refs, state)
-    state = entry[1]
-    if nb not in state.contributors:
-        # Mirrors the kernel's emitters: per chunk, its first block (for the chunk's first block-row), its
-        # last block if that lies in another block-row, and every block of a block-row strictly in between.
-        nbr = len(hw.dense_row_ptr) - 1
-        need = torch.zeros(nbr, dtype=torch.int32, device=hw.device)
-        start = 0
-        for n in hw.tier_counts():
-            rows = state.block_rows[start:start + n].to(torch.int64)  # (n,)
-            start += n
-            if n == 0:
-                continue
-            i = torch.arange(n, device=hw.device)
-            chunk_start = i - i % nb
-            chunk_tail = torch.clamp(chunk_start + nb, max=n) - 1
-            first, final = rows[chunk_start], rows[chunk_tail]
-            emits = (i == chunk_start) | ((i == chunk_tail) & (final != first)) | ((rows != first) & (rows != final))
-            need.index_add_(0, rows, emits.to(torch.int32))
-        state.contributors[nb] = need
-    return state
-
-
-# With use_flat_gemv(True), one-token decode of a mostly 2:4 / TopK weight goes to the flat GEMV with these
-# (NB, num_warps): on the H200 it ran 1.05-1.14x the per-block-row kernels at 35/45/20 and 0.86-0.93x at
-# 90/10/0 (README, session 7). Off by default until an end-to-end decode under CUDA graphs has run it.
-FLAT_GEMV_CONFIG = (8, 1)
-_FLAT_GEMV_ENABLED = [False]
-
-
-def use_flat_gemv(enabled: bool) -> None:
-    """Let the op send one-token products of mostly 2:4 / TopK weights to the flat GEMV, or not (the default)."""
-    _FLAT_GEMV_ENABLED[0] = bool(enabled)
-
-
-def prefers_flat_gemv(hw: HybridWeight) -> bool:
-    """Whether the op's one-token product of `hw` takes the flat GEMV: fewer than half of its blocks dense."""
-    counts = hw.tier_counts()
-    return _FLAT_GEMV_ENABLED[0] and 2 * counts[0] < sum(counts)
-
-
-def flat_gemv_ready(hw: HybridWeight, nb: int) -> bool:
-    """Whether `hw`'s flat GEMV state for chunks of nb exists, so that a call builds nothing."""
-    entry = _FLAT_STATES.get(id(hw.dense_row_ptr))
-    sources = (hw.dense_row_ptr, hw.nm_row_ptr, hw.topk_row_ptr)
-    return (entry is not None and all(ref() is t for ref, t in zip(entry[0], sources))
-            and nb in entry[1].contributors)
-
-
-def hybrid_mm_flat_gemv(x: torch.Tensor, hw: HybridWeight, *, nb: int = 8, num_warps: int = 2,
-                        nm_expand: bool = False) -> torch.Tensor:
-    """x (1, in) @ W.T -> (1, out): one launch, one program per chunk of nb consecutive blocks of a tier.
-
-    Not the op's default yet (decode_config picks among the per-block-row kernels); see _flat_gemv.py. The
-    weight's workspace and counters are shared by its calls, which must therefore run one after another (one
-    stream), as decode does; the first call per weight and nb builds them (call it once before graph capture).
-    nm_expand: rebuild 2:4 blocks as dense rows against 16-wide x vectors instead of gathering x per kept value.
-    """
-    assert x.dim() == 2 and x.shape[0] == 1 and x.is_contiguous(), (tuple(x.shape), x.stride())
-    assert x.shape[1] == hw.shape[1], (tuple(x.shape), hw.shape)
-    assert x.dtype == hw.dtype and x.dtype in _KERNEL_DTYPES, (x.dtype, hw.dtype)
-    assert x.device == hw.device, (x.device, hw.device)
-    assert nb >= 1 and nb & (nb - 1) == 0, f"nb {nb}: a power of 2"
-    _check(hw)
-    from . import _flat_gemv
-
-    n_dense, n_nm, n_topk = hw.tier_counts()
-    state = _flat_state(hw, nb)
-    p_dense, p_nm, p_topk = (-(-n // nb) for n in (n_dense, n_nm, n_topk))
-    out = x.new_empty(1, hw.shape[0])
-    _flat_gemv._hybrid_flat_gemv_kernel[(p_dense + p_nm + p_topk,)](
-        x, out, state.workspace, state.arrivals, state.contributors[nb], state.block_rows, *_packed_args(hw),
-        n_dense, n_nm, n_topk, p_dense, p_nm, hw.shape[0], hw.shape[1],
-        TOPK=hw.topk, KP=_pow2_at_least(hw.topk), NB=nb, NM_EXPAND=nm_expand, num_warps=num_warps,
-    )
-    return out
-
-
 def hybrid_unpack(hw: HybridWeight, *, nb: int = 4, split: int | None = None, num_warps: int = 4) -> torch.Tensor:
     """The dense weight (out, in) written by the unpack kernel (the prefill workspace)."""
     _check(hw)
@@ -347,13 +221,15 @@ def _hybrid_mm_op(x: torch.Tensor, dense_values: torch.Tensor, dense_cols: torch
     T = x2.shape[0]
     if T == 0:  # an empty grid is not a launch
         return x.new_empty(*lead, out_features)
-    if T == 1 and x2.dtype in _KERNEL_DTYPES and x2.dtype == hw.dtype and prefers_flat_gemv(hw):
-        nb, num_warps = FLAT_GEMV_CONFIG
+    from . import flat_gemv  # here: it imports this module's helpers
+
+    if T == 1 and x2.dtype in _KERNEL_DTYPES and x2.dtype == hw.dtype and flat_gemv.prefers_flat_gemv(hw):
+        nb, num_warps = flat_gemv.FLAT_GEMV_CONFIG
         # The first call per weight builds the flat state (allocations and small kernels). Inside a CUDA graph
         # capture that would leave the state in the graph's private memory, so a capture that comes before
         # any eager call (warm-up) keeps the per-block-row kernel.
-        if flat_gemv_ready(hw, nb) or not torch.cuda.is_current_stream_capturing():
-            return hybrid_mm_flat_gemv(x2, hw, nb=nb, num_warps=num_warps).reshape(*lead, out_features)
+        if flat_gemv.flat_gemv_ready(hw, nb) or not torch.cuda.is_current_stream_capturing():
+            return flat_gemv.hybrid_mm_flat_gemv(x2, hw, nb=nb, num_warps=num_warps).reshape(*lead, out_features)
     stream = T <= SKINNY_MAX_TOKENS and decode_config(hw, T, _num_sms(x.device))[3] != 0
     if stream and x2.dtype in _KERNEL_DTYPES and x2.dtype == hw.dtype:
         out = hybrid_mm_decode(x2, hw)

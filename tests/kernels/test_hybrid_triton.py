@@ -16,11 +16,11 @@ import torch
 
 from tierprune.kernels.hybrid import hybrid_matmul_ref, pack_hybrid
 from tierprune.kernels.tiers import DENSE, NM_2_4, TOPK
+from tierprune.kernels.triton.flat_gemv import hybrid_mm_flat_gemv
 from tierprune.kernels.triton.hybrid_mm import (
     DECODE_MAX_TOKENS,
     hybrid_mm,
     hybrid_mm_decode,
-    hybrid_mm_flat_gemv,
     hybrid_mm_prefill,
     hybrid_unpack,
 )
@@ -154,7 +154,7 @@ def test_flat_gemv_state_is_exact_and_left_zeroed() -> None:
     in each of block-rows 0, 2 and 3, so that with NB 2 one TopK chunk spans rows 2 and 3 and, with NB 4,
     the only TopK chunk spans rows 0, 2 and 3 (row 2 strictly inside: its block emits on its own).
     """
-    from tierprune.kernels.triton import hybrid_mm as module
+    from tierprune.kernels.triton import flat_gemv as module
 
     D, N, T = DENSE, NM_2_4, TOPK
     tier_map = torch.tensor([[D, D, D, T], [N, N, N, N], [T, N, N, N], [N, D, N, T]], dtype=torch.int8)
@@ -181,7 +181,7 @@ def test_flat_gemv_state_follows_the_weight() -> None:
     import dataclasses
     import gc
 
-    from tierprune.kernels.triton import hybrid_mm as module
+    from tierprune.kernels.triton import flat_gemv as module
 
     W1, hw1, g = _case((48, 80), torch.bfloat16, seed=22)
     W2, hw2, _ = _case((48, 80), torch.bfloat16, seed=23)
@@ -225,7 +225,7 @@ def test_flat_gemv_refuses_bad_inputs() -> None:
 def test_the_op_can_send_one_token_of_a_mostly_sparse_weight_to_the_flat_gemv() -> None:
     """Which weights the op's one-token product takes to the flat GEMV when it is on, and when its state is
     ready (a CUDA graph capture never builds it: it keeps the per-block-row kernel until an eager call has)."""
-    import tierprune.kernels.triton.hybrid_mm as module
+    import tierprune.kernels.triton.flat_gemv as module
 
     _, sparse, g = _case((64, 96), torch.bfloat16, seed=31, probs=(0.2, 0.5, 0.3))
     _, mostly_dense, _ = _case((64, 96), torch.bfloat16, seed=32, probs=(0.9, 0.1, 0.0))
