@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -123,13 +124,18 @@ def test_new_store_show_export_and_every_spelling_resumes(tmp_path: Path, tiny_l
     again = ["run", "--plan", str(a / "plan.csv"), "--store", f"{a / 'new' / 'store'}/", "--run", "r",
              "--model", rel(tiny_llama_dir, b), "--calib", f"c4:{rel(data_dir, b)}/c4-subset",
              "--eval", f"wikitext2:{rel(wikitext, b)}/", *common]
-    proc = _cli(again, b, home)
+    # A copied store resumes too (the run does not remember where it was). Both reruns side by side (CI
+    # time): different stores, and each its own Prefect home (database).
+    shutil.copytree(a / "new", b / "copy")
+    other_home = tmp_path / "home-copy"
+    other_home.mkdir()
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        copied = pool.submit(_cli, args("copy/store", plan=str(a / "plan.csv")), b, other_home)
+        proc = _cli(again, b, home)
+        copied = copied.result()
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert _markers(run) == before
-    # A copied store resumes too (the run does not remember where it was).
-    shutil.copytree(a / "new", b / "copy")
-    proc = _cli(args("copy/store", plan=str(a / "plan.csv")), b, home)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert copied.returncode == 0, copied.stderr[-3000:]
     assert _markers(b / "copy" / "store" / "r") == before
 
     # A changed setting is another run: refused in one line that names what differs; nothing written.

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -17,9 +18,10 @@ pytestmark = pytest.mark.slow
 PLAN = "iteration,dense,mid_2_4,topk,dense_to_2_4,mid_2_4_to_topk,epochs\n1,0.6,0.3,0.1,0.4,0.1,1\n"
 
 
-def _cli(args: list[str], cwd: Path, crash_at: str | None = None) -> subprocess.CompletedProcess:
+def _cli(args: list[str], cwd: Path, crash_at: str | None = None,
+         home: str = ".prefect") -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TIERPRUNE_", "PREFECT_"))}
-    env.update(COLUMNS="200", NO_COLOR="1", HF_HUB_OFFLINE="1", PREFECT_HOME=str(cwd / ".prefect"),
+    env.update(COLUMNS="200", NO_COLOR="1", HF_HUB_OFFLINE="1", PREFECT_HOME=str(cwd / home),
                PREFECT_SERVER_ANALYTICS_ENABLED="false")
     if crash_at:
         env["TIERPRUNE_CRASH_AT"] = crash_at
@@ -44,10 +46,12 @@ def test_sigkill_mid_finetune_resumes_from_the_last_committed_step(tmp_path, tin
                 "--ft-method", "full", "--kd-weight", "0.5", "--ft-tokens", "384", "--ft-seqlen", "32",
                 "--ft-batch-size", "2", "--ft-lr", "1e-3", "--ft-commit-every", "2"]
 
-    reference = _cli(args("reference"), tmp_path)
+    # The reference and the run to kill side by side (CI time), each with its own Prefect home (database).
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        reference_run = pool.submit(_cli, args("reference"), tmp_path, None, ".prefect-reference")
+        killed = _cli(args("killed"), tmp_path, crash_at="step:iter-001/finetune:state-4")
+        reference = reference_run.result()
     assert reference.returncode == 0, reference.stderr[-3000:]
-
-    killed = _cli(args("killed"), tmp_path, crash_at="step:iter-001/finetune:state-4")
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     run = tmp_path / "killed" / "r"
     states = sorted(p.parent.name for p in run.glob("iter-001/trainstate-*/COMMIT.json"))
