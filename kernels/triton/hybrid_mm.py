@@ -221,17 +221,19 @@ def _hybrid_mm_op(x: torch.Tensor, dense_values: torch.Tensor, dense_cols: torch
     T = x2.shape[0]
     if T == 0:  # an empty grid is not a launch
         return x.new_empty(*lead, out_features)
-    from . import flat_gemv  # here: it imports this module's helpers
+    kernel_dtype = x2.dtype in _KERNEL_DTYPES and x2.dtype == hw.dtype
+    if T == 1 and kernel_dtype:
+        from . import flat_gemv  # here, not at the top: it imports this module's helpers
 
-    if T == 1 and x2.dtype in _KERNEL_DTYPES and x2.dtype == hw.dtype and flat_gemv.prefers_flat_gemv(hw):
         nb, num_warps = flat_gemv.FLAT_GEMV_CONFIG
         # The first call per weight builds the flat state (allocations and small kernels). Inside a CUDA graph
         # capture that would leave the state in the graph's private memory, so a capture that comes before
         # any eager call (warm-up) keeps the per-block-row kernel.
-        if flat_gemv.flat_gemv_ready(hw, nb) or not torch.cuda.is_current_stream_capturing():
+        if flat_gemv.prefers_flat_gemv(hw) and (flat_gemv.flat_gemv_ready(hw, nb)
+                                                or not torch.cuda.is_current_stream_capturing()):
             return flat_gemv.hybrid_mm_flat_gemv(x2, hw, nb=nb, num_warps=num_warps).reshape(*lead, out_features)
     stream = T <= SKINNY_MAX_TOKENS and decode_config(hw, T, _num_sms(x.device))[3] != 0
-    if stream and x2.dtype in _KERNEL_DTYPES and x2.dtype == hw.dtype:
+    if stream and kernel_dtype:
         out = hybrid_mm_decode(x2, hw)
     else:
         out = hybrid_mm_prefill(x2.to(hw.dtype), hw).to(x.dtype)
