@@ -28,7 +28,7 @@ __all__ = ["RUN_NAME_TEMPLATE", "expand_run_name", "flow_run_name", "described",
            "CalibSamples", "CalibSeqlen", "CalibBatchSize", "Seed", "Compile", "Eval", "EvalSeqlen",
            "EvalMaxWindows", "EvalBatchSize", "ZeroShot", "ZeroShotLimit", "ZeroShotInclude", "Device", "Offload", "FtMethod", "FtData", "FtTokens", "FtSeqlen",
            "FtBatchSize", "FtLr", "FtGradAccum", "FtSchedule", "FtWarmup", "FtTrain", "FtCommitEvery",
-           "FtCommitMinutes", "FtEvalEvery", "FtPatience", "FtCompile", "KdWeight", "KdCacheTopk",
+           "FtCommitMinutes", "FtEvalEvery", "FtPatience", "FtCompile", "KdWeight", "KdTemperature", "KdHiddenWeight", "KdCacheTopk",
            "LoraRank", "LoraTargets"]
 
 # With the time: two runs launched from the form on one day are two runs, not one refused as "other settings".
@@ -120,6 +120,9 @@ FtCompile = Annotated[bool, Field(description="torch.compile the training forwar
                                              "compile of tens of seconds)")]
 KdWeight = Annotated[float, Field(ge=0.0, le=1.0, description="Distillation from the dense model: 0 = "
                                                               "cross-entropy only, 1 = distillation only")]
+KdTemperature = Annotated[float, Field(gt=0.0, description="Softmax temperature of the logit distillation")]
+KdHiddenWeight = Annotated[float, Field(ge=0.0, description="Weight of a per-layer hidden-state loss against the dense "
+                                                            "model, added to the objective; 0: none")]
 KdCacheTopk = Annotated[int, Field(ge=0, description="0 = the teacher runs beside the student; K = its top-K "
                                                      "logits per position are stored first and the teacher freed "
                                                      "(memory short)")]

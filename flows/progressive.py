@@ -21,7 +21,7 @@ from tierprune.flows.parameters import (
     RUN_NAME_TEMPLATE, BlockSize, Calib, CalibBatchSize, CalibSamples, CalibSeqlen, Compile, Device, Dtype, Eval,
     EvalBatchSize, EvalMaxWindows, EvalSeqlen, FtBatchSize, FtCommitEvery, FtCommitMinutes, FtCompile, FtData,
     FtEvalEvery, FtGradAccum, FtLr, FtMethod, FtPatience, FtSchedule, FtSeqlen, FtTokens, FtTrain, FtWarmup,
-    GgufFile, KdCacheTopk, KdWeight, LoraRank, LoraTargets, Model, Offload, Plan, ResumeFrom, Run, Scope, Seed,
+    GgufFile, KdCacheTopk, KdHiddenWeight, KdTemperature, KdWeight, LoraRank, LoraTargets, Model, Offload, Plan, ResumeFrom, Run, Scope, Seed,
     Select, Store, Topk, ZeroShot, ZeroShotInclude, ZeroShotLimit, described, flow_run_name,
 )
 from tierprune.tasks.collect_activations import collect_activations_task
@@ -124,6 +124,8 @@ def progressive(
     ft_patience: FtPatience = 0,
     ft_compile: FtCompile = False,
     kd_weight: KdWeight = 1.0,
+    kd_temperature: KdTemperature = 1.0,
+    kd_hidden_weight: KdHiddenWeight = 0.0,
     kd_cache_topk: KdCacheTopk = 0,
     lora_rank: LoraRank = 16,
     lora_targets: LoraTargets = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",

@@ -12,8 +12,10 @@ RUN = {"plan": "p.csv", "store": "s", "run": "r"}
 def test_fine_tuning_flags_map_onto_the_finetune_config():
     cfg = config_from_flags(**RUN, ft_method="lora", ft_data="c4:/data", ft_tokens=4096, ft_seqlen=128,
                             ft_batch_size=2, ft_lr=3e-4, kd_weight=0.25, lora_rank=8, lora_targets=" q_proj, v_proj ,",
-                            ft_schedule="cosine", ft_warmup=0.1, ft_eval_every=5, ft_patience=2, seed=7)
+                            ft_schedule="cosine", ft_warmup=0.1, ft_eval_every=5, ft_patience=2, seed=7,
+                            kd_temperature=2.0, kd_hidden_weight=0.5)
     ft = cfg.finetune
+    assert (ft.kd_temperature, ft.hidden_weight) == (2.0, 0.5)
     assert (ft.method, ft.data, ft.tokens_per_epoch, ft.seqlen, ft.batch_size) == ("lora", "c4:/data", 4096, 128, 2)
     assert (ft.lr, ft.kd_weight, ft.lora_rank, ft.lora_targets) == (3e-4, 0.25, 8, ("q_proj", "v_proj"))
     assert (ft.schedule, ft.warmup_fraction, ft.eval_every, ft.patience, ft.seed) == ("cosine", 0.1, 5, 2, 7)
@@ -29,6 +31,9 @@ def test_fine_tuning_flags_map_onto_the_finetune_config():
     ({"ft_patience": 3}, "early stopping .*--ft-eval-every"),
     ({"ft_lr": float("nan")}, "--ft-lr: .*finite"),
     ({"kd_cache_topk": -4}, "--kd-cache-topk: .*greater than or equal to 1"),
+    ({"kd_temperature": 0}, "--kd-temperature: .*greater than 0"),
+    ({"kd_hidden_weight": -1}, "--kd-hidden-weight: .*greater than or equal to 0"),
+    ({"kd_hidden_weight": 1, "kd_cache_topk": 64}, "--kd-hidden-weight. needs the teacher model.*--kd-cache-topk"),
 ])
 def test_bad_fine_tuning_flags_are_one_line(flags, fragment):
     with pytest.raises(TierpruneError, match=fragment) as info:

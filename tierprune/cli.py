@@ -312,6 +312,9 @@ def run(
     ft_compile: bool = typer.Option(False, "--ft-compile",
                                     help="torch.compile the training forwards (GPU: launch-bound small models)"),
     kd_weight: float = typer.Option(1.0, help="distillation from the dense model: 0 = cross-entropy only, 1 = KD only"),
+    kd_temperature: float = typer.Option(1.0, help="softmax temperature of the logit distillation"),
+    kd_hidden_weight: float = typer.Option(0.0, help="weight of a per-layer hidden-state loss against the dense model, "
+                                           "added to the objective; 0 = none"),
     kd_cache_topk: int = typer.Option(0, help="0 = the teacher runs beside the student; K = store its top-K logits "
                                       "per position first and free it (memory short)"),
     lora_rank: int = typer.Option(16),
@@ -328,7 +331,8 @@ def run(
         offload=offload, ft_method=ft_method, ft_data=ft_data, ft_tokens=ft_tokens, ft_seqlen=ft_seqlen, ft_batch_size=ft_batch_size,
         ft_lr=ft_lr, ft_grad_accum=ft_grad_accum, ft_schedule=ft_schedule, ft_warmup=ft_warmup, ft_train=ft_train,
         ft_commit_every=ft_commit_every, ft_commit_minutes=ft_commit_minutes,
-        ft_eval_every=ft_eval_every, ft_patience=ft_patience, kd_weight=kd_weight,
+        ft_eval_every=ft_eval_every, ft_patience=ft_patience, kd_weight=kd_weight, kd_temperature=kd_temperature,
+        kd_hidden_weight=kd_hidden_weight,
         kd_cache_topk=kd_cache_topk, ft_compile=ft_compile, lora_rank=lora_rank, lora_targets=lora_targets,
         zero_shot=zero_shot, zero_shot_limit=zero_shot_limit, zero_shot_include=zero_shot_include)
     _progressive_run(cfg)

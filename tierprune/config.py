@@ -178,7 +178,8 @@ class FinetuneConfig(_Frozen):
         if self.patience and not self.eval_every:
             raise ValueError("early stopping (--ft-patience) needs held-out losses: set --ft-eval-every > 0")
         if self.teacher_cache and self.hidden_weight:
-            raise ValueError("the hidden-state loss needs the teacher model, not cached logits")
+            raise ValueError("the hidden-state loss (--kd-hidden-weight) needs the teacher model, not its cached "
+                             "logits (--kd-cache-topk)")
         return self
 
 
@@ -258,7 +259,8 @@ def parse_names(text: str, flag: str) -> tuple[str, ...]:
 # FinetuneConfig field -> the flag that sets it, so that a refused value names what the user typed.
 _FINETUNE_FLAGS = {
     "method": "--ft-method", "data": "--ft-data", "tokens_per_epoch": "--ft-tokens", "seqlen": "--ft-seqlen",
-    "batch_size": "--ft-batch-size", "lr": "--ft-lr", "kd_weight": "--kd-weight", "lora_rank": "--lora-rank",
+    "batch_size": "--ft-batch-size", "lr": "--ft-lr", "kd_weight": "--kd-weight",
+    "kd_temperature": "--kd-temperature", "hidden_weight": "--kd-hidden-weight", "lora_rank": "--lora-rank",
     "lora_targets": "--lora-targets", "grad_accum": "--ft-grad-accum", "schedule": "--ft-schedule",
     "warmup_fraction": "--ft-warmup", "train": "--ft-train", "commit_every": "--ft-commit-every",
     "commit_minutes": "--ft-commit-minutes",
@@ -293,6 +295,7 @@ def config_from_flags(
     ft_warmup: float = 0.05, ft_train: str = "linears", ft_commit_every: int | None = None,
     ft_commit_minutes: float = 10.0, ft_eval_every: int = 0,
     ft_patience: int = 0, kd_cache_topk: int = 0, ft_compile: bool = False,
+    kd_temperature: float = 1.0, kd_hidden_weight: float = 0.0,
     zero_shot: str | None = None, zero_shot_limit: int | None = None, zero_shot_include: str | None = None,
 ) -> TierpruneConfig:
     """The one mapping of the command-line flags (snake_case) to the config, for prune, run and the demo alike.
@@ -320,7 +323,9 @@ def config_from_flags(
                             zero_shot_include=zero_shot_include),
             run=RunConfig(plan=plan, store=store, name=run, resume_from=resume_from) if progressive else None,
             finetune=_finetune_config(method=ft_method, data=ft_data, tokens_per_epoch=ft_tokens, seqlen=ft_seqlen,
-                                      batch_size=ft_batch_size, lr=ft_lr, kd_weight=kd_weight, lora_rank=lora_rank,
+                                      batch_size=ft_batch_size, lr=ft_lr, kd_weight=kd_weight,
+                                      kd_temperature=kd_temperature,
+                                      hidden_weight=kd_hidden_weight, lora_rank=lora_rank,
                                       lora_targets=parse_names(lora_targets, "--lora-targets"),
                                       grad_accum=ft_grad_accum, schedule=ft_schedule, warmup_fraction=ft_warmup,
                                       train=ft_train, commit_every=ft_commit_every,

@@ -19,7 +19,7 @@ FLAGS = inspect.signature(config_from_flags).parameters
 PROGRESSIVE_LEAVES_OUT = {
     "method", "pattern", "sparsity", "tiers",  # a progressive run is Wanda tiers; its fractions come from the plan
 }
-FINETUNE = {name for name in FLAGS if name.startswith("ft_")} | {"kd_weight", "kd_cache_topk", "lora_rank", "lora_targets"}
+FINETUNE = {name for name in FLAGS if name.startswith(("ft_", "kd_"))} | {"lora_rank", "lora_targets"}
 # plan, store, run, resume_from make a run progressive; one-shot pruning does not fine-tune.
 ONESHOT_LEAVES_OUT = {"plan", "store", "run", "resume_from"} | FINETUNE
 ONESHOT_ADDS = {"output"}  # prune --output
