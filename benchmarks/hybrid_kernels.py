@@ -447,15 +447,16 @@ def bench_end_to_end(args, device: str) -> list[dict]:
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
     hybrid_bytes = sum(getattr(b, n).nbytes for b in model.blocks for n in ("qkv", "o", "gate_up", "down"))
-    hybrid = decode_speed(model, args.steps, device, use_graph=not args.no_graph)
-    # The same model with the op's one-token dispatch to the flat GEMV on (off by default): what it is worth.
+    # The op's one-token dispatch to the flat GEMV off (the per-block-row kernels), then on (the default):
+    # what it is worth, side by side.
     from tierprune.kernels.triton.flat_gemv import use_flat_gemv
 
-    use_flat_gemv(True)
+    use_flat_gemv(False)
     try:
-        flat = decode_speed(model, args.steps, device, use_graph=not args.no_graph)
+        hybrid = decode_speed(model, args.steps, device, use_graph=not args.no_graph)
     finally:
-        use_flat_gemv(False)
+        use_flat_gemv(True)
+    flat = decode_speed(model, args.steps, device, use_graph=not args.no_graph)
     err = (hybrid["first_logits"] - dense["first_logits"]).abs().max().item()
     scale = dense["first_logits"].abs().max().item()
     rows = []

@@ -87,15 +87,16 @@ def _flat_state(hw: HybridWeight, nb: int) -> _FlatState:
     return state
 
 
-# With use_flat_gemv(True), one-token decode of a mostly 2:4 / TopK weight goes to the flat GEMV with these
-# (NB, num_warps): on the H200 it ran 1.05-1.14x the per-block-row kernels at 35/45/20 and 0.86-0.93x at
-# 90/10/0 (README, session 7). Off by default until an end-to-end decode under CUDA graphs has run it.
+# One-token decode of a mostly 2:4 / TopK weight goes to the flat GEMV with these (NB, num_warps): on the
+# H200 it ran 1.05-1.16x the per-block-row kernels at 35/45/20 and 0.86-0.93x at 90/10/0, hence only for
+# weights with fewer than half of their blocks dense. End to end (7B shape, 35/45/20, CUDA graph) it lifted
+# decode from 0.759x to 0.809x dense with the same logits (README, session 8), so it is on by default.
 FLAT_GEMV_CONFIG = (8, 1)
-_FLAT_GEMV_ENABLED = [False]
+_FLAT_GEMV_ENABLED = [True]
 
 
 def use_flat_gemv(enabled: bool) -> None:
-    """Let the op send one-token products of mostly 2:4 / TopK weights to the flat GEMV, or not (the default)."""
+    """Let the op send one-token products of mostly 2:4 / TopK weights to the flat GEMV (the default), or not."""
     _FLAT_GEMV_ENABLED[0] = bool(enabled)
 
 

@@ -5,9 +5,9 @@ Decode and short prefills (at most SKINNY_MAX_TOKENS tokens) stream the packed b
 `_hybrid_unpack_kernel` and hand it to cuBLAS, which is compute-bound there anyway. The custom op
 has a fake implementation, so torch.compile traces it and CUDA graphs capture it (no host syncs);
 its CPU path is the pure-torch reference. This module imports triton only when a kernel runs.
-With flat_gemv.use_flat_gemv(True), at one token a weight with fewer than half of its blocks dense goes to
-the flat GEMV instead (flat_gemv.py): faster per matrix there on the H200, slower on mostly dense ones; not
-yet run end to end, so off by default.
+At one token, a weight with fewer than half of its blocks dense goes to the flat GEMV instead (flat_gemv.py;
+faster there on the H200, per matrix and end to end; slower on mostly dense weights, which keep these
+kernels); flat_gemv.use_flat_gemv(False) turns that off.
 """
 from __future__ import annotations
 

@@ -226,19 +226,20 @@ def test_flat_gemv_refuses_bad_inputs() -> None:
 
 
 def test_the_op_can_send_one_token_of_a_mostly_sparse_weight_to_the_flat_gemv() -> None:
-    """Which weights the op's one-token product takes to the flat GEMV when it is on, and when its state is
-    ready (a CUDA graph capture never builds it: it keeps the per-block-row kernel until an eager call has)."""
+    """Which weights the op's one-token product takes to the flat GEMV (on by default, can be turned off), and
+    when its state is ready (a CUDA graph capture never builds it: it keeps the per-block-row kernel until an
+    eager call has)."""
     import tierprune.kernels.triton.flat_gemv as module
 
     _, sparse, g = _case((64, 96), torch.bfloat16, seed=31, probs=(0.2, 0.5, 0.3))
     _, mostly_dense, _ = _case((64, 96), torch.bfloat16, seed=32, probs=(0.9, 0.1, 0.0))
     assert 2 * sparse.tier_counts()[0] < 24 < 2 * mostly_dense.tier_counts()[0]  # of 4 x 6 blocks
-    assert not module.prefers_flat_gemv(sparse)  # off by default
-    module.use_flat_gemv(True)
+    assert module.prefers_flat_gemv(sparse) and not module.prefers_flat_gemv(mostly_dense)
+    module.use_flat_gemv(False)
     try:
-        assert module.prefers_flat_gemv(sparse) and not module.prefers_flat_gemv(mostly_dense)
+        assert not module.prefers_flat_gemv(sparse) and not module.prefers_flat_gemv(mostly_dense)
     finally:
-        module.use_flat_gemv(False)
+        module.use_flat_gemv(True)
 
     nb = module.FLAT_GEMV_CONFIG[0]
     assert not module.flat_gemv_ready(sparse, nb)
