@@ -141,5 +141,12 @@ def test_plan_by_name_is_the_shipped_file():
     assert {"smoke", "llama2-5iter"} <= set(shipped_plans())
     shipped = files("tierprune.schedules") / "plans" / "llama2-5iter.csv"
     assert load_plan("llama2-5iter") == load_plan(str(shipped))
-    with pytest.raises(TierpruneError, match=r"nor a shipped plan \(llama2-5iter-backloaded, llama2-5iter, smoke"):
+    # The seed plan's variants keep its tiers per iteration and its 5 epochs in all; only where they train moves.
+    seed = load_plan("llama2-5iter")
+    for variant in ("llama2-5iter-backloaded", "llama2-5iter-late"):
+        steps = load_plan(variant).steps
+        tiers = [step.model_dump(exclude={"epochs"}) for step in steps]
+        assert tiers == [step.model_dump(exclude={"epochs"}) for step in seed.steps]
+        assert sum(s.epochs for s in steps) == pytest.approx(5.0)
+    with pytest.raises(TierpruneError, match=r"nor a shipped plan \(llama2-5iter-backloaded, llama2-5iter-late, llama2-5iter, smoke"):
         load_plan("smokey")
