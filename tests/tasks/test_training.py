@@ -26,6 +26,7 @@ from tierprune.tasks.training import (
     apply_masks_,
     calibration_doc_indices,
     check_disjoint,
+    corpus_stream,
     distillation_loss,
     finetune_model_,
     finetune_windows,
@@ -472,7 +473,9 @@ class DocTokenizer:
 
     eos_token_id = 0
 
-    def __call__(self, text: str, return_tensors: str | None = None):
+    def __call__(self, text: str | list[str], return_tensors: str | None = None):
+        if isinstance(text, list):  # a batch, as transformers answers it without tensors: lists of ids
+            return {"input_ids": [self(t).input_ids[0].tolist() for t in text]}
         ids = [int(d) * 1000 + int(i) + 1 for d, i in (w[1:].split("w") for w in text.split())]
         return SimpleNamespace(input_ids=torch.tensor([ids], dtype=torch.long))
 
@@ -498,6 +501,21 @@ def test_calibration_doc_indices_replay_the_reference_draw() -> None:
     assert used == sorted(want)
     windows = sample_calibration(texts, tok, 10, 30, 0)
     assert set((windows // 1000).flatten().tolist()) == set(used)
+
+
+def test_corpus_stream_is_each_document_tokenized_alone_then_eos(data_dir, monkeypatch) -> None:
+    """The batched tokenization gives the ids of one call per document, across batch boundaries too."""
+    from tests.conftest import make_tiny_tokenizer
+    from tierprune.tasks import training
+
+    texts = pd.read_parquet(data_dir / "c4-subset").text[:40].tolist() + ["   ", "short one"]
+    tokenizer = make_tiny_tokenizer(texts)
+    monkeypatch.setattr(training, "CORPUS_TOKENIZE_BATCH", 7)  # 41 kept documents: six batches, the last short
+    stream = corpus_stream(texts, tokenizer, exclude_docs=[3, 10])
+    eos = torch.tensor([tokenizer.eos_token_id])
+    one_by_one = [torch.cat([tokenizer(t, return_tensors="pt").input_ids[0], eos])
+                  for i, t in enumerate(texts) if i not in (3, 10) and t.strip()]
+    assert stream.dtype == torch.long and torch.equal(stream, torch.cat(one_by_one))
 
 
 def test_finetune_windows_leave_out_the_calibration_documents() -> None:
