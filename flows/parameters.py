@@ -28,7 +28,8 @@ __all__ = ["RUN_NAME_TEMPLATE", "expand_run_name", "flow_run_name", "described",
            "CalibSamples", "CalibSeqlen", "CalibBatchSize", "Seed", "Compile", "Eval", "EvalSeqlen",
            "EvalMaxWindows", "EvalBatchSize", "ZeroShot", "ZeroShotLimit", "ZeroShotInclude", "Device", "Offload", "FtMethod", "FtData", "FtTokens", "FtSeqlen",
            "FtBatchSize", "FtLr", "FtGradAccum", "FtSchedule", "FtWarmup", "FtTrain", "FtCommitEvery",
-           "FtCommitMinutes", "FtEvalEvery", "FtPatience", "FtCompile", "KdWeight", "KdTemperature", "KdHiddenWeight", "KdCacheTopk",
+           "FtCommitMinutes", "FtEvalEvery", "FtPatience", "FtCompile", "KdWeight", "KdTemperature",
+           "KdHiddenWeight", "KdCacheTopk",
            "LoraRank", "LoraTargets"]
 
 # With the time: two runs launched from the form on one day are two runs, not one refused as "other settings".

@@ -21,8 +21,9 @@ from tierprune.flows.parameters import (
     RUN_NAME_TEMPLATE, BlockSize, Calib, CalibBatchSize, CalibSamples, CalibSeqlen, Compile, Device, Dtype, Eval,
     EvalBatchSize, EvalMaxWindows, EvalSeqlen, FtBatchSize, FtCommitEvery, FtCommitMinutes, FtCompile, FtData,
     FtEvalEvery, FtGradAccum, FtLr, FtMethod, FtPatience, FtSchedule, FtSeqlen, FtTokens, FtTrain, FtWarmup,
-    GgufFile, KdCacheTopk, KdHiddenWeight, KdTemperature, KdWeight, LoraRank, LoraTargets, Model, Offload, Plan, ResumeFrom, Run, Scope, Seed,
-    Select, Store, Topk, ZeroShot, ZeroShotInclude, ZeroShotLimit, described, flow_run_name,
+    GgufFile, KdCacheTopk, KdHiddenWeight, KdTemperature, KdWeight, LoraRank, LoraTargets, Model, Offload, Plan,
+    ResumeFrom, Run, Scope, Seed, Select, Store, Topk, ZeroShot, ZeroShotInclude, ZeroShotLimit, described,
+    flow_run_name,
 )
 from tierprune.tasks.collect_activations import collect_activations_task
 from tierprune.tasks.demote import demote_task

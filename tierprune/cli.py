@@ -332,8 +332,8 @@ def run(
         ft_lr=ft_lr, ft_grad_accum=ft_grad_accum, ft_schedule=ft_schedule, ft_warmup=ft_warmup, ft_train=ft_train,
         ft_commit_every=ft_commit_every, ft_commit_minutes=ft_commit_minutes,
         ft_eval_every=ft_eval_every, ft_patience=ft_patience, kd_weight=kd_weight, kd_temperature=kd_temperature,
-        kd_hidden_weight=kd_hidden_weight,
-        kd_cache_topk=kd_cache_topk, ft_compile=ft_compile, lora_rank=lora_rank, lora_targets=lora_targets,
+        kd_hidden_weight=kd_hidden_weight, kd_cache_topk=kd_cache_topk, ft_compile=ft_compile, lora_rank=lora_rank,
+        lora_targets=lora_targets,
         zero_shot=zero_shot, zero_shot_limit=zero_shot_limit, zero_shot_include=zero_shot_include)
     _progressive_run(cfg)
 
