@@ -85,6 +85,7 @@ def test_bad_run_inputs(tmp_path, tiny_llama_dir, data_dir):
 
     if not torch.cuda.is_available():
         cases["cuda without CUDA"] = (["--plan", str(SMOKE), "--run", "a", "--device", "cuda"], ("CUDA",))
+
     def timed(args: list[str]) -> tuple[subprocess.CompletedProcess, float]:
         began = time.perf_counter()
         return _run(common + args, tmp_path), time.perf_counter() - began
