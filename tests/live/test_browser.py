@@ -13,6 +13,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -100,20 +101,30 @@ def _open_custom_run(page, url: str) -> None:
     _field(page, "plan").wait_for()
 
 
-def _submit_and_wait(page, screenshot: Path) -> str:
-    """Submit the form, open the run from the notice, wait for its final state; the flow run's id."""
+def _submit_and_wait(page, live_prefect, run: str, screenshot: Path) -> str:
+    """Submit the form, open the flow run it created, wait for its final state; the flow run's id.
+
+    The run is found through the API, not through the notice's "View run" button: the notice slides in late
+    and leaves again on its own, so on a loaded 2-core machine it could be missed (CI saw it once).
+    """
     from playwright.sync_api import expect
 
+    form = page.url
     page.get_by_role("button", name="Submit").click()
-    # The notice that the run was created; notices slide in (and two may stack), so the click is dispatched
-    # to the button rather than aimed at a moving position.
-    page.get_by_role("button", name="View run").first.dispatch_event("click")
-    page.wait_for_url(re.compile(r"/runs/flow-run/"))
+    page.wait_for_url(lambda url: url != form)  # the UI leaves the form once the run is created
+    deadline = time.monotonic() + 120
+    while not (created := [r for r in live_prefect.post("/flow_runs/filter", {})
+                           if r["parameters"].get("run") == run]):
+        assert time.monotonic() < deadline, f"submitting the form created no flow run for {run!r} in 120 s"
+        time.sleep(1)
+    assert len(created) == 1, f"the form created {len(created)} flow runs for {run!r}"  # submitted once
+    run_id = created[0]["id"]
+    page.goto(f"{live_prefect.url}/runs/flow-run/{run_id}", wait_until="networkidle")
     final = page.get_by_text(re.compile(r"^(Completed|Failed|Crashed|Cancelled)$")).first
     final.wait_for(timeout=RUN_SECONDS * 1000)
     page.screenshot(path=screenshot)
     expect(final).to_have_text("Completed")
-    return page.url.split("/runs/flow-run/")[1].split("?")[0]
+    return run_id
 
 
 def _open_artifact(page, run_id: str, url: str, key: str) -> None:
@@ -144,10 +155,7 @@ def test_launch_from_the_form_see_the_artifacts_and_resume(page, live_prefect, t
     _fill(page, {"run": "from-the-ui", **quick})
     _show(page, "plan")
     page.screenshot(path=screenshots / "01-custom-run-form.png")
-    run_id = _submit_and_wait(page, screenshots / "02-run-completed.png")
-    launched = live_prefect.post("/flow_runs/filter", {})
-    assert [r["parameters"]["run"] for r in launched if r["id"] == run_id] == ["from-the-ui"]
-    assert sum(r["parameters"].get("run") == "from-the-ui" for r in launched) == 1  # submitted once
+    run_id = _submit_and_wait(page, live_prefect, "from-the-ui", screenshots / "02-run-completed.png")
     shown = _runs_show(live_prefect.store / "from-the-ui")
     assert [it["iteration"] for it in shown["iterations"]] == [0, 1, 2, 3]
 
@@ -174,7 +182,7 @@ def test_launch_from_the_form_see_the_artifacts_and_resume(page, live_prefect, t
                  "resume_from": str(live_prefect.store / "from-the-ui" / "iter-001"), **quick})
     _show(page, "store")
     page.screenshot(path=screenshots / "05-resume-form.png")
-    _submit_and_wait(page, screenshots / "06-resumed-completed.png")
+    _submit_and_wait(page, live_prefect, "resumed-in-the-ui", screenshots / "06-resumed-completed.png")
     resumed = _runs_show(live_prefect.store / "resumed-in-the-ui")
     assert [it["iteration"] for it in resumed["iterations"]] == [2, 3]
     assert [it["tiers"] for it in resumed["iterations"]] == [it["tiers"] for it in shown["iterations"][2:]]
