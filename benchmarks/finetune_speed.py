@@ -6,7 +6,7 @@ does not depend on the weights. Each variant runs a few warm-up steps, then --st
 finetune_model_ itself, and prints ms per optimizer step and training tokens per second.
 --profile also prints torch.profiler's top operators by device time for the first variant.
 
-    python benchmarks/finetune_speed.py --device cuda --variants full-kd:16x512,full-kd:16x512:compile,lora-kd:16x512
+    python benchmarks/finetune_speed.py --device cuda --variants full-kd:16x512,full-kd:16x512:compile,full-kd:16x512:compile:hidden,lora-kd:16x512
 """
 from __future__ import annotations
 
@@ -46,18 +46,21 @@ def run_variant(model, teacher, masks, spec: str, args) -> dict:
     method_loss, shape, *options = spec.split(":")
     method, loss = method_loss.split("-")
     batch, seqlen = (int(v) for v in shape.split("x"))
+    # options: compile (regional torch.compile), hidden (the per-layer hidden-state loss, weight 1; uses the teacher)
     cfg = FinetuneConfig(method=method, kd_weight=1.0 if loss == "kd" else 0.0, batch_size=batch, seqlen=seqlen,
-                         lr=1e-4, commit_every=0, compile="compile" in options)
+                         lr=1e-4, commit_every=0, compile="compile" in options,
+                         hidden_weight=1.0 if "hidden" in options else 0.0)
+    used_teacher = teacher if cfg.kd_weight or cfg.hidden_weight else None
     work = copy.deepcopy(model)
     ids = torch.randint(0, args.vocab, ((args.warmup + args.steps) * batch, seqlen))
     started = time.perf_counter()  # the warm-up steps include a compile's tracing and code generation
-    finetune_model_(work, masks, ids[: args.warmup * batch], cfg, teacher=teacher if loss == "kd" else None)
+    finetune_model_(work, masks, ids[: args.warmup * batch], cfg, teacher=used_teacher)
     warmup_seconds = time.perf_counter() - started
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
-    result = finetune_model_(work, masks, ids[args.warmup * batch:], cfg, teacher=teacher if loss == "kd" else None)
+    result = finetune_model_(work, masks, ids[args.warmup * batch:], cfg, teacher=used_teacher)
     seconds = time.perf_counter() - started
     peak = torch.cuda.max_memory_allocated() / 2**30 if args.device.startswith("cuda") else float("nan")
     return {"variant": spec, "steps": result.steps, "ms_per_step": 1000 * seconds / result.steps,
@@ -68,8 +71,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--variants", default="full-kd:16x512,full-ce:16x512,lora-kd:16x512,full-kd:32x512",
-                        help="METHOD-LOSS:BATCHxSEQLEN[:compile], comma separated; METHOD full|lora, LOSS kd|ce; "
-                             ":compile = --ft-compile")
+                        help="METHOD-LOSS:BATCHxSEQLEN[:compile][:hidden], comma separated; METHOD full|lora, LOSS kd|ce; "
+                             ":compile = --ft-compile, :hidden = --kd-hidden-weight 1")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--profile", action="store_true")
