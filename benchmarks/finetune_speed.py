@@ -6,7 +6,8 @@ does not depend on the weights. Each variant runs a few warm-up steps, then --st
 finetune_model_ itself, and prints ms per optimizer step and training tokens per second.
 --profile also prints torch.profiler's top operators by device time for the first variant.
 
-    python benchmarks/finetune_speed.py --device cuda --variants full-kd:16x512,full-kd:16x512:compile,full-kd:16x512:compile:hidden,lora-kd:16x512
+    python benchmarks/finetune_speed.py --device cuda \
+        --variants full-kd:16x512,full-kd:16x512:compile,full-kd:16x512:compile:hidden,lora-kd:16x512
 """
 from __future__ import annotations
 
@@ -71,8 +72,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--variants", default="full-kd:16x512,full-ce:16x512,lora-kd:16x512,full-kd:32x512",
-                        help="METHOD-LOSS:BATCHxSEQLEN[:compile][:hidden], comma separated; METHOD full|lora, LOSS kd|ce; "
-                             ":compile = --ft-compile, :hidden = --kd-hidden-weight 1")
+                        help="METHOD-LOSS:BATCHxSEQLEN[:compile][:hidden], comma separated; METHOD full|lora, "
+                             "LOSS kd|ce; :compile = --ft-compile, :hidden = --kd-hidden-weight 1")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--profile", action="store_true")
