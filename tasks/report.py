@@ -9,6 +9,7 @@ import pandas as pd
 import torch
 from prefect import task
 
+from .runs import in_tier_order
 from .tier_tables import tier_maps_from_table
 
 __all__ = ["layer_heatmap_png", "report_markdown", "report_task"]
@@ -81,7 +82,7 @@ def report_task(state, iteration: int, evaluation, tiers_ref, seconds: float, ch
 
     record = state.store.read_object(evaluation.uri, "eval.json")
     tiers = state.store.read_object(tiers_ref.uri, "tiers.parquet")
-    row = {"iteration": iteration, **{f"tier {k}": round(v, 4) for k, v in record["tiers"].items()},
+    row = {"iteration": iteration, **{f"tier {k}": round(v, 4) for k, v in in_tier_order(record["tiers"]).items()},
            "sparsity": round(record["sparsity"], 4)}
     if checkpoint is not None:
         trained = state.store.step_meta(checkpoint.uri)

@@ -2,11 +2,17 @@
 from __future__ import annotations
 
 from tierprune.errors import TierpruneError
+from tierprune.kernels.tiers import TIER_NAMES
 from tierprune.storage.runstore import RunStore, StepStatus, run_names
 
 from .recovery import recovery_pct
 
-__all__ = ["split_run_uri", "list_runs", "run_summary", "in_progress", "summary_json", "verify_run"]
+__all__ = ["in_tier_order", "split_run_uri", "list_runs", "run_summary", "in_progress", "summary_json", "verify_run"]
+
+
+def in_tier_order(fractions: dict) -> dict:
+    """Tier fractions as dense, 2:4, topk (a stored record's JSON has its keys sorted: 2:4 first)."""
+    return {t: fractions[t] for t in TIER_NAMES if t in fractions} | fractions
 
 
 def split_run_uri(uri: str) -> RunStore:
@@ -60,7 +66,7 @@ def run_summary(store: RunStore, deep: bool = True) -> list[dict]:
             except TierpruneError:
                 evaluation = None  # damaged: the status says so
             if evaluation is not None:
-                row.update(sparsity=evaluation["sparsity"], ppl=evaluation.get("ppl"), tiers=dict(evaluation["tiers"]),
+                row.update(sparsity=evaluation["sparsity"], ppl=evaluation.get("ppl"), tiers=in_tier_order(evaluation["tiers"]),
                            zero_shot=evaluation.get("zero_shot"), recovery=evaluation.get("recovery"))
             if row["iteration"] > 0:
                 row.update(_finetune_summary(store, record, row["ppl"]))

@@ -75,6 +75,9 @@ def test_every_iteration_records_zero_shot_and_recovery_of_dense(prefect_harness
     shown = CliRunner().invoke(app, ["runs", "show", store.uri], env={"COLUMNS": "250"})
     assert shown.exit_code == 0, shown.output
     assert "recovery %" in shown.output and "zero-shot acc" in shown.output
+    # The tier columns in the tiers' own order, not that of the stored JSON's sorted keys (2:4 first).
+    header = next(line for line in shown.output.splitlines() if "tier dense" in line)
+    assert header.index("tier dense") < header.index("tier 2:4") < header.index("tier topk")
     assert f"{summary['iterations'][-1]['recovery_pct']:.4g}" in shown.output
     as_json = CliRunner().invoke(app, ["runs", "show", store.uri, "--json"])
     assert json.loads(as_json.output) == json.loads(json.dumps(summary))
