@@ -66,8 +66,9 @@ def run_summary(store: RunStore, deep: bool = True) -> list[dict]:
             except TierpruneError:
                 evaluation = None  # damaged: the status says so
             if evaluation is not None:
-                row.update(sparsity=evaluation["sparsity"], ppl=evaluation.get("ppl"), tiers=in_tier_order(evaluation["tiers"]),
-                           zero_shot=evaluation.get("zero_shot"), recovery=evaluation.get("recovery"))
+                row.update(sparsity=evaluation["sparsity"], ppl=evaluation.get("ppl"),
+                           tiers=in_tier_order(evaluation["tiers"]), zero_shot=evaluation.get("zero_shot"),
+                           recovery=evaluation.get("recovery"))
             if row["iteration"] > 0:
                 row.update(_finetune_summary(store, record, row["ppl"]))
         k = row["iteration"]
