@@ -81,8 +81,10 @@ def report_task(state, iteration: int, evaluation, tiers_ref, seconds: float, ch
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
     record = state.store.read_object(evaluation.uri, "eval.json")
+    # Ordered for the table and the markdown alike (a copy: the store may hand back the object it committed).
+    record = {**record, "tiers": in_tier_order(record["tiers"])}
     tiers = state.store.read_object(tiers_ref.uri, "tiers.parquet")
-    row = {"iteration": iteration, **{f"tier {k}": round(v, 4) for k, v in in_tier_order(record["tiers"]).items()},
+    row = {"iteration": iteration, **{f"tier {k}": round(v, 4) for k, v in record["tiers"].items()},
            "sparsity": round(record["sparsity"], 4)}
     if checkpoint is not None:
         trained = state.store.step_meta(checkpoint.uri)

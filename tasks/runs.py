@@ -12,7 +12,7 @@ __all__ = ["in_tier_order", "split_run_uri", "list_runs", "run_summary", "in_pro
 
 def in_tier_order(fractions: dict) -> dict:
     """Tier fractions as dense, 2:4, topk (a stored record's JSON has its keys sorted: 2:4 first)."""
-    return {t: fractions[t] for t in TIER_NAMES if t in fractions} | fractions
+    return {t: fractions[t] for t in TIER_NAMES if t in fractions}
 
 
 def split_run_uri(uri: str) -> RunStore:

@@ -74,6 +74,23 @@ def test_flow_runs_resumes_for_free_and_reports(prefect_harness, tiny_llama_dir,
         keys = {a.key for a in client.read_artifacts(limit=200, offset=0, sort=ArtifactSort.CREATED_DESC)}
     assert {"iteration-0", "iteration-3", "tier-maps-3"} <= keys
 
+    # The report of an iteration whose eval.json is read back from its bytes (a resumed run's case: the JSON's
+    # keys are sorted, 2:4 first) still lists the tiers as dense, 2:4, topk, in the table and the markdown.
+    from types import SimpleNamespace
+
+    from tierprune.tasks.report import report_task
+
+    fresh = RunStore(store_uri, "r")  # nothing cached: every object is decoded from the stored file
+    evaluation, tiers = (SimpleNamespace(uri=fresh.steps_of(3, step)[0]) for step in ("eval", "tiers"))
+    assert list(fresh.read_object(evaluation.uri, "eval.json")["tiers"]) == ["2:4", "dense", "topk"]
+    row = report_task.fn(SimpleNamespace(store=fresh), 3, evaluation, tiers, 1.0)
+    assert [k for k in row if k.startswith("tier ")] == ["tier dense", "tier 2:4", "tier topk"]
+    with get_client(sync_client=True) as client:
+        newest = client.read_artifacts(limit=200, offset=0, sort=ArtifactSort.CREATED_DESC)
+    fractions = next(line for line in next(a.data for a in newest if a.key == "tier-maps-3").splitlines()
+                     if "topk 0." in line)
+    assert fractions.index("dense") < fractions.index("2:4") < fractions.index("topk")
+
 
 def test_resume_from_another_runs_iteration_matches_the_original(prefect_harness, tiny_llama_dir, data_dir,
                                                                  mem_root):
