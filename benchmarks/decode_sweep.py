@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from tierprune.kernels.hybrid import pack_hybrid
-from tierprune.kernels.triton.flat_gemv import hybrid_mm_flat_gemv
+from tierprune.kernels.triton.flat_gemv import FlatGemvConfig, hybrid_mm_flat_gemv
 from tierprune.kernels.triton.hybrid_mm import decode_config, hybrid_mm, hybrid_mm_decode
 
 from hybrid_kernels import (BS, MIXES, SHAPES, TINY_SHAPES, TOPK_K, clone_hybrid, copies_needed, make_tier_map,
@@ -37,8 +37,11 @@ TILES = [(8, 4, 4, 16, True), (8, 2, 4, 16, True), (4, 4, 4, 16, True), (8, 8, 4
 # per short program keep many programs resident per SM, which is how it hides latency; larger NB amortizes the
 # per-program epilogue. Compiled for sm_90 the 2:4 rebuild takes ~1.6x the instructions of the x gathers but a
 # third of the memory instructions: which limits is for the device to say.
-FLAT = [(4, 1, False), (8, 1, False), (8, 2, False), (16, 2, False), (16, 4, False), (32, 4, False),
-        (32, 8, False), (64, 8, False), (8, 2, True), (16, 4, True), (32, 4, True)]
+# A fourth element False: the two-launch variant (no per-block-row counters; a second kernel writes the output),
+# then chunks per program (default 1).
+FLAT = [(8, 1, False), (4, 1, False), (8, 2, False), (4, 1, False, False), (8, 1, False, False),
+        (8, 2, False, False), (4, 1, True, False, 2), (2, 1, False, False, 4), (4, 1, False, False, 2),
+        (8, 1, False, False, 2), (4, 1, False, False, 4)]
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -56,6 +59,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                    help="of the per-block-row kernels time only the config decode_config picks (the op's default)")
     p.add_argument("--flat", action="store_true", help="at one token, also time the flat tier stream GEMV "
                                                        "(hybrid_mm_flat_gemv) over FLAT's (NB, warps, nm_expand)")
+    p.add_argument("--e2e-flat-alternatives", nargs="*", default=[], metavar="NB,WARPS,COUNTED,CHUNKS",
+                   help="end to end, also time these flat GEMV configs (e.g. 8,1,1,1: the counted kernel)")
     p.add_argument("--tiny", action="store_true", help="tiny shapes (all of them, --shapes ignored): a dry run")
     p.add_argument("--device", default="cuda", help="cpu: Triton's interpreter (TRITON_INTERPRET=1), timing "
                                                     "meaningless")
@@ -71,7 +76,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         dense = None
         for mix_name, placement in [(m, pl) for pl in args.placements for m in args.mixes]:
             g = torch.Generator().manual_seed(zlib.crc32(f"{shape} {mix_name} {placement}".encode()))
-            tier_map = make_tier_map(shape, MIXES[mix_name], placement, g)
+            # A mix outside MIXES, e.g. 0/100/0 (every block 2:4), times one tier alone.
+            mix = MIXES.get(mix_name) or tuple(float(v) / 100 for v in mix_name.split("/"))
+            tier_map = make_tier_map(shape, mix, placement, g)
             W = pruned_weight(shape, tier_map, device, seed=1)
             hw = pack_hybrid(W, tier_map.to(device), block_size=BS, topk=TOPK_K)
             hws = [hw] + [clone_hybrid(hw) for _ in range(copies_needed(hw.nbytes, device) - 1)]
@@ -110,9 +117,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 for cfg, (us, err) in sorted(results.items(), key=lambda kv: kv[1][0]):
                     print(f"    {str(cfg):24} {us:7.1f} us {cublas / us:5.2f}x", flush=True)
                 flat = {}
-                for nb, warps, expand in (FLAT if args.flat and T == 1 else []):
-                    fns = [lambda h=h: hybrid_mm_flat_gemv(x, h, nb=nb, num_warps=warps, nm_expand=expand)
-                           for h in hws]
+                for cfg in (FLAT if args.flat and T == 1 else []):
+                    nb, warps, expand, counted, chunks = (*cfg, *(True, 1)[len(cfg) - 3:])  # defaults: counted, 1
+                    fns = [lambda h=h: hybrid_mm_flat_gemv(x, h, nb=nb, num_warps=warps, nm_expand=expand,
+                                                           counted=counted, chunks=chunks) for h in hws]
                     try:  # the first call also builds each copy's block-row index (outside the graph)
                         err = (fns[0]().float() - ref).abs().max().item() / ref.abs().max().item()
                         us, _ = measure_us(fns, device, args.inner, args.reps)
@@ -120,14 +128,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         # (an ordering bug in the last-contributor handshake) would stay in the workspace.
                         err = max(err, (fns[0]().float() - ref).abs().max().item() / ref.abs().max().item())
                     except Exception as e:
-                        print(f"  flat {(nb, warps, expand)}: failed {type(e).__name__}: {str(e)[:100]}", flush=True)
+                        print(f"  flat {cfg}: failed {type(e).__name__}: {str(e)[:100]}", flush=True)
                         continue
-                    flat[(nb, warps, expand)] = (us, err)
+                    flat[cfg] = (us, err)
                 if flat:
                     flat_cfg, (flat_us, flat_err) = min(flat.items(), key=lambda kv: kv[1][0])
                     print(f"  flat tier stream, one launch: best {flat_us:7.1f} us ({cublas / flat_us:.2f}x cuBLAS, "
                           f"{moved / flat_us / 1e3:6.0f} GB/s, {best_us / flat_us:.2f}x the best above) "
-                          f"(NB, warps, 2:4 rebuilt) {flat_cfg} err {flat_err:.1e}", flush=True)
+                          f"(NB, warps, 2:4 rebuilt[, counted, chunks]) {flat_cfg} err {flat_err:.1e}", flush=True)
                     for cfg, (us, err) in sorted(flat.items(), key=lambda kv: kv[1][0]):
                         print(f"    flat {str(cfg):19} {us:7.1f} us {cublas / us:5.2f}x err {err:.1e}", flush=True)
                 row = dict(shape=shape_name, out=shape[0], inp=shape[1], mix=mix_name, placement=placement,
@@ -150,8 +158,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for r in rows:
             if (r["mix"], r["placement"]) == ("35/45/20", "random"):
                 set_decode_config((r["out"], r["inp"]), r["tokens"], tuple(r["best"]))
-        rows += bench_end_to_end(argparse.Namespace(tiny=False, layers=args.e2e_layers, steps=128, no_graph=False),
-                                 device)
+        alternatives = []
+        for a in args.e2e_flat_alternatives:
+            nb, warps, counted, *chunks = (int(v) for v in a.split(","))
+            alternatives.append(FlatGemvConfig(nb, warps, bool(counted), *chunks))
+        rows += bench_end_to_end(argparse.Namespace(tiny=False, layers=args.e2e_layers, steps=128, no_graph=False,
+                                                    flat_alternatives=alternatives), device)
     print(f"total {time.perf_counter() - t0:.0f} s")
     for r in rows:
         print(json.dumps(r))

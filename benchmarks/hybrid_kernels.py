@@ -457,11 +457,22 @@ def bench_end_to_end(args, device: str) -> list[dict]:
     finally:
         use_flat_gemv(True)
     flat = decode_speed(model, args.steps, device, use_graph=not args.no_graph)
+    # Other flat GEMV configs (decode_sweep.py --e2e-flat-alternatives), each timed in the same run.
+    from tierprune.kernels.triton.flat_gemv import set_flat_gemv_config
+
+    alternatives = []
+    for cfg in getattr(args, "flat_alternatives", ()):
+        previous = set_flat_gemv_config(cfg)
+        try:
+            alternatives.append((f"hybrid-flat {tuple(cfg)}",
+                                 decode_speed(model, args.steps, device, use_graph=not args.no_graph)))
+        finally:
+            set_flat_gemv_config(previous)
     err = (hybrid["first_logits"] - dense["first_logits"]).abs().max().item()
     scale = dense["first_logits"].abs().max().item()
     rows = []
     for name, res, nbytes in (("dense", dense, linear_bytes), ("hybrid", hybrid, hybrid_bytes),
-                              ("hybrid-flat", flat, hybrid_bytes)):
+                              ("hybrid-flat", flat, hybrid_bytes), *((n, r, hybrid_bytes) for n, r in alternatives)):
         rows.append(dict(kind="e2e", model=name, **dims, steps=args.steps, mix="35/45/20", mode=res["mode"],
                          tokens_per_s=res["tokens_per_s"], ms_per_token=res["ms_per_token"],
                          peak_gib=res["peak_bytes"] / 2**30 if res["peak_bytes"] else None,
@@ -469,16 +480,20 @@ def bench_end_to_end(args, device: str) -> list[dict]:
     rows[1]["speedup_vs_dense"] = hybrid["tokens_per_s"] / dense["tokens_per_s"]
     rows[1]["first_logits_max_abs_diff"] = err
     rows[1]["first_logits_max_abs"] = scale
-    rows[2]["speedup_vs_dense"] = flat["tokens_per_s"] / dense["tokens_per_s"]
-    rows[2]["first_logits_max_abs_diff"] = (flat["first_logits"] - dense["first_logits"]).abs().max().item()
+    for row, res in zip(rows[2:], (flat, *(r for _, r in alternatives))):
+        row["speedup_vs_dense"] = res["tokens_per_s"] / dense["tokens_per_s"]
+        row["first_logits_max_abs_diff"] = (res["first_logits"] - dense["first_logits"]).abs().max().item()
     print(f"\nend to end, {dims['layers']} layers, batch 1, {args.steps} greedy steps, CUDA graph: {dense['mode']}")
     for r in rows:
         peak = f"{r['peak_gib']:.2f} GiB" if r["peak_gib"] is not None else "n/a"
-        print(f"  {r['model']:14} {r['tokens_per_s']:9.1f} tokens/s  {r['ms_per_token']:7.3f} ms/token  "
+        print(f"  {r['model']:34} {r['tokens_per_s']:9.1f} tokens/s  {r['ms_per_token']:7.3f} ms/token  "
               f"peak {peak}  linear weights {r['linear_weight_gib']:.2f} GiB")
     print(f"  hybrid / dense tokens/s: {rows[1]['speedup_vs_dense']:.3f} (with the flat GEMV "
           f"{rows[2]['speedup_vs_dense']:.3f}); first-step logits max |diff| "
           f"{err:.3g} (max |logit| {scale:.3g})")
+    for r in rows[3:]:
+        print(f"  {r['model']} / dense: {r['speedup_vs_dense']:.3f}, logits max |diff| "
+              f"{r['first_logits_max_abs_diff']:.3g}")
     return rows
 
 

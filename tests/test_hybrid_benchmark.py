@@ -62,11 +62,25 @@ spec = importlib.util.spec_from_file_location("decode_sweep", sys.argv[1] + "/de
 sweep = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(sweep)
 sweep.GEMV = [(4, 2, 2, 1, True)]  # the interpreter is slow: one config of each kernel
-sweep.FLAT = [(4, 1, False), (16, 2, True)]
+sweep.FLAT = [(4, 1, False), (16, 2, True), (4, 1, False, False, 2)]  # the last: uncounted, two chunks
 common = ["--tiny", "--device", "cpu", "--tokens", "1", "--inner", "1", "--reps", "1"]
-rows = sweep.main(common + ["--mixes", "35/45/20", "--flat"]) + sweep.main(common + ["--mixes", "90/10/0"])
+rows = sweep.main(common + ["--mixes", "35/45/20", "--flat"]) + sweep.main(common + ["--mixes", "0/100/0"])
 print("ROWS " + json.dumps(rows))
 """
+
+
+def test_end_to_end_times_each_flat_alternative_and_restores_the_default(bench) -> None:
+    import argparse
+
+    from tierprune.kernels.triton import flat_gemv
+
+    default = flat_gemv.FLAT_GEMV_CONFIG
+    counted = flat_gemv.FlatGemvConfig(nb=8, num_warps=1, counted=True)
+    args = argparse.Namespace(tiny=True, layers=2, steps=3, no_graph=True, flat_alternatives=[counted])
+    rows = bench.bench_end_to_end(args, "cpu")
+    assert [r["model"] for r in rows] == ["dense", "hybrid", "hybrid-flat", "hybrid-flat (8, 1, True, 1)"]
+    assert rows[3]["first_logits_max_abs_diff"] == 0.0 and rows[3]["speedup_vs_dense"] > 0
+    assert flat_gemv.FLAT_GEMV_CONFIG == default
 
 
 def test_decode_sweep_flat_dry_run() -> None:
@@ -80,8 +94,10 @@ def test_decode_sweep_flat_dry_run() -> None:
     flat, plain = rows[:2], rows[2:]  # the two tiny shapes with --flat, then without
     assert len(flat) == len(plain) == 2
     for r in flat:
-        assert set(r["flat"]) == {"(4, 1, False)", "(16, 2, True)"}
-        assert r["flat_best"] in ([4, 1, False], [16, 2, True])
+        assert set(r["flat"]) == {"(4, 1, False)", "(16, 2, True)", "(4, 1, False, False, 2)"}
+        assert r["flat_best"] in ([4, 1, False], [16, 2, True], [4, 1, False, False, 2])
         assert r["flat_err"] < 2e-2 and r["cublas_us"] > 0
     assert out.count("flat tier stream, one launch") == 2 and "flat (16, 2, True)" in out
     assert all("flat" not in r for r in plain)  # without --flat the sweep is what it was
+    # A mix outside the script's table is parsed: 0/100/0 packs every block as 2:4 (0.56 of dense + index).
+    assert all(r["mix"] == "0/100/0" and r["packed_bytes"] < 0.6 * r["out"] * r["inp"] * 2 for r in plain)

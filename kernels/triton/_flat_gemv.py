@@ -1,27 +1,31 @@
-"""One-token GEMV over the hybrid format as a flat stream of blocks: no loop in any program.
+"""One-token GEMV over the hybrid format as a flat stream of blocks, in two kernels or one.
 
 The per-block-row kernels in _hybrid_kernels.py loop over a block-row's blocks, and every step waits on
 small dependent loads (block column -> x gather, 2:4 metadata -> x gather) that the pipeliner does not
 prefetch; their block-rows also differ in work. Here each tier's flat block array (sorted by block-row)
-is cut into chunks of NB consecutive blocks and every program takes one chunk: programs [0, P_DENSE)
-the dense chunks, the next P_NM the 2:4 chunks, the rest the TopK chunks, one launch for all three.
-A program issues all of its loads at once, so the latency is hidden by the many short programs resident
-on each SM rather than by a pipeliner, and every program does the same amount of work within its tier.
+is cut into chunks of NB consecutive blocks: programs [0, P_DENSE) take the dense chunks, the next P_NM
+the 2:4 chunks, the rest the TopK chunks, one launch for all three. A program issues all of a chunk's
+loads at once, so the latency is hidden by the many short programs resident on each SM rather than by a
+pipeliner, and every program does the same amount of work within its tier.
 
 A chunk's blocks can belong to several block-rows (a row boundary inside the chunk, or a chunk that
-spans rows with no blocks of this tier). Each program sums its blocks' (16,) partials per block-row,
-adds each sum into an fp32 workspace row with atomics and counts itself on the block-row's counter; the
-contributor that counts last (the count of contributors per block-row is known from the chunking, see
-flat_gemv.py's _flat_state) reads the row back while zeroing it, writes the output in its dtype and
-resets the counter. So the workspace and counters stay zeroed between launches and a call is one
-kernel: no zero-fill before, no cast after.
+spans rows with no blocks of this tier). Each program sums its blocks' (16,) partials per block-row
+(_chunk_sums) and adds each sum into an fp32 workspace row with relaxed atomics. Then either:
+- uncounted (the op's default): the program ends there, and a second small kernel writes the output in
+  its dtype and zeroes the workspace (_cast_and_zero_kernel);
+- counted (one launch): the program also counts itself on the block-row's counter, and the contributor
+  that counts last (the count of contributors per block-row is known from the chunking, see flat_gemv.py's
+  _flat_state) reads the row back while zeroing it, writes the output and resets the counter.
+Either way the workspace (and the counters) stay zeroed between calls: no zero-fill before a call. The
+counted handshake costs each program a release fence and two more round trips to L2 after its atomics;
+on the H200 the second launch costs less (README, session 10).
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
-__all__ = ["_hybrid_flat_gemv_kernel"]
+__all__ = ["_hybrid_flat_gemv_kernel", "_hybrid_flat_gemv_uncounted_kernel", "_cast_and_zero_kernel"]
 
 
 @triton.jit
@@ -94,38 +98,28 @@ def _topk_partials(x_ptr, tv_ptr, tp_ptr, tc_ptr, blk, ok, K_IN, TOPK: tl.conste
     return tl.sum(tl.where((p // 16)[:, :, None] == rows[None, None, :], contrib[:, :, None], 0.0), axis=1)
 
 
-# The block and chunk counts only bound the masks: one binary for every weight of a shape, not one per
-# combination of counts that happen to be multiples of 16 (or 1), which Triton would otherwise specialize on.
-@triton.jit(do_not_specialize=["N_DENSE", "N_NM", "N_TOPK", "P_DENSE", "P_NM"])
-def _hybrid_flat_gemv_kernel(
-    x_ptr, out_ptr, ws_ptr, cnt_ptr, need_ptr, brow_ptr,
-    dv_ptr, dc_ptr, dp_ptr,
-    nv_ptr, meta_ptr, nc_ptr, np_ptr,
-    tv_ptr, tp_ptr, tc_ptr, tpp_ptr,
-    N_DENSE, N_NM, N_TOPK, P_DENSE, P_NM, N_OUT, K_IN,
-    TOPK: tl.constexpr, KP: tl.constexpr, NB: tl.constexpr, NM_EXPAND: tl.constexpr,
-):
-    """out (N_OUT,) = W @ x (K_IN,); grid (P_DENSE + P_NM + P_TOPK,), one chunk of NB blocks per program.
+@triton.jit
+def _chunk_sums(x_ptr, brow_ptr, dv_ptr, dc_ptr, nv_ptr, meta_ptr, nc_ptr, tv_ptr, tp_ptr, tc_ptr,
+                tier, start, N_DENSE, N_NM, N_TOPK, K_IN,
+                TOPK: tl.constexpr, KP: tl.constexpr, NB: tl.constexpr, NM_EXPAND: tl.constexpr):
+    """One chunk (NB blocks of `tier` from its block `start`): each block's row, its sum to emit, whether it emits.
 
-    brow_ptr: block-row of every block, the three tiers one after another (int16). ws_ptr (nbr·16,) fp32 and
-    cnt_ptr (nbr,) int32 are zero on entry and left zero; need_ptr (nbr,) int32 is the number of programs
-    that contribute to each block-row. The row pointers (dp/np/tpp) are not read: the chunking replaces them.
-    NM_EXPAND: 2:4 blocks rebuilt as dense rows (_nm_partials_expanded) rather than gathering x per kept value.
+    Returns brow (NB,) int32, seg (NB, 16) fp32 and head (NB,) bool: adding seg[j] into block-row brow[j] for
+    every j with head[j] adds each block's product exactly once.
     """
-    pid = tl.program_id(0)
-    if pid < P_DENSE:  # this program's tier: its first block, the tier's block count, its rows in brow_ptr
-        start, n, tier_rows = pid * NB, N_DENSE, brow_ptr
-    elif pid < P_DENSE + P_NM:
-        start, n, tier_rows = (pid - P_DENSE) * NB, N_NM, brow_ptr + N_DENSE
+    if tier == 0:  # the tier's block count and its rows in brow_ptr
+        n, tier_rows = N_DENSE, brow_ptr
+    elif tier == 1:
+        n, tier_rows = N_NM, brow_ptr + N_DENSE
     else:
-        start, n, tier_rows = (pid - P_DENSE - P_NM) * NB, N_TOPK, brow_ptr + N_DENSE + N_NM
+        n, tier_rows = N_TOPK, brow_ptr + N_DENSE + N_NM
     i = tl.arange(0, NB)
     blk = start + i
     ok = blk < n
     brow = tl.load(tier_rows + blk, mask=ok, other=-1).to(tl.int32)  # (NB,)
-    if pid < P_DENSE:
+    if tier == 0:
         part = _dense_partials(x_ptr, dv_ptr, dc_ptr, blk, ok, K_IN)
-    elif pid < P_DENSE + P_NM:
+    elif tier == 1:
         if NM_EXPAND:
             part = _nm_partials_expanded(x_ptr, nv_ptr, meta_ptr, nc_ptr, blk, ok, K_IN)
         else:
@@ -151,14 +145,43 @@ def _hybrid_flat_gemv_kernel(
     sum_final = tl.sum(tl.where(((brow == final) & (brow != first))[:, None], part, 0.0), axis=0)  # (16,)
     head = (i == 0) | (tail & (final != first)) | (ok & (brow != first) & (brow != final))  # (NB,) emitters
     seg = tl.where((i == 0)[:, None], sum_first[None, :], tl.where(tail[:, None], sum_final[None, :], part))
-    need = tl.load(need_ptr + brow, mask=head, other=0)  # (NB,) contributors of each emitter's block-row
+    return brow, seg, head
 
+
+# The block and chunk counts only bound the masks: one binary for every weight of a shape, not one per
+# combination of counts that happen to be multiples of 16 (or 1), which Triton would otherwise specialize on.
+@triton.jit(do_not_specialize=["N_DENSE", "N_NM", "N_TOPK", "P_DENSE", "P_NM"])
+def _hybrid_flat_gemv_kernel(
+    x_ptr, out_ptr, ws_ptr, cnt_ptr, need_ptr, brow_ptr,
+    dv_ptr, dc_ptr, dp_ptr,
+    nv_ptr, meta_ptr, nc_ptr, np_ptr,
+    tv_ptr, tp_ptr, tc_ptr, tpp_ptr,
+    N_DENSE, N_NM, N_TOPK, P_DENSE, P_NM, N_OUT, K_IN,
+    TOPK: tl.constexpr, KP: tl.constexpr, NB: tl.constexpr, NM_EXPAND: tl.constexpr,
+):
+    """out (N_OUT,) = W @ x (K_IN,); grid (P_DENSE + P_NM + P_TOPK,), one chunk of NB blocks per program.
+
+    brow_ptr: block-row of every block, the three tiers one after another (int16). ws_ptr (nbr·16,) fp32 and
+    cnt_ptr (nbr,) int32 are zero on entry and left zero; need_ptr (nbr,) int32 is the number of programs
+    that contribute to each block-row. The row pointers (dp/np/tpp) are not read: the chunking replaces them.
+    NM_EXPAND: 2:4 blocks rebuilt as dense rows (_nm_partials_expanded) rather than gathering x per kept value.
+    """
+    pid = tl.program_id(0)
+    if pid < P_DENSE:  # this program's tier and its chunk's first block
+        tier, start = 0, pid * NB
+    elif pid < P_DENSE + P_NM:
+        tier, start = 1, (pid - P_DENSE) * NB
+    else:
+        tier, start = 2, (pid - P_DENSE - P_NM) * NB
+    brow, seg, head = _chunk_sums(x_ptr, brow_ptr, dv_ptr, dc_ptr, nv_ptr, meta_ptr, nc_ptr, tv_ptr, tp_ptr, tc_ptr,
+                                  tier, start, N_DENSE, N_NM, N_TOPK, K_IN, TOPK, KP, NB, NM_EXPAND)
     rows = tl.arange(0, 16)
     orow = brow[:, None] * 16 + rows[None, :]  # (NB, 16); the workspace covers the padded last block-row
     # Masks as full (NB, 16) tensors: Triton 3.7's interpreter drops the broadcast of an (1, 1) mask at NB = 1.
     every = rows[None, :] >= 0
     tl.atomic_add(ws_ptr + orow, seg, mask=head[:, None] & every, sem="relaxed")
     tl.debug_barrier()  # every thread's additions are issued before the count says so
+    need = tl.load(need_ptr + brow, mask=head, other=0)  # (NB,) contributors of each emitter's block-row
     arrived = tl.atomic_add(cnt_ptr + brow, 1, mask=head, sem="acq_rel")  # (NB,)
     last = head & (arrived == need - 1)
     tl.debug_barrier()
@@ -169,3 +192,44 @@ def _hybrid_flat_gemv_kernel(
     total = bits.to(tl.float32, bitcast=True)  # (NB, 16)
     tl.store(out_ptr + orow, total.to(out_ptr.dtype.element_ty), mask=last[:, None] & (orow < N_OUT))
     tl.atomic_xchg(cnt_ptr + brow, 0, mask=last, sem="relaxed")
+
+
+@triton.jit(do_not_specialize=["N_DENSE", "N_NM", "N_TOPK", "P_DENSE", "P_NM"])
+def _hybrid_flat_gemv_uncounted_kernel(
+    x_ptr, ws_ptr, brow_ptr,
+    dv_ptr, dc_ptr, nv_ptr, meta_ptr, nc_ptr, tv_ptr, tp_ptr, tc_ptr,
+    N_DENSE, N_NM, N_TOPK, P_DENSE, P_NM, K_IN,
+    TOPK: tl.constexpr, KP: tl.constexpr, NB: tl.constexpr, NM_EXPAND: tl.constexpr, CHUNKS: tl.constexpr,
+):
+    """ws (nbr·16,) fp32 += W @ x; grid (P_DENSE + P_NM + P_TOPK,), CHUNKS consecutive chunks of NB per program.
+
+    The first pass of two: programs only add into the workspace (relaxed atomics whose results nobody waits
+    for) and end there, and _cast_and_zero_kernel then writes the output and zeroes the workspace. The
+    counted kernel's handshake (a release fence, the counter's round trip, the read-back) made every program
+    wait on about two more round trips to L2 after its atomics; a second launch costs less. CHUNKS > 1 loops
+    over consecutive chunks in one program: fewer programs to launch, the same work each.
+    """
+    pid = tl.program_id(0)
+    if pid < P_DENSE:  # this program's tier, first chunk and the tier's chunk count
+        tier, chunk0, n = 0, pid * CHUNKS, N_DENSE
+    elif pid < P_DENSE + P_NM:
+        tier, chunk0, n = 1, (pid - P_DENSE) * CHUNKS, N_NM
+    else:
+        tier, chunk0, n = 2, (pid - P_DENSE - P_NM) * CHUNKS, N_TOPK
+    rows = tl.arange(0, 16)
+    every = rows[None, :] >= 0  # full (NB, 16) masks, as in the counted kernel
+    for c in range(tl.minimum(CHUNKS, tl.cdiv(n, NB) - chunk0)):
+        brow, seg, head = _chunk_sums(x_ptr, brow_ptr, dv_ptr, dc_ptr, nv_ptr, meta_ptr, nc_ptr, tv_ptr, tp_ptr,
+                                      tc_ptr, tier, (chunk0 + c) * NB, N_DENSE, N_NM, N_TOPK, K_IN,
+                                      TOPK, KP, NB, NM_EXPAND)
+        tl.atomic_add(ws_ptr + brow[:, None] * 16 + rows[None, :], seg, mask=head[:, None] & every, sem="relaxed")
+
+
+@triton.jit
+def _cast_and_zero_kernel(ws_ptr, out_ptr, N_OUT, BLOCK: tl.constexpr):
+    """out = ws in out's dtype, and ws zeroed again: the second pass after the uncounted flat GEMV."""
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = i < N_OUT
+    total = tl.load(ws_ptr + i, mask=ok, other=0.0)
+    tl.store(out_ptr + i, total.to(out_ptr.dtype.element_ty), mask=ok)
+    tl.store(ws_ptr + i, tl.zeros_like(total), mask=ok)

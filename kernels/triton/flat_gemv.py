@@ -1,22 +1,25 @@
 """One token through a packed hybrid weight as a flat stream of blocks: the wrapper, its state and dispatch.
 
-The kernel is _flat_gemv.py's (one program per chunk of NB blocks of one tier, one launch per call). Beside
-the packed buffers it needs a block-row index of every block, a zeroed fp32 workspace and per-block-row
-counters (the last contributor of a block-row writes the output and zeroes them again); they are built on
-the first call per weight and kept in a cache keyed by the weight's row-pointer tensors. The op
-(hybrid_mm.py) sends one-token products here when use_flat_gemv(True) and the weight is mostly 2:4 / TopK.
+The kernels are _flat_gemv.py's (one program per chunk of NB blocks of one tier; then a cast kernel, or,
+counted, one launch in all). Beside the packed buffers they need a block-row index of every block, a zeroed
+fp32 workspace and, counted, per-block-row counters (the last contributor of a block-row writes the output
+and zeroes them again); these are built on the first call per weight and kept in a cache keyed by the
+weight's row-pointer tensors. The op (hybrid_mm.py) sends one-token products here while use_flat_gemv(True),
+with FLAT_GEMV_CONFIG.
 """
 from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
 from ..hybrid import HybridWeight
 from .hybrid_mm import _KERNEL_DTYPES, _check, _packed_args, _pow2_at_least
 
-__all__ = ["FLAT_GEMV_CONFIG", "hybrid_mm_flat_gemv", "use_flat_gemv", "prefers_flat_gemv", "flat_gemv_ready"]
+__all__ = ["FLAT_GEMV_CONFIG", "FlatGemvConfig", "hybrid_mm_flat_gemv", "use_flat_gemv", "set_flat_gemv_config",
+           "prefers_flat_gemv", "flat_gemv_ready"]
 
 
 @dataclass
@@ -44,8 +47,9 @@ def _flat_block_rows(row_ptr: torch.Tensor, n: int) -> torch.Tensor:
                                    output_size=n)
 
 
-def _flat_state(hw: HybridWeight, nb: int) -> _FlatState:
-    """The block-row index, zeroed workspace and counters of `hw`, and the contributor counts for chunks of nb.
+def _flat_state(hw: HybridWeight, nb: int | None) -> _FlatState:
+    """The block-row index, zeroed workspace and counters of `hw`, and the contributor counts for chunks of nb
+    (None: no counts, which the uncounted kernel does not need).
 
     The first call per weight (and per nb) builds them with a few small kernels: call once before capturing
     a CUDA graph, as the benchmarks' warm-up does.
@@ -66,7 +70,7 @@ def _flat_state(hw: HybridWeight, nb: int) -> _FlatState:
         refs = tuple(weakref.ref(t, lambda _, key=key: _FLAT_STATES.pop(key, None)) for t in sources)
         entry = _FLAT_STATES[key] = (refs, state)
     state = entry[1]
-    if nb not in state.contributors:
+    if nb is not None and nb not in state.contributors:
         # Mirrors the kernel's emitters: per chunk, its first block (for the chunk's first block-row), its
         # last block if that lies in another block-row, and every block of a block-row strictly in between.
         nbr = len(hw.dense_row_ptr) - 1
@@ -87,54 +91,90 @@ def _flat_state(hw: HybridWeight, nb: int) -> _FlatState:
     return state
 
 
-# One-token decode of a mostly 2:4 / TopK weight goes to the flat GEMV with these (NB, num_warps): on the
-# H200 it ran 1.05-1.16x the per-block-row kernels at 35/45/20 and 0.86-0.93x at 90/10/0, hence only for
-# weights with fewer than half of their blocks dense. End to end (7B shape, 35/45/20, CUDA graph) it lifted
-# decode from 0.759x to 0.809x dense with the same logits (README, session 8), so it is on by default.
-FLAT_GEMV_CONFIG = (8, 1)
+class FlatGemvConfig(NamedTuple):
+    """How the op runs the flat GEMV: nb blocks per chunk, num_warps per program, the one-launch counted kernel
+    or the two-launch uncounted one, and (uncounted only) chunks per program."""
+
+    nb: int
+    num_warps: int
+    counted: bool
+    chunks: int = 1
+
+
+# One-token decode goes to the flat GEMV with this config. Session 7 timed the counted kernel (NB 8, 1 warp):
+# 1.05-1.16x the per-block-row kernels at 35/45/20 and 0.86-0.93x at 90/10/0, so only weights with fewer
+# than half of their blocks dense took it (end to end 0.759x -> 0.809x dense, session 8). Session 10 timed the
+# uncounted kernel faster than both at both mixes (README), so it is the default and takes every weight.
+FLAT_GEMV_CONFIG = FlatGemvConfig(nb=4, num_warps=1, counted=False, chunks=2)
 _FLAT_GEMV_ENABLED = [True]
 
 
 def use_flat_gemv(enabled: bool) -> None:
-    """Let the op send one-token products of mostly 2:4 / TopK weights to the flat GEMV (the default), or not."""
+    """Let the op send one-token products to the flat GEMV (the default), or not."""
     _FLAT_GEMV_ENABLED[0] = bool(enabled)
 
 
+def set_flat_gemv_config(config: FlatGemvConfig) -> FlatGemvConfig:
+    """Make `config` the op's flat GEMV config; returns the previous one (for benchmarks that compare them)."""
+    global FLAT_GEMV_CONFIG
+    previous, FLAT_GEMV_CONFIG = FLAT_GEMV_CONFIG, FlatGemvConfig(*config)
+    return previous
+
+
 def prefers_flat_gemv(hw: HybridWeight) -> bool:
-    """Whether the op's one-token product of `hw` takes the flat GEMV: fewer than half of its blocks dense."""
+    """Whether the op's one-token product of `hw` takes the flat GEMV: always with the uncounted kernel; with
+    the counted one only when fewer than half of its blocks are dense (where it was the faster)."""
     counts = hw.tier_counts()
-    return _FLAT_GEMV_ENABLED[0] and 2 * counts[0] < sum(counts)
+    return _FLAT_GEMV_ENABLED[0] and (not FLAT_GEMV_CONFIG.counted or 2 * counts[0] < sum(counts))
 
 
-def flat_gemv_ready(hw: HybridWeight, nb: int) -> bool:
-    """Whether `hw`'s flat GEMV state for chunks of nb exists, so that a call builds nothing."""
+def flat_gemv_ready(hw: HybridWeight, nb: int | None) -> bool:
+    """Whether `hw`'s flat GEMV state (for counted chunks of nb; None: uncounted) exists, so a call builds nothing."""
     entry = _FLAT_STATES.get(id(hw.dense_row_ptr))
     sources = (hw.dense_row_ptr, hw.nm_row_ptr, hw.topk_row_ptr)
     return (entry is not None and all(ref() is t for ref, t in zip(entry[0], sources))
-            and nb in entry[1].contributors)
+            and (nb is None or nb in entry[1].contributors))
 
 
 def hybrid_mm_flat_gemv(x: torch.Tensor, hw: HybridWeight, *, nb: int = 8, num_warps: int = 2,
-                        nm_expand: bool = False) -> torch.Tensor:
-    """x (1, in) @ W.T -> (1, out): one launch, one program per chunk of nb consecutive blocks of a tier.
+                        nm_expand: bool = False, counted: bool = True, chunks: int = 1) -> torch.Tensor:
+    """x (1, in) @ W.T -> (1, out): one program per chunk of nb consecutive blocks of a tier (_flat_gemv.py).
 
-    Not the op's default yet (decode_config picks among the per-block-row kernels); see _flat_gemv.py. The
-    weight's workspace and counters are shared by its calls, which must therefore run one after another (one
-    stream), as decode does; the first call per weight and nb builds them (call it once before graph capture).
+    The weight's workspace and counters are shared by its calls, which must therefore run one after another
+    (one stream), as decode does; the first call per weight (and, counted, per nb) builds them: call it once
+    before capturing a CUDA graph.
     nm_expand: rebuild 2:4 blocks as dense rows against 16-wide x vectors instead of gathering x per kept value.
+    counted False: two launches, the programs only adding into the workspace and a second kernel writing the
+    output (see _flat_gemv.py); no per-block-row counters. chunks: consecutive chunks per program (uncounted).
     """
     assert x.dim() == 2 and x.shape[0] == 1 and x.is_contiguous(), (tuple(x.shape), x.stride())
     assert x.shape[1] == hw.shape[1], (tuple(x.shape), hw.shape)
     assert x.dtype == hw.dtype and x.dtype in _KERNEL_DTYPES, (x.dtype, hw.dtype)
     assert x.device == hw.device, (x.device, hw.device)
     assert nb >= 1 and nb & (nb - 1) == 0, f"nb {nb}: a power of 2"
+    assert chunks >= 1, f"chunks {chunks}"
     _check(hw)
     from . import _flat_gemv
 
     n_dense, n_nm, n_topk = hw.tier_counts()
+    out = x.new_empty(1, hw.shape[0])
+    if not counted:
+        state = _flat_state(hw, None)
+        p_dense, p_nm, p_topk = (-(-n // (nb * chunks)) for n in (n_dense, n_nm, n_topk))
+        (dv, dc, _, nv, meta, nc, _, tv, tp, tc, _) = _packed_args(hw)
+        _flat_gemv._hybrid_flat_gemv_uncounted_kernel[(p_dense + p_nm + p_topk,)](
+            x, state.workspace, state.block_rows, dv, dc, nv, meta, nc, tv, tp, tc,
+            n_dense, n_nm, n_topk, p_dense, p_nm, hw.shape[1],
+            TOPK=hw.topk, KP=_pow2_at_least(hw.topk), NB=nb, NM_EXPAND=nm_expand, CHUNKS=chunks,
+            num_warps=num_warps,
+        )
+        block = 1024
+        _flat_gemv._cast_and_zero_kernel[(-(-hw.shape[0] // block),)](state.workspace, out, hw.shape[0],
+                                                                       BLOCK=block, num_warps=4)
+        return out
+    assert chunks == 1, "chunks > 1: the uncounted kernel only"
     state = _flat_state(hw, nb)
     p_dense, p_nm, p_topk = (-(-n // nb) for n in (n_dense, n_nm, n_topk))
-    out = x.new_empty(1, hw.shape[0])
     _flat_gemv._hybrid_flat_gemv_kernel[(p_dense + p_nm + p_topk,)](
         x, out, state.workspace, state.arrivals, state.contributors[nb], state.block_rows, *_packed_args(hw),
         n_dense, n_nm, n_topk, p_dense, p_nm, hw.shape[0], hw.shape[1],

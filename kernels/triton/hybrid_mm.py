@@ -5,9 +5,8 @@ Decode and short prefills (at most SKINNY_MAX_TOKENS tokens) stream the packed b
 `_hybrid_unpack_kernel` and hand it to cuBLAS, which is compute-bound there anyway. The custom op
 has a fake implementation, so torch.compile traces it and CUDA graphs capture it (no host syncs);
 its CPU path is the pure-torch reference. This module imports triton only when a kernel runs.
-At one token, a weight with fewer than half of its blocks dense goes to the flat GEMV instead (flat_gemv.py;
-faster there on the H200, per matrix and end to end; slower on mostly dense weights, which keep these
-kernels); flat_gemv.use_flat_gemv(False) turns that off.
+At one token every weight goes to the flat GEMV instead (flat_gemv.py; faster on the H200 at every shape
+and mix timed, per matrix and end to end); flat_gemv.use_flat_gemv(False) turns that off.
 """
 from __future__ import annotations
 
@@ -225,13 +224,15 @@ def _hybrid_mm_op(x: torch.Tensor, dense_values: torch.Tensor, dense_cols: torch
     if T == 1 and kernel_dtype:
         from . import flat_gemv  # here, not at the top: it imports this module's helpers
 
-        nb, num_warps = flat_gemv.FLAT_GEMV_CONFIG
+        cfg = flat_gemv.FLAT_GEMV_CONFIG
         # The first call per weight builds the flat state (allocations and small kernels). Inside a CUDA graph
         # capture that would leave the state in the graph's private memory, so a capture that comes before
         # any eager call (warm-up) keeps the per-block-row kernel.
-        if flat_gemv.prefers_flat_gemv(hw) and (flat_gemv.flat_gemv_ready(hw, nb)
+        if flat_gemv.prefers_flat_gemv(hw) and (flat_gemv.flat_gemv_ready(hw, cfg.nb if cfg.counted else None)
                                                 or not torch.cuda.is_current_stream_capturing()):
-            return flat_gemv.hybrid_mm_flat_gemv(x2, hw, nb=nb, num_warps=num_warps).reshape(*lead, out_features)
+            out = flat_gemv.hybrid_mm_flat_gemv(x2, hw, nb=cfg.nb, num_warps=cfg.num_warps, counted=cfg.counted,
+                                                chunks=cfg.chunks)
+            return out.reshape(*lead, out_features)
     stream = T <= SKINNY_MAX_TOKENS and decode_config(hw, T, _num_sms(x.device))[3] != 0
     if stream and kernel_dtype:
         out = hybrid_mm_decode(x2, hw)

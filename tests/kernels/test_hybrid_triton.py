@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -179,6 +180,25 @@ def test_flat_gemv_state_is_exact_and_left_zeroed() -> None:
         assert not state.workspace.any() and not state.arrivals.any()
 
 
+@pytest.mark.parametrize("nb, chunks", [(1, 1), (4, 1), (2, 3), (4, 2)])
+def test_uncounted_flat_gemv_matches_and_leaves_the_workspace_zeroed(nb, chunks) -> None:
+    """The two-launch variant: programs only add into the workspace, the second kernel writes out and zeroes it.
+
+    (80, 112) at 35/45/20 has tier block counts that chunks of nb·chunks do not divide: the last program of a
+    tier loops over fewer chunks.
+    """
+    from tierprune.kernels.triton import flat_gemv as module
+
+    W, hw, g = _case((80, 112), torch.bfloat16, seed=25 + nb + chunks)
+    assert any(n % (nb * chunks) for n in hw.tier_counts()) or nb * chunks == 1, hw.tier_counts()
+    state = module._flat_state(hw, None)
+    for _ in range(2):  # a stale sum left in the workspace would show in the second product
+        x = torch.randn(1, 112, generator=g).to(torch.bfloat16)
+        got = hybrid_mm_flat_gemv(x.to(KERNEL_DEVICE), hw, nb=nb, counted=False, chunks=chunks)
+        _close(got, _expected(x, W), torch.bfloat16)
+        assert not state.workspace.any() and not state.arrivals.any()
+
+
 def test_flat_gemv_state_follows_the_weight() -> None:
     """Two weights of one shape never share state; a weight's state goes with it."""
     import dataclasses
@@ -225,28 +245,37 @@ def test_flat_gemv_refuses_bad_inputs() -> None:
         hybrid_mm_flat_gemv(torch.zeros(1, 128, dtype=torch.bfloat16, device=KERNEL_DEVICE)[:, ::2], hw)  # strided
 
 
-def test_the_op_can_send_one_token_of_a_mostly_sparse_weight_to_the_flat_gemv() -> None:
+def test_the_op_sends_one_token_to_the_flat_gemv() -> None:
     """Which weights the op's one-token product takes to the flat GEMV (on by default, can be turned off), and
     when its state is ready (a CUDA graph capture never builds it: it keeps the per-block-row kernel until an
-    eager call has)."""
+    eager call has). The uncounted default takes every weight; the counted kernel only mostly sparse ones."""
     import tierprune.kernels.triton.flat_gemv as module
 
     _, sparse, g = _case((64, 96), torch.bfloat16, seed=31, probs=(0.2, 0.5, 0.3))
-    _, mostly_dense, _ = _case((64, 96), torch.bfloat16, seed=32, probs=(0.9, 0.1, 0.0))
+    W, mostly_dense, _ = _case((64, 96), torch.bfloat16, seed=32, probs=(0.9, 0.1, 0.0))
     assert 2 * sparse.tier_counts()[0] < 24 < 2 * mostly_dense.tier_counts()[0]  # of 4 x 6 blocks
-    assert module.prefers_flat_gemv(sparse) and not module.prefers_flat_gemv(mostly_dense)
+    assert module.FLAT_GEMV_CONFIG == (4, 1, False, 2)
+    assert module.prefers_flat_gemv(sparse) and module.prefers_flat_gemv(mostly_dense)
+    previous = module.set_flat_gemv_config(module.FlatGemvConfig(nb=8, num_warps=1, counted=True))
+    try:
+        assert module.prefers_flat_gemv(sparse) and not module.prefers_flat_gemv(mostly_dense)
+    finally:
+        assert module.set_flat_gemv_config(previous).counted
     module.use_flat_gemv(False)
     try:
         assert not module.prefers_flat_gemv(sparse) and not module.prefers_flat_gemv(mostly_dense)
     finally:
         module.use_flat_gemv(True)
 
-    nb = module.FLAT_GEMV_CONFIG[0]
-    assert not module.flat_gemv_ready(sparse, nb)
+    assert not module.flat_gemv_ready(sparse, None) and not module.flat_gemv_ready(sparse, 8)
     x = torch.randn(1, 96, generator=g).to(torch.bfloat16).to(KERNEL_DEVICE)
-    module.hybrid_mm_flat_gemv(x, sparse, nb=nb)
-    assert module.flat_gemv_ready(sparse, nb) and not module.flat_gemv_ready(sparse, 2 * nb)
-    assert not module.flat_gemv_ready(mostly_dense, nb)
+    module.hybrid_mm_flat_gemv(x, sparse, nb=8)  # counted: builds the state and the counts for nb 8
+    assert module.flat_gemv_ready(sparse, 8) and not module.flat_gemv_ready(sparse, 16)
+    assert module.flat_gemv_ready(sparse, None) and not module.flat_gemv_ready(mostly_dense, None)
+    # Through the op, eagerly: the default (uncounted) builds the state of a mostly dense weight too.
+    xd = torch.randn(1, 96, generator=g).to(torch.bfloat16)
+    _close(hybrid_mm(xd.to(KERNEL_DEVICE), mostly_dense), _expected(xd, W), torch.bfloat16)
+    assert module.flat_gemv_ready(mostly_dense, None) == (KERNEL_DEVICE == "cuda")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
@@ -416,6 +445,18 @@ for dtype, nb, warps, expand in [("bf16", 4, 1, False), ("bf16", 8, 2, False), (
     ptx = k.asm["ptx"]
     report[f"{dtype}-{nb}-{warps}-{int(expand)}"] = {"cubin": len(k.asm["cubin"]),
                                        "atomics": sorted(set(re.findall(r"atom\.global\.[a-z0-9._]+", ptx)))}
+for dtype, nb, warps, chunks in [("bf16", 4, 1, 1), ("fp16", 8, 2, 4), ("bf16", 4, 1, 2)]:
+    consts = dict(TOPK=10, KP=16, NB=nb, NM_EXPAND=False, CHUNKS=chunks)
+    unread = ("dp_ptr", "np_ptr", "tpp_ptr")
+    sig = {"x_ptr": "*" + dtype, "ws_ptr": "*fp32", "brow_ptr": "*i16",
+           **{k: v.format(w=dtype) for k, v in PACKED.items() if k not in unread},
+           **{n: "i32" for n in ("N_DENSE", "N_NM", "N_TOPK", "P_DENSE", "P_NM", "K_IN")},
+           **{n: "constexpr" for n in consts}}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, (n, t) in enumerate(sig.items()) if t.startswith("*") or n == "K_IN"}
+    k = triton.compile(ASTSource(fn=F._hybrid_flat_gemv_uncounted_kernel, signature=sig, constexprs=consts,
+                                 attrs=attrs), target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+    report[f"{dtype}-{nb}-{warps}-uncounted-{chunks}"] = {
+        "cubin": len(k.asm["cubin"]), "atomics": sorted(set(re.findall(r"atom\.global\.[a-z0-9._]+", k.asm["ptx"])))}
 print(json.dumps(report))
 """
 
@@ -423,15 +464,21 @@ print(json.dumps(report))
 def test_flat_gemv_compiles_for_hopper() -> None:
     """A cubin for sm_90 per config; one ordered atomic (the block-row counter), the partial sums relaxed.
 
-    Ordered (acq_rel) fp32 additions would put a fence before every one of them.
+    Ordered (acq_rel) fp32 additions would put a fence before every one of them. The uncounted kernel has the
+    relaxed additions only: no counter, no exchange.
     """
     env = {**os.environ, "TRITON_INTERPRET": "0"}
     proc = subprocess.run([sys.executable, "-c", FLAT_COMPILE_SCRIPT], capture_output=True, text=True, env=env,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
-    expected = {"bf16-4-1-0", "bf16-8-2-0", "fp16-16-4-0", "bf16-32-4-0", "bf16-16-4-1", "fp16-8-2-1"}
+    expected = {"bf16-4-1-0", "bf16-8-2-0", "fp16-16-4-0", "bf16-32-4-0", "bf16-16-4-1", "fp16-8-2-1",
+                "bf16-4-1-uncounted-1", "fp16-8-2-uncounted-4", "bf16-4-1-uncounted-2"}
     assert set(report) == expected, report
+    for name in ("bf16-4-1-uncounted-1", "fp16-8-2-uncounted-4", "bf16-4-1-uncounted-2"):
+        item = report.pop(name)
+        assert item["cubin"] > 0 and item["atomics"], (name, item)
+        assert all(re.fullmatch(r"atom\.global\.gpu\.relaxed\.add(\.v\d)?\.f32", a) for a in item["atomics"]), item
     for name, item in report.items():
         assert item["cubin"] > 0, name
         ordered = [a for a in item["atomics"] if ".acq_rel." in a or ".release." in a or ".acquire." in a]
