@@ -38,10 +38,11 @@ TILES = [(8, 4, 4, 16, True), (8, 2, 4, 16, True), (4, 4, 4, 16, True), (8, 8, 4
 # per-program epilogue. Compiled for sm_90 the 2:4 rebuild takes ~1.6x the instructions of the x gathers but a
 # third of the memory instructions: which limits is for the device to say.
 # A fourth element False: the two-launch variant (no per-block-row counters; a second kernel writes the output),
-# then chunks per program (default 1).
-FLAT = [(8, 1, False), (4, 1, False), (8, 2, False), (4, 1, False, False), (8, 1, False, False),
-        (8, 2, False, False), (4, 1, True, False, 2), (2, 1, False, False, 4), (4, 1, False, False, 2),
-        (8, 1, False, False, 2), (4, 1, False, False, 4)]
+# then chunks per program (default 1) and TopK blocks per chunk added entry by entry (0: as the other tiers).
+FLAT = [(8, 1, False), (4, 1, False, False), (4, 1, False, False, 2), (8, 1, False, False, 2),
+        (4, 1, False, False, 2, 4), (4, 1, False, False, 2, 8), (4, 1, False, False, 2, 16),
+        (4, 1, False, False, 2, 32), (4, 1, False, False, 1, 16), (2, 1, False, False, 4, 16),
+        (4, 1, False, False, 3, 16), (8, 1, False, False, 2, 16), (4, 2, False, False, 2, 32)]
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                    help="of the per-block-row kernels time only the config decode_config picks (the op's default)")
     p.add_argument("--flat", action="store_true", help="at one token, also time the flat tier stream GEMV "
                                                        "(hybrid_mm_flat_gemv) over FLAT's (NB, warps, nm_expand)")
-    p.add_argument("--e2e-flat-alternatives", nargs="*", default=[], metavar="NB,WARPS,COUNTED,CHUNKS",
+    p.add_argument("--e2e-flat-alternatives", nargs="*", default=[], metavar="NB,WARPS,COUNTED[,CHUNKS[,TOPK_NB]]",
                    help="end to end, also time these flat GEMV configs (e.g. 8,1,1,1: the counted kernel)")
     p.add_argument("--tiny", action="store_true", help="tiny shapes (all of them, --shapes ignored): a dry run")
     p.add_argument("--device", default="cuda", help="cpu: Triton's interpreter (TRITON_INTERPRET=1), timing "
@@ -118,9 +119,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     print(f"    {str(cfg):24} {us:7.1f} us {cublas / us:5.2f}x", flush=True)
                 flat = {}
                 for cfg in (FLAT if args.flat and T == 1 else []):
-                    nb, warps, expand, counted, chunks = (*cfg, *(True, 1)[len(cfg) - 3:])  # defaults: counted, 1
+                    defaults = (True, 1, 0)  # counted, chunks, topk_nb
+                    nb, warps, expand, counted, chunks, topk_nb = (*cfg, *defaults[len(cfg) - 3:])
                     fns = [lambda h=h: hybrid_mm_flat_gemv(x, h, nb=nb, num_warps=warps, nm_expand=expand,
-                                                           counted=counted, chunks=chunks) for h in hws]
+                                                           counted=counted, chunks=chunks, topk_nb=topk_nb)
+                           for h in hws]
                     try:  # the first call also builds each copy's block-row index (outside the graph)
                         err = (fns[0]().float() - ref).abs().max().item() / ref.abs().max().item()
                         us, _ = measure_us(fns, device, args.inner, args.reps)
@@ -135,7 +138,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     flat_cfg, (flat_us, flat_err) = min(flat.items(), key=lambda kv: kv[1][0])
                     print(f"  flat tier stream, one launch: best {flat_us:7.1f} us ({cublas / flat_us:.2f}x cuBLAS, "
                           f"{moved / flat_us / 1e3:6.0f} GB/s, {best_us / flat_us:.2f}x the best above) "
-                          f"(NB, warps, 2:4 rebuilt[, counted, chunks]) {flat_cfg} err {flat_err:.1e}", flush=True)
+                          f"(NB, warps, 2:4 rebuilt[, counted, chunks, topk_nb]) {flat_cfg} err {flat_err:.1e}", flush=True)
                     for cfg, (us, err) in sorted(flat.items(), key=lambda kv: kv[1][0]):
                         print(f"    flat {str(cfg):19} {us:7.1f} us {cublas / us:5.2f}x err {err:.1e}", flush=True)
                 row = dict(shape=shape_name, out=shape[0], inp=shape[1], mix=mix_name, placement=placement,
@@ -160,8 +163,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 set_decode_config((r["out"], r["inp"]), r["tokens"], tuple(r["best"]))
         alternatives = []
         for a in args.e2e_flat_alternatives:
-            nb, warps, counted, *chunks = (int(v) for v in a.split(","))
-            alternatives.append(FlatGemvConfig(nb, warps, bool(counted), *chunks))
+            nb, warps, counted, *rest = (int(v) for v in a.split(","))  # rest: chunks, topk_nb
+            alternatives.append(FlatGemvConfig(nb, warps, bool(counted), *rest))
         rows += bench_end_to_end(argparse.Namespace(tiny=False, layers=args.e2e_layers, steps=128, no_graph=False,
                                                     flat_alternatives=alternatives), device)
     print(f"total {time.perf_counter() - t0:.0f} s")

@@ -78,7 +78,7 @@ def test_end_to_end_times_each_flat_alternative_and_restores_the_default(bench) 
     counted = flat_gemv.FlatGemvConfig(nb=8, num_warps=1, counted=True)
     args = argparse.Namespace(tiny=True, layers=2, steps=3, no_graph=True, flat_alternatives=[counted])
     rows = bench.bench_end_to_end(args, "cpu")
-    assert [r["model"] for r in rows] == ["dense", "hybrid", "hybrid-flat", "hybrid-flat (8, 1, True, 1)"]
+    assert [r["model"] for r in rows] == ["dense", "hybrid", "hybrid-flat", "hybrid-flat (8, 1, True, 1, 0)"]
     assert rows[3]["first_logits_max_abs_diff"] == 0.0 and rows[3]["speedup_vs_dense"] > 0
     assert flat_gemv.FLAT_GEMV_CONFIG == default
 

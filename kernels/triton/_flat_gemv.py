@@ -148,6 +148,26 @@ def _chunk_sums(x_ptr, brow_ptr, dv_ptr, dc_ptr, nv_ptr, meta_ptr, nc_ptr, tv_pt
     return brow, seg, head
 
 
+@triton.jit
+def _topk_add_entries(x_ptr, ws_ptr, tier_rows, tv_ptr, tp_ptr, tc_ptr, start, n, K_IN,
+                      TOPK: tl.constexpr, KP: tl.constexpr, NB: tl.constexpr):
+    """ws += each TopK entry's value times x at its column, one relaxed atomic per entry, for NB blocks from start.
+
+    No partial per block: the one-hot (NB, KP, 16) sum into block rows and the per-row segment sums cost
+    more instructions than the k bytes they save, and with k = 10 a block has fewer entries than rows.
+    """
+    blk = start + tl.arange(0, NB)
+    ok = blk < n
+    e = tl.arange(0, KP)  # TOPK entries padded to a power of 2
+    valid = ok[:, None] & (e < TOPK)[None, :]  # (NB, KP)
+    v = tl.load(tv_ptr + blk[:, None] * TOPK + e[None, :], mask=valid, other=0.0)
+    p = tl.load(tp_ptr + blk[:, None] * TOPK + e[None, :], mask=valid, other=0).to(tl.int32)  # row-major in block
+    col = tl.load(tc_ptr + blk, mask=ok, other=0).to(tl.int32)[:, None] * 16 + p % 16
+    xv = tl.load(x_ptr + col, mask=valid & (col < K_IN), other=0.0).to(tl.float32)
+    brow = tl.load(tier_rows + blk, mask=ok, other=0).to(tl.int32)  # (NB,)
+    tl.atomic_add(ws_ptr + brow[:, None] * 16 + p // 16, v.to(tl.float32) * xv, mask=valid, sem="relaxed")
+
+
 # The block and chunk counts only bound the masks: one binary for every weight of a shape, not one per
 # combination of counts that happen to be multiples of 16 (or 1), which Triton would otherwise specialize on.
 @triton.jit(do_not_specialize=["N_DENSE", "N_NM", "N_TOPK", "P_DENSE", "P_NM"])
@@ -200,6 +220,7 @@ def _hybrid_flat_gemv_uncounted_kernel(
     dv_ptr, dc_ptr, nv_ptr, meta_ptr, nc_ptr, tv_ptr, tp_ptr, tc_ptr,
     N_DENSE, N_NM, N_TOPK, P_DENSE, P_NM, K_IN,
     TOPK: tl.constexpr, KP: tl.constexpr, NB: tl.constexpr, NM_EXPAND: tl.constexpr, CHUNKS: tl.constexpr,
+    TOPK_NB: tl.constexpr = 0,
 ):
     """ws (nbr·16,) fp32 += W @ x; grid (P_DENSE + P_NM + P_TOPK,), CHUNKS consecutive chunks of NB per program.
 
@@ -207,7 +228,8 @@ def _hybrid_flat_gemv_uncounted_kernel(
     for) and end there, and _cast_and_zero_kernel then writes the output and zeroes the workspace. The
     counted kernel's handshake (a release fence, the counter's round trip, the read-back) made every program
     wait on about two more round trips to L2 after its atomics; a second launch costs less. CHUNKS > 1 loops
-    over consecutive chunks in one program: fewer programs to launch, the same work each.
+    over consecutive chunks in one program: fewer programs to launch, the same work each. TOPK_NB > 0: TopK
+    chunks of TOPK_NB blocks whose entries are added one by one (_topk_add_entries).
     """
     pid = tl.program_id(0)
     if pid < P_DENSE:  # this program's tier, first chunk and the tier's chunk count
@@ -216,6 +238,11 @@ def _hybrid_flat_gemv_uncounted_kernel(
         tier, chunk0, n = 1, (pid - P_DENSE) * CHUNKS, N_NM
     else:
         tier, chunk0, n = 2, (pid - P_DENSE - P_NM) * CHUNKS, N_TOPK
+    if TOPK_NB > 0 and tier == 2:
+        for c in range(tl.minimum(CHUNKS, tl.cdiv(n, TOPK_NB) - chunk0)):
+            _topk_add_entries(x_ptr, ws_ptr, brow_ptr + N_DENSE + N_NM, tv_ptr, tp_ptr, tc_ptr,
+                              (chunk0 + c) * TOPK_NB, n, K_IN, TOPK, KP, TOPK_NB)
+        return
     rows = tl.arange(0, 16)
     every = rows[None, :] >= 0  # full (NB, 16) masks, as in the counted kernel
     for c in range(tl.minimum(CHUNKS, tl.cdiv(n, NB) - chunk0)):

@@ -93,19 +93,21 @@ def _flat_state(hw: HybridWeight, nb: int | None) -> _FlatState:
 
 class FlatGemvConfig(NamedTuple):
     """How the op runs the flat GEMV: nb blocks per chunk, num_warps per program, the one-launch counted kernel
-    or the two-launch uncounted one, and (uncounted only) chunks per program."""
+    or the two-launch uncounted one, and (uncounted only) chunks per program and TopK blocks per chunk added
+    entry by entry (0: TopK chunks like the other tiers')."""
 
     nb: int
     num_warps: int
     counted: bool
     chunks: int = 1
+    topk_nb: int = 0
 
 
 # One-token decode goes to the flat GEMV with this config. Session 7 timed the counted kernel (NB 8, 1 warp):
 # 1.05-1.16x the per-block-row kernels at 35/45/20 and 0.86-0.93x at 90/10/0, so only weights with fewer
 # than half of their blocks dense took it (end to end 0.759x -> 0.809x dense, session 8). Session 10 timed the
 # uncounted kernel faster than both at both mixes (README), so it is the default and takes every weight.
-FLAT_GEMV_CONFIG = FlatGemvConfig(nb=4, num_warps=1, counted=False, chunks=2)
+FLAT_GEMV_CONFIG = FlatGemvConfig(nb=4, num_warps=1, counted=False, chunks=2, topk_nb=8)
 _FLAT_GEMV_ENABLED = [True]
 
 
@@ -137,7 +139,8 @@ def flat_gemv_ready(hw: HybridWeight, nb: int | None) -> bool:
 
 
 def hybrid_mm_flat_gemv(x: torch.Tensor, hw: HybridWeight, *, nb: int = 8, num_warps: int = 2,
-                        nm_expand: bool = False, counted: bool = True, chunks: int = 1) -> torch.Tensor:
+                        nm_expand: bool = False, counted: bool = True, chunks: int = 1,
+                        topk_nb: int = 0) -> torch.Tensor:
     """x (1, in) @ W.T -> (1, out): one program per chunk of nb consecutive blocks of a tier (_flat_gemv.py).
 
     The weight's workspace and counters are shared by its calls, which must therefore run one after another
@@ -145,13 +148,15 @@ def hybrid_mm_flat_gemv(x: torch.Tensor, hw: HybridWeight, *, nb: int = 8, num_w
     before capturing a CUDA graph.
     nm_expand: rebuild 2:4 blocks as dense rows against 16-wide x vectors instead of gathering x per kept value.
     counted False: two launches, the programs only adding into the workspace and a second kernel writing the
-    output (see _flat_gemv.py); no per-block-row counters. chunks: consecutive chunks per program (uncounted).
+    output (see _flat_gemv.py); no per-block-row counters. chunks: consecutive chunks per program; topk_nb > 0:
+    TopK chunks of topk_nb blocks whose entries are added one by one (both uncounted only).
     """
     assert x.dim() == 2 and x.shape[0] == 1 and x.is_contiguous(), (tuple(x.shape), x.stride())
     assert x.shape[1] == hw.shape[1], (tuple(x.shape), hw.shape)
     assert x.dtype == hw.dtype and x.dtype in _KERNEL_DTYPES, (x.dtype, hw.dtype)
     assert x.device == hw.device, (x.device, hw.device)
     assert nb >= 1 and nb & (nb - 1) == 0, f"nb {nb}: a power of 2"
+    assert topk_nb >= 0 and topk_nb & (topk_nb - 1) == 0, f"topk_nb {topk_nb}: 0 or a power of 2"
     assert chunks >= 1, f"chunks {chunks}"
     _check(hw)
     from . import _flat_gemv
@@ -160,19 +165,20 @@ def hybrid_mm_flat_gemv(x: torch.Tensor, hw: HybridWeight, *, nb: int = 8, num_w
     out = x.new_empty(1, hw.shape[0])
     if not counted:
         state = _flat_state(hw, None)
-        p_dense, p_nm, p_topk = (-(-n // (nb * chunks)) for n in (n_dense, n_nm, n_topk))
+        p_dense, p_nm = (-(-n // (nb * chunks)) for n in (n_dense, n_nm))
+        p_topk = -(-n_topk // ((topk_nb or nb) * chunks))
         (dv, dc, _, nv, meta, nc, _, tv, tp, tc, _) = _packed_args(hw)
         _flat_gemv._hybrid_flat_gemv_uncounted_kernel[(p_dense + p_nm + p_topk,)](
             x, state.workspace, state.block_rows, dv, dc, nv, meta, nc, tv, tp, tc,
             n_dense, n_nm, n_topk, p_dense, p_nm, hw.shape[1],
-            TOPK=hw.topk, KP=_pow2_at_least(hw.topk), NB=nb, NM_EXPAND=nm_expand, CHUNKS=chunks,
+            TOPK=hw.topk, KP=_pow2_at_least(hw.topk), NB=nb, NM_EXPAND=nm_expand, CHUNKS=chunks, TOPK_NB=topk_nb,
             num_warps=num_warps,
         )
         block = 1024
         _flat_gemv._cast_and_zero_kernel[(-(-hw.shape[0] // block),)](state.workspace, out, hw.shape[0],
                                                                        BLOCK=block, num_warps=4)
         return out
-    assert chunks == 1, "chunks > 1: the uncounted kernel only"
+    assert chunks == 1 and not topk_nb, "chunks > 1 and topk_nb: the uncounted kernel only"
     state = _flat_state(hw, nb)
     p_dense, p_nm, p_topk = (-(-n // nb) for n in (n_dense, n_nm, n_topk))
     _flat_gemv._hybrid_flat_gemv_kernel[(p_dense + p_nm + p_topk,)](

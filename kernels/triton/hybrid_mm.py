@@ -231,7 +231,7 @@ def _hybrid_mm_op(x: torch.Tensor, dense_values: torch.Tensor, dense_cols: torch
         if flat_gemv.prefers_flat_gemv(hw) and (flat_gemv.flat_gemv_ready(hw, cfg.nb if cfg.counted else None)
                                                 or not torch.cuda.is_current_stream_capturing()):
             out = flat_gemv.hybrid_mm_flat_gemv(x2, hw, nb=cfg.nb, num_warps=cfg.num_warps, counted=cfg.counted,
-                                                chunks=cfg.chunks)
+                                                chunks=cfg.chunks, topk_nb=cfg.topk_nb)
             return out.reshape(*lead, out_features)
     stream = T <= SKINNY_MAX_TOKENS and decode_config(hw, T, _num_sms(x.device))[3] != 0
     if stream and kernel_dtype:

@@ -180,8 +180,8 @@ def test_flat_gemv_state_is_exact_and_left_zeroed() -> None:
         assert not state.workspace.any() and not state.arrivals.any()
 
 
-@pytest.mark.parametrize("nb, chunks", [(1, 1), (4, 1), (2, 3), (4, 2)])
-def test_uncounted_flat_gemv_matches_and_leaves_the_workspace_zeroed(nb, chunks) -> None:
+@pytest.mark.parametrize("nb, chunks, topk_nb", [(1, 1, 0), (4, 1, 0), (2, 3, 0), (4, 2, 0), (4, 2, 1), (2, 1, 8)])
+def test_uncounted_flat_gemv_matches_and_leaves_the_workspace_zeroed(nb, chunks, topk_nb) -> None:
     """The two-launch variant: programs only add into the workspace, the second kernel writes out and zeroes it.
 
     (80, 112) at 35/45/20 has tier block counts that chunks of nb·chunks do not divide: the last program of a
@@ -189,12 +189,12 @@ def test_uncounted_flat_gemv_matches_and_leaves_the_workspace_zeroed(nb, chunks)
     """
     from tierprune.kernels.triton import flat_gemv as module
 
-    W, hw, g = _case((80, 112), torch.bfloat16, seed=25 + nb + chunks)
+    W, hw, g = _case((80, 112), torch.bfloat16, seed=25 + nb + chunks + topk_nb)
     assert any(n % (nb * chunks) for n in hw.tier_counts()) or nb * chunks == 1, hw.tier_counts()
     state = module._flat_state(hw, None)
     for _ in range(2):  # a stale sum left in the workspace would show in the second product
         x = torch.randn(1, 112, generator=g).to(torch.bfloat16)
-        got = hybrid_mm_flat_gemv(x.to(KERNEL_DEVICE), hw, nb=nb, counted=False, chunks=chunks)
+        got = hybrid_mm_flat_gemv(x.to(KERNEL_DEVICE), hw, nb=nb, counted=False, chunks=chunks, topk_nb=topk_nb)
         _close(got, _expected(x, W), torch.bfloat16)
         assert not state.workspace.any() and not state.arrivals.any()
 
@@ -254,7 +254,7 @@ def test_the_op_sends_one_token_to_the_flat_gemv() -> None:
     _, sparse, g = _case((64, 96), torch.bfloat16, seed=31, probs=(0.2, 0.5, 0.3))
     W, mostly_dense, _ = _case((64, 96), torch.bfloat16, seed=32, probs=(0.9, 0.1, 0.0))
     assert 2 * sparse.tier_counts()[0] < 24 < 2 * mostly_dense.tier_counts()[0]  # of 4 x 6 blocks
-    assert module.FLAT_GEMV_CONFIG == (4, 1, False, 2)
+    assert module.FLAT_GEMV_CONFIG == (4, 1, False, 2, 8)
     assert module.prefers_flat_gemv(sparse) and module.prefers_flat_gemv(mostly_dense)
     previous = module.set_flat_gemv_config(module.FlatGemvConfig(nb=8, num_warps=1, counted=True))
     try:
@@ -445,8 +445,8 @@ for dtype, nb, warps, expand in [("bf16", 4, 1, False), ("bf16", 8, 2, False), (
     ptx = k.asm["ptx"]
     report[f"{dtype}-{nb}-{warps}-{int(expand)}"] = {"cubin": len(k.asm["cubin"]),
                                        "atomics": sorted(set(re.findall(r"atom\.global\.[a-z0-9._]+", ptx)))}
-for dtype, nb, warps, chunks in [("bf16", 4, 1, 1), ("fp16", 8, 2, 4), ("bf16", 4, 1, 2)]:
-    consts = dict(TOPK=10, KP=16, NB=nb, NM_EXPAND=False, CHUNKS=chunks)
+for dtype, nb, warps, chunks, topk_nb in [("bf16", 4, 1, 1, 0), ("fp16", 8, 2, 4, 0), ("bf16", 4, 1, 2, 16)]:
+    consts = dict(TOPK=10, KP=16, NB=nb, NM_EXPAND=False, CHUNKS=chunks, TOPK_NB=topk_nb)
     unread = ("dp_ptr", "np_ptr", "tpp_ptr")
     sig = {"x_ptr": "*" + dtype, "ws_ptr": "*fp32", "brow_ptr": "*i16",
            **{k: v.format(w=dtype) for k, v in PACKED.items() if k not in unread},
@@ -455,7 +455,7 @@ for dtype, nb, warps, chunks in [("bf16", 4, 1, 1), ("fp16", 8, 2, 4), ("bf16", 
     attrs = {(i,): [["tt.divisibility", 16]] for i, (n, t) in enumerate(sig.items()) if t.startswith("*") or n == "K_IN"}
     k = triton.compile(ASTSource(fn=F._hybrid_flat_gemv_uncounted_kernel, signature=sig, constexprs=consts,
                                  attrs=attrs), target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
-    report[f"{dtype}-{nb}-{warps}-uncounted-{chunks}"] = {
+    report[f"{dtype}-{nb}-{warps}-uncounted-{chunks}-{topk_nb}"] = {
         "cubin": len(k.asm["cubin"]), "atomics": sorted(set(re.findall(r"atom\.global\.[a-z0-9._]+", k.asm["ptx"])))}
 print(json.dumps(report))
 """
@@ -473,9 +473,9 @@ def test_flat_gemv_compiles_for_hopper() -> None:
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     expected = {"bf16-4-1-0", "bf16-8-2-0", "fp16-16-4-0", "bf16-32-4-0", "bf16-16-4-1", "fp16-8-2-1",
-                "bf16-4-1-uncounted-1", "fp16-8-2-uncounted-4", "bf16-4-1-uncounted-2"}
+                "bf16-4-1-uncounted-1-0", "fp16-8-2-uncounted-4-0", "bf16-4-1-uncounted-2-16"}
     assert set(report) == expected, report
-    for name in ("bf16-4-1-uncounted-1", "fp16-8-2-uncounted-4", "bf16-4-1-uncounted-2"):
+    for name in ("bf16-4-1-uncounted-1-0", "fp16-8-2-uncounted-4-0", "bf16-4-1-uncounted-2-16"):
         item = report.pop(name)
         assert item["cubin"] > 0 and item["atomics"], (name, item)
         assert all(re.fullmatch(r"atom\.global\.gpu\.relaxed\.add(\.v\d)?\.f32", a) for a in item["atomics"]), item
