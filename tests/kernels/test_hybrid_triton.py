@@ -254,7 +254,7 @@ def test_the_op_sends_one_token_to_the_flat_gemv() -> None:
     _, sparse, g = _case((64, 96), torch.bfloat16, seed=31, probs=(0.2, 0.5, 0.3))
     W, mostly_dense, _ = _case((64, 96), torch.bfloat16, seed=32, probs=(0.9, 0.1, 0.0))
     assert 2 * sparse.tier_counts()[0] < 24 < 2 * mostly_dense.tier_counts()[0]  # of 4 x 6 blocks
-    assert module.FLAT_GEMV_CONFIG == (4, 1, False, 2, 8)
+    assert module.FLAT_GEMV_CONFIG == (4, 1, False, 3, 8)
     assert module.prefers_flat_gemv(sparse) and module.prefers_flat_gemv(mostly_dense)
     previous = module.set_flat_gemv_config(module.FlatGemvConfig(nb=8, num_warps=1, counted=True))
     try:
