@@ -91,15 +91,24 @@ def _nm_partials_expanded(x_ptr, nv_ptr, meta_ptr, nc_ptr, blk, ok, K_IN):
 
 
 @triton.jit
-def _topk_partials(x_ptr, tv_ptr, tp_ptr, tc_ptr, blk, ok, K_IN, TOPK: tl.constexpr, KP: tl.constexpr):
-    """(NB, 16) fp32 of TopK blocks: each entry's value times x at its column, summed into its row."""
-    e = tl.arange(0, KP)  # TOPK entries padded to a power of 2
-    valid = ok[:, None] & (e < TOPK)[None, :]  # (NB, KP)
+def _topk_entries(x_ptr, tv_ptr, tp_ptr, tc_ptr, blk, ok, K_IN, TOPK: tl.constexpr, KP: tl.constexpr):
+    """Each TopK entry's position in its block (row-major), its value times x at its column, and whether it exists.
+
+    All (NB, KP): the TOPK entries padded to a power of 2.
+    """
+    e = tl.arange(0, KP)
+    valid = ok[:, None] & (e < TOPK)[None, :]
     v = tl.load(tv_ptr + blk[:, None] * TOPK + e[None, :], mask=valid, other=0.0)
-    p = tl.load(tp_ptr + blk[:, None] * TOPK + e[None, :], mask=valid, other=0).to(tl.int32)  # row-major in block
+    p = tl.load(tp_ptr + blk[:, None] * TOPK + e[None, :], mask=valid, other=0).to(tl.int32)
     col = tl.load(tc_ptr + blk, mask=ok, other=0).to(tl.int32)[:, None] * 16 + p % 16
     xv = tl.load(x_ptr + col, mask=valid & (col < K_IN), other=0.0).to(tl.float32)
-    contrib = v.to(tl.float32) * xv  # (NB, KP)
+    return p, v.to(tl.float32) * xv, valid
+
+
+@triton.jit
+def _topk_partials(x_ptr, tv_ptr, tp_ptr, tc_ptr, blk, ok, K_IN, TOPK: tl.constexpr, KP: tl.constexpr):
+    """(NB, 16) fp32 of TopK blocks: each entry's value times x at its column, summed into its row."""
+    p, contrib, _ = _topk_entries(x_ptr, tv_ptr, tp_ptr, tc_ptr, blk, ok, K_IN, TOPK, KP)
     rows = tl.arange(0, 16)
     return tl.sum(tl.where((p // 16)[:, :, None] == rows[None, None, :], contrib[:, :, None], 0.0), axis=1)
 
@@ -164,14 +173,9 @@ def _topk_add_entries(x_ptr, ws_ptr, tier_rows, tv_ptr, tp_ptr, tc_ptr, start, n
     """
     blk = start + tl.arange(0, NB)
     ok = blk < n
-    e = tl.arange(0, KP)  # TOPK entries padded to a power of 2
-    valid = ok[:, None] & (e < TOPK)[None, :]  # (NB, KP)
-    v = tl.load(tv_ptr + blk[:, None] * TOPK + e[None, :], mask=valid, other=0.0)
-    p = tl.load(tp_ptr + blk[:, None] * TOPK + e[None, :], mask=valid, other=0).to(tl.int32)  # row-major in block
-    col = tl.load(tc_ptr + blk, mask=ok, other=0).to(tl.int32)[:, None] * 16 + p % 16
-    xv = tl.load(x_ptr + col, mask=valid & (col < K_IN), other=0.0).to(tl.float32)
+    p, contrib, valid = _topk_entries(x_ptr, tv_ptr, tp_ptr, tc_ptr, blk, ok, K_IN, TOPK, KP)
     brow = tl.load(tier_rows + blk, mask=ok, other=0).to(tl.int32)  # (NB,)
-    tl.atomic_add(ws_ptr + brow[:, None] * 16 + p // 16, v.to(tl.float32) * xv, mask=valid, sem="relaxed")
+    tl.atomic_add(ws_ptr + brow[:, None] * 16 + p // 16, contrib, mask=valid, sem="relaxed")
 
 
 # The block and chunk counts only bound the masks: one binary for every weight of a shape, not one per
