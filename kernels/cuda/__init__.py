@@ -1,0 +1,1 @@
+"""CUDA C++ kernels, compiled at first use with NVRTC through torch; nothing here is imported on CPU paths."""

@@ -1,0 +1,280 @@
+// Decode (1-16 tokens) through a packed hybrid weight on the tensor cores: every 16x16 block, whatever its
+// tier, becomes one mma.sync m16n8k16 A operand built in registers, with no shared-memory staging.
+//
+// Why the tensor cores at one token: the Triton GEMV spends ~100 warp instructions per dense block (loads,
+// bf16->fp32 conversions, FMAs, reductions) and is bound by instruction issue, not by bytes. Here a dense
+// block is two 8-byte loads per lane and one mma; the mma's idle token columns cost nothing that matters.
+//
+// The trick that makes the loads direct: the sum over k does not care which physical column is which logical
+// k, as long as A and B agree. Lane (g = lane/4, t = lane%4) holds, in the A fragment, logical columns
+// {2t, 2t+1, 2t+8, 2t+9} of rows g and g+8; we let them be the physical columns 4t..4t+3. Then A is one
+// 8-byte load per row straight from the row-major block, and B (x) one 8-byte load of x[token g][4t..4t+3].
+// A 2:4 block row's group t is exactly those four columns: its two kept values (4 bytes) and their two 2-bit
+// positions are spread to four slots with two byte permutes, their selectors from a 16-entry table.
+// TopK blocks are scattered into a zeroed per-warp tile in shared memory, read back as fragments, and the
+// tile zeroed again.
+//
+// Work: one warp per chunk of consecutive blocks of one tier (sorted by block-row). The fp32 accumulators
+// belong to one block-row; when the chunk crosses into the next block-row they are added into the fp32
+// workspace ws (T, NPAD) with relaxed atomics. hybrid_cast_and_zero then writes the output and zeroes ws.
+//
+// Latency, not bandwidth, is what a warp must hide: every global load of a chunk is issued before the first
+// mma. A chunk's block columns and block-rows are one load per lane (a chunk is at most 32 blocks), passed
+// around with shuffles, so that the x loads wait on one round trip only; TopK entries are fetched up front.
+//
+// Compile-time constants (prepended as #defines by mma_decode.py): TOPK (at most 32), NTILE (8-token mma
+// tiles: 1 or 2), WARPS (per CTA), DENSE_CHUNK, NM_CHUNK, TOPK_CHUNK (blocks per warp, at most 32), UNROLL
+// (dense and 2:4 blocks loaded per step), HALF_T (0 bf16, 1 fp16), SELECTORS (the 2:4 table's initializer).
+
+typedef unsigned short u16;
+typedef unsigned int u32;
+
+// TopK blocks scattered per round by one warp: as many as 32 lanes hold, at most 4 (shared memory per warp).
+#define TOPK_PER_ROUND (TOPK <= 8 ? 4 : 32 / TOPK)
+#define TOPK_ROUNDS ((TOPK_CHUNK + TOPK_PER_ROUND - 1) / TOPK_PER_ROUND)
+#define FULL 0xffffffffu
+
+// The byte-permute selectors of each 2:4 nibble p0 | p1 << 2 (SELECTORS: mma_decode.selector_table()), in
+// constant memory: read once per CTA into shared memory, where lanes index them freely.
+__constant__ uint2 kSelectors[16] = SELECTORS;
+
+__device__ __forceinline__ void mma_16816(float* c, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+#if HALF_T
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                 "{%0,%1,%2,%3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#else
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                 "{%0,%1,%2,%3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#endif
+}
+
+// x[token][col*16 + 4t .. +3] for the NTILE token tiles (tokens g and g+8); zero for tokens >= T.
+__device__ __forceinline__ void load_x(uint2* bx, const u16* __restrict__ x, int col, int g, int t, int T, int K) {
+#pragma unroll
+    for (int tile = 0; tile < NTILE; ++tile) {
+        int token = g + 8 * tile;
+        bx[tile] = token < T ? __ldg(reinterpret_cast<const uint2*>(x + (size_t)token * K + col * 16 + 4 * t))
+                             : make_uint2(0u, 0u);
+    }
+}
+
+// Adds one 8-token tile's accumulators of block-row `row` into ws: c0..c3 at rows g, g, g+8, g+8 and tokens
+// token, token+1, token, token+1 (the mma's C layout). Out of line: a chunk may cross block-rows at any of its
+// blocks, and an inlined copy at each would multiply the kernel's size.
+__device__ __noinline__ void add_tile(float* __restrict__ ws, int row, int g, int token, int T, int NPAD,
+                                      float c0, float c1, float c2, float c3) {
+    float* base = ws + (size_t)token * NPAD + row * 16 + g;
+    if (token < T) {
+        atomicAdd(base, c0);
+        atomicAdd(base + 8, c2);
+    }
+    if (token + 1 < T) {
+        atomicAdd(base + NPAD, c1);
+        atomicAdd(base + NPAD + 8, c3);
+    }
+}
+
+// Adds the accumulators of block-row `row` into ws and zeroes them; acc[tile] holds tokens 8·tile + 2t, +1.
+__device__ __forceinline__ void flush(float (*acc)[4], float* __restrict__ ws, int row, int g, int t, int T, int NPAD) {
+#pragma unroll
+    for (int tile = 0; tile < NTILE; ++tile) {
+        add_tile(ws, row, g, 8 * tile + 2 * t, T, NPAD, acc[tile][0], acc[tile][1], acc[tile][2], acc[tile][3]);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) acc[tile][i] = 0.f;
+    }
+}
+
+__device__ __forceinline__ void mma_tiles(float (*acc)[4], u32 a0, u32 a1, u32 a2, u32 a3, const uint2* bx) {
+#pragma unroll
+    for (int tile = 0; tile < NTILE; ++tile) mma_16816(acc[tile], a0, a1, a2, a3, bx[tile].x, bx[tile].y);
+}
+
+// One step's loads (UNROLL blocks from block `first` of the chunk), issued together: bytes in flight.
+struct DenseStep {
+    uint2 lo[UNROLL], hi[UNROLL], bx[UNROLL][NTILE];  // rows g and g+8, columns 4t..4t+3; x fragments
+};
+
+__device__ __forceinline__ void load_dense(DenseStep& st, int first, int n, int start, int lane_col,
+                                           const uint2* __restrict__ values, const u16* __restrict__ x,
+                                           int g, int t, int T, int K) {
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {
+        const int i = first + u, col = __shfl_sync(FULL, lane_col, i & 31);
+        if (i < n) {
+            const uint2* block = values + (size_t)(start + i) * 64;  // 512 bytes = 64 words
+            st.lo[u] = __ldg(block + g * 4 + t);
+            st.hi[u] = __ldg(block + (g + 8) * 4 + t);
+            load_x(st.bx[u], x, col, g, t, T, K);
+        }
+    }
+}
+
+struct NmStep {
+    u32 v_lo[UNROLL], v_hi[UNROLL], m_lo[UNROLL], m_hi[UNROLL];  // kept pairs and meta of rows g, g+8
+    uint2 bx[UNROLL][NTILE];
+};
+
+__device__ __forceinline__ void load_nm(NmStep& st, int first, int n, int start, int lane_col,
+                                        const u32* __restrict__ values, const u16* __restrict__ meta,
+                                        const u16* __restrict__ x, int g, int t, int T, int K) {
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {
+        const int i = first + u, col = __shfl_sync(FULL, lane_col, i & 31);
+        if (i < n) {
+            const size_t b = start + i;
+            st.v_lo[u] = __ldg(values + b * 64 + g * 4 + t);  // row g, group t's kept pair
+            st.v_hi[u] = __ldg(values + b * 64 + (g + 8) * 4 + t);
+            st.m_lo[u] = __ldg(meta + b * 16 + g);
+            st.m_hi[u] = __ldg(meta + b * 16 + g + 8);
+            load_x(st.bx[u], x, col, g, t, T, K);
+        }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(WARPS * 32) hybrid_mma_decode(
+    const u16* __restrict__ x,              // (T, K)
+    float* __restrict__ ws,                 // (T, NPAD) fp32, zero on entry
+    const short* __restrict__ block_rows,   // (nd + nn + nt,) block-row of every block, tiers in order
+    const uint2* __restrict__ dense_values, // (nd, 16, 16) as 8-byte words
+    const short* __restrict__ dense_cols,
+    const u32* __restrict__ nm_values,      // (nn, 16, 8) as 4-byte words: a group's two kept values each
+    const u16* __restrict__ nm_meta,        // (nn, 16, 2 bytes): a row's four groups, 4 bits each
+    const short* __restrict__ nm_cols,
+    const u16* __restrict__ topk_values,    // (nt, TOPK)
+    const unsigned char* __restrict__ topk_pos,
+    const short* __restrict__ topk_cols,
+    int n_dense, int n_nm, int n_topk, int w_dense, int w_nm, int T, int K, int NPAD) {
+    __shared__ uint2 sel[16];
+    __shared__ u16 tiles[WARPS][TOPK_PER_ROUND][256];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, t = lane & 3;
+    if (threadIdx.x < 16) sel[threadIdx.x] = kSelectors[threadIdx.x];
+    for (int i = lane; i < TOPK_PER_ROUND * 256; i += 32) (&tiles[warp][0][0])[i] = 0;
+    __syncthreads();
+
+    const int wid = blockIdx.x * WARPS + warp;
+    float acc[NTILE][4];
+#pragma unroll
+    for (int tile = 0; tile < NTILE; ++tile)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) acc[tile][i] = 0.f;
+
+    if (wid < w_dense) {
+        const int start = wid * DENSE_CHUNK, n = min(DENSE_CHUNK, n_dense - start);
+        const int lane_col = lane < n ? dense_cols[start + lane] : 0;   // block `lane` of the chunk
+        const int lane_row = lane < n ? block_rows[start + lane] : 0;
+        int row = __shfl_sync(FULL, lane_row, 0);
+        DenseStep step[2];
+        load_dense(step[0], 0, n, start, lane_col, dense_values, x, g, t, T, K);
+#pragma unroll
+        for (int s = 0; s < DENSE_CHUNK / UNROLL; ++s) {  // the next step's loads fly while this one computes
+            if ((s + 1) * UNROLL < DENSE_CHUNK)
+                load_dense(step[(s + 1) & 1], (s + 1) * UNROLL, n, start, lane_col, dense_values, x, g, t, T, K);
+            const DenseStep& here = step[s & 1];
+#pragma unroll
+            for (int u = 0; u < UNROLL; ++u) {
+                const int i = s * UNROLL + u, block_row = __shfl_sync(FULL, lane_row, i);
+                if (i < n) {
+                    if (block_row != row) { flush(acc, ws, row, g, t, T, NPAD); row = block_row; }
+                    mma_tiles(acc, here.lo[u].x, here.hi[u].x, here.lo[u].y, here.hi[u].y, here.bx[u]);
+                }
+            }
+        }
+        flush(acc, ws, row, g, t, T, NPAD);
+    } else if (wid < w_dense + w_nm) {
+        const int start = (wid - w_dense) * NM_CHUNK, n = min(NM_CHUNK, n_nm - start);
+        const int lane_col = lane < n ? nm_cols[start + lane] : 0;
+        const int lane_row = lane < n ? block_rows[n_dense + start + lane] : 0;
+        int row = __shfl_sync(FULL, lane_row, 0);
+        NmStep step[2];
+        load_nm(step[0], 0, n, start, lane_col, nm_values, nm_meta, x, g, t, T, K);
+#pragma unroll
+        for (int s = 0; s < NM_CHUNK / UNROLL; ++s) {
+            if ((s + 1) * UNROLL < NM_CHUNK)
+                load_nm(step[(s + 1) & 1], (s + 1) * UNROLL, n, start, lane_col, nm_values, nm_meta, x, g, t, T, K);
+            const NmStep& here = step[s & 1];
+#pragma unroll
+            for (int u = 0; u < UNROLL; ++u) {
+                const int i = s * UNROLL + u, block_row = __shfl_sync(FULL, lane_row, i);
+                if (i < n) {
+                    if (block_row != row) { flush(acc, ws, row, g, t, T, NPAD); row = block_row; }
+                    const uint2 s_lo = sel[(here.m_lo[u] >> (4 * t)) & 15u], s_hi = sel[(here.m_hi[u] >> (4 * t)) & 15u];
+                    mma_tiles(acc, __byte_perm(here.v_lo[u], 0u, s_lo.x), __byte_perm(here.v_hi[u], 0u, s_hi.x),
+                              __byte_perm(here.v_lo[u], 0u, s_lo.y), __byte_perm(here.v_hi[u], 0u, s_hi.y), here.bx[u]);
+                }
+            }
+        }
+        flush(acc, ws, row, g, t, T, NPAD);
+    } else {
+        const int start = (wid - w_dense - w_nm) * TOPK_CHUNK;
+        if (start >= n_topk) return;  // the grid's last CTA has spare warps
+        const int n = min(TOPK_CHUNK, n_topk - start);
+        const int lane_col = lane < n ? topk_cols[start + lane] : 0;
+        const int lane_row = lane < n ? block_rows[n_dense + n_nm + start + lane] : 0;
+        // Lane e of round r holds entry e % TOPK of the round's block e / TOPK: its tile slot and value.
+        const int r_block = lane / TOPK, entry = lane % TOPK;
+        int slot[TOPK_ROUNDS];
+        u16 value[TOPK_ROUNDS];
+#pragma unroll
+        for (int r = 0; r < TOPK_ROUNDS; ++r) {
+            const int i = r * TOPK_PER_ROUND + r_block;
+            slot[r] = -1;
+            if (r_block < TOPK_PER_ROUND && i < n) {
+                const size_t e = (size_t)(start + i) * TOPK + entry;
+                slot[r] = r_block * 256 + topk_pos[e];
+                value[r] = topk_values[e];
+            }
+        }
+        uint2 bx[TOPK_CHUNK][NTILE];
+#pragma unroll
+        for (int i = 0; i < TOPK_CHUNK; ++i) {
+            const int col = __shfl_sync(FULL, lane_col, i);
+            if (i < n) load_x(bx[i], x, col, g, t, T, K);
+        }
+        u16* tile = &tiles[warp][0][0];
+        int row = __shfl_sync(FULL, lane_row, 0);
+#pragma unroll
+        for (int r = 0; r < TOPK_ROUNDS; ++r) {
+            if (slot[r] >= 0) tile[slot[r]] = value[r];  // positions are distinct: no two lanes share a slot
+            __syncwarp();
+#pragma unroll
+            for (int q = 0; q < TOPK_PER_ROUND; ++q) {
+                const int i = r * TOPK_PER_ROUND + q;
+                if (i < TOPK_CHUNK) {
+                    const int block_row = __shfl_sync(FULL, lane_row, i);
+                    if (i < n) {
+                        const uint2* block = reinterpret_cast<const uint2*>(tile + q * 256);
+                        const uint2 lo = block[g * 4 + t], hi = block[(g + 8) * 4 + t];
+                        if (block_row != row) { flush(acc, ws, row, g, t, T, NPAD); row = block_row; }
+                        mma_tiles(acc, lo.x, hi.x, lo.y, hi.y, bx[i]);
+                    }
+                }
+            }
+            __syncwarp();
+            if (slot[r] >= 0) tile[slot[r]] = 0;
+            __syncwarp();  // the next round's entries land on a zeroed tile
+        }
+        flush(acc, ws, row, g, t, T, NPAD);
+    }
+}
+
+// out[token][r] = ws[token][r] rounded to the weight's dtype, for r < N; ws zeroed again for the next call.
+extern "C" __global__ void hybrid_cast_and_zero(float* __restrict__ ws, u16* __restrict__ out, int T, int N, int NPAD) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= T * N) return;
+    const int token = i / N, r = i - token * N;
+    float* src = ws + (size_t)token * NPAD + r;
+    const float v = *src;
+    *src = 0.f;
+    u16 h;
+#if HALF_T
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v));
+#else
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(v));
+#endif
+    out[i] = h;
+}

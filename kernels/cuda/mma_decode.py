@@ -1,0 +1,181 @@
+"""Decode (1-16 tokens) through a packed hybrid weight on the tensor cores: the CUDA kernel's wrapper.
+
+mma_decode.cu holds the kernels and says how they work. They are compiled at first use with NVRTC, through
+torch's own binding (torch ships libnvrtc with its CUDA builds), so the project needs no compiler at install
+time and the CPU install never touches CUDA. The compiled module is cached per (dtype, TopK k, token tiles,
+config) for the process.
+
+The kernel adds fp32 partial sums into a per-weight workspace with atomics; hybrid_cast_and_zero then writes
+the output and zeroes the workspace, so calls on one weight must run one after another (one stream), as
+decode does. The workspace and the block-row index are the flat GEMV's state (flat_gemv._flat_state), built
+on the first call per weight: make one call before capturing a CUDA graph.
+"""
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+from ..hybrid import HybridWeight
+
+__all__ = ["MMA_DECODE_MAX_TOKENS", "MmaDecodeConfig", "MMA_DECODE_CONFIG", "hybrid_mm_mma", "kernel_source",
+           "mma_decode_supported", "mma_decode_ready", "prefers_mma_decode", "selector_table",
+           "set_mma_decode_config", "use_mma_decode"]
+
+MMA_DECODE_MAX_TOKENS = 16  # two 8-token mma tiles
+
+
+class MmaDecodeConfig(NamedTuple):
+    """Blocks per warp for each tier's chunks (at most 32: a lane holds one block's column and block-row),
+    dense and 2:4 blocks loaded per step (the chunks are whole steps; a step's loads overlap the previous
+    step's mma), and warps per CTA."""
+
+    dense_chunk: int = 8
+    nm_chunk: int = 8
+    topk_chunk: int = 12
+    unroll: int = 8
+    warps: int = 4
+
+
+MMA_DECODE_CONFIG = MmaDecodeConfig()
+_MMA_DECODE_ENABLED = [True]
+
+
+def use_mma_decode(enabled: bool) -> None:
+    """Let the op send 2-16 token products to the tensor-core kernel (the default where it runs), or not."""
+    _MMA_DECODE_ENABLED[0] = bool(enabled)
+
+
+def prefers_mma_decode(tokens: int) -> bool:
+    """Whether the op sends a product of `tokens` tokens here: 2-16 (one token goes to the flat GEMV, which was
+    faster on the H200: 1.05-1.15x cuBLAS at 35/45/20 against 0.92-1.07x here), or one token when the flat
+    GEMV is turned off."""
+    from ..triton import flat_gemv
+
+    one_token_here = tokens == 1 and not flat_gemv._FLAT_GEMV_ENABLED[0]
+    return _MMA_DECODE_ENABLED[0] and (2 <= tokens <= MMA_DECODE_MAX_TOKENS or one_token_here)
+
+
+def set_mma_decode_config(config: MmaDecodeConfig) -> MmaDecodeConfig:
+    """Make `config` the kernel's config; returns the previous one (for benchmarks that compare them)."""
+    global MMA_DECODE_CONFIG
+    previous, MMA_DECODE_CONFIG = MMA_DECODE_CONFIG, MmaDecodeConfig(*config)
+    return previous
+
+
+def selector_table() -> torch.Tensor:
+    """(16, 2) int32: for each nibble p0 | p1 << 2 of a 2:4 group, the two __byte_perm selectors that spread
+    its kept values (v0 in bytes 0-1 of a word, v1 in bytes 2-3) to the group's columns (0, 1) and (2, 3),
+    zeros elsewhere (byte 4 and up of the permute's second operand, which is 0)."""
+    table = torch.zeros(16, 2, dtype=torch.int64)
+    for nibble in range(16):
+        p0, p1 = nibble & 3, nibble >> 2
+        for column in range(4):
+            low, high = (0, 1) if p0 == column else (2, 3) if p1 == column else (4, 4)
+            shift = 8 * (column % 2)
+            table[nibble, column // 2] |= (low << shift) | (high << (shift + 4))
+    return table.to(torch.int32)
+
+
+def mma_decode_supported(x: torch.Tensor, hw: HybridWeight) -> bool:
+    """Whether the kernel takes this product: CUDA sm_80+, bf16/fp16 matching the weight, 1-16 tokens,
+    16x16 blocks, TopK k <= 32, in features a multiple of 16 (whole 8-byte x loads), 8-byte aligned buffers."""
+    if not (x.is_cuda and x.dim() == 2 and 1 <= x.shape[0] <= MMA_DECODE_MAX_TOKENS):
+        return False
+    if x.dtype not in (torch.bfloat16, torch.float16) or x.dtype != hw.dtype or hw.block_size != 16 or hw.topk > 32:
+        return False
+    if hw.shape[1] % 16 or torch.cuda.get_device_capability(x.device)[0] < 8:
+        return False
+    aligned = (x, hw.dense_values, hw.nm_values, hw.nm_meta)
+    return all(t.data_ptr() % 8 == 0 for t in aligned) and _compiler_available()
+
+
+@functools.lru_cache(maxsize=None)
+def _compiler_available() -> bool:
+    return hasattr(torch.cuda, "_compile_kernel")
+
+
+def kernel_source(half: bool, topk: int, ntile: int, config: MmaDecodeConfig) -> str:
+    """mma_decode.cu with its compile-time constants defined: fp16 (else bf16), TopK k, 8-token tiles, config."""
+    assert all(1 <= c <= 32 for c in config[:3]) and config.warps >= 1, \
+        f"chunks must be 1..32 blocks (a lane holds one block's index): {config}"
+    assert config.unroll >= 1 and config.dense_chunk % config.unroll == 0 and config.nm_chunk % config.unroll == 0, \
+        f"dense and 2:4 chunks must be whole steps of `unroll` blocks: {config}"
+    assert 1 <= topk <= 32 and ntile in (1, 2), (topk, ntile)
+    defines = dict(TOPK=topk, NTILE=ntile, WARPS=config.warps, DENSE_CHUNK=config.dense_chunk,
+                   NM_CHUNK=config.nm_chunk, TOPK_CHUNK=config.topk_chunk, UNROLL=config.unroll, HALF_T=int(half))
+    selectors = ", ".join(f"{{{lo:#x}u, {hi:#x}u}}" for lo, hi in selector_table().tolist())
+    defines["SELECTORS"] = f"{{{selectors}}}"
+    return "".join(f"#define {k} {v}\n" for k, v in defines.items()) + _SOURCE.read_text()
+
+
+_SOURCE = Path(__file__).with_name("mma_decode.cu")
+
+
+@functools.lru_cache(maxsize=None)
+def _module(half: bool, topk: int, ntile: int, config: MmaDecodeConfig, arch: str) -> dict:
+    """The compiled kernels {name: launcher} for one set of compile-time constants."""
+    from torch.cuda._utils import _cuda_load_module, _nvrtc_compile
+
+    source = kernel_source(half, topk, ntile, config)
+    binary, _ = _nvrtc_compile(source, "hybrid_mma_decode", arch, nvcc_options=["-std=c++17"])
+    return _cuda_load_module(binary, ["hybrid_mma_decode", "hybrid_cast_and_zero"])
+
+
+def _workspace(hw: HybridWeight, tokens: int, create: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(block-row index, zeroed fp32 workspace (cap, nbr·16)) of `hw` for `tokens` tokens, cap 1, 8 or 16."""
+    from ..triton import flat_gemv
+
+    if not create and not flat_gemv.flat_gemv_ready(hw, None):
+        return None
+    state = flat_gemv._flat_state(hw, None)
+    cap = 1 if tokens == 1 else 8 if tokens <= 8 else 16
+    if cap == 1:
+        return state.block_rows, state.workspace
+    wide = state.token_workspaces.get(cap)
+    if wide is None:
+        if not create:
+            return None
+        wide = state.token_workspaces[cap] = torch.zeros(cap * len(state.workspace), dtype=torch.float32,
+                                                         device=hw.device)
+    return state.block_rows, wide
+
+
+def mma_decode_ready(hw: HybridWeight, tokens: int) -> bool:
+    """Whether a call at `tokens` tokens allocates nothing (safe inside a CUDA graph capture)."""
+    return _workspace(hw, tokens, create=False) is not None
+
+
+def hybrid_mm_mma(x: torch.Tensor, hw: HybridWeight, config: MmaDecodeConfig | None = None) -> torch.Tensor:
+    """x (T, in) @ W.T -> (T, out) for T <= 16 on the tensor cores (mma_decode.cu); see mma_decode_supported."""
+    assert x.dim() == 2 and x.is_contiguous(), (tuple(x.shape), x.stride())
+    assert mma_decode_supported(x, hw), "hybrid_mm_mma: unsupported input (see mma_decode_supported)"
+    for name, t in hw.tensors().items():
+        assert t.is_contiguous(), f"{name} is not contiguous"
+    config = config or MMA_DECODE_CONFIG
+    T, (n_out, k_in) = x.shape[0], hw.shape
+    ntile = 1 if T <= 8 else 2
+    major, minor = torch.cuda.get_device_capability(x.device)
+    kernels = _module(x.dtype == torch.float16, hw.topk, ntile, config, f"{major}{minor}")
+    block_rows, ws = _workspace(hw, T, create=True)
+    n_dense, n_nm, n_topk = hw.tier_counts()
+    w_dense, w_nm, w_topk = (-(-n_dense // config.dense_chunk), -(-n_nm // config.nm_chunk),
+                             -(-n_topk // config.topk_chunk))
+    warps = w_dense + w_nm + w_topk
+    npad = 16 * (len(hw.dense_row_ptr) - 1)
+    out = x.new_empty(T, n_out)
+    if warps:
+        stand_in = hw.dense_row_ptr  # an empty tier's buffers are never read; any pointer will do
+        buffers = [t if t.numel() else stand_in for t in (
+            hw.dense_values, hw.dense_cols, hw.nm_values, hw.nm_meta, hw.nm_cols, hw.topk_values, hw.topk_pos,
+            hw.topk_cols)]
+        kernels["hybrid_mma_decode"](
+            grid=(-(-warps // config.warps), 1, 1), block=(32 * config.warps, 1, 1),
+            args=[x, ws, block_rows, *buffers, n_dense, n_nm, n_topk, w_dense, w_nm, T,
+                  k_in, npad])
+    threads = 256
+    kernels["hybrid_cast_and_zero"](grid=(-(-(T * n_out) // threads), 1, 1), block=(threads, 1, 1),
+                                    args=[ws, out, T, n_out, npad])
+    return out

@@ -1,0 +1,257 @@
+"""The tensor-core decode kernel (tierprune/kernels/cuda/mma_decode.py, mma_decode.cu).
+
+On the CPU: the bit-level recipe the kernel follows (which word of which buffer a lane reads, the 2:4 nibble,
+the byte-permute selectors, the column order shared by the A and B fragments) is replayed in torch on real
+packed weights and must give the product; and the CUDA source compiles for sm_90 with NVRTC (the pip
+package), to PTX with the expected mma and atomics, which Triton's ptxas assembles without spills. On CUDA:
+the kernel against the reference.
+"""
+from __future__ import annotations
+
+import ctypes
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from tierprune.kernels.cuda import mma_decode as md
+from tierprune.kernels.hybrid import pack_hybrid
+from tierprune.kernels.tiers import tier_keep_mask
+
+from .test_hybrid import pruned_weight, random_tier_map
+
+pytestmark = pytest.mark.unit
+HAS_CUDA = torch.cuda.is_available()
+
+
+def byte_perm(a: torch.Tensor, b: int, selector: torch.Tensor) -> torch.Tensor:
+    """CUDA's __byte_perm(a, b, s) on int64 tensors holding 32-bit words (default mode)."""
+    source = (a & 0xFFFFFFFF) | (b & 0xFFFFFFFF) << 32  # bytes 0-3 from a, 4-7 from b
+    out = torch.zeros_like(a)
+    for byte in range(4):
+        pick = (selector >> (4 * byte)) & 7
+        out |= ((source >> (8 * pick)) & 0xFF) << (8 * byte)
+    return out
+
+
+def halves(word: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return word & 0xFFFF, (word >> 16) & 0xFFFF
+
+
+def test_selector_table_spreads_each_pair_of_kept_values() -> None:
+    table = md.selector_table().long()
+    v0, v1 = 0x1234, 0xABCD
+    word = torch.tensor(v0 | v1 << 16)
+    for p0 in range(4):
+        for p1 in range(p0 + 1, 4):
+            sel = table[p0 | p1 << 2]
+            columns = [*halves(byte_perm(word, 0, sel[0])), *halves(byte_perm(word, 0, sel[1]))]
+            expected = [v0 if c == p0 else v1 if c == p1 else 0 for c in range(4)]
+            assert [int(c) for c in columns] == expected, (p0, p1)
+
+
+def _words(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The buffer reinterpreted as the kernel reads it, as unsigned int64."""
+    w = t.contiguous().view(dtype).long()
+    return w & ((1 << (8 * torch.tensor([], dtype=dtype).element_size())) - 1)
+
+
+def _as_values(halfwords: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return halfwords.to(torch.int16).view(dtype)  # wraps > 0x7FFF to the same 16 bits
+
+
+def replay_fragments(hw) -> dict[str, torch.Tensor]:
+    """Each tier's blocks (n, 16, 16) as the kernel's lanes assemble them: lane (g, t) holds physical columns
+    4t..4t+3 of rows g and g+8, whatever the tier. Dense: 8-byte words g·4+t; 2:4: the kept pair word and the
+    row's 16-bit meta, spread by the selector table; TopK: scattered into a zeroed tile."""
+    n_dense, n_nm, n_topk = hw.tier_counts()
+    dt = hw.dtype
+    out = {}
+    words = _words(hw.dense_values, torch.int64).view(n_dense, 64) if n_dense else torch.zeros(0, 64).long()
+    lanes = []
+    for g in range(16):  # rows g (and g + 8 through the same rule)
+        for t in range(4):
+            w = words[:, g * 4 + t]
+            lanes.append(torch.stack([*halves(w), *halves(w >> 32)], -1))  # (n, 4)
+    out["dense"] = _as_values(torch.stack(lanes, 1).view(n_dense, 16, 16), dt)
+    if n_nm:
+        values = _words(hw.nm_values, torch.int32).view(n_nm, 16, 4)  # (n, row, group): kept pair
+        meta = _words(hw.nm_meta, torch.int16).view(n_nm, 16)  # (n, row)
+        table = md.selector_table().long()
+        cols = []
+        for t in range(4):
+            nibble = (meta >> (4 * t)) & 15
+            sel = table[nibble]  # (n, 16, 2)
+            v = values[:, :, t]
+            cols.append(torch.stack([*halves(byte_perm(v, 0, sel[..., 0])), *halves(byte_perm(v, 0, sel[..., 1]))],
+                                    -1))
+        out["nm"] = _as_values(torch.cat(cols, -1), dt)  # (n, 16, 16)
+    else:
+        out["nm"] = torch.zeros(0, 16, 16, dtype=dt)
+    tiles = torch.zeros(n_topk, 256, dtype=dt)
+    tiles.scatter_(1, hw.topk_pos.long(), hw.topk_values)
+    out["topk"] = tiles.view(n_topk, 16, 16)
+    return out
+
+
+def replay_product(x: torch.Tensor, hw) -> torch.Tensor:
+    """x @ W.T summed block by block the kernel's way: A's logical column k of lane t is physical column
+    4t + (k - 2t) for k in {2t, 2t+1} and 4t + 2 + (k - 2t - 8) for k in {2t+8, 2t+9}; B's logical row k of
+    x is the same physical column; the mma sums over logical k. In float64."""
+    logical_to_physical = torch.tensor([4 * (k % 8 // 2) + k % 2 + 2 * (k // 8) for k in range(16)])
+    assert sorted(logical_to_physical.tolist()) == list(range(16))
+    T, (n_out, k_in) = x.shape[0], hw.shape
+    nbr = len(hw.dense_row_ptr) - 1
+    acc = torch.zeros(T, nbr * 16, dtype=torch.float64)
+    blocks = replay_fragments(hw)
+    for name, row_ptr, cols in (("dense", hw.dense_row_ptr, hw.dense_cols), ("nm", hw.nm_row_ptr, hw.nm_cols),
+                                ("topk", hw.topk_row_ptr, hw.topk_cols)):
+        rows = torch.repeat_interleave(torch.arange(nbr), (row_ptr[1:] - row_ptr[:-1]).long())
+        for block, row, col in zip(blocks[name], rows.tolist(), cols.tolist()):
+            A = block.double()[:, logical_to_physical]  # (16 rows, 16 logical k)
+            B = x.double()[:, col * 16 + logical_to_physical].T  # (16 logical k, T)
+            acc[:, row * 16:row * 16 + 16] += (A @ B).T
+    return acc[:, :n_out]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape,probs", [((64, 96), (0.35, 0.45, 0.20)), ((40, 64), (0.2, 0.6, 0.2)),
+                                         ((32, 48), (0.0, 1.0, 0.0))])
+def test_replayed_fragments_rebuild_the_blocks_and_the_product(shape, probs, dtype) -> None:
+    g = torch.Generator().manual_seed(7)
+    tier_map = random_tier_map(shape, g, probs)
+    W = pruned_weight(shape, tier_map, g, dtype)
+    hw = pack_hybrid(W, tier_map)
+    blocks = replay_fragments(hw)
+    nbr, nbc = -(-shape[0] // 16), -(-shape[1] // 16)
+    full = torch.zeros(nbr, 16, nbc, 16, dtype=dtype)
+    for name, row_ptr, cols in (("dense", hw.dense_row_ptr, hw.dense_cols), ("nm", hw.nm_row_ptr, hw.nm_cols),
+                                ("topk", hw.topk_row_ptr, hw.topk_cols)):
+        rows = torch.repeat_interleave(torch.arange(len(row_ptr) - 1), (row_ptr[1:] - row_ptr[:-1]).long())
+        full[rows, :, cols.long(), :] = blocks[name]
+    full = full.view(nbr * 16, nbc * 16)
+    assert torch.equal(full[:shape[0], :shape[1]], hw.to_dense())
+    assert not full[shape[0]:].any() and not full[:, shape[1]:].any()  # edge blocks padded with zeros
+    x = torch.randn(5, shape[1], generator=g).to(dtype)
+    torch.testing.assert_close(replay_product(x, hw), x.double() @ W.double().T, rtol=1e-9, atol=1e-9)
+
+
+def _nvrtc() -> ctypes.CDLL:
+    nvrtc = pytest.importorskip("nvidia.cuda_nvrtc", reason="the nvidia-cuda-nvrtc-cu12 test dependency")
+    lib_dir = Path(next(iter(nvrtc.__path__))) / "lib"
+    return ctypes.CDLL(str(next(lib_dir.glob("libnvrtc.so.*[0-9]"))))
+
+
+def nvrtc_ptx(source: str, arch: str = "sm_90") -> str:
+    lib = _nvrtc()
+    prog = ctypes.c_void_p()
+    assert lib.nvrtcCreateProgram(ctypes.byref(prog), source.encode(), b"mma_decode.cu", 0, None, None) == 0
+    options = [f"--gpu-architecture={arch}".encode(), b"-std=c++17"]
+    status = lib.nvrtcCompileProgram(prog, len(options), (ctypes.c_char_p * len(options))(*options))
+    size = ctypes.c_size_t()
+    lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+    log = ctypes.create_string_buffer(size.value)
+    lib.nvrtcGetProgramLog(prog, log)
+    assert status == 0, log.value.decode()
+    lib.nvrtcGetPTXSize(prog, ctypes.byref(size))
+    ptx = ctypes.create_string_buffer(size.value)
+    lib.nvrtcGetPTX(prog, ptx)
+    return ptx.value.decode()
+
+
+@pytest.mark.parametrize("topk,ntile,half,config", [
+    (10, 1, False, md.MMA_DECODE_CONFIG), (10, 2, False, md.MMA_DECODE_CONFIG), (16, 2, True, md.MMA_DECODE_CONFIG),
+    (1, 1, False, md.MmaDecodeConfig(8, 32, 32, 4, 8)), (32, 2, False, md.MmaDecodeConfig(32, 16, 5, 8, 4)),
+])
+def test_source_compiles_for_hopper_without_spills(topk, ntile, half, config, tmp_path) -> None:
+    ptx = nvrtc_ptx(md.kernel_source(half, topk, ntile, config))
+    mma = "mma.sync.aligned.m16n8k16.row.col.f32." + ("f16.f16" if half else "bf16.bf16") + ".f32"
+    assert ptx.count(mma) >= 3 * ntile  # one per tier at least, per 8-token tile
+    assert ".entry hybrid_mma_decode" in ptx and ".entry hybrid_cast_and_zero" in ptx
+    assert re.search(r"red\.global\.add\.f32|atom\.global\.add\.f32", ptx)
+    # Triton's ptxas may be older than this NVRTC's PTX ISA; the kernel uses nothing newer than sm_90's.
+    triton = pytest.importorskip("triton")
+    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    (tmp_path / "k.ptx").write_text(re.sub(r"^\.version \d+\.\d+", ".version 8.0", ptx, flags=re.M))
+    report = subprocess.run([str(ptxas), "-arch=sm_90", "-v", str(tmp_path / "k.ptx"), "-o", str(tmp_path / "k.cubin")],
+                            capture_output=True, text=True, check=True).stderr
+    decode = report.split("Function properties for hybrid_mma_decode")[1].split("Function properties for")[0]
+    assert "\n    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads" in decode, decode
+    registers = int(re.search(r"Used (\d+) registers", decode).group(1))
+    assert registers <= 65536 // (32 * config.warps), registers  # the CTA fits an SM
+
+
+def test_supported_refuses_what_the_kernel_cannot_take() -> None:
+    g = torch.Generator().manual_seed(0)
+    tier_map = random_tier_map((32, 64), g)
+    hw = pack_hybrid(pruned_weight((32, 64), tier_map, g), tier_map)
+    x = torch.randn(1, 64).to(torch.bfloat16)
+    assert not md.mma_decode_supported(x, hw)  # on the CPU
+    if HAS_CUDA:
+        hw_cuda = hw.to("cuda")
+        assert md.mma_decode_supported(x.cuda(), hw_cuda)
+        assert not md.mma_decode_supported(torch.randn(17, 64, device="cuda").to(torch.bfloat16), hw_cuda)
+        assert not md.mma_decode_supported(x.cuda().half(), hw_cuda)
+    with pytest.raises(AssertionError, match="chunks must be 1..32"):
+        md.kernel_source(False, 10, 1, md.MmaDecodeConfig(dense_chunk=64))
+    with pytest.raises(AssertionError, match="whole steps"):
+        md.kernel_source(False, 10, 1, md.MmaDecodeConfig(dense_chunk=12, unroll=8))
+
+
+needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("tokens", [1, 3, 8, 9, 16])
+@pytest.mark.parametrize("shape,probs,topk", [
+    ((64, 96), (0.35, 0.45, 0.20), 10), ((200, 512), (0.35, 0.45, 0.20), 16), ((48, 208), (0.0, 0.0, 1.0), 32),
+    ((256, 256), (1.0, 0.0, 0.0), 10), ((256, 256), (0.0, 1.0, 0.0), 10), ((1000, 1024), (0.2, 0.2, 0.6), 4),
+])
+def test_kernel_matches_reference_and_leaves_the_workspace_zeroed(shape, probs, topk, tokens, dtype) -> None:
+    g = torch.Generator().manual_seed(3)
+    tier_map = random_tier_map(shape, g, probs)
+    W = torch.randn(shape, generator=g).to(dtype)
+    W = W * tier_keep_mask(W.float().abs(), tier_map, 16, topk)
+    hw = pack_hybrid(W, tier_map, topk=topk).to("cuda")
+    x = torch.randn(tokens, shape[1], generator=g).to(dtype).cuda()
+    expected = x.double().cpu() @ W.double().T
+    tol = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+    for _ in range(2):  # the second call starts from the workspace the first left
+        got = md.hybrid_mm_mma(x, hw)
+        torch.testing.assert_close(got.double().cpu(), expected, rtol=tol, atol=tol * expected.abs().max().item())
+    _, workspace = md._workspace(hw, tokens, create=False)
+    assert int(torch.count_nonzero(workspace)) == 0
+
+
+def test_the_op_sends_2_to_16_tokens_here() -> None:
+    """The op's rule: one token to the flat GEMV (unless it is off), 2-16 tokens here, more elsewhere; and on
+    CUDA, an eager call through the op builds the workspace (a later graph capture then allocates nothing)."""
+    from tierprune.kernels.triton import flat_gemv
+    from tierprune.kernels.triton.hybrid_mm import hybrid_mm
+
+    assert [md.prefers_mma_decode(T) for T in (1, 2, 16, 17)] == [False, True, True, False]
+    flat_gemv.use_flat_gemv(False)
+    try:
+        assert md.prefers_mma_decode(1)
+    finally:
+        flat_gemv.use_flat_gemv(True)
+    md.use_mma_decode(False)
+    try:
+        assert not any(md.prefers_mma_decode(T) for T in (1, 2, 16))
+    finally:
+        md.use_mma_decode(True)
+    if HAS_CUDA:
+        g = torch.Generator().manual_seed(5)
+        tier_map = random_tier_map((64, 96), g)
+        W = pruned_weight((64, 96), tier_map, g)
+        hw = pack_hybrid(W, tier_map).to("cuda")
+        x = torch.randn(5, 96, generator=g).to(torch.bfloat16)
+        assert not md.mma_decode_ready(hw, 5)
+        got = hybrid_mm(x.cuda(), hw)
+        assert md.mma_decode_ready(hw, 5) and md.mma_decode_ready(hw, 8) and not md.mma_decode_ready(hw, 9)
+        expected = x.double() @ W.double().T
+        torch.testing.assert_close(got.double().cpu(), expected, rtol=1.6e-2, atol=1.6e-2 * expected.abs().max().item())
