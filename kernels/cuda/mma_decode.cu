@@ -101,13 +101,13 @@ struct DenseStep {
 __device__ __forceinline__ void load_dense(DenseStep& st, int first, int n, int start, int lane_col,
                                            const uint2* __restrict__ values, const u16* __restrict__ x,
                                            int g, int t, int T, int K) {
+    const uint2* base = values + (size_t)start * 64 + g * 4 + t;  // block i's row g at base[i * 64]: immediates
 #pragma unroll
     for (int u = 0; u < UNROLL; ++u) {
         const int i = first + u, col = __shfl_sync(FULL, lane_col, i & 31);
         if (i < n) {
-            const uint2* block = values + (size_t)(start + i) * 64;  // 512 bytes = 64 words
-            st.lo[u] = __ldg(block + g * 4 + t);
-            st.hi[u] = __ldg(block + (g + 8) * 4 + t);
+            st.lo[u] = __ldg(base + i * 64);
+            st.hi[u] = __ldg(base + i * 64 + 32);  // row g+8
             load_x(st.bx[u], x, col, g, t, T, K);
         }
     }
