@@ -15,8 +15,10 @@
 // tile zeroed again.
 //
 // Work: one warp per chunk of consecutive blocks of one tier (sorted by block-row). The fp32 accumulators
-// belong to one block-row; when the chunk crosses into the next block-row they are added into the fp32
-// workspace ws (T, NPAD) with relaxed atomics. hybrid_cast_and_zero then writes the output and zeroes ws.
+// belong to one block-row; when a chunk crosses into the next block-row, and at its end, they are added into
+// the fp32 workspace ws (T, NPAD) with relaxed atomics. hybrid_cast_and_zero then writes the output and
+// zeroes ws. (A persistent grid, warps looping over chunks and loading the next chunk's indices ahead, was
+// slower at every shape and token count timed on the H200: the loop doubled the registers.)
 //
 // Latency, not bandwidth, is what a warp must hide: every global load of a chunk is issued before the first
 // mma. A chunk's block columns and block-rows are one load per lane (a chunk is at most 32 blocks), passed
@@ -121,21 +123,53 @@ struct NmStep {
 __device__ __forceinline__ void load_nm(NmStep& st, int first, int n, int start, int lane_col,
                                         const u32* __restrict__ values, const u16* __restrict__ meta,
                                         const u16* __restrict__ x, int g, int t, int T, int K) {
+    const u32* vbase = values + (size_t)start * 64 + g * 4 + t;  // block i's row g, group t at vbase[i * 64]
+    const u16* mbase = meta + (size_t)start * 16 + g;
 #pragma unroll
     for (int u = 0; u < UNROLL; ++u) {
         const int i = first + u, col = __shfl_sync(FULL, lane_col, i & 31);
         if (i < n) {
-            const size_t b = start + i;
-            st.v_lo[u] = __ldg(values + b * 64 + g * 4 + t);  // row g, group t's kept pair
-            st.v_hi[u] = __ldg(values + b * 64 + (g + 8) * 4 + t);
-            st.m_lo[u] = __ldg(meta + b * 16 + g);
-            st.m_hi[u] = __ldg(meta + b * 16 + g + 8);
+            st.v_lo[u] = __ldg(vbase + i * 64);  // row g, group t's kept pair
+            st.v_hi[u] = __ldg(vbase + i * 64 + 32);  // row g+8
+            st.m_lo[u] = __ldg(mbase + i * 16);
+            st.m_hi[u] = __ldg(mbase + i * 16 + 8);
             load_x(st.bx[u], x, col, g, t, T, K);
         }
     }
 }
 
-extern "C" __global__ void __launch_bounds__(WARPS * 32) hybrid_mma_decode(
+// A warp's chunk: which tier, its first block, its size, and its blocks' columns and block-rows (lane i: block i).
+struct Chunk {
+    int tier, start, n, lane_col, lane_row;
+};
+
+// Chunk `wid`: its tier and bounds, and the index loads of its blocks.
+__device__ __forceinline__ Chunk chunk_of(int wid, int lane, int n_dense, int n_nm, int n_topk, int w_dense, int w_nm,
+                                          const short* __restrict__ block_rows, const short* __restrict__ dense_cols,
+                                          const short* __restrict__ nm_cols, const short* __restrict__ topk_cols) {
+    Chunk c;
+    const short* cols;
+    int offset;  // of the tier's blocks in block_rows
+    if (wid < w_dense) {
+        c = {0, wid * DENSE_CHUNK, DENSE_CHUNK, 0, 0};
+        cols = dense_cols, offset = 0, c.n = min(c.n, n_dense - c.start);
+    } else if (wid < w_dense + w_nm) {
+        c = {1, (wid - w_dense) * NM_CHUNK, NM_CHUNK, 0, 0};
+        cols = nm_cols, offset = n_dense, c.n = min(c.n, n_nm - c.start);
+    } else {
+        c = {2, (wid - w_dense - w_nm) * TOPK_CHUNK, TOPK_CHUNK, 0, 0};
+        cols = topk_cols, offset = n_dense + n_nm, c.n = min(c.n, n_topk - c.start);
+    }
+    if (lane < c.n) {
+        c.lane_col = cols[c.start + lane];
+        c.lane_row = block_rows[offset + c.start + lane];
+    }
+    return c;
+}
+
+// (The minimum of one CTA per SM is the build timed on the H200; without it ptxas caps 8-warp CTAs at 128
+// registers and spills.)
+extern "C" __global__ void __launch_bounds__(WARPS * 32, 1) hybrid_mma_decode(
     const u16* __restrict__ x,              // (T, K)
     float* __restrict__ ws,                 // (T, NPAD) fp32, zero on entry
     const short* __restrict__ block_rows,   // (nd + nn + nt,) block-row of every block, tiers in order
@@ -147,7 +181,7 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) hybrid_mma_decode(
     const u16* __restrict__ topk_values,    // (nt, TOPK)
     const unsigned char* __restrict__ topk_pos,
     const short* __restrict__ topk_cols,
-    int n_dense, int n_nm, int n_topk, int w_dense, int w_nm, int T, int K, int NPAD) {
+    int n_dense, int n_nm, int n_topk, int w_dense, int w_nm, int w_total, int T, int K, int NPAD) {
     __shared__ uint2 sel[16];
     __shared__ u16 tiles[WARPS][TOPK_PER_ROUND][256];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -156,18 +190,19 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) hybrid_mma_decode(
     for (int i = lane; i < TOPK_PER_ROUND * 256; i += 32) (&tiles[warp][0][0])[i] = 0;
     __syncthreads();
 
-    const int wid = blockIdx.x * WARPS + warp;
     float acc[NTILE][4];
 #pragma unroll
     for (int tile = 0; tile < NTILE; ++tile)
 #pragma unroll
         for (int i = 0; i < 4; ++i) acc[tile][i] = 0.f;
 
-    if (wid < w_dense) {
-        const int start = wid * DENSE_CHUNK, n = min(DENSE_CHUNK, n_dense - start);
-        const int lane_col = lane < n ? dense_cols[start + lane] : 0;   // block `lane` of the chunk
-        const int lane_row = lane < n ? block_rows[start + lane] : 0;
-        int row = __shfl_sync(FULL, lane_row, 0);
+    const int wid = blockIdx.x * WARPS + warp;
+    if (wid >= w_total) return;  // the grid's last CTA has spare warps
+    const Chunk c = chunk_of(wid, lane, n_dense, n_nm, n_topk, w_dense, w_nm, block_rows, dense_cols, nm_cols,
+                             topk_cols);
+    const int start = c.start, n = c.n, lane_col = c.lane_col, lane_row = c.lane_row;
+    int row = __shfl_sync(FULL, lane_row, 0);
+    if (c.tier == 0) {
         DenseStep step[2];
         load_dense(step[0], 0, n, start, lane_col, dense_values, x, g, t, T, K);
 #pragma unroll
@@ -184,37 +219,29 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) hybrid_mma_decode(
                 }
             }
         }
-        flush(acc, ws, row, g, t, T, NPAD);
-    } else if (wid < w_dense + w_nm) {
-        const int start = (wid - w_dense) * NM_CHUNK, n = min(NM_CHUNK, n_nm - start);
-        const int lane_col = lane < n ? nm_cols[start + lane] : 0;
-        const int lane_row = lane < n ? block_rows[n_dense + start + lane] : 0;
-        int row = __shfl_sync(FULL, lane_row, 0);
+    } else if (c.tier == 1) {
         NmStep step[2];
         load_nm(step[0], 0, n, start, lane_col, nm_values, nm_meta, x, g, t, T, K);
 #pragma unroll
         for (int s = 0; s < NM_CHUNK / UNROLL; ++s) {
             if ((s + 1) * UNROLL < NM_CHUNK)
-                load_nm(step[(s + 1) & 1], (s + 1) * UNROLL, n, start, lane_col, nm_values, nm_meta, x, g, t, T, K);
+                load_nm(step[(s + 1) & 1], (s + 1) * UNROLL, n, start, lane_col, nm_values, nm_meta, x, g, t, T,
+                        K);
             const NmStep& here = step[s & 1];
 #pragma unroll
             for (int u = 0; u < UNROLL; ++u) {
                 const int i = s * UNROLL + u, block_row = __shfl_sync(FULL, lane_row, i);
                 if (i < n) {
                     if (block_row != row) { flush(acc, ws, row, g, t, T, NPAD); row = block_row; }
-                    const uint2 s_lo = sel[(here.m_lo[u] >> (4 * t)) & 15u], s_hi = sel[(here.m_hi[u] >> (4 * t)) & 15u];
+                    const uint2 s_lo = sel[(here.m_lo[u] >> (4 * t)) & 15u];
+                    const uint2 s_hi = sel[(here.m_hi[u] >> (4 * t)) & 15u];
                     mma_tiles(acc, __byte_perm(here.v_lo[u], 0u, s_lo.x), __byte_perm(here.v_hi[u], 0u, s_hi.x),
-                              __byte_perm(here.v_lo[u], 0u, s_lo.y), __byte_perm(here.v_hi[u], 0u, s_hi.y), here.bx[u]);
+                              __byte_perm(here.v_lo[u], 0u, s_lo.y), __byte_perm(here.v_hi[u], 0u, s_hi.y),
+                              here.bx[u]);
                 }
             }
         }
-        flush(acc, ws, row, g, t, T, NPAD);
     } else {
-        const int start = (wid - w_dense - w_nm) * TOPK_CHUNK;
-        if (start >= n_topk) return;  // the grid's last CTA has spare warps
-        const int n = min(TOPK_CHUNK, n_topk - start);
-        const int lane_col = lane < n ? topk_cols[start + lane] : 0;
-        const int lane_row = lane < n ? block_rows[n_dense + n_nm + start + lane] : 0;
         // Lane e of round r holds entry e % TOPK of the round's block e / TOPK: its tile slot and value.
         const int r_block = lane / TOPK, entry = lane % TOPK;
         int slot[TOPK_ROUNDS];
@@ -236,7 +263,6 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) hybrid_mma_decode(
             if (i < n) load_x(bx[i], x, col, g, t, T, K);
         }
         u16* tile = &tiles[warp][0][0];
-        int row = __shfl_sync(FULL, lane_row, 0);
 #pragma unroll
         for (int r = 0; r < TOPK_ROUNDS; ++r) {
             if (slot[r] >= 0) tile[slot[r]] = value[r];  // positions are distinct: no two lanes share a slot
@@ -258,8 +284,8 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) hybrid_mma_decode(
             if (slot[r] >= 0) tile[slot[r]] = 0;
             __syncwarp();  // the next round's entries land on a zeroed tile
         }
-        flush(acc, ws, row, g, t, T, NPAD);
     }
+    flush(acc, ws, row, g, t, T, NPAD);
 }
 
 // out[token][r] = ws[token][r] rounded to the weight's dtype, for r < N; ws zeroed again for the next call.

@@ -173,7 +173,7 @@ def hybrid_mm_mma(x: torch.Tensor, hw: HybridWeight, config: MmaDecodeConfig | N
             hw.topk_cols)]
         kernels["hybrid_mma_decode"](
             grid=(-(-warps // config.warps), 1, 1), block=(32 * config.warps, 1, 1),
-            args=[x, ws, block_rows, *buffers, n_dense, n_nm, n_topk, w_dense, w_nm, T,
+            args=[x, ws, block_rows, *buffers, n_dense, n_nm, n_topk, w_dense, w_nm, warps, T,
                   k_in, npad])
     threads = 256
     kernels["hybrid_cast_and_zero"](grid=(-(-(T * n_out) // threads), 1, 1), block=(threads, 1, 1),
