@@ -4,9 +4,11 @@
    placement (random, clustered). Each method is timed by replaying a CUDA graph of `--inner` calls that
    cycle through several copies of the weights (more bytes than the L2 holds, so every call reads its
    weight from HBM), `--reps` replays timed with CUDA events; medians. Ratios are cuBLAS time / method
-   time (> 1 is faster than cuBLAS). Up to 128 tokens the op streams the packed weight; the streaming
-   kernel is tuned per case over (NB, SPLIT, warps, token tile), at 1 token against the GEMV kernel
-   (no tensor cores), at 128 tokens against unpack + cuBLAS; `hybrid` is the best, `hybrid_default` the untuned heuristic. From 2048 tokens: unpack + cuBLAS.
+   time (> 1 is faster than cuBLAS). `hybrid_default` is the op as users get it: one token through the flat
+   GEMV, 2-16 tokens through the tensor-core kernel (kernels/cuda), up to 128 tokens the streaming Triton
+   kernel, beyond that unpack + cuBLAS. Unless --no-tune, the streaming kernel is also tuned per case over
+   (NB, SPLIT, warps, token tile), at 1 token against the GEMV kernel (no tensor cores), at 128 tokens
+   against unpack + cuBLAS; `hybrid` is the best of all of these.
 2. End to end: greedy decode, batch 1, of a randomly initialised LLaMA-2-7B-shaped model (a minimal
    LLaMA written here: fused QKV and gate-up linears, RoPE, static KV cache; not transformers' model, so
    that one decode step captures into one CUDA graph), dense vs hybrid at 35/45/20: tokens/s and peak memory.

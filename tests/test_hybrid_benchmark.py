@@ -101,3 +101,21 @@ def test_decode_sweep_flat_dry_run() -> None:
     assert all("flat" not in r for r in plain)  # without --flat the sweep is what it was
     # A mix outside the script's table is parsed: 0/100/0 packs every block as 2:4 (0.56 of dense + index).
     assert all(r["mix"] == "0/100/0" and r["packed_bytes"] < 0.6 * r["out"] * r["inp"] * 2 for r in plain)
+
+
+MMA_SCRIPT = SCRIPT.with_name("mma_decode.py")
+
+
+def _run_mma_script(*args: str) -> subprocess.CompletedProcess:
+    # Run as a user runs it: its folder first on sys.path, where it finds hybrid_kernels.
+    return subprocess.run([sys.executable, str(MMA_SCRIPT), *args], capture_output=True, text=True, timeout=300)
+
+
+def test_mma_benchmark_refuses_bad_configs_and_needs_cuda() -> None:
+    bad = _run_mma_script("--configs", "12,8,12,8,4")  # a dense chunk of 12 is not whole steps of 8
+    assert bad.returncode == 2 and "bad --configs" in bad.stderr and "whole steps" in bad.stderr, bad.stderr
+    bad = _run_mma_script("--configs", "64,8,12,8,4")
+    assert bad.returncode == 2 and "chunks must be 1..32" in bad.stderr, bad.stderr
+    if not torch.cuda.is_available():
+        run = _run_mma_script("--configs", "8,8,12,8,4", "16,16,12,8,4")
+        assert run.returncode == 2 and run.stderr.strip() == "mma_decode: needs a CUDA GPU (sm_80 or newer)"

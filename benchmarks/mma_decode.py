@@ -1,0 +1,119 @@
+"""GPU benchmark of the tensor-core decode kernel (tierprune/kernels/cuda) against cuBLAS and the op.
+
+For each LLaMA-2-7B shape, tier mix (random placement) and token count: cuBLAS (`F.linear` on the pruned
+dense weight), the op as users get it (`hybrid_mm`: one token through the flat GEMV, 2-16 through this
+kernel), and the kernel under each `--configs` entry. Then one tier alone at 4096x4096 (all Dense, all
+2:4, all TopK), which shows what each tier costs per block. Timing as benchmarks/hybrid_kernels.py
+(CUDA graphs of `--inner` calls over rotated weight copies, medians of `--reps` replays). Correctness is
+checked first on odd shapes, every token count and both dtypes. CUDA only. Run:
+    python benchmarks/mma_decode.py
+    python benchmarks/mma_decode.py --configs 8,8,12,8,4 16,16,12,8,4 --tokens 1 16 --shapes qkvo
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import zlib
+
+import torch
+import torch.nn.functional as F
+
+import hybrid_kernels as hk
+from tierprune.kernels.cuda import mma_decode as md
+from tierprune.kernels.hybrid import hybrid_matmul_ref, pack_hybrid
+from tierprune.kernels.triton.hybrid_mm import hybrid_mm
+
+CHECKS = [  # (shape, mix, k, tokens, dtype): edge rows, one tier alone, k up to 32, both token tiles
+    ((64, 96), (0.35, 0.45, 0.2), 10, 1, torch.bfloat16), ((48, 208), (0.3, 0.3, 0.4), 10, 5, torch.bfloat16),
+    ((200, 512), (0.35, 0.45, 0.2), 16, 16, torch.float16), ((256, 256), (0, 0, 1.0), 32, 9, torch.bfloat16),
+    ((256, 256), (1.0, 0, 0), 10, 3, torch.bfloat16), ((256, 256), (0, 1.0, 0), 10, 8, torch.bfloat16),
+    ((1000, 4096), (0.2, 0.2, 0.6), 4, 12, torch.bfloat16),
+]
+
+
+def parse_config(text: str) -> md.MmaDecodeConfig:
+    """'DENSE,NM,TOPK,UNROLL,WARPS' (blocks per chunk of each tier, blocks per step, warps per CTA)."""
+    config = md.MmaDecodeConfig(*(int(v) for v in text.split(",")))
+    md.kernel_source(False, 10, 1, config)  # asserts the config's rules
+    return config
+
+
+def weight(shape, mix, k, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    tier_map = hk.make_tier_map(shape, mix, "random", g)
+    hk.TOPK_K = k  # pruned_weight keeps hk.TOPK_K survivors per TopK block
+    try:
+        W = hk.pruned_weight(shape, tier_map, "cuda", 1).to(dtype)
+    finally:
+        hk.TOPK_K = 10
+    return pack_hybrid(W, tier_map.to("cuda"), topk=k)
+
+
+def check_correctness() -> None:
+    for shape, mix, k, T, dtype in CHECKS:
+        hw = weight(shape, mix, k, dtype, seed=1)
+        x = (torch.randn(T, shape[1], device="cuda") * 0.5).to(dtype)
+        got = md.hybrid_mm_mma(x, hw).float()
+        ref = hybrid_matmul_ref(x.float(), hw).float()
+        err, scale = (got - ref).abs().max().item(), ref.abs().max().item()
+        ok = err <= 1.6e-2 * scale
+        print(f"check {shape} mix={mix} k={k} T={T} {str(dtype)[6:]}: max |error| {err:.3g} of max |y| {scale:.3g}"
+              f" {'ok' if ok else 'WRONG'}", flush=True)
+        if not ok:
+            raise SystemExit(f"mma_decode: wrong result for {shape} {mix} k={k} T={T}")
+
+
+def timed(hws, x, fn, inner, reps) -> float:
+    return hk.measure_us([lambda h=h: fn(x, h) for h in hws], "cuda", inner, reps)[0]
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--configs", nargs="*", default=["8,8,12,8,4"], help="DENSE,NM,TOPK,UNROLL,WARPS each")
+    p.add_argument("--tokens", type=int, nargs="*", default=[1, 4, 16])
+    p.add_argument("--shapes", nargs="*", default=None, help="subset by first word, e.g. qkvo down")
+    p.add_argument("--inner", type=int, default=20)
+    p.add_argument("--reps", type=int, default=15)
+    args = p.parse_args(argv)
+    try:
+        configs = [parse_config(c) for c in args.configs]
+    except (AssertionError, TypeError, ValueError) as e:
+        p.error(f"bad --configs: {e}")
+    if not torch.cuda.is_available():
+        print("mma_decode: needs a CUDA GPU (sm_80 or newer)", file=sys.stderr)
+        raise SystemExit(2)
+    if any(not 1 <= T <= md.MMA_DECODE_MAX_TOKENS for T in args.tokens):
+        p.error(f"--tokens must be 1..{md.MMA_DECODE_MAX_TOKENS}")
+    check_correctness()
+    rows = []
+    shapes = {n: s for n, s in hk.SHAPES.items() if not args.shapes or n.split()[0] in args.shapes}
+    cases = [(n, s, m) for n, s in shapes.items() for m in hk.MIXES]
+    cases += [("qkvo 4096x4096", (4096, 4096), alone) for alone in ("100/0/0", "0/100/0", "0/0/100")]
+    mixes = {**hk.MIXES, "100/0/0": (1.0, 0, 0), "0/100/0": (0, 1.0, 0), "0/0/100": (0, 0, 1.0)}
+    for shape_name, shape, mix_name in cases:
+        hw = weight(shape, mixes[mix_name], 10, torch.bfloat16, zlib.crc32(f"{shape} {mix_name} random".encode()))
+        hws = [hw] + [hk.clone_hybrid(hw) for _ in range(hk.copies_needed(hw.nbytes, "cuda") - 1)]
+        dense = [hw.to_dense() for _ in range(hk.copies_needed(shape[0] * shape[1] * 2, "cuda"))]
+        for T in args.tokens:
+            x = (torch.randn(T, shape[1], device="cuda") * 0.5).to(torch.bfloat16)
+            cublas = hk.measure_us([lambda w=w: F.linear(x, w) for w in dense], "cuda", args.inner, args.reps)[0]
+            op = timed(hws, x, hybrid_mm, args.inner, args.reps)
+            kernel = {c: timed(hws, x, lambda x, h, c=c: md.hybrid_mm_mma(x, h, c), args.inner, args.reps)
+                      for c in configs}
+            row = dict(shape=shape_name, mix=mix_name, tokens=T, nbytes=hw.nbytes, cublas_us=cublas, op_us=op,
+                       kernel_us={",".join(map(str, c)): us for c, us in kernel.items()})
+            rows.append(row)
+            best = min(kernel, key=kernel.get)
+            print(f"{shape_name:26} {mix_name:9} T={T:2d}  cuBLAS {cublas:7.2f} us  op {op:7.2f} "
+                  f"({cublas / op:.2f}x)  kernel {kernel[best]:7.2f} ({cublas / kernel[best]:.2f}x, "
+                  f"{hw.nbytes / kernel[best] / 1e6:.2f} TB/s, best of {len(kernel)}: {','.join(map(str, best))})",
+                  flush=True)
+            print(json.dumps(row), flush=True)
+        del hws, dense
+        torch.cuda.empty_cache()
+    return rows
+
+
+if __name__ == "__main__":
+    main()
