@@ -96,7 +96,10 @@ def mma_decode_supported(x: torch.Tensor, hw: HybridWeight) -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _compiler_available() -> bool:
-    return hasattr(torch.cuda, "_compile_kernel")
+    """torch's NVRTC helpers that _module uses (private: a torch without them keeps the Triton path)."""
+    from torch.cuda import _utils
+
+    return hasattr(_utils, "_nvrtc_compile") and hasattr(_utils, "_cuda_load_module")
 
 
 def kernel_source(half: bool, topk: int, ntile: int, config: MmaDecodeConfig) -> str:
