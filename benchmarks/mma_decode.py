@@ -7,7 +7,7 @@ kernel), and the kernel under each `--configs` entry. Then one tier alone at 409
 (CUDA graphs of `--inner` calls over rotated weight copies, medians of `--reps` replays). Correctness is
 checked first on odd shapes, every token count and both dtypes. CUDA only. Run:
     python benchmarks/mma_decode.py
-    python benchmarks/mma_decode.py --configs 8,8,12,8,4 16,16,12,8,4 --tokens 1 16 --shapes qkvo
+    python benchmarks/mma_decode.py --configs 8,12,4 16,12,4 8,16,8 --tokens 1 16 --shapes qkvo
 """
 from __future__ import annotations
 
@@ -33,8 +33,11 @@ CHECKS = [  # (shape, mix, k, tokens, dtype): edge rows, one tier alone, k up to
 
 
 def parse_config(text: str) -> md.MmaDecodeConfig:
-    """'DENSE,NM,TOPK,UNROLL,WARPS' (blocks per chunk of each tier, blocks per step, warps per CTA)."""
-    config = md.MmaDecodeConfig(*(int(v) for v in text.split(",")))
+    """'CHUNK,TOPK_CHUNK,WARPS' (dense and 2:4 blocks per warp, TopK blocks per warp, warps per CTA)."""
+    values = [int(v) for v in text.split(",")]
+    if len(values) != 3:
+        raise ValueError(f"{text!r} is not CHUNK,TOPK_CHUNK,WARPS")
+    config = md.MmaDecodeConfig(*values)
     md.kernel_source(False, 10, 1, config)  # asserts the config's rules
     return config
 
@@ -50,15 +53,15 @@ def weight(shape, mix, k, dtype, seed):
     return pack_hybrid(W, tier_map.to("cuda"), topk=k)
 
 
-def check_correctness() -> None:
-    for shape, mix, k, T, dtype in CHECKS:
+def check_correctness(configs) -> None:
+    for (shape, mix, k, T, dtype), config in ((case, c) for case in CHECKS for c in configs):
         hw = weight(shape, mix, k, dtype, seed=1)
         x = (torch.randn(T, shape[1], device="cuda") * 0.5).to(dtype)
-        got = md.hybrid_mm_mma(x, hw).float()
+        got = md.hybrid_mm_mma(x, hw, config).float()
         ref = hybrid_matmul_ref(x.float(), hw).float()
         err, scale = (got - ref).abs().max().item(), ref.abs().max().item()
         ok = err <= 1.6e-2 * scale
-        print(f"check {shape} mix={mix} k={k} T={T} {str(dtype)[6:]}: max |error| {err:.3g} of max |y| {scale:.3g}"
+        print(f"check {shape} mix={mix} k={k} T={T} {str(dtype)[6:]} {','.join(map(str, config))}: max |error| {err:.3g} of max |y| {scale:.3g}"
               f" {'ok' if ok else 'WRONG'}", flush=True)
         if not ok:
             raise SystemExit(f"mma_decode: wrong result for {shape} {mix} k={k} T={T}")
@@ -70,7 +73,7 @@ def timed(hws, x, fn, inner, reps) -> float:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--configs", nargs="*", default=["8,8,12,8,4"], help="DENSE,NM,TOPK,UNROLL,WARPS each")
+    p.add_argument("--configs", nargs="*", default=["8,12,4"], help="CHUNK,TOPK_CHUNK,WARPS each")
     p.add_argument("--tokens", type=int, nargs="*", default=[1, 4, 16])
     p.add_argument("--shapes", nargs="*", default=None, help="subset by first word, e.g. qkvo down")
     p.add_argument("--inner", type=int, default=20)
@@ -85,7 +88,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         raise SystemExit(2)
     if any(not 1 <= T <= md.MMA_DECODE_MAX_TOKENS for T in args.tokens):
         p.error(f"--tokens must be 1..{md.MMA_DECODE_MAX_TOKENS}")
-    check_correctness()
+    check_correctness(configs)
     rows = []
     shapes = {n: s for n, s in hk.SHAPES.items() if not args.shapes or n.split()[0] in args.shapes}
     cases = [(n, s, m) for n, s in shapes.items() for m in hk.MIXES]

@@ -112,10 +112,10 @@ def _run_mma_script(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_mma_benchmark_refuses_bad_configs_and_needs_cuda() -> None:
-    bad = _run_mma_script("--configs", "12,8,12,8,4")  # a dense chunk of 12 is not whole steps of 8
-    assert bad.returncode == 2 and "bad --configs" in bad.stderr and "whole steps" in bad.stderr, bad.stderr
-    bad = _run_mma_script("--configs", "64,8,12,8,4")
+    bad = _run_mma_script("--configs", "8,8,12,8,4")  # session 11's five fields
+    assert bad.returncode == 2 and "bad --configs" in bad.stderr and "is not CHUNK,TOPK_CHUNK" in bad.stderr, bad.stderr
+    bad = _run_mma_script("--configs", "64,12,4")
     assert bad.returncode == 2 and "chunks must be 1..32" in bad.stderr, bad.stderr
     if not torch.cuda.is_available():
-        run = _run_mma_script("--configs", "8,8,12,8,4", "16,16,12,8,4")
+        run = _run_mma_script("--configs", "8,12,4", "16,12,4")
         assert run.returncode == 2 and run.stderr.strip() == "mma_decode: needs a CUDA GPU (sm_80 or newer)"

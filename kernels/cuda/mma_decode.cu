@@ -25,8 +25,8 @@
 // around with shuffles, so that the x loads wait on one round trip only; TopK entries are fetched up front.
 //
 // Compile-time constants (prepended as #defines by mma_decode.py): TOPK (at most 32), NTILE (8-token mma
-// tiles: 1 or 2), WARPS (per CTA), DENSE_CHUNK, NM_CHUNK, TOPK_CHUNK (blocks per warp, at most 32), UNROLL
-// (dense and 2:4 blocks loaded per step), HALF_T (0 bf16, 1 fp16), SELECTORS (the 2:4 table's initializer).
+// tiles: 1 or 2), WARPS (per CTA), CHUNK (dense and 2:4 blocks per warp), TOPK_CHUNK (TopK blocks per warp;
+// both at most 32), HALF_T (0 bf16, 1 fp16), SELECTORS (the 2:4 table's initializer).
 
 typedef unsigned short u16;
 typedef unsigned int u32;
@@ -95,45 +95,65 @@ __device__ __forceinline__ void mma_tiles(float (*acc)[4], u32 a0, u32 a1, u32 a
     for (int tile = 0; tile < NTILE; ++tile) mma_16816(acc[tile], a0, a1, a2, a3, bx[tile].x, bx[tile].y);
 }
 
-// One step's loads (UNROLL blocks from block `first` of the chunk), issued together: bytes in flight.
-struct DenseStep {
-    uint2 lo[UNROLL], hi[UNROLL], bx[UNROLL][NTILE];  // rows g and g+8, columns 4t..4t+3; x fragments
-};
-
-__device__ __forceinline__ void load_dense(DenseStep& st, int first, int n, int start, int lane_col,
-                                           const uint2* __restrict__ values, const u16* __restrict__ x,
-                                           int g, int t, int T, int K) {
-    const uint2* base = values + (size_t)start * 64 + g * 4 + t;  // block i's row g at base[i * 64]: immediates
-#pragma unroll
-    for (int u = 0; u < UNROLL; ++u) {
-        const int i = first + u, col = __shfl_sync(FULL, lane_col, i & 31);
-        if (i < n) {
-            st.lo[u] = __ldg(base + i * 64);
-            st.hi[u] = __ldg(base + i * 64 + 32);  // row g+8
-            load_x(st.bx[u], x, col, g, t, T, K);
-        }
+// Block i of a dense (TIER 0) or 2:4 (TIER 1) chunk: this lane's words. Dense: the A fragment itself, rows g
+// and g+8 at columns 4t..4t+1 and 4t+2..4t+3. 2:4: the kept pairs of group t in rows g and g+8, then the two
+// rows' metadata (four 4-bit groups each). The pointers are this lane's words of the chunk's first block, so
+// that every block's address is an immediate offset.
+template <int TIER>
+__device__ __forceinline__ void load_block(u32* raw, const void* __restrict__ values, const u16* __restrict__ meta,
+                                           int i) {
+    if (TIER == 0) {
+        const uint2 lo = __ldg(static_cast<const uint2*>(values) + i * 64);
+        const uint2 hi = __ldg(static_cast<const uint2*>(values) + i * 64 + 32);  // row g+8
+        raw[0] = lo.x, raw[1] = hi.x, raw[2] = lo.y, raw[3] = hi.y;
+    } else {
+        const u32* v = static_cast<const u32*>(values) + i * 64;
+        raw[0] = __ldg(v), raw[1] = __ldg(v + 32), raw[2] = __ldg(meta + i * 16), raw[3] = __ldg(meta + i * 16 + 8);
     }
 }
 
-struct NmStep {
-    u32 v_lo[UNROLL], v_hi[UNROLL], m_lo[UNROLL], m_hi[UNROLL];  // kept pairs and meta of rows g, g+8
-    uint2 bx[UNROLL][NTILE];
-};
+// The A fragment of a loaded block: a dense block's words as they are; a 2:4 block's pairs spread to their
+// columns by two byte permutes each, selected by the group's nibble.
+template <int TIER>
+__device__ __forceinline__ void fragment(u32* a, const u32* raw, const uint2* sel, int t) {
+    if (TIER == 0) {
+        a[0] = raw[0], a[1] = raw[1], a[2] = raw[2], a[3] = raw[3];
+    } else {
+        const uint2 s_lo = sel[(raw[2] >> (4 * t)) & 15u], s_hi = sel[(raw[3] >> (4 * t)) & 15u];
+        a[0] = __byte_perm(raw[0], 0u, s_lo.x), a[1] = __byte_perm(raw[1], 0u, s_hi.x);
+        a[2] = __byte_perm(raw[0], 0u, s_lo.y), a[3] = __byte_perm(raw[1], 0u, s_hi.y);
+    }
+}
 
-__device__ __forceinline__ void load_nm(NmStep& st, int first, int n, int start, int lane_col,
-                                        const u32* __restrict__ values, const u16* __restrict__ meta,
-                                        const u16* __restrict__ x, int g, int t, int T, int K) {
-    const u32* vbase = values + (size_t)start * 64 + g * 4 + t;  // block i's row g, group t at vbase[i * 64]
-    const u16* mbase = meta + (size_t)start * 16 + g;
+// A dense or 2:4 chunk: all its loads (blocks and x) issued first, then one mma per block and 8-token tile; the
+// accumulators go to ws whenever the block-row changes.
+template <int TIER>
+__device__ __forceinline__ void stream_blocks(float (*acc)[4], int& row, int n, int start, int lane_col, int lane_row,
+                                              const void* __restrict__ values, const u16* __restrict__ meta,
+                                              const u16* __restrict__ x, const uint2* sel, float* __restrict__ ws,
+                                              int g, int t, int T, int K, int NPAD) {
+    // Both tiers' blocks are 64 words of this lane's width (8 bytes dense, 4 bytes 2:4); the metadata 16 u16.
+    const void* lane_values = TIER == 0 ? static_cast<const void*>(static_cast<const uint2*>(values) + (size_t)start * 64 + g * 4 + t)
+                                        : static_cast<const void*>(static_cast<const u32*>(values) + (size_t)start * 64 + g * 4 + t);
+    const u16* lane_meta = meta + (size_t)start * 16 + g;
+    u32 raw[CHUNK][4];
+    uint2 bx[CHUNK][NTILE];
 #pragma unroll
-    for (int u = 0; u < UNROLL; ++u) {
-        const int i = first + u, col = __shfl_sync(FULL, lane_col, i & 31);
+    for (int i = 0; i < CHUNK; ++i) {
+        const int col = __shfl_sync(FULL, lane_col, i);
         if (i < n) {
-            st.v_lo[u] = __ldg(vbase + i * 64);  // row g, group t's kept pair
-            st.v_hi[u] = __ldg(vbase + i * 64 + 32);  // row g+8
-            st.m_lo[u] = __ldg(mbase + i * 16);
-            st.m_hi[u] = __ldg(mbase + i * 16 + 8);
-            load_x(st.bx[u], x, col, g, t, T, K);
+            load_block<TIER>(raw[i], lane_values, lane_meta, i);
+            load_x(bx[i], x, col, g, t, T, K);
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < CHUNK; ++i) {
+        const int block_row = __shfl_sync(FULL, lane_row, i);
+        if (i < n) {
+            if (block_row != row) { flush(acc, ws, row, g, t, T, NPAD); row = block_row; }
+            u32 a[4];
+            fragment<TIER>(a, raw[i], sel, t);
+            mma_tiles(acc, a[0], a[1], a[2], a[3], bx[i]);
         }
     }
 }
@@ -151,10 +171,10 @@ __device__ __forceinline__ Chunk chunk_of(int wid, int lane, int n_dense, int n_
     const short* cols;
     int offset;  // of the tier's blocks in block_rows
     if (wid < w_dense) {
-        c = {0, wid * DENSE_CHUNK, DENSE_CHUNK, 0, 0};
+        c = {0, wid * CHUNK, CHUNK, 0, 0};
         cols = dense_cols, offset = 0, c.n = min(c.n, n_dense - c.start);
     } else if (wid < w_dense + w_nm) {
-        c = {1, (wid - w_dense) * NM_CHUNK, NM_CHUNK, 0, 0};
+        c = {1, (wid - w_dense) * CHUNK, CHUNK, 0, 0};
         cols = nm_cols, offset = n_dense, c.n = min(c.n, n_nm - c.start);
     } else {
         c = {2, (wid - w_dense - w_nm) * TOPK_CHUNK, TOPK_CHUNK, 0, 0};
@@ -202,46 +222,11 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, 1) hybrid_mma_decode(
                              topk_cols);
     const int start = c.start, n = c.n, lane_col = c.lane_col, lane_row = c.lane_row;
     int row = __shfl_sync(FULL, lane_row, 0);
-    if (c.tier == 0) {
-        DenseStep step[2];
-        load_dense(step[0], 0, n, start, lane_col, dense_values, x, g, t, T, K);
-#pragma unroll
-        for (int s = 0; s < DENSE_CHUNK / UNROLL; ++s) {  // the next step's loads fly while this one computes
-            if ((s + 1) * UNROLL < DENSE_CHUNK)
-                load_dense(step[(s + 1) & 1], (s + 1) * UNROLL, n, start, lane_col, dense_values, x, g, t, T, K);
-            const DenseStep& here = step[s & 1];
-#pragma unroll
-            for (int u = 0; u < UNROLL; ++u) {
-                const int i = s * UNROLL + u, block_row = __shfl_sync(FULL, lane_row, i);
-                if (i < n) {
-                    if (block_row != row) { flush(acc, ws, row, g, t, T, NPAD); row = block_row; }
-                    mma_tiles(acc, here.lo[u].x, here.hi[u].x, here.lo[u].y, here.hi[u].y, here.bx[u]);
-                }
-            }
-        }
-    } else if (c.tier == 1) {
-        NmStep step[2];
-        load_nm(step[0], 0, n, start, lane_col, nm_values, nm_meta, x, g, t, T, K);
-#pragma unroll
-        for (int s = 0; s < NM_CHUNK / UNROLL; ++s) {
-            if ((s + 1) * UNROLL < NM_CHUNK)
-                load_nm(step[(s + 1) & 1], (s + 1) * UNROLL, n, start, lane_col, nm_values, nm_meta, x, g, t, T,
-                        K);
-            const NmStep& here = step[s & 1];
-#pragma unroll
-            for (int u = 0; u < UNROLL; ++u) {
-                const int i = s * UNROLL + u, block_row = __shfl_sync(FULL, lane_row, i);
-                if (i < n) {
-                    if (block_row != row) { flush(acc, ws, row, g, t, T, NPAD); row = block_row; }
-                    const uint2 s_lo = sel[(here.m_lo[u] >> (4 * t)) & 15u];
-                    const uint2 s_hi = sel[(here.m_hi[u] >> (4 * t)) & 15u];
-                    mma_tiles(acc, __byte_perm(here.v_lo[u], 0u, s_lo.x), __byte_perm(here.v_hi[u], 0u, s_hi.x),
-                              __byte_perm(here.v_lo[u], 0u, s_lo.y), __byte_perm(here.v_hi[u], 0u, s_hi.y),
-                              here.bx[u]);
-                }
-            }
-        }
-    } else {
+    if (c.tier == 0)
+        stream_blocks<0>(acc, row, n, start, lane_col, lane_row, dense_values, nullptr, x, sel, ws, g, t, T, K, NPAD);
+    else if (c.tier == 1)
+        stream_blocks<1>(acc, row, n, start, lane_col, lane_row, nm_values, nm_meta, x, sel, ws, g, t, T, K, NPAD);
+    else {
         // Lane e of round r holds entry e % TOPK of the round's block e / TOPK: its tile slot and value.
         const int r_block = lane / TOPK, entry = lane % TOPK;
         int slot[TOPK_ROUNDS];

@@ -7,8 +7,8 @@ config) for the process.
 
 The kernel adds fp32 partial sums into a per-weight workspace with atomics; hybrid_cast_and_zero then writes
 the output and zeroes the workspace, so calls on one weight must run one after another (one stream), as
-decode does. The workspace and the block-row index are the flat GEMV's state (flat_gemv._flat_state), built
-on the first call per weight: make one call before capturing a CUDA graph.
+decode does. The workspace and the block-row index are shared with the flat GEMV
+(flat_gemv.decode_workspace), built on the first call per weight: make one call before capturing a CUDA graph.
 """
 from __future__ import annotations
 
@@ -28,19 +28,16 @@ MMA_DECODE_MAX_TOKENS = 16  # two 8-token mma tiles
 
 
 class MmaDecodeConfig(NamedTuple):
-    """Blocks per warp for each tier's chunks (at most 32: a lane holds one block's column and block-row),
-    dense and 2:4 blocks loaded per step (the chunks are whole steps; a step's loads overlap the previous
-    step's mma), and warps per CTA."""
+    """Dense and 2:4 blocks per warp, TopK blocks per warp (both at most 32: a lane holds one block's column and
+    block-row), and warps per CTA."""
 
-    dense_chunk: int = 8
-    nm_chunk: int = 8
+    chunk: int = 8
     topk_chunk: int = 12
-    unroll: int = 8
     warps: int = 4
 
 
-# Chunks of 8 blocks in one step, 4 warps: the fastest, or within a few percent, of 5-9 configs swept at 1, 4
-# and 16 tokens on every LLaMA-2-7B shape and both mixes (H200, session 11; README).
+# Chunks of 8 blocks, 4 warps: the fastest, or within a few percent, of 5-9 configs swept at 1, 4 and 16
+# tokens on every LLaMA-2-7B shape and both mixes (H200, session 11; README).
 MMA_DECODE_CONFIG = MmaDecodeConfig()
 _MMA_DECODE_ENABLED = [True]
 
@@ -54,9 +51,9 @@ def prefers_mma_decode(tokens: int) -> bool:
     """Whether the op sends a product of `tokens` tokens here: 2-16 (one token goes to the flat GEMV, which was
     faster on the H200: 1.03-1.11x cuBLAS at 35/45/20 against 0.87-0.98x here), or one token when the flat
     GEMV is turned off."""
-    from ..triton import flat_gemv
+    from ..triton.flat_gemv import flat_gemv_enabled
 
-    one_token_here = tokens == 1 and not flat_gemv._FLAT_GEMV_ENABLED[0]
+    one_token_here = tokens == 1 and not flat_gemv_enabled()
     return _MMA_DECODE_ENABLED[0] and (2 <= tokens <= MMA_DECODE_MAX_TOKENS or one_token_here)
 
 
@@ -104,13 +101,11 @@ def _compiler_available() -> bool:
 
 def kernel_source(half: bool, topk: int, ntile: int, config: MmaDecodeConfig) -> str:
     """mma_decode.cu with its compile-time constants defined: fp16 (else bf16), TopK k, 8-token tiles, config."""
-    assert all(1 <= c <= 32 for c in config[:3]) and config.warps >= 1, \
+    assert 1 <= config.chunk <= 32 and 1 <= config.topk_chunk <= 32 and config.warps >= 1, \
         f"chunks must be 1..32 blocks (a lane holds one block's index): {config}"
-    assert config.unroll >= 1 and config.dense_chunk % config.unroll == 0 and config.nm_chunk % config.unroll == 0, \
-        f"dense and 2:4 chunks must be whole steps of `unroll` blocks: {config}"
     assert 1 <= topk <= 32 and ntile in (1, 2), (topk, ntile)
-    defines = dict(TOPK=topk, NTILE=ntile, WARPS=config.warps, DENSE_CHUNK=config.dense_chunk,
-                   NM_CHUNK=config.nm_chunk, TOPK_CHUNK=config.topk_chunk, UNROLL=config.unroll, HALF_T=int(half))
+    defines = dict(TOPK=topk, NTILE=ntile, WARPS=config.warps, CHUNK=config.chunk, TOPK_CHUNK=config.topk_chunk,
+                   HALF_T=int(half))
     selectors = ", ".join(f"{{{lo:#x}u, {hi:#x}u}}" for lo, hi in selector_table().tolist())
     defines["SELECTORS"] = f"{{{selectors}}}"
     return "".join(f"#define {k} {v}\n" for k, v in defines.items()) + _SOURCE.read_text()
@@ -129,32 +124,17 @@ def _module(half: bool, topk: int, ntile: int, config: MmaDecodeConfig, arch: st
     return _cuda_load_module(binary, ["hybrid_mma_decode", "hybrid_cast_and_zero"])
 
 
-def _workspace(hw: HybridWeight, tokens: int, create: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(block-row index, zeroed fp32 workspace (cap, nbr·16)) of `hw` for `tokens` tokens, cap 1, 8 or 16."""
-    from ..triton import flat_gemv
-
-    if not create and not flat_gemv.flat_gemv_ready(hw, None):
-        return None
-    state = flat_gemv._flat_state(hw, None)
-    cap = 1 if tokens == 1 else 8 if tokens <= 8 else 16
-    if cap == 1:
-        return state.block_rows, state.workspace
-    wide = state.token_workspaces.get(cap)
-    if wide is None:
-        if not create:
-            return None
-        wide = state.token_workspaces[cap] = torch.zeros(cap * len(state.workspace), dtype=torch.float32,
-                                                         device=hw.device)
-    return state.block_rows, wide
-
-
 def mma_decode_ready(hw: HybridWeight, tokens: int) -> bool:
     """Whether a call at `tokens` tokens allocates nothing (safe inside a CUDA graph capture)."""
-    return _workspace(hw, tokens, create=False) is not None
+    from ..triton.flat_gemv import decode_workspace
+
+    return decode_workspace(hw, tokens, create=False) is not None
 
 
 def hybrid_mm_mma(x: torch.Tensor, hw: HybridWeight, config: MmaDecodeConfig | None = None) -> torch.Tensor:
     """x (T, in) @ W.T -> (T, out) for T <= 16 on the tensor cores (mma_decode.cu); see mma_decode_supported."""
+    from ..triton.flat_gemv import decode_workspace
+
     assert x.dim() == 2 and x.is_contiguous(), (tuple(x.shape), x.stride())
     assert mma_decode_supported(x, hw), "hybrid_mm_mma: unsupported input (see mma_decode_supported)"
     for name, t in hw.tensors().items():
@@ -164,10 +144,9 @@ def hybrid_mm_mma(x: torch.Tensor, hw: HybridWeight, config: MmaDecodeConfig | N
     ntile = 1 if T <= 8 else 2
     major, minor = torch.cuda.get_device_capability(x.device)
     kernels = _module(x.dtype == torch.float16, hw.topk, ntile, config, f"{major}{minor}")
-    block_rows, ws = _workspace(hw, T, create=True)
+    block_rows, ws = decode_workspace(hw, T, create=True)
     n_dense, n_nm, n_topk = hw.tier_counts()
-    w_dense, w_nm, w_topk = (-(-n_dense // config.dense_chunk), -(-n_nm // config.nm_chunk),
-                             -(-n_topk // config.topk_chunk))
+    w_dense, w_nm, w_topk = -(-n_dense // config.chunk), -(-n_nm // config.chunk), -(-n_topk // config.topk_chunk)
     warps = w_dense + w_nm + w_topk
     npad = 16 * (len(hw.dense_row_ptr) - 1)
     out = x.new_empty(T, n_out)

@@ -19,7 +19,7 @@ from ..hybrid import HybridWeight
 from .hybrid_mm import _KERNEL_DTYPES, _check, _packed_args, _pow2_at_least
 
 __all__ = ["FLAT_GEMV_CONFIG", "FlatGemvConfig", "hybrid_mm_flat_gemv", "use_flat_gemv", "set_flat_gemv_config",
-           "prefers_flat_gemv", "flat_gemv_ready"]
+           "prefers_flat_gemv", "flat_gemv_ready", "flat_gemv_enabled", "decode_workspace"]
 
 
 @dataclass
@@ -121,6 +121,11 @@ def use_flat_gemv(enabled: bool) -> None:
     _FLAT_GEMV_ENABLED[0] = bool(enabled)
 
 
+def flat_gemv_enabled() -> bool:
+    """Whether the op sends one-token products here (use_flat_gemv)."""
+    return _FLAT_GEMV_ENABLED[0]
+
+
 def set_flat_gemv_config(config: FlatGemvConfig) -> FlatGemvConfig:
     """Make `config` the op's flat GEMV config; returns the previous one (for benchmarks that compare them)."""
     global FLAT_GEMV_CONFIG
@@ -141,6 +146,28 @@ def flat_gemv_ready(hw: HybridWeight, nb: int | None) -> bool:
     sources = (hw.dense_row_ptr, hw.nm_row_ptr, hw.topk_row_ptr)
     return (entry is not None and all(ref() is t for ref, t in zip(entry[0], sources))
             and (nb is None or nb in entry[1].contributors))
+
+
+def decode_workspace(hw: HybridWeight, tokens: int, *, create: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(block-row index, zeroed fp32 workspace) of `hw` for up to `tokens` tokens: 1, 8 or 16 rows of nbr·16.
+
+    Shared by the decode kernels of one weight, this GEMV at one token and the tensor-core kernel
+    (kernels/cuda) at 1-16, so the index is built once. With create=False, None where they do not exist yet
+    (a call would allocate: not inside a CUDA graph capture).
+    """
+    if not create and not flat_gemv_ready(hw, None):
+        return None
+    state = _flat_state(hw, None)
+    rows = 1 if tokens == 1 else 8 if tokens <= 8 else 16
+    if rows == 1:
+        return state.block_rows, state.workspace
+    wide = state.token_workspaces.get(rows)
+    if wide is None:
+        if not create:
+            return None
+        wide = state.token_workspaces[rows] = torch.zeros(rows * len(state.workspace), dtype=torch.float32,
+                                                          device=hw.device)
+    return state.block_rows, wide
 
 
 def hybrid_mm_flat_gemv(x: torch.Tensor, hw: HybridWeight, *, nb: int = 8, num_warps: int = 2,

@@ -19,6 +19,7 @@ import torch
 from tierprune.kernels.cuda import mma_decode as md
 from tierprune.kernels.hybrid import pack_hybrid
 from tierprune.kernels.tiers import tier_keep_mask
+from tierprune.kernels.triton.flat_gemv import decode_workspace
 
 from .test_hybrid import pruned_weight, random_tier_map
 
@@ -163,7 +164,7 @@ def nvrtc_ptx(source: str, arch: str = "sm_90") -> str:
 
 @pytest.mark.parametrize("topk,ntile,half,config", [
     (10, 1, False, md.MMA_DECODE_CONFIG), (10, 2, False, md.MMA_DECODE_CONFIG), (16, 2, True, md.MMA_DECODE_CONFIG),
-    (1, 1, False, md.MmaDecodeConfig(8, 32, 32, 4, 8)), (32, 2, False, md.MmaDecodeConfig(32, 16, 5, 8, 4)),
+    (1, 1, False, md.MmaDecodeConfig(16, 32, 8)), (32, 2, False, md.MmaDecodeConfig(12, 5, 4)),
 ])
 def test_source_compiles_for_hopper_without_spills(topk, ntile, half, config, tmp_path) -> None:
     ptx = nvrtc_ptx(md.kernel_source(half, topk, ntile, config))
@@ -195,9 +196,9 @@ def test_supported_refuses_what_the_kernel_cannot_take() -> None:
         assert not md.mma_decode_supported(torch.randn(17, 64, device="cuda").to(torch.bfloat16), hw_cuda)
         assert not md.mma_decode_supported(x.cuda().half(), hw_cuda)
     with pytest.raises(AssertionError, match="chunks must be 1..32"):
-        md.kernel_source(False, 10, 1, md.MmaDecodeConfig(dense_chunk=64))
-    with pytest.raises(AssertionError, match="whole steps"):
-        md.kernel_source(False, 10, 1, md.MmaDecodeConfig(dense_chunk=12, unroll=8))
+        md.kernel_source(False, 10, 1, md.MmaDecodeConfig(chunk=64))
+    with pytest.raises(AssertionError, match="chunks must be 1..32"):
+        md.kernel_source(False, 10, 1, md.MmaDecodeConfig(topk_chunk=0))
 
 
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
@@ -220,10 +221,11 @@ def test_kernel_matches_reference_and_leaves_the_workspace_zeroed(shape, probs, 
     x = torch.randn(tokens, shape[1], generator=g).to(dtype).cuda()
     expected = x.double().cpu() @ W.double().T
     tol = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
-    for _ in range(2):  # the second call starts from the workspace the first left
-        got = md.hybrid_mm_mma(x, hw)
+    # the default config and odd chunks, each twice, every call starting from the workspace the previous one left
+    for config in [md.MMA_DECODE_CONFIG, md.MmaDecodeConfig(5, 7, 2)] * 2:
+        got = md.hybrid_mm_mma(x, hw, config)
         torch.testing.assert_close(got.double().cpu(), expected, rtol=tol, atol=tol * expected.abs().max().item())
-    _, workspace = md._workspace(hw, tokens, create=False)
+    _, workspace = decode_workspace(hw, tokens, create=False)
     assert int(torch.count_nonzero(workspace)) == 0
 
 
