@@ -132,9 +132,9 @@ __device__ __forceinline__ void stream_blocks(float (*acc)[4], int& row, int n, 
                                               const void* __restrict__ values, const u16* __restrict__ meta,
                                               const u16* __restrict__ x, const uint2* sel, float* __restrict__ ws,
                                               int g, int t, int T, int K, int NPAD) {
-    // Both tiers' blocks are 64 words of this lane's width (8 bytes dense, 4 bytes 2:4); the metadata 16 u16.
-    const void* lane_values = TIER == 0 ? static_cast<const void*>(static_cast<const uint2*>(values) + (size_t)start * 64 + g * 4 + t)
-                                        : static_cast<const void*>(static_cast<const u32*>(values) + (size_t)start * 64 + g * 4 + t);
+    // A block is 64 words of this lane's width (8 bytes dense, 4 bytes 2:4) and 16 u16 of 2:4 metadata.
+    constexpr int word = TIER == 0 ? sizeof(uint2) : sizeof(u32);
+    const void* lane_values = static_cast<const char*>(values) + ((size_t)start * 64 + g * 4 + t) * word;
     const u16* lane_meta = meta + (size_t)start * 16 + g;
     u32 raw[CHUNK][4];
     uint2 bx[CHUNK][NTILE];
