@@ -61,8 +61,8 @@ def check_correctness(configs) -> None:
         ref = hybrid_matmul_ref(x.float(), hw).float()
         err, scale = (got - ref).abs().max().item(), ref.abs().max().item()
         ok = err <= 1.6e-2 * scale
-        print(f"check {shape} mix={mix} k={k} T={T} {str(dtype)[6:]} {','.join(map(str, config))}: max |error| {err:.3g} of max |y| {scale:.3g}"
-              f" {'ok' if ok else 'WRONG'}", flush=True)
+        print(f"check {shape} mix={mix} k={k} T={T} {str(dtype)[6:]} config {','.join(map(str, config))}: "
+              f"max |error| {err:.3g} of max |y| {scale:.3g} {'ok' if ok else 'WRONG'}", flush=True)
         if not ok:
             raise SystemExit(f"mma_decode: wrong result for {shape} {mix} k={k} T={T}")
 
