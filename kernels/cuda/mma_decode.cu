@@ -135,7 +135,7 @@ __device__ __forceinline__ void stream_blocks(float (*acc)[4], int& row, int n, 
     // A block is 64 words of this lane's width (8 bytes dense, 4 bytes 2:4) and 16 u16 of 2:4 metadata.
     constexpr int word = TIER == 0 ? sizeof(uint2) : sizeof(u32);
     const void* lane_values = static_cast<const char*>(values) + ((size_t)start * 64 + g * 4 + t) * word;
-    const u16* lane_meta = meta + (size_t)start * 16 + g;
+    const u16* lane_meta = TIER == 0 ? nullptr : meta + (size_t)start * 16 + g;  // dense blocks have none
     u32 raw[CHUNK][4];
     uint2 bx[CHUNK][NTILE];
 #pragma unroll
