@@ -196,18 +196,18 @@ def hybrid_mm_flat_gemv(x: torch.Tensor, hw: HybridWeight, *, nb: int = 8, num_w
     n_dense, n_nm, n_topk = hw.tier_counts()
     out = x.new_empty(1, hw.shape[0])
     if not counted:
-        state = _flat_state(hw, None)
+        block_rows, workspace = decode_workspace(hw, 1, create=True)
         p_dense, p_nm = (-(-n // (nb * chunks)) for n in (n_dense, n_nm))
         p_topk = -(-n_topk // ((topk_nb or nb) * chunks))
         (dv, dc, _, nv, meta, nc, _, tv, tp, tc, _) = _packed_args(hw)
         _flat_gemv._hybrid_flat_gemv_uncounted_kernel[(p_dense + p_nm + p_topk,)](
-            x, state.workspace, state.block_rows, dv, dc, nv, meta, nc, tv, tp, tc,
+            x, workspace, block_rows, dv, dc, nv, meta, nc, tv, tp, tc,
             n_dense, n_nm, n_topk, p_dense, p_nm, hw.shape[1],
             TOPK=hw.topk, KP=_pow2_at_least(hw.topk), NB=nb, NM_EXPAND=nm_expand, CHUNKS=chunks, TOPK_NB=topk_nb,
             num_warps=num_warps,
         )
         block = 1024
-        _flat_gemv._cast_and_zero_kernel[(-(-hw.shape[0] // block),)](state.workspace, out, hw.shape[0],
+        _flat_gemv._cast_and_zero_kernel[(-(-hw.shape[0] // block),)](workspace, out, hw.shape[0],
                                                                        BLOCK=block, num_warps=4)
         return out
     assert chunks == 1 and not topk_nb, "chunks > 1 and topk_nb: the uncounted kernel only"
