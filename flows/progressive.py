@@ -19,7 +19,7 @@ from tierprune.config import TierpruneConfig, config_from_flags
 from tierprune.flows.gpu_slots import device_slot
 from tierprune.flows.parameters import (
     RUN_NAME_TEMPLATE, BlockSize, Calib, CalibBatchSize, CalibSamples, CalibSeqlen, Compile, Device, Dtype, Eval,
-    EvalBatchSize, EvalMaxWindows, EvalSeqlen, FtBatchSize, FtCommitEvery, FtCommitMinutes, FtCompile, FtData,
+    EvalBatchSize, EvalMaxWindows, EvalSeqlen, FtBatchSize, FtCommitEvery, FtCommitMinutes, FtCompile, FtData, FtFade,
     FtEvalEvery, FtGradAccum, FtLr, FtMethod, FtPatience, FtSchedule, FtSeqlen, FtTokens, FtTrain, FtWarmup,
     GgufFile, KdCacheTopk, KdHiddenWeight, KdTemperature, KdWeight, LoraRank, LoraTargets, Model, Offload, Plan,
     ResumeFrom, Run, Scope, Seed, Select, Store, Topk, ZeroShot, ZeroShotInclude, ZeroShotLimit, described,
@@ -124,6 +124,7 @@ def progressive(
     ft_eval_every: FtEvalEvery = 0,
     ft_patience: FtPatience = 0,
     ft_compile: FtCompile = False,
+    ft_fade: FtFade = 0.0,
     kd_weight: KdWeight = 1.0,
     kd_temperature: KdTemperature = 1.0,
     kd_hidden_weight: KdHiddenWeight = 0.0,

@@ -27,7 +27,7 @@ from .prune import named_linears
 from .refs import ArtifactRef, committed_or_compute, step_key, store_cache_policy
 from .training import (
     TeacherTopK, TrainState, calibration_doc_indices, check_disjoint, corpus_stream, draw_windows, finetune_model_,
-    iteration_tokens, teacher_topk_logits,
+    iteration_tokens, masks_applied, teacher_topk_logits,
 )
 
 if TYPE_CHECKING:
@@ -196,8 +196,12 @@ def _train(state: RunState, iteration: int, key: str, model: nn.Module, tokenize
     val_ids = state.held_out_ids[0]
     resumed = _latest_train_state(state, iteration, key)
     if resumed is None:
-        apply_masks_(model, masks)
-        before = {"ppl_before_finetune": _ppl_before(state, iteration, model, tokenizer)}
+        if ft.fade_fraction:  # measured demoted; training then starts from the weights as they were, and fades them
+            with masks_applied(model, keep):
+                before = {"ppl_before_finetune": _ppl_before(state, iteration, model, tokenizer)}
+        else:
+            apply_masks_(model, masks)
+            before = {"ppl_before_finetune": _ppl_before(state, iteration, model, tokenizer)}
     else:
         before = resumed[1]
     teacher = None
@@ -225,6 +229,8 @@ def _train(state: RunState, iteration: int, key: str, model: nn.Module, tokenize
                   first_loss=result.losses[0] if result.losses else None,
                   last_loss=result.losses[-1] if result.losses else None,
                   val_losses=[list(v) for v in result.val_losses], windows=int(train_ids.shape[0]), **corpus)
+    if ft.fade_fraction:
+        record["fade_fraction"] = ft.fade_fraction
     if ft.method == "lora" or ft.train == "linears":
         return {f"{name}.weight" for name in named_linears(model)} | _biases(model)
     return {name for name, _ in model.named_parameters()}

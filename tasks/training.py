@@ -15,8 +15,8 @@ import math
 import random
 import re
 import time
-from collections.abc import Callable, Iterable, Sequence
-from contextlib import nullcontext
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -35,7 +35,7 @@ __all__ = [
     "FinetuneConfig", "FinetuneResult", "TrainState", "TeacherTopK",
     "iteration_tokens", "corpus_stream", "draw_windows", "finetune_windows", "calibration_doc_indices", "check_disjoint",
     "distillation_loss", "topk_distillation_loss", "hidden_state_loss", "teacher_topk_logits",
-    "apply_masks_", "mask_gradients", "wrap_lora", "merge_lora_", "finetune_model_",
+    "apply_masks_", "masks_applied", "fade_factor", "mask_gradients", "wrap_lora", "merge_lora_", "finetune_model_",
 ]
 
 
@@ -263,6 +263,41 @@ def _zero_pruned_(pruned_positions: list[tuple[nn.Module, torch.Tensor]]) -> Non
     # (module, True where pruned), shaped like module.weight
     for module, pruned in pruned_positions:
         module.weight.masked_fill_(pruned, 0)
+
+
+@contextmanager
+def masks_applied(model: nn.Module, masks: dict[str, torch.Tensor]) -> Iterator[None]:
+    """Inside: the weights the keep-masks remove are zero. After: they are back, bit for bit."""
+    resolved = _resolve_masks(model, masks)
+    with torch.no_grad():
+        removed = [(module, ~keep, module.weight.masked_select(~keep)) for module, keep in resolved.values()]
+        for module, pruned, _ in removed:
+            module.weight.masked_fill_(pruned, 0)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for module, pruned, values in removed:
+                module.weight.masked_scatter_(pruned, values)
+
+
+def fade_factor(step: int, fade_steps: int) -> float:
+    """How much of a removed weight is left after `step` optimizer steps: 1 → 0 linearly over fade_steps."""
+    return max(0.0, 1.0 - step / fade_steps) if fade_steps else 0.0
+
+
+@torch.no_grad()
+def _set_fading_(pruned_positions: list[tuple[nn.Module, torch.Tensor]], fading: list[torch.Tensor],
+                 factor: float) -> None:
+    """Every pruned weight zero, then the ones still fading at `factor` of their value before the demotion.
+
+    fading[i] is zero except where the i-th module's demotion removed a weight (two in-place passes: no
+    temporaries and no host sync, where indexing by a mask would wait for the device every step).
+    """
+    _zero_pruned_(pruned_positions)
+    if factor > 0:
+        for (module, _), removed in zip(pruned_positions, fading):
+            module.weight.add_(removed, alpha=factor)
 
 
 def mask_gradients(model: nn.Module, masks: dict[str, torch.Tensor]) -> list[torch.utils.hooks.RemovableHandle]:
@@ -566,8 +601,14 @@ def finetune_model_(model: nn.Module, masks: dict[str, torch.Tensor], train_ids:
     every cfg.commit_minutes of training, and after the last step; on_progress(steps done, total steps)
     after every optimizer step.
     Early stopping ends the run; it does not roll back to the best evaluation.
+    With cfg.fade_fraction the weights the masks remove and that are not zero yet (a fresh demotion's)
+    are taken from the model as handed in, and fade to zero over that fraction of the steps.
     """
     started = time.perf_counter()
+    resolved = _resolve_masks(model, masks)
+    # What the demotion removes, as it was: zero elsewhere (where weights are kept or were pruned before).
+    fading = ([module.weight.detach().masked_fill(keep, 0) for module, keep in resolved.values()]
+              if cfg.fade_fraction and cfg.method != "none" else [])
     apply_masks_(model, masks)  # masks handed in may be ahead of the weights (a fresh demotion)
     result = FinetuneResult(method=cfg.method)
     if cfg.method == "none" or train_ids.shape[0] == 0:
@@ -603,20 +644,23 @@ def finetune_model_(model: nn.Module, masks: dict[str, torch.Tensor], train_ids:
         trainables = _trainable_parameters(model, cfg)
         for p in trainables.values():
             p.requires_grad_(True)
-        hooks = mask_gradients(model, masks)
+        hooks = mask_gradients(model, masks)  # fading weights are frozen too: they only fade
+    if cfg.method == "full" or fading:
         # Resolved and inverted once, not at each of the steps that re-apply them.
-        pruned_positions = [(module, ~keep) for module, keep in _resolve_masks(model, masks).values()]
+        pruned_positions = [(module, ~keep) for module, keep in resolved.values()]
 
     # Master weights in fp32: AdamW steps of lr·1 on bf16 weights of ~0.02 fall below half an ulp and vanish.
     low_precision = {n: p.dtype for n, p in trainables.items() if p.dtype in (torch.bfloat16, torch.float16)}
     for n in low_precision:
         trainables[n].data = trainables[n].data.float()
     sixteen_bit = bool(low_precision) or any(p.dtype in (torch.bfloat16, torch.float16) for p in model.parameters())
+    fading = [removed.to(module.weight.dtype) for (module, _), removed in zip(pruned_positions, fading)]
     device = _device_of(model)
     micro = cfg.batch_size
     per_step = cfg.batch_size * cfg.grad_accum
     n_windows = train_ids.shape[0]
     total_steps = math.ceil(n_windows / per_step)
+    fade_steps = math.ceil(cfg.fade_fraction * total_steps)
     order = torch.randperm(n_windows, generator=torch.Generator().manual_seed(cfg.seed))
     # The windows in training order, on the device once (tens of MB): a step slices its micro-batches, where
     # copying each from pageable host memory would make the host wait for the device at every step.
@@ -639,6 +683,9 @@ def finetune_model_(model: nn.Module, masks: dict[str, torch.Tensor], train_ids:
         result.losses = list(state.meta["losses"])
         result.val_losses = [tuple(v) for v in state.meta["val_losses"]]
         result.stopped_early = bool(state.meta.get("stopped_early", False))
+    if fading:
+        # Where the fade stands at this step (a resumed LoRA run's base weights come back unfaded).
+        _set_fading_(pruned_positions, fading, fade_factor(step, fade_steps))
 
     pending_losses: list[torch.Tensor] = []  # step losses still on the device
 
@@ -680,7 +727,11 @@ def finetune_model_(model: nn.Module, masks: dict[str, torch.Tensor], train_ids:
                 step_loss += loss.detach().float() * weight  # read once per step: each .item() waits for the device
             optimizer.step()
             scheduler.step()
-            if cfg.method == "full":
+            if fading:
+                _set_fading_(pruned_positions, fading, fade_factor(step + 1, fade_steps))
+                if step + 1 >= fade_steps:
+                    fading = []  # faded out: from here on, as without fading
+            elif cfg.method == "full":
                 _zero_pruned_(pruned_positions)  # weight decay and bf16 rounding must not revive a pruned weight
             step += 1
             pending_losses.append(step_loss)

@@ -33,6 +33,8 @@ def test_fine_tuning_flags_map_onto_the_finetune_config():
     ({"kd_cache_topk": -4}, "--kd-cache-topk: .*greater than or equal to 1"),
     ({"kd_temperature": 0}, "--kd-temperature: .*greater than 0"),
     ({"kd_hidden_weight": -1}, "--kd-hidden-weight: .*greater than or equal to 0"),
+    ({"ft_fade": 1.5}, "--ft-fade: .*less than or equal to 1"),
+    ({"ft_fade": -0.1}, "--ft-fade: .*greater than or equal to 0"),
     ({"kd_hidden_weight": 1, "kd_cache_topk": 64}, "--kd-hidden-weight. needs the teacher model.*--kd-cache-topk"),
 ])
 def test_bad_fine_tuning_flags_are_one_line(flags, fragment):
@@ -60,3 +62,17 @@ def test_the_default_recipe_is_the_measured_one_everywhere():
     # The demo keeps the constant 5e-4 its measured numbers were taken with.
     assert (cli.DEMO_FINETUNE["ft_lr"], cli.DEMO_FINETUNE["ft_schedule"], cli.DEMO_FINETUNE["ft_warmup"]) == (
         5e-4, "constant", 0.0)
+
+
+def test_fading_enters_a_runs_identity_only_when_asked_for(monkeypatch, data_dir):
+    """Runs made before --ft-fade existed keep their identity (and so resume); a fading run is another run."""
+    from tierprune.plan import load_plan
+    from tierprune.tasks import run_state
+
+    monkeypatch.setattr(run_state, "model_identity", lambda name, gguf: {"name": name})
+    plan = load_plan("smoke")
+    data = {"calib": f"c4:{data_dir}/c4-subset", "eval": "none"}
+    plain = run_state.run_identity(config_from_flags(**RUN, **data), plan)["finetune"]
+    fading = run_state.run_identity(config_from_flags(**RUN, **data, ft_fade=0.5), plan)["finetune"]
+    assert "fade_fraction" not in plain
+    assert {k: v for k, v in fading.items() if k != "fade_fraction"} == plain and fading["fade_fraction"] == 0.5

@@ -313,6 +313,8 @@ def run(
     ft_patience: int = typer.Option(0, help="held-out losses without improvement before stopping; 0 = never"),
     ft_compile: bool = typer.Option(False, "--ft-compile",
                                     help="torch.compile the training forwards (GPU: launch-bound small models)"),
+    ft_fade: float = typer.Option(0.0, help="fraction of an iteration's optimizer steps over which the weights its "
+                                  "demotion removes fade to zero; 0 = removed at once"),
     kd_weight: float = typer.Option(1.0, help="distillation from the dense model: 0 = cross-entropy only, 1 = KD only"),
     kd_temperature: float = typer.Option(1.0, help="softmax temperature of the logit distillation"),
     kd_hidden_weight: float = typer.Option(0.0, help="weight of a per-layer hidden-state loss against the dense model, "
@@ -334,7 +336,8 @@ def run(
         ft_lr=ft_lr, ft_grad_accum=ft_grad_accum, ft_schedule=ft_schedule, ft_warmup=ft_warmup, ft_train=ft_train,
         ft_commit_every=ft_commit_every, ft_commit_minutes=ft_commit_minutes,
         ft_eval_every=ft_eval_every, ft_patience=ft_patience, kd_weight=kd_weight, kd_temperature=kd_temperature,
-        kd_hidden_weight=kd_hidden_weight, kd_cache_topk=kd_cache_topk, ft_compile=ft_compile, lora_rank=lora_rank,
+        kd_hidden_weight=kd_hidden_weight, kd_cache_topk=kd_cache_topk, ft_compile=ft_compile, ft_fade=ft_fade,
+        lora_rank=lora_rank,
         lora_targets=lora_targets,
         zero_shot=zero_shot, zero_shot_limit=zero_shot_limit, zero_shot_include=zero_shot_include)
     _progressive_run(cfg)

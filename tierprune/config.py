@@ -168,6 +168,10 @@ class FinetuneConfig(_Frozen):
     # torch.compile the training forwards (student and live teacher): a small model's step is bound by
     # kernel launches on a GPU; costs a compile (tens of seconds) once per process and model shape.
     compile: bool = False
+    # Gradual demotion: the weights a demotion removes fade linearly to zero over this fraction of the
+    # iteration's optimizer steps (frozen while they fade) instead of vanishing before the first step;
+    # 0 = removed at once. The masks are exact from the end of the fade on, and always in the checkpoint.
+    fade_fraction: float = Field(0.0, ge=0, le=1, allow_inf_nan=False)
 
     @model_validator(mode="after")
     def _consistent(self) -> FinetuneConfig:
@@ -265,7 +269,7 @@ _FINETUNE_FLAGS = {
     "warmup_fraction": "--ft-warmup", "train": "--ft-train", "commit_every": "--ft-commit-every",
     "commit_minutes": "--ft-commit-minutes",
     "eval_every": "--ft-eval-every", "patience": "--ft-patience", "teacher_cache": "--kd-cache-topk",
-    "teacher_topk": "--kd-cache-topk", "compile": "--ft-compile",
+    "teacher_topk": "--kd-cache-topk", "compile": "--ft-compile", "fade_fraction": "--ft-fade",
 }
 
 
@@ -294,7 +298,7 @@ def config_from_flags(
     lora_targets: str = ",".join(LLAMA_LINEARS), ft_grad_accum: int = 1, ft_schedule: str = "cosine",
     ft_warmup: float = 0.05, ft_train: str = "linears", ft_commit_every: int | None = None,
     ft_commit_minutes: float = 10.0, ft_eval_every: int = 0,
-    ft_patience: int = 0, kd_cache_topk: int = 0, ft_compile: bool = False,
+    ft_patience: int = 0, kd_cache_topk: int = 0, ft_compile: bool = False, ft_fade: float = 0.0,
     kd_temperature: float = 1.0, kd_hidden_weight: float = 0.0,
     zero_shot: str | None = None, zero_shot_limit: int | None = None, zero_shot_include: str | None = None,
 ) -> TierpruneConfig:
@@ -331,7 +335,8 @@ def config_from_flags(
                                       train=ft_train, commit_every=ft_commit_every,
                                       commit_minutes=ft_commit_minutes, eval_every=ft_eval_every,
                                       patience=ft_patience, seed=seed, teacher_cache=kd_cache_topk != 0,
-                                      teacher_topk=kd_cache_topk or 64, compile=ft_compile),
+                                      teacher_topk=kd_cache_topk or 64, compile=ft_compile,
+                                      fade_fraction=ft_fade),
             device=device, offload=offload,
         )
     except ValidationError as exc:

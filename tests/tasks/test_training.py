@@ -29,10 +29,12 @@ from tierprune.tasks.training import (
     corpus_stream,
     distillation_loss,
     finetune_model_,
+    fade_factor,
     finetune_windows,
     hidden_state_loss,
     iteration_tokens,
     mask_gradients,
+    masks_applied,
     merge_lora_,
     teacher_topk_logits,
     wrap_lora,
@@ -193,6 +195,77 @@ def test_a_bf16_model_trains_on_fp32_master_weights_and_stays_bf16(method: str) 
     large = {n: masks[n] & (start[f"{n}.weight"].abs() > 0.01) for n in masks}
     changed = sum(int((params(model)[f"{n}.weight"] != start[f"{n}.weight"])[large[n]].sum()) for n in masks)
     assert changed > 0.5 * sum(int(m.sum()) for m in large.values())
+
+
+# ------------------------------------------------------------------------------------------------ fading
+
+def test_masks_applied_zeroes_inside_and_restores_bit_for_bit() -> None:
+    model = make_tiny_llama()
+    masks = random_masks(model)
+    start = params(model)
+    with masks_applied(model, masks):
+        assert pruned_nonzeros(model, masks) == 0
+    after = params(model)
+    assert all(torch.equal(after[n], start[n]) for n in start)
+
+
+def test_fade_factor_goes_linearly_from_one_to_zero() -> None:
+    assert [fade_factor(s, 4) for s in range(6)] == [1.0, 0.75, 0.5, 0.25, 0.0, 0.0]
+    assert fade_factor(0, 0) == 0.0  # no fade: removed at once
+
+
+def _nested_masks(model, seed: int = 0) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(before, after) keep-masks of one demotion: `after` keeps a subset of what `before` keeps."""
+    before = random_masks(model, keep=0.7, seed=seed)
+    after = {n: m & random_masks(model, keep=0.6, seed=seed + 1)[n] for n, m in before.items()}
+    return before, after
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_demoted_weights_fade_linearly_while_frozen_then_the_masks_are_exact(method: str) -> None:
+    model = make_tiny_llama()
+    earlier, masks = _nested_masks(model)
+    apply_masks_(model, earlier)  # the previous iteration's pruning
+    start = params(model)
+    linears = named_linears(model)
+    removed = {n: earlier[n] & ~masks[n] for n in masks}
+    seen = []
+
+    def check(step: int, total: int) -> None:
+        factor = fade_factor(step, 4)
+        for name, m in linears.items():
+            w, w0 = m.weight.detach(), start[f"{name}.weight"]
+            # the demoted weights at their fraction of what they were: frozen, only fading
+            assert torch.equal(w[removed[name]], w0[removed[name]] * factor), (step, name)
+            assert torch.count_nonzero(w[~earlier[name]]) == 0  # pruned before stays pruned
+        seen.append(step)
+
+    cfg = FinetuneConfig(method=method, lr=1e-2, batch_size=2, schedule="constant", lora_rank=4, fade_fraction=0.5)
+    result = finetune_model_(model, masks, token_windows(16), cfg, on_progress=check)
+    assert result.steps == 8 and seen == list(range(1, 9))  # 8 steps, the fade over the first 4
+    assert pruned_nonzeros(model, masks) == 0
+    kept = "model.layers.0.mlp.up_proj"
+    assert not torch.equal(linears[kept].weight[masks[kept]], start[f"{kept}.weight"][masks[kept]])  # trained
+
+    unfaded = make_tiny_llama()
+    apply_masks_(unfaded, earlier)
+    finetune_model_(unfaded, masks, token_windows(16), cfg.model_copy(update={"fade_fraction": 0.0}))
+    assert not torch.equal(unfaded.model.layers[0].mlp.up_proj.weight, linears[kept].weight)  # fading trains otherwise
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_resume_in_the_middle_of_a_fade_equals_an_uninterrupted_run(method: str) -> None:
+    teacher, ids, val = make_tiny_llama(seed=1), token_windows(20), token_windows(4, seed=9)
+    cfg = _run_cfg(method).model_copy(update={"fade_fraction": 0.6})  # 5 steps, fading over 3; a state at step 2
+    whole = make_tiny_llama()
+    masks = random_masks(whole)
+    states: list[TrainState] = []
+    full_result = finetune_model_(whole, masks, ids, cfg, teacher=teacher, val_ids=val, on_step=states.append)
+    resumed = make_tiny_llama()  # as loaded at the start of the iteration: the demoted weights whole again
+    result = finetune_model_(resumed, masks, ids, cfg, teacher=teacher, val_ids=val, state=storage_roundtrip(states[0]))
+    assert_same_params(resumed, whole)
+    assert result.losses == full_result.losses and result.val_losses == full_result.val_losses
+    assert pruned_nonzeros(whole, masks) == 0
 
 
 # --------------------------------------------------------------------------------------------------- LoRA
