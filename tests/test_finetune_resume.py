@@ -36,7 +36,9 @@ def _finetune_step(run: Path) -> tuple[dict, dict]:
     return marker["meta"], json.loads((folder / "checkpoint.json").read_text())["tensors"]
 
 
-def test_sigkill_mid_finetune_resumes_from_the_last_committed_step(tmp_path, tiny_llama_dir, data_dir):
+@pytest.mark.parametrize("fade", [None, "1"], ids=["removed-at-once", "fading"])
+def test_sigkill_mid_finetune_resumes_from_the_last_committed_step(tmp_path, tiny_llama_dir, data_dir, fade):
+    """With --ft-fade 1 the kill at step 4 of 6 falls in the middle of the fade (the demoted weights at 1/3)."""
     (tmp_path / "plan.csv").write_text(PLAN)
 
     def args(store: str) -> list[str]:
@@ -44,7 +46,8 @@ def test_sigkill_mid_finetune_resumes_from_the_last_committed_step(tmp_path, tin
                 "--calib", f"c4:{data_dir}/c4-subset", "--calib-samples", "4", "--calib-seqlen", "32",
                 "--eval", f"wikitext2:{data_dir}/wikitext-2-raw", "--eval-seqlen", "32", "--eval-max-windows", "2",
                 "--ft-method", "full", "--kd-weight", "0.5", "--ft-tokens", "384", "--ft-seqlen", "32",
-                "--ft-batch-size", "2", "--ft-lr", "1e-3", "--ft-commit-every", "2"]
+                "--ft-batch-size", "2", "--ft-lr", "1e-3", "--ft-commit-every", "2",
+                *(["--ft-fade", fade] if fade else [])]
 
     # The reference and the run to kill side by side (CI time), each with its own Prefect home (database).
     with ThreadPoolExecutor(max_workers=2) as pool:
@@ -64,6 +67,7 @@ def test_sigkill_mid_finetune_resumes_from_the_last_committed_step(tmp_path, tin
     ref_meta, ref_tensors = _finetune_step(tmp_path / "reference" / "r")
     assert meta["resumed_from_step"] == 4 and ref_meta["resumed_from_step"] is None
     assert meta["steps"] == ref_meta["steps"] == 6
+    assert meta.get("fade_fraction") == ref_meta.get("fade_fraction") == (float(fade) if fade else None)
     # Bit-identical weights (same sha256 per tensor), the same ppl before fine-tuning and the same loss curve.
     assert tensors == ref_tensors
     assert meta["ppl_before_finetune"] == ref_meta["ppl_before_finetune"]

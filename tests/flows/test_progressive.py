@@ -176,6 +176,23 @@ def test_lora_recovery_merges_into_exactly_the_tier_maps_sparsity(prefect_harnes
     assert all(int((weights[f"{m}.weight"][~keep] != 0).sum()) == 0 for m, keep in masks.items())
 
 
+def test_fading_demotions_end_every_iteration_on_exactly_its_tier_map(prefect_harness, tiny_llama_dir, data_dir,
+                                                                      mem_root):
+    """--ft-fade 1: the demoted weights are still in the model until the last step; the checkpoints obey the masks."""
+    from tierprune.flows.progressive import progressive_from_config as progressive
+
+    rows = progressive(_config(tiny_llama_dir, data_dir, mem_root, "fade", ft_fade=1.0))
+    plain = progressive(_config(tiny_llama_dir, data_dir, mem_root, "plain"))
+    assert [r["ppl before ft"] for r in rows[1:2]] == [r["ppl before ft"] for r in plain[1:2]]  # measured demoted
+    store = RunStore(mem_root, "fade")
+    for k in (1, 2, 3):
+        weights, masks = _checkpoint_tensors(store, k)
+        assert all(int((weights[f"{m}.weight"][~keep] != 0).sum()) == 0 for m, keep in masks.items()), k
+    faded, _ = _checkpoint_tensors(store, 1)
+    removed_at_once, _ = _checkpoint_tensors(RunStore(mem_root, "plain"), 1)
+    assert any(not torch.equal(faded[n], removed_at_once[n]) for n in faded)  # it trained otherwise
+
+
 def test_offload_streams_calibration_and_evaluation_to_the_same_result(prefect_harness, tiny_llama_dir, data_dir,
                                                                         mem_root, monkeypatch):
     from tierprune.flows.progressive import progressive_from_config as progressive
