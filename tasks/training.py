@@ -607,6 +607,7 @@ def finetune_model_(model: nn.Module, masks: dict[str, torch.Tensor], train_ids:
     started = time.perf_counter()
     resolved = _resolve_masks(model, masks)
     # What the demotion removes, as it was: zero elsewhere (where weights are kept or were pruned before).
+    # In the model's dtype (bf16: half of an fp32 copy); added to the fp32 master weights, it upcasts exactly.
     fading = ([module.weight.detach().masked_fill(keep, 0) for module, keep in resolved.values()]
               if cfg.fade_fraction and cfg.method != "none" else [])
     apply_masks_(model, masks)  # masks handed in may be ahead of the weights (a fresh demotion)
@@ -654,7 +655,6 @@ def finetune_model_(model: nn.Module, masks: dict[str, torch.Tensor], train_ids:
     for n in low_precision:
         trainables[n].data = trainables[n].data.float()
     sixteen_bit = bool(low_precision) or any(p.dtype in (torch.bfloat16, torch.float16) for p in model.parameters())
-    fading = [removed.to(module.weight.dtype) for (module, _), removed in zip(pruned_positions, fading)]
     device = _device_of(model)
     micro = cfg.batch_size
     per_step = cfg.batch_size * cfg.grad_accum
