@@ -35,6 +35,7 @@ def test_fine_tuning_flags_map_onto_the_finetune_config():
     ({"kd_hidden_weight": -1}, "--kd-hidden-weight: .*greater than or equal to 0"),
     ({"ft_fade": 1.5}, "--ft-fade: .*less than or equal to 1"),
     ({"ft_fade": -0.1}, "--ft-fade: .*greater than or equal to 0"),
+    ({"ft_fade": 0.5, "ft_method": "none"}, "fading .--ft-fade. happens during fine-tuning.*--ft-method none"),
     ({"kd_hidden_weight": 1, "kd_cache_topk": 64}, "--kd-hidden-weight. needs the teacher model.*--kd-cache-topk"),
 ])
 def test_bad_fine_tuning_flags_are_one_line(flags, fragment):

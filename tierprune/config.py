@@ -181,6 +181,8 @@ class FinetuneConfig(_Frozen):
             raise ValueError("LoRA needs at least one target module suffix (--lora-targets)")
         if self.patience and not self.eval_every:
             raise ValueError("early stopping (--ft-patience) needs held-out losses: set --ft-eval-every > 0")
+        if self.fade_fraction and self.method == "none":
+            raise ValueError("fading (--ft-fade) happens during fine-tuning, and --ft-method none trains nothing")
         if self.teacher_cache and self.hidden_weight:
             raise ValueError("the hidden-state loss (--kd-hidden-weight) needs the teacher model, not its cached "
                              "logits (--kd-cache-topk)")
