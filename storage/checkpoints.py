@@ -103,9 +103,24 @@ def _save_pretrained_local(model: PreTrainedModel, tokenizer: PreTrainedTokenize
     if weights:
         # transformers 5 always writes safetensors; safe_serialization is gone from its signature.
         model.save_pretrained(directory)
+        _permissions_as_umask(directory, ".safetensors")
     else:
         os.makedirs(directory, exist_ok=True)
         model.config.save_pretrained(directory)
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
+
+
+def _permissions_as_umask(directory: str, suffix: str) -> None:
+    """Give the files ending in `suffix` the mode any new file gets (0o666 less the umask).
+
+    safetensors ≥ 0.8 writes through a temporary file created 0600 and renames it (safetensors issue
+    #782), so a model folder saved by root for a container's other user would have an unreadable
+    model.safetensors beside a readable config.json.
+    """
+    umask = os.umask(0)
+    os.umask(umask)  # reading the umask means setting it; put back at once
+    for entry in os.scandir(directory):
+        if entry.is_file() and entry.name.endswith(suffix):
+            os.chmod(entry.path, 0o666 & ~umask)

@@ -149,6 +149,8 @@ def _clear_gguf_marker(model: nn.Module) -> None:
 def _load_gguf(directory: str, gguf_file: str, dtype: torch.dtype) -> tuple[nn.Module, object, str]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from tierprune.storage.checkpoints import save_pretrained_dir
+
     path = Path(directory) / gguf_file
     digest = _sha256(path)
     cached = _cache_root() / "gguf" / digest[:16]
@@ -160,8 +162,7 @@ def _load_gguf(directory: str, gguf_file: str, dtype: torch.dtype) -> tuple[nn.M
     _clear_gguf_marker(model)
     tmp = cached.with_name(cached.name + f".tmp{os.getpid()}")
     try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        save_pretrained_dir(model, tokenizer, str(tmp))  # weights readable as the umask says, like the rest
         os.replace(tmp, cached)  # atomic: a crash mid-write leaves only a .tmp folder behind
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)  # read-only or raced cache: costs only load time

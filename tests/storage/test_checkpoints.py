@@ -1,6 +1,8 @@
 """Tests for tierprune.storage.checkpoints: safetensors files and from_pretrained folders."""
 from __future__ import annotations
 
+import os
+import stat
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -131,6 +133,19 @@ def test_save_pretrained_dir_local(tmp_path: Path) -> None:
     assert save_pretrained_dir(model, tokenizer, uri) == uri
     assert (tmp_path / "model" / "model.safetensors").is_file()
     _assert_same_model(uri, model)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_saved_weights_are_as_readable_as_the_config(tmp_path: Path, umask: int) -> None:
+    """safetensors writes 0600 whatever the umask (its issue #782): a folder saved for another user must not."""
+    model, tokenizer = _tiny_llama_and_tokenizer()
+    old = os.umask(umask)
+    try:
+        save_pretrained_dir(model, tokenizer, str(tmp_path / "model"))
+    finally:
+        os.umask(old)
+    mode = stat.S_IMODE((tmp_path / "model" / "model.safetensors").stat().st_mode)
+    assert mode == 0o666 & ~umask == stat.S_IMODE((tmp_path / "model" / "config.json").stat().st_mode)
 
 
 def test_save_pretrained_dir_memory(tmp_path: Path, mem_root: str) -> None:
