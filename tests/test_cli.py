@@ -296,3 +296,23 @@ def test_progress_to_a_file_is_written_as_it_happens():
     lines.every = 0.0  # a long stage says where it is at least every `every` seconds
     lines.update("iteration 1: finetune", 100, 300)
     assert out.getvalue()[len(first):].startswith("[+125 s] iteration 1: finetune: 100/300 (")
+
+
+def test_output_folder_probe_refuses_in_one_line_and_leaves_nothing(tmp_path: Path) -> None:
+    from tierprune.cli import _check_output_folder
+    from tierprune.errors import TierpruneError
+
+    _check_output_folder(str(tmp_path / "new" / "deep" / "out"))  # writable: accepted ...
+    assert list(tmp_path.iterdir()) == []  # ... and the folders the probe made are gone again
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "old.txt").write_text("mine")
+    _check_output_folder(str(kept))
+    assert [p.name for p in kept.iterdir()] == ["old.txt"]  # an existing folder and its files stay
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(TierpruneError, match="is a file; give a folder"):
+        _check_output_folder(str(tmp_path / "a-file"))
+    with pytest.raises(TierpruneError, match="cannot be written") as info:
+        _check_output_folder(str(tmp_path / "a-file" / "sub"))
+    assert "\n" not in str(info.value)
+    _check_output_folder("s3://bucket/out")  # remote: left to the writer, nothing probed here

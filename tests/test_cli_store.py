@@ -7,6 +7,7 @@ import json
 import math
 import os
 import shutil
+import stat
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -115,6 +116,13 @@ def test_new_store_show_export_and_every_spelling_resumes(tmp_path: Path, tiny_l
     assert tiers["tier"].dtype == np.int8 and tiers["iteration_demoted"].dtype == np.int16
     assert _check_obeys_tier_maps(out, tiers) > 0
     assert (out / "masks.safetensors").is_file()
+    mode = {name: stat.S_IMODE((out / name).stat().st_mode) for name in ("model.safetensors", "config.json")}
+    assert mode["model.safetensors"] == mode["config.json"], mode  # safetensors alone would write 0600
+    # An --output that cannot be a folder: one line, exit 2, before any work, and no folder left behind.
+    (tmp_path / "a-file").write_text("")
+    refused = _cli(["runs", "export", str(run), "--output", str(tmp_path / "a-file" / "deep" / "out")], a, home)
+    assert refused.returncode == 2 and refused.stderr.strip().count("\n") == 0, refused.stderr
+    assert "--output" in refused.stderr and "cannot be written" in refused.stderr
     ppl = _ppl_independently(out, wikitext / "wiki.test.raw")
     assert ppl == pytest.approx(last["ppl"], rel=0.005), (ppl, last["ppl"])
 

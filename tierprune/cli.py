@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -95,6 +96,32 @@ def _summary(record: dict) -> Table:
     return table
 
 
+def _check_output_folder(output: str) -> None:
+    """Refuse, in one line and before any work, a local --output that cannot become a folder we write into.
+
+    Probed by creating the folder and a temporary file in it; folders the probe created are removed again,
+    so a refused or failed command leaves nothing behind. Remote URIs (s3://, ...) are left to the writer.
+    """
+    if "://" in output:
+        return
+    path = Path(output)
+    if path.is_file():
+        raise TierpruneError(f"--output {output} is a file; give a folder")
+    created = [p for p in (path, *path.parents) if not p.exists()]  # deepest first
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        raise TierpruneError(f"--output {output} cannot be written: {exc.strerror or exc}") from None
+    finally:
+        for folder in created:
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+
+
 def _run(cfg: TierpruneConfig, output: str | None, json_path: str | None) -> dict:
     from tierprune.tasks.oneshot import run_oneshot  # heavy imports (transformers) only when needed
 
@@ -105,6 +132,8 @@ def _run(cfg: TierpruneConfig, output: str | None, json_path: str | None) -> dic
             raise TierpruneError(f"--device {cfg.device} asked for, but CUDA is not available here")
     if json_path and Path(json_path).is_dir():
         raise TierpruneError(f"--json {json_path} is a directory; give a file path")
+    if output:
+        _check_output_folder(output)
     with _progress_bars() as update:
         record = run_oneshot(cfg, output=output, progress=update)
     if json_path:
@@ -391,8 +420,7 @@ def runs_export(run_uri: str = typer.Argument(..., help="STORE/RUN"),
     from tierprune.tasks.export import export_run
     from tierprune.tasks.runs import split_run_uri
 
-    if "://" not in output and Path(output).is_file():
-        raise TierpruneError(f"--output {output} is a file; give a folder")
+    _check_output_folder(output)
     done = export_run(split_run_uri(run_uri), output, iteration)
     ppl = "n/a" if done["ppl"] is None else f"{done['ppl']:.4g}"
     console.print(f"exported iteration {done['iteration']} of {run_uri} to {output} ({done['dtype']}, "
@@ -502,8 +530,7 @@ def convert(source: str = typer.Argument(..., help="STORE/RUN, or a folder writt
     """Pack a pruned model's linears in the hybrid Dense / 2:4 / TopK format (HybridLinear layers)."""
     from tierprune.tasks.convert import convert as convert_model
 
-    if "://" not in output and Path(output).is_file():
-        raise TierpruneError(f"--output {output} is a file; give a folder")
+    _check_output_folder(output)
     done = convert_model(source, output, iteration, topk=topk, dense=dense)
     mib = 2 ** 20
     which = "" if done["iteration"] is None else f" (iteration {done['iteration']})"
