@@ -243,9 +243,21 @@ class RunStore:
         self._write_atomic(MANIFEST, data)
 
     def check_can_create(self) -> None:
-        """Refuse, without writing, a run folder that create() would refuse (a file, or someone else's files)."""
+        """Refuse, without writing, a run folder that create() would refuse (a file, or someone else's files)
+        or could not make (on a local disk: under a file, or in a folder this user may not write)."""
         if not self.exists():
             self._refuse_foreign_folder()
+            if isinstance(self._fs, LocalFileSystem):
+                self._refuse_unmakeable_local_folder()
+
+    def _refuse_unmakeable_local_folder(self) -> None:
+        folder = os.path.abspath(self._path)
+        while not os.path.exists(folder):
+            folder = os.path.dirname(folder)
+        if not os.path.isdir(folder):
+            raise TierpruneError(f"{self.uri} cannot be created: {folder} is a file")
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise TierpruneError(f"{self.uri} cannot be created: {folder} is not writable")
 
     # ---- identity, rebuild and repair --------------------------------------------------------------------
 
@@ -341,7 +353,7 @@ class RunStore:
             raise TierpruneError(f"{self.uri} is not a tierprune run folder: it is a file")
         try:
             entries = self._fs.ls(self._path, detail=False)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # not there yet, or under a file (check_can_create says)
             return
         foreign = [e for e in entries if not _CREATE_LEFTOVERS.fullmatch(posixpath.basename(e.rstrip("/")))]
         if foreign:

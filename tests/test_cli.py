@@ -316,3 +316,21 @@ def test_output_folder_probe_refuses_in_one_line_and_leaves_nothing(tmp_path: Pa
         _check_output_folder(str(tmp_path / "a-file" / "sub"))
     assert "\n" not in str(info.value)
     _check_output_folder("s3://bucket/out")  # remote: left to the writer, nothing probed here
+
+
+def test_json_path_in_a_folder_that_cannot_be_made_is_refused_before_pruning(tmp_path: Path) -> None:
+    from tierprune.cli import _check_output_folder
+    from tierprune.errors import TierpruneError
+
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(TierpruneError, match=r"^--json .*a-file/r.json: its folder .*a-file is a file$"):
+        _check_output_folder(str(tmp_path / "a-file"), "--json", str(tmp_path / "a-file" / "r.json"))
+    with pytest.raises(TierpruneError, match=r"^--json .*deep/r.json cannot be written"):
+        _check_output_folder(str(tmp_path / "a-file" / "deep"), "--json", str(tmp_path / "a-file" / "deep" / "r.json"))
+    # Through the command: refused in one line before the model is even loaded.
+    env = {**os.environ, "NO_COLOR": "1", "COLUMNS": "200"}
+    proc = subprocess.run([sys.executable, "-m", "tierprune.cli", "prune", "--json", str(tmp_path / "a-file" / "r.json"),
+                           "--model", "no-such-model", "--eval", "none"], capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().startswith("error: --json"), proc.stderr
+    assert proc.stderr.strip().count("\n") == 0

@@ -96,24 +96,26 @@ def _summary(record: dict) -> Table:
     return table
 
 
-def _check_output_folder(output: str) -> None:
+def _check_output_folder(output: str, flag: str = "--output", named: str | None = None) -> None:
     """Refuse, in one line and before any work, a local --output that cannot become a folder we write into.
 
     Probed by creating the folder and a temporary file in it; folders the probe created are removed again,
     so a refused or failed command leaves nothing behind. Remote URIs (s3://, ...) are left to the writer.
+    `named`: what the message names, when the folder is that of a file the flag gives (--json).
     """
     if "://" in output:
         return
     path = Path(output)
     if path.is_file():
-        raise TierpruneError(f"--output {output} is a file; give a folder")
+        raise TierpruneError(f"{flag} {named}: its folder {output} is a file" if named
+                             else f"{flag} {output} is a file; give a folder")
     created = [p for p in (path, *path.parents) if not p.exists()]  # deepest first
     try:
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=path):
             pass
     except OSError as exc:
-        raise TierpruneError(f"--output {output} cannot be written: {exc.strerror or exc}") from None
+        raise TierpruneError(f"{flag} {named or output} cannot be written: {exc.strerror or exc}") from None
     finally:
         for folder in created:
             try:
@@ -132,6 +134,8 @@ def _run(cfg: TierpruneConfig, output: str | None, json_path: str | None) -> dic
             raise TierpruneError(f"--device {cfg.device} asked for, but CUDA is not available here")
     if json_path and Path(json_path).is_dir():
         raise TierpruneError(f"--json {json_path} is a directory; give a file path")
+    if json_path:
+        _check_output_folder(str(Path(json_path).parent), "--json", json_path)
     if output:
         _check_output_folder(output)
     with _progress_bars() as update:

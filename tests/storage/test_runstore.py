@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import posixpath
 from datetime import datetime
 
@@ -77,6 +78,22 @@ def test_foreign_folder_refused(store_root: str) -> None:
         s.create({"fingerprint": "fp-1"})
     assert not s.exists()
     assert _raw(f"{s.uri}/notes.txt") == b"mine"
+
+
+def test_a_local_run_folder_that_cannot_be_made_is_refused_before_writing(tmp_path, monkeypatch) -> None:
+    (tmp_path / "a-file").write_text("mine")
+    with pytest.raises(TierpruneError, match=r"cannot be created: .*a-file is a file"):
+        RunStore(str(tmp_path / "a-file" / "store"), "r1").check_can_create()
+    assert (tmp_path / "a-file").read_text() == "mine"
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access = os.access
+    # Root may write anywhere, so the test plays a user without write permission on `locked`.
+    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(locked) else real_access(p, mode))
+    with pytest.raises(TierpruneError, match=r"cannot be created: .*locked is not writable"):
+        RunStore(str(locked / "store"), "r1").check_can_create()
+    RunStore(str(tmp_path / "new" / "store"), "r1").check_can_create()  # a folder that can be made: fine
+    assert not (tmp_path / "new").exists()  # and nothing was written
 
 
 def test_same_name_different_fingerprint_refused(store: RunStore, store_root: str) -> None:
