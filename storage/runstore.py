@@ -985,5 +985,7 @@ def run_names(root: str) -> list[str]:
     fs, path = url_to_fs(root)
     if not fs.exists(path):
         raise TierpruneError(f"store {root} does not exist")
+    if fs.isfile(path):
+        raise TierpruneError(f"store {root} is a file, not a folder of runs")
     names = sorted(entry.rstrip("/").rsplit("/", 1)[-1] for entry in fs.ls(path, detail=False))
     return [n for n in names if _NAME.fullmatch(n) and n not in (".", "..") and RunStore(root, n).exists()]

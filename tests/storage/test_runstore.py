@@ -96,6 +96,17 @@ def test_a_local_run_folder_that_cannot_be_made_is_refused_before_writing(tmp_pa
     assert not (tmp_path / "new").exists()  # and nothing was written
 
 
+def test_listing_a_store_that_is_a_file_or_missing_is_one_line(tmp_path) -> None:
+    from tierprune.storage.runstore import run_names
+
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(TierpruneError, match="is a file, not a folder of runs"):
+        run_names(str(tmp_path / "a-file"))
+    with pytest.raises(TierpruneError, match="does not exist"):
+        run_names(str(tmp_path / "nothere"))
+    assert run_names(str(tmp_path)) == []
+
+
 def test_same_name_different_fingerprint_refused(store: RunStore, store_root: str) -> None:
     before = _manifest_bytes(store)
     with pytest.raises(TierpruneError, match="different run under the same name"):
