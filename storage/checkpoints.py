@@ -119,8 +119,20 @@ def _permissions_as_umask(directory: str, suffix: str) -> None:
     #782), so a model folder saved by root for a container's other user would have an unreadable
     model.safetensors beside a readable config.json.
     """
-    umask = os.umask(0)
-    os.umask(umask)  # reading the umask means setting it; put back at once
+    umask = _current_umask()
     for entry in os.scandir(directory):
         if entry.is_file() and entry.name.endswith(suffix):
             os.chmod(entry.path, 0o666 & ~umask)
+
+
+def _current_umask() -> int:
+    try:  # Linux says it without changing it
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    umask = os.umask(0)  # elsewhere, reading it means setting it (for every thread): put back at once
+    os.umask(umask)
+    return umask
