@@ -10,7 +10,7 @@ import torch
 
 from tierprune.config import TierpruneConfig
 from tierprune.errors import TierpruneError
-from tierprune.models import LoadedModel, load_model
+from tierprune.models import LoadedModel, check_window_lengths, load_model
 from tierprune.storage.checkpoints import save_pretrained_dir
 from tierprune.storage.datasets import default_data_spec, evaluation_split, load_texts
 from tierprune.storage.tables import save_table
@@ -49,6 +49,8 @@ def run_oneshot(cfg: TierpruneConfig, output: str | None = None, progress: Progr
     zero_shot_tasks = load_zero_shot_tasks(e.zero_shot, e.zero_shot_include) if e.zero_shot else None
     loaded = loaded or load_model(cfg.model.name, cfg.model.gguf_file, cfg.model.dtype, cfg.device)
     model, tokenizer = loaded.model, loaded.tokenizer
+    check_window_lengths(model, {**({"--calib-seqlen": c.seqlen} if calib_texts is not None else {}),
+                                 **({"--eval-seqlen": e.seqlen} if eval_texts is not None else {})})
     if p.method != "none":
         check_shapes(model, p)  # before calibration, which takes minutes at the protocol's size
 

@@ -20,7 +20,7 @@ from torch import nn
 
 from tierprune.config import TierpruneConfig
 from tierprune.errors import TierpruneError
-from tierprune.models import LoadedModel, load_model, model_identity
+from tierprune.models import LoadedModel, check_window_lengths, load_model, model_identity
 from tierprune.plan import Plan, load_plan, plan_fingerprint
 from tierprune.storage.checkpoints import checkpoint_blobs, load_checkpoint, save_checkpoint
 from tierprune.storage.runstore import RunStore
@@ -85,6 +85,7 @@ class RunState:
         if self._loaded is None:
             m = self.cfg.model
             self._loaded = load_model(m.name, m.gguf_file, m.dtype, self.cfg.device)
+            check_window_lengths(self._loaded.model, window_lengths(self.cfg, self.plan))  # before calibration
             if not self.cfg.offload:  # offloaded, it lives in CPU memory and steps stream it through the device
                 self._loaded.model.to(self.cfg.device)
             self._held = {}
@@ -156,6 +157,18 @@ class RunState:
 
 
 # ---- identity and lifecycle -------------------------------------------------------------------------------------
+
+def window_lengths(cfg: TierpruneConfig, plan: Plan) -> dict[str, int]:
+    """{flag: tokens per window} of every kind of window the run feeds the model."""
+    from .finetune import needs_training
+
+    lengths = {"--calib-seqlen": cfg.calibration.seqlen}
+    if cfg.eval.data:
+        lengths["--eval-seqlen"] = cfg.eval.seqlen
+    if any(needs_training(cfg, step.epochs) for step in plan.steps):
+        lengths["--ft-seqlen"] = cfg.finetune.seqlen
+    return lengths
+
 
 def run_identity(cfg: TierpruneConfig, plan: Plan) -> dict:
     """What determines a run's results, in slices the steps' keys use: model, plan, calibration, prune, eval.
@@ -323,9 +336,11 @@ def check_run_inputs(cfg: TierpruneConfig) -> None:
     store = RunStore(run.store, run.name)  # a bad run name
     if "://" not in run.store and Path(run.store).is_file():
         raise TierpruneError(f"--store {run.store} is a file; give a folder (it is created if missing)")
-    from tierprune.models import resolve_model
+    from tierprune.models import check_window_lengths_early, resolve_model
 
     resolve_model(cfg.model.name, cfg.model.gguf_file)  # a missing local model or GGUF file
+    # Before the run exists: with the store written, the corrected rerun would be "another run".
+    check_window_lengths_early(cfg.model.name, cfg.model.gguf_file, window_lengths(cfg, plan))
     store.check_can_create()
     _check_same_run(store, run_identity(cfg, plan))
     store.lock().check_free()

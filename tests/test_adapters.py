@@ -208,3 +208,54 @@ def test_unknown_architecture_raises(model_type: str, config: dict):
         adapter_for(model)
     with pytest.raises(TierpruneError, match=model_type):
         prune_model_(model, PruneConfig(method="wanda", pattern="2:4"), _ids())
+
+
+# ------------------------------------------------------------------------- windows and learned positions
+
+@pytest.fixture(scope="module")
+def tiny_gpt2_dir(data_dir, tmp_path_factory):
+    """A tiny GPT-2 with a learned table of 64 positions, saved with a tiny tokenizer."""
+    import pandas as pd
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from tests.conftest import make_tiny_tokenizer
+
+    tokenizer = make_tiny_tokenizer(pd.read_parquet(data_dir / "c4-subset").text[:50].tolist())
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=4, n_positions=64, vocab_size=len(tokenizer)))
+    folder = tmp_path_factory.mktemp("tiny-gpt2")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_only_learned_position_tables_limit_the_windows() -> None:
+    from types import SimpleNamespace
+
+    from transformers import GPT2Config, LlamaConfig, OPTConfig
+
+    from tierprune.adapters import learned_positions
+
+    assert learned_positions(SimpleNamespace(config=GPT2Config(n_positions=1024))) == (1024, "n_positions")
+    assert learned_positions(SimpleNamespace(config=OPTConfig(max_position_embeddings=2048))) == (
+        2048, "max_position_embeddings")
+    assert learned_positions(SimpleNamespace(config=LlamaConfig(max_position_embeddings=8192))) is None  # rotary
+
+
+def test_windows_longer_than_the_position_table_are_refused_before_any_work(tiny_gpt2_dir, data_dir, tmp_path):
+    """GPT-2's 1024 positions against the protocol's 2048-token windows: one line, not an IndexError later."""
+    from tierprune.config import config_from_flags
+    from tierprune.tasks.oneshot import run_oneshot
+    from tierprune.tasks.run_state import check_run_inputs
+
+    data = {"calib": f"c4:{data_dir}/c4-subset", "eval": f"wikitext2:{data_dir}/wikitext-2-raw",
+            "calib_samples": 2, "eval_max_windows": 1}
+    with pytest.raises(TierpruneError, match=r"^--calib-seqlen 128 is longer than this gpt2 model's 64 learned "
+                                             r"positions \(n_positions\); give --calib-seqlen 64 or less$"):
+        run_oneshot(config_from_flags(model=str(tiny_gpt2_dir), calib_seqlen=128, eval_seqlen=32, **data))
+    store = tmp_path / "store"
+    with pytest.raises(TierpruneError, match=r"^--ft-seqlen 128 is longer"):
+        check_run_inputs(config_from_flags(model=str(tiny_gpt2_dir), calib_seqlen=32, eval_seqlen=32,
+                                           ft_seqlen=128, plan="smoke", store=str(store), run="r", **data))
+    assert not store.exists()  # refused before the run exists, so the corrected command is not "another run"
+    check_run_inputs(config_from_flags(model=str(tiny_gpt2_dir), calib_seqlen=32, eval_seqlen=64, ft_seqlen=64,
+                                       plan="smoke", store=str(store), run="r", **data))  # at the limit: fine

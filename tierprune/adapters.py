@@ -13,7 +13,8 @@ from torch import nn
 
 from .errors import TierpruneError
 
-__all__ = ["Adapter", "ADAPTERS", "adapter_for", "decoder_layers", "layers_prefix", "prunable_linears", "weight_view"]
+__all__ = ["Adapter", "ADAPTERS", "adapter_for", "decoder_layers", "layers_prefix", "prunable_linears", "weight_view",
+           "learned_positions"]
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,20 @@ def adapter_for(model: nn.Module) -> Adapter:
             return adapter
     known = sorted(t for a in ADAPTERS for t in a.model_types)
     raise TierpruneError(f"unsupported architecture {model_type!r}; supported model types: {', '.join(known)}")
+
+
+# model_type -> the config field with the length of its learned position table. Past it the model cannot
+# run at all (an index error in the embedding); rotary and ALiBi models run longer windows, if worse, so
+# their lengths are the user's choice.
+_LEARNED_POSITIONS = {"gpt2": "n_positions", "opt": "max_position_embeddings"}
+
+
+def learned_positions(model: nn.Module) -> tuple[int, str] | None:
+    """(how many positions, the config field) of a model with a learned position table, else None."""
+    config = getattr(model, "config", None)
+    field = _LEARNED_POSITIONS.get(getattr(config, "model_type", None))
+    limit = getattr(config, field, None) if field else None
+    return (int(limit), field) if limit else None
 
 
 def layers_prefix(model: nn.Module) -> str:

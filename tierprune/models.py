@@ -169,6 +169,37 @@ def _load_gguf(directory: str, gguf_file: str, dtype: torch.dtype) -> tuple[nn.M
     return model.to(dtype), tokenizer, digest
 
 
+def check_window_lengths(model: nn.Module | SimpleNamespace, lengths: dict[str, int]) -> None:
+    """Refuse (one line) windows longer than a learned position table: {flag: tokens per window}.
+
+    `model`: the model, or anything with its `config` (a check before loading the weights).
+    """
+    from .adapters import learned_positions
+
+    limit = learned_positions(model)
+    for flag, length in lengths.items():
+        if limit and length > limit[0]:
+            raise TierpruneError(f"{flag} {length} is longer than this {model.config.model_type} model's "
+                                 f"{limit[0]} learned positions ({limit[1]}); give {flag} {limit[0]} or less")
+
+
+def check_window_lengths_early(name: str, gguf_file: str | None, lengths: dict[str, int]) -> None:
+    """check_window_lengths from the config alone, before anything is loaded or written.
+
+    GGUF files are left to the check after loading: reading a GGUF's config takes seconds.
+    """
+    from transformers import AutoConfig
+
+    directory, gguf = resolve_model(name, gguf_file)
+    if gguf:
+        return
+    try:
+        config = AutoConfig.from_pretrained(directory)
+    except (OSError, ValueError, KeyError):
+        return  # load_model says what is wrong with it, in one line
+    check_window_lengths(SimpleNamespace(config=config), lengths)
+
+
 def load_model(name: str, gguf_file: str | None = None, dtype: str = "auto", device: str = "cpu") -> LoadedModel:
     """Load a causal LM and its tokenizer on CPU in the working dtype for `device`."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
