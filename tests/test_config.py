@@ -77,3 +77,20 @@ def test_fading_enters_a_runs_identity_only_when_asked_for(monkeypatch, data_dir
     fading = run_state.run_identity(config_from_flags(**RUN, **data, ft_fade=0.5), plan)["finetune"]
     assert "fade_fraction" not in plain
     assert {k: v for k, v in fading.items() if k != "fade_fraction"} == plain and fading["fade_fraction"] == 0.5
+
+
+@pytest.mark.parametrize("flags, prefix", [
+    ({"calib_samples": 0}, "--calib-samples: "),
+    ({"calib_seqlen": 1}, "--calib-seqlen: "),
+    ({"eval_max_windows": 0}, "--eval-max-windows: "),
+    ({"eval_seqlen": 0}, "--eval-seqlen: "),
+    ({"sparsity": 1.5}, "--sparsity: "),
+    ({"block_size": 0}, "--block-size: "),
+    ({"pattern": "5:4"}, "--pattern: "),
+    ({"topk": -1}, "--topk: "),
+    ({"device": "tpu"}, "--device: "),
+])
+def test_a_refused_value_names_the_flag_the_user_typed(flags, prefix):
+    with pytest.raises(TierpruneError) as info:
+        config_from_flags(**flags)
+    assert str(info.value).startswith(prefix) and "\n" not in str(info.value), str(info.value)

@@ -224,10 +224,32 @@ class TierpruneConfig(_Frozen):
         return self
 
 
+# (config class, field) -> the flag that sets it, so that a refused value names what the user typed
+# (fine-tuning's are _FINETUNE_FLAGS).
+_FLAGS = {
+    ("ModelConfig", "name"): "--model", ("ModelConfig", "gguf_file"): "--gguf-file", ("ModelConfig", "dtype"): "--dtype",
+    ("CalibrationConfig", "data"): "--calib", ("CalibrationConfig", "nsamples"): "--calib-samples",
+    ("CalibrationConfig", "seqlen"): "--calib-seqlen", ("CalibrationConfig", "seed"): "--seed",
+    ("CalibrationConfig", "batch_size"): "--calib-batch-size",
+    ("PruneConfig", "method"): "--method", ("PruneConfig", "pattern"): "--pattern",
+    ("PruneConfig", "sparsity"): "--sparsity", ("PruneConfig", "block_size"): "--block-size",
+    ("PruneConfig", "tiers"): "--tiers", ("PruneConfig", "topk"): "--topk", ("PruneConfig", "select"): "--select",
+    ("PruneConfig", "scope"): "--scope",
+    ("EvalConfig", "data"): "--eval", ("EvalConfig", "seqlen"): "--eval-seqlen",
+    ("EvalConfig", "max_windows"): "--eval-max-windows", ("EvalConfig", "batch_size"): "--eval-batch-size",
+    ("EvalConfig", "zero_shot"): "--zero-shot", ("EvalConfig", "zero_shot_limit"): "--zero-shot-limit",
+    ("EvalConfig", "zero_shot_include"): "--zero-shot-include",
+    ("RunConfig", "plan"): "--plan", ("RunConfig", "store"): "--store", ("RunConfig", "name"): "--run",
+    ("RunConfig", "resume_from"): "--resume-from", ("TierpruneConfig", "device"): "--device",
+}
+
+
 def one_line(exc: ValidationError) -> str:
-    """The first validation problem as one readable line."""
+    """The first validation problem as one readable line, naming the flag where one sets the field."""
     err = exc.errors()[0]
-    where = ".".join(str(p) for p in err.get("loc", ()))
+    loc = err.get("loc", ())
+    where = _FLAGS.get((exc.title, str(loc[0]))) if len(loc) == 1 else None
+    where = where or ".".join(str(p) for p in loc)
     msg = err.get("msg", str(exc)).removeprefix("Value error, ")
     return f"{where}: {msg}" if where else msg
 
