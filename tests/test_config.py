@@ -94,3 +94,13 @@ def test_a_refused_value_names_the_flag_the_user_typed(flags, prefix):
     with pytest.raises(TierpruneError) as info:
         config_from_flags(**flags)
     assert str(info.value).startswith(prefix) and "\n" not in str(info.value), str(info.value)
+
+
+def test_a_sparsity_the_pattern_would_ignore_is_refused_not_dropped():
+    with pytest.raises(TierpruneError, match=r"^--sparsity 0.3 does not apply to --pattern 2:4, which prunes 0.5"):
+        config_from_flags(pattern="2:4", sparsity=0.3)
+    with pytest.raises(TierpruneError, match=r"^--sparsity does not apply to --pattern tiers"):
+        config_from_flags(pattern="tiers", sparsity=0.4)
+    assert config_from_flags(pattern="1:4", sparsity=0.75).prune.nm == (1, 4)  # agreeing with the pattern: fine
+    assert config_from_flags(pattern="1:4").prune.pattern == "1:4"  # the default --sparsity is not "given"
+    assert config_from_flags(pattern="unstructured", sparsity=0.3).prune.sparsity == 0.3

@@ -284,6 +284,8 @@ def parse_names(text: str, flag: str) -> tuple[str, ...]:
     return names
 
 
+_DEFAULT_SPARSITY = 0.5  # of --sparsity; N:M and tier patterns set their own
+
 # FinetuneConfig field -> the flag that sets it, so that a refused value names what the user typed.
 _FINETUNE_FLAGS = {
     "method": "--ft-method", "data": "--ft-data", "tokens_per_epoch": "--ft-tokens", "seqlen": "--ft-seqlen",
@@ -310,7 +312,7 @@ def _finetune_config(**fields) -> FinetuneConfig:
 
 def config_from_flags(
     *, model: str = "smollm2-135m", gguf_file: str | None = None, dtype: str = "auto",
-    method: str = "wanda", pattern: str = "unstructured", sparsity: float = 0.5, block_size: int = 16,
+    method: str = "wanda", pattern: str = "unstructured", sparsity: float = _DEFAULT_SPARSITY, block_size: int = 16,
     tiers: str = "0.35,0.45,0.20", topk: int = 10, select: str = "wanda", scope: str = "matrix",
     calib: str | None = None, calib_samples: int = 128, calib_seqlen: int = 2048, calib_batch_size: int = 8,
     seed: int = 0, compile: bool = False,
@@ -337,7 +339,7 @@ def config_from_flags(
     if progressive and (store is None or run is None):
         raise TierpruneError("a progressive run needs --plan, --store and --run")
     try:
-        return TierpruneConfig(
+        cfg = TierpruneConfig(
             model=ModelConfig(name=model, gguf_file=gguf_file, dtype=dtype),
             calibration=CalibrationConfig(data=calib or default_data_spec("c4"), nsamples=calib_samples,
                                           seqlen=calib_seqlen, seed=seed, batch_size=calib_batch_size,
@@ -365,3 +367,20 @@ def config_from_flags(
         )
     except ValidationError as exc:
         raise TierpruneError(one_line(exc)) from None
+    _check_sparsity_applies(cfg.prune, sparsity)
+    return cfg
+
+
+def _check_sparsity_applies(prune: PruneConfig, sparsity: float) -> None:
+    """N:M and tier patterns set their own sparsity: a --sparsity other than the default is refused, not dropped."""
+    if sparsity == _DEFAULT_SPARSITY or prune.method == "none":
+        return
+    if prune.nm is not None:
+        n, m = prune.nm
+        implied = 1 - n / m
+        if abs(sparsity - implied) > 1e-9:
+            raise TierpruneError(f"--sparsity {sparsity:g} does not apply to --pattern {prune.pattern}, which prunes "
+                                 f"{implied:g} of the weights; drop --sparsity")
+    elif prune.pattern == "tiers":
+        raise TierpruneError("--sparsity does not apply to --pattern tiers, whose --tiers fractions and --topk set "
+                             "it; drop --sparsity")
