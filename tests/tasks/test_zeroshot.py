@@ -103,7 +103,7 @@ def test_zero_shot_flags_map_to_the_config() -> None:
     assert config_from_flags(eval="none").eval.zero_shot == ()
     with pytest.raises(TierpruneError, match="need --zero-shot"):
         config_from_flags(eval="none", zero_shot_limit=5)
-    with pytest.raises(TierpruneError, match="zero_shot_limit"):
+    with pytest.raises(TierpruneError, match="--zero-shot-limit"):
         config_from_flags(eval="none", zero_shot="rte", zero_shot_limit=0)
 
 
