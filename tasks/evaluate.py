@@ -52,6 +52,8 @@ def perplexity(model: nn.Module, ids: torch.Tensor, seqlen: int, *, max_windows:
     # model's forward is bound by the host launching its kernels and could run ahead.
     windows = ids[:, : n_windows * seqlen].reshape(n_windows, seqlen).to(device)
     losses = []
+    if on_progress is not None:
+        on_progress(0, n_windows)  # the stage's clock starts now, not after its first batch
     for start in range(0, n_windows, batch_size):
         x = windows[start:start + batch_size]
         logits = model(x, use_cache=False).logits  # (b, L, V)

@@ -163,6 +163,8 @@ def walk_layers(model: nn.Module, input_ids: torch.Tensor, visit: LayerVisitor |
         model.to(device)
     inputs = capture_layer_inputs(model, input_ids, batch_size, device)
     all_stats: dict[str, InputStats] = {}
+    if on_progress is not None:
+        on_progress(0, len(layers))  # the stage's clock starts now, not after its first layer
     for i, layer in enumerate(layers):
         home = next(layer.parameters()).device
         layer.to(device)

@@ -135,6 +135,8 @@ def prune_model_(model: nn.Module, cfg: PruneConfig, calib_ids: torch.Tensor | N
         if not offload:
             model.to(device)
         items = list(named_linears(model).items())
+        if on_progress is not None:
+            on_progress(0, len(items))  # the stage's clock starts now, not after its first matrix
         for i, (name, module) in enumerate(items):
             W = weight_view(module)
             W_dev = W.to(device)  # the same tensor unless offloaded

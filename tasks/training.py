@@ -710,6 +710,8 @@ def finetune_model_(model: nn.Module, masks: dict[str, torch.Tensor], train_ids:
         result.val_losses.append((0, _held_out_loss(trained_model, val_ids, micro, sixteen_bit)))
     trained_model.train()
     last_commit = time.perf_counter()
+    if on_progress is not None:
+        on_progress(step, total_steps)  # the stage's clock starts now, not after its first step
     try:
         while step < total_steps and not result.stopped_early:
             cursor = step * per_step

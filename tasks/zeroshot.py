@@ -121,6 +121,8 @@ def _progress_lm(lm_class, on_progress: Callable[[int, int], None] | None):
     class ProgressLM(lm_class):
         def loglikelihood(self, requests, disable_tqdm: bool = False):
             self._progress_total, self._progress_done = len(requests), 0
+            if on_progress is not None:
+                on_progress(0, len(requests))  # the stage's clock starts now
             out = super().loglikelihood(requests, disable_tqdm=True)
             if on_progress is not None:
                 on_progress(len(requests), len(requests))

@@ -68,7 +68,7 @@ def test_batch_size_changes_nothing(model, ids) -> None:
 def test_progress_reports_every_batch(model, ids) -> None:
     seen = []
     perplexity(model, ids, SEQLEN, batch_size=3, on_progress=lambda d, t: seen.append((d, t)))
-    assert seen == [(3, 7), (6, 7), (7, 7)]
+    assert seen == [(0, 7), (3, 7), (6, 7), (7, 7)]  # (0, n) first: the stage's clock starts before the work
 
 
 def test_text_shorter_than_a_window_is_a_user_error(model) -> None:

@@ -76,7 +76,7 @@ def test_limit_scores_the_first_items_only(tiny) -> None:
     assert result["tasks"][TASK]["samples"] == 6 and result["limit"] == 6
     assert result["tasks"][TASK]["acc"] == pytest.approx(hand_scores(model, tokenizer, limit=6)[0], abs=1e-12)
     # Progress counts loglikelihood requests (4 choices per item), ending at the total.
-    assert seen and seen[-1] == (24, 24) and all(t == 24 for _, t in seen)
+    assert seen[0] == (0, 24) and seen[-1] == (24, 24) and all(t == 24 for _, t in seen)
 
 
 def test_unknown_task_is_a_one_line_error_before_any_model_runs() -> None:
