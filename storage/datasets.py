@@ -222,11 +222,16 @@ def _load_hub(spec: str, *args: str, **kwargs: Any) -> Any:
             f"data spec {spec!r} needs the 'datasets' package (pip install tierprune[hub]); "
             f"or use {spec}:PATH with local files"
         ) from e
+    from .hub import hub_or_offline
+
+    online = hub_or_offline()  # offline, a cached dataset still loads and a missing one fails now, not after retries
     try:
         return datasets.load_dataset(*args, **kwargs)
     except (OSError, datasets.exceptions.DatasetsError) as e:
         # Offline mode, no network, unknown repo or file: all mean "use local files instead".
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if not online:
+            reason = "the Hugging Face hub is unreachable (or offline mode is on), and the dataset is not in the local cache"
         raise TierpruneError(
             f"could not load hub dataset {args[0]!r} for {spec!r} ({reason}); use {spec}:PATH with local files"
         ) from e

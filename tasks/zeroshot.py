@@ -11,7 +11,6 @@ import difflib
 import functools
 import hashlib
 import logging
-import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from tierprune.config import WANDA_ZERO_SHOT_TASKS
 from tierprune.errors import TierpruneError
+from tierprune.storage.hub import hub_or_offline
 
 if TYPE_CHECKING:
     from torch import nn
@@ -145,21 +145,6 @@ def _metric(result: dict, name: str) -> float | None:
     return float(value) if isinstance(value, (int, float)) else None
 
 
-def _hub_or_offline() -> bool:
-    """Whether the Hugging Face hub answers; if not, this process goes offline (cached datasets still load)."""
-    from tierprune.models import _hub_reachable
-
-    if _hub_reachable():
-        return True
-    # Without this, datasets retries every request for ~25 s and prints a line each time.
-    import datasets.config
-    from huggingface_hub import constants
-
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    constants.HF_HUB_OFFLINE = datasets.config.HF_HUB_OFFLINE = True  # both read the variable at import
-    return False
-
-
 def load_zero_shot_tasks(tasks: tuple[str, ...] | list[str], include_path: str | None = None) -> dict:
     """lm-eval's loaded tasks ({"tasks", "groups", "group_map"}), each set to 0-shot; their datasets are read here.
 
@@ -170,7 +155,7 @@ def load_zero_shot_tasks(tasks: tuple[str, ...] | list[str], include_path: str |
     if not tasks:
         raise TierpruneError("no zero-shot task given")
     manager = _manager_for(tasks, include_path)
-    online = _hub_or_offline()
+    online = hub_or_offline()
     try:
         with _quiet_lm_eval(), _seeded():
             loaded = manager.load(list(tasks))

@@ -279,3 +279,16 @@ def test_rotary_windows_past_the_trained_positions_warn_once(caplog) -> None:
     messages = [r.getMessage() for r in caplog.records]
     assert messages == ["--eval-seqlen 100000 is longer than the 64 positions this llama model was trained on "
                         "(max_position_embeddings): it runs, slowly, and measures extrapolation"], messages
+
+
+def test_a_mistyped_model_path_fails_before_any_data_is_fetched(monkeypatch) -> None:
+    """`prune --model ./typo` with the hub data defaults: the model's line, not a dataset's after its retries."""
+    import tierprune.tasks.oneshot as oneshot
+    from tierprune.config import config_from_flags
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("data was fetched before the model path was checked")
+
+    monkeypatch.setattr(oneshot, "load_texts", no_data)
+    with pytest.raises(TierpruneError, match=r"^model directory not found: \./no-such-model$"):
+        oneshot.run_oneshot(config_from_flags(model="./no-such-model", calib="c4", eval="wikitext2"))

@@ -77,48 +77,15 @@ def resolve_model(name: str, gguf_file: str | None = None) -> tuple[str, str | N
     return name, gguf_file
 
 
-HUB_CONNECT_TIMEOUT = 2.0
-
-
-def _hub_reachable(timeout: float = HUB_CONNECT_TIMEOUT) -> bool:
-    """Whether a TCP connection to the Hugging Face hub endpoint opens within timeout seconds."""
-    import socket
-    import threading
-    from urllib.parse import urlsplit
-
-    from huggingface_hub import constants
-
-    if constants.HF_HUB_OFFLINE or os.environ.get("TRANSFORMERS_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
-        return False
-    url = urlsplit(constants.ENDPOINT)
-    host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
-    if not host:
-        return False
-    reached: list[bool] = []
-
-    def connect() -> None:
-        try:
-            socket.create_connection((host, port), timeout=timeout).close()
-            reached.append(True)
-        except OSError:
-            pass
-
-    # In a thread: a name lookup can hang far longer than the socket's timeout, and nothing can cancel it.
-    thread = threading.Thread(target=connect, daemon=True)
-    thread.start()
-    thread.join(timeout + 0.5)
-    return bool(reached)
-
-
 def _require_hub_or_cache(repo_id: str, gguf_file: str | None) -> None:
     # Without this check transformers retries every request for ~30 s and prints a dozen lines. Offline, a
     # model in the local Hugging Face cache still loads; then the rest of the process stays offline too.
-    from huggingface_hub import constants, try_to_load_from_cache
+    from huggingface_hub import try_to_load_from_cache
 
-    if _hub_reachable():
+    from .storage.hub import hub_or_offline
+
+    if hub_or_offline():
         return
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    constants.HF_HUB_OFFLINE = True  # read at import time by huggingface_hub; set it for this process too
     try:
         cached = try_to_load_from_cache(repo_id, gguf_file or "config.json")
     except ValueError:  # not a valid repo id at all

@@ -181,6 +181,29 @@ def test_hub_forms_fail_clearly_offline(hub_offline: None, spec: str, split: str
         load_texts(spec, split)  # type: ignore[arg-type]
 
 
+def test_an_unreachable_hub_fails_at_once_and_leaves_the_process_offline(monkeypatch, tmp_path: Path) -> None:
+    """No hub: one two-second probe, then offline mode (a cached dataset would still load), not ~25 s of retries."""
+    datasets = pytest.importorskip("datasets")
+    import huggingface_hub.constants
+
+    from tierprune.storage import hub
+
+    probes = []
+    monkeypatch.setattr(hub, "hub_reachable", lambda: probes.append(1) or False)
+    # Registered so that the offline switch below is undone after the test.
+    monkeypatch.setenv("HF_HUB_OFFLINE", os.environ.get("HF_HUB_OFFLINE", "0"))
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", datasets.config.HF_HUB_OFFLINE)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", huggingface_hub.constants.HF_HUB_OFFLINE)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "datasets"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(TierpruneError, match=r"^could not load hub dataset 'allenai/c4' for 'c4' \(the Hugging "
+                                             r"Face hub is unreachable .* not in the local cache\); use c4:PATH"):
+        load_texts("c4", "train")
+    assert probes == [1]
+    assert datasets.config.HF_HUB_OFFLINE and huggingface_hub.constants.HF_HUB_OFFLINE
+    assert os.environ["HF_HUB_OFFLINE"] == "1"
+
+
 def test_c4_hub_has_no_test_split() -> None:
     with pytest.raises(TierpruneError, match="no test split"):
         load_texts("c4", "test")
