@@ -275,6 +275,23 @@ def test_unknown_model_offline_is_one_line_in_seconds(tmp_path, data_dir, how: s
     assert seconds < 10, seconds
 
 
+def test_a_remote_store_without_credentials_is_one_line_before_any_work(tmp_path, data_dir) -> None:
+    """s3:// with no AWS credentials anywhere: one line from each command, nothing pruned or written first."""
+    env = {k: v for k, v in _env(tmp_path, TIERPRUNE_DATA=str(data_dir)).items() if not k.startswith("AWS_")}
+    env.update(AWS_EC2_METADATA_DISABLED="true", AWS_CONFIG_FILE=str(tmp_path / "none"),
+               AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"))
+    no_credentials = "the store could not be reached: NoCredentialsError: Unable to locate credentials"
+    began = time.monotonic()
+    proc = _cli(["prune", "--method", "magnitude", "--pattern", "2:4", "--eval", "none",
+                 "--output", "s3://tierprune-no-bucket/out"], env)
+    assert _one_error_line(proc, no_credentials).startswith("error: --output s3://tierprune-no-bucket/out: ")
+    assert "prune:" not in proc.stdout + proc.stderr  # refused before the model was pruned
+    _one_error_line(_cli(["runs", "show", "s3://tierprune-no-bucket/r"], env), no_credentials)
+    _one_error_line(_cli(["run", "--plan", "smoke", "--store", "s3://tierprune-no-bucket/runs", "--run", "r"], env),
+                    no_credentials)
+    assert time.monotonic() - began < 90
+
+
 def test_nan_and_inf_sparsity_are_refused_clearly(tmp_path) -> None:
     for value in ("nan", "inf"):
         line = _one_error_line(_cli(["prune", "--sparsity", value], _env(tmp_path)), "sparsity")

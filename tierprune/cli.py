@@ -104,6 +104,15 @@ def _check_output_folder(output: str, flag: str = "--output", named: str | None 
     `named`: what the message names, when the folder is that of a file the flag gives (--json).
     """
     if "://" in output:
+        from tierprune.storage.remote import environment_error, probe
+
+        try:
+            probe(output)  # backend, credentials, endpoint: before the work, not when writing its result
+        except Exception as exc:
+            line = environment_error(exc)
+            if line is None:
+                raise
+            raise TierpruneError(f"{flag} {named or output}: {line}") from None
         return
     path = Path(output)
     if path.is_file():
@@ -631,6 +640,14 @@ def main() -> None:
     except KeyboardInterrupt:
         err_console.print("interrupted")
         sys.exit(130)
+    except Exception as exc:
+        from tierprune.storage.remote import environment_error
+
+        line = environment_error(exc)  # a remote store's backend or credentials: the user's setup, one line
+        if line is None:
+            raise
+        _print_error(line)
+        sys.exit(2)
     sys.exit(code if isinstance(code, int) else 0)
 
 
