@@ -292,3 +292,24 @@ def test_a_mistyped_model_path_fails_before_any_data_is_fetched(monkeypatch) -> 
     monkeypatch.setattr(oneshot, "load_texts", no_data)
     with pytest.raises(TierpruneError, match=r"^model directory not found: \./no-such-model$"):
         oneshot.run_oneshot(config_from_flags(model="./no-such-model", calib="c4", eval="wikitext2"))
+
+
+def test_output_into_the_models_own_folder_is_refused_and_the_original_kept(tiny_gpt2_dir, tmp_path) -> None:
+    """`prune --model ./m --output ./m` would replace the dense original with the pruned copy."""
+    import shutil
+
+    from tierprune.config import config_from_flags
+    from tierprune.tasks.oneshot import run_oneshot
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_gpt2_dir, model_dir)
+    original = (model_dir / "model.safetensors").read_bytes()
+    (tmp_path / "link").symlink_to(model_dir)
+    cfg = config_from_flags(model=str(model_dir), method="magnitude", pattern="2:4", eval="none")
+    for spelling in (str(model_dir), f"{model_dir}/.", str(tmp_path / "link")):
+        with pytest.raises(TierpruneError, match=r"^--output .* is the folder --model .* is loaded from: writing "
+                                                 r"there would replace the original model; give another folder$"):
+            run_oneshot(cfg, output=spelling)
+    assert (model_dir / "model.safetensors").read_bytes() == original
+    run_oneshot(cfg, output=str(tmp_path / "pruned"))  # another folder: written
+    assert (tmp_path / "pruned" / "model.safetensors").read_bytes() != original

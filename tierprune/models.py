@@ -77,6 +77,19 @@ def resolve_model(name: str, gguf_file: str | None = None) -> tuple[str, str | N
     return name, gguf_file
 
 
+def refuse_model_folder_as_output(output: str | None, name: str, gguf_file: str | None = None) -> None:
+    """Refuse (one line) an --output that is the local folder the model is loaded from: the pruned model's
+    config.json and model.safetensors would replace the dense original there."""
+    if not output or "://" in output or not Path(output).is_dir():
+        return
+    directory, gguf = resolve_model(name, gguf_file)
+    if gguf or not Path(directory).is_dir():
+        return  # a GGUF's folder holds no model.safetensors of ours to lose; a hub id has no folder here
+    if os.path.samefile(output, directory):
+        raise TierpruneError(f"--output {output} is the folder --model {name} is loaded from: writing there would "
+                             "replace the original model; give another folder")
+
+
 def _require_hub_or_cache(repo_id: str, gguf_file: str | None) -> None:
     # Without this check transformers retries every request for ~30 s and prints a dozen lines. Offline, a
     # model in the local Hugging Face cache still loads; then the rest of the process stays offline too.

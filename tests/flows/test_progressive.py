@@ -170,6 +170,10 @@ def test_lora_recovery_merges_into_exactly_the_tier_maps_sparsity(prefect_harnes
             adapted = module.endswith(("q_proj", "v_proj", "down_proj"))
             # LoRA moved the adapted weights (inside the mask) and left the others as masked before.
             assert (not torch.equal(W, previous[f"{module}.weight"] * keep)) == adapted, (k, module)
+    original = (tiny_llama_dir / "model.safetensors").read_bytes()
+    with pytest.raises(TierpruneError, match=r"is the folder --model .* is loaded from: writing there would replace"):
+        export_run(store, str(tiny_llama_dir))  # the run's own base model folder
+    assert (tiny_llama_dir / "model.safetensors").read_bytes() == original
     exported = export_run(store, str(tmp_path / "out"))
     weights = load_file(tmp_path / "out" / "model.safetensors")
     _, masks = _checkpoint_tensors(store, exported["iteration"])
