@@ -261,26 +261,6 @@ def test_windows_longer_than_the_position_table_are_refused_before_any_work(tiny
                                        plan="smoke", store=str(store), run="r", **data))  # at the limit: fine
 
 
-def test_rotary_windows_past_the_trained_positions_warn_once(caplog) -> None:
-    """A rotary model runs at any length, so 100000 for 1000 is a warning (once per setting), not an error."""
-    import logging
-    from types import SimpleNamespace
-
-    from transformers import LlamaConfig
-
-    from tierprune.models import check_window_lengths
-
-    llama = SimpleNamespace(config=LlamaConfig(max_position_embeddings=64))
-    with caplog.at_level(logging.WARNING, logger="tierprune"):
-        check_window_lengths(llama, {"--calib-seqlen": 64, "--eval-seqlen": 32})  # at the limit: silent
-        assert not caplog.records
-        check_window_lengths(llama, {"--eval-seqlen": 100000})
-        check_window_lengths(llama, {"--eval-seqlen": 100000})  # the run's state checks again after a reload
-    messages = [r.getMessage() for r in caplog.records]
-    assert messages == ["--eval-seqlen 100000 is longer than the 64 positions this llama model was trained on "
-                        "(max_position_embeddings): it runs, slowly, and measures extrapolation"], messages
-
-
 def test_a_mistyped_model_path_fails_before_any_data_is_fetched(monkeypatch) -> None:
     """`prune --model ./typo` with the hub data defaults: the model's line, not a dataset's after its retries."""
     import tierprune.tasks.oneshot as oneshot

@@ -8,7 +8,6 @@ De-quantizing takes ~20 s on 2 cores, so the result is cached as safetensors, ke
 from __future__ import annotations
 
 import hashlib
-import logging
 import importlib.util
 import os
 import shutil
@@ -21,8 +20,6 @@ from torch import nn
 
 from .adapters import adapter_for
 from .errors import TierpruneError
-
-log = logging.getLogger(__name__)
 
 __all__ = ["ALIASES", "LoadedModel", "resolve_model", "load_model", "model_identity", "linear_shapes", "default_device",
            "resolve_dtype"]
@@ -155,8 +152,6 @@ def _load_gguf(directory: str, gguf_file: str, dtype: torch.dtype) -> tuple[nn.M
 def check_window_lengths(model: nn.Module | SimpleNamespace, lengths: dict[str, int]) -> None:
     """Refuse (one line) windows longer than a learned position table: {flag: tokens per window}.
 
-    Rotary and ALiBi models run at any length, so past `max_position_embeddings` they get a warning
-    instead: a typo such as 100000 would otherwise only show as an evaluation that never seems to end.
     `model`: the model, or anything with its `config` (a check before loading the weights).
     """
     from .adapters import learned_positions
@@ -166,17 +161,6 @@ def check_window_lengths(model: nn.Module | SimpleNamespace, lengths: dict[str, 
         if limit and length > limit[0]:
             raise TierpruneError(f"{flag} {length} is longer than this {model.config.model_type} model's "
                                  f"{limit[0]} learned positions ({limit[1]}); give {flag} {limit[0]} or less")
-    trained = getattr(model.config, "max_position_embeddings", None)
-    for flag, length in lengths.items():
-        key = (flag, length, getattr(model.config, "model_type", None), trained)
-        if not limit and isinstance(trained, int) and length > trained and key not in _WARNED_LENGTHS:
-            _WARNED_LENGTHS.add(key)  # the run's state checks again after each load: say it once
-            log.warning("%s %d is longer than the %d positions this %s model was trained on "
-                        "(max_position_embeddings): it runs, slowly, and measures extrapolation", flag, length,
-                        trained, model.config.model_type)
-
-
-_WARNED_LENGTHS: set[tuple] = set()
 
 
 def check_window_lengths_early(name: str, gguf_file: str | None, lengths: dict[str, int]) -> None:
