@@ -984,6 +984,11 @@ def run_names(root: str) -> list[str]:
     """Names of the run folders directly under `root` (those holding a manifest)."""
     fs, path = url_to_fs(root)
     if not fs.exists(path):
+        if "://" in root:
+            try:
+                fs.ls(path)  # exists() swallows why: no credentials, no permission; listing says it
+            except FileNotFoundError:
+                pass
         raise TierpruneError(f"store {root} does not exist")
     if fs.isfile(path):
         raise TierpruneError(f"store {root} is a file, not a folder of runs")

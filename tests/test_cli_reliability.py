@@ -287,6 +287,7 @@ def test_a_remote_store_without_credentials_is_one_line_before_any_work(tmp_path
     assert _one_error_line(proc, no_credentials).startswith("error: --output s3://tierprune-no-bucket/out: ")
     assert "prune:" not in proc.stdout + proc.stderr  # refused before the model was pruned
     _one_error_line(_cli(["runs", "show", "s3://tierprune-no-bucket/r"], env), no_credentials)
+    _one_error_line(_cli(["runs", "list", "s3://tierprune-no-bucket"], env), no_credentials)  # not "does not exist"
     _one_error_line(_cli(["run", "--plan", "smoke", "--store", "s3://tierprune-no-bucket/runs", "--run", "r"], env),
                     no_credentials)
     assert time.monotonic() - began < 90

@@ -107,6 +107,13 @@ def test_listing_a_store_that_is_a_file_or_missing_is_one_line(tmp_path) -> None
     assert run_names(str(tmp_path)) == []
 
 
+def test_a_missing_store_is_said_so_on_every_backend(store_root: str) -> None:
+    from tierprune.storage.runstore import run_names
+
+    with pytest.raises(TierpruneError, match=r"^store .*/nothere does not exist$"):
+        run_names(f"{store_root}/nothere")
+
+
 def test_same_name_different_fingerprint_refused(store: RunStore, store_root: str) -> None:
     before = _manifest_bytes(store)
     with pytest.raises(TierpruneError, match="different run under the same name"):
