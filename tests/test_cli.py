@@ -334,3 +334,19 @@ def test_json_path_in_a_folder_that_cannot_be_made_is_refused_before_pruning(tmp
                           timeout=120)
     assert proc.returncode == 2 and proc.stderr.strip().startswith("error: --json"), proc.stderr
     assert proc.stderr.strip().count("\n") == 0
+
+
+def test_json_to_an_fsspec_url_is_written_there(tiny_llama_dir: Path, mem_root: str, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--json s3://bucket/r.json` went to a local folder named `s3:` (pathlib collapses the `//`)."""
+    import fsspec
+
+    from tierprune.cli import _run
+    from tierprune.config import config_from_flags
+
+    monkeypatch.chdir(tmp_path)
+    cfg = config_from_flags(model=str(tiny_llama_dir), method="none", eval="none")
+    record = _run(cfg, None, f"{mem_root}/results/r.json")
+    written = json.loads(fsspec.open(f"{mem_root}/results/r.json", "rb").open().read())
+    assert written["model"] == record["model"] == str(tiny_llama_dir)
+    assert list(tmp_path.iterdir()) == []  # nothing local, no `memory:` folder

@@ -141,17 +141,20 @@ def _run(cfg: TierpruneConfig, output: str | None, json_path: str | None) -> dic
 
         if not torch.cuda.is_available():
             raise TierpruneError(f"--device {cfg.device} asked for, but CUDA is not available here")
-    if json_path and Path(json_path).is_dir():
-        raise TierpruneError(f"--json {json_path} is a directory; give a file path")
-    if json_path:
+    if json_path and "://" in json_path:  # an fsspec URL: pathlib would collapse s3:// into a local folder s3:
+        _check_output_folder(json_path.rsplit("/", 1)[0], "--json", json_path)
+    elif json_path:
+        if Path(json_path).is_dir():
+            raise TierpruneError(f"--json {json_path} is a directory; give a file path")
         _check_output_folder(str(Path(json_path).parent), "--json", json_path)
     if output:
         _check_output_folder(output)
     with _progress_bars() as update:
         record = run_oneshot(cfg, output=output, progress=update)
     if json_path:
-        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(json.dumps(record, indent=2))
+        from tierprune.storage.tables import save_file
+
+        save_file(json.dumps(record, indent=2).encode(), json_path)  # atomic, local or any fsspec URL
     console.print(_summary(record))
     return record
 
