@@ -315,7 +315,14 @@ def test_output_folder_probe_refuses_in_one_line_and_leaves_nothing(tmp_path: Pa
     with pytest.raises(TierpruneError, match="cannot be written") as info:
         _check_output_folder(str(tmp_path / "a-file" / "sub"))
     assert "\n" not in str(info.value)
-    _check_output_folder("s3://bucket/out")  # remote: left to the writer, nothing probed here
+    _check_output_folder("memory://tierprune-probe/out")  # a reachable remote store: probed, accepted
+    import fsspec
+
+    fsspec.register_implementation("tierprune-missing", "tierprune_no_such_backend.FileSystem", clobber=True,
+                                   errtxt="Install tierprune-no-such-backend to access tierprune-missing://")
+    with pytest.raises(TierpruneError, match=r"^--output tierprune-missing://b/out: a store URL needs a package "
+                                             r"that is not installed: Install tierprune-no-such-backend"):
+        _check_output_folder("tierprune-missing://b/out")  # refused before any work, in one line
 
 
 def test_json_path_in_a_folder_that_cannot_be_made_is_refused_before_pruning(tmp_path: Path) -> None:
