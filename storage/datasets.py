@@ -231,7 +231,8 @@ def _load_hub(spec: str, *args: str, **kwargs: Any) -> Any:
         # Offline mode, no network, unknown repo or file: all mean "use local files instead".
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         if not online:
-            reason = "the Hugging Face hub is unreachable (or offline mode is on), and the dataset is not in the local cache"
+            reason = ("the Hugging Face hub is unreachable (or offline mode is on), and the dataset is not in the "
+                      "local cache")
         raise TierpruneError(
             f"could not load hub dataset {args[0]!r} for {spec!r} ({reason}); use {spec}:PATH with local files"
         ) from e

@@ -10,6 +10,8 @@ from types import TracebackType
 
 from fsspec.core import url_to_fs
 
+from tierprune.errors import TierpruneError
+
 # Cloud SDKs and fsspec backends whose own exceptions describe credentials, permissions or endpoints.
 _BACKEND_PACKAGES = ("botocore", "aiobotocore", "boto3", "s3fs", "gcsfs", "google.auth", "google.api_core",
                      "google.cloud", "adlfs", "azure")
@@ -35,8 +37,17 @@ def environment_error(exc: BaseException) -> str | None:
     return None
 
 
-def probe(uri: str) -> None:
+def probe(uri: str, label: str) -> None:
     """Touch a remote location once (backend installed, credentials found, endpoint answering) before the
-    work whose result it is to receive: a missing s3fs should not cost an hour of pruning."""
-    fs, path = url_to_fs(uri)
-    fs.exists(path)
+    work whose result it is to receive: a missing s3fs should not cost an hour of pruning.
+
+    A setup problem is a TierpruneError `{label}: {cause}`; anything else propagates as it is.
+    """
+    try:
+        fs, path = url_to_fs(uri)
+        fs.exists(path)
+    except Exception as exc:
+        line = environment_error(exc)
+        if line is None:
+            raise
+        raise TierpruneError(f"{label}: {line}") from None

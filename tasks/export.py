@@ -88,9 +88,9 @@ def load_iteration(store: RunStore, iteration: int | None = None) -> LoadedItera
 
 def export_run(store: RunStore, output: str, iteration: int | None = None) -> dict:
     """Write iteration `iteration` (default: the last finished) of a run to `output`; returns what was written."""
-    it = load_iteration(store, iteration)
     model = TierpruneConfig.model_validate(store.manifest()["config"]).model
-    refuse_model_folder_as_output(output, model.name, model.gguf_file)
+    refuse_model_folder_as_output(output, model.name, model.gguf_file)  # before the model is loaded
+    it = load_iteration(store, iteration)
     save_pretrained_dir(it.model, it.tokenizer, output)
     save_file(it.tier_table, f"{output.rstrip('/')}/tier_maps.parquet")
     if it.masks_bytes is not None:

@@ -104,15 +104,9 @@ def _check_output_folder(output: str, flag: str = "--output", named: str | None 
     `named`: what the message names, when the folder is that of a file the flag gives (--json).
     """
     if "://" in output:
-        from tierprune.storage.remote import environment_error, probe
+        from tierprune.storage.remote import probe
 
-        try:
-            probe(output)  # backend, credentials, endpoint: before the work, not when writing its result
-        except Exception as exc:
-            line = environment_error(exc)
-            if line is None:
-                raise
-            raise TierpruneError(f"{flag} {named or output}: {line}") from None
+        probe(output, f"{flag} {named or output}")  # backend, credentials: before the work, not at its end
         return
     path = Path(output)
     if path.is_file():
