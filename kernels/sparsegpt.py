@@ -14,6 +14,9 @@ Mask selection, per block of `blocksize` input columns, on the weights as update
     (Wanda's comparison group), for exactly even per-row sparsity.
   * N:M: keep n of every m consecutive input columns; each group is chosen when the sweep reaches
     its first column, i.e. on weights that already absorbed the updates of earlier groups.
+  * a mask fixed in advance (`keep=`): nothing is selected; the sweep only zeroes what the mask removes
+    and compensates the kept weights (progressive demotion's `--obs-update`: the tier map and the
+    Wanda choice inside each block decide what goes, the OBS update how the rest makes up for it).
 """
 from __future__ import annotations
 
@@ -104,19 +107,23 @@ def _n_prune(count: int, sparsity: float) -> int:
 
 def sparsegpt_prune(W: torch.Tensor, H: torch.Tensor, sparsity: float, n: int = 0, m: int = 0,
                     blocksize: int = 128, percdamp: float = 0.01,
-                    mask_scope: str = "block") -> tuple[torch.Tensor, torch.Tensor]:
+                    mask_scope: str = "block", keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Prune W (out, in) with OBS updates from H (in, in); returns (W_new in W's dtype, keep (out, in) bool).
 
     n:m > 0 keeps n of every m consecutive input columns (sparsity is then unused); n = m = 0 prunes
     floor(count·sparsity) weights of each row in every column block (count = blocksize, or the
-    remainder for the last block). Pruned weights are exactly 0 in W_new; kept weights of dead
-    inputs (H_jj = 0) are 0 as well. W and H are not modified.
+    remainder for the last block). `keep` (out, in) bool fixes the mask instead (sparsity, n, m and
+    mask_scope unused). Pruned weights are exactly 0 in W_new; kept weights of dead inputs (H_jj = 0)
+    are 0 as well. W and H are not modified.
     """
     _check_args(W, H, sparsity, n, m, blocksize, percdamp)
     if mask_scope not in ("block", "row"):
         raise ValueError(f"mask_scope must be 'block' or 'row', got {mask_scope!r}")
+    if keep is not None and (keep.dtype != torch.bool or keep.shape != W.shape):
+        raise ValueError(f"keep must be a bool mask of W's shape {tuple(W.shape)}, got {keep.dtype} "
+                         f"{tuple(keep.shape)}")
     rows, cols = W.shape
-    structured = n > 0
+    structured = n > 0 and keep is None
 
     # fp32 working copies on W's device: the OBS updates accumulate thousands of rank-1 corrections.
     Wf = W.detach().to(dtype=torch.float32, copy=True)
@@ -145,7 +152,9 @@ def sparsegpt_prune(W: torch.Tensor, H: torch.Tensor, sparsity: float, n: int = 
         d1 = torch.diagonal(Hinv1)  # (count,), > 0 since Hinv is a Cholesky factor
         prune1 = torch.zeros_like(W1, dtype=torch.bool)
 
-        if not structured:
+        if keep is not None:
+            prune1 = ~keep[:, i1:i2].to(W.device)
+        elif not structured:
             # OBS saliency w²/[H⁻¹]_jj², with the reference's [H⁻¹]_jj taken from the Cholesky
             # factor. Stable sort: ties (e.g. zeroed dead inputs) go to the lowest index, and the
             # count stays exact whatever the ties.

@@ -393,3 +393,49 @@ def test_block_scope_beats_row_scope_on_reconstruction():
         W_new, _ = sparsegpt_prune(W, H, 0.5, blocksize=32, mask_scope=scope)
         err[scope] = ((W - W_new) @ X.T).square().sum().item()
     assert err["block"] < err["row"]
+
+
+# --------------------------------------------------------------------------- a mask fixed in advance
+
+
+def test_fixed_mask_is_obeyed_and_compensated_by_the_oracles_update() -> None:
+    """keep=: the mask given is the mask out, and the kept weights take the textbook OBS update for it."""
+    d = 64
+    X = _correlated_inputs(256, d, seed=10)
+    W = torch.randn(12, d, generator=_gen(11))
+    H = _hessian(X)
+    # The mask one-shot SparseGPT chooses, given back as a fixed one: the same weights must come out.
+    W_chosen, keep = sparsegpt_prune(W, H, 0.5, blocksize=16, mask_scope="row")
+    W_fixed, keep_out = sparsegpt_prune(W, H, 0.0, blocksize=16, keep=keep)
+    assert torch.equal(keep_out, keep)
+    torch.testing.assert_close(W_fixed, W_chosen, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("blocksize", [16, 128])
+def test_fixed_mask_update_beats_masking_alone(blocksize: int) -> None:
+    """A demotion's mask (Wanda's choice, any pattern): the OBS update only ever lowers the layer's output error."""
+    d, out = 128, 48
+    X = _correlated_inputs(1024, d, seed=12)
+    W = torch.randn(out, d, generator=_gen(13))
+    keep = _row_keep(W.abs() * X.norm(dim=0), 0.6)
+    keep[:, :32] = True  # some columns untouched, as Dense blocks are
+    W_new, keep_out = sparsegpt_prune(W, _hessian(X), 0.0, blocksize=blocksize, keep=keep)
+    assert torch.equal(keep_out, keep) and not W_new[~keep].any()
+    assert _recon_err(W, W_new, X) < 0.8 * _recon_err(W, W * keep, X)  # observed 0.61 and lower
+
+
+def test_fixed_mask_with_uncorrelated_inputs_is_plain_masking() -> None:
+    """A diagonal Gram matrix couples no inputs: nothing to compensate with, so the update is the mask alone."""
+    W = torch.randn(8, 32, generator=_gen(14))
+    keep = torch.rand(8, 32, generator=_gen(15)) > 0.5
+    H = torch.diag(torch.rand(32, generator=_gen(16)) + 0.5)
+    W_new, _ = sparsegpt_prune(W, H, 0.0, keep=keep)
+    torch.testing.assert_close(W_new, W * keep)
+
+
+def test_fixed_mask_of_the_wrong_shape_or_type_is_refused() -> None:
+    W, H = torch.randn(4, 8), torch.eye(8)
+    with pytest.raises(ValueError, match="keep must be a bool mask"):
+        sparsegpt_prune(W, H, 0.0, keep=torch.ones(4, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="keep must be a bool mask"):
+        sparsegpt_prune(W, H, 0.0, keep=torch.ones(4, 8))
