@@ -28,7 +28,7 @@ __all__ = ["RUN_NAME_TEMPLATE", "expand_run_name", "flow_run_name", "described",
            "CalibSamples", "CalibSeqlen", "CalibBatchSize", "Seed", "Compile", "Eval", "EvalSeqlen",
            "EvalMaxWindows", "EvalBatchSize", "ZeroShot", "ZeroShotLimit", "ZeroShotInclude", "Device", "Offload", "FtMethod", "FtData", "FtTokens", "FtSeqlen",
            "FtBatchSize", "FtLr", "FtGradAccum", "FtSchedule", "FtWarmup", "FtTrain", "FtCommitEvery",
-           "FtCommitMinutes", "FtEvalEvery", "FtPatience", "FtCompile", "FtFade", "KdWeight", "KdTemperature",
+           "FtCommitMinutes", "FtEvalEvery", "FtPatience", "FtCompile", "FtFade", "ObsUpdate", "KdWeight", "KdTemperature",
            "KdHiddenWeight", "KdCacheTopk",
            "LoraRank", "LoraTargets"]
 
@@ -122,6 +122,8 @@ FtCompile = Annotated[bool, Field(description="torch.compile the training forwar
 FtFade = Annotated[float, Field(ge=0.0, le=1.0, description="Fraction of an iteration's optimizer steps over which "
                                                          "the weights its demotion removes fade to zero; 0: removed "
                                                          "at once")]
+ObsUpdate = Annotated[bool, Field(description="At each demotion, update the kept weights SparseGPT-style (OBS, from "
+                                             "the calibration windows) to make up for the removed ones")]
 KdWeight = Annotated[float, Field(ge=0.0, le=1.0, description="Distillation from the dense model: 0 = "
                                                               "cross-entropy only, 1 = distillation only")]
 KdTemperature = Annotated[float, Field(gt=0.0, description="Softmax temperature of the logit distillation")]

@@ -21,7 +21,7 @@ from tierprune.flows.parameters import (
     RUN_NAME_TEMPLATE, BlockSize, Calib, CalibBatchSize, CalibSamples, CalibSeqlen, Compile, Device, Dtype, Eval,
     EvalBatchSize, EvalMaxWindows, EvalSeqlen, FtBatchSize, FtCommitEvery, FtCommitMinutes, FtCompile, FtData, FtFade,
     FtEvalEvery, FtGradAccum, FtLr, FtMethod, FtPatience, FtSchedule, FtSeqlen, FtTokens, FtTrain, FtWarmup,
-    GgufFile, KdCacheTopk, KdHiddenWeight, KdTemperature, KdWeight, LoraRank, LoraTargets, Model, Offload, Plan,
+    GgufFile, KdCacheTopk, ObsUpdate, KdHiddenWeight, KdTemperature, KdWeight, LoraRank, LoraTargets, Model, Offload, Plan,
     ResumeFrom, Run, Scope, Seed, Select, Store, Topk, ZeroShot, ZeroShotInclude, ZeroShotLimit, described,
     flow_run_name,
 )
@@ -125,6 +125,7 @@ def progressive(
     ft_patience: FtPatience = 0,
     ft_compile: FtCompile = False,
     ft_fade: FtFade = 0.0,
+    obs_update: ObsUpdate = False,
     kd_weight: KdWeight = 1.0,
     kd_temperature: KdTemperature = 1.0,
     kd_hidden_weight: KdHiddenWeight = 0.0,

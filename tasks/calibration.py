@@ -7,7 +7,7 @@ import torch
 
 from tierprune.errors import TierpruneError
 
-__all__ = ["sample_calibration"]
+__all__ = ["sample_calibration", "calibration_windows"]
 
 
 def sample_calibration(texts: list[str], tokenizer, nsamples: int, seqlen: int, seed: int = 0) -> torch.Tensor:
@@ -41,3 +41,11 @@ def sample_calibration(texts: list[str], tokenizer, nsamples: int, seqlen: int, 
         start = rng.randint(0, ids.shape[0] - seqlen - 1)
         samples.append(ids[start:start + seqlen])
     return torch.stack(samples)
+
+
+def calibration_windows(calibration, tokenizer) -> torch.Tensor:
+    """The run's calibration windows (n_samples, seqlen) from its CalibrationConfig: the same draw in every step."""
+    from tierprune.storage.datasets import load_texts
+
+    c = calibration
+    return sample_calibration(load_texts(c.data, "train"), tokenizer, c.nsamples, c.seqlen, c.seed)

@@ -76,14 +76,12 @@ def collect_activations_task(state: RunState, iteration: int, checkpoint: Artifa
 
     from tierprune.faults import crash_point
     from tierprune.progress import report as report_progress
-    from tierprune.storage.datasets import load_texts
-
-    from .calibration import sample_calibration
+    from .calibration import calibration_windows
 
     def compute() -> dict:
         loaded = state.model_at(checkpoint)
         c = state.cfg.calibration
-        ids = sample_calibration(load_texts(c.data, "train"), loaded.tokenizer, c.nsamples, c.seqlen, c.seed)
+        ids = calibration_windows(c, loaded.tokenizer)
         progress = create_progress_artifact(0.0, description=f"iteration {iteration}: layers calibrated")
 
         def on_progress(done: int, total: int) -> None:

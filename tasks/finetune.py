@@ -120,6 +120,23 @@ def _held_out_ids(cfg: TierpruneConfig, tokenizer) -> torch.Tensor | None:
 
 # ----------------------------------------------------------------------------------------- the step
 
+def _demoted_start(state: RunState, iteration: int, model: nn.Module, tokenizer, masks: PackedMasks) -> set[str]:
+    """Apply the iteration's masks in place (with OBS updates of the kept weights under --obs-update); returns
+    the names of the weights touched."""
+    if not state.cfg.finetune.obs_update:
+        return apply_masks_(model, masks)
+    from .calibration import calibration_windows
+    from .compensate import compensate_demotion_
+
+    c = state.cfg.calibration
+    changed = compensate_demotion_(
+        model, masks, calibration_windows(c, tokenizer), batch_size=c.batch_size, device=state.cfg.device,
+        offload=state.cfg.offload,
+        on_progress=lambda d, t: report_progress(f"iteration {iteration}: OBS update", d, t))
+    apply_masks_(model, masks)  # exact already; this also checks every module against its mask
+    return changed
+
+
 def _ppl_before(state: RunState, iteration: int, model: nn.Module, tokenizer) -> float | None:
     """The perplexity of the freshly demoted model (masks applied, not trained yet), as evaluate measures it."""
     from .evaluate import _eval_ids, perplexity
@@ -172,6 +189,8 @@ def _finetune_material(p: dict) -> dict:
     state = p["state"]
     epochs = state.plan.step(p["iteration"]).epochs
     material = {"checkpoint": p["checkpoint"].digest, "tiers": p["tiers"].digest, "epochs": epochs}
+    if state.cfg.finetune.obs_update:  # the OBS update's Gram matrices come from the calibration windows
+        material.update(obs_update=True, calibration=state.identity["calibration"], model=state.identity["model"])
     if needs_training(state.cfg, epochs):
         # What training depends on: its settings, its corpus and the calibration draw left out of it, the teacher.
         identity = state.identity
@@ -200,7 +219,7 @@ def _train(state: RunState, iteration: int, key: str, model: nn.Module, tokenize
             with masks_applied(model, keep):
                 before = {"ppl_before_finetune": _ppl_before(state, iteration, model, tokenizer)}
         else:
-            apply_masks_(model, masks)
+            _demoted_start(state, iteration, model, tokenizer, masks)
             before = {"ppl_before_finetune": _ppl_before(state, iteration, model, tokenizer)}
     else:
         before = resumed[1]
@@ -259,8 +278,10 @@ def finetune_task(state: RunState, iteration: int, checkpoint: ArtifactRef, tier
             if needs_training(state.cfg, epochs):
                 changed = _train(state, iteration, key, loaded.model, loaded.tokenizer, masks, n_tokens, record)
             else:
-                changed = apply_masks_(loaded.model, masks)
+                changed = _demoted_start(state, iteration, loaded.model, loaded.tokenizer, masks)
                 record.update(method="none", tokens=0, steps=0)
+            if state.cfg.finetune.obs_update:
+                record["obs_update"] = True
             index, blobs = state.save_checkpoint(changed)
         except BaseException:
             state.forget_model_state()  # half-changed weights must never pass for a checkpoint

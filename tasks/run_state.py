@@ -182,9 +182,10 @@ def run_identity(cfg: TierpruneConfig, plan: Plan) -> dict:
 
     c, e, ft = cfg.calibration, cfg.eval, cfg.finetune
     # How often training commits its state changes no result, so a resume may choose another interval.
-    # Compiled training and fading only when asked for: runs made before the options existed keep their identity.
+    # Compiled training, fading and OBS updates only when asked for: runs made before the options existed keep their identity.
     ft_untracked = ({"data", "commit_every", "commit_minutes"} | (set() if ft.compile else {"compile"})
-                    | (set() if ft.fade_fraction else {"fade_fraction"}))
+                    | (set() if ft.fade_fraction else {"fade_fraction"})
+                    | (set() if ft.obs_update else {"obs_update"}))
     return {
         "model": {**model_identity(cfg.model.name, cfg.model.gguf_file), "dtype": cfg.model.dtype},
         "plan": plan.to_rows(), "plan_fingerprint": plan_fingerprint(plan),

@@ -36,6 +36,7 @@ def test_fine_tuning_flags_map_onto_the_finetune_config():
     ({"ft_fade": 1.5}, "--ft-fade: .*less than or equal to 1"),
     ({"ft_fade": -0.1}, "--ft-fade: .*greater than or equal to 0"),
     ({"ft_fade": 0.5, "ft_method": "none"}, "fading .--ft-fade. happens during fine-tuning.*--ft-method none"),
+    ({"ft_fade": 0.5, "obs_update": True}, "--obs-update makes up for the removed weights at once, --ft-fade"),
     ({"kd_hidden_weight": 1, "kd_cache_topk": 64}, "--kd-hidden-weight. needs the teacher model.*--kd-cache-topk"),
 ])
 def test_bad_fine_tuning_flags_are_one_line(flags, fragment):
@@ -77,6 +78,9 @@ def test_fading_enters_a_runs_identity_only_when_asked_for(monkeypatch, data_dir
     fading = run_state.run_identity(config_from_flags(**RUN, **data, ft_fade=0.5), plan)["finetune"]
     assert "fade_fraction" not in plain
     assert {k: v for k, v in fading.items() if k != "fade_fraction"} == plain and fading["fade_fraction"] == 0.5
+    compensating = run_state.run_identity(config_from_flags(**RUN, **data, obs_update=True), plan)["finetune"]
+    assert "obs_update" not in plain
+    assert {k: v for k, v in compensating.items() if k != "obs_update"} == plain and compensating["obs_update"]
 
 
 @pytest.mark.parametrize("flags, prefix", [

@@ -354,6 +354,10 @@ def run(
                                     help="torch.compile the training forwards (GPU: launch-bound small models)"),
     ft_fade: float = typer.Option(0.0, help="fraction of an iteration's optimizer steps over which the weights its "
                                   "demotion removes fade to zero; 0 = removed at once"),
+    obs_update: bool = typer.Option(False, "--obs-update",
+                                    help="at each demotion, update the kept weights SparseGPT-style (OBS, from the "
+                                    "calibration windows) to make up for the removed ones; one more calibration "
+                                    "pass per iteration"),
     kd_weight: float = typer.Option(1.0, help="distillation from the dense model: 0 = cross-entropy only, 1 = KD only"),
     kd_temperature: float = typer.Option(1.0, help="softmax temperature of the logit distillation"),
     kd_hidden_weight: float = typer.Option(0.0, help="weight of a per-layer hidden-state loss against the dense model, "
@@ -376,7 +380,7 @@ def run(
         ft_commit_every=ft_commit_every, ft_commit_minutes=ft_commit_minutes,
         ft_eval_every=ft_eval_every, ft_patience=ft_patience, kd_weight=kd_weight, kd_temperature=kd_temperature,
         kd_hidden_weight=kd_hidden_weight, kd_cache_topk=kd_cache_topk, ft_compile=ft_compile, ft_fade=ft_fade,
-        lora_rank=lora_rank,
+        obs_update=obs_update, lora_rank=lora_rank,
         lora_targets=lora_targets,
         zero_shot=zero_shot, zero_shot_limit=zero_shot_limit, zero_shot_include=zero_shot_include)
     _progressive_run(cfg)

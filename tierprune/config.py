@@ -172,6 +172,9 @@ class FinetuneConfig(_Frozen):
     # iteration's optimizer steps (frozen while they fade) instead of vanishing before the first step;
     # 0 = removed at once. The masks are exact from the end of the fade on, and always in the checkpoint.
     fade_fraction: float = Field(0.0, ge=0, le=1, allow_inf_nan=False)
+    # Compensated demotion (tasks.compensate): the kept weights take SparseGPT's OBS update for the removed
+    # ones, from the calibration windows' per-layer Gram matrices, before training (or instead of it).
+    obs_update: bool = False
 
     @model_validator(mode="after")
     def _consistent(self) -> FinetuneConfig:
@@ -183,6 +186,9 @@ class FinetuneConfig(_Frozen):
             raise ValueError("early stopping (--ft-patience) needs held-out losses: set --ft-eval-every > 0")
         if self.fade_fraction and self.method == "none":
             raise ValueError("fading (--ft-fade) happens during fine-tuning, and --ft-method none trains nothing")
+        if self.obs_update and self.fade_fraction:
+            raise ValueError("--obs-update makes up for the removed weights at once, --ft-fade removes them "
+                             "gradually; use one of them")
         if self.teacher_cache and self.hidden_weight:
             raise ValueError("the hidden-state loss (--kd-hidden-weight) needs the teacher model, not its cached "
                              "logits (--kd-cache-topk)")
@@ -296,6 +302,7 @@ _FINETUNE_FLAGS = {
     "commit_minutes": "--ft-commit-minutes",
     "eval_every": "--ft-eval-every", "patience": "--ft-patience", "teacher_cache": "--kd-cache-topk",
     "teacher_topk": "--kd-cache-topk", "compile": "--ft-compile", "fade_fraction": "--ft-fade",
+    "obs_update": "--obs-update",
 }
 
 
@@ -325,7 +332,7 @@ def config_from_flags(
     ft_warmup: float = 0.05, ft_train: str = "linears", ft_commit_every: int | None = None,
     ft_commit_minutes: float = 10.0, ft_eval_every: int = 0,
     ft_patience: int = 0, kd_cache_topk: int = 0, ft_compile: bool = False, ft_fade: float = 0.0,
-    kd_temperature: float = 1.0, kd_hidden_weight: float = 0.0,
+    obs_update: bool = False, kd_temperature: float = 1.0, kd_hidden_weight: float = 0.0,
     zero_shot: str | None = None, zero_shot_limit: int | None = None, zero_shot_include: str | None = None,
 ) -> TierpruneConfig:
     """The one mapping of the command-line flags (snake_case) to the config, for prune, run and the demo alike.
@@ -362,7 +369,7 @@ def config_from_flags(
                                       commit_minutes=ft_commit_minutes, eval_every=ft_eval_every,
                                       patience=ft_patience, seed=seed, teacher_cache=kd_cache_topk != 0,
                                       teacher_topk=kd_cache_topk or 64, compile=ft_compile,
-                                      fade_fraction=ft_fade),
+                                      fade_fraction=ft_fade, obs_update=obs_update),
             device=device, offload=offload,
         )
     except ValidationError as exc:

@@ -21,7 +21,8 @@ PROGRESSIVE_LEAVES_OUT = {
 }
 FINETUNE = {name for name in FLAGS if name.startswith(("ft_", "kd_"))} | {"lora_rank", "lora_targets"}
 # plan, store, run, resume_from make a run progressive; one-shot pruning does not fine-tune.
-ONESHOT_LEAVES_OUT = {"plan", "store", "run", "resume_from"} | FINETUNE
+# --obs-update compensates a progressive demotion; one-shot pruning has --method sparsegpt for that.
+ONESHOT_LEAVES_OUT = {"plan", "store", "run", "resume_from", "obs_update"} | FINETUNE
 ONESHOT_ADDS = {"output"}  # prune --output
 # The form proposes values where the CLI requires them.
 FORM_DEFAULTS = {"plan": "smoke", "store": "runs", "run": RUN_NAME_TEMPLATE}

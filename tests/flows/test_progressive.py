@@ -197,6 +197,28 @@ def test_fading_demotions_end_every_iteration_on_exactly_its_tier_map(prefect_ha
     assert any(not torch.equal(faded[n], removed_at_once[n]) for n in faded)  # it trained otherwise
 
 
+def test_obs_update_compensates_every_demotion_and_keeps_the_tier_maps(prefect_harness, tiny_llama_dir, data_dir,
+                                                                       mem_root):
+    """--obs-update: the same demotions as without it, other kept weights, masks exact; a rerun recomputes nothing."""
+    from tierprune.flows.progressive import progressive_from_config as progressive
+
+    for name, extra in (("plain", {}), ("obs", {"obs_update": True})):
+        for method in ("none", "full"):
+            progressive(_config(tiny_llama_dir, data_dir, mem_root, f"{name}-{method}", ft_method=method, **extra))
+    for method in ("none", "full"):
+        obs, plain = RunStore(mem_root, f"obs-{method}"), RunStore(mem_root, f"plain-{method}")
+        assert _final(obs, 1)["tiers"] == _final(plain, 1)["tiers"]  # iteration 1 scores the same dense model
+        assert _final(obs, 1)["checkpoint"] != _final(plain, 1)["checkpoint"]
+        for k in (1, 2, 3):
+            weights, masks = _checkpoint_tensors(obs, k)
+            assert all(int((weights[f"{m}.weight"][~keep] != 0).sum()) == 0 for m, keep in masks.items()), k
+        checkpoint_step = next(r for r in obs.committed_steps() if r.startswith("iter-001/checkpoint-"))
+        assert json.loads(obs._cat(f"{checkpoint_step}/COMMIT.json"))["meta"]["obs_update"] is True
+    before = _markers(RunStore(mem_root, "obs-full"))
+    progressive(_config(tiny_llama_dir, data_dir, mem_root, "obs-full", ft_method="full", obs_update=True))
+    assert _markers(RunStore(mem_root, "obs-full")) == before
+
+
 def test_offload_streams_calibration_and_evaluation_to_the_same_result(prefect_harness, tiny_llama_dir, data_dir,
                                                                         mem_root, monkeypatch):
     from tierprune.flows.progressive import progressive_from_config as progressive

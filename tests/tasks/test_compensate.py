@@ -1,0 +1,52 @@
+"""Compensated demotion (--obs-update): the masks hold exactly, and the model's outputs move less than with masks alone."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tierprune.adapters import weight_view
+from tierprune.errors import TierpruneError
+from tierprune.tasks.collect_activations import activation_stats, collect_activations
+from tierprune.tasks.compensate import compensate_demotion_
+from tierprune.tasks.demote import demote, initial_tiers, keep_masks
+from tierprune.tasks.finetune import apply_masks_
+from tierprune.tasks.prune import named_linears
+from tierprune.tasks.score_blocks import score_blocks
+
+from ..conftest import make_tiny_llama
+
+pytestmark = pytest.mark.unit
+
+
+def _demotion(model, calib):
+    stats = activation_stats(collect_activations(model, calib))
+    tiers = demote(initial_tiers(model), score_blocks(model, stats), (0.35, 0.45, 0.20), 1)
+    return keep_masks(model, tiers, stats, None)
+
+
+@torch.no_grad()
+def test_obs_update_keeps_the_masks_exactly_and_moves_the_outputs_less_than_masking():
+    dense = make_tiny_llama(seed=3, layers=3, hidden=64, intermediate=128).eval()
+    g = torch.Generator().manual_seed(0)
+    calib = torch.randint(0, 128, (8, 32), generator=g)
+    masks = _demotion(dense, calib)
+    masked, compensated = make_tiny_llama(seed=3, layers=3).eval(), make_tiny_llama(seed=3, layers=3).eval()
+    apply_masks_(masked, masks)
+    changed = compensate_demotion_(compensated, masks, calib, batch_size=4)
+    assert changed == {f"{n}.weight" for n in named_linears(compensated)}
+    for name, module in named_linears(compensated).items():
+        W, keep = weight_view(module), masks.mask(name)
+        assert not W[~keep].any(), name  # exactly the demotion's sparsity
+        assert not torch.equal(W, weight_view(named_linears(masked)[name])), name  # the kept weights moved
+    reference = dense(calib).logits
+
+    def error(model) -> float:
+        return (model(calib).logits - reference).square().mean().item()
+    assert error(compensated) < 0.8 * error(masked), (error(compensated), error(masked))
+
+
+def test_masks_of_another_model_are_refused():
+    model = make_tiny_llama(layers=2)
+    masks = _demotion(model, torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(1)))
+    with pytest.raises(TierpruneError, match="masks do not match the model"):
+        compensate_demotion_(make_tiny_llama(layers=3), masks, torch.zeros(2, 16, dtype=torch.long))
