@@ -22,7 +22,7 @@ from tierprune.adapters import weight_view
 from tierprune.errors import TierpruneError
 from tierprune.hybrid_linear import HybridLinear, convert_model_, dense_state_dict, prepare_hybrid_
 from tierprune.kernels.tiers import TOPK, tier_violations
-from tierprune.models import load_model
+from tierprune.models import PACKED_LAYOUT_FILE, load_model, refuse_other_model_in_folder
 from tierprune.storage.checkpoints import save_pretrained_dir
 from tierprune.storage.tables import file_exists, load_file, save_file
 
@@ -34,7 +34,7 @@ from .tier_tables import tier_maps_from_table
 __all__ = ["HYBRID_FORMAT", "convert", "load_hybrid", "load_dense"]
 
 HYBRID_FORMAT = "tierprune-hybrid/1"
-PACKED_FILE, LAYOUT_FILE = "hybrid.safetensors", "hybrid.json"
+PACKED_FILE, LAYOUT_FILE = "hybrid.safetensors", PACKED_LAYOUT_FILE  # LAYOUT_FILE: what marks a packed folder
 _BLOCK_SIZES = (16, 8)  # what pack_hybrid takes
 
 
@@ -107,6 +107,7 @@ def convert(source: str, output: str, iteration: int | None = None, *, topk: int
     """
     source = source.rstrip("/")
     output = output.rstrip("/")
+    refuse_other_model_in_folder(output, dense=dense, packed=True)  # before the model is loaded
     if file_exists(f"{source}/tier_maps.parquet"):
         if iteration is not None:
             raise TierpruneError(f"--iteration applies to a run, but {source} is an exported folder (one iteration)")

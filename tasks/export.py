@@ -17,7 +17,7 @@ from tierprune.adapters import weight_view
 from tierprune.config import TierpruneConfig
 from tierprune.errors import TierpruneError
 from tierprune.kernels.tiers import tier_violations
-from tierprune.models import load_model, refuse_model_folder_as_output
+from tierprune.models import load_model, refuse_model_folder_as_output, refuse_other_model_in_folder
 from tierprune.storage.checkpoints import load_checkpoint, save_pretrained_dir
 from tierprune.storage.runstore import RunStore
 from tierprune.storage.tables import save_file
@@ -90,6 +90,7 @@ def export_run(store: RunStore, output: str, iteration: int | None = None) -> di
     """Write iteration `iteration` (default: the last finished) of a run to `output`; returns what was written."""
     model = TierpruneConfig.model_validate(store.manifest()["config"]).model
     refuse_model_folder_as_output(output, model.name, model.gguf_file)  # before the model is loaded
+    refuse_other_model_in_folder(output, dense=True, packed=False)
     it = load_iteration(store, iteration)
     save_pretrained_dir(it.model, it.tokenizer, output)
     save_file(it.tier_table, f"{output.rstrip('/')}/tier_maps.parquet")

@@ -11,7 +11,7 @@ import torch
 from tierprune.config import TierpruneConfig
 from tierprune.errors import TierpruneError
 from tierprune.models import (LoadedModel, check_window_lengths, load_model, refuse_model_folder_as_output,
-                              resolve_model)
+                              refuse_other_model_in_folder, resolve_model)
 from tierprune.storage.checkpoints import save_pretrained_dir
 from tierprune.storage.datasets import default_data_spec, evaluation_split, load_texts
 from tierprune.storage.tables import save_table
@@ -46,6 +46,7 @@ def run_oneshot(cfg: TierpruneConfig, output: str | None = None, progress: Progr
     if loaded is None:
         resolve_model(cfg.model.name, cfg.model.gguf_file)  # a mistyped model path fails before data is fetched
     refuse_model_folder_as_output(output, cfg.model.name, cfg.model.gguf_file)
+    refuse_other_model_in_folder(output, dense=True, packed=False)
     # Read the data before the slow steps, so a bad path fails in seconds, not after pruning.
     calib_texts = load_texts(c.data, "train") if p.needs_calibration else None
     eval_texts = load_texts(e.data, evaluation_split(e.data)) if e.data else None

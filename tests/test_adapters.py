@@ -293,3 +293,47 @@ def test_output_into_the_models_own_folder_is_refused_and_the_original_kept(tiny
     assert (model_dir / "model.safetensors").read_bytes() == original
     run_oneshot(cfg, output=str(tmp_path / "pruned"))  # another folder: written
     assert (tmp_path / "pruned" / "model.safetensors").read_bytes() != original
+
+
+def test_output_holding_a_packed_model_is_refused_before_pruning(tiny_gpt2_dir, tmp_path) -> None:
+    """prune --output into a `convert` folder: the new dense weights would sit beside a packed layout that
+    load_hybrid still loads. Refused in one line, the folder as it was; an export-like folder is rewritten."""
+    from tierprune.config import config_from_flags
+    from tierprune.tasks.oneshot import run_oneshot
+
+    packed = tmp_path / "packed"
+    packed.mkdir()
+    (packed / "hybrid.json").write_text("{}")
+    cfg = config_from_flags(model=str(tiny_gpt2_dir), method="magnitude", pattern="2:4", eval="none")
+    with pytest.raises(TierpruneError, match=r"^--output .*packed holds a packed model \(hybrid.json\) that this "
+                                             r"command would not replace, and load_hybrid would still load it; "
+                                             r"give another folder$"):
+        run_oneshot(cfg, output=str(packed))
+    assert sorted(p.name for p in packed.iterdir()) == ["hybrid.json"]
+    run_oneshot(cfg, output=str(tmp_path / "pruned"))
+    run_oneshot(cfg, output=str(tmp_path / "pruned"))  # a dense folder rewritten by the same kind: fine
+    assert (tmp_path / "pruned" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("root", ["local", "memory"])
+def test_which_existing_model_files_each_kind_of_output_refuses(root, tmp_path, mem_root) -> None:
+    """Dense writers (prune, runs export) refuse a packed layout; packed-only writers (convert) refuse dense
+    weights; convert --dense rewrites both kinds and refuses neither. On any fsspec store."""
+    from tierprune.models import refuse_other_model_in_folder
+    from tierprune.storage.tables import save_file
+
+    base = str(tmp_path) if root == "local" else mem_root
+    for name in ("hybrid.json", "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"):
+        folder = f"{base}/{name}-folder"
+        save_file(b"x", f"{folder}/{name}")
+        save_file(b"x", f"{folder}/tokenizer.json")  # a tokenizer is rewritten by every kind
+        dense_refused, packed_refused = name == "hybrid.json", name != "hybrid.json"
+        for dense, packed, refused in ((True, False, dense_refused), (False, True, packed_refused),
+                                       (True, True, False)):
+            if refused:
+                with pytest.raises(TierpruneError, match=f"holds .*{name.replace('.', '[.]')}"):
+                    refuse_other_model_in_folder(folder, dense=dense, packed=packed)
+            else:
+                refuse_other_model_in_folder(folder, dense=dense, packed=packed)
+    refuse_other_model_in_folder(f"{base}/missing", dense=False, packed=True)  # a new folder: nothing to refuse
+    refuse_other_model_in_folder(None, dense=True, packed=False)

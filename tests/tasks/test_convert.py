@@ -142,6 +142,28 @@ def test_refuses_weights_that_break_their_tier_map_and_writes_nothing(tmp_path, 
     assert not out.exists()
 
 
+def test_output_holding_another_models_dense_weights_is_refused_unless_dense_rewrites_them(
+        tmp_path, pruned_llama_folder) -> None:
+    """A packed folder written over an export would keep the export's model.safetensors, which plain
+    transformers loads instead of the new model: refused, nothing written; --dense rewrites them."""
+    from transformers import AutoModelForCausalLM
+
+    folder, expected = pruned_llama_folder
+    another = make_tiny_llama(seed=5, intermediate=120, dtype=torch.bfloat16)
+    other = _export_folder(tmp_path / "other", another, prune_randomly_(another, seed=4))
+    before = {p.name: p.read_bytes() for p in other.iterdir()}
+    with pytest.raises(TierpruneError, match=r"^--output .*other holds dense weights \(model.safetensors\) that a "
+                                             r"packed model would not replace.*or add --dense to rewrite them$"):
+        convert(str(folder), str(other))
+    assert {p.name: p.read_bytes() for p in other.iterdir()} == before
+    convert(str(folder), str(other), dense=True)
+    torch.testing.assert_close(_logits(AutoModelForCausalLM.from_pretrained(other).eval(), _ids()), expected,
+                               rtol=0, atol=0)
+    torch.testing.assert_close(_logits(load_hybrid(str(other)), _ids()), expected, rtol=0, atol=0)
+    convert(str(folder), str(tmp_path / "packed"))
+    convert(str(folder), str(tmp_path / "packed"))  # a packed folder rewritten by the same kind: fine
+
+
 def test_refuses_what_is_neither_a_run_nor_an_export(tmp_path, pruned_llama_folder) -> None:
     folder, _ = pruned_llama_folder
     with pytest.raises(TierpruneError, match="neither a run"):
