@@ -100,6 +100,40 @@ def _upper_cholesky_of_inverse(H: torch.Tensor) -> torch.Tensor:
     return U
 
 
+def _solve_fixed_masks_on(device: torch.device) -> bool:
+    """Whether a fixed mask's sweep runs as triangular solves (below) rather than column by column.
+
+    On an H200 the solves took a SmolLM2 linear from 92–250 ms to 7–14 ms, and 7B shapes 4–12× faster
+    (column steps are bound by kernel launches there). They do about three times the loop's arithmetic, which
+    CPU cores feel: SmolLM2's whole walk took 80 s instead of 58 s on 2 cores.
+    """
+    return device.type == "cuda"
+
+
+def _sweep_fixed_mask(W1: torch.Tensor, prune1: torch.Tensor, U: torch.Tensor,
+                      rows_per_solve: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """The column-by-column OBS sweep of one block, for a mask known in advance, as triangular solves.
+
+    W1 (rows, c) the block's weights, prune1 (rows, c) bool, U (c, c) the block of H⁻¹'s upper Cholesky
+    factor; returns (Q1 the block's new weights, Err1 the scaled errors the later columns absorb).
+    The sweep's errors obey e_j = s_j·(w_j − Σ_{i<j} e_i U_ij) with s = prune/diag(U), i.e. per row
+    e·(I + N·diag(s)) = w∘s for N = U's strictly upper part: one triangular solve per row instead of
+    c dependent column steps (the sweep's launch count, not its arithmetic, is its cost).
+    """
+    rows, count = W1.shape
+    s = prune1.to(W1.dtype) / torch.diagonal(U).unsqueeze(0)  # (rows, c)
+    N = torch.triu(U, diagonal=1)
+    eye = torch.eye(count, dtype=W1.dtype, device=W1.device)
+    Err1 = torch.empty_like(W1)
+    for r1 in range(0, rows, rows_per_solve):  # bounded memory: rows_per_solve · c² floats at a time
+        r2 = min(r1 + rows_per_solve, rows)
+        M = eye + N.unsqueeze(0) * s[r1:r2].unsqueeze(1)  # (r, c, c), upper, unit diagonal
+        b = (W1[r1:r2] * s[r1:r2]).unsqueeze(1)  # (r, 1, c)
+        Err1[r1:r2] = torch.linalg.solve_triangular(M, b, upper=True, left=False, unitriangular=True).squeeze(1)
+    updated = W1 - Err1 @ N  # each column after the errors of the columns before it in the block
+    return torch.where(prune1, torch.zeros_like(updated), updated), Err1
+
+
 def _n_prune(count: int, sparsity: float) -> int:
     """floor(count·sparsity), robust to float noise such as 100·0.29 = 28.999999999999996."""
     return int(count * sparsity + 1e-9)  # int() floors: the argument is >= 0
@@ -169,6 +203,14 @@ def sparsegpt_prune(W: torch.Tensor, H: torch.Tensor, sparsity: float, n: int = 
                 if k:
                     idx = torch.sort(score.flatten(), stable=True).indices[:k]
                     prune1.view(-1)[idx] = True
+
+        if keep is not None and _solve_fixed_masks_on(Wf.device):
+            Q1, Err1 = _sweep_fixed_mask(W1, prune1, Hinv1)
+            Wf[:, i1:i2] = Q1
+            pruned[:, i1:i2] = prune1
+            if i2 < cols:
+                Wf[:, i2:].sub_(Err1 @ Hinv[i1:i2, i2:])
+            continue
 
         for i in range(count):
             w = W1[:, i]

@@ -439,3 +439,35 @@ def test_fixed_mask_of_the_wrong_shape_or_type_is_refused() -> None:
         sparsegpt_prune(W, H, 0.0, keep=torch.ones(4, 4, dtype=torch.bool))
     with pytest.raises(ValueError, match="keep must be a bool mask"):
         sparsegpt_prune(W, H, 0.0, keep=torch.ones(4, 8))
+
+
+def test_fixed_mask_solve_in_row_chunks_equals_one_solve() -> None:
+    """The triangular solves run over bounded row chunks; the chunking changes nothing."""
+    from tierprune.kernels.sparsegpt import _sweep_fixed_mask, _upper_cholesky_of_inverse
+
+    H = _hessian(_correlated_inputs(256, 32, seed=17))
+    H.diagonal().add_(0.01 * H.diagonal().mean())
+    U = _upper_cholesky_of_inverse(H)
+    W1 = torch.randn(10, 32, generator=_gen(18))
+    prune1 = torch.rand(10, 32, generator=_gen(19)) > 0.5
+    whole = _sweep_fixed_mask(W1, prune1, U)
+    chunked = _sweep_fixed_mask(W1, prune1, U, rows_per_solve=3)
+    for a, b in zip(whole, chunked):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    assert not whole[0][prune1].any()
+
+
+def test_fixed_mask_as_triangular_solves_equals_the_column_sweep(monkeypatch) -> None:
+    """The GPU's form of the fixed-mask sweep (one triangular solve per row) gives the CPU's column-by-column result."""
+    from tierprune.kernels import sparsegpt
+
+    d = 96
+    X = _correlated_inputs(512, d, seed=20)
+    W = torch.randn(40, d, generator=_gen(21))
+    keep = torch.rand(40, d, generator=_gen(22)) > 0.45
+    H = _hessian(X)
+    by_columns, _ = sparsegpt_prune(W, H, 0.0, blocksize=32, keep=keep)
+    monkeypatch.setattr(sparsegpt, "_solve_fixed_masks_on", lambda device: True)
+    by_solves, keep_out = sparsegpt_prune(W, H, 0.0, blocksize=32, keep=keep)
+    assert torch.equal(keep_out, keep) and not by_solves[~keep].any()
+    torch.testing.assert_close(by_solves, by_columns, rtol=1e-5, atol=1e-5)
