@@ -55,7 +55,9 @@ def check_shapes(model: nn.Module, cfg: PruneConfig) -> None:
 
 
 def _scores(W: torch.Tensor, stats: InputStats | None, method: str) -> torch.Tensor:
-    return wanda_scores(W, stats.sq_norm.to(W.device)) if method == "wanda" else magnitude_scores(W)
+    # SparseGPT's own saliency chooses unstructured and N:M masks inside its sweep; the block and tiers
+    # patterns are chosen by Wanda's scores, and SparseGPT's OBS update then sets the weights kept.
+    return wanda_scores(W, stats.sq_norm.to(W.device)) if method in ("wanda", "sparsegpt") else magnitude_scores(W)
 
 
 def _select(W: torch.Tensor, scores: torch.Tensor, cfg: PruneConfig) -> torch.Tensor:
@@ -65,7 +67,7 @@ def _select(W: torch.Tensor, scores: torch.Tensor, cfg: PruneConfig) -> torch.Te
 
 def prune_matrix_(W: torch.Tensor, stats: InputStats | None, cfg: PruneConfig) -> torch.Tensor | None:
     """Prune one (out, in) weight view in place; returns its tier map for the tiers pattern."""
-    if cfg.method == "sparsegpt":
+    if cfg.method == "sparsegpt" and cfg.pattern not in ("block", "tiers"):
         from tierprune.kernels.sparsegpt import sparsegpt_prune
 
         n, m = cfg.nm or (0, 0)
@@ -88,12 +90,19 @@ def prune_matrix_(W: torch.Tensor, stats: InputStats | None, cfg: PruneConfig) -
         keep = matrix_mask(scores, cfg.sparsity)  # the reference: one threshold per whole matrix
     else:
         keep = unstructured_mask(scores, cfg.sparsity)
-    W.mul_(keep)
+    if cfg.method == "sparsegpt":
+        from tierprune.kernels.sparsegpt import sparsegpt_prune
+
+        W.copy_(sparsegpt_prune(W, stats.hessian, 0.0, keep=keep)[0])
+    else:
+        W.mul_(keep)
     return tier_map
 
 
 def _prune_global_tiers_(model: nn.Module, all_stats: dict[str, InputStats] | None, cfg: PruneConfig,
-                         result: PruneResult) -> None:
+                         result: PruneResult) -> dict[str, torch.Tensor]:
+    """Rank every block of the model at once; apply the keep masks (except for SparseGPT, whose OBS walk
+    applies them) and return them by module name."""
     linears = named_linears(model)
     Ws = {name: weight_view(m) for name, m in linears.items()}
     scores = [_scores(W, all_stats[name] if all_stats else None, cfg.method) for name, W in Ws.items()]
@@ -102,9 +111,14 @@ def _prune_global_tiers_(model: nn.Module, all_stats: dict[str, InputStats] | No
     total = sum(t.numel() for t in maps)
     n_dense, _, n_topk = target_counts(total, cfg.tiers)
     maps = demote_tiers_global(scores, maps, total - n_dense, n_topk, cfg.block_size, selects)
+    keeps = {}
     for (name, W), sel, tier_map in zip(Ws.items(), selects, maps):
-        W.mul_(tier_keep_mask(sel, tier_map, cfg.block_size, cfg.topk))
+        keeps[name] = tier_keep_mask(sel, tier_map, cfg.block_size, cfg.topk)
         result.tier_maps[name] = tier_map.cpu()
+    if cfg.method != "sparsegpt":
+        for name, W in Ws.items():
+            W.mul_(keeps[name])
+    return keeps
 
 
 def prune_model_(model: nn.Module, cfg: PruneConfig, calib_ids: torch.Tensor | None = None, *,
@@ -122,14 +136,28 @@ def prune_model_(model: nn.Module, cfg: PruneConfig, calib_ids: torch.Tensor | N
         raise TierpruneError(f"method {cfg.method} needs calibration data (--calib)")
     if cfg.pattern == "tiers" and cfg.scope == "global":
         # A model-wide ranking needs every matrix's scores before any block moves: one walk over
-        # the unpruned model (Wanda), or none at all (magnitude).
+        # the unpruned model (Wanda), or none at all (magnitude). SparseGPT walks a second time.
         stats = None
+        walks = 2 if cfg.method == "sparsegpt" else 1
         if cfg.needs_calibration:
+            first = None if on_progress is None else (lambda done, total: on_progress(done, walks * total))
             stats = walk_layers(model, calib_ids, None, batch_size=batch_size, device=device, offload=offload,
-                                compile=compile, on_progress=on_progress)
+                                compile=compile, on_progress=first)
         elif not offload:
             model.to(device)
-        _prune_global_tiers_(model, stats, cfg, result)
+        keeps = _prune_global_tiers_(model, stats, cfg, result)
+        if cfg.method == "sparsegpt":
+            # The masks are the whole model's ranking, so the OBS update is a second walk (tasks.compensate).
+            from tierprune.storage.formats import pack_mask
+
+            from .compensate import compensate_demotion_
+            from .demote import PackedMasks
+
+            masks = PackedMasks({n: pack_mask(k).cpu() for n, k in keeps.items()},
+                                {n: tuple(k.shape) for n, k in keeps.items()})
+            second = None if on_progress is None else (lambda done, total: on_progress(total + done, 2 * total))
+            compensate_demotion_(model, masks, calib_ids, batch_size=batch_size, device=device, offload=offload,
+                                 on_progress=second)
         return result
     if not cfg.needs_calibration:
         if not offload:

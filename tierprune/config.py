@@ -79,8 +79,6 @@ class PruneConfig(_Frozen):
 
     @model_validator(mode="after")
     def _consistent(self) -> PruneConfig:
-        if self.method == "sparsegpt" and self.pattern in ("block", "tiers"):
-            raise ValueError("sparsegpt supports the unstructured and N:M patterns only")
         if self.pattern == "tiers":
             if self.block_size % 4:
                 raise ValueError(f"tiers need a block size divisible by 4 (2:4 groups), got {self.block_size}")

@@ -202,11 +202,11 @@ def test_obs_update_compensates_every_demotion_and_keeps_the_tier_maps(prefect_h
     """--obs-update: the same demotions as without it, other kept weights, masks exact; a rerun recomputes nothing."""
     from tierprune.flows.progressive import progressive_from_config as progressive
 
-    for name, extra in (("plain", {}), ("obs", {"obs_update": True})):
-        for method in ("none", "full"):
-            progressive(_config(tiny_llama_dir, data_dir, mem_root, f"{name}-{method}", ft_method=method, **extra))
+    for run, extra in (("plain-none", {}), ("obs-none", {"obs_update": True}), ("obs-full", {"obs_update": True})):
+        progressive(_config(tiny_llama_dir, data_dir, mem_root, run, ft_method=run.split("-")[1], **extra))
+    plain = RunStore(mem_root, "plain-none")
     for method in ("none", "full"):
-        obs, plain = RunStore(mem_root, f"obs-{method}"), RunStore(mem_root, f"plain-{method}")
+        obs = RunStore(mem_root, f"obs-{method}")
         assert _final(obs, 1)["tiers"] == _final(plain, 1)["tiers"]  # iteration 1 scores the same dense model
         assert _final(obs, 1)["checkpoint"] != _final(plain, 1)["checkpoint"]
         for k in (1, 2, 3):

@@ -50,3 +50,43 @@ def test_masks_of_another_model_are_refused():
     masks = _demotion(model, torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(1)))
     with pytest.raises(TierpruneError, match="masks do not match the model"):
         compensate_demotion_(make_tiny_llama(layers=3), masks, torch.zeros(2, 16, dtype=torch.long))
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])  # gpt2: Conv1D, the weight stored transposed
+@pytest.mark.parametrize("pattern, scope", [("tiers", "matrix"), ("tiers", "global"), ("block", "matrix")])
+@torch.no_grad()
+def test_one_shot_sparsegpt_for_blocks_and_tiers_obeys_the_pattern_and_beats_wanda(model_type, pattern, scope):
+    """prune --method sparsegpt --pattern tiers|block: Wanda's masks, SparseGPT's weights for what is kept."""
+    import copy
+
+    from tierprune.config import PruneConfig
+    from tierprune.kernels.tiers import tier_violations
+    from tierprune.tasks.prune import prune_model_
+
+    from ..test_adapters import ARCHS, _build
+
+    arch = next(a for a in ARCHS if a.model_type == model_type)
+    dense = _build(arch, seed=2)
+    ids = torch.randint(0, 128, (8, 16), generator=torch.Generator().manual_seed(3))
+    options = {"pattern": pattern, "scope": scope, **({"sparsity": 0.5} if pattern == "block" else {})}
+    models, results = {}, {}
+    for method in ("wanda", "sparsegpt"):
+        models[method] = copy.deepcopy(dense)
+        results[method] = prune_model_(models[method], PruneConfig(method=method, block_size=8, **options), ids,
+                                       batch_size=4)
+    reference = dense(ids).logits
+    for name, module in named_linears(models["sparsegpt"]).items():
+        W = weight_view(module)
+        if pattern == "tiers":
+            assert tier_violations(W, results["sparsegpt"].tier_maps[name], 8, 10) == (0, 0), name
+        else:  # 8×8 blocks entirely zero or entirely kept, half of them zero
+            zero_blocks = (W.reshape(W.shape[0] // 8, 8, -1, 8) == 0).all(dim=(1, 3))
+            assert zero_blocks.float().mean().item() == pytest.approx(0.5, abs=0.07), name
+    if scope == "global":  # one ranking on the unpruned model: the same masks as Wanda's
+        for name, module in named_linears(models["sparsegpt"]).items():
+            wanda_zeros = weight_view(named_linears(models["wanda"])[name]) == 0
+            assert torch.equal(weight_view(module) == 0, wanda_zeros), name
+
+    def error(model) -> float:
+        return (model(ids).logits - reference).square().mean().item()
+    assert error(models["sparsegpt"]) < error(models["wanda"]), (error(models["sparsegpt"]), error(models["wanda"]))
