@@ -32,6 +32,10 @@ ROWS = [
     dict(method="wanda", pattern="tiers", topk=15),
     dict(method="wanda", pattern="tiers", select="magnitude"),
     dict(method="wanda", pattern="tiers", scope="global"),
+    # Appended (session 15), so that earlier --rows indices keep their meaning: Wanda's masks, OBS-updated weights.
+    dict(method="sparsegpt", pattern="block"),
+    dict(method="sparsegpt", pattern="tiers"),
+    dict(method="sparsegpt", pattern="tiers", scope="global"),
 ]
 
 
