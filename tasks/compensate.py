@@ -11,51 +11,41 @@ Wanda choice inside each block (tasks.demote.keep_masks); afterwards the masks h
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from tierprune.adapters import layers_prefix, weight_view
-from tierprune.errors import TierpruneError
 from tierprune.kernels.sparsegpt import sparsegpt_prune
 
 from .layerwise import InputStats, walk_layers
 from .prune import named_linears
 
-if TYPE_CHECKING:
-    from .demote import PackedMasks
-
 __all__ = ["compensate_demotion_"]
+
+# (full module name, its (out, in) weight view) -> the bool keep mask (out, in) on the weight's device
+KeepOf = Callable[[str, torch.Tensor], torch.Tensor]
 
 
 @torch.no_grad()
-def compensate_demotion_(model: nn.Module, masks: PackedMasks, calib_ids: torch.Tensor, *, batch_size: int = 8,
+def compensate_demotion_(model: nn.Module, keep_of: KeepOf, calib_ids: torch.Tensor, *, batch_size: int = 8,
                          device: str | torch.device = "cpu", offload: bool = False,
                          on_progress: Callable[[int, int], None] | None = None) -> set[str]:
-    """Apply `masks` to the model in place with OBS updates of the kept weights; returns the weights changed.
+    """Apply every linear's keep mask in place with OBS updates of the kept weights; returns the weights changed.
 
+    keep_of: e.g. PackedMasks.mask_for (a run's stored masks), or masks just computed in memory.
     calib_ids (n_samples, seqlen) int64: the calibration windows whose layer inputs give the Gram matrices.
     """
-    linears = named_linears(model)
-    if set(masks) != set(linears):
-        missing, extra = sorted(set(linears) - set(masks)), sorted(set(masks) - set(linears))
-        raise TierpruneError(f"masks do not match the model: modules without a mask {missing[:3]}, "
-                             f"unknown modules {extra[:3]}")
     prefix = layers_prefix(model)
 
     def visit(index: int, layer: nn.Module, layer_linears: dict[str, nn.Module],
               stats: dict[str, InputStats]) -> bool:
         for name, module in layer_linears.items():
             W = weight_view(module)  # (out, in); in-place edits reach the module
-            keep = masks.mask(f"{prefix}.{index}.{name}", W.device)
-            if keep.shape != W.shape:
-                raise TierpruneError(f"the mask of {prefix}.{index}.{name} is {tuple(keep.shape)}, "
-                                     f"its weight (out, in) {tuple(W.shape)}")
-            updated, _ = sparsegpt_prune(W, stats[name].hessian, 0.0, keep=keep)
+            updated, _ = sparsegpt_prune(W, stats[name].hessian, 0.0, keep=keep_of(f"{prefix}.{index}.{name}", W))
             W.copy_(updated)
         return True  # the next layer's inputs come out of this compensated one
 
     walk_layers(model, calib_ids, visit, batch_size=batch_size, device=device, offload=offload, hessian=True,
                 on_progress=on_progress)
-    return {f"{name}.weight" for name in linears}
+    return {f"{name}.weight" for name in named_linears(model)}

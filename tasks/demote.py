@@ -157,6 +157,21 @@ class PackedMasks:
         """The bool keep mask (out, in) of one module, on device."""
         return unpack_mask(self.bits[name].to(device), self.shapes[name])
 
+    def check_covers(self, names) -> None:
+        """Refuse (one line) masks whose modules are not exactly `names` (a model's prunable linears)."""
+        names = set(names)
+        if set(self.bits) != names:
+            missing, extra = sorted(names - set(self.bits)), sorted(set(self.bits) - names)
+            raise TierpruneError(f"masks do not match the model: modules without a mask {missing[:3]}, "
+                                 f"unknown modules {extra[:3]}")
+
+    def mask_for(self, name: str, W: torch.Tensor) -> torch.Tensor:
+        """The keep mask of module `name` on W's device, refused (one line) unless it has W's (out, in) shape."""
+        mask = self.mask(name, W.device)
+        if mask.shape != W.shape:
+            raise TierpruneError(f"the mask of {name} is {tuple(mask.shape)}, its weight (out, in) {tuple(W.shape)}")
+        return mask
+
 
 @torch.no_grad()
 def keep_masks(model: nn.Module, tiers: pd.DataFrame, stats: dict[str, torch.Tensor] | None,

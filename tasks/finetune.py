@@ -44,16 +44,10 @@ TEACHER_LOGITS = "teacher"  # step name of the cached top-k teacher logits (--kd
 def apply_masks_(model: nn.Module, masks: PackedMasks) -> set[str]:
     """Zero, in place, every weight its module's keep mask removes; returns the names of the weights touched."""
     linears = named_linears(model)
-    if set(masks) != set(linears):
-        missing, extra = sorted(set(linears) - set(masks)), sorted(set(masks) - set(linears))
-        raise TierpruneError(f"masks do not match the model: modules without a mask {missing[:3]}, "
-                             f"unknown modules {extra[:3]}")
+    masks.check_covers(linears)
     for name, module in linears.items():
         W = weight_view(module)  # (out, in), in-place edits reach the module
-        mask = masks.mask(name, W.device)
-        if mask.shape != W.shape:
-            raise TierpruneError(f"the mask of {name} is {tuple(mask.shape)}, its weight (out, in) {tuple(W.shape)}")
-        W.mul_(mask)
+        W.mul_(masks.mask_for(name, W))
     return {f"{name}.weight" for name in linears}
 
 
@@ -129,12 +123,11 @@ def _demoted_start(state: RunState, iteration: int, model: nn.Module, tokenizer,
     from .compensate import compensate_demotion_
 
     c = state.cfg.calibration
-    changed = compensate_demotion_(
-        model, masks, calibration_windows(c, tokenizer), batch_size=c.batch_size, device=state.cfg.device,
+    masks.check_covers(named_linears(model))
+    return compensate_demotion_(
+        model, masks.mask_for, calibration_windows(c, tokenizer), batch_size=c.batch_size, device=state.cfg.device,
         offload=state.cfg.offload,
         on_progress=lambda d, t: report_progress(f"iteration {iteration}: OBS update", d, t))
-    apply_masks_(model, masks)  # exact already; this also checks every module against its mask
-    return changed
 
 
 def _ppl_before(state: RunState, iteration: int, model: nn.Module, tokenizer) -> float | None:

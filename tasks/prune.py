@@ -148,16 +148,11 @@ def prune_model_(model: nn.Module, cfg: PruneConfig, calib_ids: torch.Tensor | N
         keeps = _prune_global_tiers_(model, stats, cfg, result)
         if cfg.method == "sparsegpt":
             # The masks are the whole model's ranking, so the OBS update is a second walk (tasks.compensate).
-            from tierprune.storage.formats import pack_mask
-
             from .compensate import compensate_demotion_
-            from .demote import PackedMasks
 
-            masks = PackedMasks({n: pack_mask(k).cpu() for n, k in keeps.items()},
-                                {n: tuple(k.shape) for n, k in keeps.items()})
             second = None if on_progress is None else (lambda done, total: on_progress(total + done, 2 * total))
-            compensate_demotion_(model, masks, calib_ids, batch_size=batch_size, device=device, offload=offload,
-                                 on_progress=second)
+            compensate_demotion_(model, lambda name, W: keeps[name].to(W.device), calib_ids, batch_size=batch_size,
+                                 device=device, offload=offload, on_progress=second)
         return result
     if not cfg.needs_calibration:
         if not offload:

@@ -12,6 +12,17 @@ import pytest
 import torch
 
 DATA = Path(os.environ.get("TIERPRUNE_DATA", Path(__file__).parents[1] / ".." / "shared" / "data"))
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load_benchmark(name: str):
+    """A script of benchmarks/ imported as a module (the folder is not a package): its functions, testable."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,6 @@
 """The GPU benchmark script's logic on the CPU (--tiny): tier placement, packing, table rows, end-to-end model."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -13,15 +12,14 @@ import torch
 
 from tierprune.kernels.tiers import target_counts
 
+from .conftest import load_benchmark
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "hybrid_kernels.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("hybrid_kernels_bench", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("hybrid_kernels")
 
 
 @pytest.mark.parametrize("placement", ["random", "clustered"])

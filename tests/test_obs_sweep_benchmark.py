@@ -1,20 +1,14 @@
 """benchmarks/obs_sweep.py on the CPU: both forms of the fixed-mask OBS sweep timed and agreeing; bad shapes refused."""
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "obs_sweep.py"
+from .conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("obs_sweep_bench", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("obs_sweep")
 
 
 def test_both_forms_are_timed_and_agree(bench, capsys) -> None:

@@ -32,7 +32,7 @@ def test_obs_update_keeps_the_masks_exactly_and_moves_the_outputs_less_than_mask
     masks = _demotion(dense, calib)
     masked, compensated = make_tiny_llama(seed=3, layers=3).eval(), make_tiny_llama(seed=3, layers=3).eval()
     apply_masks_(masked, masks)
-    changed = compensate_demotion_(compensated, masks, calib, batch_size=4)
+    changed = compensate_demotion_(compensated, masks.mask_for, calib, batch_size=4)
     assert changed == {f"{n}.weight" for n in named_linears(compensated)}
     for name, module in named_linears(compensated).items():
         W, keep = weight_view(module), masks.mask(name)
@@ -46,10 +46,15 @@ def test_obs_update_keeps_the_masks_exactly_and_moves_the_outputs_less_than_mask
 
 
 def test_masks_of_another_model_are_refused():
+    """The checks the finetune step makes before compensating (and apply_masks_ makes): names, then shapes."""
     model = make_tiny_llama(layers=2)
     masks = _demotion(model, torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(1)))
     with pytest.raises(TierpruneError, match="masks do not match the model"):
-        compensate_demotion_(make_tiny_llama(layers=3), masks, torch.zeros(2, 16, dtype=torch.long))
+        masks.check_covers(named_linears(make_tiny_llama(layers=3)))
+    wider = named_linears(make_tiny_llama(layers=2, hidden=128))
+    name = next(iter(wider))
+    with pytest.raises(TierpruneError, match=f"the mask of {name} is"):
+        masks.mask_for(name, weight_view(wider[name]))
 
 
 @pytest.mark.parametrize("model_type", ["llama", "gpt2"])  # gpt2: Conv1D, the weight stored transposed
