@@ -90,6 +90,15 @@ def file_exists(uri: str) -> bool:
     return fs.isfile(path)
 
 
+def remove_file(uri: str) -> bool:
+    """Delete the file at uri if there is one (any fsspec filesystem); whether there was."""
+    fs, path = url_to_fs(uri)
+    if not fs.isfile(path):
+        return False
+    fs.rm_file(path)
+    return True
+
+
 def read_text(uri: str) -> str:
     """The UTF-8 text of a small file at any fsspec URI (a byte-order mark dropped); FileNotFoundError if none."""
     import fsspec

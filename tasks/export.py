@@ -20,7 +20,7 @@ from tierprune.kernels.tiers import tier_violations
 from tierprune.models import load_model, refuse_model_folder_as_output, refuse_other_model_in_folder
 from tierprune.storage.checkpoints import load_checkpoint, save_pretrained_dir
 from tierprune.storage.runstore import RunStore
-from tierprune.storage.tables import save_file
+from tierprune.storage.tables import remove_file, save_file
 
 from .demote import read_masks
 from .finetune import apply_masks_
@@ -94,8 +94,11 @@ def export_run(store: RunStore, output: str, iteration: int | None = None) -> di
     it = load_iteration(store, iteration)
     save_pretrained_dir(it.model, it.tokenizer, output)
     save_file(it.tier_table, f"{output.rstrip('/')}/tier_maps.parquet")
+    masks_uri = f"{output.rstrip('/')}/masks.safetensors"
     if it.masks_bytes is not None:
-        save_file(it.masks_bytes, f"{output.rstrip('/')}/masks.safetensors")
+        save_file(it.masks_bytes, masks_uri)
+    else:  # the dense iteration 0 has no masks: an earlier export's masks would describe another model
+        remove_file(masks_uri)
     row = it.row
     return {"iteration": row["iteration"], "output": output, "ppl": row["ppl"], "sparsity": row["sparsity"],
             "tiers": row["tiers"], "dtype": it.dtype}

@@ -178,6 +178,12 @@ def test_lora_recovery_merges_into_exactly_the_tier_maps_sparsity(prefect_harnes
     weights = load_file(tmp_path / "out" / "model.safetensors")
     _, masks = _checkpoint_tensors(store, exported["iteration"])
     assert all(int((weights[f"{m}.weight"][~keep] != 0).sum()) == 0 for m, keep in masks.items())
+    assert (tmp_path / "out" / "masks.safetensors").is_file()
+    # The dense iteration 0 into the same folder: no masks of the later iteration are left beside its weights.
+    dense = export_run(store, str(tmp_path / "out"), iteration=0)
+    assert dense["iteration"] == 0 and not (tmp_path / "out" / "masks.safetensors").exists()
+    assert torch.equal(load_file(tmp_path / "out" / "model.safetensors")["model.layers.0.mlp.down_proj.weight"],
+                       _checkpoint_tensors(store, 0)[0]["model.layers.0.mlp.down_proj.weight"])
 
 
 def test_fading_demotions_end_every_iteration_on_exactly_its_tier_map(prefect_harness, tiny_llama_dir, data_dir,
