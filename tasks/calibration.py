@@ -7,7 +7,7 @@ import torch
 
 from tierprune.errors import TierpruneError
 
-__all__ = ["sample_calibration", "calibration_windows"]
+__all__ = ["sample_calibration", "calibration_windows", "run_calibration_windows"]
 
 
 def sample_calibration(texts: list[str], tokenizer, nsamples: int, seqlen: int, seed: int = 0) -> torch.Tensor:
@@ -49,3 +49,11 @@ def calibration_windows(calibration, tokenizer) -> torch.Tensor:
 
     c = calibration
     return sample_calibration(load_texts(c.data, "train"), tokenizer, c.nsamples, c.seqlen, c.seed)
+
+
+def run_calibration_windows(state, tokenizer) -> torch.Tensor:
+    """A progressive run's calibration windows, drawn once per run state: every iteration calibrates (and
+    `--obs-update` compensates) on the same draw, which takes seconds to read and tokenize at 128 × 2048."""
+    if state.calibration_ids is None:
+        state.calibration_ids = calibration_windows(state.cfg.calibration, tokenizer)
+    return state.calibration_ids

@@ -76,12 +76,12 @@ def collect_activations_task(state: RunState, iteration: int, checkpoint: Artifa
 
     from tierprune.faults import crash_point
     from tierprune.progress import report as report_progress
-    from .calibration import calibration_windows
+    from .calibration import run_calibration_windows
 
     def compute() -> dict:
         loaded = state.model_at(checkpoint)
         c = state.cfg.calibration
-        ids = calibration_windows(c, loaded.tokenizer)
+        ids = run_calibration_windows(state, loaded.tokenizer)
         progress = create_progress_artifact(0.0, description=f"iteration {iteration}: layers calibrated")
 
         def on_progress(done: int, total: int) -> None:

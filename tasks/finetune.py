@@ -119,13 +119,13 @@ def _demoted_start(state: RunState, iteration: int, model: nn.Module, tokenizer,
     the names of the weights touched."""
     if not state.cfg.finetune.obs_update:
         return apply_masks_(model, masks)
-    from .calibration import calibration_windows
+    from .calibration import run_calibration_windows
     from .compensate import compensate_demotion_
 
     c = state.cfg.calibration
     masks.check_covers(named_linears(model))
     return compensate_demotion_(
-        model, masks.mask_for, calibration_windows(c, tokenizer), batch_size=c.batch_size, device=state.cfg.device,
+        model, masks.mask_for, run_calibration_windows(state, tokenizer), batch_size=c.batch_size, device=state.cfg.device,
         offload=state.cfg.offload,
         on_progress=lambda d, t: report_progress(f"iteration {iteration}: OBS update", d, t))
 

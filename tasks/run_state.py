@@ -65,6 +65,7 @@ class RunState:
         self._identity: dict | None = None
         self._teacher: nn.Module | None = None
         self.eval_ids: torch.Tensor | None = None  # (1, T) evaluation tokens, tokenized once per run state
+        self.calibration_ids: torch.Tensor | None = None  # (n, seqlen) calibration windows, drawn once per state
         self.finetune_corpus: tuple[torch.Tensor, dict] | None = None  # fine-tuning tokens (T,) and their summary
         self.held_out_ids: tuple[torch.Tensor | None] | None = None  # (held-out windows or None,), once per state
 

@@ -204,12 +204,18 @@ def test_fading_demotions_end_every_iteration_on_exactly_its_tier_map(prefect_ha
 
 
 def test_obs_update_compensates_every_demotion_and_keeps_the_tier_maps(prefect_harness, tiny_llama_dir, data_dir,
-                                                                       mem_root):
+                                                                       mem_root, monkeypatch):
     """--obs-update: the same demotions as without it, other kept weights, masks exact; a rerun recomputes nothing."""
     from tierprune.flows.progressive import progressive_from_config as progressive
+    from tierprune.tasks import calibration
 
+    draws = []
+    real_draw = calibration.sample_calibration
+    monkeypatch.setattr(calibration, "sample_calibration", lambda *a, **k: draws.append(1) or real_draw(*a, **k))
     for run, extra in (("plain-none", {}), ("obs-none", {"obs_update": True}), ("obs-full", {"obs_update": True})):
         progressive(_config(tiny_llama_dir, data_dir, mem_root, run, ft_method=run.split("-")[1], **extra))
+    # Three iterations each calibrate (and twice OBS-update) on one draw per run, not one draw per use.
+    assert len(draws) == 3
     plain = RunStore(mem_root, "plain-none")
     for method in ("none", "full"):
         obs = RunStore(mem_root, f"obs-{method}")
