@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .masks import expand_blocks, nm_mask, topk_in_blocks_mask
+from .masks import expand_blocks, nm_mask, to_blocks, topk_in_blocks_mask
 from .scores import block_mean, masked_block_mean
 
 __all__ = [
@@ -21,6 +21,7 @@ __all__ = [
     "dense_tier_map",
     "tier_keep_mask",
     "tier_violations",
+    "fitting_tier_map",
     "tier_counts",
     "target_counts",
     "demotion_counts",
@@ -68,6 +69,19 @@ def tier_violations(W: torch.Tensor, tier_map: torch.Tensor, block_size: int, to
     per_block = padded.view(nbr, block_size, nbc, block_size).sum(dim=(1, 3))  # (nbr, nbc)
     bad_blocks = int(((tier_map.to(W.device) == TOPK) & (per_block > topk)).sum())
     return bad_groups, bad_blocks
+
+
+def fitting_tier_map(W: torch.Tensor, block_size: int, topk: int) -> torch.Tensor:
+    """The cheapest tier that holds each block of W (out, in) exactly, for a model pruned without a tier map.
+
+    TopK where a block has at most `topk` non-zeros, else 2:4 where every group of 4 along the input holds
+    at most 2, else Dense; -> (nbr, nbc) int8. Edge blocks count their padding as zeros, as packing does.
+    """
+    nz = to_blocks((W != 0).to(torch.int8), block_size)  # (nblocks, bs²)
+    per_block = nz.sum(-1, dtype=torch.int32)
+    fits_2_4 = (nz.view(len(nz), -1, 4).sum(-1) <= 2).all(-1)
+    tiers = torch.where(per_block <= topk, TOPK, torch.where(fits_2_4, NM_2_4, DENSE)).to(torch.int8)
+    return tiers.view(-(-W.shape[0] // block_size), -(-W.shape[1] // block_size))
 
 
 def tier_counts(tier_map: torch.Tensor) -> torch.Tensor:

@@ -1,8 +1,10 @@
 """A pruned model as a packed hybrid model: HybridLinear layers in a folder that loads back packed or dense.
 
-`convert` reads one finished iteration of a run (checkpoint, tier table and masks, as `runs export` does)
-or a folder that `tierprune runs export` wrote, packs every prunable linear in the hybrid Dense / 2:4 /
-TopK format and writes:
+`convert` reads one finished iteration of a run (checkpoint, tier table and masks, as `runs export` does),
+a folder that `tierprune runs export` (or `prune --pattern tiers --output`) wrote with its tier maps, or any
+other pruned model folder (`prune --pattern 2:4 --output`, a checkpoint pruned elsewhere), whose blocks each
+get the cheapest tier that holds their zeros exactly. It packs every prunable linear in the hybrid Dense /
+2:4 / TopK format and writes:
   config.json, generation_config.json, tokenizer files   as transformers writes them
   hybrid.safetensors   the state dict of the converted model: packed buffers of each HybridLinear
                        (with its `hybrid_layout`), every other tensor as it is; tied tensors stored once
@@ -21,7 +23,7 @@ from torch import nn
 from tierprune.adapters import weight_view
 from tierprune.errors import TierpruneError
 from tierprune.hybrid_linear import HybridLinear, convert_model_, dense_state_dict, prepare_hybrid_
-from tierprune.kernels.tiers import TOPK, tier_violations
+from tierprune.kernels.tiers import DENSE, TOPK, fitting_tier_map, tier_counts, tier_violations
 from tierprune.models import PACKED_LAYOUT_FILE, load_model, refuse_other_model_in_folder
 from tierprune.storage.checkpoints import save_pretrained_dir
 from tierprune.storage.tables import file_exists, load_file, save_file
@@ -36,6 +38,8 @@ __all__ = ["HYBRID_FORMAT", "convert", "load_hybrid", "load_dense"]
 HYBRID_FORMAT = "tierprune-hybrid/1"
 PACKED_FILE, LAYOUT_FILE = "hybrid.safetensors", PACKED_LAYOUT_FILE  # LAYOUT_FILE: what marks a packed folder
 _BLOCK_SIZES = (16, 8)  # what pack_hybrid takes
+INFERRED_BLOCK_SIZE = 16  # the kernels' block size, for models that come without tier maps
+DEFAULT_TOPK = 10  # the method's k, for models that come without tier maps
 
 
 def _infer_block_size(linears: dict[str, nn.Module], maps: dict[str, torch.Tensor]) -> int:
@@ -63,11 +67,16 @@ def _infer_topk(linears: dict[str, nn.Module], maps: dict[str, torch.Tensor], bl
     return most
 
 
+def _load_folder_model(folder: str):
+    """The model of a from_pretrained folder, in the dtype its weights are stored in (not "auto")."""
+    config = load_file(f"{folder}/config.json") if file_exists(f"{folder}/config.json") else {}
+    dtype = config.get("dtype") or config.get("torch_dtype") or "float32"
+    return load_model(folder, dtype=dtype if dtype in ("float32", "bfloat16", "float16") else "float32")
+
+
 def _load_export_folder(folder: str, topk: int | None) -> tuple[nn.Module, object, dict[str, torch.Tensor], int, int]:
     """(model, tokenizer, tier maps, block size, topk) of a `runs export` folder; topk None: inferred."""
-    config = load_file(f"{folder}/config.json") if file_exists(f"{folder}/config.json") else {}
-    dtype = config.get("dtype") or config.get("torch_dtype") or "float32"  # the weights' own dtype, not "auto"
-    loaded = load_model(folder, dtype=dtype if dtype in ("float32", "bfloat16", "float16") else "float32")
+    loaded = _load_folder_model(folder)
     maps = tier_maps_from_table(load_file(f"{folder}/tier_maps.parquet"))
     linears = named_linears(loaded.model)
     if set(maps) != set(linears):
@@ -82,6 +91,21 @@ def _load_export_folder(folder: str, topk: int | None) -> tuple[nn.Module, objec
             raise TierpruneError(f"{name} does not obey its tier map ({groups} 2:4 groups, {blocks} TopK blocks "
                                  f"over {topk} non-zeros)")
     return loaded.model, loaded.tokenizer, maps, block_size, topk
+
+
+def _load_pruned_folder(folder: str, topk: int | None) -> tuple[nn.Module, object, dict[str, torch.Tensor], int, int]:
+    """(model, tokenizer, tier maps, block size, topk) of a model folder without tier maps (`prune --pattern 2:4`,
+    `block`, a checkpoint pruned elsewhere): each block gets the cheapest tier that holds its zeros exactly."""
+    loaded = _load_folder_model(folder)
+    topk = DEFAULT_TOPK if topk is None else topk
+    linears = named_linears(loaded.model)
+    maps = {name: fitting_tier_map(weight_view(m), INFERRED_BLOCK_SIZE, topk) for name, m in linears.items()}
+    counts = sum(tier_counts(t) for t in maps.values())
+    if not linears or int(counts[DENSE]) == int(counts.sum()):
+        raise TierpruneError(f"{folder} has no tier_maps.parquet, and none of its {INFERRED_BLOCK_SIZE}x"
+                             f"{INFERRED_BLOCK_SIZE} weight blocks is 2:4 or has at most {topk} non-zeros: "
+                             "nothing to pack (is it a pruned model? `tierprune prune --output` writes one)")
+    return loaded.model, loaded.tokenizer, maps, INFERRED_BLOCK_SIZE, topk
 
 
 def _dedup_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -113,10 +137,21 @@ def convert(source: str, output: str, iteration: int | None = None, *, topk: int
             raise TierpruneError(f"--iteration applies to a run, but {source} is an exported folder (one iteration)")
         model, tokenizer, maps, block_size, topk = _load_export_folder(source, topk)
         done_iteration = None
+        tiers_from = "tier_maps.parquet"
+    elif not file_exists(f"{source}/manifest.json") and file_exists(f"{source}/config.json"):
+        if file_exists(f"{source}/{LAYOUT_FILE}"):
+            raise TierpruneError(f"{source} is already a packed model folder ({LAYOUT_FILE}); load it with "
+                                 "tierprune.tasks.convert.load_hybrid")
+        if iteration is not None:
+            raise TierpruneError(f"--iteration applies to a run, but {source} is a model folder (one model)")
+        model, tokenizer, maps, block_size, topk = _load_pruned_folder(source, topk)
+        done_iteration = None
+        tiers_from = "zeros"
     else:
         if not file_exists(f"{source}/manifest.json"):
-            raise TierpruneError(f"{source} is neither a run (STORE/RUN with a manifest.json) nor a folder written "
-                                 "by `tierprune runs export` (with a tier_maps.parquet)")
+            raise TierpruneError(f"{source} is neither a run (STORE/RUN with a manifest.json) nor a model folder "
+                                 "(with a config.json, from `tierprune runs export` or `prune --output`)")
+        tiers_from = "run"
         it = load_iteration(split_run_uri(source), iteration)
         if topk is not None and topk != it.topk:
             raise TierpruneError(f"--topk {topk}: run {source} was pruned with topk {it.topk}")
@@ -134,9 +169,16 @@ def convert(source: str, output: str, iteration: int | None = None, *, topk: int
         modules[name] = {"shape": [hybrid.out_features, hybrid.in_features], "transposed": hybrid.transposed,
                          "blocks": list(hybrid.hybrid_weight().tier_counts()), "nbytes": hybrid.nbytes}
     packed_bytes = sum(m["nbytes"] for m in modules.values())
+    if tiers_from == "zeros" and packed_bytes >= dense_bytes:  # e.g. unstructured sparsity: a few blocks fit
+        dense_f, nm_f, topk_f = _tier_fractions(maps)
+        raise TierpruneError(f"packing {source} would not make it smaller ({packed_bytes / dense_bytes:.3f}x the "
+                             f"dense bytes): its zeros leave {dense_f:.2%} of the {block_size}x{block_size} blocks "
+                             f"dense (2:4 {nm_f:.2%}, topk {topk_f:.2%}); the hybrid format needs blocks pruned "
+                             "2:4 or to TopK (`prune --pattern 2:4|block|tiers`)")
     dtype = str(next(iter(originals.values())).weight.dtype).removeprefix("torch.")
     layout = {"format": HYBRID_FORMAT, "block_size": block_size, "topk": topk, "dtype": dtype,
-              "source": source, "iteration": done_iteration, "packed_linear_bytes": packed_bytes,
+              "source": source, "iteration": done_iteration, "tiers_from": tiers_from,
+              "packed_linear_bytes": packed_bytes,
               "dense_linear_bytes": dense_bytes, "dense_copy": dense, "modules": modules}
 
     save_pretrained_dir(model, tokenizer, output, weights=False)
@@ -149,8 +191,15 @@ def convert(source: str, output: str, iteration: int | None = None, *, topk: int
         save_pretrained_dir(model, tokenizer, output)
     file_bytes = sum(t.numel() * t.element_size() for t in state.values())
     return {"source": source, "output": output, "iteration": done_iteration, "modules": len(names),
-            "block_size": block_size, "topk": topk, "dtype": dtype, "packed_bytes": packed_bytes,
+            "block_size": block_size, "topk": topk, "dtype": dtype, "tiers_from": tiers_from,
+            "tiers": _tier_fractions(maps), "packed_bytes": packed_bytes,
             "dense_bytes": dense_bytes, "model_file_bytes": file_bytes, "dense_copy": dense}
+
+
+def _tier_fractions(maps: dict[str, torch.Tensor]) -> list[float]:
+    """Fractions of all blocks in (Dense, 2:4, TopK)."""
+    counts = sum(tier_counts(t) for t in maps.values())
+    return [round(int(c) / max(int(counts.sum()), 1), 4) for c in counts]
 
 
 def _swap(model: nn.Module, name: str, module: nn.Module) -> None:

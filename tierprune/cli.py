@@ -534,11 +534,14 @@ def serve(
 
 
 @app.command()
-def convert(source: str = typer.Argument(..., help="STORE/RUN, or a folder written by `tierprune runs export`"),
+def convert(source: str = typer.Argument(..., help="STORE/RUN, a folder written by `tierprune runs export` or "
+                                                   "`prune --output`, or any pruned model folder (tiers then "
+                                                   "inferred from its zeros)"),
             output: str = typer.Option(..., help="folder to write: config, tokenizer, hybrid.safetensors, hybrid.json"),
             iteration: Optional[int] = typer.Option(None, help="which finished iteration of a run [default: the last]"),
             topk: Optional[int] = typer.Option(None, help="weights per TopK block [default: the run's; for an export "
-                                                          "folder, the most non-zeros of any TopK block]"),
+                                                          "folder, the most non-zeros of any TopK block; for a "
+                                                          "folder without tier maps, 10]"),
             dense: bool = typer.Option(False, "--dense", help="also write model.safetensors (dense, zeros where "
                                                               "pruned) so that plain transformers loads the folder")) -> None:
     """Pack a pruned model's linears in the hybrid Dense / 2:4 / TopK format (HybridLinear layers)."""
@@ -548,6 +551,11 @@ def convert(source: str = typer.Argument(..., help="STORE/RUN, or a folder writt
     done = convert_model(source, output, iteration, topk=topk, dense=dense)
     mib = 2 ** 20
     which = "" if done["iteration"] is None else f" (iteration {done['iteration']})"
+    if done["tiers_from"] == "zeros":  # say what was inferred: a user may have expected another split
+        dense_f, nm_f, topk_f = done["tiers"]
+        console.print(f"{source} has no tier maps: each 16x16 block gets the cheapest tier that holds its zeros "
+                      f"(dense {dense_f:.3f}, 2:4 {nm_f:.3f}, topk {topk_f:.3f} of the blocks)",
+                      highlight=False, soft_wrap=True)
     console.print(f"converted {done['modules']} linears of {source}{which} to {output}: packed "
                   f"{done['packed_bytes'] / mib:.2f} MiB vs dense {done['dense_bytes'] / mib:.2f} MiB "
                   f"({done['packed_bytes'] / max(done['dense_bytes'], 1):.3f}x; {done['block_size']}x"

@@ -13,9 +13,11 @@ from tierprune.kernels.tiers import (
     demote_tiers_global,
     demotion_counts,
     dense_tier_map,
+    fitting_tier_map,
     target_counts,
     tier_counts,
     tier_keep_mask,
+    tier_violations,
 )
 
 pytestmark = pytest.mark.unit
@@ -163,6 +165,38 @@ def test_tier_keep_mask_realises_the_map(shape: tuple[int, int], topk: int, seed
             assert int(k.sum()) == expected, (i, j)
             if 0 < expected < s.numel():
                 assert s[k].min() > s[~k].max()
+
+
+def test_fitting_tier_map_hand_worked() -> None:
+    W = torch.randn(20, 36, generator=_gen(0)) + 3  # no zeros: every block Dense to start with
+    W[:16, :16] = 0
+    W[0, :10] = 1.0  # 10 non-zeros: TopK at k=10, not at k=9 (the first row's groups hold 4: not 2:4 either)
+    W[:16, 16:32].view(16, 4, 4)[..., 1:3] = 0  # 2 of every 4 kept: 2:4
+    W[3, 18] = 0  # a group with 1 kept is still 2:4
+    W[16:, 32:] = 0
+    W[16, 32:36] = 1.0  # the 4x4 edge block: 4 non-zeros, TopK
+    assert fitting_tier_map(W, BS, 10).tolist() == [[TOPK, NM_2_4, DENSE], [DENSE, DENSE, TOPK]]
+    assert fitting_tier_map(W, BS, 9).tolist() == [[DENSE, NM_2_4, DENSE], [DENSE, DENSE, TOPK]]
+    W[5, 16:20] = 1.0  # one group of 4 with 4 kept: that block is Dense now
+    assert fitting_tier_map(W, BS, 10)[0, 1] == DENSE
+    assert fitting_tier_map(W.to(torch.bfloat16), BS, 10).dtype == torch.int8
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("seed", SEEDS)
+def test_fitting_tier_map_of_a_pruned_weight_is_never_dearer_than_its_own(shape: tuple[int, int], seed: int,
+                                                                          device: str) -> None:
+    """A weight pruned to a tier map gets back that map, or a cheaper tier where a block happens to hold fewer
+    non-zeros; the inferred map always holds the weight exactly."""
+    g = _gen(seed)
+    tier_map = _random_tier_map(shape, g)
+    W = torch.randn(shape, generator=g) * tier_keep_mask(_wanda_like(shape, g), tier_map, BS, 10)
+    fitted = fitting_tier_map(W.to(device), BS, 10).cpu()
+    assert fitted.shape == tier_map.shape and (fitted >= tier_map).all()
+    assert tier_violations(W, fitted, BS, 10) == (0, 0)
+    full = torch.tensor([(i, j) for i, j, rs, cs in _blocks_of(*shape) if (rs.stop - rs.start) * (cs.stop - cs.start)
+                         == BS * BS])  # full blocks: a TopK block keeps exactly 10, a 2:4 block 128
+    assert torch.equal(fitted[full[:, 0], full[:, 1]], tier_map[full[:, 0], full[:, 1]])
 
 
 # --------------------------------------------------------------------------- counts

@@ -1,5 +1,6 @@
-"""`tierprune convert`: a run or an export folder packed into HybridLinear layers, the same logits, loads back
-packed and dense (plain transformers), refuses weights that break their tier map without writing anything."""
+"""`tierprune convert`: a run, an export folder or a pruned model folder without tier maps packed into
+HybridLinear layers, the same logits, loads back packed and dense (plain transformers), refuses weights that
+break their tier map without writing anything."""
 from __future__ import annotations
 
 import json
@@ -199,6 +200,73 @@ def test_topk_of_an_export_folder_is_inferred_or_checked(tmp_path) -> None:
     torch.testing.assert_close(_logits(load_hybrid(str(tmp_path / "inferred")), _ids()), expected, rtol=0, atol=0)
 
 
+def _pruned_folder(folder: Path, model: nn.Module) -> Path:
+    """What `prune --pattern 2:4|block --output` writes: a model and its tokenizer, no tier maps."""
+    model.save_pretrained(folder)
+    make_tiny_tokenizer(TEXTS).save_pretrained(folder)
+    return folder
+
+
+def _prune_2_4_and_blocks_(model: nn.Module) -> None:
+    """2:4 by |w| in the attention, every other 16x16 block zeroed in the MLP (edge blocks included)."""
+    from tierprune.adapters import weight_view
+    from tierprune.kernels.masks import expand_blocks, nm_mask
+
+    with torch.no_grad():
+        for name, module in named_linears(model).items():
+            W = weight_view(module)
+            if ".self_attn." in name:
+                W.mul_(nm_mask(W.abs().float(), 2, 4))
+            else:
+                nbr, nbc = -(-W.shape[0] // 16), -(-W.shape[1] // 16)
+                keep = (torch.arange(nbr * nbc) % 2 == 0).view(nbr, nbc)
+                W.mul_(expand_blocks(keep, tuple(W.shape), 16))
+
+
+def test_a_folder_without_tier_maps_converts_with_tiers_from_its_zeros(tmp_path) -> None:
+    """`prune --pattern 2:4` or `block` writes no tier maps: each block gets the cheapest tier that holds it."""
+    from transformers import AutoModelForCausalLM
+
+    model = make_tiny_llama(intermediate=120, dtype=torch.bfloat16)
+    _prune_2_4_and_blocks_(model)
+    folder = _pruned_folder(tmp_path / "pruned", model)
+    expected = _logits(AutoModelForCausalLM.from_pretrained(folder).eval(), _ids())
+    done = convert(str(folder), str(tmp_path / "hybrid"))
+    assert done["tiers_from"] == "zeros" and done["topk"] == 10 and done["block_size"] == 16
+    layout = json.loads((tmp_path / "hybrid" / "hybrid.json").read_text())
+    assert layout["tiers_from"] == "zeros"
+    modules = layout["modules"]
+    q, up = modules["model.layers.0.self_attn.q_proj"]["blocks"], modules["model.layers.0.mlp.up_proj"]["blocks"]
+    assert q == [0, 16, 0]  # 64x64: 2:4 everywhere
+    assert up == [16, 0, 16]  # 120x64 (8x4 blocks): the kept half Dense, the zeroed half TopK
+    totals = torch.tensor([m["blocks"] for m in modules.values()]).sum(0)
+    assert done["tiers"] == pytest.approx((totals / totals.sum()).tolist(), abs=1e-4) and done["tiers"][0] < 0.5
+    assert done["packed_bytes"] < 0.6 * done["dense_bytes"]
+    torch.testing.assert_close(_logits(load_hybrid(str(tmp_path / "hybrid")), _ids()), expected, rtol=0, atol=0)
+    with pytest.raises(TierpruneError, match="already a packed model folder"):
+        convert(str(tmp_path / "hybrid"), str(tmp_path / "again"))
+    with pytest.raises(TierpruneError, match="--iteration applies to a run"):
+        convert(str(folder), str(tmp_path / "again"), iteration=1)
+    assert not (tmp_path / "again").exists()
+
+
+def test_an_unpruned_folder_has_nothing_to_pack_and_nothing_is_written(tmp_path) -> None:
+    model = make_tiny_llama(dtype=torch.bfloat16)
+    folder = _pruned_folder(tmp_path / "dense", model)
+    with pytest.raises(TierpruneError, match=r"no tier_maps.parquet, and none of its 16x16 weight blocks is 2:4 or "
+                                             r"has at most 10 non-zeros: nothing to pack"):
+        convert(str(folder), str(tmp_path / "out"))
+    # One 2:4 block in the whole model (as unstructured sparsity leaves a few): the block indices of every
+    # matrix cost more than it saves, so the packed model would be larger.
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight[:16, :16].view(16, 4, 4)[..., :2] = 0
+    folder = _pruned_folder(tmp_path / "almost-dense", model)
+    with pytest.raises(TierpruneError, match=r"would not make it smaller \(1\.0\d\dx the dense bytes\): its zeros "
+                                             r"leave 99\.\d\d% of the 16x16 blocks dense \(2:4 0\.\d\d%"):
+        convert(str(folder), str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
 def _cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TIERPRUNE_", "PREFECT_"))}
     env.update(COLUMNS="200", NO_COLOR="1", HF_HUB_OFFLINE="1", TIERPRUNE_CACHE=str(cwd / "cache"),
@@ -216,6 +284,15 @@ def test_cli_prints_the_bytes_and_refuses_in_one_line(tmp_path, pruned_llama_fol
     assert (f"packed {layout['packed_linear_bytes'] / mib:.2f} MiB vs dense "
             f"{layout['dense_linear_bytes'] / mib:.2f} MiB") in proc.stdout, proc.stdout
     assert "converted 14 linears" in proc.stdout
+    assert "no tier maps" not in proc.stdout  # an export's tier maps are used, not inferred
+
+    model = make_tiny_llama(intermediate=120, dtype=torch.bfloat16)
+    _prune_2_4_and_blocks_(model)
+    _pruned_folder(tmp_path / "two-four", model)
+    proc = _cli(["convert", "two-four", "--output", "inferred"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert ("two-four has no tier maps: each 16x16 block gets the cheapest tier that holds its zeros (dense "
+            in proc.stdout), proc.stdout
 
     _break_2_4(folder, "model.layers.0.mlp.up_proj")
     proc = _cli(["convert", str(folder), "--output", "bad"], tmp_path)
