@@ -132,6 +132,8 @@ def convert(source: str, output: str, iteration: int | None = None, *, topk: int
     source = source.rstrip("/")
     output = output.rstrip("/")
     refuse_other_model_in_folder(output, dense=dense, packed=True)  # before the model is loaded
+    if topk is not None and not 0 <= topk <= max(_BLOCK_SIZES) ** 2:
+        raise TierpruneError(f"--topk {topk}: weights kept per TopK block, 0..{max(_BLOCK_SIZES) ** 2}")
     if file_exists(f"{source}/tier_maps.parquet"):
         if iteration is not None:
             raise TierpruneError(f"--iteration applies to a run, but {source} is an exported folder (one iteration)")
@@ -158,6 +160,8 @@ def convert(source: str, output: str, iteration: int | None = None, *, topk: int
         model, tokenizer, block_size, topk = it.model, it.tokenizer, it.block_size, it.topk
         maps = tier_maps_from_table(it.tier_table)
         done_iteration = it.row["iteration"]
+    if topk > block_size ** 2:
+        raise TierpruneError(f"--topk {topk}: a {block_size}x{block_size} block holds {block_size ** 2} weights")
     if topk < 1:
         topk = 1  # topk 0 removed TopK blocks entirely; one zero slot per block keeps them packable
     originals = {name: model.get_submodule(name) for name in maps}

@@ -247,6 +247,9 @@ def test_a_folder_without_tier_maps_converts_with_tiers_from_its_zeros(tmp_path)
         convert(str(tmp_path / "hybrid"), str(tmp_path / "again"))
     with pytest.raises(TierpruneError, match="--iteration applies to a run"):
         convert(str(folder), str(tmp_path / "again"), iteration=1)
+    for topk in (-1, 257):
+        with pytest.raises(TierpruneError, match=rf"^--topk {topk}: weights kept per TopK block, 0..256$"):
+            convert(str(folder), str(tmp_path / "again"), topk=topk)
     assert not (tmp_path / "again").exists()
 
 
