@@ -357,3 +357,15 @@ def test_json_to_an_fsspec_url_is_written_there(tiny_llama_dir: Path, mem_root: 
     written = json.loads(fsspec.open(f"{mem_root}/results/r.json", "rb").open().read())
     assert written["model"] == record["model"] == str(tiny_llama_dir)
     assert list(tmp_path.iterdir()) == []  # nothing local, no `memory:` folder
+
+
+def test_run_tables_put_the_fullest_rows_columns_first() -> None:
+    """Iteration 0 has no "ppl before ft": the column still stands beside "ppl", not after "seconds"."""
+    from tierprune.cli import _rows_table
+
+    rows = [{"iteration": 0, "sparsity": 0.0, "ppl": 36.6, "seconds": 5.0},
+            {"iteration": 1, "sparsity": 0.2, "ppl before ft": 80.1, "ft tokens": 128, "ppl": 40.2, "seconds": 9.0}]
+    table = _rows_table("run", rows)
+    assert [c.header for c in table.columns] == ["iteration", "sparsity", "ppl before ft", "ft tokens", "ppl",
+                                                 "seconds"]
+    assert list(table.columns[2].cells) == ["", "80.1"]  # the dense row's cell is blank

@@ -252,7 +252,8 @@ app.add_typer(runs_app, name="runs")
 
 def _rows_table(title: str, rows: list[dict]) -> Table:
     table = Table(title=title)
-    columns = list(dict.fromkeys(k for row in rows for k in row)) or ["(none)"]
+    # The fullest row sets the order: iteration 0 has no "ppl before ft", which belongs beside "ppl", not last.
+    columns = list(dict.fromkeys(k for row in sorted(rows, key=len, reverse=True) for k in row)) or ["(none)"]
     for column in columns:
         # A URI or status is folded onto more lines rather than cut with "…": it must stay copyable.
         table.add_column(column, overflow="fold")
