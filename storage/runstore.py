@@ -93,6 +93,14 @@ def _check_name(kind: str, name: str) -> str:
     return name
 
 
+def _decoded_or_none(data: bytes) -> Any:
+    """The JSON value of data, or None if it is not JSON (a garbled file)."""
+    try:
+        return json.loads(data)
+    except ValueError:  # JSONDecodeError and UnicodeDecodeError both
+        return None
+
+
 def _json_bytes(obj: Any, what: str) -> bytes:
     # Serialised before anything is written, so that a value json cannot store fails with nothing changed.
     try:
@@ -324,7 +332,8 @@ class RunStore:
     def repair(self) -> dict:
         """Rebuild manifest.json from RUN.json and the steps' COMMIT.json; a previous one is kept as manifest.json.bak.
 
-        Returns {"steps": number of steps recorded, "backup": URI of the old manifest or None}.
+        Returns {"steps": number of steps recorded, "backup": URI of the old manifest or None, "unchanged": whether
+        the manifest already said exactly that (then nothing is written, and an earlier backup stays).}
         """
         identity = self._identity()
         if identity is None:
@@ -339,11 +348,13 @@ class RunStore:
             old = self._cat(MANIFEST)
         except FileNotFoundError:
             old = None
+        if old is not None and _decoded_or_none(old) == rebuilt:
+            return {"steps": len(rebuilt["steps"]), "backup": None, "unchanged": True}
         if old is not None:
             backup = self._u(f"{MANIFEST}.bak")
             self._write_atomic(f"{MANIFEST}.bak", old)
         self._write_atomic(MANIFEST, _json_bytes(rebuilt, "the run manifest"))
-        return {"steps": len(rebuilt["steps"]), "backup": backup}
+        return {"steps": len(rebuilt["steps"]), "backup": backup, "unchanged": False}
 
     def _refuse_foreign_folder(self) -> None:
         # Never write a manifest into a folder that holds someone else's files: a later cleanup of the run

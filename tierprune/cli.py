@@ -472,6 +472,10 @@ def runs_repair(run_uri: str = typer.Argument(..., help="STORE/RUN")) -> None:
     store = split_run_uri(run_uri)
     with store.lock(owner="tierprune runs repair"):
         result = store.repair()
+    if result["unchanged"]:
+        console.print(f"{store.uri}/manifest.json already lists exactly the {result['steps']} committed steps: "
+                      "nothing to repair", highlight=False, soft_wrap=True)
+        return
     backup = f"; the previous manifest is kept as {result['backup']}" if result["backup"] else ""
     console.print(f"rebuilt {store.uri}/manifest.json with {result['steps']} committed steps{backup}",
                   highlight=False, soft_wrap=True)

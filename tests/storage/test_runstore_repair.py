@@ -90,9 +90,12 @@ def test_garbled_manifest_is_refused_with_the_repair_command_then_repaired(root:
         store.create({"fingerprint": "fp-1"})  # a rerun tells the user the same command
 
     result = store.repair()
-    assert result == {"steps": 3, "backup": f"{store.uri}/manifest.json.bak"}
+    assert result == {"steps": 3, "backup": f"{store.uri}/manifest.json.bak", "unchanged": False}
     assert _fs(result["backup"])[0].cat_file(_fs(result["backup"])[1]) == garbled  # kept for a post-mortem
     assert store.manifest() == original
+    # Repaired again: the manifest is already right, so nothing is written and the garbled backup stays.
+    assert store.repair() == {"steps": 3, "backup": None, "unchanged": True}
+    assert _fs(result["backup"])[0].cat_file(_fs(result["backup"])[1]) == garbled
 
 
 def test_repair_drops_a_step_whose_marker_is_gone_and_adds_one_the_manifest_missed(root: str) -> None:
