@@ -100,6 +100,20 @@ def save_pretrained_dir(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBa
 
 def _save_pretrained_local(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, directory: str,
                            weights: bool) -> None:
+    # tierprune.models.load_model turns the KV cache off for layer-wise calibration and evaluation; a saved
+    # model is for decoding, so its config says use_cache true again (transformers' default), not our setting.
+    use_cache = getattr(model.config, "use_cache", None)
+    if use_cache is False:
+        model.config.use_cache = True
+    try:
+        _save_model_and_tokenizer(model, tokenizer, directory, weights)
+    finally:
+        if use_cache is False:
+            model.config.use_cache = False
+
+
+def _save_model_and_tokenizer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, directory: str,
+                              weights: bool) -> None:
     if weights:
         # transformers 5 always writes safetensors; safe_serialization is gone from its signature.
         model.save_pretrained(directory)

@@ -1,6 +1,7 @@
 """Tests for tierprune.storage.checkpoints: safetensors files and from_pretrained folders."""
 from __future__ import annotations
 
+import json
 import os
 import stat
 import uuid
@@ -133,6 +134,16 @@ def test_save_pretrained_dir_local(tmp_path: Path) -> None:
     assert save_pretrained_dir(model, tokenizer, uri) == uri
     assert (tmp_path / "model" / "model.safetensors").is_file()
     _assert_same_model(uri, model)
+
+
+@pytest.mark.parametrize("weights", [True, False])
+def test_saved_config_keeps_the_kv_cache_on_that_calibration_turned_off(tmp_path: Path, weights: bool) -> None:
+    """load_model sets use_cache False for layer-wise work; an exported or packed folder is for decoding."""
+    model, tokenizer = _tiny_llama_and_tokenizer()
+    model.config.use_cache = False  # as tierprune.models.load_model leaves it
+    save_pretrained_dir(model, tokenizer, str(tmp_path / "model"), weights=weights)
+    assert json.loads((tmp_path / "model" / "config.json").read_text())["use_cache"] is True
+    assert model.config.use_cache is False  # the working model keeps calibrating without a cache
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o077])
