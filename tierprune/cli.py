@@ -15,6 +15,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
@@ -565,6 +566,37 @@ def convert(source: str = typer.Argument(..., help="STORE/RUN, a folder written 
                   f"{done['packed_bytes'] / mib:.2f} MiB vs dense {done['dense_bytes'] / mib:.2f} MiB "
                   f"({done['packed_bytes'] / max(done['dense_bytes'], 1):.3f}x; {done['block_size']}x"
                   f"{done['block_size']} blocks, topk {done['topk']}, {done['dtype']})", highlight=False, soft_wrap=True)
+
+
+@app.command()
+def generate(folder: str = typer.Argument(..., help="a folder from `tierprune convert` (runs packed), or any model "
+                                                   "folder (`runs export`, `prune --output`)"),
+             prompt: str = typer.Option("The capital of France is", help="text to continue"),
+             max_new_tokens: int = typer.Option(32, min=1, help="tokens to generate (greedy, batch 1)"),
+             device: str = typer.Option("cpu", help="cpu, cuda or cuda:N"),
+             compare_dense: bool = typer.Option(False, "--compare-dense",
+                                                help="also run a packed folder's dense twin (zeros where pruned) on "
+                                                     "the same prompt: tokens/s side by side, and whether the "
+                                                     "tokens agree")) -> None:
+    """Continue a prompt with a model folder and time it: how fast a packed model decodes on this machine."""
+    from tierprune.tasks.generate import check_device, generate_timed, load_for_generation
+
+    check_device(device)
+    runs = []
+    for twin in ([False, True] if compare_dense else [False]):
+        model, tokenizer, kind = load_for_generation(folder, device, dense_twin=twin)
+        runs.append(generate_timed(model, tokenizer, prompt, max_new_tokens, kind))
+        del model  # one model in memory at a time
+    console.print(f"{escape(prompt)}[bold]{escape(runs[0].text)}[/bold]", soft_wrap=True, highlight=False)
+    for run in runs:
+        console.print(f"{run.kind}: {len(run.token_ids)} new tokens in {run.seconds:.2f} s, "
+                      f"{run.tokens_per_s:.2f} tokens/s (greedy, batch 1, {device}, prefill included)",
+                      highlight=False, soft_wrap=True)
+    if compare_dense:
+        packed, twin = runs
+        same = "yes" if packed.token_ids == twin.token_ids else "no (bf16/fp16 kernels round differently)"
+        console.print(f"packed / dense twin tokens/s: {packed.tokens_per_s / twin.tokens_per_s:.3f}x; "
+                      f"the same tokens: {same}", highlight=False, soft_wrap=True)
 
 
 def default_prefect_home(environ: dict[str, str], cwd: Path) -> str | None:

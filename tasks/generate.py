@@ -1,0 +1,102 @@
+"""Greedy generation from a model folder, timed: how a packed model (`tierprune convert`) runs against its dense twin.
+
+A packed folder loads with HybridLinear layers (`load_hybrid`), or as its dense twin with zeros where pruned
+(`load_dense`); any other model folder loads as plain transformers. Both go through transformers' own
+`generate` with its KV cache, greedy, batch 1, so the tokens of the two should agree and the times compare
+the linears alone. One short warm-up generation comes first (kernel compiles, allocator), then the timed one.
+"""
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from tierprune.errors import TierpruneError
+from tierprune.storage.tables import file_exists
+
+__all__ = ["Generation", "load_for_generation", "generate_timed", "check_device"]
+
+WARMUP_TOKENS = 2
+
+
+@dataclass(frozen=True)
+class Generation:
+    kind: str  # "packed", "dense twin" or "model"
+    text: str  # the new tokens, decoded
+    token_ids: list[int]  # the new tokens
+    seconds: float  # the timed generation, prefill included
+
+    @property
+    def tokens_per_s(self) -> float:
+        return len(self.token_ids) / self.seconds if self.seconds > 0 else float("inf")
+
+
+def check_device(device: str) -> None:
+    """One line for a device this machine cannot use."""
+    if not (device == "cpu" or re.fullmatch(r"cuda(:\d+)?", device)):
+        raise TierpruneError(f"unknown device {device!r}: use cpu, cuda or cuda:N")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise TierpruneError(f"--device {device} asked for, but CUDA is not available here")
+
+
+def load_for_generation(folder: str, device: str, *, dense_twin: bool = False) -> tuple[nn.Module, object, str]:
+    """(model, tokenizer, kind) of a folder: packed (or its dense twin) if `convert` wrote it, else plain."""
+    from transformers import AutoTokenizer
+
+    from tierprune.models import PACKED_LAYOUT_FILE, load_model
+
+    from .convert import load_dense, load_hybrid
+
+    folder = folder.rstrip("/")
+    if not file_exists(f"{folder}/config.json"):
+        raise TierpruneError(f"{folder} is not a model folder (no config.json)")
+    if file_exists(f"{folder}/{PACKED_LAYOUT_FILE}"):
+        model = load_dense(folder, device) if dense_twin else load_hybrid(folder, device)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        return model.eval(), tokenizer, "dense twin" if dense_twin else "packed"
+    if dense_twin:
+        raise TierpruneError(f"{folder} is not a packed folder (no {PACKED_LAYOUT_FILE}), so it has no dense twin "
+                             "to compare with; pack it with `tierprune convert`")
+    loaded = load_model(folder, dtype=_stored_dtype(folder), device=device)
+    model = loaded.model.to(device)
+    model.config.use_cache = True  # load_model turns the cache off for layer-wise calibration; decoding wants it
+    return model, loaded.tokenizer, "model"
+
+
+def _stored_dtype(folder: str) -> str:
+    from tierprune.storage.tables import load_file
+
+    config = load_file(f"{folder}/config.json")
+    dtype = config.get("dtype") or config.get("torch_dtype") or "float32"
+    return dtype if dtype in ("float32", "bfloat16", "float16") else "float32"
+
+
+@torch.no_grad()
+def generate_timed(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int, kind: str) -> Generation:
+    """Greedy continuation of `prompt` (exactly max_new_tokens unless the model ends it), timed after a warm-up."""
+    device = next(model.parameters()).device
+    ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
+    if ids.shape[1] == 0:
+        raise TierpruneError("the prompt is empty after tokenization")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    settings = dict(do_sample=False, pad_token_id=pad, attention_mask=torch.ones_like(ids))
+
+    def run(n: int) -> torch.Tensor:
+        return model.generate(ids, max_new_tokens=n, **settings)
+
+    run(WARMUP_TOKENS)
+    _synchronize(device)
+    start = time.perf_counter()
+    out = run(max_new_tokens)
+    _synchronize(device)
+    seconds = time.perf_counter() - start
+    new = out[0, ids.shape[1]:].tolist()
+    return Generation(kind, tokenizer.decode(new, skip_special_tokens=True), new, seconds)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

@@ -1,0 +1,76 @@
+"""`tierprune generate`: a packed folder decodes the same greedy tokens as its dense twin and its export, timed."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tierprune.errors import TierpruneError
+from tierprune.tasks.convert import convert
+from tierprune.tasks.generate import check_device, generate_timed, load_for_generation
+
+from ..conftest import make_tiny_llama, make_tiny_tokenizer
+from ..test_hybrid_linear import prune_randomly_
+from .test_convert import TEXTS, _export_folder
+
+PROMPT = "the quick brown fox"
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory) -> tuple[Path, Path]:
+    """(export folder, packed folder) of a tiny LLaMA pruned to random tier maps, vocabulary its tokenizer's."""
+    tmp = tmp_path_factory.mktemp("generate")
+    model = make_tiny_llama(vocab=len(make_tiny_tokenizer(TEXTS)), intermediate=120)
+    export = _export_folder(tmp / "export", model, prune_randomly_(model, seed=2))
+    convert(str(export), str(tmp / "packed"))
+    return export, tmp / "packed"
+
+
+def test_packed_twin_and_export_decode_the_same_greedy_tokens(folders) -> None:
+    export, packed = folders
+    runs = {}
+    for folder, twin in ((packed, False), (packed, True), (export, False)):
+        model, tokenizer, kind = load_for_generation(str(folder), "cpu", dense_twin=twin)
+        runs[kind] = generate_timed(model, tokenizer, PROMPT, 6, kind)
+    assert set(runs) == {"packed", "dense twin", "model"}
+    tokens = runs["packed"].token_ids
+    assert 1 <= len(tokens) <= 6 and tokens == runs["dense twin"].token_ids == runs["model"].token_ids
+    assert all(r.seconds > 0 and r.tokens_per_s > 0 for r in runs.values())
+    assert runs["model"].text == make_tiny_tokenizer(TEXTS).decode(tokens, skip_special_tokens=True)
+
+
+def test_a_plain_folder_decodes_with_its_kv_cache_on(folders) -> None:
+    export, _ = folders
+    model, _, kind = load_for_generation(str(export), "cpu")
+    assert kind == "model" and model.config.use_cache is True  # load_model turned it off for calibration
+
+
+def test_bad_folders_and_devices_are_one_line(folders, tmp_path) -> None:
+    export, _ = folders
+    with pytest.raises(TierpruneError, match=r"is not a packed folder \(no hybrid.json\), so it has no dense twin"):
+        load_for_generation(str(export), "cpu", dense_twin=True)
+    with pytest.raises(TierpruneError, match="is not a model folder"):
+        load_for_generation(str(tmp_path / "nothing"), "cpu")
+    with pytest.raises(TierpruneError, match="unknown device 'gpu'"):
+        check_device("gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(TierpruneError, match="CUDA is not available here"):
+            check_device("cuda:0")
+
+
+def test_cli_prints_the_continuation_and_the_ratio(folders, tmp_path) -> None:
+    _, packed = folders
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TIERPRUNE_", "PREFECT_"))}
+    env.update(COLUMNS="200", NO_COLOR="1", HF_HUB_OFFLINE="1", PREFECT_HOME=str(tmp_path / "prefect"))
+    proc = subprocess.run([sys.executable, "-m", "tierprune.cli", "generate", str(packed), "--prompt", PROMPT,
+                           "--max-new-tokens", "4", "--compare-dense"], capture_output=True, text=True, env=env,
+                          cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith(PROMPT)
+    packed_line, twin_line, ratio_line = proc.stdout.splitlines()[-3:]  # the continuation may hold newlines
+    assert packed_line.startswith("packed: ") and twin_line.startswith("dense twin: ") and "tokens/s" in packed_line
+    assert ratio_line.startswith("packed / dense twin tokens/s: ") and ratio_line.endswith("the same tokens: yes")
