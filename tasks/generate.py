@@ -42,8 +42,23 @@ def check_device(device: str) -> None:
         raise TierpruneError(f"--device {device} asked for, but CUDA is not available here")
 
 
-def load_for_generation(folder: str, device: str, *, dense_twin: bool = False) -> tuple[nn.Module, object, str]:
-    """(model, tokenizer, kind) of a folder: packed (or its dense twin) if `convert` wrote it, else plain."""
+DTYPES = {"stored": None, "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def load_for_generation(folder: str, device: str, *, dense_twin: bool = False,
+                        dtype: str = "stored") -> tuple[nn.Module, object, str]:
+    """(model, tokenizer, kind) of a folder: packed (or its dense twin) if `convert` wrote it, else plain.
+
+    dtype: "stored" keeps the folder's dtype; a CPU run's fp32 folder cast to bfloat16 on a GPU takes the
+    kernels' path (they run bf16/fp16; fp32 goes through unpack + cuBLAS).
+    """
+    if dtype not in DTYPES:
+        raise TierpruneError(f"--dtype {dtype}: use one of {', '.join(DTYPES)}")
+    model, tokenizer, kind = _load(folder, device, dense_twin)
+    return (model if DTYPES[dtype] is None else model.to(DTYPES[dtype])), tokenizer, kind
+
+
+def _load(folder: str, device: str, dense_twin: bool) -> tuple[nn.Module, object, str]:
     from transformers import AutoTokenizer
 
     from tierprune.models import PACKED_LAYOUT_FILE, load_model

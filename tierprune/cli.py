@@ -574,6 +574,8 @@ def generate(folder: str = typer.Argument(..., help="a folder from `tierprune co
              prompt: str = typer.Option("The capital of France is", help="text to continue"),
              max_new_tokens: int = typer.Option(32, min=1, help="tokens to generate (greedy, batch 1)"),
              device: str = typer.Option("cpu", help="cpu, cuda or cuda:N"),
+             dtype: str = typer.Option("stored", help="stored (the folder's), bfloat16, float16 or float32; the GPU "
+                                                      "kernels run bfloat16 and float16"),
              compare_dense: bool = typer.Option(False, "--compare-dense",
                                                 help="also run a packed folder's dense twin (zeros where pruned) on "
                                                      "the same prompt: tokens/s side by side, and whether the "
@@ -584,7 +586,7 @@ def generate(folder: str = typer.Argument(..., help="a folder from `tierprune co
     check_device(device)
     runs = []
     for twin in ([False, True] if compare_dense else [False]):
-        model, tokenizer, kind = load_for_generation(folder, device, dense_twin=twin)
+        model, tokenizer, kind = load_for_generation(folder, device, dense_twin=twin, dtype=dtype)
         runs.append(generate_timed(model, tokenizer, prompt, max_new_tokens, kind))
         del model  # one model in memory at a time
     console.print(f"{escape(prompt)}[bold]{escape(runs[0].text)}[/bold]", soft_wrap=True, highlight=False)

@@ -43,6 +43,23 @@ def test_packed_twin_and_export_decode_the_same_greedy_tokens(folders) -> None:
     assert runs["model"].text == make_tiny_tokenizer(TEXTS).decode(tokens, skip_special_tokens=True)
 
 
+def test_dtype_casts_the_packed_values_and_keeps_the_tokens_of_the_twin(folders) -> None:
+    from tierprune.hybrid_linear import HybridLinear
+
+    _, packed = folders
+    runs = []
+    for twin in (False, True):
+        model, tokenizer, kind = load_for_generation(str(packed), "cpu", dense_twin=twin, dtype="bfloat16")
+        assert next(model.parameters()).dtype == torch.bfloat16
+        runs.append(generate_timed(model, tokenizer, PROMPT, 6, kind))
+    packed_model, _, _ = load_for_generation(str(packed), "cpu", dtype="bfloat16")
+    layer = next(m for m in packed_model.modules() if isinstance(m, HybridLinear))
+    assert layer.dense_values.dtype == torch.bfloat16 and layer.nm_meta.dtype == torch.uint8  # indices untouched
+    assert runs[0].token_ids == runs[1].token_ids
+    with pytest.raises(TierpruneError, match="--dtype half: use one of stored, bfloat16, float16, float32"):
+        load_for_generation(str(packed), "cpu", dtype="half")
+
+
 def test_a_plain_folder_decodes_with_its_kv_cache_on(folders) -> None:
     export, _ = folders
     model, _, kind = load_for_generation(str(export), "cpu")
