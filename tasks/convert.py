@@ -33,7 +33,7 @@ from .prune import named_linears
 from .runs import split_run_uri
 from .tier_tables import tier_maps_from_table
 
-__all__ = ["HYBRID_FORMAT", "convert", "load_hybrid", "load_dense"]
+__all__ = ["HYBRID_FORMAT", "convert", "load_hybrid", "load_dense", "load_folder_model"]
 
 HYBRID_FORMAT = "tierprune-hybrid/1"
 PACKED_FILE, LAYOUT_FILE = "hybrid.safetensors", PACKED_LAYOUT_FILE  # LAYOUT_FILE: what marks a packed folder
@@ -67,7 +67,7 @@ def _infer_topk(linears: dict[str, nn.Module], maps: dict[str, torch.Tensor], bl
     return most
 
 
-def _load_folder_model(folder: str):
+def load_folder_model(folder: str):
     """The model of a from_pretrained folder, in the dtype its weights are stored in (not "auto")."""
     config = load_file(f"{folder}/config.json") if file_exists(f"{folder}/config.json") else {}
     dtype = config.get("dtype") or config.get("torch_dtype") or "float32"
@@ -76,7 +76,7 @@ def _load_folder_model(folder: str):
 
 def _load_export_folder(folder: str, topk: int | None) -> tuple[nn.Module, object, dict[str, torch.Tensor], int, int]:
     """(model, tokenizer, tier maps, block size, topk) of a `runs export` folder; topk None: inferred."""
-    loaded = _load_folder_model(folder)
+    loaded = load_folder_model(folder)
     maps = tier_maps_from_table(load_file(f"{folder}/tier_maps.parquet"))
     linears = named_linears(loaded.model)
     if set(maps) != set(linears):
@@ -96,7 +96,7 @@ def _load_export_folder(folder: str, topk: int | None) -> tuple[nn.Module, objec
 def _load_pruned_folder(folder: str, topk: int | None) -> tuple[nn.Module, object, dict[str, torch.Tensor], int, int]:
     """(model, tokenizer, tier maps, block size, topk) of a model folder without tier maps (`prune --pattern 2:4`,
     `block`, a checkpoint pruned elsewhere): each block gets the cheapest tier that holds its zeros exactly."""
-    loaded = _load_folder_model(folder)
+    loaded = load_folder_model(folder)
     topk = DEFAULT_TOPK if topk is None else topk
     linears = named_linears(loaded.model)
     maps = {name: fitting_tier_map(weight_view(m), INFERRED_BLOCK_SIZE, topk) for name, m in linears.items()}

@@ -61,9 +61,9 @@ def load_for_generation(folder: str, device: str, *, dense_twin: bool = False,
 def _load(folder: str, device: str, dense_twin: bool) -> tuple[nn.Module, object, str]:
     from transformers import AutoTokenizer
 
-    from tierprune.models import PACKED_LAYOUT_FILE, load_model
+    from tierprune.models import PACKED_LAYOUT_FILE
 
-    from .convert import load_dense, load_hybrid
+    from .convert import load_dense, load_folder_model, load_hybrid
 
     folder = folder.rstrip("/")
     if not file_exists(f"{folder}/config.json"):
@@ -75,18 +75,10 @@ def _load(folder: str, device: str, dense_twin: bool) -> tuple[nn.Module, object
     if dense_twin:
         raise TierpruneError(f"{folder} is not a packed folder (no {PACKED_LAYOUT_FILE}), so it has no dense twin "
                              "to compare with; pack it with `tierprune convert`")
-    loaded = load_model(folder, dtype=_stored_dtype(folder), device=device)
+    loaded = load_folder_model(folder)
     model = loaded.model.to(device)
     model.config.use_cache = True  # load_model turns the cache off for layer-wise calibration; decoding wants it
     return model, loaded.tokenizer, "model"
-
-
-def _stored_dtype(folder: str) -> str:
-    from tierprune.storage.tables import load_file
-
-    config = load_file(f"{folder}/config.json")
-    dtype = config.get("dtype") or config.get("torch_dtype") or "float32"
-    return dtype if dtype in ("float32", "bfloat16", "float16") else "float32"
 
 
 @torch.no_grad()
