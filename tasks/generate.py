@@ -61,13 +61,17 @@ def load_for_generation(folder: str, device: str, *, dense_twin: bool = False,
 def _load(folder: str, device: str, dense_twin: bool) -> tuple[nn.Module, object, str]:
     from transformers import AutoTokenizer
 
-    from tierprune.models import PACKED_LAYOUT_FILE
+    from tierprune.models import PACKED_LAYOUT_FILE, load_model
 
     from .convert import load_dense, load_folder_model, load_hybrid
 
     folder = folder.rstrip("/")
-    if not file_exists(f"{folder}/config.json"):
-        raise TierpruneError(f"{folder} is not a model folder (no config.json)")
+    if not file_exists(f"{folder}/config.json"):  # an alias, a .gguf file or a hub id: the dense original
+        if dense_twin:
+            raise TierpruneError(f"{folder} is not a packed folder, so it has no dense twin to compare with")
+        loaded = load_model(folder)
+        loaded.model.config.use_cache = True
+        return loaded.model.to(device), loaded.tokenizer, "model"
     if file_exists(f"{folder}/{PACKED_LAYOUT_FILE}"):
         model = load_dense(folder, device) if dense_twin else load_hybrid(folder, device)
         tokenizer = AutoTokenizer.from_pretrained(folder)

@@ -569,8 +569,9 @@ def convert(source: str = typer.Argument(..., help="STORE/RUN, a folder written 
 
 
 @app.command()
-def generate(folder: str = typer.Argument(..., help="a folder from `tierprune convert` (runs packed), or any model "
-                                                   "folder (`runs export`, `prune --output`)"),
+def generate(folder: str = typer.Argument(..., help="a folder from `tierprune convert` (runs packed), any model "
+                                                   "folder (`runs export`, `prune --output`), or a --model name "
+                                                   "(the dense original)"),
              prompt: str = typer.Option("The capital of France is", help="text to continue"),
              max_new_tokens: int = typer.Option(32, min=1, help="tokens to generate (greedy, batch 1)"),
              device: str = typer.Option("cpu", help="cpu, cuda or cuda:N"),

@@ -60,6 +60,14 @@ def test_dtype_casts_the_packed_values_and_keeps_the_tokens_of_the_twin(folders)
         load_for_generation(str(packed), "cpu", dtype="half")
 
 
+def test_a_model_name_decodes_the_dense_original() -> None:
+    """What --model takes (here the embedded SmolLM2's alias) runs too: the baseline a pruned folder is held to."""
+    model, tokenizer, kind = load_for_generation("smollm2-135m", "cpu")
+    run = generate_timed(model, tokenizer, "The capital of France is", 3, kind)
+    assert kind == "model" and model.config.use_cache is True and len(run.token_ids) == 3
+    assert "Paris" in run.text
+
+
 def test_a_plain_folder_decodes_with_its_kv_cache_on(folders) -> None:
     export, _ = folders
     model, _, kind = load_for_generation(str(export), "cpu")
@@ -70,8 +78,10 @@ def test_bad_folders_and_devices_are_one_line(folders, tmp_path) -> None:
     export, _ = folders
     with pytest.raises(TierpruneError, match=r"is not a packed folder \(no hybrid.json\), so it has no dense twin"):
         load_for_generation(str(export), "cpu", dense_twin=True)
-    with pytest.raises(TierpruneError, match="is not a model folder"):
+    with pytest.raises(TierpruneError, match="model directory not found"):  # a path that is not there
         load_for_generation(str(tmp_path / "nothing"), "cpu")
+    with pytest.raises(TierpruneError, match="is not a packed folder, so it has no dense twin"):
+        load_for_generation("smollm2-135m", "cpu", dense_twin=True)
     with pytest.raises(TierpruneError, match="unknown device 'gpu'"):
         check_device("gpu")
     if not torch.cuda.is_available():
