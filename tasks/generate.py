@@ -67,6 +67,9 @@ def _load(folder: str, device: str, dense_twin: bool) -> tuple[nn.Module, object
 
     folder = folder.rstrip("/")
     if not file_exists(f"{folder}/config.json"):  # an alias, a .gguf file or a hub id: the dense original
+        if file_exists(f"{folder}/manifest.json"):
+            raise TierpruneError(f"{folder} is a run, not a model: pack an iteration first with `tierprune "
+                                 f"convert {folder} --output DIR` (or `tierprune runs export`), then generate DIR")
         if dense_twin:
             raise TierpruneError(f"{folder} is not a packed folder, so it has no dense twin to compare with")
         loaded = load_model(folder)

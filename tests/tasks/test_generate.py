@@ -82,6 +82,11 @@ def test_bad_folders_and_devices_are_one_line(folders, tmp_path) -> None:
         load_for_generation(str(tmp_path / "nothing"), "cpu")
     with pytest.raises(TierpruneError, match="is not a packed folder, so it has no dense twin"):
         load_for_generation("smollm2-135m", "cpu", dense_twin=True)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "manifest.json").write_text("{}")
+    with pytest.raises(TierpruneError, match=r"run is a run, not a model: pack an iteration first with "
+                                             r"`tierprune convert .*run --output DIR`"):
+        load_for_generation(str(tmp_path / "run"), "cpu")
     with pytest.raises(TierpruneError, match="unknown device 'gpu'"):
         check_device("gpu")
     if not torch.cuda.is_available():
