@@ -23,7 +23,7 @@ from pydantic.fields import FieldInfo
 
 from tierprune.errors import TierpruneError
 
-__all__ = ["RUN_NAME_TEMPLATE", "expand_run_name", "flow_run_name", "described", "Plan", "Store", "Run", "ResumeFrom", "Model", "GgufFile", "Dtype",
+__all__ = ["RUN_NAME_TEMPLATE", "expand_run_name", "flow_run_name", "described", "Plan", "Store", "Run", "ResumeFrom", "Export", "Model", "GgufFile", "Dtype",
            "Method", "Pattern", "Sparsity", "BlockSize", "Tiers", "Topk", "Select", "Scope", "Calib",
            "CalibSamples", "CalibSeqlen", "CalibBatchSize", "Seed", "Compile", "Eval", "EvalSeqlen",
            "EvalMaxWindows", "EvalBatchSize", "ZeroShot", "ZeroShotLimit", "ZeroShotInclude", "Device", "Offload", "FtMethod", "FtData", "FtTokens", "FtSeqlen",
@@ -45,6 +45,9 @@ Run = Annotated[str, Field(description="The run's folder name under the store; {
                                        "The same name with the same settings resumes that run")]
 ResumeFrom = Annotated[str | None, Field(description="Start after a finished iteration of any run: "
                                                      "STORE/RUN/iter-00K (its tier map and checkpoint)")]
+Export = Annotated[str | None, Field(description="Once the plan is done, write its last iteration as a model "
+                                                 "folder plain transformers loads (as `tierprune runs export`): a "
+                                                 "folder or URL on the machine that runs the flow")]
 
 # ---- the model and the pruning -----------------------------------------------------------------------------
 Model = Annotated[str, Field(description="Hub id, local directory, .gguf file, or the alias smollm2-135m")]

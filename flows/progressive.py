@@ -19,7 +19,7 @@ from tierprune.config import TierpruneConfig, config_from_flags
 from tierprune.flows.gpu_slots import device_slot
 from tierprune.flows.parameters import (
     RUN_NAME_TEMPLATE, BlockSize, Calib, CalibBatchSize, CalibSamples, CalibSeqlen, Compile, Device, Dtype, Eval,
-    EvalBatchSize, EvalMaxWindows, EvalSeqlen, FtBatchSize, FtCommitEvery, FtCommitMinutes, FtCompile, FtData, FtFade,
+    EvalBatchSize, EvalMaxWindows, EvalSeqlen, Export, FtBatchSize, FtCommitEvery, FtCommitMinutes, FtCompile, FtData, FtFade,
     FtEvalEvery, FtGradAccum, FtLr, FtMethod, FtPatience, FtSchedule, FtSeqlen, FtTokens, FtTrain, FtWarmup,
     GgufFile, KdCacheTopk, ObsUpdate, KdHiddenWeight, KdTemperature, KdWeight, LoraRank, LoraTargets, Model, Offload, Plan,
     ResumeFrom, Run, Scope, Seed, Select, Store, Topk, ZeroShot, ZeroShotInclude, ZeroShotLimit, described,
@@ -28,6 +28,7 @@ from tierprune.flows.parameters import (
 from tierprune.tasks.collect_activations import collect_activations_task
 from tierprune.tasks.demote import demote_task
 from tierprune.tasks.evaluate import evaluate_task
+from tierprune.tasks.export import export_task
 from tierprune.tasks.finetune import finetune_task
 from tierprune.tasks.record import record_iteration_task
 from tierprune.tasks.report import report_task
@@ -36,9 +37,10 @@ from tierprune.tasks.score_blocks import score_blocks_task
 from tierprune.tasks.start import dense_start_task, resume_start_task
 
 
-def run_progressive(cfg: TierpruneConfig) -> list[dict]:
+def run_progressive(cfg: TierpruneConfig, export: str | None = None) -> list[dict]:
     """Run (or resume) a progressive three-tier run; returns one summary row per iteration.
 
+    export: a folder (or fsspec URL) that receives the last iteration as a model folder once the plan is done.
     Undecorated, so that both flows below share it; call it inside a flow run (its steps are tasks).
     """
     logger = get_run_logger()
@@ -70,14 +72,18 @@ def run_progressive(cfg: TierpruneConfig) -> list[dict]:
             seconds = sum(ref.seconds for ref in steps.values())
             rows.append(report_task(state, k, evaluation, tiers, seconds, checkpoint))
             logger.info("iteration %d done: %s", k, rows[-1])
+        if export:
+            state.release_models()  # the export loads the finished iteration on its own
+            done = export_task(state, export)
+            logger.info("exported iteration %d to %s", done["iteration"], done["output"])
     return rows
 
 
 @flow(name="progressive", log_prints=False)
-def progressive_from_config(cfg: TierpruneConfig) -> list[dict]:
+def progressive_from_config(cfg: TierpruneConfig, export: str | None = None) -> list[dict]:
     """The progressive flow over a ready config (the CLI checked it before Prefect started)."""
     with device_slot(cfg.device):
-        return run_progressive(cfg)
+        return run_progressive(cfg, export)
 
 
 @flow(name="progressive", log_prints=False)
@@ -132,6 +138,7 @@ def progressive(
     kd_cache_topk: KdCacheTopk = 0,
     lora_rank: LoraRank = 16,
     lora_targets: LoraTargets = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+    export: Export = None,
 ) -> list[dict]:
     """Progressive three-tier pruning: Dense → 2:4 → TopK blocks, iteration by iteration as the plan says.
 
@@ -139,8 +146,10 @@ def progressive(
     finished iteration of another one.
     """
     flags = dict(locals())  # exactly the parameters above (first statement): the flags of `tierprune run`
+    from tierprune.tasks.export import check_export_target
     from tierprune.tasks.run_state import NothingToDo, check_run_inputs
 
+    export = flags.pop("export")
     flags["run"] = flow_run_name(run)
     cfg = config_from_flags(**flags)
     try:
@@ -148,8 +157,10 @@ def progressive(
     except NothingToDo as exc:
         get_run_logger().info("%s", exc)
         return []
+    if export:
+        check_export_target(export, cfg.model, flag="export")  # now, not after hours of training
     with device_slot(cfg.device):
-        return run_progressive(cfg)
+        return run_progressive(cfg, export)
 
 
 if __name__ == "__main__":

@@ -13,8 +13,10 @@ import pandas as pd
 import torch
 from torch import nn
 
+from prefect import task
+
 from tierprune.adapters import weight_view
-from tierprune.config import TierpruneConfig
+from tierprune.config import ModelConfig, TierpruneConfig
 from tierprune.errors import TierpruneError
 from tierprune.kernels.tiers import tier_violations
 from tierprune.models import load_model, refuse_model_folder_as_output, refuse_other_model_in_folder
@@ -86,11 +88,15 @@ def load_iteration(store: RunStore, iteration: int | None = None) -> LoadedItera
                            prune.block_size, prune.topk)
 
 
+def check_export_target(output: str, model: ModelConfig, flag: str = "--output") -> None:
+    """Refuse (one line) an export folder that would replace the run's own base model or sit beside a packed one."""
+    refuse_model_folder_as_output(output, model.name, model.gguf_file, flag=flag)
+    refuse_other_model_in_folder(output, dense=True, packed=False, flag=flag)
+
+
 def export_run(store: RunStore, output: str, iteration: int | None = None) -> dict:
     """Write iteration `iteration` (default: the last finished) of a run to `output`; returns what was written."""
-    model = TierpruneConfig.model_validate(store.manifest()["config"]).model
-    refuse_model_folder_as_output(output, model.name, model.gguf_file)  # before the model is loaded
-    refuse_other_model_in_folder(output, dense=True, packed=False)
+    check_export_target(output, TierpruneConfig.model_validate(store.manifest()["config"]).model)  # before loading
     it = load_iteration(store, iteration)
     save_pretrained_dir(it.model, it.tokenizer, output)
     save_file(it.tier_table, f"{output.rstrip('/')}/tier_maps.parquet")
@@ -102,3 +108,9 @@ def export_run(store: RunStore, output: str, iteration: int | None = None) -> di
     row = it.row
     return {"iteration": row["iteration"], "output": output, "ppl": row["ppl"], "sparsity": row["sparsity"],
             "tiers": row["tiers"], "dtype": it.dtype}
+
+
+@task(name="export")
+def export_task(state, output: str) -> dict:
+    """The run's last finished iteration as a model folder at `output` (the flow's `export` parameter)."""
+    return export_run(state.store, output)

@@ -131,6 +131,11 @@ class RunState:
         """Say that the model's tensors are unknown (a step that changed them failed half-way)."""
         self._held = {}
 
+    def release_models(self) -> None:
+        """Free the working model and the teacher (the run is done; an export loads what it needs itself)."""
+        self._loaded, self._held = None, {}
+        self.forget_teacher()
+
     def save_checkpoint(self, changed: set[str]) -> tuple[dict, dict[str, int]]:
         """(index, blobs) of the working model: the `changed` tensors are written, the others are referenced."""
         tensors = model_tensors(self.base_model().model)

@@ -76,6 +76,11 @@ def test_bad_run_inputs(tmp_path, tiny_llama_dir, data_dir):
         "missing ft data": (["--plan", str(SMOKE), "--run", "a", "--ft-data", f"c4:{tmp_path / 'nowhere'}"],
                             ("--ft-data", "nowhere")),
         "bad ft method": (["--plan", str(SMOKE), "--run", "a", "--ft-method", "qlora"], ("method",)),
+        # --export is checked before the run, not after it: the base model's own folder, a file.
+        "export over the model": (["--plan", str(SMOKE), "--run", "a", "--export", str(tiny_llama_dir)],
+                                  ("--export", "is the folder --model", "is loaded from")),
+        "export to a file": (["--plan", str(SMOKE), "--run", "a", "--export", str(malformed)],
+                             ("--export", "malformed.csv is a file")),
         # Early stopping needs held-out text, and this WikiText folder holds only the test file.
         "patience without held-out": (["--plan", str(SMOKE), "--run", "a", "--eval", f"wikitext2:{test_only}",
                                        "--ft-patience", "2", "--ft-eval-every", "10"],

@@ -270,7 +270,7 @@ def _print_uris(rows: list[dict]) -> None:
         console.print(f"iteration {row['iteration']}: {row['uri']}", soft_wrap=True, highlight=False, markup=False)
 
 
-def _progressive_run(cfg: TierpruneConfig) -> None:
+def _progressive_run(cfg: TierpruneConfig, export: str | None = None) -> None:
     """Check everything cheap, then run the flow and print its table and what to do next."""
     from tierprune.tasks.run_state import NothingToDo, check_run_inputs
 
@@ -279,21 +279,28 @@ def _progressive_run(cfg: TierpruneConfig) -> None:
     except NothingToDo as exc:
         console.print(str(exc), highlight=False, soft_wrap=True)
         return
+    if export:  # before the run, not after hours of it
+        from tierprune.tasks.export import check_export_target
+
+        _check_output_folder(export, "--export")
+        check_export_target(export, cfg.model, flag="--export")
     if "://" not in cfg.run.store:
         Path(cfg.run.store).mkdir(parents=True, exist_ok=True)  # a local store folder is created on first use
-    rows = _run_flow(cfg)
+    rows = _run_flow(cfg, export)
     console.print(_rows_table(f"run {_run_location(cfg.run.store, cfg.run.name)}", rows))
+    if export:
+        console.print(f"exported iteration {rows[-1]['iteration']} to {export}", highlight=False, soft_wrap=True)
     _print_next_steps(cfg.run.store, cfg.run.name)
 
 
-def _run_flow(cfg) -> list[dict]:
+def _run_flow(cfg, export: str | None = None) -> list[dict]:
     """The progressive flow in this process, one progress line per step, a server that dies with us."""
     from tierprune import lifecycle, progress
     from tierprune.flows.progressive import progressive_from_config
 
     lifecycle.guard_flow_process()
     with _progress_bars() as update, progress.reporting(update):
-        return progressive_from_config(cfg)
+        return progressive_from_config(cfg, export)
 
 
 def _run_location(store: str, run: str) -> str:
@@ -306,7 +313,8 @@ def _run_location(store: str, run: str) -> str:
 def _print_next_steps(store: str, run: str) -> None:
     location = _run_location(store, run)
     for line in (f"run stored at {location}", "next:", f"  tierprune runs show {location}",
-                 f"  tierprune runs export {location} --output DIR"):
+                 f"  tierprune runs export {location} --output DIR",
+                 f"  tierprune convert {location} --output DIR"):
         console.print(line, soft_wrap=True, highlight=False, markup=False)
 
 
@@ -369,6 +377,8 @@ def run(
     lora_rank: int = typer.Option(16),
     lora_targets: str = typer.Option("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
                                      help="module-name suffixes LoRA adapts (comma list)"),
+    export: Optional[str] = typer.Option(None, help="once the plan is done, write its last iteration here as a "
+                                         "model folder plain transformers loads (as `runs export`)"),
 ) -> None:
     """Progressive three-tier pruning as a Prefect flow; rerun the same command to resume after a crash."""
     cfg = config_from_flags(
@@ -385,7 +395,7 @@ def run(
         obs_update=obs_update, lora_rank=lora_rank,
         lora_targets=lora_targets,
         zero_shot=zero_shot, zero_shot_limit=zero_shot_limit, zero_shot_include=zero_shot_include)
-    _progressive_run(cfg)
+    _progressive_run(cfg, export)
 
 
 @runs_app.command("list")

@@ -74,7 +74,8 @@ def resolve_model(name: str, gguf_file: str | None = None) -> tuple[str, str | N
     return name, gguf_file
 
 
-def refuse_model_folder_as_output(output: str | None, name: str, gguf_file: str | None = None) -> None:
+def refuse_model_folder_as_output(output: str | None, name: str, gguf_file: str | None = None,
+                                  flag: str = "--output") -> None:
     """Refuse (one line) an --output that is the local folder the model is loaded from: the pruned model's
     config.json and model.safetensors would replace the dense original there."""
     if not output or "://" in output or not Path(output).is_dir():
@@ -83,7 +84,7 @@ def refuse_model_folder_as_output(output: str | None, name: str, gguf_file: str 
     if gguf or not Path(directory).is_dir():
         return  # a GGUF's folder holds no model.safetensors of ours to lose; a hub id has no folder here
     if os.path.samefile(output, directory):
-        raise TierpruneError(f"--output {output} is the folder --model {name} is loaded from: writing there would "
+        raise TierpruneError(f"{flag} {output} is the folder --model {name} is loaded from: writing there would "
                              "replace the original model; give another folder")
 
 
@@ -92,7 +93,7 @@ DENSE_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pyto
 PACKED_LAYOUT_FILE = "hybrid.json"
 
 
-def refuse_other_model_in_folder(output: str | None, *, dense: bool, packed: bool) -> None:
+def refuse_other_model_in_folder(output: str | None, *, dense: bool, packed: bool, flag: str = "--output") -> None:
     """Refuse (one line) an --output folder holding a model of a kind this command does not rewrite.
 
     dense/packed: what the command writes (a dense model folder, a packed HybridLinear one, or both). Left in
@@ -105,12 +106,12 @@ def refuse_other_model_in_folder(output: str | None, *, dense: bool, packed: boo
         return
     folder = output.rstrip("/")
     if not packed and file_exists(f"{folder}/{PACKED_LAYOUT_FILE}"):
-        raise TierpruneError(f"--output {output} holds a packed model ({PACKED_LAYOUT_FILE}) that this command would "
+        raise TierpruneError(f"{flag} {output} holds a packed model ({PACKED_LAYOUT_FILE}) that this command would "
                              "not replace, and load_hybrid would still load it; give another folder")
     if not dense:
         stale = next((name for name in DENSE_WEIGHT_FILES if file_exists(f"{folder}/{name}")), None)
         if stale:
-            raise TierpruneError(f"--output {output} holds dense weights ({stale}) that a packed model would not "
+            raise TierpruneError(f"{flag} {output} holds dense weights ({stale}) that a packed model would not "
                                  "replace, and plain transformers would load them instead; give another folder, "
                                  "or add --dense to rewrite them")
 

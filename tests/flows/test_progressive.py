@@ -186,6 +186,38 @@ def test_lora_recovery_merges_into_exactly_the_tier_maps_sparsity(prefect_harnes
                        _checkpoint_tensors(store, 0)[0]["model.layers.0.mlp.down_proj.weight"])
 
 
+def test_export_writes_the_last_iteration_once_the_plan_is_done_and_a_bad_target_fails_first(
+        prefect_harness, tiny_llama_dir, data_dir, mem_root, tmp_path):
+    """The form's `export` (run --export): the folder `runs export` writes, after the plan; refused before it."""
+    from safetensors.torch import load_file
+
+    from tierprune.flows.progressive import progressive, progressive_from_config
+    from tierprune.tasks.export import export_run
+
+    cfg = _config(tiny_llama_dir, data_dir, mem_root, "exported", ft_method="none")
+    rows = progressive_from_config(cfg, export=str(tmp_path / "auto"))
+    store = RunStore(mem_root, "exported")
+    before = _markers(store)
+    export_run(store, str(tmp_path / "by-hand"))
+    for name in ("model.safetensors", "tier_maps.parquet", "masks.safetensors"):
+        assert (tmp_path / "auto" / name).read_bytes() == (tmp_path / "by-hand" / name).read_bytes(), name
+    weights, _ = _checkpoint_tensors(store, rows[-1]["iteration"])
+    assert torch.equal(load_file(tmp_path / "auto" / "model.safetensors")["model.layers.1.mlp.up_proj.weight"],
+                       weights["model.layers.1.mlp.up_proj.weight"])
+    # The same run again with another export folder: nothing is recomputed, the export is written.
+    progressive_from_config(cfg, export=str(tmp_path / "again"))
+    assert _markers(store) == before and (tmp_path / "again" / "model.safetensors").is_file()
+
+    flags = dict(plan=PLAN, store=mem_root, run="refused", model=str(tiny_llama_dir), calib=f"c4:{data_dir}/c4-subset",
+                 calib_samples=4, calib_seqlen=32, eval=f"wikitext2:{data_dir}/wikitext-2-raw", eval_seqlen=32,
+                 eval_max_windows=2, ft_method="none")
+    original = (tiny_llama_dir / "model.safetensors").read_bytes()
+    with pytest.raises(TierpruneError, match=r"^export .* is the folder --model .* is loaded from"):
+        progressive(**flags, export=str(tiny_llama_dir))
+    assert (tiny_llama_dir / "model.safetensors").read_bytes() == original
+    assert not RunStore(mem_root, "refused").exists()  # refused before the run began
+
+
 def test_fading_demotions_end_every_iteration_on_exactly_its_tier_map(prefect_harness, tiny_llama_dir, data_dir,
                                                                       mem_root):
     """--ft-fade 1: the demoted weights are still in the model until the last step; the checkpoints obey the masks."""
