@@ -121,17 +121,24 @@ def _dedup_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
+DTYPES = {"stored": None, "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
 def convert(source: str, output: str, iteration: int | None = None, *, topk: int | None = None,
-            dense: bool = False) -> dict:
+            dense: bool = False, dtype: str = "stored") -> dict:
     """Convert a run's iteration (`STORE/RUN`) or a `runs export` folder to a packed model folder at `output`.
 
     topk: weights per TopK block. A run knows its own; an export folder does not say it, so by default it is
     the most non-zeros of any TopK block there (the run's k, unless every such block kept fewer).
+    dtype: "stored" keeps the source's; e.g. bfloat16 packs a CPU run's fp32 weights at half the bytes, in the
+    dtype the GPU kernels run (a cast keeps every zero, so the tier maps still hold).
     Returns what was written, with the bytes of the packed linears and of the same linears dense.
     """
     source = source.rstrip("/")
     output = output.rstrip("/")
     refuse_other_model_in_folder(output, dense=dense, packed=True)  # before the model is loaded
+    if dtype not in DTYPES:
+        raise TierpruneError(f"--dtype {dtype}: use one of {', '.join(DTYPES)}")
     if topk is not None and not 0 <= topk <= max(_BLOCK_SIZES) ** 2:
         raise TierpruneError(f"--topk {topk}: weights kept per TopK block, 0..{max(_BLOCK_SIZES) ** 2}")
     if file_exists(f"{source}/tier_maps.parquet"):
@@ -164,6 +171,8 @@ def convert(source: str, output: str, iteration: int | None = None, *, topk: int
         raise TierpruneError(f"--topk {topk}: a {block_size}x{block_size} block holds {block_size ** 2} weights")
     if topk < 1:
         topk = 1  # topk 0 removed TopK blocks entirely; one zero slot per block keeps them packable
+    if DTYPES[dtype] is not None:
+        model.to(DTYPES[dtype])
     originals = {name: model.get_submodule(name) for name in maps}
     dense_bytes = sum(weight_view(m).numel() * weight_view(m).element_size() for m in originals.values())
     names = convert_model_(model, maps, block_size=block_size, topk=topk)  # refuses before anything is written

@@ -17,6 +17,8 @@ from torch import nn
 from tierprune.errors import TierpruneError
 from tierprune.storage.tables import file_exists
 
+from .convert import DTYPES
+
 __all__ = ["Generation", "load_for_generation", "generate_timed", "check_device"]
 
 WARMUP_TOKENS = 2
@@ -40,9 +42,6 @@ def check_device(device: str) -> None:
         raise TierpruneError(f"unknown device {device!r}: use cpu, cuda or cuda:N")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise TierpruneError(f"--device {device} asked for, but CUDA is not available here")
-
-
-DTYPES = {"stored": None, "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 def load_for_generation(folder: str, device: str, *, dense_twin: bool = False,

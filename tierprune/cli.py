@@ -559,12 +559,14 @@ def convert(source: str = typer.Argument(..., help="STORE/RUN, a folder written 
                                                           "folder, the most non-zeros of any TopK block; for a "
                                                           "folder without tier maps, 10]"),
             dense: bool = typer.Option(False, "--dense", help="also write model.safetensors (dense, zeros where "
-                                                              "pruned) so that plain transformers loads the folder")) -> None:
+                                                              "pruned) so that plain transformers loads the folder"),
+            dtype: str = typer.Option("stored", help="stored (the source's), bfloat16, float16 or float32: e.g. a CPU "
+                                                     "run's fp32 weights packed in bf16, as the GPU kernels run")) -> None:
     """Pack a pruned model's linears in the hybrid Dense / 2:4 / TopK format (HybridLinear layers)."""
     from tierprune.tasks.convert import convert as convert_model
 
     _check_output_folder(output)
-    done = convert_model(source, output, iteration, topk=topk, dense=dense)
+    done = convert_model(source, output, iteration, topk=topk, dense=dense, dtype=dtype)
     mib = 2 ** 20
     which = "" if done["iteration"] is None else f" (iteration {done['iteration']})"
     if done["tiers_from"] == "zeros":  # say what was inferred: a user may have expected another split

@@ -105,6 +105,27 @@ def test_dense_copy_loads_in_plain_transformers(tmp_path, pruned_llama_folder) -
     torch.testing.assert_close(_logits(load_hybrid(str(out)), _ids()), expected, rtol=0, atol=0)
 
 
+def test_dtype_packs_the_weights_cast_with_the_same_tier_maps(tmp_path) -> None:
+    """A CPU run's fp32 export packed in bf16: half the value bytes, every zero kept, packed = dense twin."""
+    model = make_tiny_llama(intermediate=120)  # fp32
+    folder = _export_folder(tmp_path / "export", model, prune_randomly_(model, seed=6))
+    stored = convert(str(folder), str(tmp_path / "fp32"))
+    cast = convert(str(folder), str(tmp_path / "bf16"), dtype="bfloat16")
+    assert stored["dtype"] == "float32" and cast["dtype"] == "bfloat16"
+    assert json.loads((tmp_path / "bf16" / "hybrid.json").read_text())["dtype"] == "bfloat16"
+    assert cast["dense_bytes"] * 2 == stored["dense_bytes"]
+    assert cast["packed_bytes"] < 0.6 * stored["packed_bytes"]  # values halve, the indices stay
+    blocks = lambda out: {n: m["blocks"] for n, m in json.loads((out / "hybrid.json").read_text())["modules"].items()}
+    assert blocks(tmp_path / "bf16") == blocks(tmp_path / "fp32")
+    hybrid = load_hybrid(str(tmp_path / "bf16"))
+    assert next(hybrid.parameters()).dtype == torch.bfloat16
+    torch.testing.assert_close(_logits(hybrid, _ids()), _logits(load_dense(str(tmp_path / "bf16")), _ids()),
+                               rtol=0, atol=0)
+    with pytest.raises(TierpruneError, match="--dtype half: use one of stored, bfloat16, float16, float32"):
+        convert(str(folder), str(tmp_path / "bad"), dtype="half")
+    assert not (tmp_path / "bad").exists()
+
+
 def test_gpt2_conv1d_folder(tmp_path) -> None:
     from transformers import GPT2Config, GPT2LMHeadModel
 
