@@ -17,6 +17,8 @@ Nothing is written when a weight breaks its tier map.
 """
 from __future__ import annotations
 
+import re
+
 import torch
 from torch import nn
 
@@ -94,9 +96,16 @@ def _load_export_folder(folder: str, topk: int | None) -> tuple[nn.Module, objec
 
 
 def _load_pruned_folder(folder: str, topk: int | None) -> tuple[nn.Module, object, dict[str, torch.Tensor], int, int]:
-    """(model, tokenizer, tier maps, block size, topk) of a model folder without tier maps (`prune --pattern 2:4`,
-    `block`, a checkpoint pruned elsewhere): each block gets the cheapest tier that holds its zeros exactly."""
-    loaded = load_folder_model(folder)
+    """(model, tokenizer, tier maps, block size, topk) of a model without tier maps (a `prune --pattern 2:4` or
+    `block` folder, a checkpoint pruned elsewhere, a hub id): each block gets the cheapest tier that holds its
+    zeros exactly."""
+    try:
+        loaded = load_folder_model(folder)
+    except TierpruneError as exc:
+        if file_exists(f"{folder}/config.json"):
+            raise
+        raise TierpruneError(f"{folder} is neither a run, a model folder, nor a model that --model loads: "
+                             f"{exc}") from None
     topk = DEFAULT_TOPK if topk is None else topk
     linears = named_linears(loaded.model)
     maps = {name: fitting_tier_map(weight_view(m), INFERRED_BLOCK_SIZE, topk) for name, m in linears.items()}
@@ -106,6 +115,19 @@ def _load_pruned_folder(folder: str, topk: int | None) -> tuple[nn.Module, objec
                              f"{INFERRED_BLOCK_SIZE} weight blocks is 2:4 or has at most {topk} non-zeros: "
                              "nothing to pack (is it a pruned model? `tierprune prune --output` writes one)")
     return loaded.model, loaded.tokenizer, maps, INFERRED_BLOCK_SIZE, topk
+
+
+def _names_a_model(source: str) -> bool:
+    """Whether source is what `--model` takes without a folder here: an alias, a .gguf file or a hub id."""
+    from pathlib import Path
+
+    from tierprune.models import ALIASES
+
+    if source in ALIASES or source.endswith(".gguf"):
+        return True
+    if "://" in source or source.startswith((".", "/", "~")) or Path(source).exists():
+        return False  # a path, here or remote: the folder checks say what is missing
+    return re.fullmatch(r"[\w.-]+/[\w.-]+", source) is not None  # owner/name
 
 
 def _dedup_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -147,7 +169,8 @@ def convert(source: str, output: str, iteration: int | None = None, *, topk: int
         model, tokenizer, maps, block_size, topk = _load_export_folder(source, topk)
         done_iteration = None
         tiers_from = "tier_maps.parquet"
-    elif not file_exists(f"{source}/manifest.json") and file_exists(f"{source}/config.json"):
+    elif not file_exists(f"{source}/manifest.json") and (file_exists(f"{source}/config.json")
+                                                          or _names_a_model(source)):
         if file_exists(f"{source}/{LAYOUT_FILE}"):
             raise TierpruneError(f"{source} is already a packed model folder ({LAYOUT_FILE}); load it with "
                                  "tierprune.tasks.convert.load_hybrid")

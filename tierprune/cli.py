@@ -551,8 +551,8 @@ def serve(
 
 @app.command()
 def convert(source: str = typer.Argument(..., help="STORE/RUN, a folder written by `tierprune runs export` or "
-                                                   "`prune --output`, or any pruned model folder (tiers then "
-                                                   "inferred from its zeros)"),
+                                                   "`prune --output`, or any pruned model: a folder or a --model "
+                                                   "name such as a hub id (tiers then inferred from its zeros)"),
             output: str = typer.Option(..., help="folder to write: config, tokenizer, hybrid.safetensors, hybrid.json"),
             iteration: Optional[int] = typer.Option(None, help="which finished iteration of a run [default: the last]"),
             topk: Optional[int] = typer.Option(None, help="weights per TopK block [default: the run's; for an export "

@@ -291,6 +291,20 @@ def test_an_unpruned_folder_has_nothing_to_pack_and_nothing_is_written(tmp_path)
     assert not (tmp_path / "out").exists()
 
 
+def test_a_model_name_is_loaded_as_model_takes_it(tmp_path, monkeypatch) -> None:
+    """What --model takes works as a source too (a hub id of a 2:4 checkpoint, say); the dense SmolLM2 behind
+    the alias has nothing to pack, and a hub id without the hub is one line."""
+    with pytest.raises(TierpruneError, match=r"^smollm2-135m has no tier_maps.parquet, .* nothing to pack"):
+        convert("smollm2-135m", str(tmp_path / "out"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(TierpruneError, match=r"^someorg/a-2of4-model is neither a run, a model folder, nor a model "
+                                             r"that --model loads: cannot load model"):
+        convert("someorg/a-2of4-model", str(tmp_path / "out"))
+    with pytest.raises(TierpruneError, match=r"neither a run \(STORE/RUN with a manifest.json\) nor a model folder"):
+        convert(str(tmp_path / "runs" / "typo"), str(tmp_path / "out"))  # a path: not looked up on the hub
+    assert not (tmp_path / "out").exists()
+
+
 def _cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TIERPRUNE_", "PREFECT_"))}
     env.update(COLUMNS="200", NO_COLOR="1", HF_HUB_OFFLINE="1", TIERPRUNE_CACHE=str(cwd / "cache"),
