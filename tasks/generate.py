@@ -7,7 +7,6 @@ the linears alone. One short warm-up generation comes first (kernel compiles, al
 """
 from __future__ import annotations
 
-import re
 import time
 from dataclasses import dataclass
 
@@ -19,7 +18,7 @@ from tierprune.storage.tables import file_exists
 
 from .convert import DTYPES
 
-__all__ = ["Generation", "load_for_generation", "generate_timed", "check_device"]
+__all__ = ["Generation", "load_for_generation", "generate_timed"]
 
 WARMUP_TOKENS = 2
 
@@ -34,14 +33,6 @@ class Generation:
     @property
     def tokens_per_s(self) -> float:
         return len(self.token_ids) / self.seconds if self.seconds > 0 else float("inf")
-
-
-def check_device(device: str) -> None:
-    """One line for a device this machine cannot use."""
-    if not (device == "cpu" or re.fullmatch(r"cuda(:\d+)?", device)):
-        raise TierpruneError(f"unknown device {device!r}: use cpu, cuda or cuda:N")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise TierpruneError(f"--device {device} asked for, but CUDA is not available here")
 
 
 def load_for_generation(folder: str, device: str, *, dense_twin: bool = False,

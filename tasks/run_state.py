@@ -20,7 +20,7 @@ from torch import nn
 
 from tierprune.config import TierpruneConfig
 from tierprune.errors import TierpruneError
-from tierprune.models import LoadedModel, check_window_lengths, load_model, model_identity
+from tierprune.models import LoadedModel, check_window_lengths, load_model, model_identity, require_device
 from tierprune.plan import Plan, load_plan, plan_fingerprint
 from tierprune.storage.checkpoints import checkpoint_blobs, load_checkpoint, save_checkpoint
 from tierprune.storage.runstore import RunStore
@@ -324,8 +324,7 @@ def check_run_inputs(cfg: TierpruneConfig) -> None:
     if run is None:
         raise TierpruneError("a progressive run needs --plan, --store and --run")
     plan = load_plan(run.plan)
-    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        raise TierpruneError(f"--device {cfg.device} asked for, but CUDA is not available here")
+    require_device(cfg.device)
     check_data_spec(cfg.calibration.data, "--calib")
     if cfg.eval.data:
         check_data_spec(cfg.eval.data, "--eval")

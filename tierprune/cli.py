@@ -131,11 +131,9 @@ def _check_output_folder(output: str, flag: str = "--output", named: str | None 
 def _run(cfg: TierpruneConfig, output: str | None, json_path: str | None) -> dict:
     from tierprune.tasks.oneshot import run_oneshot  # heavy imports (transformers) only when needed
 
-    if cfg.device.startswith("cuda"):
-        import torch
+    from tierprune.models import require_device
 
-        if not torch.cuda.is_available():
-            raise TierpruneError(f"--device {cfg.device} asked for, but CUDA is not available here")
+    require_device(cfg.device)
     if json_path and "://" in json_path:  # an fsspec URL: pathlib would collapse s3:// into a local folder s3:
         _check_output_folder(json_path.rsplit("/", 1)[0], "--json", json_path)
     elif json_path:
@@ -594,9 +592,10 @@ def generate(folder: str = typer.Argument(..., help="a folder from `tierprune co
                                                      "the same prompt: tokens/s side by side, and whether the "
                                                      "tokens agree")) -> None:
     """Continue a prompt with a model folder and time it: how fast a packed model decodes on this machine."""
-    from tierprune.tasks.generate import check_device, generate_timed, load_for_generation
+    from tierprune.models import require_device
+    from tierprune.tasks.generate import generate_timed, load_for_generation
 
-    check_device(device)
+    require_device(device)
     runs = []
     for twin in ([False, True] if compare_dense else [False]):
         model, tokenizer, kind = load_for_generation(folder, device, dense_twin=twin, dtype=dtype)

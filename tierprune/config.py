@@ -8,6 +8,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .errors import TierpruneError
 
+DEVICE_NAME = re.compile(r"cpu|cuda(:\d+)?")  # what --device takes
+
 __all__ = [
     "ModelConfig",
     "CalibrationConfig",
@@ -217,7 +219,7 @@ class TierpruneConfig(_Frozen):
     @field_validator("device")
     @classmethod
     def _device(cls, v: str) -> str:
-        if not (v == "cpu" or v == "cuda" or re.match(r"^cuda:\d+$", v)):
+        if not DEVICE_NAME.fullmatch(v):
             raise ValueError(f"unknown device {v!r}: use cpu, cuda or cuda:N")
         return v
 

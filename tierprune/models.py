@@ -40,6 +40,16 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def require_device(device: str) -> None:
+    """One line for a --device this machine cannot use: an unknown name, or CUDA where there is none."""
+    from .config import DEVICE_NAME
+
+    if not DEVICE_NAME.fullmatch(device):
+        raise TierpruneError(f"unknown device {device!r}: use cpu, cuda or cuda:N")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise TierpruneError(f"--device {device} asked for, but CUDA is not available here")
+
+
 def resolve_dtype(dtype: str, device: str) -> torch.dtype:
     """`auto` is bf16 on CUDA (tensor cores) and fp32 on CPU (bf16 matmuls are slow there)."""
     names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,

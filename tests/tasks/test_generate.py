@@ -11,7 +11,8 @@ import torch
 
 from tierprune.errors import TierpruneError
 from tierprune.tasks.convert import convert
-from tierprune.tasks.generate import check_device, generate_timed, load_for_generation
+from tierprune.models import require_device
+from tierprune.tasks.generate import generate_timed, load_for_generation
 
 from ..conftest import make_tiny_llama, make_tiny_tokenizer
 from ..test_hybrid_linear import prune_randomly_
@@ -88,10 +89,10 @@ def test_bad_folders_and_devices_are_one_line(folders, tmp_path) -> None:
                                              r"`tierprune convert .*run --output DIR`"):
         load_for_generation(str(tmp_path / "run"), "cpu")
     with pytest.raises(TierpruneError, match="unknown device 'gpu'"):
-        check_device("gpu")
+        require_device("gpu")
     if not torch.cuda.is_available():
         with pytest.raises(TierpruneError, match="CUDA is not available here"):
-            check_device("cuda:0")
+            require_device("cuda:0")
 
 
 def test_cli_prints_the_continuation_and_the_ratio(folders, tmp_path) -> None:
