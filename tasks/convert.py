@@ -18,6 +18,7 @@ Nothing is written when a weight breaks its tier map.
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -26,7 +27,7 @@ from tierprune.adapters import weight_view
 from tierprune.errors import TierpruneError
 from tierprune.hybrid_linear import HybridLinear, convert_model_, dense_state_dict, prepare_hybrid_
 from tierprune.kernels.tiers import DENSE, TOPK, fitting_tier_map, tier_counts, tier_violations
-from tierprune.models import PACKED_LAYOUT_FILE, load_model, refuse_other_model_in_folder
+from tierprune.models import ALIASES, PACKED_LAYOUT_FILE, load_model, refuse_other_model_in_folder, resolve_dtype
 from tierprune.storage.checkpoints import save_pretrained_dir
 from tierprune.storage.tables import file_exists, load_file, save_file
 
@@ -35,7 +36,7 @@ from .prune import named_linears
 from .runs import split_run_uri
 from .tier_tables import tier_maps_from_table
 
-__all__ = ["HYBRID_FORMAT", "convert", "load_hybrid", "load_dense", "load_folder_model"]
+__all__ = ["HYBRID_FORMAT", "convert", "load_hybrid", "load_dense", "load_folder_model", "target_dtype"]
 
 HYBRID_FORMAT = "tierprune-hybrid/1"
 PACKED_FILE, LAYOUT_FILE = "hybrid.safetensors", PACKED_LAYOUT_FILE  # LAYOUT_FILE: what marks a packed folder
@@ -119,10 +120,6 @@ def _load_pruned_folder(folder: str, topk: int | None) -> tuple[nn.Module, objec
 
 def _names_a_model(source: str) -> bool:
     """Whether source is what `--model` takes without a folder here: an alias, a .gguf file or a hub id."""
-    from pathlib import Path
-
-    from tierprune.models import ALIASES
-
     if source in ALIASES or source.endswith(".gguf"):
         return True
     if "://" in source or source.startswith((".", "/", "~")) or Path(source).exists():
@@ -143,7 +140,16 @@ def _dedup_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-DTYPES = {"stored": None, "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+def target_dtype(name: str) -> torch.dtype | None:
+    """The dtype a `--dtype` of convert or generate asks for: None for "stored" (the source's own)."""
+    if name == "stored":
+        return None
+    if name != "auto":
+        try:
+            return resolve_dtype(name, "cpu")
+        except TierpruneError:
+            pass
+    raise TierpruneError(f"--dtype {name}: use stored, bfloat16, float16 or float32")
 
 
 def convert(source: str, output: str, iteration: int | None = None, *, topk: int | None = None,
@@ -159,8 +165,7 @@ def convert(source: str, output: str, iteration: int | None = None, *, topk: int
     source = source.rstrip("/")
     output = output.rstrip("/")
     refuse_other_model_in_folder(output, dense=dense, packed=True)  # before the model is loaded
-    if dtype not in DTYPES:
-        raise TierpruneError(f"--dtype {dtype}: use one of {', '.join(DTYPES)}")
+    cast_to = target_dtype(dtype)
     if topk is not None and not 0 <= topk <= max(_BLOCK_SIZES) ** 2:
         raise TierpruneError(f"--topk {topk}: weights kept per TopK block, 0..{max(_BLOCK_SIZES) ** 2}")
     if file_exists(f"{source}/tier_maps.parquet"):
@@ -194,8 +199,8 @@ def convert(source: str, output: str, iteration: int | None = None, *, topk: int
         raise TierpruneError(f"--topk {topk}: a {block_size}x{block_size} block holds {block_size ** 2} weights")
     if topk < 1:
         topk = 1  # topk 0 removed TopK blocks entirely; one zero slot per block keeps them packable
-    if DTYPES[dtype] is not None:
-        model.to(DTYPES[dtype])
+    if cast_to is not None:
+        model.to(cast_to)
     originals = {name: model.get_submodule(name) for name in maps}
     dense_bytes = sum(weight_view(m).numel() * weight_view(m).element_size() for m in originals.values())
     names = convert_model_(model, maps, block_size=block_size, topk=topk)  # refuses before anything is written

@@ -16,7 +16,7 @@ from torch import nn
 from tierprune.errors import TierpruneError
 from tierprune.storage.tables import file_exists
 
-from .convert import DTYPES
+from .convert import target_dtype
 
 __all__ = ["Generation", "load_for_generation", "generate_timed"]
 
@@ -42,10 +42,9 @@ def load_for_generation(folder: str, device: str, *, dense_twin: bool = False,
     dtype: "stored" keeps the folder's dtype; a CPU run's fp32 folder cast to bfloat16 on a GPU takes the
     kernels' path (they run bf16/fp16; fp32 goes through unpack + cuBLAS).
     """
-    if dtype not in DTYPES:
-        raise TierpruneError(f"--dtype {dtype}: use one of {', '.join(DTYPES)}")
+    cast_to = target_dtype(dtype)  # a bad name fails before the model loads
     model, tokenizer, kind = _load(folder, device, dense_twin)
-    return (model if DTYPES[dtype] is None else model.to(DTYPES[dtype])), tokenizer, kind
+    return (model if cast_to is None else model.to(cast_to)), tokenizer, kind
 
 
 def _load(folder: str, device: str, dense_twin: bool) -> tuple[nn.Module, object, str]:

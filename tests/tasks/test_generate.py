@@ -57,7 +57,7 @@ def test_dtype_casts_the_packed_values_and_keeps_the_tokens_of_the_twin(folders)
     layer = next(m for m in packed_model.modules() if isinstance(m, HybridLinear))
     assert layer.dense_values.dtype == torch.bfloat16 and layer.nm_meta.dtype == torch.uint8  # indices untouched
     assert runs[0].token_ids == runs[1].token_ids
-    with pytest.raises(TierpruneError, match="--dtype half: use one of stored, bfloat16, float16, float32"):
+    with pytest.raises(TierpruneError, match="--dtype half: use stored, bfloat16, float16 or float32"):
         load_for_generation(str(packed), "cpu", dtype="half")
 
 
