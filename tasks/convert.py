@@ -26,13 +26,13 @@ from torch import nn
 from tierprune.adapters import weight_view
 from tierprune.errors import TierpruneError
 from tierprune.hybrid_linear import HybridLinear, convert_model_, dense_state_dict, prepare_hybrid_
-from tierprune.kernels.tiers import DENSE, TOPK, fitting_tier_map, tier_counts, tier_violations
+from tierprune.kernels.tiers import DENSE, TOPK, tier_counts, tier_violations
 from tierprune.models import ALIASES, PACKED_LAYOUT_FILE, load_model, refuse_other_model_in_folder, resolve_dtype
 from tierprune.storage.checkpoints import save_pretrained_dir
 from tierprune.storage.tables import file_exists, load_file, save_file
 
 from .export import load_iteration
-from .prune import named_linears
+from .prune import named_linears, tier_maps_from_zeros
 from .runs import split_run_uri
 from .tier_tables import tier_maps_from_table
 
@@ -108,10 +108,9 @@ def _load_pruned_folder(folder: str, topk: int | None) -> tuple[nn.Module, objec
         raise TierpruneError(f"{folder} is neither a run, a model folder, nor a model that --model loads: "
                              f"{exc}") from None
     topk = DEFAULT_TOPK if topk is None else topk
-    linears = named_linears(loaded.model)
-    maps = {name: fitting_tier_map(weight_view(m), INFERRED_BLOCK_SIZE, topk) for name, m in linears.items()}
+    maps = tier_maps_from_zeros(loaded.model, INFERRED_BLOCK_SIZE, topk)
     counts = sum(tier_counts(t) for t in maps.values())
-    if not linears or int(counts[DENSE]) == int(counts.sum()):
+    if not maps or int(counts[DENSE]) == int(counts.sum()):
         raise TierpruneError(f"{folder} has no tier_maps.parquet, and none of its {INFERRED_BLOCK_SIZE}x"
                              f"{INFERRED_BLOCK_SIZE} weight blocks is 2:4 or has at most {topk} non-zeros: "
                              "nothing to pack (is it a pruned model? `tierprune prune --output` writes one)")
@@ -293,8 +292,11 @@ def load_hybrid(directory: str, device: str | torch.device = "cpu") -> nn.Module
     return _load_into(model, state).to(device)
 
 
-def load_dense(directory: str, device: str | torch.device = "cpu") -> nn.Module:
-    """A plain transformers model (nn.Linear / Conv1D, zeros where pruned) from a folder that `convert` wrote."""
+def load_dense(directory: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> nn.Module:
+    """A plain transformers model (nn.Linear / Conv1D, zeros where pruned) from a folder that `convert` wrote,
+    in `dtype` (default: the packed one)."""
     config, layout, state = _read_folder(directory)
-    model = _empty_model(config, getattr(torch, layout["dtype"]))
+    # Built in the dtype and loaded into (a cast of the values alone): model.to(dtype) would also cast buffers
+    # that transformers keeps in fp32, such as the rotary frequencies.
+    model = _empty_model(config, dtype or getattr(torch, layout["dtype"]))
     return _load_into(model, dense_state_dict(state)).to(device)

@@ -19,7 +19,7 @@ from tierprune.storage.tables import save_table
 from .calibration import sample_calibration
 from .evaluate import eval_token_ids, perplexity, sparsity_report
 from .placement import placed_for_inference
-from .prune import check_shapes, prune_model_
+from .prune import check_shapes, prune_model_, tier_maps_from_zeros
 from .tier_tables import tier_table
 from .zeroshot import load_zero_shot_tasks, zero_shot_accuracy
 
@@ -74,9 +74,8 @@ def run_oneshot(cfg: TierpruneConfig, output: str | None = None, progress: Progr
                           compile=c.compile, on_progress=tick("prune"))
     prune_seconds = time.perf_counter() - t0
 
-    report = sparsity_report(model, result.tier_maps)
-    if not result.tier_maps and p.method != "none" and p.pattern == "2:4":
-        report["tiers"] = {"dense": 0.0, "2:4": 1.0, "topk": 0.0}
+    # Patterns without tier maps (and a pruned --model with --method none) report the tiers their zeros fit.
+    report = sparsity_report(model, result.tier_maps or tier_maps_from_zeros(model, p.block_size, p.topk))
     record = {
         "model": loaded.source,
         "method": p.method, "pattern": p.pattern,

@@ -21,6 +21,7 @@ from tierprune.kernels.tiers import (
     demote_tiers,
     demote_tiers_global,
     dense_tier_map,
+    fitting_tier_map,
     target_counts,
     tier_keep_mask,
 )
@@ -40,6 +41,12 @@ def named_linears(model: nn.Module) -> dict[str, nn.Module]:
     layers = decoder_layers(model)
     prefix = layers_prefix(model)
     return {f"{prefix}.{i}.{n}": m for i, layer in enumerate(layers) for n, m in prunable_linears(layer).items()}
+
+
+def tier_maps_from_zeros(model: nn.Module, block_size: int, topk: int) -> dict[str, torch.Tensor]:
+    """Each linear's blocks in the cheapest tier that holds their zeros, for a model pruned without tier maps
+    (N:M, block, unstructured, or elsewhere): what `convert` packs it as, and what the reports call its tiers."""
+    return {name: fitting_tier_map(weight_view(m), block_size, topk) for name, m in named_linears(model).items()}
 
 
 def check_shapes(model: nn.Module, cfg: PruneConfig) -> None:

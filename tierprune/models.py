@@ -103,6 +103,12 @@ DENSE_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pyto
 PACKED_LAYOUT_FILE = "hybrid.json"
 
 
+def is_packed_folder(directory: str) -> bool:
+    """A local folder that `convert` wrote without --dense: a packed layout and no dense weights beside it."""
+    folder = Path(directory)
+    return (folder / PACKED_LAYOUT_FILE).is_file() and not any((folder / n).is_file() for n in DENSE_WEIGHT_FILES)
+
+
 def refuse_other_model_in_folder(output: str | None, *, dense: bool, packed: bool, flag: str = "--output") -> None:
     """Refuse (one line) an --output folder holding a model of a kind this command does not rewrite.
 
@@ -233,7 +239,14 @@ def load_model(name: str, gguf_file: str | None = None, dtype: str = "auto", dev
             config = AutoConfig.from_pretrained(directory)
             adapter_for(SimpleNamespace(config=config))  # refuse an unsupported architecture before loading weights
             tokenizer = AutoTokenizer.from_pretrained(directory)
-            model = AutoModelForCausalLM.from_pretrained(directory, config=config, dtype=torch_dtype)
+            if is_packed_folder(directory):
+                from .tasks.convert import load_dense
+
+                # Its dense twin (zeros where pruned) has the packed model's logits, and every step here
+                # (calibration, pruning, evaluation) works on plain nn.Linear weights.
+                model = load_dense(directory, dtype=torch_dtype)
+            else:
+                model = AutoModelForCausalLM.from_pretrained(directory, config=config, dtype=torch_dtype)
     except TierpruneError:
         raise
     except (OSError, ValueError, KeyError) as exc:

@@ -274,6 +274,32 @@ def test_a_folder_without_tier_maps_converts_with_tiers_from_its_zeros(tmp_path)
     assert not (tmp_path / "again").exists()
 
 
+def test_a_packed_folder_is_a_model_that_prune_and_evaluation_take(tmp_path, pruned_llama_folder) -> None:
+    """`prune --model PACKED --method none` evaluates a converted model: it loads as its dense twin (the same
+    logits, plain nn.Linear for calibration and pruning) and reports the tiers it was packed in."""
+    from tierprune.config import config_from_flags
+    from tierprune.models import is_packed_folder, load_model
+    from tierprune.tasks.oneshot import run_oneshot
+
+    folder, expected = pruned_llama_folder
+    out = tmp_path / "hybrid"
+    done = convert(str(folder), str(out))
+    assert is_packed_folder(str(out)) and not is_packed_folder(str(folder))
+    loaded = load_model(str(out), dtype="bfloat16")
+    assert all(isinstance(m, nn.Linear) for m in named_linears(loaded.model).values())
+    torch.testing.assert_close(_logits(loaded.model, _ids()), expected, rtol=0, atol=0)
+    assert loaded.tokenizer("the fox").input_ids
+
+    record = run_oneshot(config_from_flags(model=str(out), method="none", eval="none", dtype="bfloat16"))
+    assert record["tiers"] == pytest.approx(dict(zip(("dense", "2:4", "topk"), done["tiers"])), abs=1e-4)
+    assert record["tiers"]["topk"] > 0 and record["sparsity"] > 0.3
+    # With --dense the folder holds plain weights too; those load (and say the same).
+    convert(str(folder), str(tmp_path / "both"), dense=True)
+    assert not is_packed_folder(str(tmp_path / "both"))
+    torch.testing.assert_close(_logits(load_model(str(tmp_path / "both"), dtype="bfloat16").model, _ids()),
+                               expected, rtol=0, atol=0)
+
+
 def test_an_unpruned_folder_has_nothing_to_pack_and_nothing_is_written(tmp_path) -> None:
     model = make_tiny_llama(dtype=torch.bfloat16)
     folder = _pruned_folder(tmp_path / "dense", model)
