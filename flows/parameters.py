@@ -47,7 +47,8 @@ ResumeFrom = Annotated[str | None, Field(description="Start after a finished ite
                                                      "STORE/RUN/iter-00K (its tier map and checkpoint)")]
 Export = Annotated[str | None, Field(description="Once the plan is done, write its last iteration as a model "
                                                  "folder plain transformers loads (as `tierprune runs export`): a "
-                                                 "folder or URL on the machine that runs the flow")]
+                                                 "folder or URL on the machine that runs the flow; {run} "
+                                                 "becomes the run's name (a folder per scheduled run)")]
 
 # ---- the model and the pruning -----------------------------------------------------------------------------
 Model = Annotated[str, Field(description="Hub id, local directory, .gguf file, or the alias smollm2-135m")]

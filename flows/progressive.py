@@ -146,7 +146,7 @@ def progressive(
     finished iteration of another one.
     """
     flags = dict(locals())  # exactly the parameters above (first statement): the flags of `tierprune run`
-    from tierprune.tasks.export import check_export_target
+    from tierprune.tasks.export import check_export_target, export_path
     from tierprune.tasks.run_state import NothingToDo, check_run_inputs
 
     export = flags.pop("export")
@@ -158,6 +158,7 @@ def progressive(
         get_run_logger().info("%s", exc)
         return []
     if export:
+        export = export_path(export, cfg.run.name, flag="export")
         check_export_target(export, cfg.model, flag="export")  # now, not after hours of training
     with device_slot(cfg.device):
         return run_progressive(cfg, export)

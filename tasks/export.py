@@ -7,6 +7,7 @@ the tier map: at most 2 non-zeros in every group of 4 of a 2:4 block, at most k 
 """
 from __future__ import annotations
 
+import string
 from dataclasses import dataclass
 
 import pandas as pd
@@ -31,7 +32,7 @@ from .run_state import model_tensors
 from .runs import run_summary
 from .tier_tables import tier_maps_from_table
 
-__all__ = ["LoadedIteration", "load_iteration", "export_run"]
+__all__ = ["LoadedIteration", "load_iteration", "export_run", "export_path", "check_export_target"]
 
 
 @dataclass
@@ -86,6 +87,19 @@ def load_iteration(store: RunStore, iteration: int | None = None) -> LoadedItera
                                  "over their budget): the run's masks are damaged")
     return LoadedIteration(loaded.model, loaded.tokenizer, tier_table, masks_bytes, row, dtype,
                            prune.block_size, prune.topk)
+
+
+def export_path(template: str, run: str, flag: str = "--export") -> str:
+    """The export folder of run `run`: `{run}` in the path becomes the run's name, so that a scheduled deployment's
+    nightly runs (`{flow}-{deployment}-{date}`) each keep their own model instead of overwriting one folder."""
+    try:
+        fields = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
+    except ValueError as exc:
+        raise TierpruneError(f"{flag} {template}: {exc}") from None
+    if fields - {"run"}:
+        raise TierpruneError(f"{flag} {template}: unknown field(s) {', '.join(sorted(fields - {'run'}))}; "
+                             "use {run} (the run's name)")
+    return template.format(run=run)
 
 
 def check_export_target(output: str, model: ModelConfig, flag: str = "--output") -> None:

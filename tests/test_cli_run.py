@@ -81,6 +81,8 @@ def test_bad_run_inputs(tmp_path, tiny_llama_dir, data_dir):
                                   ("--export", "is the folder --model", "is loaded from")),
         "export to a file": (["--plan", str(SMOKE), "--run", "a", "--export", str(malformed)],
                              ("--export", "malformed.csv is a file")),
+        "export field": (["--plan", str(SMOKE), "--run", "a", "--export", str(tmp_path / "models" / "{name}")],
+                         ("--export", "unknown field(s) name; use {run}")),
         # Early stopping needs held-out text, and this WikiText folder holds only the test file.
         "patience without held-out": (["--plan", str(SMOKE), "--run", "a", "--eval", f"wikitext2:{test_only}",
                                        "--ft-patience", "2", "--ft-eval-every", "10"],

@@ -278,8 +278,9 @@ def _progressive_run(cfg: TierpruneConfig, export: str | None = None) -> None:
         console.print(str(exc), highlight=False, soft_wrap=True)
         return
     if export:  # before the run, not after hours of it
-        from tierprune.tasks.export import check_export_target
+        from tierprune.tasks.export import check_export_target, export_path
 
+        export = export_path(export, cfg.run.name)
         _check_output_folder(export, "--export")
         check_export_target(export, cfg.model, flag="--export")
     if "://" not in cfg.run.store:
@@ -376,7 +377,7 @@ def run(
     lora_targets: str = typer.Option("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
                                      help="module-name suffixes LoRA adapts (comma list)"),
     export: Optional[str] = typer.Option(None, help="once the plan is done, write its last iteration here as a "
-                                         "model folder plain transformers loads (as `runs export`)"),
+                                         "model folder plain transformers loads (as `runs export`); {run} becomes the run's name"),
 ) -> None:
     """Progressive three-tier pruning as a Prefect flow; rerun the same command to resume after a crash."""
     cfg = config_from_flags(

@@ -194,7 +194,10 @@ def test_export_writes_the_last_iteration_once_the_plan_is_done_and_a_bad_target
     from tierprune.flows.progressive import progressive, progressive_from_config
     from tierprune.tasks.export import export_run
 
-    cfg = _config(tiny_llama_dir, data_dir, mem_root, "exported", ft_method="none")
+    flags = dict(plan=PLAN, store=mem_root, model=str(tiny_llama_dir), calib=f"c4:{data_dir}/c4-subset",
+                 calib_samples=4, calib_seqlen=32, eval=f"wikitext2:{data_dir}/wikitext-2-raw", eval_seqlen=32,
+                 eval_max_windows=2, ft_method="none")
+    cfg = config_from_flags(**flags, run="exported")
     rows = progressive_from_config(cfg, export=str(tmp_path / "auto"))
     store = RunStore(mem_root, "exported")
     before = _markers(store)
@@ -204,16 +207,17 @@ def test_export_writes_the_last_iteration_once_the_plan_is_done_and_a_bad_target
     weights, _ = _checkpoint_tensors(store, rows[-1]["iteration"])
     assert torch.equal(load_file(tmp_path / "auto" / "model.safetensors")["model.layers.1.mlp.up_proj.weight"],
                        weights["model.layers.1.mlp.up_proj.weight"])
-    # The same run again with another export folder: nothing is recomputed, the export is written.
-    progressive_from_config(cfg, export=str(tmp_path / "again"))
-    assert _markers(store) == before and (tmp_path / "again" / "model.safetensors").is_file()
+    # The same run again with another export folder: nothing is recomputed, the export is written; {run} in
+    # the path is the run's name (what gives each night of a scheduled deployment its own folder).
+    progressive(**flags, run="exported", export=str(tmp_path / "again-{run}"))
+    assert _markers(store) == before and (tmp_path / "again-exported" / "model.safetensors").is_file()
 
-    flags = dict(plan=PLAN, store=mem_root, run="refused", model=str(tiny_llama_dir), calib=f"c4:{data_dir}/c4-subset",
-                 calib_samples=4, calib_seqlen=32, eval=f"wikitext2:{data_dir}/wikitext-2-raw", eval_seqlen=32,
-                 eval_max_windows=2, ft_method="none")
+    flags["run"] = "refused"
     original = (tiny_llama_dir / "model.safetensors").read_bytes()
     with pytest.raises(TierpruneError, match=r"^export .* is the folder --model .* is loaded from"):
         progressive(**flags, export=str(tiny_llama_dir))
+    with pytest.raises(TierpruneError, match=r"^export .*/\{date\}: unknown field\(s\) date; use \{run\}"):
+        progressive(**flags, export=str(tmp_path / "{date}"))
     assert (tiny_llama_dir / "model.safetensors").read_bytes() == original
     assert not RunStore(mem_root, "refused").exists()  # refused before the run began
 
