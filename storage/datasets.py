@@ -60,14 +60,26 @@ def held_out_split(spec: str | None) -> Split | None:
     return "validation" if fs.isfile(posixpath.join(root, _WIKITEXT_FILES["validation"])) else None
 
 
-def check_data_spec(spec: str, flag: str = "data") -> None:
-    """Refuse, in milliseconds, a spec of an unknown form or whose local path or glob finds nothing (no data read)."""
+def check_data_spec(spec: str, flag: str = "data", split: Split = "train") -> None:
+    """Refuse, in milliseconds, a spec of an unknown form or whose local path or glob finds nothing (no data read);
+    a hub spec without the hub, in seconds, unless `split` is in the local cache."""
     kind, sep, path = spec.partition(":")
     if kind not in ("wikitext2", "c4", "text", "pydoc") or (sep and not path) or (kind == "pydoc" and sep) or (
             kind == "text" and not path):
         raise TierpruneError(f"{flag}: unknown data spec {spec!r}; accepted forms: {SPEC_FORMS}")
+    if kind in ("wikitext2", "c4") and not path:
+        from .hub import hub_or_offline
+
+        if not hub_or_offline():
+            # Offline only the local cache can answer, and it answers now: found, the step reads it again in
+            # seconds; not found, the run is refused before it exists, not after its first steps are committed.
+            try:
+                load_texts(spec, split)
+            except TierpruneError as exc:
+                raise TierpruneError(f"{flag}: {exc}") from None
+        return
     if not path:
-        return  # the hub: reached when the step runs
+        return
     fs, root = url_to_fs(path)
     if kind == "text":
         if not fs.glob(root):

@@ -318,7 +318,7 @@ def check_run_inputs(cfg: TierpruneConfig) -> None:
 
     Raises TierpruneError (one line) for bad input, NothingToDo when the plan has no iteration left.
     """
-    from tierprune.storage.datasets import check_data_spec
+    from tierprune.storage.datasets import check_data_spec, evaluation_split
 
     run = cfg.run
     if run is None:
@@ -327,7 +327,7 @@ def check_run_inputs(cfg: TierpruneConfig) -> None:
     require_device(cfg.device)
     check_data_spec(cfg.calibration.data, "--calib")
     if cfg.eval.data:
-        check_data_spec(cfg.eval.data, "--eval")
+        check_data_spec(cfg.eval.data, "--eval", evaluation_split(cfg.eval.data))
     if cfg.eval.zero_shot:
         from .zeroshot import check_zero_shot_tasks
 

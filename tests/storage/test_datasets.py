@@ -181,6 +181,27 @@ def test_hub_forms_fail_clearly_offline(hub_offline: None, spec: str, split: str
         load_texts(spec, split)  # type: ignore[arg-type]
 
 
+def test_a_hub_spec_without_the_hub_is_refused_before_a_run_exists(hub_offline: None, tmp_path: Path,
+                                                                  data_dir: Path) -> None:
+    """`run` with the default hub data on a machine without the hub: one line before the run is created. It used to
+    commit the start step and fail at the first evaluation, leaving a run the corrected command called other."""
+    from tierprune.config import config_from_flags
+    from tierprune.storage.datasets import check_data_spec
+    from tierprune.tasks.run_state import check_run_inputs
+
+    with pytest.raises(TierpruneError, match=r"^--eval: could not load hub dataset 'Salesforce/wikitext' for "
+                                             r"'wikitext2' \(the Hugging Face hub is unreachable"):
+        check_data_spec("wikitext2", "--eval", "test")
+    check_data_spec(f"c4:{data_dir}/c4-subset", "--calib")  # local: no hub needed
+    store = tmp_path / "store"
+    local = {"calib": f"c4:{data_dir}/c4-subset", "eval": f"wikitext2:{data_dir}/wikitext-2-raw"}
+    for flag, spec in (("calib", "c4"), ("eval", "wikitext2")):
+        cfg = config_from_flags(**{**local, flag: spec}, plan="smoke", store=str(store), run="r", ft_method="none")
+        with pytest.raises(TierpruneError, match=rf"^--{flag}: could not load hub dataset .*use {spec}:PATH"):
+            check_run_inputs(cfg)
+    assert not store.exists()
+
+
 def test_an_unreachable_hub_fails_at_once_and_leaves_the_process_offline(monkeypatch, tmp_path: Path) -> None:
     """No hub: one two-second probe, then offline mode (a cached dataset would still load), not ~25 s of retries."""
     datasets = pytest.importorskip("datasets")
