@@ -70,6 +70,10 @@ def deployments(tz: str | None = None, at: str = OVERNIGHT_AT, store: str = "run
     from tierprune.flows.oneshot import evaluate, oneshot
     from tierprune.flows.progressive import progressive
 
+    from tierprune.tasks.export import export_path
+
+    if (overnight or {}).get("export"):
+        export_path(overnight["export"], "check", flag="--overnight-export")  # a bad field now, not at 22:00
     tz = tz or local_timezone()
     if not _valid_timezone(tz):
         raise TierpruneError(f"--tz {tz!r} is not an IANA time zone (e.g. Europe/Berlin, America/New_York, UTC)")

@@ -530,6 +530,8 @@ def serve(
     at: str = typer.Option("22:00", help="time of day of the overnight run, HH:MM"),
     store: str = typer.Option("runs", help="the run store the progressive forms propose (on this machine)"),
     overnight_plan: str = typer.Option("smoke", help="the overnight run's plan (a shipped plan's name, a path or URL)"),
+    overnight_export: Optional[str] = typer.Option(None, help="where each night's run writes its model folder; "
+                                                   "{run} becomes the run's name, e.g. models/{run}"),
     limit: Optional[int] = typer.Option(None, help="flow runs at most at once [default: no limit; GPUs are "
                                                    "shared one run at a time anyway]"),
 ) -> None:
@@ -544,7 +546,8 @@ def serve(
 
     from tierprune.schedules.deployments import deployments
 
-    served = deployments(tz=tz, at=at, store=store, overnight={"plan": overnight_plan})
+    overnight = {"plan": overnight_plan, **({"export": overnight_export} if overnight_export else {})}
+    served = deployments(tz=tz, at=at, store=store, overnight=overnight)
     prefect_serve(*served, limit=limit)
 
 

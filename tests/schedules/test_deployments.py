@@ -60,6 +60,11 @@ def test_bad_time_zone_is_one_clear_error():
 
 def test_store_and_overnight_parameters_reach_the_deployments():
     served = _by_name(deployments(tz="UTC", store="s3://bucket/runs", overnight={"plan": "llama2-5iter"}))
+    exporting = _by_name(deployments(tz="UTC", overnight={"export": "models/{run}"}))["progressive/overnight"]
+    assert exporting.parameters["export"] == "models/{run}"  # filled in by each night's run
+    with pytest.raises(TierpruneError, match=r"^--overnight-export models/\{date\}: unknown field\(s\) date; "
+                                             r"use \{run\}"):
+        deployments(tz="UTC", overnight={"export": "models/{date}"})
     assert served["progressive/manual"].parameters == {"store": "s3://bucket/runs"}
     assert served["progressive/overnight"].parameters["plan"] == "llama2-5iter"
     # The schema the form is built from: flat fields, with the deployment's parameter overrides as values.
