@@ -84,13 +84,20 @@ def evaluate(
     model: Model = "smollm2-135m",
     gguf_file: GgufFile = None,
     dtype: Dtype = "auto",
+    block_size: BlockSize = 16,
+    topk: Topk = 10,
     eval: Eval = None,
     eval_seqlen: EvalSeqlen = 2048,
     eval_max_windows: EvalMaxWindows = None,
     eval_batch_size: EvalBatchSize = 1,
+    zero_shot: ZeroShot = None,
+    zero_shot_limit: ZeroShotLimit = None,
+    zero_shot_include: ZeroShotInclude = None,
     device: Device = "cpu",
+    offload: Offload = False,
 ) -> dict:
-    """Perplexity and sparsity of a model as it is: a hub id, a folder (e.g. `tierprune runs export`'s) or GGUF."""
+    """Perplexity, zero-shot accuracy, sparsity and tiers of a model as it is: a hub id, a folder (`runs export`'s,
+    `prune --output`'s, or one `convert` packed) or a GGUF; block_size and topk: the tiers its zeros are counted in."""
     flags = dict(locals())  # exactly the parameters above (first statement)
     return run_and_publish(config_from_flags(method="none", **flags), None, "evaluate")
 

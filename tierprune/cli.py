@@ -80,7 +80,10 @@ class _ProgressLines:
 def _summary(record: dict) -> Table:
     table = Table(title="tierprune result", show_header=False)
     table.add_row("model", str(record["model"]))
-    table.add_row("method / pattern", f"{record['method']} / {record['pattern']}")
+    if record["method"] == "none":
+        table.add_row("method", "none: evaluated as it is")
+    else:
+        table.add_row("method / pattern", f"{record['method']} / {record['pattern']}")
     table.add_row("sparsity", f"{record['sparsity']:.4f}")
     table.add_row("tiers", ", ".join(f"{k} {v:.3f}" for k, v in record["tiers"].items()))
     if record.get("ppl") is not None:
@@ -193,6 +196,35 @@ def prune(
         zero_shot=zero_shot, zero_shot_limit=zero_shot_limit, zero_shot_include=zero_shot_include,
     )
     _run(cfg, output, json_path)
+
+
+@app.command()
+def evaluate(
+    model: str = typer.Argument("smollm2-135m", help="a model folder (runs export, prune --output, or one convert "
+                                                     "packed), hub id, .gguf file or alias"),
+    gguf_file: Optional[str] = typer.Option(None, help="GGUF file inside the model's directory or hub repo"),
+    dtype: str = typer.Option("auto", help="auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16 | float16"),
+    block_size: int = typer.Option(16, help="block edge of the tier report"),
+    topk: int = typer.Option(10, help="most non-zeros a block may hold to count as TopK in the tier report"),
+    eval: Optional[str] = typer.Option(None, "--eval", help="eval data spec, or 'none' [default: wikitext2]"),
+    eval_seqlen: int = typer.Option(2048, help="tokens per evaluation window"),
+    eval_max_windows: Optional[int] = typer.Option(None, help="cap on evaluation windows (quick runs)"),
+    eval_batch_size: int = typer.Option(1, help="windows per forward pass (speed only)"),
+    zero_shot: Optional[str] = typer.Option(None, help="lm-eval tasks, comma list; 'wanda' = Wanda's seven"),
+    zero_shot_limit: Optional[int] = typer.Option(None, help="first N items of each zero-shot task (quick runs)"),
+    zero_shot_include: Optional[str] = typer.Option(None, help="folder of your own lm-eval task YAMLs"),
+    device: str = typer.Option("cpu", help="cpu | cuda | cuda:N"),
+    offload: bool = typer.Option(False, help="keep the model on the CPU, stream layers through the device"),
+    json_path: Optional[str] = typer.Option(None, "--json", help="write the result record here"),
+) -> None:
+    """Evaluate a model as it is: perplexity, zero-shot accuracy, sparsity and the tiers its zeros fit."""
+    cfg = config_from_flags(
+        model=model, gguf_file=gguf_file, dtype=dtype, method="none", block_size=block_size, topk=topk, eval=eval,
+        eval_seqlen=eval_seqlen, eval_max_windows=eval_max_windows, eval_batch_size=eval_batch_size,
+        zero_shot=zero_shot, zero_shot_limit=zero_shot_limit, zero_shot_include=zero_shot_include, device=device,
+        offload=offload,
+    )
+    _run(cfg, None, json_path)
 
 
 def _demo_data(data: str | None) -> tuple[str, str, str]:
@@ -580,6 +612,8 @@ def convert(source: str = typer.Argument(..., help="STORE/RUN, a folder written 
                   f"{done['packed_bytes'] / mib:.2f} MiB vs dense {done['dense_bytes'] / mib:.2f} MiB "
                   f"({done['packed_bytes'] / max(done['dense_bytes'], 1):.3f}x; {done['block_size']}x"
                   f"{done['block_size']} blocks, topk {done['topk']}, {done['dtype']})", highlight=False, soft_wrap=True)
+    for line in ("next:", f"  tierprune generate {output} --compare-dense", f"  tierprune evaluate {output}"):
+        console.print(line, soft_wrap=True, highlight=False, markup=False)
 
 
 @app.command()

@@ -65,6 +65,16 @@ def test_tierprune_run_has_a_flag_for_every_parameter_of_the_progressive_flow():
     assert not differing, differing
 
 
+def test_tierprune_evaluate_has_a_flag_for_every_parameter_of_the_evaluate_flow():
+    import typer
+
+    from tierprune.cli import app
+
+    command = typer.main.get_command(app).commands["evaluate"]
+    flags = {p.name: p.default for p in command.params if p.name != "json_path"}
+    assert flags == {name: p.default for name, p in _parameters(evaluate).items()}
+
+
 def test_evaluate_takes_a_subset_of_the_flags_with_their_defaults():
     parameters = _parameters(evaluate)
     assert set(parameters) <= set(FLAGS) and {"model", "eval", "eval_max_windows", "device"} <= set(parameters)

@@ -348,7 +348,15 @@ def test_cli_prints_the_bytes_and_refuses_in_one_line(tmp_path, pruned_llama_fol
     assert (f"packed {layout['packed_linear_bytes'] / mib:.2f} MiB vs dense "
             f"{layout['dense_linear_bytes'] / mib:.2f} MiB") in proc.stdout, proc.stdout
     assert "converted 14 linears" in proc.stdout
+    assert "next:\n  tierprune generate out --compare-dense\n  tierprune evaluate out\n" in proc.stdout
     assert "no tier maps" not in proc.stdout  # an export's tier maps are used, not inferred
+    # What was packed evaluates as it is, with the tiers it was packed in.
+    proc = _cli(["evaluate", "out", "--eval", "none", "--json", "out.json"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    record = json.loads((tmp_path / "out.json").read_text())
+    counts = torch.tensor([m["blocks"] for m in layout["modules"].values()]).sum(0)
+    assert [record["tiers"][t] for t in ("dense", "2:4", "topk")] == pytest.approx((counts / counts.sum()).tolist())
+    assert record["method"] == "none" and "none: evaluated as it is" in proc.stdout, proc.stdout
 
     model = make_tiny_llama(intermediate=120, dtype=torch.bfloat16)
     _prune_2_4_and_blocks_(model)
