@@ -96,7 +96,8 @@ def _summary(record: dict) -> Table:
         for name, result in z["tasks"].items():
             table.add_row(f"zero-shot {name}", f"acc {result['acc']:.4f}  ({result['samples']} items)")
         table.add_row("zero-shot mean acc", f"{z['mean_acc']:.4f}  ({len(z['tasks'])} tasks, 0-shot{limit})")
-    table.add_row("seconds", f"{record['seconds']:.1f} (prune {record['prune_seconds']:.1f})")
+    pruned = "" if record["method"] == "none" else f" (prune {record['prune_seconds']:.1f})"
+    table.add_row("seconds", f"{record['seconds']:.1f}{pruned}")
     return table
 
 
