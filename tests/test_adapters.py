@@ -274,6 +274,25 @@ def test_a_mistyped_model_path_fails_before_any_data_is_fetched(monkeypatch) -> 
         oneshot.run_oneshot(config_from_flags(model="./no-such-model", calib="c4", eval="wikitext2"))
 
 
+def test_a_run_or_a_folder_without_config_given_as_model_says_what_it_is(tmp_path) -> None:
+    """`evaluate STORE/RUN` (or --model) gets the command that writes the run's model, not transformers'
+    "Unrecognized model ... model_type"; any other folder without config.json one plain line."""
+    from tierprune.models import resolve_model
+
+    run = tmp_path / "store" / "run-1"
+    (run / "iter-003").mkdir(parents=True)
+    (run / "manifest.json").write_text("{}")
+    with pytest.raises(TierpruneError, match=rf"^{run} is a tierprune run, not a model folder: write its model with "
+                                             rf"`tierprune runs export {run} --output DIR`"):
+        resolve_model(str(run))
+    with pytest.raises(TierpruneError, match=rf"^{run}/iter-003 is an iteration of a tierprune run, not a model "
+                                             rf"folder: write its model with `tierprune runs export {run} "
+                                             r"--iteration 3 --output DIR`"):
+        resolve_model(str(run / "iter-003"))
+    with pytest.raises(TierpruneError, match=rf"^{tmp_path}/store is not a model folder \(no config.json\)"):
+        resolve_model(str(tmp_path / "store"))
+
+
 def test_output_into_the_models_own_folder_is_refused_and_the_original_kept(tiny_gpt2_dir, tmp_path) -> None:
     """`prune --model ./m --output ./m` would replace the dense original with the pruned copy."""
     import shutil

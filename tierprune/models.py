@@ -79,9 +79,24 @@ def resolve_model(name: str, gguf_file: str | None = None) -> tuple[str, str | N
     looks_local = name.startswith((".", "/", "~")) or path.exists()
     if looks_local and not path.is_dir():
         raise TierpruneError(f"model directory not found: {name}")
+    if path.is_dir() and not gguf_file and not (path / "config.json").is_file():
+        _refuse_folder_without_model(path, name)
     if not path.is_dir():
         _require_hub_or_cache(name, gguf_file)
     return name, gguf_file
+
+
+def _refuse_folder_without_model(path: Path, name: str) -> None:
+    """One line for a folder with no config.json: a run (or one of its iterations) says how to get its model out."""
+    run, iteration = (path, None) if (path / "manifest.json").is_file() else (path.parent, path.name)
+    if (run / "manifest.json").is_file():
+        which = f" --iteration {int(iteration[5:])}" if iteration and iteration.startswith("iter-") and \
+            iteration[5:].isdigit() else ""
+        what = "an iteration of a tierprune run" if which else "a tierprune run"
+        raise TierpruneError(f"{name} is {what}, not a model folder: write its model with `tierprune runs "
+                             f"export {run}{which} --output DIR` (or pack it with `tierprune convert`), then use DIR")
+    raise TierpruneError(f"{name} is not a model folder (no config.json); give a folder that "
+                         "`from_pretrained` loads, a .gguf file, or a hub id")
 
 
 def refuse_model_folder_as_output(output: str | None, name: str, gguf_file: str | None = None,
