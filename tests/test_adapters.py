@@ -293,6 +293,27 @@ def test_a_run_or_a_folder_without_config_given_as_model_says_what_it_is(tmp_pat
         resolve_model(str(tmp_path / "store"))
 
 
+def test_a_model_output_in_a_run_store_is_refused(tmp_path) -> None:
+    """`convert RUN --output RUN` packed a model into the run's own folder, `runs export RUN --output STORE` into
+    the store beside its runs: every model writer now refuses a run, a folder inside one, and a store."""
+    from tierprune.models import refuse_other_model_in_folder
+
+    run = tmp_path / "store" / "run-1"
+    (run / "iter-003").mkdir(parents=True)
+    (run / "RUN.json").write_text("{}")
+    (run / "manifest.json").write_text("{}")
+    for output, what in ((run, "is a tierprune run"), (run / "iter-003" / "model", f"lies inside {run}, which is a "
+                                                                                 "tierprune run"),
+                         (tmp_path / "store", r"is a run store \(it holds runs\)")):
+        for dense, packed in ((True, False), (False, True)):
+            with pytest.raises(TierpruneError, match=rf"^--output {output} {what}: a model written there would mix"):
+                refuse_other_model_in_folder(str(output), dense=dense, packed=packed)
+    refuse_other_model_in_folder(str(tmp_path / "store" / "exports"), dense=True, packed=False)  # beside runs: fine
+    (tmp_path / "webapp").mkdir()
+    (tmp_path / "webapp" / "manifest.json").write_text("{}")  # another tool's manifest is not a run
+    refuse_other_model_in_folder(str(tmp_path / "webapp" / "model"), dense=True, packed=False)
+
+
 def test_output_into_the_models_own_folder_is_refused_and_the_original_kept(tiny_gpt2_dir, tmp_path) -> None:
     """`prune --model ./m --output ./m` would replace the dense original with the pruned copy."""
     import shutil

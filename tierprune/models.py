@@ -124,6 +124,25 @@ def is_packed_folder(directory: str) -> bool:
     return (folder / PACKED_LAYOUT_FILE).is_file() and not any((folder / n).is_file() for n in DENSE_WEIGHT_FILES)
 
 
+def _refuse_run_store_folder(folder: str, flag: str) -> None:
+    """Refuse a model folder that is a run store, a run, or inside a run: its files would sit among the run's
+    steps or runs (`convert RUN --output RUN` once packed a model into the run's own folder)."""
+    from .storage.runstore import IDENTITY, run_names
+    from .storage.tables import file_exists
+
+    local = "://" not in folder
+    # Locally every folder above counts (RUN/iter-003/model is inside the run); remotely the folder and its parent.
+    candidates = [Path(folder).resolve(), *Path(folder).resolve().parents] if local else [folder, folder.rsplit("/", 1)[0]]
+    for candidate in candidates:
+        if file_exists(f"{candidate}/{IDENTITY}"):  # RUN.json: a tierprune run's own file (manifest.json is common)
+            where = "is" if str(candidate) == str(candidates[0]) else f"lies inside {candidate}, which is"
+            raise TierpruneError(f"{flag} {folder} {where} a tierprune run: a model written there would mix with "
+                                 "the run's steps; give a folder outside the run store")
+    if (Path(folder).is_dir() if local else file_exists(folder)) and run_names(folder):
+        raise TierpruneError(f"{flag} {folder} is a run store (it holds runs): a model written there would mix with "
+                             "its runs; give a folder outside it")
+
+
 def refuse_other_model_in_folder(output: str | None, *, dense: bool, packed: bool, flag: str = "--output") -> None:
     """Refuse (one line) an --output folder holding a model of a kind this command does not rewrite.
 
@@ -136,6 +155,7 @@ def refuse_other_model_in_folder(output: str | None, *, dense: bool, packed: boo
     if not output:
         return
     folder = output.rstrip("/")
+    _refuse_run_store_folder(folder, flag)
     if not packed and file_exists(f"{folder}/{PACKED_LAYOUT_FILE}"):
         raise TierpruneError(f"{flag} {output} holds a packed model ({PACKED_LAYOUT_FILE}) that this command would "
                              "not replace, and load_hybrid would still load it; give another folder")
