@@ -140,6 +140,27 @@ def _quick_status(store: RunStore) -> str:
     return status if lock == "unlocked" else f"{status}, locked ({'stale' if lock == 'dead' else lock})"
 
 
+def plan_last_iteration(store: RunStore) -> int | None:
+    """The last iteration of the run's plan (manifest, else RUN.json), or None when neither can be read."""
+    for read in (store.manifest, store._identity):
+        try:
+            plan = (read() or {}).get("plan")
+        except TierpruneError:
+            continue
+        if plan:
+            return max(int(step["iteration"]) for step in plan)
+    return None
+
+
+def plan_progress(last_finished: int | None, planned: int | None) -> str:
+    """`runs list`'s plan column: "done", "3 of 5", or "" when the plan is unknown."""
+    if planned is None:
+        return ""
+    if last_finished is not None and last_finished >= planned:
+        return "done"
+    return f"{0 if last_finished is None else last_finished} of {planned}"
+
+
 def list_runs(root: str) -> list[dict]:
     """Every run folder directly under `root` (with a manifest or a RUN.json), its status and last iteration."""
     out = []
@@ -156,6 +177,8 @@ def list_runs(root: str) -> list[dict]:
         if summary:
             last = summary[-1]
             row.update({"last iteration": last["iteration"], "ppl": last["ppl"], "sparsity": last["sparsity"]})
+        # A run killed between iterations has nothing unfinished to show; only its plan says it is not done.
+        row["plan"] = plan_progress(row["last iteration"], plan_last_iteration(store))
         out.append(row)
     return out
 
@@ -164,14 +187,19 @@ def summary_json(store: RunStore) -> dict:
     """`runs show --json`: {"run", "in_progress", "iterations": [{"iteration", "ppl", "ppl_before_finetune",
     "finetune_tokens", "sparsity", "tiers", "seconds", ...}, ...]}.
 
-    in_progress: the unfinished iteration a rerun resumes (see in_progress), or null.
+    in_progress: the unfinished iteration a rerun resumes (see in_progress), or null. plan_last_iteration: the
+    plan's last iteration (null if unreadable); done: whether that iteration is finished.
 
     recovery_pct is the ppl's recovery in % of dense (null with recovery.reason when unknown); zero_shot the
     accuracies when asked for (else null); recovery the eval record's whole entry, zero-shot tasks included.
     """
-    return {"run": store.uri, "in_progress": in_progress(store), "iterations": [
+    pending = in_progress(store)  # first: listing the steps says why a store cannot be reached (credentials)
+    rows = run_summary(store)
+    planned = plan_last_iteration(store)
+    return {"run": store.uri, "in_progress": pending, "plan_last_iteration": planned,
+            "done": planned is not None and bool(rows) and rows[-1]["iteration"] >= planned, "iterations": [
         {"iteration": r["iteration"], "ppl": r["ppl"], "ppl_before_finetune": r["ppl_before_finetune"],
          "finetune_tokens": r["finetune_tokens"], "sparsity": r["sparsity"], "tiers": r["tiers"],
          "seconds": r["seconds"], "status": r["status"], "uri": r["uri"], "finished": r["finished"],
          "recovery_pct": (r["recovery"] or {}).get("ppl"), "zero_shot": r["zero_shot"], "recovery": r["recovery"]}
-        for r in run_summary(store)]}
+        for r in rows]}

@@ -468,6 +468,11 @@ def runs_show(run_uri: str = typer.Argument(..., help="STORE/RUN"),
                     if pending["finetune_step"] else "")
         console.print(f"iteration {pending['iteration']}: unfinished, committed {', '.join(pending['steps'])}"
                       f"{training}; rerun the run's command to resume", soft_wrap=True, highlight=False, markup=False)
+    elif summary["plan_last_iteration"] is not None and not summary["done"]:
+        last = summary["iterations"][-1]["iteration"] if summary["iterations"] else None
+        console.print(f"the plan runs to iteration {summary['plan_last_iteration']}, and "
+                      f"{'none has' if last is None else f'iteration {last} is the last that'} finished; rerun the "
+                      "run's command to resume", soft_wrap=True, highlight=False, markup=False)
 
 
 @runs_app.command("export")

@@ -78,6 +78,19 @@ def test_every_iteration_records_zero_shot_and_recovery_of_dense(prefect_harness
     # The tier columns in the tiers' own order, not that of the stored JSON's sorted keys (2:4 first).
     header = next(line for line in shown.output.splitlines() if "tier dense" in line)
     assert header.index("tier dense") < header.index("tier 2:4") < header.index("tier topk")
+    assert summary["plan_last_iteration"] == 3 and summary["done"] is True
+    assert "the plan runs to" not in shown.output
+
+    # Killed between iterations 2 and 3: nothing of iteration 3 is committed, so only the plan says it is not done.
+    store._fs.rm(f"{store._path}/iter-003", recursive=True)
+    store.repair()
+    summary = summary_json(store)
+    assert summary["in_progress"] is None and summary["done"] is False and summary["plan_last_iteration"] == 3
+    shown = CliRunner().invoke(app, ["runs", "show", store.uri], env={"COLUMNS": "250"})
+    assert ("the plan runs to iteration 3, and iteration 2 is the last that finished; rerun the run's command to "
+            "resume") in " ".join(shown.output.split()), shown.output
+    listed = CliRunner().invoke(app, ["runs", "list", mem_root], env={"COLUMNS": "250"})
+    assert listed.exit_code == 0 and "2 of 3" in listed.output, listed.output
     assert f"{summary['iterations'][-1]['recovery_pct']:.4g}" in shown.output
     as_json = CliRunner().invoke(app, ["runs", "show", store.uri, "--json"])
     assert json.loads(as_json.output) == json.loads(json.dumps(summary))
