@@ -69,7 +69,6 @@ def deployments(tz: str | None = None, at: str = OVERNIGHT_AT, store: str = "run
 
     from tierprune.flows.oneshot import evaluate, oneshot
     from tierprune.flows.progressive import progressive
-
     from tierprune.tasks.export import export_path
 
     if (overnight or {}).get("export"):

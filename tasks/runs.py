@@ -141,15 +141,12 @@ def _quick_status(store: RunStore) -> str:
 
 
 def plan_last_iteration(store: RunStore) -> int | None:
-    """The last iteration of the run's plan (manifest, else RUN.json), or None when neither can be read."""
-    for read in (store.manifest, store._identity):
-        try:
-            plan = (read() or {}).get("plan")
-        except TierpruneError:
-            continue
-        if plan:
-            return max(int(step["iteration"]) for step in plan)
-    return None
+    """The last iteration of the run's plan, or None when the manifest cannot be read (its status says why)."""
+    try:
+        plan = store.manifest().get("plan")
+    except TierpruneError:
+        return None
+    return max(int(step["iteration"]) for step in plan) if plan else None
 
 
 def plan_progress(last_finished: int | None, planned: int | None) -> str:
