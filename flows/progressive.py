@@ -153,10 +153,12 @@ def progressive(
     flags["run"] = flow_run_name(run)
     cfg = config_from_flags(**flags)
     try:
-        check_run_inputs(cfg)  # bad input fails the run in seconds, with the CLI's one-line message
+        warnings = check_run_inputs(cfg)  # bad input fails the run in seconds, with the CLI's one-line message
     except NothingToDo as exc:
         get_run_logger().info("%s", exc)
         return []
+    for warning in warnings:
+        get_run_logger().warning("%s", warning)
     if export:
         export = export_path(export, cfg.run.name, flag="export")
         check_export_target(export, cfg.model, flag="export")  # now, not after hours of training

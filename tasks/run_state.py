@@ -313,10 +313,11 @@ def check_resume_shapes(cfg: TierpruneConfig, tiers: pd.DataFrame) -> None:
                                  f"{tuple(tier_map.shape)} blocks, the model {expected}")
 
 
-def check_run_inputs(cfg: TierpruneConfig) -> None:
+def check_run_inputs(cfg: TierpruneConfig) -> list[str]:
     """Everything that can be checked in seconds, before Prefect starts and before anything is written.
 
-    Raises TierpruneError (one line) for bad input, NothingToDo when the plan has no iteration left.
+    Raises TierpruneError (one line) for bad input, NothingToDo when the plan has no iteration left; returns
+    warnings (one line each) for what may still go wrong, such as fine-tuning that may not fit in memory.
     """
     from tierprune.storage.datasets import check_data_spec, evaluation_split
 
@@ -335,7 +336,8 @@ def check_run_inputs(cfg: TierpruneConfig) -> None:
     from .finetune import check_finetune_data, needs_training
 
     check_finetune_data(cfg, [step.epochs for step in plan.steps])
-    if cfg.offload and any(needs_training(cfg, step.epochs) for step in plan.steps):
+    trains = any(needs_training(cfg, step.epochs) for step in plan.steps)
+    if cfg.offload and trains:
         raise TierpruneError("--offload streams calibration and evaluation through the device, but fine-tuning "
                              "needs the whole model there: use --ft-method none (or a plan with epochs 0), or "
                              "fine-tune across GPUs under FSDP (README: scale-out)")
@@ -356,3 +358,9 @@ def check_run_inputs(cfg: TierpruneConfig) -> None:
             raise NothingToDo(f"nothing to do: {run.resume_from} is iteration {iteration}, and the plan's last "
                               f"iteration is {plan.steps[-1].iteration}")
         check_resume_shapes(cfg, source.read_object(tiers.uri, "tiers.parquet"))
+    if trains:
+        from .training_memory import training_memory_warning
+
+        warning = training_memory_warning(cfg)  # a warning: the run goes on (the estimate errs on the safe side)
+        return [warning] if warning else []
+    return []

@@ -306,10 +306,12 @@ def _progressive_run(cfg: TierpruneConfig, export: str | None = None) -> None:
     from tierprune.tasks.run_state import NothingToDo, check_run_inputs
 
     try:
-        check_run_inputs(cfg)
+        warnings = check_run_inputs(cfg)
     except NothingToDo as exc:
         console.print(str(exc), highlight=False, soft_wrap=True)
         return
+    for warning in warnings:
+        err_console.print(f"warning: {warning}", highlight=False, soft_wrap=True, markup=False)
     if export:  # before the run, not after hours of it
         from tierprune.tasks.export import check_export_target, export_path
 

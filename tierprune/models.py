@@ -311,10 +311,15 @@ def model_identity(name: str, gguf_file: str | None = None) -> dict:
 
 def linear_shapes(name: str, gguf_file: str | None = None) -> dict[str, tuple[int, int]]:
     """module -> (out, in) of every prunable linear, from the model's config alone (built on the meta device)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     from tierprune.adapters import weight_view
     from tierprune.tasks.prune import named_linears
+
+    return {n: tuple(weight_view(m).shape) for n, m in named_linears(meta_model(name, gguf_file)).items()}
+
+
+def meta_model(name: str, gguf_file: str | None = None) -> nn.Module:
+    """The model built from its config alone on the meta device: shapes and parameter counts, no weights read."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     directory, gguf = resolve_model(name, gguf_file)
     source, options = directory, ({"gguf_file": gguf} if gguf else {})
@@ -330,4 +335,4 @@ def linear_shapes(name: str, gguf_file: str | None = None) -> dict[str, tuple[in
     except (OSError, ValueError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise TierpruneError(f"cannot read the config of model {name!r}: {first}") from exc
-    return {n: tuple(weight_view(m).shape) for n, m in named_linears(model).items()}
+    return model
