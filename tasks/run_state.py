@@ -358,9 +358,11 @@ def check_run_inputs(cfg: TierpruneConfig) -> list[str]:
             raise NothingToDo(f"nothing to do: {run.resume_from} is iteration {iteration}, and the plan's last "
                               f"iteration is {plan.steps[-1].iteration}")
         check_resume_shapes(cfg, source.read_object(tiers.uri, "tiers.parquet"))
-    if trains:
-        from .training_memory import training_memory_warning
+    if not trains:
+        return []
+    from .finetune import few_steps_warning
+    from .training_memory import training_memory_warning
 
-        warning = training_memory_warning(cfg)  # a warning: the run goes on (the estimate errs on the safe side)
-        return [warning] if warning else []
-    return []
+    # Warnings: the run goes on.
+    warnings = [few_steps_warning(cfg, [step.epochs for step in plan.steps]), training_memory_warning(cfg)]
+    return [w for w in warnings if w]
