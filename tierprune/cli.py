@@ -156,6 +156,19 @@ def _run(cfg: TierpruneConfig, output: str | None, json_path: str | None) -> dic
     return record
 
 
+# Flags that several commands take, written once (the same names, defaults and help).
+_EVAL = typer.Option(None, "--eval", help="eval data spec, or 'none' [default: wikitext2]")
+_EVAL_SEQLEN = typer.Option(2048, help="tokens per evaluation window")
+_EVAL_MAX_WINDOWS = typer.Option(None, help="cap on evaluation windows (quick runs)")
+_EVAL_BATCH_SIZE = typer.Option(1, help="windows per forward pass (speed only)")
+_ZERO_SHOT = typer.Option(None, help="lm-eval tasks, comma list; 'wanda' = Wanda's seven")
+_ZERO_SHOT_LIMIT = typer.Option(None, help="first N items of each zero-shot task (quick runs)")
+_ZERO_SHOT_INCLUDE = typer.Option(None, help="folder of your own lm-eval task YAMLs")
+_DEVICE = typer.Option("cpu", help="cpu | cuda | cuda:N")
+_DTYPE = typer.Option("auto", help="auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16 | float16")
+_OFFLOAD = typer.Option(False, help="keep the model on the CPU, stream layers through the device")
+
+
 @app.command()
 def prune(
     model: str = typer.Option("smollm2-135m", help="hub id, local directory, .gguf file or alias"),
@@ -174,16 +187,16 @@ def prune(
     calib_batch_size: int = typer.Option(8, help="sequences per forward pass (speed only)"),
     seed: int = typer.Option(0, help="calibration sampling seed"),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the layers during calibration (faster on GPU)"),
-    eval: Optional[str] = typer.Option(None, "--eval", help="eval data spec, or 'none' [default: wikitext2]"),
-    eval_seqlen: int = typer.Option(2048, help="tokens per evaluation window"),
-    eval_max_windows: Optional[int] = typer.Option(None, help="cap on evaluation windows (quick runs)"),
-    eval_batch_size: int = typer.Option(1, help="windows per forward pass (speed only)"),
-    zero_shot: Optional[str] = typer.Option(None, help="lm-eval tasks, comma list; 'wanda' = Wanda's seven"),
-    zero_shot_limit: Optional[int] = typer.Option(None, help="first N items of each zero-shot task (quick runs)"),
-    zero_shot_include: Optional[str] = typer.Option(None, help="folder of your own lm-eval task YAMLs"),
-    device: str = typer.Option("cpu", help="cpu | cuda | cuda:N"),
-    dtype: str = typer.Option("auto", help="auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16 | float16"),
-    offload: bool = typer.Option(False, help="keep the model on the CPU, stream layers through the device"),
+    eval: Optional[str] = _EVAL,
+    eval_seqlen: int = _EVAL_SEQLEN,
+    eval_max_windows: Optional[int] = _EVAL_MAX_WINDOWS,
+    eval_batch_size: int = _EVAL_BATCH_SIZE,
+    zero_shot: Optional[str] = _ZERO_SHOT,
+    zero_shot_limit: Optional[int] = _ZERO_SHOT_LIMIT,
+    zero_shot_include: Optional[str] = _ZERO_SHOT_INCLUDE,
+    device: str = _DEVICE,
+    dtype: str = _DTYPE,
+    offload: bool = _OFFLOAD,
     output: Optional[str] = typer.Option(None, help="save the pruned checkpoint and tier maps here"),
     json_path: Optional[str] = typer.Option(None, "--json", help="write the result record here"),
 ) -> None:
@@ -204,18 +217,18 @@ def evaluate(
     model: str = typer.Argument("smollm2-135m", help="a model folder (runs export, prune --output, or one convert "
                                                      "packed), hub id, .gguf file or alias"),
     gguf_file: Optional[str] = typer.Option(None, help="GGUF file inside the model's directory or hub repo"),
-    dtype: str = typer.Option("auto", help="auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16 | float16"),
+    dtype: str = _DTYPE,
     block_size: int = typer.Option(16, help="block edge of the tier report"),
     topk: int = typer.Option(10, help="most non-zeros a block may hold to count as TopK in the tier report"),
-    eval: Optional[str] = typer.Option(None, "--eval", help="eval data spec, or 'none' [default: wikitext2]"),
-    eval_seqlen: int = typer.Option(2048, help="tokens per evaluation window"),
-    eval_max_windows: Optional[int] = typer.Option(None, help="cap on evaluation windows (quick runs)"),
-    eval_batch_size: int = typer.Option(1, help="windows per forward pass (speed only)"),
-    zero_shot: Optional[str] = typer.Option(None, help="lm-eval tasks, comma list; 'wanda' = Wanda's seven"),
-    zero_shot_limit: Optional[int] = typer.Option(None, help="first N items of each zero-shot task (quick runs)"),
-    zero_shot_include: Optional[str] = typer.Option(None, help="folder of your own lm-eval task YAMLs"),
-    device: str = typer.Option("cpu", help="cpu | cuda | cuda:N"),
-    offload: bool = typer.Option(False, help="keep the model on the CPU, stream layers through the device"),
+    eval: Optional[str] = _EVAL,
+    eval_seqlen: int = _EVAL_SEQLEN,
+    eval_max_windows: Optional[int] = _EVAL_MAX_WINDOWS,
+    eval_batch_size: int = _EVAL_BATCH_SIZE,
+    zero_shot: Optional[str] = _ZERO_SHOT,
+    zero_shot_limit: Optional[int] = _ZERO_SHOT_LIMIT,
+    zero_shot_include: Optional[str] = _ZERO_SHOT_INCLUDE,
+    device: str = _DEVICE,
+    offload: bool = _OFFLOAD,
     json_path: Optional[str] = typer.Option(None, "--json", help="write the result record here"),
 ) -> None:
     """Evaluate a model as it is: perplexity, zero-shot accuracy, sparsity and the tiers its zeros fit."""
@@ -367,12 +380,12 @@ def run(
     calib_samples: int = typer.Option(128), calib_seqlen: int = typer.Option(2048),
     calib_batch_size: int = typer.Option(8), seed: int = typer.Option(0),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the layers during calibration"),
-    eval: Optional[str] = typer.Option(None, "--eval", help="eval data spec, or 'none' [default: wikitext2]"),
+    eval: Optional[str] = _EVAL,
     eval_seqlen: int = typer.Option(2048), eval_max_windows: Optional[int] = typer.Option(None),
     eval_batch_size: int = typer.Option(1, help="windows per forward pass (speed only; PROTOCOL's is 1)"),
-    zero_shot: Optional[str] = typer.Option(None, help="lm-eval tasks, comma list; 'wanda' = Wanda's seven"),
-    zero_shot_limit: Optional[int] = typer.Option(None, help="first N items of each zero-shot task (quick runs)"),
-    zero_shot_include: Optional[str] = typer.Option(None, help="folder of your own lm-eval task YAMLs"),
+    zero_shot: Optional[str] = _ZERO_SHOT,
+    zero_shot_limit: Optional[int] = _ZERO_SHOT_LIMIT,
+    zero_shot_include: Optional[str] = _ZERO_SHOT_INCLUDE,
     device: str = typer.Option("cpu"), dtype: str = typer.Option("auto"),
     offload: bool = typer.Option(False, help="keep the model in CPU memory; calibration and evaluation stream its "
                                  "layers through the device (no fine-tuning then)"),
