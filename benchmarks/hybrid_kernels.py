@@ -449,20 +449,24 @@ def bench_end_to_end(args, device: str) -> list[dict]:
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
     hybrid_bytes = sum(getattr(b, n).nbytes for b in model.blocks for n in ("qkv", "o", "gate_up", "down"))
-    # The op's one-token dispatch to the flat GEMV off (the per-block-row kernels), then on (the default):
-    # what it is worth, side by side.
+    # The op's one-token dispatch to the flat GEMV off (the row kernel takes one token then), then on (the
+    # default where most blocks are 2:4 and TopK): what each is worth, side by side.
+    from tierprune.kernels.cuda.mma_decode import use_rows_decode
     from tierprune.kernels.triton.flat_gemv import use_flat_gemv
 
     use_flat_gemv(False)
     try:
         hybrid = decode_speed(model, args.steps, device, use_graph=not args.no_graph)
+        use_rows_decode(False)  # and the row kernel off too: the chunk kernel, the design before it
+        chunk = decode_speed(model, args.steps, device, use_graph=not args.no_graph)
     finally:
         use_flat_gemv(True)
+        use_rows_decode(True)
     flat = decode_speed(model, args.steps, device, use_graph=not args.no_graph)
     # Other flat GEMV configs (decode_sweep.py --e2e-flat-alternatives), each timed in the same run.
     from tierprune.kernels.triton.flat_gemv import set_flat_gemv_config
 
-    alternatives = []
+    alternatives = [("hybrid-chunk", chunk)]
     for cfg in getattr(args, "flat_alternatives", ()):
         previous = set_flat_gemv_config(cfg)
         try:
@@ -490,7 +494,7 @@ def bench_end_to_end(args, device: str) -> list[dict]:
         peak = f"{r['peak_gib']:.2f} GiB" if r["peak_gib"] is not None else "n/a"
         print(f"  {r['model']:34} {r['tokens_per_s']:9.1f} tokens/s  {r['ms_per_token']:7.3f} ms/token  "
               f"peak {peak}  linear weights {r['linear_weight_gib']:.2f} GiB")
-    print(f"  hybrid / dense tokens/s: {rows[1]['speedup_vs_dense']:.3f} (with the flat GEMV "
+    print(f"  hybrid (row kernel) / dense tokens/s: {rows[1]['speedup_vs_dense']:.3f} (with the flat GEMV "
           f"{rows[2]['speedup_vs_dense']:.3f}); first-step logits max |diff| "
           f"{err:.3g} (max |logit| {scale:.3g})")
     for r in rows[3:]:

@@ -33,10 +33,10 @@ CHECKS = [  # (shape, mix, k, tokens, dtype): edge rows, one tier alone, k up to
 
 
 def parse_config(text: str) -> md.MmaDecodeConfig:
-    """'CHUNK,TOPK_CHUNK,WARPS' (dense and 2:4 blocks per warp, TopK blocks per warp, warps per CTA)."""
+    """'CHUNK,TOPK_CHUNK,WARPS[,NM_CHUNK[,MIN_CTAS]]' (see MmaDecodeConfig)."""
     values = [int(v) for v in text.split(",")]
-    if len(values) != 3:
-        raise ValueError(f"{text!r} is not CHUNK,TOPK_CHUNK,WARPS")
+    if not 3 <= len(values) <= 5:
+        raise ValueError(f"{text!r} is not CHUNK,TOPK_CHUNK,WARPS[,NM_CHUNK[,MIN_CTAS]]")
     config = md.MmaDecodeConfig(*values)
     md.kernel_source(False, 10, 1, config)  # asserts the config's rules
     return config
@@ -53,18 +53,22 @@ def weight(shape, mix, k, dtype, seed):
     return pack_hybrid(W, tier_map.to("cuda"), topk=k)
 
 
-def check_correctness(configs) -> None:
+KERNELS = {"chunk": md.hybrid_mm_mma, "rows": md.hybrid_mm_rows}
+
+
+def check_correctness(configs, kernels) -> None:
     for (shape, mix, k, T, dtype), config in ((case, c) for case in CHECKS for c in configs):
         hw = weight(shape, mix, k, dtype, seed=1)
         x = (torch.randn(T, shape[1], device="cuda") * 0.5).to(dtype)
-        got = md.hybrid_mm_mma(x, hw, config).float()
         ref = hybrid_matmul_ref(x.float(), hw).float()
-        err, scale = (got - ref).abs().max().item(), ref.abs().max().item()
-        ok = err <= 1.6e-2 * scale
-        print(f"check {shape} mix={mix} k={k} T={T} {str(dtype)[6:]} config {','.join(map(str, config))}: "
-              f"max |error| {err:.3g} of max |y| {scale:.3g} {'ok' if ok else 'WRONG'}", flush=True)
-        if not ok:
-            raise SystemExit(f"mma_decode: wrong result for {shape} {mix} k={k} T={T}")
+        for name in kernels:
+            got = KERNELS[name](x, hw, config).float()
+            err, scale = (got - ref).abs().max().item(), ref.abs().max().item()
+            ok = err <= 1.6e-2 * scale
+            print(f"check {name} {shape} mix={mix} k={k} T={T} {str(dtype)[6:]} config {','.join(map(str, config))}: "
+                  f"max |error| {err:.3g} of max |y| {scale:.3g} {'ok' if ok else 'WRONG'}", flush=True)
+            if not ok:
+                raise SystemExit(f"mma_decode: {name} kernel wrong for {shape} {mix} k={k} T={T}")
 
 
 def timed(hws, x, fn, inner, reps) -> float:
@@ -73,9 +77,11 @@ def timed(hws, x, fn, inner, reps) -> float:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--configs", nargs="*", default=["8,12,4"], help="CHUNK,TOPK_CHUNK,WARPS each")
+    p.add_argument("--configs", nargs="*", default=["8,12,4"], help="CHUNK,TOPK_CHUNK,WARPS[,NM_CHUNK[,MIN_CTAS]] each")
     p.add_argument("--tokens", type=int, nargs="*", default=[1, 4, 16])
     p.add_argument("--shapes", nargs="*", default=None, help="subset by first word, e.g. qkvo down")
+    p.add_argument("--kernels", nargs="*", default=["chunk", "rows"], choices=sorted(KERNELS),
+                   help="chunk: a warp per chunk of blocks, sums through a workspace; rows: a CTA per block-row")
     p.add_argument("--inner", type=int, default=20)
     p.add_argument("--reps", type=int, default=15)
     args = p.parse_args(argv)
@@ -88,7 +94,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         raise SystemExit(2)
     if any(not 1 <= T <= md.MMA_DECODE_MAX_TOKENS for T in args.tokens):
         p.error(f"--tokens must be 1..{md.MMA_DECODE_MAX_TOKENS}")
-    check_correctness(configs)
+    check_correctness(configs, args.kernels)
     rows = []
     shapes = {n: s for n, s in hk.SHAPES.items() if not args.shapes or n.split()[0] in args.shapes}
     cases = [(n, s, m) for n, s in shapes.items() for m in hk.MIXES]
@@ -102,16 +108,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
             x = (torch.randn(T, shape[1], device="cuda") * 0.5).to(torch.bfloat16)
             cublas = hk.measure_us([lambda w=w: F.linear(x, w) for w in dense], "cuda", args.inner, args.reps)[0]
             op = timed(hws, x, hybrid_mm, args.inner, args.reps)
-            kernel = {c: timed(hws, x, lambda x, h, c=c: md.hybrid_mm_mma(x, h, c), args.inner, args.reps)
-                      for c in configs}
+            kernel = {(name, c): timed(hws, x, lambda x, h, f=KERNELS[name], c=c: f(x, h, c), args.inner, args.reps)
+                      for name in args.kernels for c in configs}
             row = dict(shape=shape_name, mix=mix_name, tokens=T, nbytes=hw.nbytes, cublas_us=cublas, op_us=op,
-                       kernel_us={",".join(map(str, c)): us for c, us in kernel.items()})
+                       kernel_us={f"{name} {','.join(map(str, c))}": us for (name, c), us in kernel.items()})
             rows.append(row)
-            best = min(kernel, key=kernel.get)
-            print(f"{shape_name:26} {mix_name:9} T={T:2d}  cuBLAS {cublas:7.2f} us  op {op:7.2f} "
-                  f"({cublas / op:.2f}x)  kernel {kernel[best]:7.2f} ({cublas / kernel[best]:.2f}x, "
-                  f"{hw.nbytes / kernel[best] / 1e6:.2f} TB/s, best of {len(kernel)}: {','.join(map(str, best))})",
-                  flush=True)
+            for name in args.kernels:
+                best = min((key for key in kernel if key[0] == name), key=kernel.get)
+                print(f"{shape_name:26} {mix_name:9} T={T:2d}  cuBLAS {cublas:7.2f} us  op {op:7.2f} "
+                      f"({cublas / op:.2f}x)  {name} {kernel[best]:7.2f} ({cublas / kernel[best]:.2f}x, "
+                      f"{hw.nbytes / kernel[best] / 1e6:.2f} TB/s, best of {len(configs)}: {','.join(map(str, best[1]))})",
+                      flush=True)
             print(json.dumps(row), flush=True)
         del hws, dense
         torch.cuda.empty_cache()

@@ -44,11 +44,11 @@ def test_tiny_run_end_to_end(bench, capsys) -> None:
         assert r["cublas_us"] > 0 and r["hybrid_us"] > 0
         if r["mix"] == "35/45/20":
             assert 0.6 < r["bytes_vs_dense"] < 0.65, r
-    assert [r["model"] for r in e2e] == ["dense", "hybrid", "hybrid-flat"]
+    assert [r["model"] for r in e2e] == ["dense", "hybrid", "hybrid-flat", "hybrid-chunk"]
     assert e2e[1]["first_logits_max_abs_diff"] == 0.0  # same pruned weights, same function
     assert e2e[1]["linear_weight_gib"] < 0.7 * e2e[0]["linear_weight_gib"]
     out = capsys.readouterr().out
-    assert "x cuBLAS" in out and "hybrid / dense tokens/s" in out
+    assert "x cuBLAS" in out and "hybrid (row kernel) / dense tokens/s" in out
     assert sum(line.startswith("{") for line in out.splitlines()) == len(rows)
 
 
@@ -76,7 +76,8 @@ def test_end_to_end_times_each_flat_alternative_and_restores_the_default(bench) 
     counted = flat_gemv.FlatGemvConfig(nb=8, num_warps=1, counted=True)
     args = argparse.Namespace(tiny=True, layers=2, steps=3, no_graph=True, flat_alternatives=[counted])
     rows = bench.bench_end_to_end(args, "cpu")
-    assert [r["model"] for r in rows] == ["dense", "hybrid", "hybrid-flat", "hybrid-flat (8, 1, True, 1, 0)"]
+    assert [r["model"] for r in rows] == ["dense", "hybrid", "hybrid-flat", "hybrid-chunk",
+                                          "hybrid-flat (8, 1, True, 1, 0)"]
     assert rows[3]["first_logits_max_abs_diff"] == 0.0 and rows[3]["speedup_vs_dense"] > 0
     assert flat_gemv.FLAT_GEMV_CONFIG == default
 
@@ -110,7 +111,7 @@ def _run_mma_script(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_mma_benchmark_refuses_bad_configs_and_needs_cuda() -> None:
-    bad = _run_mma_script("--configs", "8,8,12,8,4")  # session 11's five fields
+    bad = _run_mma_script("--configs", "8,8,12,8,4,1")  # six fields
     assert bad.returncode == 2 and "bad --configs" in bad.stderr and "is not CHUNK,TOPK_CHUNK" in bad.stderr, bad.stderr
     bad = _run_mma_script("--configs", "64,12,4")
     assert bad.returncode == 2 and "chunks must be 1..32" in bad.stderr, bad.stderr

@@ -1,14 +1,18 @@
-"""Decode (1-16 tokens) through a packed hybrid weight on the tensor cores: the CUDA kernel's wrapper.
+"""Decode (1-16 tokens) through a packed hybrid weight on the tensor cores: the CUDA kernels' wrappers.
 
 mma_decode.cu holds the kernels and says how they work. They are compiled at first use with NVRTC, through
 torch's own binding (torch ships libnvrtc with its CUDA builds), so the project needs no compiler at install
 time and the CPU install never touches CUDA. The compiled module is cached per (dtype, TopK k, token tiles,
 config) for the process.
 
-The kernel adds fp32 partial sums into a per-weight workspace with atomics; hybrid_cast_and_zero then writes
-the output and zeroes the workspace, so calls on one weight must run one after another (one stream), as
-decode does. The workspace and the block-row index are shared with the flat GEMV
-(flat_gemv.decode_workspace), built on the first call per weight: make one call before capturing a CUDA graph.
+Two kernels share the per-block tensor-core recipe:
+- the row kernel (hybrid_mm_rows, what the op uses): one CTA per block-row, whose warps keep their sums in
+  registers and add them in shared memory, then write the output. One launch, no workspace, no per-weight state.
+- the chunk kernel (hybrid_mm_mma, the design before it): one warp per chunk of blocks of one tier, which adds
+  fp32 partial sums into a per-weight workspace with atomics; hybrid_cast_and_zero then writes the output and
+  zeroes the workspace, so calls on one weight must run one after another (one stream), as decode does. The
+  workspace and the block-row index are shared with the flat GEMV (flat_gemv.decode_workspace), built on the
+  first call per weight: make one call before capturing a CUDA graph.
 """
 from __future__ import annotations
 
@@ -20,20 +24,24 @@ import torch
 
 from ..hybrid import HybridWeight
 
-__all__ = ["MMA_DECODE_MAX_TOKENS", "MmaDecodeConfig", "MMA_DECODE_CONFIG", "hybrid_mm_mma", "kernel_source",
-           "mma_decode_supported", "mma_decode_ready", "prefers_mma_decode", "selector_table",
-           "set_mma_decode_config", "use_mma_decode"]
+__all__ = ["MMA_DECODE_MAX_TOKENS", "MmaDecodeConfig", "MMA_DECODE_CONFIG", "ROWS_DECODE_CONFIG",
+           "ROWS_DECODE_CONFIG_MANY_ROWS", "hybrid_mm_mma", "hybrid_mm_rows", "kernel_source", "mma_decode_supported",
+           "mma_decode_ready", "prefers_mma_decode", "prefers_rows_decode", "rows_decode_config", "rows_decode_ready",
+           "selector_table", "set_mma_decode_config", "use_mma_decode", "use_rows_decode"]
 
 MMA_DECODE_MAX_TOKENS = 16  # two 8-token mma tiles
 
 
 class MmaDecodeConfig(NamedTuple):
     """Dense and 2:4 blocks per warp, TopK blocks per warp (both at most 32: a lane holds one block's column and
-    block-row), and warps per CTA."""
+    block-row), and warps per CTA. The row kernel also reads `nm_chunk`, its 2:4 blocks per warp step (0: as
+    `chunk`), and `min_ctas`, the CTAs per SM its registers must allow (0: no bound)."""
 
     chunk: int = 8
     topk_chunk: int = 12
     warps: int = 4
+    nm_chunk: int = 0
+    min_ctas: int = 0
 
 
 # Chunks of 8 blocks, 4 warps: the fastest, or within a few percent, of 5-9 configs swept at 1, 4 and 16
@@ -55,6 +63,48 @@ def prefers_mma_decode(tokens: int) -> bool:
 
     one_token_here = tokens == 1 and not flat_gemv_enabled()
     return _MMA_DECODE_ENABLED[0] and (2 <= tokens <= MMA_DECODE_MAX_TOKENS or one_token_here)
+
+
+# The row kernel's configs: one CTA of 8 warps per block-row either way. Where every CTA fits on the GPU at once
+# (two per SM), 8 dense or 2:4 blocks and 6 TopK blocks per warp step; with more block-rows, 4 and 12, whose fewer
+# registers (75 against 89) let three CTAs share an SM. On the H200, 11008x4096 at 1-8 tokens: 0.84-0.96x
+# cuBLAS with the second against 0.72-0.80x with the first; 4096-row matrices: the first, by 0-11%.
+ROWS_DECODE_CONFIG = MmaDecodeConfig(chunk=8, topk_chunk=6, warps=8)
+ROWS_DECODE_CONFIG_MANY_ROWS = MmaDecodeConfig(chunk=4, topk_chunk=12, warps=8)
+_ROWS_DECODE_ENABLED = [True]
+
+
+def rows_decode_config(hw: HybridWeight, device: torch.device) -> MmaDecodeConfig:
+    """The row kernel's config for `hw`: ROWS_DECODE_CONFIG while its block-rows fit two CTAs per SM, else
+    ROWS_DECODE_CONFIG_MANY_ROWS."""
+    block_rows = len(hw.dense_row_ptr) - 1
+    few = block_rows <= 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    return ROWS_DECODE_CONFIG if few else ROWS_DECODE_CONFIG_MANY_ROWS
+
+
+def use_rows_decode(enabled: bool) -> None:
+    """Let the op send decode products to the row kernel (the default where it runs, see prefers_rows_decode),
+    or not (then the chunk kernel and the flat GEMV take them as before)."""
+    _ROWS_DECODE_ENABLED[0] = bool(enabled)
+
+
+def prefers_rows_decode(tokens: int, hw: HybridWeight) -> bool:
+    """Whether the op sends a product of `tokens` tokens through `hw` to the row kernel: 2-16 tokens always
+    (faster than the chunk kernel at every shape, mix and token count timed), one token where at least half of
+    the blocks are dense or the flat GEMV is off (the flat GEMV was faster at one token where most blocks are 2:4
+    and TopK)."""
+    from ..triton.flat_gemv import flat_gemv_enabled
+
+    if not _ROWS_DECODE_ENABLED[0] or not 1 <= tokens <= MMA_DECODE_MAX_TOKENS:
+        return False
+    n_dense, n_nm, n_topk = hw.tier_counts()
+    return tokens > 1 or 2 * n_dense >= n_dense + n_nm + n_topk or not flat_gemv_enabled()
+
+
+def rows_decode_ready(x: torch.Tensor, hw: HybridWeight) -> bool:
+    """Whether the row kernel for this product is compiled already (a call inside a CUDA graph capture must not
+    compile); it keeps no other state."""
+    return _module_key(x, hw, rows_decode_config(hw, x.device)) in _MODULES
 
 
 def set_mma_decode_config(config: MmaDecodeConfig) -> MmaDecodeConfig:
@@ -101,11 +151,12 @@ def _compiler_available() -> bool:
 
 def kernel_source(half: bool, topk: int, ntile: int, config: MmaDecodeConfig) -> str:
     """mma_decode.cu with its compile-time constants defined: fp16 (else bf16), TopK k, 8-token tiles, config."""
-    assert 1 <= config.chunk <= 32 and 1 <= config.topk_chunk <= 32 and config.warps >= 1, \
+    assert 1 <= config.chunk <= 32 and 1 <= config.topk_chunk <= 32 and 0 <= config.nm_chunk <= 32 \
+        and config.warps >= 1 and config.min_ctas >= 0, \
         f"chunks must be 1..32 blocks (a lane holds one block's index): {config}"
     assert 1 <= topk <= 32 and ntile in (1, 2), (topk, ntile)
     defines = dict(TOPK=topk, NTILE=ntile, WARPS=config.warps, CHUNK=config.chunk, TOPK_CHUNK=config.topk_chunk,
-                   HALF_T=int(half))
+                   NM_CHUNK=config.nm_chunk or config.chunk, ROWS_MIN_CTAS=config.min_ctas, HALF_T=int(half))
     selectors = ", ".join(f"{{{lo:#x}u, {hi:#x}u}}" for lo, hi in selector_table().tolist())
     defines["SELECTORS"] = f"{{{selectors}}}"
     return "".join(f"#define {k} {v}\n" for k, v in defines.items()) + _SOURCE.read_text()
@@ -114,14 +165,24 @@ def kernel_source(half: bool, topk: int, ntile: int, config: MmaDecodeConfig) ->
 _SOURCE = Path(__file__).with_name("mma_decode.cu")
 
 
-@functools.lru_cache(maxsize=None)
-def _module(half: bool, topk: int, ntile: int, config: MmaDecodeConfig, arch: str) -> dict:
-    """The compiled kernels {name: launcher} for one set of compile-time constants."""
-    from torch.cuda._utils import _cuda_load_module, _nvrtc_compile
+_MODULES: dict[tuple, dict] = {}
 
-    source = kernel_source(half, topk, ntile, config)
-    binary, _ = _nvrtc_compile(source, "hybrid_mma_decode", arch, nvcc_options=["-std=c++17"])
-    return _cuda_load_module(binary, ["hybrid_mma_decode", "hybrid_cast_and_zero"])
+
+def _module_key(x: torch.Tensor, hw: HybridWeight, config: MmaDecodeConfig) -> tuple:
+    major, minor = torch.cuda.get_device_capability(x.device)
+    return x.dtype == torch.float16, hw.topk, 1 if x.shape[0] <= 8 else 2, config, f"{major}{minor}"
+
+
+def _module(half: bool, topk: int, ntile: int, config: MmaDecodeConfig, arch: str) -> dict:
+    """The compiled kernels {name: launcher} for one set of compile-time constants (compiled once per process)."""
+    key = (half, topk, ntile, config, arch)
+    if key not in _MODULES:
+        from torch.cuda._utils import _cuda_load_module, _nvrtc_compile
+
+        source = kernel_source(half, topk, ntile, config)
+        binary, _ = _nvrtc_compile(source, "hybrid_mma_decode", arch, nvcc_options=["-std=c++17"])
+        _MODULES[key] = _cuda_load_module(binary, ["hybrid_mma_decode", "hybrid_cast_and_zero", "hybrid_rows_decode"])
+    return _MODULES[key]
 
 
 def mma_decode_ready(hw: HybridWeight, tokens: int) -> bool:
@@ -141,9 +202,7 @@ def hybrid_mm_mma(x: torch.Tensor, hw: HybridWeight, config: MmaDecodeConfig | N
         assert t.is_contiguous(), f"{name} is not contiguous"
     config = config or MMA_DECODE_CONFIG
     T, (n_out, k_in) = x.shape[0], hw.shape
-    ntile = 1 if T <= 8 else 2
-    major, minor = torch.cuda.get_device_capability(x.device)
-    kernels = _module(x.dtype == torch.float16, hw.topk, ntile, config, f"{major}{minor}")
+    kernels = _module(*_module_key(x, hw, config))
     block_rows, ws = decode_workspace(hw, T, create=True)
     n_dense, n_nm, n_topk = hw.tier_counts()
     w_dense, w_nm, w_topk = -(-n_dense // config.chunk), -(-n_nm // config.chunk), -(-n_topk // config.topk_chunk)
@@ -162,4 +221,24 @@ def hybrid_mm_mma(x: torch.Tensor, hw: HybridWeight, config: MmaDecodeConfig | N
     threads = 256
     kernels["hybrid_cast_and_zero"](grid=(-(-(T * n_out) // threads), 1, 1), block=(threads, 1, 1),
                                     args=[ws, out, T, n_out, npad])
+    return out
+
+
+def hybrid_mm_rows(x: torch.Tensor, hw: HybridWeight, config: MmaDecodeConfig | None = None) -> torch.Tensor:
+    """x (T, in) @ W.T -> (T, out) for T <= 16 with one CTA per block-row (mma_decode.cu's row kernel): one launch,
+    no workspace and no per-weight state, so it is safe in a CUDA graph from the first call. The config's `chunk`
+    is the dense blocks a warp loads per step (`nm_chunk` the 2:4 blocks, `topk_chunk` the TopK blocks) and `warps`
+    the warps per block-row; rows_decode_config by default."""
+    assert x.dim() == 2 and x.is_contiguous(), (tuple(x.shape), x.stride())
+    assert mma_decode_supported(x, hw), "hybrid_mm_rows: unsupported input (see mma_decode_supported)"
+    for name, t in hw.tensors().items():
+        assert t.is_contiguous(), f"{name} is not contiguous"
+    config = config or rows_decode_config(hw, x.device)
+    T, (n_out, k_in) = x.shape[0], hw.shape
+    kernels = _module(*_module_key(x, hw, config))
+    out = x.new_empty(T, n_out)
+    stand_in = hw.dense_row_ptr  # an empty tier's buffers are never read (its row pointers are all zero)
+    buffers = [t if t.numel() else stand_in for t in hw.tensors().values()]
+    kernels["hybrid_rows_decode"](grid=(len(hw.dense_row_ptr) - 1, 1, 1), block=(32 * config.warps, 1, 1),
+                                  args=[x, out, *buffers, T, k_in, n_out])
     return out

@@ -5,11 +5,11 @@ Decode and short prefills (at most SKINNY_MAX_TOKENS tokens) stream the packed b
 `_hybrid_unpack_kernel` and hand it to cuBLAS, which is compute-bound there anyway. The custom op
 has a fake implementation, so torch.compile traces it and CUDA graphs capture it (no host syncs);
 its CPU path is the pure-torch reference. This module imports triton only when a kernel runs.
-At one token every weight goes to the flat GEMV instead (flat_gemv.py; faster on the H200 at every shape
-and mix timed, per matrix and end to end); flat_gemv.use_flat_gemv(False) turns that off. From 2 to 16
-tokens the tensor-core kernel of ../cuda/mma_decode.py takes them where it can (CUDA C++ through NVRTC;
-faster than the Triton decode kernel at every shape, mix and token count timed on the H200);
-mma_decode.use_mma_decode(False) turns that off.
+From 1 to 16 tokens the row kernel of ../cuda/mma_decode.py (CUDA C++ through NVRTC, one CTA per block-row)
+takes them where it can: 2-16 tokens always, one token where at least half of the blocks are dense
+(mma_decode.prefers_rows_decode; mma_decode.use_rows_decode(False) turns it off). Other one-token products
+go to the flat GEMV (flat_gemv.py; flat_gemv.use_flat_gemv(False) turns that off), and without the row kernel
+2-16 tokens go to the chunk kernel of the same file (mma_decode.use_mma_decode(False) turns that off).
 """
 from __future__ import annotations
 
@@ -224,6 +224,13 @@ def _hybrid_mm_op(x: torch.Tensor, dense_values: torch.Tensor, dense_cols: torch
     if T == 0:  # an empty grid is not a launch
         return x.new_empty(*lead, out_features)
     kernel_dtype = x2.dtype in _KERNEL_DTYPES and x2.dtype == hw.dtype
+    if T <= DECODE_MAX_TOKENS and kernel_dtype:
+        from ..cuda import mma_decode  # CUDA C++ compiled at first use (NVRTC)
+
+        # The row kernel keeps no state; only its compilation must not happen inside a capture.
+        if mma_decode.prefers_rows_decode(T, hw) and mma_decode.mma_decode_supported(x2, hw) and (
+                mma_decode.rows_decode_ready(x2, hw) or not torch.cuda.is_current_stream_capturing()):
+            return mma_decode.hybrid_mm_rows(x2, hw).reshape(*lead, out_features)
     if T == 1 and kernel_dtype:
         from . import flat_gemv  # here, not at the top: it imports this module's helpers
 

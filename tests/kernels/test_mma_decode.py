@@ -162,9 +162,47 @@ def nvrtc_ptx(source: str, arch: str = "sm_90") -> str:
     return ptx.value.decode()
 
 
+def row_kernel_visits(row_ptr: list[int], cols: list[int], warps: int, ch: int) -> list[tuple[int, int]]:
+    """(block, column the lane shuffle gives it) for every block the row kernel's warps take, replaying its loops:
+    warp w of block-row r takes steps of `ch` blocks from row_ptr[r] + w·ch, warps·ch apart, and step_cols loads
+    the columns of 32 // ch steps at a time (lane l: step l // ch, block l % ch)."""
+    def step_cols(start: int, end: int) -> list[int]:
+        blocks = [start + (lane // ch) * warps * ch + lane % ch for lane in range(32)]
+        return [cols[b] if lane < 32 // ch * ch and b < end else 0 for lane, b in enumerate(blocks)]
+
+    visits = []
+    for r in range(len(row_ptr) - 1):
+        for warp in range(warps):
+            first, end = row_ptr[r] + warp * ch, row_ptr[r + 1]
+            lane_cols, step = step_cols(first, end), 0
+            for start in range(first, end, warps * ch):
+                if step == 32 // ch:
+                    lane_cols, step = step_cols(start, end), 0
+                visits += [(start + i, lane_cols[step * ch + i]) for i in range(min(ch, end - start))]
+                step += 1
+    return visits
+
+
+@pytest.mark.parametrize("warps,ch", [(8, 8), (4, 12), (2, 5), (1, 32), (3, 7)])
+def test_row_kernel_takes_every_block_once_with_its_column(warps, ch) -> None:
+    """The row kernel's split of a block-row over warps and steps, and the column each step's shuffle reads,
+    on block-rows of 0 to 300 blocks (several column loads per warp where a warp takes more than 32 // ch steps)."""
+    g = torch.Generator().manual_seed(11)
+    per_row = [0, 1, ch - 1, ch, warps * ch + 1, 300, 37]
+    row_ptr = [0]
+    for n in per_row:
+        row_ptr.append(row_ptr[-1] + n)
+    cols = torch.randint(0, 1000, (row_ptr[-1],), generator=g).tolist()
+    visits = row_kernel_visits(row_ptr, cols, warps, ch)
+    assert sorted(block for block, _ in visits) == list(range(row_ptr[-1]))
+    assert all(col == cols[block] for block, col in visits)
+
+
 @pytest.mark.parametrize("topk,ntile,half,config", [
     (10, 1, False, md.MMA_DECODE_CONFIG), (10, 2, False, md.MMA_DECODE_CONFIG), (16, 2, True, md.MMA_DECODE_CONFIG),
     (1, 1, False, md.MmaDecodeConfig(16, 32, 8)), (32, 2, False, md.MmaDecodeConfig(12, 5, 4)),
+    (10, 1, False, md.ROWS_DECODE_CONFIG), (10, 2, True, md.ROWS_DECODE_CONFIG),
+    (10, 1, True, md.ROWS_DECODE_CONFIG_MANY_ROWS), (10, 2, False, md.ROWS_DECODE_CONFIG_MANY_ROWS),
 ])
 def test_source_compiles_for_hopper_without_spills(topk, ntile, half, config, tmp_path) -> None:
     ptx = nvrtc_ptx(md.kernel_source(half, topk, ntile, config))
@@ -178,10 +216,12 @@ def test_source_compiles_for_hopper_without_spills(topk, ntile, half, config, tm
     (tmp_path / "k.ptx").write_text(re.sub(r"^\.version \d+\.\d+", ".version 8.0", ptx, flags=re.M))
     report = subprocess.run([str(ptxas), "-arch=sm_90", "-v", str(tmp_path / "k.ptx"), "-o", str(tmp_path / "k.cubin")],
                             capture_output=True, text=True, check=True).stderr
-    decode = report.split("Function properties for hybrid_mma_decode")[1].split("Function properties for")[0]
-    assert "\n    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads" in decode, decode
-    registers = int(re.search(r"Used (\d+) registers", decode).group(1))
-    assert registers <= 65536 // (32 * config.warps), registers  # the CTA fits an SM
+    assert ".entry hybrid_rows_decode" in ptx and re.search(r"(red|atom)\.shared\.add\.f32", ptx)
+    for kernel in ("hybrid_mma_decode", "hybrid_rows_decode"):
+        properties = report.split(f"Function properties for {kernel}\n")[1].split("Function properties for")[0]
+        assert "0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads" in properties, (kernel, properties)
+        registers = int(re.search(r"Used (\d+) registers", properties).group(1))
+        assert registers <= 65536 // (32 * config.warps), (kernel, registers)  # the CTA fits an SM
 
 
 def test_supported_refuses_what_the_kernel_cannot_take() -> None:
@@ -225,6 +265,9 @@ def test_kernel_matches_reference_and_leaves_the_workspace_zeroed(shape, probs, 
     for config in [md.MMA_DECODE_CONFIG, md.MmaDecodeConfig(5, 7, 2)] * 2:
         got = md.hybrid_mm_mma(x, hw, config)
         torch.testing.assert_close(got.double().cpu(), expected, rtol=tol, atol=tol * expected.abs().max().item())
+        # the row kernel: every block-row's blocks split over the CTA's warps, chunks that end mid-row
+        got = md.hybrid_mm_rows(x, hw, config)
+        torch.testing.assert_close(got.double().cpu(), expected, rtol=tol, atol=tol * expected.abs().max().item())
     _, workspace = decode_workspace(hw, tokens, create=False)
     assert int(torch.count_nonzero(workspace)) == 0
 
@@ -235,7 +278,7 @@ def test_the_op_sends_2_to_16_tokens_here() -> None:
     from tierprune.kernels.triton import flat_gemv
     from tierprune.kernels.triton.hybrid_mm import hybrid_mm
 
-    assert [md.prefers_mma_decode(T) for T in (1, 2, 16, 17)] == [False, True, True, False]
+    assert [md.prefers_mma_decode(T) for T in (1, 2, 16, 17)] == [False, True, True, False]  # without the row kernel
     flat_gemv.use_flat_gemv(False)
     try:
         assert md.prefers_mma_decode(1)
@@ -253,7 +296,50 @@ def test_the_op_sends_2_to_16_tokens_here() -> None:
         hw = pack_hybrid(W, tier_map).to("cuda")
         x = torch.randn(5, 96, generator=g).to(torch.bfloat16)
         assert not md.mma_decode_ready(hw, 5)
-        got = hybrid_mm(x.cuda(), hw)
+        md.use_rows_decode(False)  # the row kernel takes 2-16 tokens first
+        try:
+            got = hybrid_mm(x.cuda(), hw)
+        finally:
+            md.use_rows_decode(True)
         assert md.mma_decode_ready(hw, 5) and md.mma_decode_ready(hw, 8) and not md.mma_decode_ready(hw, 9)
         expected = x.double() @ W.double().T
         torch.testing.assert_close(got.double().cpu(), expected, rtol=1.6e-2, atol=1.6e-2 * expected.abs().max().item())
+
+
+def test_the_op_sends_decode_to_the_row_kernel_first() -> None:
+    """2-16 tokens go to the row kernel; one token only where at least half of the blocks are dense (else the
+    flat GEMV, unless it is off); nothing when it is turned off. On CUDA: the op's result, and a capture after one
+    eager call compiles nothing."""
+    from tierprune.kernels.triton import flat_gemv
+    from tierprune.kernels.triton.hybrid_mm import hybrid_mm
+
+    g = torch.Generator().manual_seed(9)
+    mostly_dense = random_tier_map((64, 96), g, (0.9, 0.1, 0.0))
+    mostly_sparse = random_tier_map((64, 96), g, (0.35, 0.45, 0.2))
+    dense_hw = pack_hybrid(pruned_weight((64, 96), mostly_dense, g), mostly_dense)
+    W = pruned_weight((64, 96), mostly_sparse, g)
+    sparse_hw = pack_hybrid(W, mostly_sparse)
+    assert [md.prefers_rows_decode(T, sparse_hw) for T in (1, 2, 16, 17)] == [False, True, True, False]
+    assert [md.prefers_rows_decode(T, dense_hw) for T in (1, 2, 16, 17)] == [True, True, True, False]
+    flat_gemv.use_flat_gemv(False)
+    try:
+        assert md.prefers_rows_decode(1, sparse_hw)
+    finally:
+        flat_gemv.use_flat_gemv(True)
+    md.use_rows_decode(False)
+    try:
+        assert not any(md.prefers_rows_decode(T, dense_hw) for T in (1, 2, 16))
+    finally:
+        md.use_rows_decode(True)
+    if HAS_CUDA:
+        hw = sparse_hw.to("cuda")
+        x = torch.randn(5, 96, generator=g).to(torch.bfloat16).cuda()
+        got = hybrid_mm(x, hw)
+        assert md.rows_decode_ready(x, hw) and not md.mma_decode_ready(hw, 5)  # no workspace was built
+        expected = x.double().cpu() @ W.double().T
+        torch.testing.assert_close(got.double().cpu(), expected, rtol=1.6e-2, atol=1.6e-2 * expected.abs().max().item())
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = hybrid_mm(x, hw)
+        graph.replay()
+        torch.testing.assert_close(captured, got, rtol=0, atol=0)
