@@ -272,9 +272,18 @@ def test_the_op_sends_one_token_to_the_flat_gemv() -> None:
     module.hybrid_mm_flat_gemv(x, sparse, nb=8)  # counted: builds the state and the counts for nb 8
     assert module.flat_gemv_ready(sparse, 8) and not module.flat_gemv_ready(sparse, 16)
     assert module.flat_gemv_ready(sparse, None) and not module.flat_gemv_ready(mostly_dense, None)
-    # Through the op, eagerly: the default (uncounted) builds the state of a mostly dense weight too.
+    # Through the op, eagerly: a mostly dense weight goes to the row kernel (mma_decode.prefers_rows_decode),
+    # which builds no flat state; with the row kernel off, the default (uncounted) flat GEMV builds it.
+    from tierprune.kernels.cuda import mma_decode
+
     xd = torch.randn(1, 96, generator=g).to(torch.bfloat16)
     _close(hybrid_mm(xd.to(KERNEL_DEVICE), mostly_dense), _expected(xd, W), torch.bfloat16)
+    assert not module.flat_gemv_ready(mostly_dense, None)
+    mma_decode.use_rows_decode(False)
+    try:
+        _close(hybrid_mm(xd.to(KERNEL_DEVICE), mostly_dense), _expected(xd, W), torch.bfloat16)
+    finally:
+        mma_decode.use_rows_decode(True)
     assert module.flat_gemv_ready(mostly_dense, None) == (KERNEL_DEVICE == "cuda")
 
 
