@@ -22,7 +22,7 @@ from typing import NamedTuple
 
 import torch
 
-from ..hybrid import HybridWeight
+from ..hybrid import HYBRID_TENSOR_NAMES, HybridWeight
 
 __all__ = ["MMA_DECODE_MAX_TOKENS", "MmaDecodeConfig", "MMA_DECODE_CONFIG", "ROWS_DECODE_CONFIG",
            "ROWS_DECODE_CONFIG_MANY_ROWS", "hybrid_mm_mma", "hybrid_mm_rows", "kernel_source", "mma_decode_supported",
@@ -192,14 +192,24 @@ def mma_decode_ready(hw: HybridWeight, tokens: int) -> bool:
     return decode_workspace(hw, tokens, create=False) is not None
 
 
+def _check_inputs(x: torch.Tensor, hw: HybridWeight, caller: str) -> None:
+    assert x.dim() == 2 and x.is_contiguous(), (tuple(x.shape), x.stride())
+    assert mma_decode_supported(x, hw), f"{caller}: unsupported input (see mma_decode_supported)"
+    for name, t in hw.tensors().items():
+        assert t.is_contiguous(), f"{name} is not contiguous"
+
+
+def _buffers(hw: HybridWeight, names) -> list[torch.Tensor]:
+    """The packed buffers `names` as kernel arguments; an empty tier's buffers are never read (its row pointers
+    are all zero), so any pointer stands in for them."""
+    return [getattr(hw, n) if getattr(hw, n).numel() else hw.dense_row_ptr for n in names]
+
+
 def hybrid_mm_mma(x: torch.Tensor, hw: HybridWeight, config: MmaDecodeConfig | None = None) -> torch.Tensor:
     """x (T, in) @ W.T -> (T, out) for T <= 16 on the tensor cores (mma_decode.cu); see mma_decode_supported."""
     from ..triton.flat_gemv import decode_workspace
 
-    assert x.dim() == 2 and x.is_contiguous(), (tuple(x.shape), x.stride())
-    assert mma_decode_supported(x, hw), "hybrid_mm_mma: unsupported input (see mma_decode_supported)"
-    for name, t in hw.tensors().items():
-        assert t.is_contiguous(), f"{name} is not contiguous"
+    _check_inputs(x, hw, "hybrid_mm_mma")
     config = config or MMA_DECODE_CONFIG
     T, (n_out, k_in) = x.shape[0], hw.shape
     kernels = _module(*_module_key(x, hw, config))
@@ -210,10 +220,8 @@ def hybrid_mm_mma(x: torch.Tensor, hw: HybridWeight, config: MmaDecodeConfig | N
     npad = 16 * (len(hw.dense_row_ptr) - 1)
     out = x.new_empty(T, n_out)
     if warps:
-        stand_in = hw.dense_row_ptr  # an empty tier's buffers are never read; any pointer will do
-        buffers = [t if t.numel() else stand_in for t in (
-            hw.dense_values, hw.dense_cols, hw.nm_values, hw.nm_meta, hw.nm_cols, hw.topk_values, hw.topk_pos,
-            hw.topk_cols)]
+        buffers = _buffers(hw, ("dense_values", "dense_cols", "nm_values", "nm_meta", "nm_cols", "topk_values",
+                                "topk_pos", "topk_cols"))
         kernels["hybrid_mma_decode"](
             grid=(-(-warps // config.warps), 1, 1), block=(32 * config.warps, 1, 1),
             args=[x, ws, block_rows, *buffers, n_dense, n_nm, n_topk, w_dense, w_nm, warps, T,
@@ -226,19 +234,16 @@ def hybrid_mm_mma(x: torch.Tensor, hw: HybridWeight, config: MmaDecodeConfig | N
 
 def hybrid_mm_rows(x: torch.Tensor, hw: HybridWeight, config: MmaDecodeConfig | None = None) -> torch.Tensor:
     """x (T, in) @ W.T -> (T, out) for T <= 16 with one CTA per block-row (mma_decode.cu's row kernel): one launch,
-    no workspace and no per-weight state, so it is safe in a CUDA graph from the first call. The config's `chunk`
+    no workspace and no per-weight state, so once compiled (rows_decode_ready) it is safe in a CUDA graph capture,
+    and calls on one weight may overlap on several streams. The config's `chunk`
     is the dense blocks a warp loads per step (`nm_chunk` the 2:4 blocks, `topk_chunk` the TopK blocks) and `warps`
     the warps per block-row; rows_decode_config by default."""
-    assert x.dim() == 2 and x.is_contiguous(), (tuple(x.shape), x.stride())
-    assert mma_decode_supported(x, hw), "hybrid_mm_rows: unsupported input (see mma_decode_supported)"
-    for name, t in hw.tensors().items():
-        assert t.is_contiguous(), f"{name} is not contiguous"
+    _check_inputs(x, hw, "hybrid_mm_rows")
     config = config or rows_decode_config(hw, x.device)
     T, (n_out, k_in) = x.shape[0], hw.shape
     kernels = _module(*_module_key(x, hw, config))
     out = x.new_empty(T, n_out)
-    stand_in = hw.dense_row_ptr  # an empty tier's buffers are never read (its row pointers are all zero)
-    buffers = [t if t.numel() else stand_in for t in hw.tensors().values()]
+    buffers = _buffers(hw, HYBRID_TENSOR_NAMES)
     kernels["hybrid_rows_decode"](grid=(len(hw.dense_row_ptr) - 1, 1, 1), block=(32 * config.warps, 1, 1),
                                   args=[x, out, *buffers, T, k_in, n_out])
     return out
