@@ -125,32 +125,34 @@ __device__ __forceinline__ void fragment(u32* a, const u32* raw, const uint2* se
     }
 }
 
-// A dense or 2:4 chunk: all its loads (blocks and x) issued first, then one mma per block and 8-token tile; the
-// accumulators go to ws whenever the block-row changes.
-template <int TIER>
-__device__ __forceinline__ void stream_blocks(float (*acc)[4], int& row, int n, int start, int lane_col, int lane_row,
-                                              const void* __restrict__ values, const u16* __restrict__ meta,
-                                              const u16* __restrict__ x, const uint2* sel, float* __restrict__ ws,
-                                              int g, int t, int T, int K, int NPAD) {
+// A dense or 2:4 chunk of n <= CH blocks from `start`: all its loads (blocks and x) issued first, then one mma per
+// block and 8-token tile. Lane col_lane0 + i holds block i's column, lane i its block-row; the accumulators go to
+// ws whenever the block-row changes, unless ONE_ROW (the row kernel: every block in one block-row).
+template <int TIER, int CH, bool ONE_ROW>
+__device__ __forceinline__ void stream_blocks(float (*acc)[4], int& row, int n, int start, int lane_col, int col_lane0,
+                                              int lane_row, const void* __restrict__ values,
+                                              const u16* __restrict__ meta, const u16* __restrict__ x,
+                                              const uint2* sel, float* __restrict__ ws, int g, int t, int T, int K,
+                                              int NPAD) {
     // A block is 64 words of this lane's width (8 bytes dense, 4 bytes 2:4) and 16 u16 of 2:4 metadata.
     constexpr int word = TIER == 0 ? sizeof(uint2) : sizeof(u32);
     const void* lane_values = static_cast<const char*>(values) + ((size_t)start * 64 + g * 4 + t) * word;
     const u16* lane_meta = TIER == 0 ? nullptr : meta + (size_t)start * 16 + g;  // dense blocks have none
-    u32 raw[CHUNK][4];
-    uint2 bx[CHUNK][NTILE];
+    u32 raw[CH][4];
+    uint2 bx[CH][NTILE];
 #pragma unroll
-    for (int i = 0; i < CHUNK; ++i) {
-        const int col = __shfl_sync(FULL, lane_col, i);
+    for (int i = 0; i < CH; ++i) {
+        const int col = __shfl_sync(FULL, lane_col, col_lane0 + i);
         if (i < n) {
             load_block<TIER>(raw[i], lane_values, lane_meta, i);
             load_x(bx[i], x, col, g, t, T, K);
         }
     }
 #pragma unroll
-    for (int i = 0; i < CHUNK; ++i) {
-        const int block_row = __shfl_sync(FULL, lane_row, i);
+    for (int i = 0; i < CH; ++i) {
+        const int block_row = ONE_ROW ? row : __shfl_sync(FULL, lane_row, i);
         if (i < n) {
-            if (block_row != row) { flush(acc, ws, row, g, t, T, NPAD); row = block_row; }
+            if (!ONE_ROW && block_row != row) { flush(acc, ws, row, g, t, T, NPAD); row = block_row; }
             u32 a[4];
             fragment<TIER>(a, raw[i], sel, t);
             mma_tiles(acc, a[0], a[1], a[2], a[3], bx[i]);
@@ -276,9 +278,11 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, 1) hybrid_mma_decode(
     const int start = c.start, n = c.n, lane_col = c.lane_col, lane_row = c.lane_row;
     int row = __shfl_sync(FULL, lane_row, 0);
     if (c.tier == 0)
-        stream_blocks<0>(acc, row, n, start, lane_col, lane_row, dense_values, nullptr, x, sel, ws, g, t, T, K, NPAD);
+        stream_blocks<0, CHUNK, false>(acc, row, n, start, lane_col, 0, lane_row, dense_values, nullptr, x, sel, ws, g,
+                                       t, T, K, NPAD);
     else if (c.tier == 1)
-        stream_blocks<1>(acc, row, n, start, lane_col, lane_row, nm_values, nm_meta, x, sel, ws, g, t, T, K, NPAD);
+        stream_blocks<1, CHUNK, false>(acc, row, n, start, lane_col, 0, lane_row, nm_values, nm_meta, x, sel, ws, g, t,
+                                       T, K, NPAD);
     else
         topk_blocks<false>(acc, row, n, start, lane_col, 0, lane_row, topk_values, topk_pos, x, &tiles[warp][0][0], ws,
                            lane, g, t, T, K, NPAD);
@@ -325,38 +329,17 @@ __device__ __forceinline__ int step_cols(const short* __restrict__ cols, int sta
 }
 
 // A warp's dense (TIER 0) or 2:4 (TIER 1) blocks of one block-row: steps of CH blocks from `first`, WARPS * CH
-// apart; lane_cols holds the first steps' columns (step_cols). Each step issues all its weight and x
-// loads, then runs its mmas.
+// apart; lane_cols holds the first steps' columns (step_cols).
 template <int TIER, int CH>
 __device__ __forceinline__ void row_blocks(float (*acc)[4], int first, int end, int lane_cols, int lane,
                                            const void* __restrict__ values, const u16* __restrict__ meta,
                                            const short* __restrict__ cols, const u16* __restrict__ x,
                                            const uint2* sel, int g, int t, int T, int K) {
-    constexpr int word = TIER == 0 ? sizeof(uint2) : sizeof(u32);
-    int step = 0;
+    int same_row = 0, step = 0;
     for (int start = first; start < end; start += WARPS * CH, ++step) {
         if (step == 32 / CH) step = 0, lane_cols = step_cols<CH>(cols, start, end, lane);
-        const int n = min(CH, end - start);
-        const void* lane_values = static_cast<const char*>(values) + ((size_t)start * 64 + g * 4 + t) * word;
-        const u16* lane_meta = TIER == 0 ? nullptr : meta + (size_t)start * 16 + g;
-        u32 raw[CH][4];
-        uint2 bx[CH][NTILE];
-#pragma unroll
-        for (int i = 0; i < CH; ++i) {
-            const int col = __shfl_sync(FULL, lane_cols, step * CH + i);
-            if (i < n) {
-                load_block<TIER>(raw[i], lane_values, lane_meta, i);
-                load_x(bx[i], x, col, g, t, T, K);
-            }
-        }
-#pragma unroll
-        for (int i = 0; i < CH; ++i) {
-            if (i < n) {
-                u32 a[4];
-                fragment<TIER>(a, raw[i], sel, t);
-                mma_tiles(acc, a[0], a[1], a[2], a[3], bx[i]);
-            }
-        }
+        stream_blocks<TIER, CH, true>(acc, same_row, min(CH, end - start), start, lane_cols, step * CH, 0, values,
+                                      meta, x, sel, nullptr, g, t, T, K, 0);
     }
 }
 
