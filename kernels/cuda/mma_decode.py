@@ -68,7 +68,7 @@ def prefers_mma_decode(tokens: int) -> bool:
 # The row kernel's configs: one CTA of 8 warps per block-row either way. Where every CTA fits on the GPU at once
 # (two per SM), 8 dense or 2:4 blocks and 6 TopK blocks per warp step; with more block-rows, 4 and 12, whose fewer
 # registers (75 against 89) let three CTAs share an SM. On the H200, 11008x4096 at 1-8 tokens: 0.84-0.96x
-# cuBLAS with the second against 0.72-0.80x with the first; 4096-row matrices: the first, by 0-11%.
+# cuBLAS with the second against 0.72-0.80x with the first; 4096-row matrices: the first, by 0-8%.
 ROWS_DECODE_CONFIG = MmaDecodeConfig(chunk=8, topk_chunk=6, warps=8)
 ROWS_DECODE_CONFIG_MANY_ROWS = MmaDecodeConfig(chunk=4, topk_chunk=12, warps=8)
 _ROWS_DECODE_ENABLED = [True]
@@ -90,9 +90,9 @@ def use_rows_decode(enabled: bool) -> None:
 
 def prefers_rows_decode(tokens: int, hw: HybridWeight) -> bool:
     """Whether the op sends a product of `tokens` tokens through `hw` to the row kernel: 2-16 tokens always
-    (faster than the chunk kernel at every shape, mix and token count timed), one token where at least half of
-    the blocks are dense or the flat GEMV is off (the flat GEMV was faster at one token where most blocks are 2:4
-    and TopK)."""
+    (faster than the chunk kernel at 2-8 tokens at every shape and mix timed, and at 16 on all but the fused
+    gate-up shape on the H100), one token where at least half of the blocks are dense or the flat GEMV is off
+    (the flat GEMV was faster at one token where most blocks are 2:4 and TopK)."""
     from ..triton.flat_gemv import flat_gemv_enabled
 
     if not _ROWS_DECODE_ENABLED[0] or not 1 <= tokens <= MMA_DECODE_MAX_TOKENS:

@@ -227,9 +227,10 @@ def _hybrid_mm_op(x: torch.Tensor, dense_values: torch.Tensor, dense_cols: torch
     if T <= DECODE_MAX_TOKENS and kernel_dtype:
         from ..cuda import mma_decode  # CUDA C++ compiled at first use (NVRTC)
 
-        # The row kernel keeps no state; only its compilation must not happen inside a capture.
+        # The row kernel keeps no state; only its compilation must not happen inside a capture (checked only
+        # while capturing: eager calls skip the lookup).
         if mma_decode.prefers_rows_decode(T, hw) and mma_decode.mma_decode_supported(x2, hw) and (
-                mma_decode.rows_decode_ready(x2, hw) or not torch.cuda.is_current_stream_capturing()):
+                not torch.cuda.is_current_stream_capturing() or mma_decode.rows_decode_ready(x2, hw)):
             return mma_decode.hybrid_mm_rows(x2, hw).reshape(*lead, out_features)
     if T == 1 and kernel_dtype:
         from . import flat_gemv  # here, not at the top: it imports this module's helpers
