@@ -24,7 +24,7 @@ from pydantic.fields import FieldInfo
 from tierprune.errors import TierpruneError
 
 __all__ = ["RUN_NAME_TEMPLATE", "expand_run_name", "flow_run_name", "described", "Plan", "Store", "Run", "ResumeFrom", "Export", "Model", "GgufFile", "Dtype",
-           "Method", "Pattern", "Sparsity", "BlockSize", "Tiers", "Topk", "Select", "Scope", "Calib",
+           "Method", "Pattern", "Sparsity", "BlockSize", "Tiers", "Topk", "Select", "Scope", "Saliency", "Calib",
            "CalibSamples", "CalibSeqlen", "CalibBatchSize", "Seed", "Compile", "Eval", "EvalSeqlen",
            "EvalMaxWindows", "EvalBatchSize", "ZeroShot", "ZeroShotLimit", "ZeroShotInclude", "Device", "Offload", "FtMethod", "FtData", "FtTokens", "FtSeqlen",
            "FtBatchSize", "FtLr", "FtGradAccum", "FtSchedule", "FtWarmup", "FtTrain", "FtCommitEvery",
@@ -67,6 +67,10 @@ Select = Annotated[Literal["wanda", "magnitude"],
                    Field(description="Survivors inside 2:4/TopK blocks: by Wanda score or by magnitude")]
 Scope = Annotated[Literal["matrix", "global"],
                   Field(description="Tier fractions per matrix, or ranked over the whole model")]
+Saliency = Annotated[Literal["wanda", "fisher"],
+                     Field(description="What blocks are ranked by: Wanda |W|·sqrt(S), or fisher |W|·sqrt(F) with F "
+                                       "the mean squared gradient of the previous iteration's full fine-tuning "
+                                       "(the first iteration uses Wanda)")]
 
 # ---- data ----------------------------------------------------------------------------------------------------
 Calib = Annotated[str | None, Field(description="Calibration data spec (c4, c4:PATH, wikitext2:DIR, text:GLOB); "

@@ -22,7 +22,7 @@ from tierprune.flows.parameters import (
     EvalBatchSize, EvalMaxWindows, EvalSeqlen, Export, FtBatchSize, FtCommitEvery, FtCommitMinutes, FtCompile, FtData, FtFade,
     FtEvalEvery, FtGradAccum, FtLr, FtMethod, FtPatience, FtSchedule, FtSeqlen, FtTokens, FtTrain, FtWarmup,
     GgufFile, KdCacheTopk, ObsUpdate, KdHiddenWeight, KdTemperature, KdWeight, LoraRank, LoraTargets, Model, Offload, Plan,
-    ResumeFrom, Run, Scope, Seed, Select, Store, Topk, ZeroShot, ZeroShotInclude, ZeroShotLimit, described,
+    ResumeFrom, Run, Saliency, Scope, Seed, Select, Store, Topk, ZeroShot, ZeroShotInclude, ZeroShotLimit, described,
     flow_run_name,
 )
 from tierprune.tasks.collect_activations import collect_activations_task
@@ -100,6 +100,7 @@ def progressive(
     topk: Topk = 10,
     select: Select = "wanda",
     scope: Scope = "matrix",
+    saliency: Saliency = "wanda",
     calib: Calib = None,
     calib_samples: CalibSamples = 128,
     calib_seqlen: CalibSeqlen = 2048,

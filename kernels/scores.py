@@ -1,7 +1,8 @@
-"""Importance scores: Wanda |W|·sqrt(S) and magnitude |W|, and their per-block means.
+"""Importance scores: Wanda |W|·sqrt(S), Fisher |W|·sqrt(F) and magnitude |W|, and their per-block means.
 
 S is the per-input-feature activation statistic of the reference (locuslab/wanda):
 S_j = (1/N)·Σ over all N·L calibration tokens of x_j², N = number of sequences.
+F is a per-weight mean squared gradient of the training loss (the diagonal empirical Fisher).
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ __all__ = [
     "sum_sq",
     "add_sq_norm_",
     "wanda_scores",
+    "fisher_scores",
     "magnitude_scores",
     "block_sums",
     "block_counts",
@@ -50,6 +52,17 @@ def wanda_scores(W: torch.Tensor, S: torch.Tensor) -> torch.Tensor:
     """|W_ij|·sqrt(S_j); W (out, in), S (in,) -> (out, in) fp32."""
     assert W.shape[-1] == S.shape[0], (W.shape, S.shape)
     return W.abs().float() * S.float().sqrt().unsqueeze(0)
+
+
+def fisher_scores(W: torch.Tensor, F: torch.Tensor) -> torch.Tensor:
+    """|W_ij|·sqrt(F_ij); W, F (out, in) -> (out, in) fp32.
+
+    The square root of Optimal Brain Damage's saliency ½·F·W² (the loss a removed weight costs under a
+    diagonal Fisher), in the same form as Wanda's |W|·sqrt(S): Wanda's S measures what reaches the layer's
+    output, F what reaches the loss.
+    """
+    assert W.shape == F.shape, (W.shape, F.shape)
+    return W.abs().float() * F.float().clamp_min(0).sqrt()
 
 
 def magnitude_scores(W: torch.Tensor) -> torch.Tensor:

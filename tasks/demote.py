@@ -45,6 +45,7 @@ from tierprune.storage.formats import (
 
 from .prune import named_linears
 from .refs import ArtifactRef, committed_or_compute, store_cache_policy
+from .score_blocks import ranks_by_fisher, read_fisher, weight_scores
 from .tier_tables import block_maps, iteration_demoted_from_table, tier_maps_from_table, tier_table
 
 if TYPE_CHECKING:
@@ -83,12 +84,15 @@ def _ranked_on(old: torch.Tensor, after_phase1: torch.Tensor, dense_means: torch
 
 
 def demote(tiers: pd.DataFrame, scores: pd.DataFrame, fractions: tuple[float, float, float], iteration: int, *,
-           scope: Literal["matrix", "global"] = "matrix", device: str | torch.device = "cpu") -> pd.DataFrame:
+           scope: Literal["matrix", "global"] = "matrix", device: str | torch.device = "cpu",
+           relative: bool = True) -> pd.DataFrame:
     """The next tier table: fractions (dense, 2:4, topk) of blocks per matrix, or over the whole model.
 
     Blocks that change tier get iteration_demoted = iteration; the score column holds the score each
     block was ranked on this iteration (phase 1: score, phase 2: score_2_4; in global scope divided by
-    the matrix's mean block score, as ranked), NaN for blocks no phase ranked.
+    the matrix's mean block score when `relative`, as ranked), NaN for blocks no phase ranked.
+    relative=False ranks global scope on the raw scores: right for scores in one unit across matrices
+    (Fisher's, in loss), wrong for Wanda's, whose scale follows each layer's activations.
     """
     _check_fractions(fractions)
     if scope not in ("matrix", "global"):
@@ -121,11 +125,12 @@ def demote(tiers: pd.DataFrame, scores: pd.DataFrame, fractions: tuple[float, fl
         to_2_4, to_topk = _counts(current, target_counts(total, fractions), "whole model (scope global)", iteration)
         d = [dense_means[n] for n in names]
         m = [nm_means[n] for n in names]
-        mids = demote_by_block_scores_global(maps, d, None, to_2_4, 0, relative=True)
-        finals = demote_by_block_scores_global(mids, d, m, 0, to_topk, relative=True)
+        mids = demote_by_block_scores_global(maps, d, None, to_2_4, 0, relative=relative)
+        finals = demote_by_block_scores_global(mids, d, m, 0, to_topk, relative=relative)
         for name, t, mid, final, dn, nn_ in zip(names, maps, mids, finals, d, m):
             new[name] = final
-            ranked[name] = _ranked_on(t, mid, relative_block_scores(dn), relative_block_scores(nn_), to_2_4, to_topk)
+            as_ranked = relative_block_scores if relative else (lambda b: b)
+            ranked[name] = _ranked_on(t, mid, as_ranked(dn), as_ranked(nn_), to_2_4, to_topk)
 
     for name in names:
         assert (new[name] >= old[name]).all(), f"{name}: a block moved up a tier"
@@ -176,10 +181,12 @@ class PackedMasks:
 @torch.no_grad()
 def keep_masks(model: nn.Module, tiers: pd.DataFrame, stats: dict[str, torch.Tensor] | None,
                previous: PackedMasks | None, *, block_size: int = 16, topk: int = 10,
-               select: Literal["wanda", "magnitude"] = "wanda") -> PackedMasks:
+               select: Literal["wanda", "magnitude"] = "wanda",
+               fisher: dict[str, torch.Tensor] | None = None) -> PackedMasks:
     """The keep mask of every linear for a tier table: Dense blocks keep all, 2:4 two of every four along the
-    input dimension, TopK the `topk` best of the block, by Wanda score |W|·sqrt(S) (stats: module -> S (in,))
-    or |W|; ANDed with the previous iteration's mask so that a removed weight never returns."""
+    input dimension, TopK the `topk` best of the block, by Wanda score |W|·sqrt(S) (stats: module -> S (in,)),
+    by |W|·sqrt(F) where `fisher` (module -> F (out, in)) is given and select is 'wanda', or by |W|; ANDed with
+    the previous iteration's mask so that a removed weight never returns."""
     if select not in ("wanda", "magnitude"):
         raise ValueError(f"select must be 'wanda' or 'magnitude', got {select!r}")
     maps = tier_maps_from_table(tiers)
@@ -197,6 +204,8 @@ def keep_masks(model: nn.Module, tiers: pd.DataFrame, stats: dict[str, torch.Ten
                                  f"{tuple(W.shape)}, tier map {tuple(tier_map.shape)} of blocks of {block_size}")
         if select == "magnitude":
             chooser = magnitude_scores(W)
+        elif fisher is not None:
+            chooser = weight_scores(name, W, {}, fisher)
         else:
             if stats is None or name not in stats:
                 raise TierpruneError(f"no activation statistics for {name} (select='wanda' needs them)")
@@ -235,7 +244,9 @@ def _demote_material(p: dict) -> dict:
     prune = state.cfg.prune
     return {"tiers": p["tiers"].digest, "scores": p["scores"].digest, "checkpoint": p["checkpoint"].digest,
             "activations": p["activations"].digest, "fractions": list(state.plan.step(p["iteration"]).fractions),
-            "scope": prune.scope, "block_size": prune.block_size, "topk": prune.topk, "select": prune.select}
+            "scope": prune.scope, "block_size": prune.block_size, "topk": prune.topk, "select": prune.select,
+            # runs made before --saliency keep their keys
+            **({"saliency": prune.saliency} if prune.saliency != "wanda" else {})}
 
 
 @task(name="demote", persist_result=True, cache_policy=store_cache_policy("tiers", _demote_material))
@@ -247,12 +258,14 @@ def demote_task(state: RunState, iteration: int, checkpoint: ArtifactRef, tiers:
     store, prune = state.store, state.cfg.prune
 
     def compute() -> dict:
+        # Fisher scores are in one unit (loss) across matrices: a global ranking compares them as they are.
         table = demote(store.read_object(tiers.uri, "tiers.parquet"), store.read_object(scores.uri, "scores.parquet"),
-                       state.plan.step(iteration).fractions, iteration, scope=prune.scope, device=state.cfg.device)
+                       state.plan.step(iteration).fractions, iteration, scope=prune.scope, device=state.cfg.device,
+                       relative=not ranks_by_fisher(state, checkpoint))
         loaded = state.model_at(checkpoint)
         stats = activation_stats(store.read_object(activations.uri, "activations.parquet"))
         masks = keep_masks(loaded.model, table, stats, state.masks_of(tiers), block_size=prune.block_size,
-                           topk=prune.topk, select=prune.select)
+                           topk=prune.topk, select=prune.select, fisher=read_fisher(state, checkpoint))
         computed["masks"] = masks
         return {"tiers.parquet": table, "masks.safetensors": masks_file(masks)}
 

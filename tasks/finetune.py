@@ -25,6 +25,7 @@ from tierprune.progress import report as report_progress
 
 from .prune import named_linears
 from .refs import ArtifactRef, committed_or_compute, step_key, store_cache_policy
+from .score_blocks import FISHER_FILE
 from .training import (
     TeacherTopK, TrainState, calibration_doc_indices, check_disjoint, corpus_stream, draw_windows, finetune_model_,
     iteration_tokens, masks_applied, teacher_topk_logits,
@@ -203,6 +204,8 @@ def _finetune_material(p: dict) -> dict:
     state = p["state"]
     epochs = state.plan.step(p["iteration"]).epochs
     material = {"checkpoint": p["checkpoint"].digest, "tiers": p["tiers"].digest, "epochs": epochs}
+    if state.cfg.prune.saliency == "fisher":  # the step then also stores the gradients' statistics
+        material["saliency"] = "fisher"
     if state.cfg.finetune.obs_update:  # the OBS update's Gram matrices come from the calibration windows
         material.update(obs_update=True, calibration=state.identity["calibration"], model=state.identity["model"])
     if needs_training(state.cfg, epochs):
@@ -214,8 +217,9 @@ def _finetune_material(p: dict) -> dict:
 
 
 def _train(state: RunState, iteration: int, key: str, model: nn.Module, tokenizer, masks: PackedMasks,
-           n_tokens: int, record: dict) -> set[str]:
-    """Fine-tune the working model in place for n_tokens; returns the names of the tensors training changed."""
+           n_tokens: int, record: dict) -> tuple[set[str], dict[str, torch.Tensor]]:
+    """Fine-tune the working model in place for n_tokens; returns the names of the tensors training changed, and
+    the weights' mean squared gradients when the run ranks by them (--saliency fisher), else {}."""
     ft: FinetuneConfig = state.cfg.finetune
     device = state.cfg.device
     keep = {name: masks.mask(name, device) for name in masks}
@@ -255,7 +259,8 @@ def _train(state: RunState, iteration: int, key: str, model: nn.Module, tokenize
     result = finetune_model_(model, keep, train_ids, ft, teacher=teacher, val_ids=val_ids,
                              state=resumed[0] if resumed else None, on_step=commit,
                              on_progress=lambda done, total: report_progress(f"iteration {iteration}: finetune",
-                                                                             done, total))
+                                                                             done, total),
+                             fisher=state.cfg.prune.saliency == "fisher")
     record.update(before, method=ft.method, tokens=result.tokens, steps=result.steps,
                   train_seconds=round(result.seconds, 3), stopped_early=result.stopped_early,
                   resumed_from_step=resumed[0].step if resumed else None,
@@ -265,8 +270,8 @@ def _train(state: RunState, iteration: int, key: str, model: nn.Module, tokenize
     if ft.fade_fraction:
         record["fade_fraction"] = ft.fade_fraction
     if ft.method == "lora" or ft.train == "linears":
-        return {f"{name}.weight" for name in named_linears(model)} | _biases(model)
-    return {name for name, _ in model.named_parameters()}
+        return {f"{name}.weight" for name in named_linears(model)} | _biases(model), result.fisher
+    return {name for name, _ in model.named_parameters()}, result.fisher
 
 
 def _biases(model: nn.Module) -> set[str]:
@@ -288,9 +293,11 @@ def finetune_task(state: RunState, iteration: int, checkpoint: ArtifactRef, tier
         masks = state.masks_of(tiers)
         if masks is None:
             raise TierpruneError(f"{tiers.uri} holds no keep masks to apply")
+        fisher: dict[str, torch.Tensor] = {}
         try:
             if needs_training(state.cfg, epochs):
-                changed = _train(state, iteration, key, loaded.model, loaded.tokenizer, masks, n_tokens, record)
+                changed, fisher = _train(state, iteration, key, loaded.model, loaded.tokenizer, masks, n_tokens,
+                                         record)
             else:
                 changed = _demoted_start(state, iteration, loaded.model, loaded.tokenizer, masks)
                 record.update(method="none", tokens=0, steps=0)
@@ -300,7 +307,8 @@ def finetune_task(state: RunState, iteration: int, checkpoint: ArtifactRef, tier
         except BaseException:
             state.forget_model_state()  # half-changed weights must never pass for a checkpoint
             raise
-        return {"checkpoint.json": index}, blobs
+        # The next iteration's scores and masks read it beside the weights it was measured on.
+        return {"checkpoint.json": index, **({FISHER_FILE: fisher} if fisher else {})}, blobs
 
     ref = committed_or_compute(state.store, iteration, "checkpoint", material, compute, record)
     _drop_train_states(state, iteration, key)

@@ -196,7 +196,8 @@ def run_identity(cfg: TierpruneConfig, plan: Plan) -> dict:
         "model": {**model_identity(cfg.model.name, cfg.model.gguf_file), "dtype": cfg.model.dtype},
         "plan": plan.to_rows(), "plan_fingerprint": plan_fingerprint(plan),
         "calibration": {**c.model_dump(mode="json", exclude={"data", "batch_size"}), "data": data_identity(c.data)},
-        "prune": cfg.prune.model_dump(mode="json"),
+        # The saliency only when not Wanda: runs made before --saliency keep their identity.
+        "prune": cfg.prune.model_dump(mode="json", exclude=set() if cfg.prune.saliency != "wanda" else {"saliency"}),
         # Zero-shot settings only when asked for: runs made before they existed keep their identity.
         "eval": {**e.model_dump(mode="json", exclude={"data", "batch_size", *_ZERO_SHOT_FIELDS}),
                  "data": data_identity(e.data), **zero_shot_identity(e)},

@@ -12,6 +12,7 @@ from tierprune.storage.checkpoints import checkpoint_blobs
 
 from .demote import initial_tiers
 from .refs import ArtifactRef, committed_or_compute, store_cache_policy
+from .score_blocks import FISHER_FILE
 from .run_state import RunState, check_resume_shapes, find_iteration, model_tensors
 
 __all__ = ["dense_start", "dense_start_task", "resume_start_task"]
@@ -50,6 +51,8 @@ def resume_start_task(state: RunState) -> tuple[int, ArtifactRef]:
         files = {"checkpoint.json": index, "tiers.parquet": tiers_bytes}
         if "masks.safetensors" in tiers_ref.files:
             files["masks.safetensors"] = source.read(tiers_ref.uri, "masks.safetensors")
+        if FISHER_FILE in ckpt_ref.files:  # a --saliency fisher run ranks the next iteration by it
+            files[FISHER_FILE] = source.read(ckpt_ref.uri, FISHER_FILE)
         return files, checkpoint_blobs(index)
 
     material = {"resume": [ckpt_ref.digest, tiers_ref.digest]}

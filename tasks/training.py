@@ -36,6 +36,7 @@ __all__ = [
     "iteration_tokens", "corpus_stream", "draw_windows", "finetune_windows", "calibration_doc_indices", "check_disjoint",
     "distillation_loss", "topk_distillation_loss", "hidden_state_loss", "teacher_topk_logits",
     "apply_masks_", "masks_applied", "fade_factor", "mask_gradients", "wrap_lora", "merge_lora_", "finetune_model_",
+    "mean_squared_gradients",
 ]
 
 
@@ -471,6 +472,29 @@ class FinetuneResult:
     stopped_early: bool = False
     losses: list[float] = field(default_factory=list)  # training loss per optimizer step
     val_losses: list[tuple[int, float]] = field(default_factory=list)  # (step, held-out cross-entropy)
+    # module -> F (out, in) bf16 on the CPU, the mean squared gradient of its weight (fisher=True only)
+    fisher: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@torch.no_grad()
+def mean_squared_gradients(resolved: dict[str, tuple[nn.Module, torch.Tensor]],
+                           optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """module -> F (out, in), bf16 on the CPU: the diagonal empirical Fisher of each masked weight that trained.
+
+    F is AdamW's second moment, bias-corrected: an average of the squared (masked, so 0 where pruned)
+    gradients over the iteration's steps, the recent ones weighted a little more (β2 = 0.999). It costs
+    nothing to measure, since the optimizer keeps it anyway; bf16 keeps its range, and ranking needs no more.
+    """
+    fisher = {}
+    for name, (module, _) in resolved.items():
+        state = optimizer.state.get(module.weight)
+        if not state or "exp_avg_sq" not in state:
+            continue  # this weight did not train (e.g. LoRA's frozen base)
+        beta2 = next(g["betas"][1] for g in optimizer.param_groups if any(p is module.weight for p in g["params"]))
+        steps = float(state["step"])
+        F = state["exp_avg_sq"] / (1.0 - beta2 ** steps)
+        fisher[name] = (F.t() if _is_transposed(module) else F).to(torch.bfloat16).cpu().contiguous()
+    return fisher
 
 
 def _device_of(model: nn.Module) -> torch.device:
@@ -589,7 +613,7 @@ def finetune_model_(model: nn.Module, masks: dict[str, torch.Tensor], train_ids:
                     teacher: nn.Module | TeacherTopK | None = None, val_ids: torch.Tensor | None = None,
                     state: TrainState | None = None,
                     on_step: Callable[[TrainState], None] | None = None,
-                    on_progress: Callable[[int, int], None] | None = None) -> FinetuneResult:
+                    on_progress: Callable[[int, int], None] | None = None, fisher: bool = False) -> FinetuneResult:
     """Fine-tune model in place on the windows train_ids (n, L), one pass, keeping every mask exact.
 
     masks: module name -> keep mask (out, in), bool. teacher: the dense model (logits on the fly) or
@@ -600,6 +624,7 @@ def finetune_model_(model: nn.Module, masks: dict[str, torch.Tensor], train_ids:
     or the LoRA adapters). on_step(state) is called every cfg.commit_every steps, or (commit_every None)
     every cfg.commit_minutes of training, and after the last step; on_progress(steps done, total steps)
     after every optimizer step.
+    fisher: also return each masked weight's mean squared gradient (mean_squared_gradients; full fine-tuning).
     Early stopping ends the run; it does not roll back to the best evaluation.
     With cfg.fade_fraction the weights the masks remove and that are not zero yet (a fresh demotion's)
     are taken from the model as handed in, and fade to zero over that fraction of the steps.
@@ -752,6 +777,8 @@ def finetune_model_(model: nn.Module, masks: dict[str, torch.Tensor], train_ids:
                 on_step(snapshot())
                 last_commit = time.perf_counter()
         read_losses()
+        if fisher:
+            result.fisher = mean_squared_gradients(resolved, optimizer)
     finally:
         for block in compiled_blocks:
             block._compiled_call_impl = None  # back to the eager forward (nn.Module.compile's own slot)

@@ -108,3 +108,11 @@ def test_a_sparsity_the_pattern_would_ignore_is_refused_not_dropped():
     assert config_from_flags(pattern="1:4", sparsity=0.75).prune.nm == (1, 4)  # agreeing with the pattern: fine
     assert config_from_flags(pattern="1:4").prune.pattern == "1:4"  # the default --sparsity is not "given"
     assert config_from_flags(pattern="unstructured", sparsity=0.3).prune.sparsity == 0.3
+
+
+@pytest.mark.parametrize("flags", [{}, {"plan": "smoke", "store": "s", "run": "r", "ft_method": "lora"},
+                                   {"plan": "smoke", "store": "s", "run": "r", "ft_method": "none"}])
+def test_fisher_saliency_needs_a_progressive_run_that_fine_tunes_fully(flags) -> None:
+    with pytest.raises(TierpruneError, match="--saliency fisher .* needs a progressive run with --ft-method full"):
+        config_from_flags(saliency="fisher", **flags)
+    assert config_from_flags(saliency="fisher", plan="smoke", store="s", run="r").prune.saliency == "fisher"

@@ -56,6 +56,9 @@ class PruneConfig(_Frozen):
     topk: int = Field(10, ge=0)  # weights kept per TopK block
     select: Literal["wanda", "magnitude"] = "wanda"  # chooses survivors inside 2:4 / TopK blocks
     scope: Literal["matrix", "global"] = "matrix"  # tier fractions per matrix or over the whole model
+    # What a progressive run ranks blocks and survivors by: Wanda's |W|·sqrt(S), or |W|·sqrt(F) with F the
+    # mean squared gradient the previous iteration's fine-tuning measured (AdamW's second moment).
+    saliency: Literal["wanda", "fisher"] = "wanda"
 
     @field_validator("pattern")
     @classmethod
@@ -227,6 +230,9 @@ class TierpruneConfig(_Frozen):
     def _progressive(self) -> TierpruneConfig:
         if self.run is not None and (self.prune.method, self.prune.pattern) != ("wanda", "tiers"):
             raise ValueError("a progressive run prunes with method wanda and pattern tiers")
+        if self.prune.saliency == "fisher" and (self.run is None or self.finetune.method != "full"):
+            raise ValueError("--saliency fisher ranks by the gradients of full fine-tuning between iterations: "
+                             "it needs a progressive run with --ft-method full")
         return self
 
 
@@ -240,7 +246,7 @@ _FLAGS = {
     ("PruneConfig", "method"): "--method", ("PruneConfig", "pattern"): "--pattern",
     ("PruneConfig", "sparsity"): "--sparsity", ("PruneConfig", "block_size"): "--block-size",
     ("PruneConfig", "tiers"): "--tiers", ("PruneConfig", "topk"): "--topk", ("PruneConfig", "select"): "--select",
-    ("PruneConfig", "scope"): "--scope",
+    ("PruneConfig", "scope"): "--scope", ("PruneConfig", "saliency"): "--saliency",
     ("EvalConfig", "data"): "--eval", ("EvalConfig", "seqlen"): "--eval-seqlen",
     ("EvalConfig", "max_windows"): "--eval-max-windows", ("EvalConfig", "batch_size"): "--eval-batch-size",
     ("EvalConfig", "zero_shot"): "--zero-shot", ("EvalConfig", "zero_shot_limit"): "--zero-shot-limit",
@@ -321,6 +327,7 @@ def config_from_flags(
     *, model: str = "smollm2-135m", gguf_file: str | None = None, dtype: str = "auto",
     method: str = "wanda", pattern: str = "unstructured", sparsity: float = _DEFAULT_SPARSITY, block_size: int = 16,
     tiers: str = "0.35,0.45,0.20", topk: int = 10, select: str = "wanda", scope: str = "matrix",
+    saliency: str = "wanda",
     calib: str | None = None, calib_samples: int = 128, calib_seqlen: int = 2048, calib_batch_size: int = 8,
     seed: int = 0, compile: bool = False,
     eval: str | None = None, eval_seqlen: int = 2048, eval_max_windows: int | None = None, eval_batch_size: int = 1,
@@ -353,7 +360,7 @@ def config_from_flags(
                                           compile=compile),
             prune=PruneConfig(method="wanda" if progressive else method, pattern="tiers" if progressive else pattern,
                               sparsity=sparsity, block_size=block_size, tiers=parse_fractions(tiers), topk=topk,
-                              select=select, scope=scope),
+                              select=select, scope=scope, saliency=saliency),
             eval=EvalConfig(data=None if eval == "none" else (eval or default_data_spec("wikitext2")),
                             seqlen=eval_seqlen, max_windows=eval_max_windows, batch_size=eval_batch_size,
                             zero_shot=parse_zero_shot(zero_shot), zero_shot_limit=zero_shot_limit,

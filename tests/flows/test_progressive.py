@@ -267,6 +267,54 @@ def test_obs_update_compensates_every_demotion_and_keeps_the_tier_maps(prefect_h
     assert _markers(RunStore(mem_root, "obs-full")) == before
 
 
+def _step_meta(store: RunStore, iteration: int, step: str) -> tuple[str, dict]:
+    rel = next(r for r in store.committed_steps() if r.startswith(f"iter-{iteration:03d}/{step}-"))
+    return rel, json.loads(store._cat(f"{rel}/COMMIT.json"))
+
+
+def test_fisher_saliency_ranks_by_the_previous_iterations_gradients(prefect_harness, tiny_llama_dir, data_dir,
+                                                                    mem_root):
+    """--saliency fisher: iteration 1 ranks the dense model by Wanda; each fine-tuning stores F beside its
+    checkpoint, and the next iteration's scores and masks are |W|·sqrt(F); masks exact; resume and rerun hold."""
+    from tierprune.flows.progressive import progressive_from_config as progressive
+    from tierprune.kernels.scores import block_mean, fisher_scores
+    from tierprune.tasks.score_blocks import FISHER_FILE
+
+    progressive(_config(tiny_llama_dir, data_dir, mem_root, "wanda", scope="global"))
+    progressive(_config(tiny_llama_dir, data_dir, mem_root, "fisher", scope="global", saliency="fisher"))
+    wanda, fisher = RunStore(mem_root, "wanda"), RunStore(mem_root, "fisher")
+    assert _final(fisher, 1) == _final(wanda, 1)  # the dense model has no gradients to rank by: Wanda, same training
+    assert [_step_meta(fisher, k, "scores")[1]["meta"]["saliency"] for k in (1, 2, 3)] == ["wanda", "fisher", "fisher"]
+    assert _final(fisher, 3)["masks"] != _final(wanda, 3)["masks"]
+
+    rel, _ = _step_meta(fisher, 1, "checkpoint")
+    F = fisher.read_object(f"{fisher.uri}/{rel}", FISHER_FILE)
+    weights, masks = _checkpoint_tensors(fisher, 1)
+    assert set(F) == set(masks)
+    for name, keep in masks.items():
+        assert F[name].shape == keep.shape and (F[name][~keep] == 0).all() and (F[name][keep] > 0).any()
+    # Iteration 2's phase-1 score of every block: the block mean of |W|·sqrt(F) of iteration 1's model.
+    scores_rel, _ = _step_meta(fisher, 2, "scores")
+    scores = fisher.read_object(f"{fisher.uri}/{scores_rel}", "scores.parquet")
+    name = next(iter(masks))
+    expected = block_mean(fisher_scores(weights[f"{name}.weight"].float(), F[name]), 16).flatten()
+    got = torch.tensor(scores[scores.module == name].score.to_numpy())
+    torch.testing.assert_close(got, expected)
+    for k in (1, 2, 3):
+        weights, masks = _checkpoint_tensors(fisher, k)
+        assert all(int((weights[f"{m}.weight"][~keep] != 0).sum()) == 0 for m, keep in masks.items()), k
+
+    before = _markers(fisher)
+    progressive(_config(tiny_llama_dir, data_dir, mem_root, "fisher", scope="global", saliency="fisher"))
+    assert _markers(fisher) == before  # a rerun recomputes nothing
+    # A run resumed after iteration 1 ranks iteration 2 by the same gradients, so it ends where the original did.
+    progressive(_config(tiny_llama_dir, data_dir, mem_root, "fisher-resumed", scope="global", saliency="fisher",
+                        resume_from=f"{fisher.uri}/iter-001"))
+    resumed = RunStore(mem_root, "fisher-resumed")
+    assert _step_meta(resumed, 2, "scores")[1]["meta"]["saliency"] == "fisher"
+    assert _final(resumed, 3) == _final(fisher, 3)
+
+
 def test_offload_streams_calibration_and_evaluation_to_the_same_result(prefect_harness, tiny_llama_dir, data_dir,
                                                                         mem_root, monkeypatch):
     from tierprune.flows.progressive import progressive_from_config as progressive

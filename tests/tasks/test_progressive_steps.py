@@ -274,6 +274,14 @@ def test_demote_on_real_scores_equals_the_kernels() -> None:
     expected = demote_tiers_global(list(wanda.values()), list(maps.values()), *counts, BS, relative=True)
     got = tier_maps_from_table(demote(tiers, scores, SCHEDULE[1], 1, scope="global"))
     assert all(torch.equal(got[n], e) for n, e in zip(linears, expected))
+    # relative=False (Fisher's scores, one unit across matrices) ranks the raw scores model-wide.
+    expected = demote_tiers_global(list(wanda.values()), list(maps.values()), *counts, BS, relative=False)
+    raw = demote(tiers, scores, SCHEDULE[1], 1, scope="global", relative=False)
+    assert all(torch.equal(tier_maps_from_table(raw)[n], e) for n, e in zip(linears, expected))
+    assert any(not torch.equal(tier_maps_from_table(raw)[n], got[n]) for n in linears)
+    ranked = raw["score"].to_numpy()
+    moved = ~np.isnan(ranked)
+    assert np.isin(ranked[moved], np.concatenate([scores["score"].to_numpy(), scores["score_2_4"].to_numpy()])).all()
 
 
 @pytest.mark.parametrize("scope", ["matrix", "global"])

@@ -375,6 +375,50 @@ def test_resume_mid_training_equals_an_uninterrupted_run(method: str) -> None:
         finetune_model_(make_tiny_llama(), masks, ids, other, teacher=teacher, state=states[0])
 
 
+def test_fisher_is_the_bias_corrected_mean_squared_masked_gradient_and_survives_a_resume() -> None:
+    teacher, ids = make_tiny_llama(seed=1), token_windows(20)
+    cfg = _run_cfg("full")
+    model = make_tiny_llama()
+    masks = random_masks(model)
+    states: list[TrainState] = []
+    result = finetune_model_(model, masks, ids, cfg, teacher=teacher, on_step=states.append, fisher=True)
+    assert set(result.fisher) == set(masks)
+    for name, F in result.fisher.items():
+        assert F.dtype == torch.bfloat16 and F.shape == masks[name].shape  # (out, in), as the masks
+        assert (F[~masks[name]] == 0).all()  # pruned weights get no gradient
+        assert (F[masks[name]] > 0).float().mean() > 0.99  # (a kept weight may see exact-zero gradients)
+
+    # One weight by hand: AdamW's second moment over the 5 steps, divided by 1 - β2^5.
+    replay = make_tiny_llama()
+    name = next(iter(masks))
+    module = named_linears(replay)[name]
+    sums = []
+    hooks = []
+    for p_name, p in replay.named_parameters():
+        if p is module.weight:
+            hooks.append(p.register_hook(lambda g: sums.append(g.detach().clone())))
+    finetune_model_(replay, masks, ids, cfg, teacher=teacher)
+    for h in hooks:
+        h.remove()
+    # gradients arrive per micro-batch (grad_accum 2, weighted by their share of the step's windows)
+    steps = [sums[i] + sums[i + 1] for i in range(0, len(sums) - 1, 2)] + ([sums[-1]] if len(sums) % 2 else [])
+    beta2 = 0.999
+    v = torch.zeros_like(steps[0])
+    for g in steps:
+        v = beta2 * v + (1 - beta2) * (g * masks[name]) ** 2
+    expected = v / (1 - beta2 ** len(steps))
+    torch.testing.assert_close(result.fisher[name].float(), expected.bfloat16().float(), rtol=0.02, atol=0)
+
+    # A run resumed from its first committed state ends with the same statistics.
+    resumed = make_tiny_llama()
+    again = finetune_model_(resumed, masks, ids, cfg, teacher=teacher, state=storage_roundtrip(states[0]), fisher=True)
+    for n in masks:
+        assert torch.equal(again.fisher[n], result.fisher[n])
+    # LoRA leaves the base weights frozen: nothing to measure.
+    lora = finetune_model_(make_tiny_llama(), masks, ids, _run_cfg("lora"), teacher=teacher, fisher=True)
+    assert lora.fisher == {}
+
+
 def test_a_resume_may_commit_at_another_interval_and_compile() -> None:
     """How often states are committed, and compiling, change how a run goes, not what it trains: a state
     saved with one setting resumes under the other (the run's identity leaves both out as well)."""
