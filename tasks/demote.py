@@ -127,9 +127,9 @@ def demote(tiers: pd.DataFrame, scores: pd.DataFrame, fractions: tuple[float, fl
         m = [nm_means[n] for n in names]
         mids = demote_by_block_scores_global(maps, d, None, to_2_4, 0, relative=relative)
         finals = demote_by_block_scores_global(mids, d, m, 0, to_topk, relative=relative)
+        as_ranked = relative_block_scores if relative else (lambda b: b)
         for name, t, mid, final, dn, nn_ in zip(names, maps, mids, finals, d, m):
             new[name] = final
-            as_ranked = relative_block_scores if relative else (lambda b: b)
             ranked[name] = _ranked_on(t, mid, as_ranked(dn), as_ranked(nn_), to_2_4, to_topk)
 
     for name in names:
