@@ -22,7 +22,7 @@ from prefect import task
 
 from tierprune.adapters import weight_view
 from tierprune.errors import TierpruneError
-from tierprune.kernels.scores import magnitude_scores, wanda_scores
+from tierprune.kernels.scores import magnitude_scores
 from tierprune.kernels.tiers import (
     DENSE,
     NM_2_4,
@@ -202,14 +202,7 @@ def keep_masks(model: nn.Module, tiers: pd.DataFrame, stats: dict[str, torch.Ten
         if tier_map.shape != dense_tier_map(tuple(W.shape), block_size).shape:
             raise TierpruneError(f"tier map does not match the model: {name} has weight (out, in) "
                                  f"{tuple(W.shape)}, tier map {tuple(tier_map.shape)} of blocks of {block_size}")
-        if select == "magnitude":
-            chooser = magnitude_scores(W)
-        elif fisher is not None:
-            chooser = weight_scores(name, W, {}, fisher)
-        else:
-            if stats is None or name not in stats:
-                raise TierpruneError(f"no activation statistics for {name} (select='wanda' needs them)")
-            chooser = wanda_scores(W, stats[name].to(W.device))
+        chooser = magnitude_scores(W) if select == "magnitude" else weight_scores(name, W, stats or {}, fisher)
         keep = tier_keep_mask(chooser, tier_map.to(W.device), block_size, topk)  # (out, in) bool
         if previous is not None:
             keep &= previous.mask(name, W.device)

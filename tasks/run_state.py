@@ -62,6 +62,7 @@ class RunState:
         self._loaded: LoadedModel | None = None
         self._held: dict[str, dict] = {}  # tensor name -> checkpoint index entry that the model holds now
         self._masks: tuple[str, dict[str, torch.Tensor]] | None = None  # (step digest, module -> keep mask)
+        self._fisher: tuple[str, dict[str, torch.Tensor]] | None = None  # (step digest, module -> F (out, in))
         self._identity: dict | None = None
         self._teacher: nn.Module | None = None
         self.eval_ids: torch.Tensor | None = None  # (1, T) evaluation tokens, tokenized once per run state
@@ -160,6 +161,14 @@ class RunState:
 
     def remember_masks(self, digest: str, masks: dict[str, torch.Tensor]) -> None:
         self._masks = (digest, masks)
+
+    def fisher_of(self, checkpoint: ArtifactRef) -> dict[str, torch.Tensor]:
+        """module -> F (out, in) stored with a checkpoint (--saliency fisher), read once for its iteration's steps."""
+        from .score_blocks import FISHER_FILE
+
+        if self._fisher is None or self._fisher[0] != checkpoint.digest:
+            self._fisher = (checkpoint.digest, self.store.read_object(checkpoint.uri, FISHER_FILE))
+        return self._fisher[1]
 
 
 # ---- identity and lifecycle -------------------------------------------------------------------------------------

@@ -91,8 +91,12 @@ def ranks_by_fisher(state: RunState, checkpoint: ArtifactRef) -> bool:
 
 
 def read_fisher(state: RunState, checkpoint: ArtifactRef) -> dict[str, torch.Tensor] | None:
-    """The Fisher statistics stored with `checkpoint` when the run ranks by them (--saliency fisher), else None."""
-    return state.store.read_object(checkpoint.uri, FISHER_FILE) if ranks_by_fisher(state, checkpoint) else None
+    """The Fisher statistics stored with `checkpoint` when the run ranks by them (--saliency fisher), else None.
+
+    Read once per checkpoint: the scores and the demote step of an iteration both rank by them."""
+    if not ranks_by_fisher(state, checkpoint):
+        return None
+    return state.fisher_of(checkpoint)
 
 
 # ---------------------------------------------------------------------------- the Prefect step

@@ -485,12 +485,13 @@ def mean_squared_gradients(resolved: dict[str, tuple[nn.Module, torch.Tensor]],
     gradients over the iteration's steps, the recent ones weighted a little more (β2 = 0.999). It costs
     nothing to measure, since the optimizer keeps it anyway; bf16 keeps its range, and ranking needs no more.
     """
+    beta2_of = {id(p): g["betas"][1] for g in optimizer.param_groups for p in g["params"]}
     fisher = {}
     for name, (module, _) in resolved.items():
         state = optimizer.state.get(module.weight)
         if not state or "exp_avg_sq" not in state:
             continue  # this weight did not train (e.g. LoRA's frozen base)
-        beta2 = next(g["betas"][1] for g in optimizer.param_groups if any(p is module.weight for p in g["params"]))
+        beta2 = beta2_of[id(module.weight)]
         steps = float(state["step"])
         F = state["exp_avg_sq"] / (1.0 - beta2 ** steps)
         fisher[name] = (F.t() if _is_transposed(module) else F).to(torch.bfloat16).cpu().contiguous()
