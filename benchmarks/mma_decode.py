@@ -8,6 +8,8 @@ kernel), and the kernel under each `--configs` entry. Then one tier alone at 409
 checked first on odd shapes, every token count and both dtypes. CUDA only. Run:
     python benchmarks/mma_decode.py
     python benchmarks/mma_decode.py --configs 8,12,4 16,12,4 8,16,8 --tokens 1 16 --shapes qkvo
+    git show c642ece:kernels/cuda/mma_decode.cu > base.cu   # an older source beside the current one
+    python benchmarks/mma_decode.py --kernels rows rows-baseline --baseline-source base.cu --configs 8,6,8 2,6,16
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import argparse
 import json
 import sys
 import zlib
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +59,22 @@ def weight(shape, mix, k, dtype, seed):
 KERNELS = {"chunk": md.hybrid_mm_mma, "rows": md.hybrid_mm_rows}
 
 
+def row_kernel_from(source: Path):
+    """The row kernel compiled from another copy of mma_decode.cu (e.g. `git show REV:kernels/cuda/mma_decode.cu`),
+    with its own module cache, so that two sources are timed side by side in one process."""
+    modules: dict = {}
+
+    def run(x, hw, config):
+        saved = md._SOURCE, md._MODULES
+        md._SOURCE, md._MODULES = source, modules
+        try:
+            return md.hybrid_mm_rows(x, hw, config)
+        finally:
+            md._SOURCE, md._MODULES = saved
+
+    return run
+
+
 def check_correctness(configs, kernels) -> None:
     for (shape, mix, k, T, dtype), config in ((case, c) for case in CHECKS for c in configs):
         hw = weight(shape, mix, k, dtype, seed=1)
@@ -80,8 +99,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--configs", nargs="*", default=["8,12,4"], help="CHUNK,TOPK_CHUNK,WARPS[,NM_CHUNK[,MIN_CTAS]] each")
     p.add_argument("--tokens", type=int, nargs="*", default=[1, 4, 16])
     p.add_argument("--shapes", nargs="*", default=None, help="subset by first word, e.g. qkvo down")
-    p.add_argument("--kernels", nargs="*", default=["chunk", "rows"], choices=sorted(KERNELS),
-                   help="chunk: a warp per chunk of blocks, sums through a workspace; rows: a CTA per block-row")
+    p.add_argument("--kernels", nargs="*", default=["chunk", "rows"], choices=sorted(KERNELS) + ["rows-baseline"],
+                   help="chunk: a warp per chunk of blocks, sums through a workspace; rows: a CTA per block-row; "
+                        "rows-baseline: the row kernel compiled from --baseline-source")
+    p.add_argument("--baseline-source", type=Path, default=None,
+                   help="another mma_decode.cu for the rows-baseline kernel, e.g. from `git show REV:...`")
     p.add_argument("--inner", type=int, default=20)
     p.add_argument("--reps", type=int, default=15)
     args = p.parse_args(argv)
@@ -89,6 +111,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         configs = [parse_config(c) for c in args.configs]
     except (AssertionError, TypeError, ValueError) as e:
         p.error(f"bad --configs: {e}")
+    if "rows-baseline" in args.kernels:
+        if args.baseline_source is None or not args.baseline_source.is_file():
+            p.error("rows-baseline needs --baseline-source FILE (a copy of mma_decode.cu)")
+        KERNELS["rows-baseline"] = row_kernel_from(args.baseline_source)
     if not torch.cuda.is_available():
         print("mma_decode: needs a CUDA GPU (sm_80 or newer)", file=sys.stderr)
         raise SystemExit(2)

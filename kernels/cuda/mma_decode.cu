@@ -125,7 +125,7 @@ __device__ __forceinline__ void fragment(u32* a, const u32* raw, const uint2* se
     }
 }
 
-// A dense or 2:4 chunk of n <= CH blocks from `start`: all its loads (blocks and x) issued first, then one mma per
+// A dense or 2:4 chunk of n <= CH blocks from `start`: all its loads (blocks, then x) issued first, then one mma per
 // block and 8-token tile. Lane col_lane0 + i holds block i's column, lane i its block-row; the accumulators go to
 // ws whenever the block-row changes, unless ONE_ROW (the row kernel: every block in one block-row).
 template <int TIER, int CH, bool ONE_ROW>
@@ -138,15 +138,17 @@ __device__ __forceinline__ void stream_blocks(float (*acc)[4], int& row, int n, 
     constexpr int word = TIER == 0 ? sizeof(uint2) : sizeof(u32);
     const void* lane_values = static_cast<const char*>(values) + ((size_t)start * 64 + g * 4 + t) * word;
     const u16* lane_meta = TIER == 0 ? nullptr : meta + (size_t)start * 16 + g;  // dense blocks have none
+    // The weights first: their addresses need no block column, so they do not wait for the column loads that
+    // the x loads wait on (the first step of a tier would otherwise add one round trip).
     u32 raw[CH][4];
     uint2 bx[CH][NTILE];
 #pragma unroll
+    for (int i = 0; i < CH; ++i)
+        if (i < n) load_block<TIER>(raw[i], lane_values, lane_meta, i);
+#pragma unroll
     for (int i = 0; i < CH; ++i) {
         const int col = __shfl_sync(FULL, lane_col, col_lane0 + i);
-        if (i < n) {
-            load_block<TIER>(raw[i], lane_values, lane_meta, i);
-            load_x(bx[i], x, col, g, t, T, K);
-        }
+        if (i < n) load_x(bx[i], x, col, g, t, T, K);
     }
 #pragma unroll
     for (int i = 0; i < CH; ++i) {

@@ -26,8 +26,8 @@ from ..hybrid import HYBRID_TENSOR_NAMES, HybridWeight
 
 __all__ = ["MMA_DECODE_MAX_TOKENS", "MmaDecodeConfig", "MMA_DECODE_CONFIG", "ROWS_DECODE_CONFIG",
            "ROWS_DECODE_CONFIG_MANY_ROWS", "hybrid_mm_mma", "hybrid_mm_rows", "kernel_source", "mma_decode_supported",
-           "mma_decode_ready", "prefers_mma_decode", "prefers_rows_decode", "rows_decode_config", "rows_decode_ready",
-           "selector_table", "set_mma_decode_config", "use_mma_decode", "use_rows_decode"]
+           "mma_decode_ready", "prefers_mma_decode", "prefers_rows_decode", "few_block_rows", "rows_decode_config",
+           "rows_decode_ready", "selector_table", "set_mma_decode_config", "use_mma_decode", "use_rows_decode"]
 
 MMA_DECODE_MAX_TOKENS = 16  # two 8-token mma tiles
 
@@ -65,21 +65,32 @@ def prefers_mma_decode(tokens: int) -> bool:
     return _MMA_DECODE_ENABLED[0] and (2 <= tokens <= MMA_DECODE_MAX_TOKENS or one_token_here)
 
 
-# The row kernel's configs: one CTA of 8 warps per block-row either way. Where every CTA fits on the GPU at once
-# (two per SM), 8 dense or 2:4 blocks and 6 TopK blocks per warp step; with more block-rows, 4 and 12, whose fewer
-# registers (75 against 89) let three CTAs share an SM. On the H200, 11008x4096 at 1-8 tokens: 0.84-0.96x
-# cuBLAS with the second against 0.72-0.80x with the first; 4096-row matrices: the first, by 0-8%.
-ROWS_DECODE_CONFIG = MmaDecodeConfig(chunk=8, topk_chunk=6, warps=8)
+# The row kernel's configs, by block-rows and token tiles. Where every CTA fits on the GPU at once (two per SM)
+# and one 8-token tile does: 16 warps per block-row, each loading 2 dense or 2:4 blocks per step (49 registers);
+# otherwise 8 warps of 4 blocks (75 registers, three CTAs per SM). On an H100, side by side (session 20):
+# 4096-row matrices at 1-8 tokens, 1.02-1.37x cuBLAS with the first against 1.01-1.25x with the second and
+# 1.00-1.31x with session 18's 8 warps of 8 blocks; 11008x4096, 0.97-1.20x with the second against 0.88-1.11x
+# with the first; 9-16 tokens, the second everywhere (0.79-0.94x against 0.57-0.74x with the first).
+ROWS_DECODE_CONFIG = MmaDecodeConfig(chunk=2, topk_chunk=6, warps=16)
 ROWS_DECODE_CONFIG_MANY_ROWS = MmaDecodeConfig(chunk=4, topk_chunk=12, warps=8)
 _ROWS_DECODE_ENABLED = [True]
 
 
-def rows_decode_config(hw: HybridWeight, device: torch.device) -> MmaDecodeConfig:
-    """The row kernel's config for `hw`: ROWS_DECODE_CONFIG while its block-rows fit two CTAs per SM, else
-    ROWS_DECODE_CONFIG_MANY_ROWS."""
-    block_rows = len(hw.dense_row_ptr) - 1
-    few = block_rows <= 2 * torch.cuda.get_device_properties(device).multi_processor_count
-    return ROWS_DECODE_CONFIG if few else ROWS_DECODE_CONFIG_MANY_ROWS
+def _multiprocessors(device: torch.device) -> int:
+    """The SM count of a CUDA device (0 elsewhere: no row kernel there)."""
+    device = torch.device(device)
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 0
+
+
+def few_block_rows(hw: HybridWeight, device: torch.device) -> bool:
+    """Whether the row kernel's CTAs, one per block-row, all fit on the GPU at once (two per SM)."""
+    return len(hw.dense_row_ptr) - 1 <= 2 * _multiprocessors(device)
+
+
+def rows_decode_config(hw: HybridWeight, device: torch.device, tokens: int = 1) -> MmaDecodeConfig:
+    """The row kernel's config for `hw` at `tokens` tokens: ROWS_DECODE_CONFIG while its block-rows fit two CTAs
+    per SM and the tokens one 8-token tile, else ROWS_DECODE_CONFIG_MANY_ROWS."""
+    return ROWS_DECODE_CONFIG if few_block_rows(hw, device) and tokens <= 8 else ROWS_DECODE_CONFIG_MANY_ROWS
 
 
 def use_rows_decode(enabled: bool) -> None:
@@ -91,20 +102,24 @@ def use_rows_decode(enabled: bool) -> None:
 def prefers_rows_decode(tokens: int, hw: HybridWeight) -> bool:
     """Whether the op sends a product of `tokens` tokens through `hw` to the row kernel: 2-16 tokens always
     (faster than the chunk kernel at 2-8 tokens at every shape and mix timed, and at 16 on all but the fused
-    gate-up shape on the H100), one token where at least half of the blocks are dense or the flat GEMV is off
-    (the flat GEMV was faster at one token where most blocks are 2:4 and TopK)."""
+    gate-up shape on the H100); one token where at least half of the blocks are dense, where the block-rows are
+    few (few_block_rows), or where the flat GEMV is off. (At one token and 35/45/20 on an H100, session 20: the
+    row kernel 1.30x and 1.35x cuBLAS at 4096x4096 and 4096x11008 against the flat GEMV's 1.20x and 1.27x; the
+    flat GEMV 1.24-1.38x against 1.17-1.23x on the 11008-22016-row shapes.)"""
     from ..triton.flat_gemv import flat_gemv_enabled
 
     if not _ROWS_DECODE_ENABLED[0] or not 1 <= tokens <= MMA_DECODE_MAX_TOKENS:
         return False
+    if tokens > 1 or not flat_gemv_enabled():
+        return True
     n_dense, n_nm, n_topk = hw.tier_counts()
-    return tokens > 1 or 2 * n_dense >= n_dense + n_nm + n_topk or not flat_gemv_enabled()
+    return 2 * n_dense >= n_dense + n_nm + n_topk or few_block_rows(hw, hw.device)
 
 
 def rows_decode_ready(x: torch.Tensor, hw: HybridWeight) -> bool:
     """Whether the row kernel for this product is compiled already (a call inside a CUDA graph capture must not
     compile); it keeps no other state."""
-    return _module_key(x, hw, rows_decode_config(hw, x.device)) in _MODULES
+    return _module_key(x, hw, rows_decode_config(hw, x.device, x.shape[0])) in _MODULES
 
 
 def set_mma_decode_config(config: MmaDecodeConfig) -> MmaDecodeConfig:
@@ -239,7 +254,7 @@ def hybrid_mm_rows(x: torch.Tensor, hw: HybridWeight, config: MmaDecodeConfig | 
     is the dense blocks a warp loads per step (`nm_chunk` the 2:4 blocks, `topk_chunk` the TopK blocks) and `warps`
     the warps per block-row; rows_decode_config by default."""
     _check_inputs(x, hw, "hybrid_mm_rows")
-    config = config or rows_decode_config(hw, x.device)
+    config = config or rows_decode_config(hw, x.device, x.shape[0])
     T, (n_out, k_in) = x.shape[0], hw.shape
     kernels = _module(*_module_key(x, hw, config))
     out = x.new_empty(T, n_out)

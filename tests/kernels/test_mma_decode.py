@@ -307,9 +307,9 @@ def test_the_op_sends_2_to_16_tokens_here() -> None:
 
 
 def test_the_op_sends_decode_to_the_row_kernel_first() -> None:
-    """2-16 tokens go to the row kernel; one token only where at least half of the blocks are dense (else the
-    flat GEMV, unless it is off); nothing when it is turned off. On CUDA: the op's result, and a capture after one
-    eager call compiles nothing."""
+    """2-16 tokens go to the row kernel; one token (on the CPU, where no block-rows count as few) only where at
+    least half of the blocks are dense (else the flat GEMV, unless it is off); nothing when it is turned off. On
+    CUDA: the op's result, and a capture after one eager call compiles nothing."""
     from tierprune.kernels.triton import flat_gemv
     from tierprune.kernels.triton.hybrid_mm import hybrid_mm
 
@@ -343,3 +343,21 @@ def test_the_op_sends_decode_to_the_row_kernel_first() -> None:
             captured = hybrid_mm(x, hw)
         graph.replay()
         torch.testing.assert_close(captured, got, rtol=0, atol=0)
+
+
+def test_one_token_and_the_config_follow_the_block_rows(monkeypatch) -> None:
+    """Where a weight's block-rows fit two CTAs per SM, one token goes to the row kernel whatever the tiers, with
+    16 warps of 2-block steps up to 8 tokens; with more block-rows, mostly sparse weights keep the flat GEMV and
+    the row kernel takes 8 warps of 4 blocks."""
+    g = torch.Generator().manual_seed(11)
+    tier_map = random_tier_map((64, 96), g, (0.35, 0.45, 0.2))  # 4 block-rows
+    hw = pack_hybrid(pruned_weight((64, 96), tier_map, g), tier_map)
+    for sms, few in [(2, True), (1, False)]:
+        monkeypatch.setattr(md, "_multiprocessors", lambda device, sms=sms: sms)
+        assert md.few_block_rows(hw, hw.device) == few
+        assert md.prefers_rows_decode(1, hw) == few
+        expected = md.ROWS_DECODE_CONFIG if few else md.ROWS_DECODE_CONFIG_MANY_ROWS
+        assert [md.rows_decode_config(hw, hw.device, T) for T in (1, 8, 9, 16)] == \
+            [expected, expected, md.ROWS_DECODE_CONFIG_MANY_ROWS, md.ROWS_DECODE_CONFIG_MANY_ROWS]
+    monkeypatch.undo()
+    assert md._multiprocessors(torch.device("cpu")) == 0 and not md.few_block_rows(hw, hw.device)
