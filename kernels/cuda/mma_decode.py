@@ -69,15 +69,16 @@ def prefers_mma_decode(tokens: int) -> bool:
 # and one 8-token tile does: 16 warps per block-row, each loading 2 dense or 2:4 blocks per step (49 registers);
 # otherwise 8 warps of 4 blocks (75 registers, three CTAs per SM). On an H100, side by side (session 20):
 # 4096-row matrices at 1-8 tokens, 1.02-1.37x cuBLAS with the first against 1.01-1.25x with the second and
-# 1.00-1.31x with session 18's 8 warps of 8 blocks; 11008x4096, 0.97-1.20x with the second against 0.88-1.11x
+# 1.00-1.27x with session 18's 8 warps of 8 blocks and source; 11008x4096, 0.97-1.20x with the second against 0.88-1.11x
 # with the first; 9-16 tokens, the second everywhere (0.79-0.94x against 0.57-0.74x with the first).
 ROWS_DECODE_CONFIG = MmaDecodeConfig(chunk=2, topk_chunk=6, warps=16)
 ROWS_DECODE_CONFIG_MANY_ROWS = MmaDecodeConfig(chunk=4, topk_chunk=12, warps=8)
 _ROWS_DECODE_ENABLED = [True]
 
 
+@functools.lru_cache(maxsize=None)
 def _multiprocessors(device: torch.device) -> int:
-    """The SM count of a CUDA device (0 elsewhere: no row kernel there)."""
+    """The SM count of a CUDA device (0 elsewhere: no row kernel there); asked on every one-token product."""
     device = torch.device(device)
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 0
 

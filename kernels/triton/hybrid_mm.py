@@ -8,9 +8,9 @@ its CPU path is the pure-torch reference. This module imports triton only when a
 From 1 to 16 tokens the row kernel of ../cuda/mma_decode.py (CUDA C++ through NVRTC, one CTA per block-row)
 takes them where it can: 2-16 tokens always, one token where at least half of the blocks are dense or where
 the block-rows fit the GPU at once (mma_decode.prefers_rows_decode; mma_decode.use_rows_decode(False) turns
-it off). Other one-token products
-go to the flat GEMV (flat_gemv.py; flat_gemv.use_flat_gemv(False) turns that off), and without the row kernel
-2-16 tokens go to the chunk kernel of the same file (mma_decode.use_mma_decode(False) turns that off).
+it off). Other one-token products go to the flat GEMV (flat_gemv.py; flat_gemv.use_flat_gemv(False) turns
+that off), and without the row kernel 2-16 tokens go to the chunk kernel of the same file
+(mma_decode.use_mma_decode(False) turns that off).
 """
 from __future__ import annotations
 
