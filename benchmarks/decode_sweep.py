@@ -53,6 +53,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--placements", nargs="*", default=["random"])
     p.add_argument("--e2e-layers", type=int, default=0, help="then decode end to end (hybrid_kernels.py's model) "
                                                               "with the best 35/45/20 random configs; 0: skip")
+    p.add_argument("--e2e-compile", nargs="*", choices=("layers", "step"), default=[],
+                   help="end to end, also torch.compile'd (dense and hybrid): the decoder layers and/or the whole step")
     p.add_argument("--inner", type=int, default=20)
     p.add_argument("--reps", type=int, default=15)
     p.add_argument("--budget-s", type=float, default=150)
@@ -166,7 +168,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             nb, warps, counted, *rest = (int(v) for v in a.split(","))  # rest: chunks, topk_nb
             alternatives.append(FlatGemvConfig(nb, warps, bool(counted), *rest))
         rows += bench_end_to_end(argparse.Namespace(tiny=False, layers=args.e2e_layers, steps=128, no_graph=False,
-                                                    flat_alternatives=alternatives), device)
+                                                    flat_alternatives=alternatives, compile=args.e2e_compile),
+                                 device)
     print(f"total {time.perf_counter() - t0:.0f} s")
     for r in rows:
         print(json.dumps(r))

@@ -377,8 +377,9 @@ class TinyLlama(nn.Module):
         return logits
 
 
-def decode_speed(model: TinyLlama, steps: int, device: str, use_graph: bool) -> dict:
-    """Tokens/s of greedy decode from position 0 and the peak memory during it."""
+def decode_speed(model: TinyLlama, steps: int, device: str, use_graph: bool, rounds: int = 5) -> dict:
+    """Tokens/s of greedy decode from position 0 (the median of `rounds` timed rounds of `steps` steps) and
+    the peak memory during it."""
     for block in model.blocks:
         block.k_cache.zero_()
         block.v_cache.zero_()
@@ -404,17 +405,56 @@ def decode_speed(model: TinyLlama, steps: int, device: str, use_graph: bool) -> 
                 model.step(token, pos)
             run, mode = graph.replay, "graph"
         run()
-        if cuda:
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        for _ in range(steps):
-            run()
-        if cuda:
-            torch.cuda.synchronize()
-        elapsed = time.perf_counter() - t
+        elapsed = []
+        for _ in range(rounds):  # each round decodes from position 0 again: the same work, timed again
+            pos.zero_()
+            token.zero_()
+            if cuda:
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            for _ in range(steps):
+                run()
+            if cuda:
+                torch.cuda.synchronize()
+            elapsed.append(time.perf_counter() - t)
     peak = torch.cuda.max_memory_allocated() if cuda else None
-    return {"tokens_per_s": steps / elapsed, "ms_per_token": elapsed / steps * 1e3, "peak_bytes": peak,
-            "mode": mode, "first_logits": first_logits}
+    median = statistics.median(elapsed)
+    return {"tokens_per_s": steps / median, "ms_per_token": median / steps * 1e3, "peak_bytes": peak,
+            "mode": mode, "first_logits": first_logits, "rounds": rounds,
+            "tokens_per_s_range": (steps / max(elapsed), steps / min(elapsed))}
+
+
+COMPILE_SCOPES = ("layers", "step")
+
+
+def compile_model(model: TinyLlama, scope: str | None) -> None:
+    """torch.compile the model's decoder layers ("layers") or its whole decode step ("step"); None: eager.
+
+    Inductor fuses the norms, RoPE, cache writes, residual adds and SwiGLU into a few kernels, while the
+    linears stay cuBLAS (dense) or the hybrid op (a torch.library op, opaque to inductor). "layers": all
+    layers share one compiled graph (their modules differ only in their tensors). "step" is gpt-fast's
+    setting: one graph of every layer, so each layer's last residual add also fuses into the next one's norm.
+    """
+    torch._dynamo.reset()
+    model.__dict__.pop("step", None)
+    for block in model.blocks:
+        block.__dict__.pop("forward", None)
+    if scope == "layers":
+        layer = torch.compile(Block.forward, fullgraph=True)
+        for block in model.blocks:
+            block.forward = layer.__get__(block)
+    elif scope == "step":
+        model.step = torch.compile(TinyLlama.step, fullgraph=True).__get__(model)
+    elif scope is not None:
+        raise ValueError(f"compile scope {scope!r}: expected one of {COMPILE_SCOPES}")
+
+
+def decode_speed_compiled(model: TinyLlama, scope: str, steps: int, device: str, use_graph: bool) -> dict:
+    compile_model(model, scope)
+    try:
+        return decode_speed(model, steps, device, use_graph)
+    finally:
+        compile_model(model, None)
 
 
 def bench_end_to_end(args, device: str) -> list[dict]:
@@ -440,6 +480,9 @@ def bench_end_to_end(args, device: str) -> list[dict]:
                 W.mul_(tier_keep_mask(W.float().abs(), tier_maps[(i, name)].to(device), BS, TOPK_K))
     linear_bytes = sum(getattr(b, n).weight.numel() * 2 for b in model.blocks for n in ("qkv", "o", "gate_up", "down"))
     dense = decode_speed(model, args.steps, device, use_graph=not args.no_graph)
+    scopes = getattr(args, "compile", None) or []
+    compiled = {("dense", scope): decode_speed_compiled(model, scope, args.steps, device, not args.no_graph)
+                for scope in scopes}
     with torch.no_grad():
         for (i, name), tier_map in tier_maps.items():
             block = model.blocks[i]
@@ -474,25 +517,37 @@ def bench_end_to_end(args, device: str) -> list[dict]:
                                  decode_speed(model, args.steps, device, use_graph=not args.no_graph)))
         finally:
             set_flat_gemv_config(previous)
+    for scope in scopes:
+        compiled["hybrid", scope] = decode_speed_compiled(model, scope, args.steps, device, not args.no_graph)
     err = (hybrid["first_logits"] - dense["first_logits"]).abs().max().item()
     scale = dense["first_logits"].abs().max().item()
     rows = []
     for name, res, nbytes in (("dense", dense, linear_bytes), ("hybrid", hybrid, hybrid_bytes),
-                              ("hybrid-flat", flat, hybrid_bytes), *((n, r, hybrid_bytes) for n, r in alternatives)):
+                              ("hybrid-flat", flat, hybrid_bytes), *((n, r, hybrid_bytes) for n, r in alternatives),
+                              *((f"{kind}, {scope} compiled", res, linear_bytes if kind == "dense" else hybrid_bytes)
+                                for (kind, scope), res in compiled.items())):
         rows.append(dict(kind="e2e", model=name, **dims, steps=args.steps, mix="35/45/20", mode=res["mode"],
-                         tokens_per_s=res["tokens_per_s"], ms_per_token=res["ms_per_token"],
+                         tokens_per_s=res["tokens_per_s"], tokens_per_s_range=res["tokens_per_s_range"],
+                         rounds=res["rounds"], ms_per_token=res["ms_per_token"],
                          peak_gib=res["peak_bytes"] / 2**30 if res["peak_bytes"] else None,
                          linear_weight_gib=nbytes / 2**30))
     rows[1]["speedup_vs_dense"] = hybrid["tokens_per_s"] / dense["tokens_per_s"]
     rows[1]["first_logits_max_abs_diff"] = err
     rows[1]["first_logits_max_abs"] = scale
-    for row, res in zip(rows[2:], (flat, *(r for _, r in alternatives))):
+    for row, res in zip(rows[2:], (flat, *(r for _, r in alternatives), *compiled.values())):
         row["speedup_vs_dense"] = res["tokens_per_s"] / dense["tokens_per_s"]
         row["first_logits_max_abs_diff"] = (res["first_logits"] - dense["first_logits"]).abs().max().item()
-    print(f"\nend to end, {dims['layers']} layers, batch 1, {args.steps} greedy steps, CUDA graph: {dense['mode']}")
+    for row, (kind, scope) in zip(rows[len(rows) - len(compiled):], compiled):
+        if kind == "hybrid":  # compiled against compiled the same way: gpt-fast's setting on both sides
+            row["speedup_vs_dense_compiled"] = (compiled[kind, scope]["tokens_per_s"]
+                                                / compiled["dense", scope]["tokens_per_s"])
+    print(f"\nend to end, {dims['layers']} layers, batch 1, {args.steps} greedy steps per round (median of "
+          f"{dense['rounds']} rounds), CUDA graph: {dense['mode']}")
     for r in rows:
         peak = f"{r['peak_gib']:.2f} GiB" if r["peak_gib"] is not None else "n/a"
-        print(f"  {r['model']:34} {r['tokens_per_s']:9.1f} tokens/s  {r['ms_per_token']:7.3f} ms/token  "
+        low, high = r["tokens_per_s_range"]
+        print(f"  {r['model']:34} {r['tokens_per_s']:9.1f} tokens/s ({low:.1f}-{high:.1f} over {r['rounds']} rounds)  "
+              f"{r['ms_per_token']:7.3f} ms/token  "
               f"peak {peak}  linear weights {r['linear_weight_gib']:.2f} GiB")
     print(f"  hybrid (row kernel) / dense tokens/s: {rows[1]['speedup_vs_dense']:.3f} (with the flat GEMV "
           f"{rows[2]['speedup_vs_dense']:.3f}); first-step logits max |diff| "
@@ -500,6 +555,9 @@ def bench_end_to_end(args, device: str) -> list[dict]:
     for r in rows[3:]:
         print(f"  {r['model']} / dense: {r['speedup_vs_dense']:.3f}, logits max |diff| "
               f"{r['first_logits_max_abs_diff']:.3g}")
+    for r in rows:
+        if "speedup_vs_dense_compiled" in r:
+            print(f"  {r['model']} / dense compiled the same way: {r['speedup_vs_dense_compiled']:.3f}")
     return rows
 
 
@@ -520,7 +578,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--layers", type=int, default=32, help="end-to-end model depth (32 = LLaMA-2-7B)")
     p.add_argument("--steps", type=int, default=128, help="end-to-end decode steps")
     p.add_argument("--no-graph", action="store_true", help="end to end without a CUDA graph")
+    p.add_argument("--compile", nargs="*", choices=COMPILE_SCOPES, default=None,
+                   help="end to end also torch.compile'd, dense and hybrid: the decoder layers and/or the whole decode "
+                        "step (gpt-fast's setting); no value: step")
     args = p.parse_args(argv)
+    if args.compile == []:
+        args.compile = ["step"]
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.tokens is None:
         args.tokens = [1, 4, 32] if args.tiny else [1, 16, 128, 2048]

@@ -82,6 +82,37 @@ def test_end_to_end_times_each_flat_alternative_and_restores_the_default(bench) 
     assert flat_gemv.FLAT_GEMV_CONFIG == default
 
 
+def test_end_to_end_compiled_computes_what_the_eager_model_does(bench) -> None:
+    """--compile layers step: dense and hybrid each compiled both ways, each hybrid against its dense twin."""
+    import argparse
+
+    args = argparse.Namespace(tiny=True, layers=2, steps=3, no_graph=True, compile=["layers", "step"])
+    rows = bench.bench_end_to_end(args, "cpu")
+    compiled = {r["model"]: r for r in rows[-4:]}
+    assert list(compiled) == ["dense, layers compiled", "dense, step compiled", "hybrid, layers compiled",
+                              "hybrid, step compiled"]
+    scale = rows[1]["first_logits_max_abs"]
+    for r in compiled.values():  # inductor fuses the bf16 norms and RoPE differently from eager: close, not equal
+        assert r["first_logits_max_abs_diff"] < 0.05 * scale
+    for scope in ("layers", "step"):
+        hybrid, dense = compiled[f"hybrid, {scope} compiled"], compiled[f"dense, {scope} compiled"]
+        assert hybrid["speedup_vs_dense_compiled"] == pytest.approx(hybrid["tokens_per_s"] / dense["tokens_per_s"])
+        assert "speedup_vs_dense_compiled" not in dense
+
+
+def test_compile_model_puts_the_eager_model_back(bench) -> None:
+    model = bench.TinyLlama(layers=2, hidden=64, inter=128, heads=4, vocab=128, max_len=8, device="cpu",
+                            dtype=torch.bfloat16)
+    bench.compile_model(model, "layers")
+    assert all("forward" in block.__dict__ for block in model.blocks)
+    bench.compile_model(model, "step")
+    assert "step" in model.__dict__ and all("forward" not in block.__dict__ for block in model.blocks)
+    bench.compile_model(model, None)
+    assert "step" not in model.__dict__
+    with pytest.raises(ValueError, match="compile scope"):
+        bench.compile_model(model, "everything")
+
+
 def test_decode_sweep_flat_dry_run() -> None:
     """decode_sweep.py --flat on the CPU: the flat GEMV's calls, checks and report beside the other kernels."""
     env = {**os.environ, "TRITON_INTERPRET": "1"}
