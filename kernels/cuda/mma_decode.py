@@ -24,9 +24,9 @@ import torch
 
 from ..hybrid import HYBRID_TENSOR_NAMES, HybridWeight
 
-__all__ = ["MMA_DECODE_MAX_TOKENS", "MmaDecodeConfig", "MMA_DECODE_CONFIG", "ROWS_DECODE_CONFIG",
-           "ROWS_DECODE_CONFIG_MANY_ROWS", "hybrid_mm_mma", "hybrid_mm_rows", "kernel_source", "mma_decode_supported",
-           "mma_decode_ready", "prefers_mma_decode", "prefers_rows_decode", "few_block_rows", "rows_decode_config",
+__all__ = ["MMA_DECODE_MAX_TOKENS", "MmaDecodeConfig", "MMA_DECODE_CONFIG", "ROWS_DECODE_LADDERS", "RowsChoice",
+           "hybrid_mm_mma", "hybrid_mm_rows", "kernel_source", "mma_decode_supported", "mma_decode_ready",
+           "prefers_mma_decode", "prefers_rows_decode", "rows_resident_at_once", "rows_decode_config",
            "rows_decode_ready", "selector_table", "set_mma_decode_config", "use_mma_decode", "use_rows_decode"]
 
 MMA_DECODE_MAX_TOKENS = 16  # two 8-token mma tiles
@@ -65,33 +65,64 @@ def prefers_mma_decode(tokens: int) -> bool:
     return _MMA_DECODE_ENABLED[0] and (2 <= tokens <= MMA_DECODE_MAX_TOKENS or one_token_here)
 
 
-# The row kernel's configs, by block-rows and token tiles. Where every CTA fits on the GPU at once (two per SM)
-# and one 8-token tile does: 16 warps per block-row, each loading 2 dense or 2:4 blocks per step (49 registers);
-# otherwise 8 warps of 4 blocks (75 registers, three CTAs per SM). On an H100, side by side (session 20):
-# 4096-row matrices at 1-8 tokens, 1.02-1.37x cuBLAS with the first against 1.01-1.25x with the second and
-# 1.00-1.27x with session 18's 8 warps of 8 blocks and source; 11008x4096, 0.97-1.20x with the second against 0.88-1.11x
-# with the first; 9-16 tokens, the second everywhere (0.79-0.94x against 0.57-0.74x with the first).
-ROWS_DECODE_CONFIG = MmaDecodeConfig(chunk=2, topk_chunk=6, warps=16)
-ROWS_DECODE_CONFIG_MANY_ROWS = MmaDecodeConfig(chunk=4, topk_chunk=12, warps=8)
+class RowsChoice(NamedTuple):
+    """A row kernel config and how many of its CTAs an SM holds at once (its registers on sm_90, as ptxas
+    allocates them: tests/kernels/test_mma_decode.py checks the count against ptxas)."""
+
+    config: MmaDecodeConfig
+    ctas_per_sm: int
+
+
+# The row kernel's configs for one 8-token tile (1-8 tokens) and for two (9-16), most warps per CTA first: a
+# weight takes the first whose CTAs, one per block-row, are all resident at once (the last where none is). With
+# more block-rows, fewer warps per CTA keep every block-row in flight, and that measured faster than more warps
+# over several waves. On an H100, side by side (session 21), 35/45/20 at 1 / 2 / 4 / 8 tokens, x cuBLAS:
+# - 4096-row matrices (256 block-rows, 2 per SM): 16 warps of 2-block steps, 1.15-1.36x (8 warps of 4: 1.12-1.25x);
+# - 11008 and 12288 rows (688 and 768, 5-6 per SM): 4 warps of 4-block steps, 1.21-1.33x (8 warps: 1.11-1.20x);
+# - fused gate-up, 22016 rows (1376, 10 per SM): 2 warps of 4-block steps, 1.37-1.41x (4 warps, not all resident:
+#   1.13-1.30x; 8 warps: 1.15-1.23x);
+# - 9-16 tokens: 8 warps of 4 blocks at 4096 rows (0.85-1.06x); 4 warps of 2 blocks at 11008 and 12288 rows
+#   (1.02-1.17x, against 0.78-0.92x with 8 warps); 2 warps of 4 blocks at 22016 rows (1.08x at 16, 8 warps 0.77x).
+# 8 warps of 4 blocks between 2 and 3 block-rows per SM (5120-row matrices) is session 20's config there, not
+# timed against the others at that size.
+ROWS_DECODE_LADDERS = {
+    1: (RowsChoice(MmaDecodeConfig(chunk=2, topk_chunk=6, warps=16), 2),
+        RowsChoice(MmaDecodeConfig(chunk=4, topk_chunk=12, warps=8), 3),
+        RowsChoice(MmaDecodeConfig(chunk=4, topk_chunk=6, warps=4), 8),
+        RowsChoice(MmaDecodeConfig(chunk=4, topk_chunk=6, warps=2), 16)),
+    2: (RowsChoice(MmaDecodeConfig(chunk=4, topk_chunk=12, warps=8), 2),
+        RowsChoice(MmaDecodeConfig(chunk=2, topk_chunk=6, warps=4), 6),
+        RowsChoice(MmaDecodeConfig(chunk=4, topk_chunk=6, warps=2), 14)),
+}
 _ROWS_DECODE_ENABLED = [True]
 
 
 @functools.lru_cache(maxsize=None)
 def _multiprocessors(device: torch.device) -> int:
-    """The SM count of a CUDA device (0 elsewhere: no row kernel there); asked on every one-token product."""
+    """The SM count of a CUDA device (0 elsewhere: no row kernel there); asked on every decode product."""
     device = torch.device(device)
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 0
 
 
-def few_block_rows(hw: HybridWeight, device: torch.device) -> bool:
-    """Whether the row kernel's CTAs, one per block-row, all fit on the GPU at once (two per SM)."""
-    return len(hw.dense_row_ptr) - 1 <= 2 * _multiprocessors(device)
+def _token_tiles(tokens: int) -> int:
+    return 1 if tokens <= 8 else 2
+
+
+def _resident_choice(hw: HybridWeight, device: torch.device, tokens: int) -> RowsChoice | None:
+    """The first config of the ladder whose CTAs, one per block-row of `hw`, an SM count of `device` holds at once."""
+    block_rows, sms = len(hw.dense_row_ptr) - 1, _multiprocessors(device)
+    return next((c for c in ROWS_DECODE_LADDERS[_token_tiles(tokens)] if block_rows <= c.ctas_per_sm * sms), None)
+
+
+def rows_resident_at_once(hw: HybridWeight, device: torch.device, tokens: int = 1) -> bool:
+    """Whether the row kernel's CTAs for `hw` at `tokens` tokens, one per block-row, are all resident at once."""
+    return _resident_choice(hw, device, tokens) is not None
 
 
 def rows_decode_config(hw: HybridWeight, device: torch.device, tokens: int = 1) -> MmaDecodeConfig:
-    """The row kernel's config for `hw` at `tokens` tokens: ROWS_DECODE_CONFIG while its block-rows fit two CTAs
-    per SM and the tokens one 8-token tile, else ROWS_DECODE_CONFIG_MANY_ROWS."""
-    return ROWS_DECODE_CONFIG if few_block_rows(hw, device) and tokens <= 8 else ROWS_DECODE_CONFIG_MANY_ROWS
+    """The row kernel's config for `hw` at `tokens` tokens (ROWS_DECODE_LADDERS)."""
+    choice = _resident_choice(hw, device, tokens)
+    return (choice or ROWS_DECODE_LADDERS[_token_tiles(tokens)][-1]).config
 
 
 def use_rows_decode(enabled: bool) -> None:
@@ -103,10 +134,10 @@ def use_rows_decode(enabled: bool) -> None:
 def prefers_rows_decode(tokens: int, hw: HybridWeight) -> bool:
     """Whether the op sends a product of `tokens` tokens through `hw` to the row kernel: 2-16 tokens always
     (faster than the chunk kernel at 2-8 tokens at every shape and mix timed, and at 16 on all but the fused
-    gate-up shape on the H100); one token where at least half of the blocks are dense, where the block-rows are
-    few (few_block_rows), or where the flat GEMV is off. (At one token and 35/45/20 on an H100, session 20: the
-    row kernel 1.30x and 1.35x cuBLAS at 4096x4096 and 4096x11008 against the flat GEMV's 1.20x and 1.27x; the
-    flat GEMV 1.24-1.38x against 1.17-1.23x on the 11008-22016-row shapes.)"""
+    gate-up shape on the H100); one token where at least half of the blocks are dense, where the row kernel's CTAs
+    are all resident at once (rows_resident_at_once), or where the flat GEMV is off. (At one token and 35/45/20
+    on an H100, session 21: the row kernel 1.31x, 1.36x, 1.33x, 1.29x and 1.39x cuBLAS at 4096x4096, 4096x11008,
+    11008x4096, 12288x4096 and 22016x4096 against the flat GEMV's 1.20-1.29x and 1.37x.)"""
     from ..triton.flat_gemv import flat_gemv_enabled
 
     if not _ROWS_DECODE_ENABLED[0] or not 1 <= tokens <= MMA_DECODE_MAX_TOKENS:
@@ -114,7 +145,7 @@ def prefers_rows_decode(tokens: int, hw: HybridWeight) -> bool:
     if tokens > 1 or not flat_gemv_enabled():
         return True
     n_dense, n_nm, n_topk = hw.tier_counts()
-    return 2 * n_dense >= n_dense + n_nm + n_topk or few_block_rows(hw, hw.device)
+    return 2 * n_dense >= n_dense + n_nm + n_topk or rows_resident_at_once(hw, hw.device)
 
 
 def rows_decode_ready(x: torch.Tensor, hw: HybridWeight) -> bool:

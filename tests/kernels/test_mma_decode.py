@@ -201,8 +201,8 @@ def test_row_kernel_takes_every_block_once_with_its_column(warps, ch) -> None:
 @pytest.mark.parametrize("topk,ntile,half,config", [
     (10, 1, False, md.MMA_DECODE_CONFIG), (10, 2, False, md.MMA_DECODE_CONFIG), (16, 2, True, md.MMA_DECODE_CONFIG),
     (1, 1, False, md.MmaDecodeConfig(16, 32, 8)), (32, 2, False, md.MmaDecodeConfig(12, 5, 4)),
-    (10, 1, False, md.ROWS_DECODE_CONFIG), (10, 2, True, md.ROWS_DECODE_CONFIG),
-    (10, 1, True, md.ROWS_DECODE_CONFIG_MANY_ROWS), (10, 2, False, md.ROWS_DECODE_CONFIG_MANY_ROWS),
+    *((10, tiles, half, choice.config) for tiles, ladder in md.ROWS_DECODE_LADDERS.items() for choice in ladder
+      for half in (False, True)),
 ])
 def test_source_compiles_for_hopper_without_spills(topk, ntile, half, config, tmp_path) -> None:
     ptx = nvrtc_ptx(md.kernel_source(half, topk, ntile, config))
@@ -211,17 +211,35 @@ def test_source_compiles_for_hopper_without_spills(topk, ntile, half, config, tm
     assert ".entry hybrid_mma_decode" in ptx and ".entry hybrid_cast_and_zero" in ptx
     assert re.search(r"red\.global\.add\.f32|atom\.global\.add\.f32", ptx)
     # Triton's ptxas may be older than this NVRTC's PTX ISA; the kernel uses nothing newer than sm_90's.
-    triton = pytest.importorskip("triton")
-    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
-    (tmp_path / "k.ptx").write_text(re.sub(r"^\.version \d+\.\d+", ".version 8.0", ptx, flags=re.M))
-    report = subprocess.run([str(ptxas), "-arch=sm_90", "-v", str(tmp_path / "k.ptx"), "-o", str(tmp_path / "k.cubin")],
-                            capture_output=True, text=True, check=True).stderr
+    report = ptxas_report(ptx, tmp_path)
     assert ".entry hybrid_rows_decode" in ptx and re.search(r"(red|atom)\.shared\.add\.f32", ptx)
     for kernel in ("hybrid_mma_decode", "hybrid_rows_decode"):
         properties = report.split(f"Function properties for {kernel}\n")[1].split("Function properties for")[0]
         assert "0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads" in properties, (kernel, properties)
         registers = int(re.search(r"Used (\d+) registers", properties).group(1))
         assert registers <= 65536 // (32 * config.warps), (kernel, registers)  # the CTA fits an SM
+
+
+def ptxas_report(ptx: str, tmp_path: Path) -> str:
+    """ptxas -v's report for sm_90 (Triton's ptxas; it may be older than this NVRTC's PTX ISA, and the kernels
+    use nothing newer than sm_90's)."""
+    triton = pytest.importorskip("triton")
+    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    (tmp_path / "k.ptx").write_text(re.sub(r"^\.version \d+\.\d+", ".version 8.0", ptx, flags=re.M))
+    return subprocess.run([str(ptxas), "-arch=sm_90", "-v", str(tmp_path / "k.ptx"), "-o", str(tmp_path / "k.cubin")],
+                          capture_output=True, text=True, check=True).stderr
+
+
+@pytest.mark.parametrize("tiles,choice", [(tiles, choice) for tiles, ladder in md.ROWS_DECODE_LADDERS.items()
+                                          for choice in ladder])
+def test_each_row_config_fits_the_ctas_per_sm_it_claims(tiles, choice, tmp_path) -> None:
+    """The ladder picks a config by how many of its CTAs an SM holds: that count, from its registers (allocated
+    8 per thread at a time, 64K per SM), its warps (64 per SM) and CTAs (32 per SM), must be what ptxas gives."""
+    report = ptxas_report(nvrtc_ptx(md.kernel_source(False, 10, tiles, choice.config)), tmp_path)
+    properties = report.split("Function properties for hybrid_rows_decode\n")[1].split("Function properties for")[0]
+    registers = int(re.search(r"Used (\d+) registers", properties).group(1))
+    allocated = -(-registers // 8) * 8 * 32 * choice.config.warps
+    assert min(65536 // allocated, 64 // choice.config.warps, 32) == choice.ctas_per_sm, (registers, choice)
 
 
 def test_supported_refuses_what_the_kernel_cannot_take() -> None:
@@ -346,18 +364,20 @@ def test_the_op_sends_decode_to_the_row_kernel_first() -> None:
 
 
 def test_one_token_and_the_config_follow_the_block_rows(monkeypatch) -> None:
-    """Where a weight's block-rows fit two CTAs per SM, one token goes to the row kernel whatever the tiers, with
-    16 warps of 2-block steps up to 8 tokens; with more block-rows, mostly sparse weights keep the flat GEMV and
-    the row kernel takes 8 warps of 4 blocks."""
+    """The config is the first of the ladder whose CTAs, one per block-row, an SM count holds at once (the last
+    if none); one token goes to the row kernel whatever the tiers where one does, and mostly sparse weights keep
+    the flat GEMV where none does."""
     g = torch.Generator().manual_seed(11)
-    tier_map = random_tier_map((64, 96), g, (0.35, 0.45, 0.2))  # 4 block-rows
-    hw = pack_hybrid(pruned_weight((64, 96), tier_map, g), tier_map)
-    for sms, few in [(2, True), (1, False)]:
+    tier_map = random_tier_map((384, 96), g, (0.35, 0.45, 0.2))  # 24 block-rows
+    hw = pack_hybrid(pruned_weight((384, 96), tier_map, g), tier_map)
+    one, two = ([c.config for c in md.ROWS_DECODE_LADDERS[tiles]] for tiles in (1, 2))
+    # 12 SMs hold the 24 block-rows at 2 per SM, 8 at 3, 4 at 8 (6 with two tiles), 2 at 16 (14 with two); 1 does not
+    for sms, at_one, at_two, resident in [(12, one[0], two[0], True), (8, one[1], two[1], True),
+                                          (4, one[2], two[1], True), (2, one[3], two[2], True),
+                                          (1, one[3], two[2], False)]:
         monkeypatch.setattr(md, "_multiprocessors", lambda device, sms=sms: sms)
-        assert md.few_block_rows(hw, hw.device) == few
-        assert md.prefers_rows_decode(1, hw) == few
-        expected = md.ROWS_DECODE_CONFIG if few else md.ROWS_DECODE_CONFIG_MANY_ROWS
-        assert [md.rows_decode_config(hw, hw.device, T) for T in (1, 8, 9, 16)] == \
-            [expected, expected, md.ROWS_DECODE_CONFIG_MANY_ROWS, md.ROWS_DECODE_CONFIG_MANY_ROWS]
+        assert md.rows_resident_at_once(hw, hw.device) == resident
+        assert md.prefers_rows_decode(1, hw) == resident
+        assert [md.rows_decode_config(hw, hw.device, T) for T in (1, 8, 9, 16)] == [at_one, at_one, at_two, at_two], sms
     monkeypatch.undo()
-    assert md._multiprocessors(torch.device("cpu")) == 0 and not md.few_block_rows(hw, hw.device)
+    assert md._multiprocessors(torch.device("cpu")) == 0 and not md.rows_resident_at_once(hw, hw.device)
