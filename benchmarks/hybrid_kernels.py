@@ -4,15 +4,16 @@
    placement (random, clustered). Each method is timed by replaying a CUDA graph of `--inner` calls that
    cycle through several copies of the weights (more bytes than the L2 holds, so every call reads its
    weight from HBM), `--reps` replays timed with CUDA events; medians. Ratios are cuBLAS time / method
-   time (> 1 is faster than cuBLAS). `hybrid_default` is the op as users get it: one token through the flat
-   GEMV, 2-16 tokens through the tensor-core kernel (kernels/cuda), up to 128 tokens the streaming Triton
-   kernel, beyond that unpack + cuBLAS. Unless --no-tune, the streaming kernel is also tuned per case over
-   (NB, SPLIT, warps, token tile), at 1 token against the GEMV kernel (no tensor cores), at 128 tokens
-   against unpack + cuBLAS; `hybrid` is the best of all of these.
+   time (> 1 is faster than cuBLAS). `hybrid_default` is the op as users get it: 1-16 tokens through the
+   CUDA row kernel (kernels/cuda) where its CTAs fit the GPU at once (else one token through the flat GEMV),
+   up to 128 tokens the streaming Triton kernel, beyond that unpack + cuBLAS. Unless --no-tune, the
+   streaming kernel is also tuned per case over (NB, SPLIT, warps, token tile), at 1 token against the GEMV
+   kernel (no tensor cores), at 128 tokens against unpack + cuBLAS; `hybrid` is the best of all of these.
 2. End to end: greedy decode, batch 1, of a randomly initialised LLaMA-2-7B-shaped model (a minimal
    LLaMA written here: fused QKV and gate-up linears, RoPE, static KV cache; not transformers' model, so
    that one decode step captures into one CUDA graph), dense vs hybrid at 35/45/20: tokens/s and peak memory.
    The dense model is the pruned one (masks applied), so the two runs compute the same function.
+   --compile also times both with torch.compile on each layer or on the whole step (gpt-fast's setting).
 
 Prints a table, then one JSON object per line (lines starting with '{'). Run:
     python benchmarks/hybrid_kernels.py                  # an H100/H200; about 3-4 minutes

@@ -1,9 +1,10 @@
 """GPU benchmark of the tensor-core decode kernel (tierprune/kernels/cuda) against cuBLAS and the op.
 
 For each LLaMA-2-7B shape, tier mix (random placement) and token count: cuBLAS (`F.linear` on the pruned
-dense weight), the op as users get it (`hybrid_mm`: one token through the flat GEMV, 2-16 through this
-kernel), and the kernel under each `--configs` entry. Then one tier alone at 4096x4096 (all Dense, all
-2:4, all TopK), which shows what each tier costs per block. Timing as benchmarks/hybrid_kernels.py
+dense weight), the op as users get it (`hybrid_mm`: the row kernel with the config
+mma_decode.rows_decode_config picks, or the flat GEMV at one token where the row kernel's CTAs do not fit),
+and the kernel under each `--configs` entry. Then one tier alone at 4096x4096 (all Dense, all 2:4, all
+TopK), which shows what each tier costs per block. Timing as benchmarks/hybrid_kernels.py
 (CUDA graphs of `--inner` calls over rotated weight copies, medians of `--reps` replays). Correctness is
 checked first on odd shapes, every token count and both dtypes. CUDA only. Run:
     python benchmarks/mma_decode.py
