@@ -4,6 +4,11 @@ A packed folder loads with HybridLinear layers (`load_hybrid`), or as its dense 
 (`load_dense`); any other model folder loads as plain transformers. Both go through transformers' own
 `generate` with its KV cache, greedy, batch 1, so the tokens of the two should agree and the times compare
 the linears alone. One short warm-up generation comes first (kernel compiles, allocator), then the timed one.
+
+`compile=True` is transformers' compiled decoding: a static KV cache and the decode step through torch.compile
+(inductor fuses what lies between the linears; the hybrid op stays one opaque op; on CUDA, CUDA graphs), as a
+serving stack runs a model. The warm-up then generates as many tokens as the timed run, so that the static
+cache has the timed run's size and the compiled step is reused, not recompiled.
 """
 from __future__ import annotations
 
@@ -78,19 +83,23 @@ def _load(folder: str, device: str, dense_twin: bool) -> tuple[nn.Module, object
 
 
 @torch.no_grad()
-def generate_timed(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int, kind: str) -> Generation:
-    """Greedy continuation of `prompt` (exactly max_new_tokens unless the model ends it), timed after a warm-up."""
+def generate_timed(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int, kind: str, *,
+                   compile: bool = False) -> Generation:
+    """Greedy continuation of `prompt` (exactly max_new_tokens unless the model ends it), timed after a warm-up;
+    `compile`: with a static cache and a compiled decode step."""
     device = next(model.parameters()).device
     ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
     if ids.shape[1] == 0:
         raise TierpruneError("the prompt is empty after tokenization")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    settings = dict(do_sample=False, pad_token_id=pad, attention_mask=torch.ones_like(ids))
+    settings = dict(do_sample=False, pad_token_id=pad, attention_mask=torch.ones_like(ids), use_cache=True)
+    if compile:
+        settings.update(cache_implementation="static", compile_config=_compile_config())
 
     def run(n: int) -> torch.Tensor:
         return model.generate(ids, max_new_tokens=n, **settings)
 
-    run(WARMUP_TOKENS)
+    run(max_new_tokens if compile else WARMUP_TOKENS)
     _synchronize(device)
     start = time.perf_counter()
     out = run(max_new_tokens)
@@ -98,6 +107,14 @@ def generate_timed(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int
     seconds = time.perf_counter() - start
     new = out[0, ids.shape[1]:].tolist()
     return Generation(kind, tokenizer.decode(new, skip_special_tokens=True), new, seconds)
+
+
+def _compile_config():
+    from transformers import CompileConfig
+
+    config = CompileConfig()  # transformers' defaults: inductor, "reduce-overhead" (CUDA graphs on CUDA)
+    config._compile_all_devices = True  # transformers compiles on CUDA only unless told; asked for, the CPU too
+    return config
 
 
 def _synchronize(device: torch.device) -> None:

@@ -149,3 +149,19 @@ def test_mma_benchmark_refuses_bad_configs_and_needs_cuda() -> None:
     if not torch.cuda.is_available():
         run = _run_mma_script("--configs", "8,12,4", "16,12,4")
         assert run.returncode == 2 and run.stderr.strip() == "mma_decode: needs a CUDA GPU (sm_80 or newer)"
+
+
+def test_generate_compiled_dry_run() -> None:
+    """benchmarks/generate_compiled.py --tiny on the CPU: transformers' generate, dense and hybrid, eager and
+    compiled (the hybrid op inside the compiled step), the same greedy tokens in each mode."""
+    script = SCRIPT.with_name("generate_compiled.py")
+    proc = subprocess.run([sys.executable, str(script), "--tiny", "--device", "cpu"], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    lines = proc.stdout.splitlines()
+    for mode in ("eager", "compiled"):
+        line = next(line for line in lines if line.strip().startswith(mode))
+        assert line.endswith("the same tokens: True"), line
+    summary = json.loads(lines[-1])
+    assert set(summary) == {"dense eager", "dense compiled", "hybrid eager", "hybrid compiled"}
+    assert all(v > 0 for v in summary.values())

@@ -657,7 +657,11 @@ def generate(folder: str = typer.Argument(..., help="a folder from `tierprune co
              compare_dense: bool = typer.Option(False, "--compare-dense",
                                                 help="also run a packed folder's dense twin (zeros where pruned) on "
                                                      "the same prompt: tokens/s side by side, and whether the "
-                                                     "tokens agree")) -> None:
+                                                     "tokens agree"),
+             compile: bool = typer.Option(False, "--compile",
+                                          help="decode as serving stacks do: a static KV cache and the decode step "
+                                               "through torch.compile (CUDA graphs on a GPU); the first, untimed "
+                                               "generation compiles")) -> None:
     """Continue a prompt with a model folder and time it: how fast a packed model decodes on this machine."""
     from tierprune.models import require_device
     from tierprune.tasks.generate import generate_timed, load_for_generation
@@ -666,12 +670,13 @@ def generate(folder: str = typer.Argument(..., help="a folder from `tierprune co
     runs = []
     for twin in ([False, True] if compare_dense else [False]):
         model, tokenizer, kind = load_for_generation(folder, device, dense_twin=twin, dtype=dtype)
-        runs.append(generate_timed(model, tokenizer, prompt, max_new_tokens, kind))
+        runs.append(generate_timed(model, tokenizer, prompt, max_new_tokens, kind, compile=compile))
         del model  # one model in memory at a time
     console.print(f"{escape(prompt)}[bold]{escape(runs[0].text)}[/bold]", soft_wrap=True, highlight=False)
     for run in runs:
         console.print(f"{run.kind}: {len(run.token_ids)} new tokens in {run.seconds:.2f} s, "
-                      f"{run.tokens_per_s:.2f} tokens/s (greedy, batch 1, {device}, prefill included)",
+                      f"{run.tokens_per_s:.2f} tokens/s (greedy, batch 1, {device}, prefill included"
+                      f"{', compiled' if compile else ''})",
                       highlight=False, soft_wrap=True)
     if compare_dense:
         packed, twin = runs

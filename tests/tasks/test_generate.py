@@ -107,3 +107,18 @@ def test_cli_prints_the_continuation_and_the_ratio(folders, tmp_path) -> None:
     packed_line, twin_line, ratio_line = proc.stdout.splitlines()[-3:]  # the continuation may hold newlines
     assert packed_line.startswith("packed: ") and twin_line.startswith("dense twin: ") and "tokens/s" in packed_line
     assert ratio_line.startswith("packed / dense twin tokens/s: ") and ratio_line.endswith("the same tokens: yes")
+
+
+def test_compiled_decoding_gives_the_eager_tokens(folders) -> None:
+    """--compile: a static cache and the decode step through torch.compile, the hybrid op inside it (its fake
+    implementation); the same greedy tokens as eager decoding, packed and dense twin alike."""
+    from torch._dynamo.utils import counters
+
+    _, packed = folders
+    for twin in (False, True):
+        model, tokenizer, kind = load_for_generation(str(packed), "cpu", dense_twin=twin)
+        eager = generate_timed(model, tokenizer, PROMPT, 5, kind)
+        graphs = counters["stats"]["unique_graphs"]
+        compiled = generate_timed(model, tokenizer, PROMPT, 5, kind, compile=True)
+        assert counters["stats"]["unique_graphs"] > graphs  # it did compile, on the CPU too
+        assert compiled.token_ids == eager.token_ids and compiled.seconds > 0
