@@ -122,3 +122,14 @@ def test_compiled_decoding_gives_the_eager_tokens(folders) -> None:
         compiled = generate_timed(model, tokenizer, PROMPT, 5, kind, compile=True)
         assert counters["stats"]["unique_graphs"] > graphs  # it did compile, on the CPU too
         assert compiled.token_ids == eager.token_ids and compiled.seconds > 0
+
+
+def test_cli_compile_says_so(folders, tmp_path) -> None:
+    _, packed = folders
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TIERPRUNE_", "PREFECT_"))}
+    env.update(COLUMNS="200", NO_COLOR="1", HF_HUB_OFFLINE="1", PREFECT_HOME=str(tmp_path / "prefect"))
+    proc = subprocess.run([sys.executable, "-m", "tierprune.cli", "generate", str(packed), "--prompt", PROMPT,
+                           "--max-new-tokens", "3", "--compile"], capture_output=True, text=True, env=env,
+                          cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.splitlines()[-1].startswith("packed: ") and proc.stdout.rstrip().endswith(", compiled)")
