@@ -26,8 +26,8 @@ from tierprune.kernels.hybrid import pack_hybrid
 from tierprune.kernels.triton.flat_gemv import FlatGemvConfig, hybrid_mm_flat_gemv
 from tierprune.kernels.triton.hybrid_mm import decode_config, hybrid_mm, hybrid_mm_decode
 
-from hybrid_kernels import (BS, MIXES, SHAPES, TINY_SHAPES, TOPK_K, clone_hybrid, copies_needed, make_tier_map,
-                            measure_us, pruned_weight)
+from hybrid_kernels import (BS, COMPILE_SCOPES, MIXES, SHAPES, TINY_SHAPES, TOPK_K, clone_hybrid, copies_needed,
+                            make_tier_map, measure_us, pruned_weight)
 
 GEMV = [(8, 4, 4, 1, True), (8, 8, 4, 1, True), (16, 4, 4, 1, True), (4, 8, 4, 1, True), (8, 2, 4, 1, True),
         (8, 16, 4, 1, True), (4, 8, 2, 1, True), (8, 4, 4, 1, False), (8, 8, 4, 1, False), (16, 4, 4, 1, False)]
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--placements", nargs="*", default=["random"])
     p.add_argument("--e2e-layers", type=int, default=0, help="then decode end to end (hybrid_kernels.py's model) "
                                                               "with the best 35/45/20 random configs; 0: skip")
-    p.add_argument("--e2e-compile", nargs="*", choices=("layers", "step"), default=[],
+    p.add_argument("--e2e-compile", nargs="*", choices=COMPILE_SCOPES, default=[],
                    help="end to end, also torch.compile'd (dense and hybrid): the decoder layers and/or the whole step")
     p.add_argument("--inner", type=int, default=20)
     p.add_argument("--reps", type=int, default=15)

@@ -95,16 +95,21 @@ def test_bad_folders_and_devices_are_one_line(folders, tmp_path) -> None:
             require_device("cuda:0")
 
 
-def test_cli_prints_the_continuation_and_the_ratio(folders, tmp_path) -> None:
-    _, packed = folders
+def run_generate_cli(folder: Path, tmp_path: Path, *options: str) -> str:
+    """`tierprune generate FOLDER --prompt PROMPT OPTIONS` as a user runs it; its stdout (exit 0 asserted)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TIERPRUNE_", "PREFECT_"))}
     env.update(COLUMNS="200", NO_COLOR="1", HF_HUB_OFFLINE="1", PREFECT_HOME=str(tmp_path / "prefect"))
-    proc = subprocess.run([sys.executable, "-m", "tierprune.cli", "generate", str(packed), "--prompt", PROMPT,
-                           "--max-new-tokens", "4", "--compare-dense"], capture_output=True, text=True, env=env,
-                          cwd=tmp_path, timeout=300)
+    proc = subprocess.run([sys.executable, "-m", "tierprune.cli", "generate", str(folder), "--prompt", PROMPT,
+                           *options], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.startswith(PROMPT)
-    packed_line, twin_line, ratio_line = proc.stdout.splitlines()[-3:]  # the continuation may hold newlines
+    return proc.stdout
+
+
+def test_cli_prints_the_continuation_and_the_ratio(folders, tmp_path) -> None:
+    _, packed = folders
+    stdout = run_generate_cli(packed, tmp_path, "--max-new-tokens", "4", "--compare-dense")
+    assert stdout.startswith(PROMPT)
+    packed_line, twin_line, ratio_line = stdout.splitlines()[-3:]  # the continuation may hold newlines
     assert packed_line.startswith("packed: ") and twin_line.startswith("dense twin: ") and "tokens/s" in packed_line
     assert ratio_line.startswith("packed / dense twin tokens/s: ") and ratio_line.endswith("the same tokens: yes")
 
@@ -126,10 +131,5 @@ def test_compiled_decoding_gives_the_eager_tokens(folders) -> None:
 
 def test_cli_compile_says_so(folders, tmp_path) -> None:
     _, packed = folders
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("TIERPRUNE_", "PREFECT_"))}
-    env.update(COLUMNS="200", NO_COLOR="1", HF_HUB_OFFLINE="1", PREFECT_HOME=str(tmp_path / "prefect"))
-    proc = subprocess.run([sys.executable, "-m", "tierprune.cli", "generate", str(packed), "--prompt", PROMPT,
-                           "--max-new-tokens", "3", "--compile"], capture_output=True, text=True, env=env,
-                          cwd=tmp_path, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.splitlines()[-1].startswith("packed: ") and proc.stdout.rstrip().endswith(", compiled)")
+    stdout = run_generate_cli(packed, tmp_path, "--max-new-tokens", "3", "--compile")
+    assert stdout.splitlines()[-1].startswith("packed: ") and stdout.rstrip().endswith(", compiled)")
