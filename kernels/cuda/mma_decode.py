@@ -3,7 +3,7 @@
 mma_decode.cu holds the kernels and says how they work. They are compiled at first use with NVRTC, through
 torch's own binding (torch ships libnvrtc with its CUDA builds), so the project needs no compiler at install
 time and the CPU install never touches CUDA. The compiled module is cached per (dtype, TopK k, token tiles,
-config) for the process.
+config, device) for the process, and launched through launch.PreparedLaunch (a few microseconds of Python).
 
 Two kernels share the per-block tensor-core recipe:
 - the row kernel (hybrid_mm_rows, what the op uses): one CTA per block-row, whose warps keep their sums in
@@ -23,11 +23,13 @@ from typing import NamedTuple
 import torch
 
 from ..hybrid import HYBRID_TENSOR_NAMES, HybridWeight
+from .launch import PreparedLaunch, current_raw_stream
 
 __all__ = ["MMA_DECODE_MAX_TOKENS", "MmaDecodeConfig", "MMA_DECODE_CONFIG", "ROWS_DECODE_LADDERS", "RowsChoice",
            "hybrid_mm_mma", "hybrid_mm_rows", "kernel_source", "mma_decode_supported", "mma_decode_ready",
-           "prefers_mma_decode", "prefers_rows_decode", "rows_resident_at_once", "rows_decode_config",
-           "rows_decode_ready", "selector_table", "set_mma_decode_config", "use_mma_decode", "use_rows_decode"]
+           "prefers_mma_decode", "prefers_rows_decode", "prepare_rows_decode", "rows_resident_at_once",
+           "rows_decode_config", "rows_decode_enabled", "rows_decode_ready", "selector_table",
+           "set_mma_decode_config", "use_mma_decode", "use_rows_decode"]
 
 MMA_DECODE_MAX_TOKENS = 16  # two 8-token mma tiles
 
@@ -131,6 +133,11 @@ def use_rows_decode(enabled: bool) -> None:
     _ROWS_DECODE_ENABLED[0] = bool(enabled)
 
 
+def rows_decode_enabled() -> bool:
+    """Whether use_rows_decode left the row kernel on."""
+    return _ROWS_DECODE_ENABLED[0]
+
+
 def prefers_rows_decode(tokens: int, hw: HybridWeight) -> bool:
     """Whether the op sends a product of `tokens` tokens through `hw` to the row kernel: 2-16 tokens always
     (faster than the chunk kernel at 2-8 tokens at every shape and mix timed, and at 16 on all but the fused
@@ -217,19 +224,28 @@ _MODULES: dict[tuple, dict] = {}
 
 def _module_key(x: torch.Tensor, hw: HybridWeight, config: MmaDecodeConfig) -> tuple:
     major, minor = torch.cuda.get_device_capability(x.device)
-    return x.dtype == torch.float16, hw.topk, 1 if x.shape[0] <= 8 else 2, config, f"{major}{minor}"
+    return x.dtype == torch.float16, hw.topk, 1 if x.shape[0] <= 8 else 2, config, f"{major}{minor}", x.device.index
 
 
-def _module(half: bool, topk: int, ntile: int, config: MmaDecodeConfig, arch: str) -> dict:
-    """The compiled kernels {name: launcher} for one set of compile-time constants (compiled once per process)."""
-    key = (half, topk, ntile, config, arch)
+def _module(half: bool, topk: int, ntile: int, config: MmaDecodeConfig, arch: str, device_index: int) -> dict:
+    """The compiled kernels {name: kernel} for one set of compile-time constants on one GPU (compiled once per
+    process; loaded per GPU, as a loaded function belongs to the device's context)."""
+    key = (half, topk, ntile, config, arch, device_index)
     if key not in _MODULES:
         from torch.cuda._utils import _cuda_load_module, _nvrtc_compile
 
         source = kernel_source(half, topk, ntile, config)
-        binary, _ = _nvrtc_compile(source, "hybrid_mma_decode", arch, nvcc_options=["-std=c++17"])
-        _MODULES[key] = _cuda_load_module(binary, ["hybrid_mma_decode", "hybrid_cast_and_zero", "hybrid_rows_decode"])
+        with torch.cuda.device(device_index):
+            binary, _ = _nvrtc_compile(source, "hybrid_mma_decode", arch, nvcc_options=["-std=c++17"])
+            _MODULES[key] = _cuda_load_module(binary, ["hybrid_mma_decode", "hybrid_cast_and_zero",
+                                                       "hybrid_rows_decode"])
     return _MODULES[key]
+
+
+def _launch(kernel, grid: tuple[int, int, int], block: tuple[int, int, int], args: list, device: torch.device) -> None:
+    """One launch of a compiled kernel on `device`'s current stream."""
+    with torch.cuda.device(device):
+        PreparedLaunch(kernel.func, grid, block, args)(stream=current_raw_stream(device))
 
 
 def mma_decode_ready(hw: HybridWeight, tokens: int) -> bool:
@@ -269,14 +285,36 @@ def hybrid_mm_mma(x: torch.Tensor, hw: HybridWeight, config: MmaDecodeConfig | N
     if warps:
         buffers = _buffers(hw, ("dense_values", "dense_cols", "nm_values", "nm_meta", "nm_cols", "topk_values",
                                 "topk_pos", "topk_cols"))
-        kernels["hybrid_mma_decode"](
-            grid=(-(-warps // config.warps), 1, 1), block=(32 * config.warps, 1, 1),
-            args=[x, ws, block_rows, *buffers, n_dense, n_nm, n_topk, w_dense, w_nm, warps, T,
-                  k_in, npad])
+        _launch(kernels["hybrid_mma_decode"], (-(-warps // config.warps), 1, 1), (32 * config.warps, 1, 1),
+                [x, ws, block_rows, *buffers, n_dense, n_nm, n_topk, w_dense, w_nm, warps, T, k_in, npad], x.device)
     threads = 256
-    kernels["hybrid_cast_and_zero"](grid=(-(-(T * n_out) // threads), 1, 1), block=(threads, 1, 1),
-                                    args=[ws, out, T, n_out, npad])
+    _launch(kernels["hybrid_cast_and_zero"], (-(-(T * n_out) // threads), 1, 1), (threads, 1, 1),
+            [ws, out, T, n_out, npad], x.device)
     return out
+
+
+def prepare_rows_decode(x: torch.Tensor, hw: HybridWeight, config: MmaDecodeConfig | None = None):
+    """The row kernel's launch for `hw` at x's token count, dtype and GPU, prepared once: a function that takes any
+    such x (contiguous, 8-byte aligned) and returns x @ W.T, with a few microseconds of host work. It compiles the
+    kernel if needed (not inside a CUDA graph capture, see rows_decode_ready) and holds `hw`'s buffer pointers, not
+    the buffers: keep them alive while it is used. See hybrid_mm_rows for `config`."""
+    _check_inputs(x, hw, "prepare_rows_decode")
+    config = config or rows_decode_config(hw, x.device, x.shape[0])
+    T, (n_out, k_in), device = x.shape[0], hw.shape, x.device
+    kernel = _module(*_module_key(x, hw, config))["hybrid_rows_decode"]
+    launch = PreparedLaunch(kernel.func, (len(hw.dense_row_ptr) - 1, 1, 1), (32 * config.warps, 1, 1),
+                            [x, x, *_buffers(hw, HYBRID_TENSOR_NAMES), T, k_in, n_out])  # x, out, weight, sizes
+
+    def rows_decode(x: torch.Tensor) -> torch.Tensor:  # (T, in) -> (T, out)
+        out = x.new_empty(T, n_out)
+        if torch.cuda.current_device() == device.index:
+            launch(x.data_ptr(), out.data_ptr(), stream=current_raw_stream(device))
+        else:  # the kernel is loaded in its GPU's context, which the launch must run in
+            with torch.cuda.device(device):
+                launch(x.data_ptr(), out.data_ptr(), stream=current_raw_stream(device))
+        return out
+
+    return rows_decode
 
 
 def hybrid_mm_rows(x: torch.Tensor, hw: HybridWeight, config: MmaDecodeConfig | None = None) -> torch.Tensor:
@@ -285,12 +323,4 @@ def hybrid_mm_rows(x: torch.Tensor, hw: HybridWeight, config: MmaDecodeConfig | 
     and calls on one weight may overlap on several streams. The config's `chunk`
     is the dense blocks a warp loads per step (`nm_chunk` the 2:4 blocks, `topk_chunk` the TopK blocks) and `warps`
     the warps per block-row; rows_decode_config by default."""
-    _check_inputs(x, hw, "hybrid_mm_rows")
-    config = config or rows_decode_config(hw, x.device, x.shape[0])
-    T, (n_out, k_in) = x.shape[0], hw.shape
-    kernels = _module(*_module_key(x, hw, config))
-    out = x.new_empty(T, n_out)
-    buffers = _buffers(hw, HYBRID_TENSOR_NAMES)
-    kernels["hybrid_rows_decode"](grid=(len(hw.dense_row_ptr) - 1, 1, 1), block=(32 * config.warps, 1, 1),
-                                  args=[x, out, *buffers, T, k_in, n_out])
-    return out
+    return prepare_rows_decode(x, hw, config)(x)
