@@ -1,9 +1,10 @@
 """HybridLinear: a linear layer holding a packed Dense / 2:4 / TopK weight, and model conversion.
 
 The forward pass is one `tierprune::hybrid_mm` op, which dispatches by device and token count: the
-pure-torch reference on the CPU, the Triton decode kernel for at most 16 tokens on CUDA and unpack +
+pure-torch reference on the CPU, the decode kernels for at most 16 tokens on CUDA and unpack +
 cuBLAS above that. One opaque op with a fake implementation keeps the module traceable by
-torch.compile and capturable in CUDA graphs.
+torch.compile and capturable in CUDA graphs; plain eager decode calls on CUDA skip the op's dispatch
+and go straight to a launch prepared on the first call (kernels/triton/hybrid_mm.py says when).
 
 Packed buffers are plain tensors, so a converted model's state_dict saves with safetensors. Each
 HybridLinear also stores `hybrid_layout` (out, in, block_size, topk, transposed), which lets
@@ -78,7 +79,8 @@ class HybridLinear(nn.Module):
 
     def hybrid_weight(self) -> HybridWeight:
         """The packed weight as a HybridWeight (views of this module's buffers)."""
-        tensors = {name: getattr(self, name) for name in HYBRID_TENSOR_NAMES}
+        buffers = self._buffers  # not getattr: nn.Module's attribute fallback is slow, and this runs every forward
+        tensors = {name: buffers[name] for name in HYBRID_TENSOR_NAMES}
         return HybridWeight((self.out_features, self.in_features), self.block_size, self.topk, **tensors)
 
     @property

@@ -11,10 +11,15 @@ the block-rows fit the GPU at once (mma_decode.prefers_rows_decode; mma_decode.u
 it off). Other one-token products go to the flat GEMV (flat_gemv.py; flat_gemv.use_flat_gemv(False) turns
 that off), and without the row kernel 2-16 tokens go to the chunk kernel of the same file
 (mma_decode.use_mma_decode(False) turns that off).
+
+Eager calls skip the op where they can (`hybrid_mm`): a plain eager decode product through a weight seen before
+goes straight to its prepared row-kernel launch (`_prepared_rows_decode`), since the custom op's dispatch and the
+per-call checks cost more host time than the kernel takes on the GPU.
 """
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -209,6 +214,45 @@ def _as_hybrid(tensors: list[torch.Tensor], out_features: int, in_features: int,
     return HybridWeight((out_features, in_features), block_size, topk, *tensors)
 
 
+# Prepared row-kernel launches by product: GPU, tokens, dtype, the weight's shape, k, tier counts and buffer
+# addresses (all the launch depends on), and the switches that pick the kernel. None: the row kernel does not
+# take the product.
+_ROWS_DECODE: dict[tuple, Callable[[torch.Tensor], torch.Tensor] | None] = {}
+_ROWS_DECODE_MAX = 1 << 16  # products kept (a 7B model has 224 weights x 16 token counts); then start over
+
+
+def _prepared_rows_decode(x2: torch.Tensor, hw: HybridWeight) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The row kernel's prepared launch for x2 (T <= 16 tokens, contiguous, hw's dtype) through hw, or None where
+    the op sends the product elsewhere (mma_decode.prefers_rows_decode) or the kernel cannot take it."""
+    from ..cuda import mma_decode  # CUDA C++ compiled at first use (NVRTC)
+    from .flat_gemv import flat_gemv_enabled
+
+    if x2.data_ptr() % 8:  # the kernel's 8-byte loads; the weight's buffers are checked with the launch
+        return None
+    key = (x2.device.index, x2.shape[0], x2.dtype, hw.shape, hw.topk, *hw.tier_counts(),
+           *(t.data_ptr() for t in hw.tensors().values()), mma_decode.rows_decode_enabled(), flat_gemv_enabled())
+    try:
+        return _ROWS_DECODE[key]
+    except KeyError:
+        pass
+    T = x2.shape[0]
+    takes = mma_decode.prefers_rows_decode(T, hw) and mma_decode.mma_decode_supported(x2, hw)
+    if torch.cuda.is_current_stream_capturing():  # compiling is not allowed here: use the kernel only if built
+        return mma_decode.prepare_rows_decode(x2, hw) if takes and mma_decode.rows_decode_ready(x2, hw) else None
+    if len(_ROWS_DECODE) >= _ROWS_DECODE_MAX:
+        _ROWS_DECODE.clear()
+    _ROWS_DECODE[key] = mma_decode.prepare_rows_decode(x2, hw) if takes else None
+    return _ROWS_DECODE[key]
+
+
+def _plain_eager(x: torch.Tensor) -> bool:
+    """Whether a call on x may bypass the op: a plain CUDA tensor, not traced by torch.compile, under no torch
+    function or dispatch mode (FakeTensor, FlopCounter, a `with torch.device(...)` block), wanting no gradient."""
+    return (type(x) is torch.Tensor and x.is_cuda and not torch.compiler.is_compiling()
+            and not torch._C._is_torch_function_mode_enabled() and not torch._C._len_torch_dispatch_stack()
+            and not (x.requires_grad and torch.is_grad_enabled()))
+
+
 @torch.library.custom_op("tierprune::hybrid_mm", mutates_args=())
 def _hybrid_mm_op(x: torch.Tensor, dense_values: torch.Tensor, dense_cols: torch.Tensor,
                   dense_row_ptr: torch.Tensor, nm_values: torch.Tensor, nm_meta: torch.Tensor,
@@ -226,13 +270,9 @@ def _hybrid_mm_op(x: torch.Tensor, dense_values: torch.Tensor, dense_cols: torch
         return x.new_empty(*lead, out_features)
     kernel_dtype = x2.dtype in _KERNEL_DTYPES and x2.dtype == hw.dtype
     if T <= DECODE_MAX_TOKENS and kernel_dtype:
-        from ..cuda import mma_decode  # CUDA C++ compiled at first use (NVRTC)
-
-        # The row kernel keeps no state; only its compilation must not happen inside a capture (checked only
-        # while capturing: eager calls skip the lookup).
-        if mma_decode.prefers_rows_decode(T, hw) and mma_decode.mma_decode_supported(x2, hw) and (
-                not torch.cuda.is_current_stream_capturing() or mma_decode.rows_decode_ready(x2, hw)):
-            return mma_decode.hybrid_mm_rows(x2, hw).reshape(*lead, out_features)
+        rows_decode = _prepared_rows_decode(x2, hw)
+        if rows_decode is not None:
+            return rows_decode(x2).reshape(*lead, out_features)
     if T == 1 and kernel_dtype:
         from . import flat_gemv  # here, not at the top: it imports this module's helpers
 
@@ -271,5 +311,11 @@ def hybrid_mm(x: torch.Tensor, hw: HybridWeight) -> torch.Tensor:
     """x (..., in) @ W.T -> (..., out) through the `tierprune::hybrid_mm` op."""
     if x.shape[-1] != hw.shape[1]:
         raise ValueError(f"x has {x.shape[-1]} features, the weight expects {hw.shape[1]}")
+    if _plain_eager(x) and x.dtype == hw.dtype and hw.block_size == 16 and 1 <= x.numel() // hw.shape[1] <= \
+            DECODE_MAX_TOKENS:
+        x2 = x.reshape(-1, hw.shape[1])
+        rows_decode = _prepared_rows_decode(x2, hw) if x2.is_contiguous() else None
+        if rows_decode is not None:  # what the op would do, without its dispatch
+            return rows_decode(x2).reshape(*x.shape[:-1], hw.shape[0])
     tensors = [getattr(hw, name) for name in HYBRID_TENSOR_NAMES]
     return torch.ops.tierprune.hybrid_mm(x, *tensors, hw.shape[0], hw.shape[1], hw.block_size, hw.topk)

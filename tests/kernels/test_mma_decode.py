@@ -381,3 +381,44 @@ def test_one_token_and_the_config_follow_the_block_rows(monkeypatch) -> None:
         assert [md.rows_decode_config(hw, hw.device, T) for T in (1, 8, 9, 16)] == [at_one, at_one, at_two, at_two], sms
     monkeypatch.undo()
     assert md._multiprocessors(torch.device("cpu")) == 0 and not md.rows_resident_at_once(hw, hw.device)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_eager_decode_skips_the_op_and_prepares_its_launch_once() -> None:
+    """A plain eager decode call goes to the row kernel's prepared launch without the op's dispatch (the profiler
+    sees no tierprune::hybrid_mm), builds it once per weight and token count, and gives the op's result; under a
+    dispatch mode, or with the row kernel turned off, the call goes through the op again."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from tierprune.kernels.triton import hybrid_mm as module
+
+    g = torch.Generator().manual_seed(13)
+    tier_map = random_tier_map((64, 96), g)
+    W = pruned_weight((64, 96), tier_map, g)
+    hw = pack_hybrid(W, tier_map).to("cuda")
+    x = torch.randn(1, 3, 96, generator=g).to(torch.bfloat16).cuda()  # (batch, tokens, in) as a model calls it
+    expected = (x.double().cpu() @ W.double().T)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        first = module.hybrid_mm(x, hw)
+    assert not [e for e in prof.events() if "hybrid_mm" in e.name and "tierprune" in e.name]
+    prepared = dict(module._ROWS_DECODE)
+    again = module.hybrid_mm(x.clone(), hw)
+    assert module._ROWS_DECODE == prepared and any(v is not None for v in prepared.values())
+    torch.testing.assert_close(first.double().cpu(), expected, rtol=1.6e-2, atol=1.6e-2 * expected.abs().max().item())
+    torch.testing.assert_close(again, first, rtol=0, atol=0)
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    seen: list[str] = []
+    with Record():
+        module.hybrid_mm(x, hw)
+    assert any("tierprune.hybrid_mm" in name or "tierprune::hybrid_mm" in name for name in seen), seen
+    md.use_rows_decode(False)
+    try:
+        torch.testing.assert_close(module.hybrid_mm(x, hw), first, rtol=1.6e-2, atol=1.6e-2 * first.abs().max().item())
+    finally:
+        md.use_rows_decode(True)
