@@ -1,10 +1,10 @@
 """transformers' own `generate`, dense vs hybrid, eager and compiled: what `tierprune generate [--compile]` runs.
 
 A randomly initialised LLaMA (transformers' LlamaForCausalLM; size from the flags), bf16, its decoder linears
-pruned to random 35/45/20 tier maps; then the same model with HybridLinear layers. Each of the four is timed
-on one greedy generation of --tokens tokens (batch 1) after an untimed one of the same length: eager (a
-dynamic KV cache, one launch per op), and compiled (a static cache and transformers' compiled decode step:
-inductor, "reduce-overhead", so CUDA graphs on a GPU). Prints tokens/s and the ratios. Run:
+pruned to random 35/45/20 tier maps, and a copy of it with HybridLinear layers. Each is timed on --rounds
+greedy generations of --tokens tokens (batch 1; the median, and the range) after an untimed one of the same
+length: eager (a dynamic KV cache, one launch per op; the two models' rounds alternate), and compiled (a static
+cache and transformers' compiled decode step: inductor, "reduce-overhead", so CUDA graphs on a GPU). Prints tokens/s and the ratios. Run:
     python benchmarks/generate_compiled.py                              # a GPU: hidden 2048, 8 layers
     python benchmarks/generate_compiled.py --hidden 4096 --inter 11008 --layers 32
     python benchmarks/generate_compiled.py --tiny                       # a CPU dry run (no timing value)
@@ -12,7 +12,9 @@ inductor, "reduce-overhead", so CUDA graphs on a GPU). Prints tokens/s and the r
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import statistics
 import time
 
 import torch
@@ -28,7 +30,8 @@ def make_model(hidden: int, inter: int, layers: int, heads: int, vocab: int, dev
     config = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
                          num_attention_heads=heads, num_key_value_heads=heads, vocab_size=vocab,
                          max_position_embeddings=1024)
-    return LlamaForCausalLM(config).to(device, torch.bfloat16).eval()
+    with torch.device(device):  # initialised where it runs: a 7B model's random init on the CPU takes minutes
+        return LlamaForCausalLM(config).to(torch.bfloat16).eval()
 
 
 def prune_(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -53,7 +56,11 @@ def to_hybrid_(model: torch.nn.Module, tier_maps: dict[str, torch.Tensor]) -> No
 
 
 @torch.no_grad()
-def timed_generation(model: torch.nn.Module, prompt: torch.Tensor, tokens: int, compiled: bool) -> dict:
+def timed_generations(models: dict[str, torch.nn.Module], prompt: torch.Tensor, tokens: int, compiled: bool,
+                      rounds: int = 3) -> dict[str, dict]:
+    """tokens/s of each model's greedy generation: the median of `rounds`, after an untimed one of the same length
+    (it compiles, captures and warms the allocator). Eager rounds alternate between the models, as the host that
+    paces eager decode is noisy; compiled models are timed one after the other, each freshly compiled."""
     from transformers import CompileConfig
 
     settings = dict(max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, use_cache=True, pad_token_id=0,
@@ -62,15 +69,21 @@ def timed_generation(model: torch.nn.Module, prompt: torch.Tensor, tokens: int, 
         config = CompileConfig()
         config._compile_all_devices = True  # transformers compiles on CUDA only unless told
         settings.update(cache_implementation="static", compile_config=config)
-    torch._dynamo.reset()
-    model.generate(prompt, **settings)  # untimed: compiles, captures, warms the allocator; the same cache size
     sync = torch.cuda.synchronize if prompt.is_cuda else (lambda: None)
-    sync()
-    start = time.perf_counter()
-    out = model.generate(prompt, **settings)
-    sync()
-    seconds = time.perf_counter() - start
-    return {"tokens_per_s": tokens / seconds, "token_ids": out[0, prompt.shape[1]:].tolist()}
+    rates, outputs = {name: [] for name in models}, {}
+    for group in ([[name] for name in models] if compiled else [list(models)]):
+        torch._dynamo.reset()
+        for name in group:
+            models[name].generate(prompt, **settings)
+        for _ in range(rounds):
+            for name in group:
+                sync()
+                start = time.perf_counter()
+                outputs[name] = models[name].generate(prompt, **settings)
+                sync()
+                rates[name].append(tokens / (time.perf_counter() - start))
+    return {name: {"tokens_per_s": statistics.median(r), "range": (min(r), max(r)),
+                   "token_ids": outputs[name][0, prompt.shape[1]:].tolist()} for name, r in rates.items()}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -82,26 +95,31 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--tokens", type=int, default=64, help="new tokens per generation")
     p.add_argument("--tiny", action="store_true", help="hidden 64, 2 layers, 4 tokens: a dry run (CPU is fine)")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--rounds", type=int, default=3, help="timed generations each; the median is reported")
+    p.add_argument("--modes", nargs="+", choices=["eager", "compiled"], default=["eager", "compiled"])
     args = p.parse_args(argv)
     if args.tiny:
-        args.hidden, args.inter, args.layers, args.heads, args.tokens = 64, 128, 2, 4, 4
+        args.hidden, args.inter, args.layers, args.heads, args.tokens, args.rounds = 64, 128, 2, 4, 4, 1
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = make_model(args.hidden, args.inter, args.layers, args.heads, 32000, device)
-    tier_maps = prune_(model)
+    dense = make_model(args.hidden, args.inter, args.layers, args.heads, 32000, device)
+    tier_maps = prune_(dense)
+    hybrid = copy.deepcopy(dense)
+    to_hybrid_(hybrid, tier_maps)
     prompt = torch.randint(0, 32000, (1, 16), generator=torch.Generator().manual_seed(1)).to(device)
     runs = {}
-    for kind in ("dense", "hybrid"):
-        if kind == "hybrid":
-            to_hybrid_(model, tier_maps)
-        for compiled in (False, True):
-            runs[f"{kind} {'compiled' if compiled else 'eager'}"] = timed_generation(model, prompt, args.tokens, compiled)
+    for mode in args.modes:
+        timed = timed_generations({"dense": dense, "hybrid": hybrid}, prompt, args.tokens, mode == "compiled",
+                                  args.rounds)
+        runs.update({f"{kind} {mode}": result for kind, result in timed.items()})
     name = torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu"
     print(f"{name}; torch {torch.__version__}; hidden {args.hidden}, MLP {args.inter}, {args.layers} layers, "
           f"35/45/20, bf16, batch 1, {args.tokens} new tokens after a 16-token prompt")
-    for mode in ("eager", "compiled"):
+    for mode in args.modes:
         dense, hybrid = runs[f"dense {mode}"], runs[f"hybrid {mode}"]
         same = dense["token_ids"] == hybrid["token_ids"]
-        print(f"  {mode:9} dense {dense['tokens_per_s']:8.1f} tokens/s  hybrid {hybrid['tokens_per_s']:8.1f}  "
+        low, high = dense["range"]
+        print(f"  {mode:9} dense {dense['tokens_per_s']:8.1f} tokens/s ({low:.1f}-{high:.1f})  "
+              f"hybrid {hybrid['tokens_per_s']:8.1f} ({hybrid['range'][0]:.1f}-{hybrid['range'][1]:.1f})  "
               f"hybrid / dense {hybrid['tokens_per_s'] / dense['tokens_per_s']:.3f}  the same tokens: {same}")
     summary = {k: round(v["tokens_per_s"], 2) for k, v in runs.items()}
     print(json.dumps(summary))

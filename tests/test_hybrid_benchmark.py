@@ -165,3 +165,15 @@ def test_generate_compiled_dry_run() -> None:
     summary = json.loads(lines[-1])
     assert set(summary) == {"dense eager", "dense compiled", "hybrid eager", "hybrid compiled"}
     assert all(v > 0 for v in summary.values())
+
+
+def test_eager_overhead_dry_run() -> None:
+    """benchmarks/eager_overhead.py --tiny on the CPU: the three ways agree (checked inside) and each row has a
+    positive time per call."""
+    script = SCRIPT.with_name("eager_overhead.py")
+    proc = subprocess.run([sys.executable, str(script), "--tiny", "--device", "cpu", "--tokens", "1", "5"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    summary = json.loads(proc.stdout.splitlines()[-1])
+    assert set(summary) == {"1", "5"}
+    assert all(set(row) == {"nn.Linear", "HybridLinear", "op"} and min(row.values()) > 0 for row in summary.values())
