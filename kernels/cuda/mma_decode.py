@@ -28,7 +28,7 @@ from .launch import PreparedLaunch, current_raw_stream
 __all__ = ["MMA_DECODE_MAX_TOKENS", "MmaDecodeConfig", "MMA_DECODE_CONFIG", "ROWS_DECODE_LADDERS", "RowsChoice",
            "hybrid_mm_mma", "hybrid_mm_rows", "kernel_source", "mma_decode_supported", "mma_decode_ready",
            "prefers_mma_decode", "prefers_rows_decode", "prepare_rows_decode", "rows_resident_at_once",
-           "rows_decode_config", "rows_decode_enabled", "rows_decode_ready", "selector_table",
+           "rows_decode_config", "rows_decode_ready", "selector_table",
            "set_mma_decode_config", "use_mma_decode", "use_rows_decode"]
 
 MMA_DECODE_MAX_TOKENS = 16  # two 8-token mma tiles
@@ -130,12 +130,10 @@ def rows_decode_config(hw: HybridWeight, device: torch.device, tokens: int = 1) 
 def use_rows_decode(enabled: bool) -> None:
     """Let the op send decode products to the row kernel (the default where it runs, see prefers_rows_decode),
     or not (then the chunk kernel and the flat GEMV take them as before)."""
+    from ..triton.hybrid_mm import forget_prepared_launches  # the op's cached choices follow the switch
+
     _ROWS_DECODE_ENABLED[0] = bool(enabled)
-
-
-def rows_decode_enabled() -> bool:
-    """Whether use_rows_decode left the row kernel on."""
-    return _ROWS_DECODE_ENABLED[0]
+    forget_prepared_launches()
 
 
 def prefers_rows_decode(tokens: int, hw: HybridWeight) -> bool:
@@ -305,13 +303,15 @@ def prepare_rows_decode(x: torch.Tensor, hw: HybridWeight, config: MmaDecodeConf
     launch = PreparedLaunch(kernel.func, (len(hw.dense_row_ptr) - 1, 1, 1), (32 * config.warps, 1, 1),
                             [x, x, *_buffers(hw, HYBRID_TENSOR_NAMES), T, k_in, n_out])  # x, out, weight, sizes
 
-    def rows_decode(x: torch.Tensor) -> torch.Tensor:  # (T, in) -> (T, out)
+    index, current_device, raw_stream = device.index, torch._C._cuda_getDevice, torch._C._cuda_getCurrentRawStream
+
+    def rows_decode(x: torch.Tensor) -> torch.Tensor:  # (T, in) -> (T, out); runs on every eager decode call
         out = x.new_empty(T, n_out)
-        if torch.cuda.current_device() == device.index:
-            launch(x.data_ptr(), out.data_ptr(), stream=current_raw_stream(device))
+        if current_device() == index:
+            launch(x.data_ptr(), out.data_ptr(), stream=raw_stream(index))
         else:  # the kernel is loaded in its GPU's context, which the launch must run in
             with torch.cuda.device(device):
-                launch(x.data_ptr(), out.data_ptr(), stream=current_raw_stream(device))
+                launch(x.data_ptr(), out.data_ptr(), stream=raw_stream(index))
         return out
 
     return rows_decode

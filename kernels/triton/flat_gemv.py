@@ -16,7 +16,7 @@ from typing import NamedTuple
 import torch
 
 from ..hybrid import HybridWeight
-from .hybrid_mm import _KERNEL_DTYPES, _check, _packed_args, _pow2_at_least
+from .hybrid_mm import _KERNEL_DTYPES, _check, _packed_args, _pow2_at_least, forget_prepared_launches
 
 __all__ = ["FLAT_GEMV_CONFIG", "FlatGemvConfig", "hybrid_mm_flat_gemv", "use_flat_gemv", "set_flat_gemv_config",
            "prefers_flat_gemv", "flat_gemv_ready", "flat_gemv_enabled", "decode_workspace"]
@@ -119,6 +119,7 @@ _FLAT_GEMV_ENABLED = [True]
 def use_flat_gemv(enabled: bool) -> None:
     """Let the op send one-token products to the flat GEMV (the default), or not."""
     _FLAT_GEMV_ENABLED[0] = bool(enabled)
+    forget_prepared_launches()  # the op's cached choices (one token: row kernel or here) follow the switch
 
 
 def flat_gemv_enabled() -> bool:

@@ -19,11 +19,13 @@ per-call checks cost more host time than the kernel takes on the GPU.
 from __future__ import annotations
 
 import functools
+import operator
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
+from ..cuda import mma_decode  # CUDA C++ compiled at first use (NVRTC); importing it touches no GPU
 from ..hybrid import HYBRID_TENSOR_NAMES, HybridWeight, hybrid_matmul_ref
 
 __all__ = ["DECODE_MAX_TOKENS", "SKINNY_MAX_TOKENS", "hybrid_mm", "hybrid_mm_decode", "hybrid_mm_prefill",
@@ -215,30 +217,36 @@ def _as_hybrid(tensors: list[torch.Tensor], out_features: int, in_features: int,
 
 
 # Prepared row-kernel launches by product: GPU, tokens, dtype, the weight's shape, k, tier counts and buffer
-# addresses (all the launch depends on), and the switches that pick the kernel. None: the row kernel does not
-# take the product.
+# addresses (all the launch depends on). None: the row kernel does not take the product. The switches that pick
+# a kernel (use_rows_decode, use_flat_gemv) empty it.
 _ROWS_DECODE: dict[tuple, Callable[[torch.Tensor], torch.Tensor] | None] = {}
 _ROWS_DECODE_MAX = 1 << 16  # products kept (a 7B model has 224 weights x 16 token counts); then start over
+_PACKED_BUFFERS = operator.attrgetter(*HYBRID_TENSOR_NAMES)  # one C call per product, not eleven getattrs
+_DATA_PTR = torch.Tensor.data_ptr
+
+
+def forget_prepared_launches() -> None:
+    """Drop every prepared launch (the switches that pick a kernel call this)."""
+    _ROWS_DECODE.clear()
 
 
 def _prepared_rows_decode(x2: torch.Tensor, hw: HybridWeight) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """The row kernel's prepared launch for x2 (T <= 16 tokens, contiguous, hw's dtype) through hw, or None where
-    the op sends the product elsewhere (mma_decode.prefers_rows_decode) or the kernel cannot take it."""
-    from ..cuda import mma_decode  # CUDA C++ compiled at first use (NVRTC)
-    from .flat_gemv import flat_gemv_enabled
-
+    the op sends the product elsewhere (mma_decode.prefers_rows_decode) or the kernel cannot take it. Every eager
+    decode call looks here, so the key is built from C calls only (no Python-level len or generator)."""
     if x2.data_ptr() % 8:  # the kernel's 8-byte loads; the weight's buffers are checked with the launch
         return None
-    key = (x2.device.index, x2.shape[0], x2.dtype, hw.shape, hw.topk, *hw.tier_counts(),
-           *(t.data_ptr() for t in hw.tensors().values()), mma_decode.rows_decode_enabled(), flat_gemv_enabled())
+    buffers = _PACKED_BUFFERS(hw)
+    key = (x2.get_device(), x2.shape[0], x2.dtype, hw.shape, hw.topk, buffers[1].shape[0], buffers[5].shape[0],
+           buffers[9].shape[0], *map(_DATA_PTR, buffers))  # tier counts: the cols of each tier
     try:
         return _ROWS_DECODE[key]
     except KeyError:
         pass
     T = x2.shape[0]
     takes = mma_decode.prefers_rows_decode(T, hw) and mma_decode.mma_decode_supported(x2, hw)
-    if torch.cuda.is_current_stream_capturing():  # compiling is not allowed here: use the kernel only if built
-        return mma_decode.prepare_rows_decode(x2, hw) if takes and mma_decode.rows_decode_ready(x2, hw) else None
+    if takes and torch.cuda.is_current_stream_capturing():  # no compiling here: use the kernel only if built
+        return mma_decode.prepare_rows_decode(x2, hw) if mma_decode.rows_decode_ready(x2, hw) else None
     if len(_ROWS_DECODE) >= _ROWS_DECODE_MAX:
         _ROWS_DECODE.clear()
     _ROWS_DECODE[key] = mma_decode.prepare_rows_decode(x2, hw) if takes else None
@@ -286,8 +294,6 @@ def _hybrid_mm_op(x: torch.Tensor, dense_values: torch.Tensor, dense_cols: torch
                                                 chunks=cfg.chunks, topk_nb=cfg.topk_nb)
             return out.reshape(*lead, out_features)
     if T <= DECODE_MAX_TOKENS and kernel_dtype:
-        from ..cuda import mma_decode  # CUDA C++ compiled at first use (NVRTC)
-
         # Same rule as the flat GEMV's: a capture before any eager call keeps the Triton kernels.
         if mma_decode.prefers_mma_decode(T) and mma_decode.mma_decode_supported(x2, hw) and (
                 mma_decode.mma_decode_ready(hw, T) or not torch.cuda.is_current_stream_capturing()):

@@ -422,3 +422,32 @@ def test_eager_decode_skips_the_op_and_prepares_its_launch_once() -> None:
         torch.testing.assert_close(module.hybrid_mm(x, hw), first, rtol=1.6e-2, atol=1.6e-2 * first.abs().max().item())
     finally:
         md.use_rows_decode(True)
+
+
+def test_the_kernel_switches_drop_the_prepared_launches() -> None:
+    """Which kernel takes a product is cached with its launch; turning the row kernel or the flat GEMV on or off
+    must forget those choices."""
+    from tierprune.kernels.triton import flat_gemv
+    from tierprune.kernels.triton import hybrid_mm as module
+
+    for switch in (md.use_rows_decode, flat_gemv.use_flat_gemv):
+        module._ROWS_DECODE[("a product",)] = None
+        switch(True)
+        assert module._ROWS_DECODE == {}
+
+
+def test_a_product_the_row_kernel_does_not_take_is_remembered_as_such() -> None:
+    """The choice is cached per product (here a CPU one, which the row kernel never takes): one entry, None, for
+    two calls; another token count is another product."""
+    from tierprune.kernels.triton import hybrid_mm as module
+
+    g = torch.Generator().manual_seed(17)
+    tier_map = random_tier_map((64, 96), g)
+    hw = pack_hybrid(pruned_weight((64, 96), tier_map, g), tier_map)
+    module.forget_prepared_launches()
+    x = torch.randn(3, 96, generator=g).to(torch.bfloat16)
+    assert module._prepared_rows_decode(x, hw) is None and module._prepared_rows_decode(x.clone(), hw) is None
+    assert list(module._ROWS_DECODE.values()) == [None]
+    module._prepared_rows_decode(x[:2].contiguous(), hw)
+    assert len(module._ROWS_DECODE) == 2
+    module.forget_prepared_launches()
