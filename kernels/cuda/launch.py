@@ -57,10 +57,6 @@ class PreparedLaunch:
         self._params = (ctypes.c_void_p * len(self._slots))(*(ctypes.addressof(s) for s in self._slots))
         self._lock = threading.Lock()
 
-    def argument(self, index: int) -> int:
-        """The value argument `index` holds now (a pointer or an int)."""
-        return self._slots[index].value or 0
-
     def __call__(self, *pointers: int, stream: int) -> None:
         with self._lock:
             for slot, pointer in zip(self._slots, pointers):

@@ -14,17 +14,17 @@ pytestmark = pytest.mark.unit
 def test_the_argument_block_points_at_each_value_and_takes_new_pointers() -> None:
     x, out, weight = torch.zeros(4), torch.zeros(8), torch.zeros(16)
     launch = PreparedLaunch(0, (3, 1, 1), (64, 1, 1), [x, out, weight, 5, -7])
-    assert [launch.argument(i) for i in range(5)] == [x.data_ptr(), out.data_ptr(), weight.data_ptr(), 5, -7]
-    # the driver reads argument i at the address in slot i of the block: a void* for tensors, an int for ints
-    params = launch._params
-    assert ctypes.c_void_p.from_address(params[2]).value == weight.data_ptr()
-    assert ctypes.c_int.from_address(params[4]).value == -7
+
+    def arguments() -> list[int]:  # what the driver reads: a void* at slot i's address for tensors, an int for ints
+        params = launch._params
+        return [ctypes.c_void_p.from_address(params[i]).value for i in range(3)] + \
+            [ctypes.c_int.from_address(params[i]).value for i in (3, 4)]
+
+    assert arguments() == [x.data_ptr(), out.data_ptr(), weight.data_ptr(), 5, -7]
     other_x, other_out = torch.zeros(4), torch.zeros(8)
-    for slot, tensor in zip(launch._slots[:2], (other_x, other_out)):  # what __call__ does before launching
+    for slot, tensor in zip(launch._slots, (other_x, other_out)):  # what __call__ does before launching
         slot.value = tensor.data_ptr()
-    assert ctypes.c_void_p.from_address(params[0]).value == other_x.data_ptr()
-    assert ctypes.c_void_p.from_address(params[1]).value == other_out.data_ptr()
-    assert launch.argument(2) == weight.data_ptr()  # the weight's pointer stays
+    assert arguments() == [other_x.data_ptr(), other_out.data_ptr(), weight.data_ptr(), 5, -7]  # the rest stays
 
 
 def test_only_tensors_and_ints_are_arguments() -> None:
