@@ -11,6 +11,7 @@ checked first on odd shapes, every token count and both dtypes. CUDA only. Run:
     python benchmarks/mma_decode.py --configs 8,12,4 16,12,4 8,16,8 --tokens 1 16 --shapes qkvo
     git show c642ece:kernels/cuda/mma_decode.cu > base.cu   # an older source beside the current one
     python benchmarks/mma_decode.py --kernels rows rows-baseline --baseline-source base.cu --configs 8,6,8 2,6,16
+    python benchmarks/mma_decode.py --kernels rows --shapes narrow-qo narrow-kv gqa-kv   # models narrower than 7B
 """
 from __future__ import annotations
 
@@ -36,11 +37,22 @@ CHECKS = [  # (shape, mix, k, tokens, dtype): edge rows, one tier alone, k up to
 ]
 
 
+# Matrices with fewer block-rows than a GPU's CTA slots, beside hk.SHAPES (select them by name with --shapes):
+# LLaMA-3.2-1B (hidden 2048, MLP 8192, 8 KV heads of 64) and LLaMA-3-8B's grouped-query K/V (1024x4096).
+NARROW_SHAPES = {
+    "narrow-qo 2048x2048": (2048, 2048),
+    "narrow-kv 512x2048": (512, 2048),
+    "narrow-up 8192x2048": (8192, 2048),
+    "narrow-down 2048x8192": (2048, 8192),
+    "gqa-kv 1024x4096": (1024, 4096),
+}
+
+
 def parse_config(text: str) -> md.MmaDecodeConfig:
-    """'CHUNK,TOPK_CHUNK,WARPS[,NM_CHUNK[,MIN_CTAS]]' (see MmaDecodeConfig)."""
+    """'CHUNK,TOPK_CHUNK,WARPS[,NM_CHUNK[,MIN_CTAS[,SPLIT]]]' (see MmaDecodeConfig)."""
     values = [int(v) for v in text.split(",")]
-    if not 3 <= len(values) <= 5:
-        raise ValueError(f"{text!r} is not CHUNK,TOPK_CHUNK,WARPS[,NM_CHUNK[,MIN_CTAS]]")
+    if not 3 <= len(values) <= 6:
+        raise ValueError(f"{text!r} is not CHUNK,TOPK_CHUNK,WARPS[,NM_CHUNK[,MIN_CTAS[,SPLIT]]]")
     config = md.MmaDecodeConfig(*values)
     md.kernel_source(False, 10, 1, config)  # asserts the config's rules
     return config
@@ -97,7 +109,8 @@ def timed(hws, x, fn, inner, reps) -> float:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--configs", nargs="*", default=["8,12,4"], help="CHUNK,TOPK_CHUNK,WARPS[,NM_CHUNK[,MIN_CTAS]] each")
+    p.add_argument("--configs", nargs="*", default=["8,12,4"],
+                   help="CHUNK,TOPK_CHUNK,WARPS[,NM_CHUNK[,MIN_CTAS[,SPLIT]]] each")
     p.add_argument("--tokens", type=int, nargs="*", default=[1, 4, 16])
     p.add_argument("--shapes", nargs="*", default=None, help="subset by first word, e.g. qkvo down")
     p.add_argument("--kernels", nargs="*", default=["chunk", "rows"], choices=sorted(KERNELS) + ["rows-baseline"],
@@ -123,9 +136,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
         p.error(f"--tokens must be 1..{md.MMA_DECODE_MAX_TOKENS}")
     check_correctness(configs, args.kernels)
     rows = []
-    shapes = {n: s for n, s in hk.SHAPES.items() if not args.shapes or n.split()[0] in args.shapes}
+    shapes = {n: s for n, s in {**hk.SHAPES, **NARROW_SHAPES}.items()
+              if (n.split()[0] in args.shapes if args.shapes else n in hk.SHAPES)}
     cases = [(n, s, m) for n, s in shapes.items() for m in hk.MIXES]
-    cases += [("qkvo 4096x4096", (4096, 4096), alone) for alone in ("100/0/0", "0/100/0", "0/0/100")]
+    if "qkvo 4096x4096" in shapes:  # one tier alone, what each tier costs per block
+        cases += [("qkvo 4096x4096", (4096, 4096), alone) for alone in ("100/0/0", "0/100/0", "0/0/100")]
     mixes = {**hk.MIXES, "100/0/0": (1.0, 0, 0), "0/100/0": (0, 1.0, 0), "0/0/100": (0, 0, 1.0)}
     for shape_name, shape, mix_name in cases:
         hw = weight(shape, mixes[mix_name], 10, torch.bfloat16, zlib.crc32(f"{shape} {mix_name} random".encode()))
