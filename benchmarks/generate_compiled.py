@@ -7,6 +7,7 @@ length: eager (a dynamic KV cache, one launch per op; the two models' rounds alt
 cache and transformers' compiled decode step: inductor, "reduce-overhead", so CUDA graphs on a GPU). Prints tokens/s and the ratios. Run:
     python benchmarks/generate_compiled.py                              # a GPU: hidden 2048, 8 layers
     python benchmarks/generate_compiled.py --hidden 4096 --inter 11008 --layers 32
+    python benchmarks/generate_compiled.py --inter 8192 --layers 16 --heads 32 --kv-heads 8   # LLaMA-3.2-1B's shapes
     python benchmarks/generate_compiled.py --tiny                       # a CPU dry run (no timing value)
 """
 from __future__ import annotations
@@ -23,12 +24,13 @@ import hybrid_kernels as hk
 from tierprune.hybrid_linear import HybridLinear
 
 
-def make_model(hidden: int, inter: int, layers: int, heads: int, vocab: int, device: str) -> torch.nn.Module:
+def make_model(hidden: int, inter: int, layers: int, heads: int, vocab: int, device: str,
+               kv_heads: int | None = None) -> torch.nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     config = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-                         num_attention_heads=heads, num_key_value_heads=heads, vocab_size=vocab,
+                         num_attention_heads=heads, num_key_value_heads=kv_heads or heads, vocab_size=vocab,
                          max_position_embeddings=1024)
     with torch.device(device):  # initialised where it runs: a 7B model's random init on the CPU takes minutes
         return LlamaForCausalLM(config).to(torch.bfloat16).eval()
@@ -92,6 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--inter", type=int, default=5504)
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--kv-heads", type=int, default=None, help="grouped-query K/V heads (default: --heads)")
     p.add_argument("--tokens", type=int, default=64, help="new tokens per generation")
     p.add_argument("--tiny", action="store_true", help="hidden 64, 2 layers, 4 tokens: a dry run (CPU is fine)")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
@@ -101,7 +104,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.tiny:
         args.hidden, args.inter, args.layers, args.heads, args.tokens, args.rounds = 64, 128, 2, 4, 4, 1
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dense = make_model(args.hidden, args.inter, args.layers, args.heads, 32000, device)
+    dense = make_model(args.hidden, args.inter, args.layers, args.heads, 32000, device, args.kv_heads)
     tier_maps = prune_(dense)
     hybrid = copy.deepcopy(dense)
     to_hybrid_(hybrid, tier_maps)
@@ -112,7 +115,8 @@ def main(argv: list[str] | None = None) -> dict:
                                   args.rounds)
         runs.update({f"{kind} {mode}": result for kind, result in timed.items()})
     name = torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu"
-    print(f"{name}; torch {torch.__version__}; hidden {args.hidden}, MLP {args.inter}, {args.layers} layers, "
+    kv = f", {args.kv_heads} of {args.heads} heads for K/V" if args.kv_heads else ""
+    print(f"{name}; torch {torch.__version__}; hidden {args.hidden}, MLP {args.inter}, {args.layers} layers{kv}, "
           f"35/45/20, bf16, batch 1, {args.tokens} new tokens after a 16-token prompt")
     for mode in args.modes:
         dense, hybrid = runs[f"dense {mode}"], runs[f"hybrid {mode}"]
