@@ -49,10 +49,10 @@ NARROW_SHAPES = {
 
 
 def parse_config(text: str) -> md.MmaDecodeConfig:
-    """'CHUNK,TOPK_CHUNK,WARPS[,NM_CHUNK[,MIN_CTAS[,SPLIT]]]' (see MmaDecodeConfig)."""
+    """'CHUNK,TOPK_CHUNK,WARPS[,NM_CHUNK[,MIN_CTAS]]' (see MmaDecodeConfig)."""
     values = [int(v) for v in text.split(",")]
-    if not 3 <= len(values) <= 6:
-        raise ValueError(f"{text!r} is not CHUNK,TOPK_CHUNK,WARPS[,NM_CHUNK[,MIN_CTAS[,SPLIT]]]")
+    if not 3 <= len(values) <= 5:
+        raise ValueError(f"{text!r} is not CHUNK,TOPK_CHUNK,WARPS[,NM_CHUNK[,MIN_CTAS]]")
     config = md.MmaDecodeConfig(*values)
     md.kernel_source(False, 10, 1, config)  # asserts the config's rules
     return config
@@ -110,7 +110,7 @@ def timed(hws, x, fn, inner, reps) -> float:
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--configs", nargs="*", default=["8,12,4"],
-                   help="CHUNK,TOPK_CHUNK,WARPS[,NM_CHUNK[,MIN_CTAS[,SPLIT]]] each")
+                   help="CHUNK,TOPK_CHUNK,WARPS[,NM_CHUNK[,MIN_CTAS]] each")
     p.add_argument("--tokens", type=int, nargs="*", default=[1, 4, 16])
     p.add_argument("--shapes", nargs="*", default=None, help="subset by first word, e.g. qkvo down")
     p.add_argument("--kernels", nargs="*", default=["chunk", "rows"], choices=sorted(KERNELS) + ["rows-baseline"],

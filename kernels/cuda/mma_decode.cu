@@ -26,8 +26,7 @@
 //
 // Compile-time constants (prepended as #defines by mma_decode.py): TOPK (at most 32), NTILE (8-token mma
 // tiles: 1 or 2), WARPS (per CTA), CHUNK (dense and 2:4 blocks per warp), TOPK_CHUNK (TopK blocks per warp;
-// both at most 32), HALF_T (0 bf16, 1 fp16), SELECTORS (the 2:4 table's initializer), SPLIT (CTAs per block-row
-// in the row kernel, a thread-block cluster; above 1 only for sm_90 and newer).
+// both at most 32), HALF_T (0 bf16, 1 fp16), SELECTORS (the 2:4 table's initializer).
 
 typedef unsigned short u16;
 typedef unsigned int u32;
@@ -327,21 +326,16 @@ extern "C" __global__ void hybrid_cast_and_zero(float* __restrict__ ws, u16* __r
 // of 16 rows collide.)
 //
 
-// A block-row's warps: WARPS in each of its SPLIT CTAs. With few block-rows (fewer than the GPU holds CTAs), a
-// cluster of SPLIT CTAs shares each block-row, so that more warps have loads in flight; the CTAs' sums meet in
-// the first one's shared memory through the cluster (Hopper's distributed shared memory), not a workspace.
-#define ROW_WARPS (WARPS * SPLIT)
-
 // The block columns of a warp's next 32 / CH steps of CH blocks (lane l: step l / CH, block l % CH), the steps
-// starting at `start`, ROW_WARPS * CH blocks apart; 0 past `end`. One load gives the x loads of several steps their
+// starting at `start`, WARPS * CH blocks apart; 0 past `end`. One load gives the x loads of several steps their
 // addresses, so that they wait on no index load but the first.
 template <int CH>
 __device__ __forceinline__ int step_cols(const short* __restrict__ cols, int start, int end, int lane) {
-    const int block = start + (lane / CH) * (ROW_WARPS * CH) + lane % CH;
+    const int block = start + (lane / CH) * (WARPS * CH) + lane % CH;
     return lane < (32 / CH) * CH && block < end ? cols[block] : 0;
 }
 
-// A warp's dense (TIER 0) or 2:4 (TIER 1) blocks of one block-row: steps of CH blocks from `first`, ROW_WARPS * CH
+// A warp's dense (TIER 0) or 2:4 (TIER 1) blocks of one block-row: steps of CH blocks from `first`, WARPS * CH
 // apart; lane_cols holds the first steps' columns (step_cols).
 template <int TIER, int CH>
 __device__ __forceinline__ void row_blocks(float (*acc)[4], int first, int end, int lane_cols, int lane,
@@ -349,7 +343,7 @@ __device__ __forceinline__ void row_blocks(float (*acc)[4], int first, int end, 
                                            const short* __restrict__ cols, const u16* __restrict__ x,
                                            const uint2* sel, int g, int t, int T, int K) {
     int same_row = 0, step = 0;
-    for (int start = first; start < end; start += ROW_WARPS * CH, ++step) {
+    for (int start = first; start < end; start += WARPS * CH, ++step) {
         if (step == 32 / CH) step = 0, lane_cols = step_cols<CH>(cols, start, end, lane);
         stream_blocks<TIER, CH, true>(acc, same_row, min(CH, end - start), start, lane_cols, step * CH, 0, values,
                                       meta, x, sel, nullptr, g, t, T, K, 0);
@@ -357,32 +351,12 @@ __device__ __forceinline__ void row_blocks(float (*acc)[4], int first, int end, 
 }
 
 
-#if SPLIT > 1
-// Every thread of the cluster's CTAs arrives; shared-memory writes before it are seen by all of them after it.
-__device__ __forceinline__ void cluster_sync() {
-    asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
-}
-
-// *p in the shared memory of the cluster's CTA `rank` (p: this CTA's address of the same variable).
-__device__ __forceinline__ float cluster_load(const float* p, unsigned rank) {
-    const unsigned local = (unsigned)__cvta_generic_to_shared(p);
-    unsigned remote;
-    float v;
-    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(local), "r"(rank));
-    asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v) : "r"(remote) : "memory");
-    return v;
-}
-#define CLUSTER_DIMS __cluster_dims__(SPLIT, 1, 1)
-#else
-#define CLUSTER_DIMS
-#endif
-
 #if ROWS_MIN_CTAS
 #define ROWS_BOUNDS __launch_bounds__(WARPS * 32, ROWS_MIN_CTAS)
 #else
 #define ROWS_BOUNDS __launch_bounds__(WARPS * 32)
 #endif
-extern "C" __global__ void CLUSTER_DIMS ROWS_BOUNDS hybrid_rows_decode(
+extern "C" __global__ void ROWS_BOUNDS hybrid_rows_decode(
     const u16* __restrict__ x,              // (T, K)
     u16* __restrict__ out,                  // (T, N)
     const uint2* __restrict__ dense_values, // (nd, 16, 16) as 8-byte words
@@ -400,12 +374,11 @@ extern "C" __global__ void CLUSTER_DIMS ROWS_BOUNDS hybrid_rows_decode(
     __shared__ uint2 sel[16];
     __shared__ float sums[NTILE * 8][16];  // [token][row of the block-row]
     __shared__ u16 tiles[WARPS][TOPK_PER_ROUND][256];
-    const int lane = threadIdx.x & 31, cta_warp = threadIdx.x >> 5;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, t = lane & 3;
-    const int r = blockIdx.x / SPLIT, rank = blockIdx.x % SPLIT;  // a cluster's CTAs are consecutive in x
-    const int warp = rank * WARPS + cta_warp;                     // of the block-row's ROW_WARPS
+    const int r = blockIdx.x;
     if (threadIdx.x < 16) sel[threadIdx.x] = kSelectors[threadIdx.x];
-    for (int i = lane; i < TOPK_PER_ROUND * 256; i += 32) (&tiles[cta_warp][0][0])[i] = 0;
+    for (int i = lane; i < TOPK_PER_ROUND * 256; i += 32) (&tiles[warp][0][0])[i] = 0;
     for (int i = threadIdx.x; i < NTILE * 8 * 16; i += WARPS * 32) (&sums[0][0])[i] = 0.f;
     __syncthreads();
 
@@ -427,10 +400,10 @@ extern "C" __global__ void CLUSTER_DIMS ROWS_BOUNDS hybrid_rows_decode(
 
     // TopK: chunks of TOPK_CHUNK blocks through the tensor cores, as in the chunk kernel.
     int same_row = r, step = 0;
-    for (int start = topk_first; start < topk_end; start += ROW_WARPS * TOPK_CHUNK, ++step) {
+    for (int start = topk_first; start < topk_end; start += WARPS * TOPK_CHUNK, ++step) {
         if (step == 32 / TOPK_CHUNK) step = 0, topk_lane_cols = step_cols<TOPK_CHUNK>(topk_cols, start, topk_end, lane);
         topk_blocks<true>(acc, same_row, min(TOPK_CHUNK, topk_end - start), start, topk_lane_cols, step * TOPK_CHUNK,
-                          r, topk_values, topk_pos, x, &tiles[cta_warp][0][0], nullptr, lane, g, t, T, K, 0);
+                          r, topk_values, topk_pos, x, &tiles[warp][0][0], nullptr, lane, g, t, T, K, 0);
     }
 
     // The mma accumulators: c0..c3 at rows g, g, g+8, g+8 and tokens 2t, 2t+1, 2t, 2t+1 of each 8-token tile.
@@ -441,21 +414,9 @@ extern "C" __global__ void CLUSTER_DIMS ROWS_BOUNDS hybrid_rows_decode(
         if (token + 1 < T)
             atomicAdd(&sums[token + 1][g], acc[tile][1]), atomicAdd(&sums[token + 1][g + 8], acc[tile][3]);
     }
-#if SPLIT > 1
-    cluster_sync();  // every CTA's sums are complete; each writes 1 / SPLIT of the outputs from all of them
-    for (int i = rank * WARPS * 32 + threadIdx.x; i < T * 16; i += SPLIT * WARPS * 32) {
-        const int token = i >> 4, row = r * 16 + (i & 15);
-        float total = 0.f;
-#pragma unroll
-        for (int q = 0; q < SPLIT; ++q) total += cluster_load(&sums[token][i & 15], q);
-        if (row < N) out[(size_t)token * N + row] = from_float(total);
-    }
-    cluster_sync();  // no CTA exits while another still reads its shared memory
-#else
     __syncthreads();
     for (int i = threadIdx.x; i < T * 16; i += WARPS * 32) {
         const int token = i >> 4, row = r * 16 + (i & 15);
         if (row < N) out[(size_t)token * N + row] = from_float(sums[token][i & 15]);
     }
-#endif
 }

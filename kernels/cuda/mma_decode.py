@@ -37,15 +37,13 @@ MMA_DECODE_MAX_TOKENS = 16  # two 8-token mma tiles
 class MmaDecodeConfig(NamedTuple):
     """Dense and 2:4 blocks per warp, TopK blocks per warp (both at most 32: a lane holds one block's column and
     block-row), and warps per CTA. The row kernel also reads `nm_chunk`, its 2:4 blocks per warp step (0: as
-    `chunk`), `min_ctas`, the CTAs per SM its registers must allow (0: no bound), and `split`, the CTAs that
-    share a block-row (1 to 8, a thread-block cluster: above 1 on sm_90 and newer only)."""
+    `chunk`), and `min_ctas`, the CTAs per SM its registers must allow (0: no bound)."""
 
     chunk: int = 8
     topk_chunk: int = 12
     warps: int = 4
     nm_chunk: int = 0
     min_ctas: int = 0
-    split: int = 1
 
 
 # Chunks of 8 blocks, 4 warps: the fastest, or within a few percent, of 5-9 configs swept at 1, 4 and 16
@@ -88,13 +86,17 @@ class RowsChoice(NamedTuple):
 # - 9-16 tokens: 8 warps of 4 blocks at 4096 rows (0.85-1.06x); 4 warps of 2 blocks at 11008 and 12288 rows
 #   (1.02-1.17x, against 0.78-0.92x with 8 warps); 2 warps of 4 blocks at 22016 rows (1.08x at 16, 8 warps 0.77x).
 # 8 warps of 4 blocks between 2 and 3 block-rows per SM (5120-row matrices) is session 20's config there, not
-# timed against the others at that size. Session 23 (H100) added two rungs for models narrower than LLaMA-2-7B:
-# - 8 warps of 4 blocks with 6-block TopK steps (64 registers, 4 per SM) for 3-4 block-rows per SM, e.g. LLaMA-3.2-1B's
-#   8192x2048: 1.14x / 1.00x at 1 / 8 tokens, 35/45/20, against 4 warps of 4 blocks' 1.04x / 0.96x;
-# - 9-16 tokens through at most one block-row per SM (LLaMA-3.2-1B's 2048-row and 512-row matrices, LLaMA-3-8B's
-#   1024-row K/V): 16 warps of 2 blocks, 0.63-0.83x against 8 warps of 4 blocks' 0.54-0.75x.
+# timed against the others at that size. Session 23 (H100; LLaMA-3.2-1B's 2048x2048, 512x2048, 8192x2048 and
+# 2048x8192, LLaMA-3-8B's 1024x4096 K/V, and the 4096-row shapes above):
+# - 16 warps of 4-block steps (62 registers, still 2 per SM) instead of 2-block steps at 1-8 tokens: 1.36x / 1.40x
+#   against 1.32x / 1.36x at one token, 35/45/20, 4096x4096 / 4096x11008, and 0.99x / 1.17x against 0.94x / 1.04x
+#   at 2048x2048 / 2048x8192; from 6% slower (all 2:4 at 8 tokens) to 10% faster at 8 tokens;
+# - 8 warps of 4 blocks with 6-block TopK steps (64 registers, 4 per SM) for 3-4 block-rows per SM, e.g. 8192x2048:
+#   1.14x / 1.00x at 1 / 8 tokens, 35/45/20, against 4 warps of 4 blocks' 1.04x / 0.96x;
+# - 9-16 tokens through at most one block-row per SM (2048, 1024 and 512 rows): 16 warps of 2 blocks, 0.63-0.83x
+#   against 8 warps of 4 blocks' 0.54-0.75x.
 ROWS_DECODE_LADDERS = {
-    1: (RowsChoice(MmaDecodeConfig(chunk=2, topk_chunk=6, warps=16), 2),
+    1: (RowsChoice(MmaDecodeConfig(chunk=4, topk_chunk=6, warps=16), 2),
         RowsChoice(MmaDecodeConfig(chunk=4, topk_chunk=12, warps=8), 3),
         RowsChoice(MmaDecodeConfig(chunk=4, topk_chunk=6, warps=8), 4),
         RowsChoice(MmaDecodeConfig(chunk=4, topk_chunk=6, warps=4), 8),
@@ -104,13 +106,6 @@ ROWS_DECODE_LADDERS = {
         RowsChoice(MmaDecodeConfig(chunk=2, topk_chunk=6, warps=4), 6),
         RowsChoice(MmaDecodeConfig(chunk=4, topk_chunk=6, warps=2), 14)),
 }
-# Two CTAs (a cluster) per block-row where the matrix has so few block-rows that twice as many CTAs of the ladder's
-# first config (the most warps) are still all resident, and each warp of the pair still gets at least this many
-# blocks of a block-row (in features / 16 over the two CTAs' warps). On an H100 (session 23, 35/45/20 at 1 / 4 / 8
-# tokens, x cuBLAS): 2048x8192 1.04 / 0.96 / 0.98 -> 1.16 / 1.06 / 1.03, 1024x4096 0.93 / 0.89 / 0.84 -> 0.99 / 0.96
-# / 0.91. Slower: 2048x2048 (4 blocks per warp) 0.93 -> 0.83 at one token; every 4096-row matrix (the doubled CTAs no
-# longer fit); lower rungs (4 warps of 4 blocks at 8192x2048: 1.04 -> 0.96); 4 CTAs per block-row, everywhere.
-ROWS_SPLIT_MIN_BLOCKS_PER_WARP = 8
 _ROWS_DECODE_ENABLED = [True]
 
 
@@ -125,31 +120,14 @@ def _token_tiles(tokens: int) -> int:
     return 1 if tokens <= 8 else 2
 
 
-@functools.lru_cache(maxsize=None)
-def _has_clusters(device: torch.device) -> bool:
-    """Whether a device runs thread-block clusters (CUDA sm_90 and newer)."""
-    device = torch.device(device)
-    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
-
-
 def _resident_choice(hw: HybridWeight, device: torch.device, tokens: int) -> RowsChoice | None:
-    """The first config of the ladder whose CTAs, one per block-row of `hw`, an SM count of `device` holds at once;
-    the first config split over two CTAs per block-row where those fit too and the rows are long
-    (ROWS_SPLIT_MIN_BLOCKS_PER_WARP)."""
+    """The first config of the ladder whose CTAs, one per block-row of `hw`, an SM count of `device` holds at once."""
     block_rows, sms = len(hw.dense_row_ptr) - 1, _multiprocessors(device)
-    ladder = ROWS_DECODE_LADDERS[_token_tiles(tokens)]
-    choice = next((c for c in ladder if block_rows <= c.ctas_per_sm * sms), None)
-    if choice is not ladder[0] or 2 * block_rows > choice.ctas_per_sm * sms or not _has_clusters(device):
-        return choice
-    blocks_per_warp = -(-hw.shape[1] // 16) // (2 * choice.config.warps)
-    if blocks_per_warp < ROWS_SPLIT_MIN_BLOCKS_PER_WARP:
-        return choice
-    return choice._replace(config=choice.config._replace(split=2))
+    return next((c for c in ROWS_DECODE_LADDERS[_token_tiles(tokens)] if block_rows <= c.ctas_per_sm * sms), None)
 
 
 def rows_resident_at_once(hw: HybridWeight, device: torch.device, tokens: int = 1) -> bool:
-    """Whether the row kernel's CTAs for `hw` at `tokens` tokens, one (or a cluster) per block-row, are all resident
-    at once."""
+    """Whether the row kernel's CTAs for `hw` at `tokens` tokens, one per block-row, are all resident at once."""
     return _resident_choice(hw, device, tokens) is not None
 
 
@@ -238,11 +216,9 @@ def kernel_source(half: bool, topk: int, ntile: int, config: MmaDecodeConfig) ->
     assert 1 <= config.chunk <= 32 and 1 <= config.topk_chunk <= 32 and 0 <= config.nm_chunk <= 32 \
         and config.warps >= 1 and config.min_ctas >= 0, \
         f"chunks must be 1..32 blocks (a lane holds one block's index): {config}"
-    assert 1 <= config.split <= 8, f"split must be 1..8 CTAs (a portable cluster): {config}"
     assert 1 <= topk <= 32 and ntile in (1, 2), (topk, ntile)
     defines = dict(TOPK=topk, NTILE=ntile, WARPS=config.warps, CHUNK=config.chunk, TOPK_CHUNK=config.topk_chunk,
-                   NM_CHUNK=config.nm_chunk or config.chunk, ROWS_MIN_CTAS=config.min_ctas, SPLIT=config.split,
-                   HALF_T=int(half))
+                   NM_CHUNK=config.nm_chunk or config.chunk, ROWS_MIN_CTAS=config.min_ctas, HALF_T=int(half))
     selectors = ", ".join(f"{{{lo:#x}u, {hi:#x}u}}" for lo, hi in selector_table().tolist())
     defines["SELECTORS"] = f"{{{selectors}}}"
     return "".join(f"#define {k} {v}\n" for k, v in defines.items()) + _SOURCE.read_text()
@@ -264,7 +240,6 @@ def _module(half: bool, topk: int, ntile: int, config: MmaDecodeConfig, arch: st
     process; loaded per GPU, as a loaded function belongs to the device's context)."""
     key = (half, topk, ntile, config, arch, device_index)
     if key not in _MODULES:
-        assert config.split == 1 or int(arch) >= 90, f"split {config.split} needs clusters (sm_90+), not sm_{arch}"
         from torch.cuda._utils import _cuda_load_module, _nvrtc_compile
 
         source = kernel_source(half, topk, ntile, config)
@@ -335,8 +310,7 @@ def prepare_rows_decode(x: torch.Tensor, hw: HybridWeight, config: MmaDecodeConf
     config = config or rows_decode_config(hw, x.device, x.shape[0])
     T, (n_out, k_in), device = x.shape[0], hw.shape, x.device
     kernel = _module(*_module_key(x, hw, config))["hybrid_rows_decode"]
-    grid = ((len(hw.dense_row_ptr) - 1) * config.split, 1, 1)  # a cluster of `split` CTAs per block-row
-    launch = PreparedLaunch(kernel.func, grid, (32 * config.warps, 1, 1),
+    launch = PreparedLaunch(kernel.func, (len(hw.dense_row_ptr) - 1, 1, 1), (32 * config.warps, 1, 1),
                             [x, x, *_buffers(hw, HYBRID_TENSOR_NAMES), T, k_in, n_out])  # x, out, weight, sizes
 
     index, current_device, raw_stream = device.index, torch._C._cuda_getDevice, torch._C._cuda_getCurrentRawStream

@@ -220,25 +220,6 @@ def test_source_compiles_for_hopper_without_spills(topk, ntile, half, config, tm
         assert registers <= 65536 // (32 * config.warps), (kernel, registers)  # the CTA fits an SM
 
 
-@pytest.mark.parametrize("ntile", [1, 2])
-@pytest.mark.parametrize("config", [md.MmaDecodeConfig(2, 6, 16, split=2), md.MmaDecodeConfig(4, 12, 8, split=4)])
-def test_split_row_kernel_sums_through_the_cluster(config, ntile, tmp_path) -> None:
-    """A block-row shared by a cluster of CTAs: the kernel declares its cluster, reads the other CTAs' sums from
-    their shared memory (mapa, ld.shared::cluster) between two cluster barriers, and spills nothing; without a
-    split there is none of it, so the kernels for sm_80 keep compiling."""
-    ptx = nvrtc_ptx(md.kernel_source(False, 10, ntile, config))
-    rows = ptx.split(".entry hybrid_rows_decode")[1]
-    assert re.search(rf"\.reqnctapercluster {config.split}, 1, 1", rows)
-    assert "mapa.shared::cluster" in rows and "ld.shared::cluster.f32" in rows
-    assert rows.count("barrier.cluster.arrive") == 2 and rows.count("barrier.cluster.wait") == 2
-    properties = ptxas_report(ptx, tmp_path).split("Function properties for hybrid_rows_decode\n")[1]
-    assert "0 bytes spill stores, 0 bytes spill loads" in properties.split("Function properties for")[0]
-    plain = nvrtc_ptx(md.kernel_source(False, 10, ntile, config._replace(split=1)), arch="sm_80")
-    assert "cluster" not in plain
-    with pytest.raises(AssertionError, match="split must be 1..8"):
-        md.kernel_source(False, 10, ntile, config._replace(split=9))
-
-
 def ptxas_report(ptx: str, tmp_path: Path) -> str:
     """ptxas -v's report for sm_90 (Triton's ptxas; it may be older than this NVRTC's PTX ISA, and the kernels
     use nothing newer than sm_90's)."""
@@ -298,11 +279,8 @@ def test_kernel_matches_reference_and_leaves_the_workspace_zeroed(shape, probs, 
     x = torch.randn(tokens, shape[1], generator=g).to(dtype).cuda()
     expected = x.double().cpu() @ W.double().T
     tol = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
-    # the default config and odd chunks, each twice, every call starting from the workspace the previous one left;
-    # on Hopper also block-rows shared by clusters of 2 and 3 CTAs (the chunk kernel ignores the split)
-    clusters = [md.MmaDecodeConfig(5, 7, 2, split=3), md.MmaDecodeConfig(2, 6, 16, split=2)]
-    hopper = torch.cuda.get_device_capability()[0] >= 9
-    for config in [md.MMA_DECODE_CONFIG, md.MmaDecodeConfig(5, 7, 2), *(clusters if hopper else [])] * 2:
+    # the default config and odd chunks, each twice, every call starting from the workspace the previous one left
+    for config in [md.MMA_DECODE_CONFIG, md.MmaDecodeConfig(5, 7, 2)] * 2:
         got = md.hybrid_mm_mma(x, hw, config)
         torch.testing.assert_close(got.double().cpu(), expected, rtol=tol, atol=tol * expected.abs().max().item())
         # the row kernel: every block-row's blocks split over the CTA's warps, chunks that end mid-row
@@ -393,9 +371,10 @@ def test_one_token_and_the_config_follow_the_block_rows(monkeypatch) -> None:
     tier_map = random_tier_map((384, 96), g, (0.35, 0.45, 0.2))  # 24 block-rows
     hw = pack_hybrid(pruned_weight((384, 96), tier_map, g), tier_map)
     one, two = ([c.config for c in md.ROWS_DECODE_LADDERS[tiles]] for tiles in (1, 2))
-    # 12 SMs hold the 24 block-rows at 2 per SM (two tiles: 2 per SM, the second rung), 8 at 3 (6), 6 at 4 (6),
-    # 4 at 8 (6), 2 at 16 (14); 1 does not
-    for sms, at_one, at_two, resident in [(12, one[0], two[1], True), (8, one[1], two[2], True),
+    # 24 SMs hold the 24 block-rows at 1 per SM (the first rung of both), 12 at 2 (two tiles: the second rung), 8 at
+    # 3 (6), 6 at 4 (6), 4 at 8 (6), 2 at 16 (14); 1 does not
+    for sms, at_one, at_two, resident in [(24, one[0], two[0], True),
+                                          (12, one[0], two[1], True), (8, one[1], two[2], True),
                                           (6, one[2], two[2], True), (4, one[3], two[2], True),
                                           (2, one[4], two[3], True), (1, one[4], two[3], False)]:
         monkeypatch.setattr(md, "_multiprocessors", lambda device, sms=sms: sms)
@@ -404,28 +383,6 @@ def test_one_token_and_the_config_follow_the_block_rows(monkeypatch) -> None:
         assert [md.rows_decode_config(hw, hw.device, T) for T in (1, 8, 9, 16)] == [at_one, at_one, at_two, at_two], sms
     monkeypatch.undo()
     assert md._multiprocessors(torch.device("cpu")) == 0 and not md.rows_resident_at_once(hw, hw.device)
-
-
-@pytest.mark.parametrize("shape,sms,clusters,split", [
-    ((1024, 4096), 132, True, 2),    # 64 block-rows of 256 blocks: 8 per warp of the pair at 16 warps
-    ((2048, 8192), 132, True, 2),    # 128 block-rows: 256 CTAs, two per SM
-    ((2048, 2048), 132, True, 1),    # 4 blocks per warp of the pair: too short
-    ((4096, 4096), 132, True, 1),    # 512 CTAs would not all be resident
-    ((8192, 2048), 132, True, 1),    # 512 block-rows take a lower rung, which splitting made slower
-    ((1024, 4096), 132, False, 1),   # no clusters before sm_90
-])
-def test_few_long_block_rows_are_split_over_a_cluster(shape, sms, clusters, split, monkeypatch) -> None:
-    """Two CTAs share each block-row where twice the CTAs still fit at once and the rows are long, on GPUs with
-    thread-block clusters; the split keeps the rung's warps, and its CTAs are still all resident."""
-    tier_map = torch.zeros(shape[0] // 16, shape[1] // 16, dtype=torch.int8)
-    hw = pack_hybrid(torch.zeros(shape, dtype=torch.bfloat16), tier_map)  # only its shape and block-rows count here
-    monkeypatch.setattr(md, "_multiprocessors", lambda device: sms)
-    monkeypatch.setattr(md, "_has_clusters", lambda device: clusters)
-    for tokens in (1, 8):
-        config = md.rows_decode_config(hw, hw.device, tokens)
-        assert config.split == split and config.warps == (16 if shape[0] <= 4096 else 8), (tokens, config)
-        assert md.rows_resident_at_once(hw, hw.device, tokens)
-    assert md.rows_decode_config(hw, hw.device, 16).split == (2 if split == 2 and shape[0] <= 1024 else 1)
 
 
 @pytest.mark.gpu
