@@ -59,8 +59,7 @@ def main(argv: list[str] | None = None) -> dict:
     W = (W * hk.tier_keep_mask(W.abs(), tier_map, hk.BS, hk.TOPK_K)).to(torch.bfloat16)
     dense = torch.nn.Linear(shape[1], shape[0], bias=False, dtype=torch.bfloat16)
     dense.weight.copy_(W)
-    dense = dense.to(device)
-    hybrid = HybridLinear.from_linear(dense.cpu(), tier_map, block_size=hk.BS, topk=hk.TOPK_K).to(device)
+    hybrid = HybridLinear.from_linear(dense, tier_map, block_size=hk.BS, topk=hk.TOPK_K).to(device)  # packs on the CPU
     dense = dense.to(device)
     hw = hybrid.hybrid_weight()
     tensors = [getattr(hw, name) for name in HYBRID_TENSOR_NAMES]

@@ -4,7 +4,8 @@ A randomly initialised LLaMA (transformers' LlamaForCausalLM; size from the flag
 pruned to random 35/45/20 tier maps, and a copy of it with HybridLinear layers. Each is timed on --rounds
 greedy generations of --tokens tokens (batch 1; the median, and the range) after an untimed one of the same
 length: eager (a dynamic KV cache, one launch per op; the two models' rounds alternate), and compiled (a static
-cache and transformers' compiled decode step: inductor, "reduce-overhead", so CUDA graphs on a GPU). Prints tokens/s and the ratios. Run:
+cache and transformers' compiled decode step: inductor, "reduce-overhead", so CUDA graphs on a GPU). Prints
+tokens/s and the ratios. Run:
     python benchmarks/generate_compiled.py                              # a GPU: hidden 2048, 8 layers
     python benchmarks/generate_compiled.py --hidden 4096 --inter 11008 --layers 32
     python benchmarks/generate_compiled.py --inter 8192 --layers 16 --heads 32 --kv-heads 8   # LLaMA-3.2-1B's shapes
