@@ -95,14 +95,18 @@ class RowsChoice(NamedTuple):
 #   1.14x / 1.00x at 1 / 8 tokens, 35/45/20, against 4 warps of 4 blocks' 1.04x / 0.96x;
 # - 9-16 tokens through at most one block-row per SM (2048, 1024 and 512 rows): 16 warps of 2 blocks, 0.63-0.83x
 #   against 8 warps of 4 blocks' 0.54-0.75x.
+# Session 24 (H100), 9-16 tokens: the same 16 warps of 2 blocks with registers capped at 64 (no spills) hold two
+# CTAs per SM, and beat 8 warps of 4 blocks at 4096 rows: 35/45/20 at 9 / 12 / 16 tokens 1.16 / 1.12 / 1.00x
+# against 1.04 / 1.01 / 0.97x at 4096x4096, 1.14 / 1.04 / 0.94x against 1.07 / 0.99 / 0.92x at 4096x11008;
+# 8 warps capped at 64 registers (4 per SM) at 8192x2048: 1.00 / 0.96 / 0.89x against 0.85 / 0.83 / 0.80x.
 ROWS_DECODE_LADDERS = {
     1: (RowsChoice(MmaDecodeConfig(chunk=4, topk_chunk=6, warps=16), 2),
         RowsChoice(MmaDecodeConfig(chunk=4, topk_chunk=12, warps=8), 3),
         RowsChoice(MmaDecodeConfig(chunk=4, topk_chunk=6, warps=8), 4),
         RowsChoice(MmaDecodeConfig(chunk=4, topk_chunk=6, warps=4), 8),
         RowsChoice(MmaDecodeConfig(chunk=4, topk_chunk=6, warps=2), 16)),
-    2: (RowsChoice(MmaDecodeConfig(chunk=2, topk_chunk=6, warps=16), 1),
-        RowsChoice(MmaDecodeConfig(chunk=4, topk_chunk=12, warps=8), 2),
+    2: (RowsChoice(MmaDecodeConfig(chunk=2, topk_chunk=6, warps=16, min_ctas=2), 2),
+        RowsChoice(MmaDecodeConfig(chunk=2, topk_chunk=6, warps=8, min_ctas=4), 4),
         RowsChoice(MmaDecodeConfig(chunk=2, topk_chunk=6, warps=4), 6),
         RowsChoice(MmaDecodeConfig(chunk=4, topk_chunk=6, warps=2), 14)),
 }

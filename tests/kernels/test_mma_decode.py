@@ -240,6 +240,7 @@ def test_each_row_config_fits_the_ctas_per_sm_it_claims(tiles, choice, tmp_path)
     registers = int(re.search(r"Used (\d+) registers", properties).group(1))
     allocated = -(-registers // 8) * 8 * 32 * choice.config.warps
     assert min(65536 // allocated, 64 // choice.config.warps, 32) == choice.ctas_per_sm, (registers, choice)
+    assert re.search(r"\b0 bytes spill stores", properties), (properties, choice)  # a register cap must not spill
 
 
 def test_supported_refuses_what_the_kernel_cannot_take() -> None:
@@ -371,11 +372,11 @@ def test_one_token_and_the_config_follow_the_block_rows(monkeypatch) -> None:
     tier_map = random_tier_map((384, 96), g, (0.35, 0.45, 0.2))  # 24 block-rows
     hw = pack_hybrid(pruned_weight((384, 96), tier_map, g), tier_map)
     one, two = ([c.config for c in md.ROWS_DECODE_LADDERS[tiles]] for tiles in (1, 2))
-    # 24 SMs hold the 24 block-rows at 1 per SM (the first rung of both), 12 at 2 (two tiles: the second rung), 8 at
-    # 3 (6), 6 at 4 (6), 4 at 8 (6), 2 at 16 (14); 1 does not
+    # 24 SMs hold the 24 block-rows at 1 per SM (the first rung of both), 12 at 2 (the first rung of both), 8 at 3
+    # (two tiles: 4 per SM), 6 at 4 (4), 4 at 8 (6), 2 at 16 (14); 1 does not
     for sms, at_one, at_two, resident in [(24, one[0], two[0], True),
-                                          (12, one[0], two[1], True), (8, one[1], two[2], True),
-                                          (6, one[2], two[2], True), (4, one[3], two[2], True),
+                                          (12, one[0], two[0], True), (8, one[1], two[1], True),
+                                          (6, one[2], two[1], True), (4, one[3], two[2], True),
                                           (2, one[4], two[3], True), (1, one[4], two[3], False)]:
         monkeypatch.setattr(md, "_multiprocessors", lambda device, sms=sms: sms)
         assert md.rows_resident_at_once(hw, hw.device) == resident
