@@ -12,6 +12,7 @@ checked first on odd shapes, every token count and both dtypes. CUDA only. Run:
     git show c642ece:kernels/cuda/mma_decode.cu > base.cu   # an older source beside the current one
     python benchmarks/mma_decode.py --kernels rows rows-baseline --baseline-source base.cu --configs 8,6,8 2,6,16
     python benchmarks/mma_decode.py --kernels rows --shapes narrow-qo narrow-kv gqa-kv   # models narrower than 7B
+    python benchmarks/mma_decode.py --kernels rows --shapes 13b-qo 13b-up 13b-down         # LLaMA-2-13B
 """
 from __future__ import annotations
 
@@ -45,6 +46,12 @@ NARROW_SHAPES = {
     "narrow-up 8192x2048": (8192, 2048),
     "narrow-down 2048x8192": (2048, 8192),
     "gqa-kv 1024x4096": (1024, 4096),
+}
+# And wider: LLaMA-2-13B (hidden 5120, MLP 13824), 2-3 and 6-7 block-rows per SM of an H100.
+WIDE_SHAPES = {
+    "13b-qo 5120x5120": (5120, 5120),
+    "13b-up 13824x5120": (13824, 5120),
+    "13b-down 5120x13824": (5120, 13824),
 }
 
 
@@ -136,7 +143,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         p.error(f"--tokens must be 1..{md.MMA_DECODE_MAX_TOKENS}")
     check_correctness(configs, args.kernels)
     rows = []
-    shapes = {n: s for n, s in {**hk.SHAPES, **NARROW_SHAPES}.items()
+    shapes = {n: s for n, s in {**hk.SHAPES, **NARROW_SHAPES, **WIDE_SHAPES}.items()
               if (n.split()[0] in args.shapes if args.shapes else n in hk.SHAPES)}
     cases = [(n, s, m) for n, s in shapes.items() for m in hk.MIXES]
     if "qkvo 4096x4096" in shapes:  # one tier alone, what each tier costs per block

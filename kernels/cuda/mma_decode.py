@@ -99,6 +99,11 @@ class RowsChoice(NamedTuple):
 # CTAs per SM, and beat 8 warps of 4 blocks at 4096 rows: 35/45/20 at 9 / 12 / 16 tokens 1.16 / 1.12 / 1.00x
 # against 1.04 / 1.01 / 0.97x at 4096x4096, 1.14 / 1.04 / 0.94x against 1.07 / 0.99 / 0.92x at 4096x11008;
 # 8 warps capped at 64 registers (4 per SM) at 8192x2048: 1.00 / 0.96 / 0.89x against 0.85 / 0.83 / 0.80x.
+# LLaMA-2-13B's shapes added two rungs of 4-block steps (35/45/20, 9 / 16 tokens): 8 warps (76 registers, 3 per
+# SM) at 5120x13824, 320 block-rows, 1.17 / 1.01x against 1.08 / 0.96x for 8 warps of 2 blocks (4 per SM); 4
+# warps (72 registers, 7 per SM) at 13824x5120, 864 block-rows, 1.19 / 1.06x against 4 warps of 2 blocks' 0.80 /
+# 0.73x (6 per SM: two waves) and 2 warps of 4 blocks' 1.02 / 0.96x, and at 11008 and 12288 rows 1.13 / 1.01x and
+# 1.20 / 1.14x against 4 warps of 2 blocks' 1.10 / 1.01x and 1.16 / 1.15x.
 ROWS_DECODE_LADDERS = {
     1: (RowsChoice(MmaDecodeConfig(chunk=4, topk_chunk=6, warps=16), 2),
         RowsChoice(MmaDecodeConfig(chunk=4, topk_chunk=12, warps=8), 3),
@@ -106,8 +111,9 @@ ROWS_DECODE_LADDERS = {
         RowsChoice(MmaDecodeConfig(chunk=4, topk_chunk=6, warps=4), 8),
         RowsChoice(MmaDecodeConfig(chunk=4, topk_chunk=6, warps=2), 16)),
     2: (RowsChoice(MmaDecodeConfig(chunk=2, topk_chunk=6, warps=16, min_ctas=2), 2),
+        RowsChoice(MmaDecodeConfig(chunk=4, topk_chunk=6, warps=8), 3),
         RowsChoice(MmaDecodeConfig(chunk=2, topk_chunk=6, warps=8, min_ctas=4), 4),
-        RowsChoice(MmaDecodeConfig(chunk=2, topk_chunk=6, warps=4), 6),
+        RowsChoice(MmaDecodeConfig(chunk=4, topk_chunk=6, warps=4), 7),
         RowsChoice(MmaDecodeConfig(chunk=4, topk_chunk=6, warps=2), 14)),
 }
 _ROWS_DECODE_ENABLED = [True]

@@ -373,11 +373,11 @@ def test_one_token_and_the_config_follow_the_block_rows(monkeypatch) -> None:
     hw = pack_hybrid(pruned_weight((384, 96), tier_map, g), tier_map)
     one, two = ([c.config for c in md.ROWS_DECODE_LADDERS[tiles]] for tiles in (1, 2))
     # 24 SMs hold the 24 block-rows at 1 per SM (the first rung of both), 12 at 2 (the first rung of both), 8 at 3
-    # (two tiles: 4 per SM), 6 at 4 (4), 4 at 8 (6), 2 at 16 (14); 1 does not
+    # (the second rung of both), 6 at 4 (the third), 4 at 8 (one tile) and 7 (two), 2 at 16 and 14; 1 does not
     for sms, at_one, at_two, resident in [(24, one[0], two[0], True),
                                           (12, one[0], two[0], True), (8, one[1], two[1], True),
-                                          (6, one[2], two[1], True), (4, one[3], two[2], True),
-                                          (2, one[4], two[3], True), (1, one[4], two[3], False)]:
+                                          (6, one[2], two[2], True), (4, one[3], two[3], True),
+                                          (2, one[4], two[4], True), (1, one[4], two[4], False)]:
         monkeypatch.setattr(md, "_multiprocessors", lambda device, sms=sms: sms)
         assert md.rows_resident_at_once(hw, hw.device) == resident
         assert md.prefers_rows_decode(1, hw) == resident
