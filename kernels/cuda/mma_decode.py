@@ -101,7 +101,7 @@ class RowsChoice(NamedTuple):
 # 8 warps capped at 64 registers (4 per SM) at 8192x2048: 1.00 / 0.96 / 0.89x against 0.85 / 0.83 / 0.80x.
 # LLaMA-2-13B's shapes added two rungs of 4-block steps (35/45/20, 9 / 16 tokens): 8 warps (76 registers, 3 per
 # SM) at 5120x13824, 320 block-rows, 1.17 / 1.01x against 1.08 / 0.96x for 8 warps of 2 blocks (4 per SM); 4
-# warps (72 registers, 7 per SM) at 13824x5120, 864 block-rows, 1.19 / 1.06x against 4 warps of 2 blocks' 0.80 /
+# warps (72 registers, 7 per SM) at 13824x5120, 864 block-rows, 1.19 / 1.06x against 4 warps of 2 blocks' 0.81 /
 # 0.73x (6 per SM: two waves) and 2 warps of 4 blocks' 1.02 / 0.96x, and at 11008 and 12288 rows 1.13 / 1.01x and
 # 1.20 / 1.14x against 4 warps of 2 blocks' 1.10 / 1.01x and 1.16 / 1.15x.
 ROWS_DECODE_LADDERS = {
