@@ -76,44 +76,28 @@ class RowsChoice(NamedTuple):
 
 
 # The row kernel's configs for one 8-token tile (1-8 tokens) and for two (9-16), most warps per CTA first: a
-# weight takes the first whose CTAs, one per block-row, are all resident at once (the last where none is). With
-# more block-rows, fewer warps per CTA keep every block-row in flight, and that measured faster than more warps
-# over several waves. On an H100, side by side (session 21), 35/45/20 at 1 / 2 / 4 / 8 tokens, x cuBLAS:
-# - 4096-row matrices (256 block-rows, 2 per SM): 16 warps of 2-block steps, 1.15-1.36x (8 warps of 4: 1.12-1.25x);
-# - 11008 and 12288 rows (688 and 768, 5-6 per SM): 4 warps of 4-block steps, 1.21-1.33x (8 warps: 1.11-1.20x);
-# - fused gate-up, 22016 rows (1376, 10 per SM): 2 warps of 4-block steps, 1.37-1.41x (4 warps, not all resident:
-#   1.13-1.30x; 8 warps: 1.15-1.23x);
-# - 9-16 tokens: 8 warps of 4 blocks at 4096 rows (0.85-1.06x); 4 warps of 2 blocks at 11008 and 12288 rows
-#   (1.02-1.17x, against 0.78-0.92x with 8 warps); 2 warps of 4 blocks at 22016 rows (1.08x at 16, 8 warps 0.77x).
-# 8 warps of 4 blocks between 2 and 3 block-rows per SM (5120-row matrices) is session 20's config there, not
-# timed against the others at that size. Session 23 (H100; LLaMA-3.2-1B's 2048x2048, 512x2048, 8192x2048 and
-# 2048x8192, LLaMA-3-8B's 1024x4096 K/V, and the 4096-row shapes above):
-# - 16 warps of 4-block steps (62 registers, still 2 per SM) instead of 2-block steps at 1-8 tokens: 1.36x / 1.40x
-#   against 1.32x / 1.36x at one token, 35/45/20, 4096x4096 / 4096x11008, and 0.99x / 1.17x against 0.94x / 1.04x
-#   at 2048x2048 / 2048x8192; from 6% slower (all 2:4 at 8 tokens) to 10% faster at 8 tokens;
-# - 8 warps of 4 blocks with 6-block TopK steps (64 registers, 4 per SM) for 3-4 block-rows per SM, e.g. 8192x2048:
-#   1.14x / 1.00x at 1 / 8 tokens, 35/45/20, against 4 warps of 4 blocks' 1.04x / 0.96x;
-# - 9-16 tokens through at most one block-row per SM (2048, 1024 and 512 rows): 16 warps of 2 blocks, 0.63-0.83x
-#   against 8 warps of 4 blocks' 0.54-0.75x.
-# Session 24 (H100), 9-16 tokens: the same 16 warps of 2 blocks with registers capped at 64 (no spills) hold two
-# CTAs per SM, and beat 8 warps of 4 blocks at 4096 rows: 35/45/20 at 9 / 12 / 16 tokens 1.16 / 1.12 / 1.00x
-# against 1.04 / 1.01 / 0.97x at 4096x4096, 1.14 / 1.04 / 0.94x against 1.07 / 0.99 / 0.92x at 4096x11008;
-# 8 warps capped at 64 registers (4 per SM) at 8192x2048: 1.00 / 0.96 / 0.89x against 0.85 / 0.83 / 0.80x.
-# LLaMA-2-13B's shapes added two rungs of 4-block steps (35/45/20, 9 / 16 tokens): 8 warps (76 registers, 3 per
-# SM) at 5120x13824, 320 block-rows, 1.17 / 1.01x against 1.08 / 0.96x for 8 warps of 2 blocks (4 per SM); 4
-# warps (72 registers, 7 per SM) at 13824x5120, 864 block-rows, 1.19 / 1.06x against 4 warps of 2 blocks' 0.81 /
-# 0.73x (6 per SM: two waves) and 2 warps of 4 blocks' 1.02 / 0.96x, and at 11008 and 12288 rows 1.13 / 1.01x and
-# 1.20 / 1.14x against 4 warps of 2 blocks' 1.10 / 1.01x and 1.16 / 1.15x.
+# weight takes the first whose CTAs, one per block-row, are all resident at once (the last where none is).
+# Why by residency: the kernel waits on each warp's chain of dependent loads (Nsight Compute, sessions 20 and 24),
+# so what pays is every block-row in flight at once with as many warps per SM as the registers allow; more warps
+# per CTA over several waves measured slower. Two tiles need more registers per warp, hence the caps (min_ctas)
+# that keep 32 warps per SM without spilling. Each rung was timed side by side against the one it replaced on an
+# H100 (sessions 21, 23 and 24; docs/kernels.md has every sweep); the rows below are for its 132 SMs.
 ROWS_DECODE_LADDERS = {
-    1: (RowsChoice(MmaDecodeConfig(chunk=4, topk_chunk=6, warps=16), 2),
-        RowsChoice(MmaDecodeConfig(chunk=4, topk_chunk=12, warps=8), 3),
-        RowsChoice(MmaDecodeConfig(chunk=4, topk_chunk=6, warps=8), 4),
-        RowsChoice(MmaDecodeConfig(chunk=4, topk_chunk=6, warps=4), 8),
-        RowsChoice(MmaDecodeConfig(chunk=4, topk_chunk=6, warps=2), 16)),
+    1: (RowsChoice(MmaDecodeConfig(chunk=4, topk_chunk=6, warps=16), 2),   # <= 4096 rows (7B attention, down)
+        RowsChoice(MmaDecodeConfig(chunk=4, topk_chunk=12, warps=8), 3),   # 5120 rows (13B attention, down)
+        RowsChoice(MmaDecodeConfig(chunk=4, topk_chunk=6, warps=8), 4),    # 8192 rows (LLaMA-3.2-1B gate, up)
+        RowsChoice(MmaDecodeConfig(chunk=4, topk_chunk=6, warps=4), 8),    # 11008-13824 rows (gate, up, fused QKV)
+        RowsChoice(MmaDecodeConfig(chunk=4, topk_chunk=6, warps=2), 16)),  # 22016 rows (7B fused gate-up)
+    # Each rung at 9 / 16 tokens, 35/45/20, x cuBLAS, against the config it replaced (session 24):
+    # <= 4096 rows, 4096x4096: 1.16 / 1.00x (8 warps of 4 blocks: 1.04 / 0.97x)
     2: (RowsChoice(MmaDecodeConfig(chunk=2, topk_chunk=6, warps=16, min_ctas=2), 2),
+        # 5120 rows, 5120x13824: 1.17 / 1.01x (8 warps of 2 blocks capped, 4 per SM: 1.08 / 0.96x)
         RowsChoice(MmaDecodeConfig(chunk=4, topk_chunk=6, warps=8), 3),
+        # 8192 rows, 8192x2048: 1.00 / 0.89x (4 warps of 2 blocks, 6 per SM: 0.85 / 0.80x)
         RowsChoice(MmaDecodeConfig(chunk=2, topk_chunk=6, warps=8, min_ctas=4), 4),
+        # 11008-13824 rows, 13824x5120: 1.19 / 1.06x (2 warps of 4 blocks: 1.02 / 0.96x)
         RowsChoice(MmaDecodeConfig(chunk=4, topk_chunk=6, warps=4), 7),
+        # 22016 rows
         RowsChoice(MmaDecodeConfig(chunk=4, topk_chunk=6, warps=2), 14)),
 }
 _ROWS_DECODE_ENABLED = [True]
