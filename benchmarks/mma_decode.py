@@ -38,17 +38,15 @@ CHECKS = [  # (shape, mix, k, tokens, dtype): edge rows, one tier alone, k up to
 ]
 
 
-# Matrices with fewer block-rows than a GPU's CTA slots, beside hk.SHAPES (select them by name with --shapes):
-# LLaMA-3.2-1B (hidden 2048, MLP 8192, 8 KV heads of 64) and LLaMA-3-8B's grouped-query K/V (1024x4096).
-NARROW_SHAPES = {
+# Other models' matrices beside hk.SHAPES, selected by name with --shapes: LLaMA-3.2-1B (hidden 2048, MLP 8192, 8
+# KV heads of 64) and LLaMA-3-8B's grouped-query K/V, with fewer block-rows than a GPU's CTA slots; LLaMA-2-13B
+# (hidden 5120, MLP 13824), 2-3 and 6-7 block-rows per SM of an H100.
+MORE_SHAPES = {
     "narrow-qo 2048x2048": (2048, 2048),
     "narrow-kv 512x2048": (512, 2048),
     "narrow-up 8192x2048": (8192, 2048),
     "narrow-down 2048x8192": (2048, 8192),
     "gqa-kv 1024x4096": (1024, 4096),
-}
-# And wider: LLaMA-2-13B (hidden 5120, MLP 13824), 2-3 and 6-7 block-rows per SM of an H100.
-WIDE_SHAPES = {
     "13b-qo 5120x5120": (5120, 5120),
     "13b-up 13824x5120": (13824, 5120),
     "13b-down 5120x13824": (5120, 13824),
@@ -143,7 +141,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         p.error(f"--tokens must be 1..{md.MMA_DECODE_MAX_TOKENS}")
     check_correctness(configs, args.kernels)
     rows = []
-    shapes = {n: s for n, s in {**hk.SHAPES, **NARROW_SHAPES, **WIDE_SHAPES}.items()
+    shapes = {n: s for n, s in {**hk.SHAPES, **MORE_SHAPES}.items()
               if (n.split()[0] in args.shapes if args.shapes else n in hk.SHAPES)}
     cases = [(n, s, m) for n, s in shapes.items() for m in hk.MIXES]
     if "qkvo 4096x4096" in shapes:  # one tier alone, what each tier costs per block
