@@ -23,7 +23,7 @@ from typing import NamedTuple
 import torch
 
 from ..hybrid import HYBRID_TENSOR_NAMES, HybridWeight
-from .launch import PreparedLaunch, current_raw_stream
+from .launch import PreparedLaunch, current_raw_stream, fit_shared_memory_carveout
 
 __all__ = ["MMA_DECODE_MAX_TOKENS", "MmaDecodeConfig", "MMA_DECODE_CONFIG", "ROWS_DECODE_LADDERS", "RowsChoice",
            "hybrid_mm_mma", "hybrid_mm_rows", "kernel_source", "mma_decode_supported", "mma_decode_ready",
@@ -239,8 +239,9 @@ def _module(half: bool, topk: int, ntile: int, config: MmaDecodeConfig, arch: st
         source = kernel_source(half, topk, ntile, config)
         with torch.cuda.device(device_index):
             binary, _ = _nvrtc_compile(source, "hybrid_mma_decode", arch, nvcc_options=["-std=c++17"])
-            _MODULES[key] = _cuda_load_module(binary, ["hybrid_mma_decode", "hybrid_cast_and_zero",
-                                                       "hybrid_rows_decode"])
+            kernels = _cuda_load_module(binary, ["hybrid_mma_decode", "hybrid_cast_and_zero", "hybrid_rows_decode"])
+            fit_shared_memory_carveout(kernels["hybrid_rows_decode"].func, 32 * config.warps, device_index)
+            _MODULES[key] = kernels
     return _MODULES[key]
 
 

@@ -6,7 +6,7 @@ import ctypes
 import pytest
 import torch
 
-from tierprune.kernels.cuda.launch import PreparedLaunch
+from tierprune.kernels.cuda.launch import PreparedLaunch, carveout_percent
 
 pytestmark = pytest.mark.unit
 
@@ -30,3 +30,12 @@ def test_the_argument_block_points_at_each_value_and_takes_new_pointers() -> Non
 def test_only_tensors_and_ints_are_arguments() -> None:
     with pytest.raises(TypeError, match="float"):
         PreparedLaunch(0, (1, 1, 1), (32, 1, 1), [torch.zeros(1), 0.5])
+
+
+def test_the_carveout_holds_the_resident_ctas_and_no_more() -> None:
+    per_sm, reserved = 228 * 1024, 1024  # an H100's shared memory per SM and what the driver keeps per CTA
+    percent = carveout_percent(2, 25216, reserved, per_sm)  # the 16-warp row kernel at 9-16 tokens
+    assert percent == 23
+    assert percent * per_sm / 100 >= 2 * (25216 + reserved) > (percent - 1) * per_sm / 100
+    assert carveout_percent(0, 25216, reserved, per_sm) == 0  # no shared memory: all L1
+    assert carveout_percent(32, 48 * 1024, reserved, per_sm) == 100  # more than fits: the most the driver has

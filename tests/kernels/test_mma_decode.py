@@ -244,6 +244,29 @@ def test_each_row_config_fits_the_ctas_per_sm_it_claims(tiles, choice, tmp_path)
     assert min(65536 // allocated, 64 // choice.config.warps, 32) == choice.ctas_per_sm, (registers, choice)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("tiles,choice", [(tiles, choice) for tiles, ladder in md.ROWS_DECODE_LADDERS.items()
+                                          for choice in ladder])
+def test_the_fitted_carveout_leaves_l1_and_keeps_the_ctas_per_sm(tiles, choice) -> None:
+    """Loading the row kernel sets its shared-memory carve-out to fit its resident CTAs (launch.py): less than
+    all of the shared memory, and with it the driver still places as many CTAs per SM as the ladder counts on."""
+    from tierprune.kernels.cuda.launch import _driver
+
+    major, minor = torch.cuda.get_device_capability()
+    if (major, minor) != (9, 0):
+        pytest.skip("the ladder's counts are sm_90's")
+    kernel = md._module(False, 10, tiles, choice.config, "90", torch.cuda.current_device())["hybrid_rows_decode"]
+    library, function = _driver()[0], ctypes.c_void_p(kernel.func if isinstance(kernel.func, int)
+                                                      else kernel.func.value)
+    carveout, ctas = ctypes.c_int(), ctypes.c_int()
+    assert library.cuFuncGetAttribute(ctypes.byref(carveout), 9, function) == 0
+    assert 0 < carveout.value < 100
+    assert library.cuOccupancyMaxActiveBlocksPerMultiprocessor(
+        ctypes.byref(ctas), function, 32 * choice.config.warps, ctypes.c_size_t(0)) == 0
+    assert ctas.value == choice.ctas_per_sm
+
+
 def test_supported_refuses_what_the_kernel_cannot_take() -> None:
     g = torch.Generator().manual_seed(0)
     tier_map = random_tier_map((32, 64), g)
