@@ -369,3 +369,21 @@ def test_run_tables_put_the_fullest_rows_columns_first() -> None:
     assert [c.header for c in table.columns] == ["iteration", "sparsity", "ppl before ft", "ft tokens", "ppl",
                                                  "seconds"]
     assert list(table.columns[2].cells) == ["", "80.1"]  # the dense row's cell is blank
+
+
+def test_the_console_width_is_read_at_each_print_not_at_import(monkeypatch) -> None:
+    """rich fixes COLUMNS when a Console is made; the CLI's are made at import, so whoever imported first (a test
+    with COLUMNS=80, a CliRunner's env) would set every later table's width."""
+    import io
+
+    from tierprune.cli import _Console
+
+    monkeypatch.setenv("COLUMNS", "80")
+    piped = _Console(file=io.StringIO())
+    assert piped.width == 80
+    monkeypatch.setenv("COLUMNS", "250")
+    assert piped.width == 250
+    monkeypatch.delenv("COLUMNS")
+    assert piped.width == 200  # a file or a pipe without COLUMNS: wide, not rich's 80
+    piped.print("x" * 150)
+    assert piped.file.getvalue() == "x" * 150 + "\n"  # one line, not wrapped at 80

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
+from rich.console import Console, ConsoleDimensions
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -27,10 +27,29 @@ _COMMAND_STARTED = time.monotonic()  # the run clock of progress lines: imported
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Progressive three-tier block pruning for causal language models.")
-# Written to a file or a pipe, rich would wrap tables at 80 columns; COLUMNS still wins when set.
-_WIDTH = None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 200
-err_console = Console(stderr=True, width=_WIDTH)
-console = Console(width=_WIDTH)
+
+
+class _Console(Console):
+    """A rich Console whose width is decided at each print, not when it is made: COLUMNS when set, the terminal's
+    width on a terminal, else 200 (written to a file or a pipe, rich would wrap tables at 80 columns). rich reads
+    COLUMNS once, in its constructor, and this module's consoles are made at import: a caller that sets COLUMNS
+    later (typer's CliRunner, a script that imports the app) would keep the width of whoever imported first."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self._width = None  # the constructor's reading of COLUMNS; `size` reads it afresh
+
+    @property
+    def size(self) -> ConsoleDimensions:
+        height = super().size.height
+        columns = os.environ.get("COLUMNS", "")
+        if columns.isdigit():
+            return ConsoleDimensions(int(columns), height)
+        return super().size if self.is_terminal else ConsoleDimensions(200, height)
+
+
+err_console = _Console(stderr=True)
+console = _Console()
 
 
 def _print_error(message: str) -> None:
