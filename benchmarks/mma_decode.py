@@ -13,6 +13,7 @@ checked first on odd shapes, every token count and both dtypes. CUDA only. Run:
     python benchmarks/mma_decode.py --kernels rows rows-baseline --baseline-source base.cu --configs 8,6,8 2,6,16
     python benchmarks/mma_decode.py --kernels rows --shapes narrow-qo narrow-kv gqa-kv   # models narrower than 7B
     python benchmarks/mma_decode.py --kernels rows --shapes 13b-qo 13b-up 13b-down         # LLaMA-2-13B
+    python benchmarks/mma_decode.py --kernels rows rows-driver-carveout --configs ladder    # the fitted L1 split
 """
 from __future__ import annotations
 
@@ -53,8 +54,11 @@ MORE_SHAPES = {
 }
 
 
-def parse_config(text: str) -> md.MmaDecodeConfig:
-    """'CHUNK,TOPK_CHUNK,WARPS[,NM_CHUNK[,MIN_CTAS]]' (see MmaDecodeConfig)."""
+def parse_config(text: str) -> md.MmaDecodeConfig | None:
+    """'CHUNK,TOPK_CHUNK,WARPS[,NM_CHUNK[,MIN_CTAS]]' (see MmaDecodeConfig), or 'ladder' (None): the config
+    mma_decode.rows_decode_config picks for each weight and token count, as the op does."""
+    if text == "ladder":
+        return None
     values = [int(v) for v in text.split(",")]
     if not 3 <= len(values) <= 5:
         raise ValueError(f"{text!r} is not CHUNK,TOPK_CHUNK,WARPS[,NM_CHUNK[,MIN_CTAS]]")
@@ -93,6 +97,26 @@ def row_kernel_from(source: Path):
     return run
 
 
+def row_kernel_with_the_drivers_carveout():
+    """The row kernel as loaded before session 25: the driver's own split of each SM between shared memory and L1,
+    not launch.fit_shared_memory_carveout's; its own module cache, so that both are timed side by side."""
+    modules: dict = {}
+
+    def run(x, hw, config):
+        saved = md._MODULES, md.fit_shared_memory_carveout
+        md._MODULES, md.fit_shared_memory_carveout = modules, lambda *args: None
+        try:
+            return md.hybrid_mm_rows(x, hw, config)
+        finally:
+            md._MODULES, md.fit_shared_memory_carveout = saved
+
+    return run
+
+
+def label(config: md.MmaDecodeConfig | None) -> str:
+    return "ladder" if config is None else ",".join(map(str, config))
+
+
 def check_correctness(configs, kernels) -> None:
     for (shape, mix, k, T, dtype), config in ((case, c) for case in CHECKS for c in configs):
         hw = weight(shape, mix, k, dtype, seed=1)
@@ -102,7 +126,7 @@ def check_correctness(configs, kernels) -> None:
             got = KERNELS[name](x, hw, config).float()
             err, scale = (got - ref).abs().max().item(), ref.abs().max().item()
             ok = err <= 1.6e-2 * scale
-            print(f"check {name} {shape} mix={mix} k={k} T={T} {str(dtype)[6:]} config {','.join(map(str, config))}: "
+            print(f"check {name} {shape} mix={mix} k={k} T={T} {str(dtype)[6:]} config {label(config)}: "
                   f"max |error| {err:.3g} of max |y| {scale:.3g} {'ok' if ok else 'WRONG'}", flush=True)
             if not ok:
                 raise SystemExit(f"mma_decode: {name} kernel wrong for {shape} {mix} k={k} T={T}")
@@ -115,12 +139,13 @@ def timed(hws, x, fn, inner, reps) -> float:
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--configs", nargs="*", default=["8,12,4"],
-                   help="CHUNK,TOPK_CHUNK,WARPS[,NM_CHUNK[,MIN_CTAS]] each")
+                   help="CHUNK,TOPK_CHUNK,WARPS[,NM_CHUNK[,MIN_CTAS]] each, or ladder (the op's pick per weight)")
     p.add_argument("--tokens", type=int, nargs="*", default=[1, 4, 16])
     p.add_argument("--shapes", nargs="*", default=None, help="subset by first word, e.g. qkvo down")
-    p.add_argument("--kernels", nargs="*", default=["chunk", "rows"], choices=sorted(KERNELS) + ["rows-baseline"],
+    p.add_argument("--kernels", nargs="*", default=["chunk", "rows"], choices=sorted(KERNELS) + ["rows-baseline", "rows-driver-carveout"],
                    help="chunk: a warp per chunk of blocks, sums through a workspace; rows: a CTA per block-row; "
-                        "rows-baseline: the row kernel compiled from --baseline-source")
+                        "rows-baseline: the row kernel compiled from --baseline-source; rows-driver-carveout: "
+                        "the row kernel with the driver's shared-memory/L1 split instead of the fitted one")
     p.add_argument("--baseline-source", type=Path, default=None,
                    help="another mma_decode.cu for the rows-baseline kernel, e.g. from `git show REV:...`")
     p.add_argument("--inner", type=int, default=20)
@@ -134,6 +159,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if args.baseline_source is None or not args.baseline_source.is_file():
             p.error("rows-baseline needs --baseline-source FILE (a copy of mma_decode.cu)")
         KERNELS["rows-baseline"] = row_kernel_from(args.baseline_source)
+    KERNELS["rows-driver-carveout"] = row_kernel_with_the_drivers_carveout()
     if not torch.cuda.is_available():
         print("mma_decode: needs a CUDA GPU (sm_80 or newer)", file=sys.stderr)
         raise SystemExit(2)
@@ -158,13 +184,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
             kernel = {(name, c): timed(hws, x, lambda x, h, f=KERNELS[name], c=c: f(x, h, c), args.inner, args.reps)
                       for name in args.kernels for c in configs}
             row = dict(shape=shape_name, mix=mix_name, tokens=T, nbytes=hw.nbytes, cublas_us=cublas, op_us=op,
-                       kernel_us={f"{name} {','.join(map(str, c))}": us for (name, c), us in kernel.items()})
+                       kernel_us={f"{name} {label(c)}": us for (name, c), us in kernel.items()})
             rows.append(row)
             for name in args.kernels:
                 best = min((key for key in kernel if key[0] == name), key=kernel.get)
                 print(f"{shape_name:26} {mix_name:9} T={T:2d}  cuBLAS {cublas:7.2f} us  op {op:7.2f} "
                       f"({cublas / op:.2f}x)  {name} {kernel[best]:7.2f} ({cublas / kernel[best]:.2f}x, "
-                      f"{hw.nbytes / kernel[best] / 1e6:.2f} TB/s, best of {len(configs)}: {','.join(map(str, best[1]))})",
+                      f"{hw.nbytes / kernel[best] / 1e6:.2f} TB/s, best of {len(configs)}: {label(best[1])})",
                       flush=True)
             print(json.dumps(row), flush=True)
         del hws, dense

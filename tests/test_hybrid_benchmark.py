@@ -149,6 +149,9 @@ def test_mma_benchmark_refuses_bad_configs_and_needs_cuda() -> None:
     if not torch.cuda.is_available():
         run = _run_mma_script("--configs", "8,12,4", "16,12,4")
         assert run.returncode == 2 and run.stderr.strip() == "mma_decode: needs a CUDA GPU (sm_80 or newer)"
+        # the op's own pick and the row kernel with the driver's carve-out parse: only the GPU is missing
+        run = _run_mma_script("--configs", "ladder", "2,6,16,0,2", "--kernels", "rows", "rows-driver-carveout")
+        assert run.returncode == 2 and run.stderr.strip() == "mma_decode: needs a CUDA GPU (sm_80 or newer)"
 
 
 def test_generate_compiled_dry_run() -> None:
