@@ -142,7 +142,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                    help="CHUNK,TOPK_CHUNK,WARPS[,NM_CHUNK[,MIN_CTAS]] each, or ladder (the op's pick per weight)")
     p.add_argument("--tokens", type=int, nargs="*", default=[1, 4, 16])
     p.add_argument("--shapes", nargs="*", default=None, help="subset by first word, e.g. qkvo down")
-    p.add_argument("--kernels", nargs="*", default=["chunk", "rows"], choices=sorted(KERNELS) + ["rows-baseline", "rows-driver-carveout"],
+    p.add_argument("--kernels", nargs="*", default=["chunk", "rows"],
+                   choices=sorted(KERNELS) + ["rows-baseline", "rows-driver-carveout"],
                    help="chunk: a warp per chunk of blocks, sums through a workspace; rows: a CTA per block-row; "
                         "rows-baseline: the row kernel compiled from --baseline-source; rows-driver-carveout: "
                         "the row kernel with the driver's shared-memory/L1 split instead of the fitted one")

@@ -387,3 +387,5 @@ def test_the_console_width_is_read_at_each_print_not_at_import(monkeypatch) -> N
     assert piped.width == 200  # a file or a pipe without COLUMNS: wide, not rich's 80
     piped.print("x" * 150)
     assert piped.file.getvalue() == "x" * 150 + "\n"  # one line, not wrapped at 80
+    piped.width = 60  # a width set on the console itself still wins
+    assert piped.width == 60

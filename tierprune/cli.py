@@ -41,11 +41,17 @@ class _Console(Console):
 
     @property
     def size(self) -> ConsoleDimensions:
-        height = super().size.height
+        size = super().size
+        if self._width is not None:  # set by the caller after construction (console.width = N)
+            return size
         columns = os.environ.get("COLUMNS", "")
         if columns.isdigit():
-            return ConsoleDimensions(int(columns), height)
-        return super().size if self.is_terminal else ConsoleDimensions(200, height)
+            return ConsoleDimensions(int(columns), size.height)
+        return size if self.is_terminal else ConsoleDimensions(200, size.height)
+
+    @size.setter
+    def size(self, new_size: tuple[int, int]) -> None:
+        self._width, self._height = new_size
 
 
 err_console = _Console(stderr=True)

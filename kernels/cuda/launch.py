@@ -60,15 +60,14 @@ def fit_shared_memory_carveout(function: ctypes.c_void_p | int, threads_per_cta:
     library, _ = _driver()
     handle = ctypes.c_void_p(function.value if isinstance(function, ctypes.c_void_p) else int(function))
     shared, per_sm, reserved, ctas = ctypes.c_int(), ctypes.c_int(), ctypes.c_int(), ctypes.c_int()
-    for error in (library.cuFuncGetAttribute(ctypes.byref(shared), _FUNC_SHARED_SIZE_BYTES, handle),
-                  library.cuDeviceGetAttribute(ctypes.byref(per_sm), _DEVICE_MAX_SHARED_MEMORY_PER_MULTIPROCESSOR,
-                                               device_index),
-                  library.cuDeviceGetAttribute(ctypes.byref(reserved), _DEVICE_RESERVED_SHARED_MEMORY_PER_BLOCK,
-                                               device_index),
-                  # Before the preference is set, so the count is what registers and threads allow.
-                  library.cuOccupancyMaxActiveBlocksPerMultiprocessor(ctypes.byref(ctas), handle, threads_per_cta,
-                                                                      ctypes.c_size_t(0))):
-        _raise_on(error)
+    _raise_on(library.cuFuncGetAttribute(ctypes.byref(shared), _FUNC_SHARED_SIZE_BYTES, handle))
+    _raise_on(library.cuDeviceGetAttribute(ctypes.byref(per_sm), _DEVICE_MAX_SHARED_MEMORY_PER_MULTIPROCESSOR,
+                                           device_index))
+    _raise_on(library.cuDeviceGetAttribute(ctypes.byref(reserved), _DEVICE_RESERVED_SHARED_MEMORY_PER_BLOCK,
+                                           device_index))
+    # Asked before the preference is set, so the count is what the registers and threads allow.
+    _raise_on(library.cuOccupancyMaxActiveBlocksPerMultiprocessor(ctypes.byref(ctas), handle, threads_per_cta,
+                                                                  ctypes.c_size_t(0)))
     percent = carveout_percent(ctas.value, shared.value, reserved.value, per_sm.value)
     _raise_on(library.cuFuncSetAttribute(handle, _FUNC_PREFERRED_SHARED_MEMORY_CARVEOUT, percent))
     return percent
