@@ -81,36 +81,33 @@ def weight(shape, mix, k, dtype, seed):
 KERNELS = {"chunk": md.hybrid_mm_mma, "rows": md.hybrid_mm_rows}
 
 
-def row_kernel_from(source: Path):
-    """The row kernel compiled from another copy of mma_decode.cu (e.g. `git show REV:kernels/cuda/mma_decode.cu`),
-    with its own module cache, so that two sources are timed side by side in one process."""
+def row_kernel_variant(**replaced):
+    """The row kernel with some of mma_decode's module attributes replaced while it compiles and runs, and a module
+    cache of its own, so that it is timed side by side with the current kernel in one process."""
     modules: dict = {}
 
     def run(x, hw, config):
-        saved = md._SOURCE, md._MODULES
-        md._SOURCE, md._MODULES = source, modules
+        saved = {name: getattr(md, name) for name in [*replaced, "_MODULES"]}
+        for name, value in {**replaced, "_MODULES": modules}.items():
+            setattr(md, name, value)
         try:
             return md.hybrid_mm_rows(x, hw, config)
         finally:
-            md._SOURCE, md._MODULES = saved
+            for name, value in saved.items():
+                setattr(md, name, value)
 
     return run
+
+
+def row_kernel_from(source: Path):
+    """The row kernel compiled from another copy of mma_decode.cu (e.g. `git show REV:kernels/cuda/mma_decode.cu`)."""
+    return row_kernel_variant(_SOURCE=source)
 
 
 def row_kernel_with_the_drivers_carveout():
     """The row kernel as loaded before session 25: the driver's own split of each SM between shared memory and L1,
-    not launch.fit_shared_memory_carveout's; its own module cache, so that both are timed side by side."""
-    modules: dict = {}
-
-    def run(x, hw, config):
-        saved = md._MODULES, md.fit_shared_memory_carveout
-        md._MODULES, md.fit_shared_memory_carveout = modules, lambda *args: None
-        try:
-            return md.hybrid_mm_rows(x, hw, config)
-        finally:
-            md._MODULES, md.fit_shared_memory_carveout = saved
-
-    return run
+    not launch.fit_shared_memory_carveout's."""
+    return row_kernel_variant(fit_shared_memory_carveout=lambda *args: None)
 
 
 def label(config: md.MmaDecodeConfig | None) -> str:

@@ -251,7 +251,7 @@ def test_each_row_config_fits_the_ctas_per_sm_it_claims(tiles, choice, tmp_path)
 def test_the_fitted_carveout_leaves_l1_and_keeps_the_ctas_per_sm(tiles, choice) -> None:
     """Loading the row kernel sets its shared-memory carve-out to fit its resident CTAs (launch.py): less than
     all of the shared memory, and with it the driver still places as many CTAs per SM as the ladder counts on."""
-    from tierprune.kernels.cuda.launch import _driver
+    from tierprune.kernels.cuda.launch import _FUNC_PREFERRED_SHARED_MEMORY_CARVEOUT, _driver
 
     major, minor = torch.cuda.get_device_capability()
     if (major, minor) != (9, 0):
@@ -260,7 +260,8 @@ def test_the_fitted_carveout_leaves_l1_and_keeps_the_ctas_per_sm(tiles, choice) 
     library, function = _driver()[0], ctypes.c_void_p(kernel.func if isinstance(kernel.func, int)
                                                       else kernel.func.value)
     carveout, ctas = ctypes.c_int(), ctypes.c_int()
-    assert library.cuFuncGetAttribute(ctypes.byref(carveout), 9, function) == 0
+    assert library.cuFuncGetAttribute(ctypes.byref(carveout), _FUNC_PREFERRED_SHARED_MEMORY_CARVEOUT,
+                                     function) == 0
     assert 0 < carveout.value < 100
     assert library.cuOccupancyMaxActiveBlocksPerMultiprocessor(
         ctypes.byref(ctas), function, 32 * choice.config.warps, ctypes.c_size_t(0)) == 0
