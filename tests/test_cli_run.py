@@ -12,13 +12,15 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import prefect_home
+
 pytestmark = pytest.mark.slow
 
 SMOKE = Path(__file__).parents[1] / "schedules" / "plans" / "smoke.csv"
 
 
 def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "COLUMNS": "200", "PREFECT_HOME": str(cwd / ".prefect")}
+    env = {**os.environ, "COLUMNS": "200", "PREFECT_HOME": prefect_home(cwd / ".prefect")}
     return subprocess.run([sys.executable, "-m", "tierprune.cli", "run", *args], capture_output=True, text=True,
                           env=env, cwd=cwd, timeout=300)
 

@@ -18,6 +18,8 @@ import pandas as pd
 import pytest
 import torch
 
+from tests.conftest import prefect_home
+
 pytestmark = pytest.mark.slow
 
 PLAN = "iteration,dense,mid_2_4,topk,dense_to_2_4,mid_2_4_to_topk,epochs\n1,0.6,0.3,0.1,0.4,0.1,0\n2,0.35,0.45,0.2,0.25,0.1,0\n"
@@ -26,7 +28,7 @@ EVAL_SEQLEN, EVAL_WINDOWS, TOPK = 64, 6, 10
 
 def _cli(args: list[str], cwd: Path, home: Path, timeout: int = 300) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TIERPRUNE_", "PREFECT_"))}
-    env.update(COLUMNS="200", NO_COLOR="1", HF_HUB_OFFLINE="1", PREFECT_HOME=str(home),
+    env.update(COLUMNS="200", NO_COLOR="1", HF_HUB_OFFLINE="1", PREFECT_HOME=prefect_home(home),
                PREFECT_SERVER_ANALYTICS_ENABLED="false", TIERPRUNE_CACHE=str(home / "cache"))
     return subprocess.run([sys.executable, "-m", "tierprune.cli", *args], capture_output=True, text=True, env=env,
                           cwd=cwd, timeout=timeout)

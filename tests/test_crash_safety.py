@@ -37,6 +37,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import prefect_home
+
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
@@ -73,7 +75,7 @@ def _env(home: Path, crash_at: str | None = None, api_url: str | None = None) ->
         COLUMNS="200", NO_COLOR="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
         TIERPRUNE_CACHE=str(home / "tierprune-cache"),
         # Its own Prefect home (SQLite database) per scenario: concurrent runs never share a database.
-        PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_HOME=prefect_home(home), PREFECT_SERVER_ANALYTICS_ENABLED="false",
         PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="180",
         # Several runs share a few cores: one thread each (the same in every run, so results stay comparable).
         OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import prefect_home
+
 pytestmark = pytest.mark.slow
 
 # One iteration with one epoch of 384 tokens: 12 windows of 32, batch 2 → 6 optimizer steps, a state every 2.
@@ -21,7 +23,7 @@ PLAN = "iteration,dense,mid_2_4,topk,dense_to_2_4,mid_2_4_to_topk,epochs\n1,0.6,
 def _cli(args: list[str], cwd: Path, crash_at: str | None = None,
          home: str = ".prefect") -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TIERPRUNE_", "PREFECT_"))}
-    env.update(COLUMNS="200", NO_COLOR="1", HF_HUB_OFFLINE="1", PREFECT_HOME=str(cwd / home),
+    env.update(COLUMNS="200", NO_COLOR="1", HF_HUB_OFFLINE="1", PREFECT_HOME=prefect_home(cwd / home),
                PREFECT_SERVER_ANALYTICS_ENABLED="false")
     if crash_at:
         env["TIERPRUNE_CRASH_AT"] = crash_at
