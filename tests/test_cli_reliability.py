@@ -301,7 +301,7 @@ def test_nan_and_inf_sparsity_are_refused_clearly(tmp_path) -> None:
         assert "finite" in line and "less than 1" not in line, line
 
 
-def test_topk_zero_is_documented_and_removes_topk_blocks() -> None:
+def test_topk_zero_is_documented_and_removes_topk_blocks(tmp_path) -> None:
     import torch
 
     from tierprune.config import PruneConfig
@@ -314,7 +314,7 @@ def test_topk_zero_is_documented_and_removes_topk_blocks() -> None:
     assert not keep[:16, 16:].any() and not keep[16:, :16].any()  # the TopK blocks: nothing kept
     assert keep[:16, :16].all() and keep[16:, 16:].all()
     for command in ("prune", "run"):
-        proc = _cli([command, "--help"], _env(Path("/nonexistent")), timeout=60)
+        proc = _cli([command, "--help"], _env(tmp_path), timeout=60)  # _env makes its PREFECT_HOME
         assert "0: TopK blocks are removed entirely" in " ".join(proc.stdout.split()), proc.stdout
     readme = " ".join((REPO / "README.md").read_text().split())
     assert "--topk 0" in readme and "removed entirely" in readme
