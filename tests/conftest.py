@@ -157,8 +157,9 @@ def prefect_home(folder: Path) -> str:
 
     Why: a `tierprune run` in a new PREFECT_HOME spends about 6 s creating and migrating its SQLite database
     before its first flow (Prefect 3.8 on this 2-core machine: 12 s to the first flow, 6 s with a migrated
-    database), and the suite's subprocess tests start many such runs. The copy is made once per session with `prefect server database
-    upgrade`; each run still starts its own ephemeral server on its own database, as a user's second run does.
+    database), and the suite's subprocess tests start many such runs. The copy is made once per session with
+    `prefect server database upgrade`; each run still starts its own ephemeral server on its own database, as a
+    user's second run does.
     """
     folder.mkdir(parents=True, exist_ok=True)
     if not (folder / "prefect.db").exists():

@@ -169,9 +169,7 @@ class Runner:
             self._server_log.close()
 
     def home(self, name: str) -> Path:
-        home = self.base / f"prefect-{name}"
-        prefect_home(home)  # a copy of a migrated database: ephemeral-server runs skip the migrations (~6 s each)
-        return home
+        return self.base / f"prefect-{name}"  # _env gives it a copy of a migrated database (conftest.prefect_home)
 
     def run(self, store: Path, home: Path, log: Path, crash_at: str | None = None, *, ephemeral: bool = False,
             leave_orphans: bool = False) -> tuple[int, int]:
