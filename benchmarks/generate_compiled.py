@@ -73,20 +73,22 @@ def timed_generations(models: dict[str, torch.nn.Module], prompt: torch.Tensor, 
         config._compile_all_devices = True  # transformers compiles on CUDA only unless told
         settings.update(cache_implementation="static", compile_config=config)
     sync = torch.cuda.synchronize if prompt.is_cuda else (lambda: None)
-    rates, outputs = {name: [] for name in models}, {}
+    rates, outputs = {name: [] for name in models}, {name: [] for name in models}
     for group in ([[name] for name in models] if compiled else [list(models)]):
         torch._dynamo.reset()
         for name in group:
-            models[name].generate(prompt, **settings)
+            outputs[name].append(models[name].generate(prompt, **settings)[0, prompt.shape[1]:].tolist())
         for _ in range(rounds):
             for name in group:
                 sync()
                 start = time.perf_counter()
-                outputs[name] = models[name].generate(prompt, **settings)
+                generated = models[name].generate(prompt, **settings)
                 sync()
                 rates[name].append(tokens / (time.perf_counter() - start))
-    return {name: {"tokens_per_s": statistics.median(r), "range": (min(r), max(r)),
-                   "token_ids": outputs[name][0, prompt.shape[1]:].tolist()} for name, r in rates.items()}
+                outputs[name].append(generated[0, prompt.shape[1]:].tolist())
+    # "repeatable": every generation of a model (the untimed one too) gave the same tokens
+    return {name: {"tokens_per_s": statistics.median(r), "range": (min(r), max(r)), "token_ids": outputs[name][-1],
+                   "repeatable": all(ids == outputs[name][0] for ids in outputs[name])} for name, r in rates.items()}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -125,7 +127,9 @@ def main(argv: list[str] | None = None) -> dict:
         low, high = dense["range"]
         print(f"  {mode:9} dense {dense['tokens_per_s']:8.1f} tokens/s ({low:.1f}-{high:.1f})  "
               f"hybrid {hybrid['tokens_per_s']:8.1f} ({hybrid['range'][0]:.1f}-{hybrid['range'][1]:.1f})  "
-              f"hybrid / dense {hybrid['tokens_per_s'] / dense['tokens_per_s']:.3f}  the same tokens: {same}")
+              f"hybrid / dense {hybrid['tokens_per_s'] / dense['tokens_per_s']:.3f}  the same tokens: {same}; "
+              f"each model's {args.rounds + 1} generations alike: dense {dense['repeatable']}, "
+              f"hybrid {hybrid['repeatable']}")
     summary = {k: round(v["tokens_per_s"], 2) for k, v in runs.items()}
     print(json.dumps(summary))
     return runs

@@ -340,8 +340,8 @@ extern "C" __global__ void hybrid_cast_and_zero(float* __restrict__ ws, u16* __r
 // fp32 workspace with global atomics, and a second kernel writes the output and zeroes the workspace (about
 // 2 us of a 13 us product at 4096x4096). Here a CTA owns block-row r: its WARPS warps split each tier's blocks
 // of that row, keep their mma accumulators in registers over all of them (a block-row's blocks all add into
-// the same 16 rows), and sum into shared memory at the end. Nothing is kept between calls (no workspace, no
-// per-weight state). (TopK entries added one by one into the shared sums, without the tensor cores, were
+// the same 16 rows), and write them to shared memory at the end, where they are added in warp order (the same
+// bits on every call). Nothing is kept between calls (no workspace, no per-weight state). (TopK entries added one by one into the shared sums, without the tensor cores, were
 // 1.3x slower than this at one token and 4.6x at 16, all-TopK 4096x4096 on an H100: the shared atomics
 // of 16 rows collide.)
 //
@@ -371,6 +371,12 @@ __device__ __forceinline__ void row_blocks(float (*acc)[4], int first, int end, 
 }
 
 
+// A row-kernel warp's shared memory, in 16-bit halves: its TopK tiles, or its fp32 sums of NTILE * 8 tokens x 16
+// rows.
+#define ROW_SUM_HALVES (NTILE * 8 * 16 * 2)
+#define ROW_TILE_HALVES (TOPK_PER_ROUND * 256)
+#define ROW_SCRATCH_HALVES (ROW_SUM_HALVES > ROW_TILE_HALVES ? ROW_SUM_HALVES : ROW_TILE_HALVES)
+
 #if ROWS_MIN_CTAS
 #define ROWS_BOUNDS __launch_bounds__(WARPS * 32, ROWS_MIN_CTAS)
 #else
@@ -392,14 +398,15 @@ extern "C" __global__ void ROWS_BOUNDS hybrid_rows_decode(
     const int* __restrict__ topk_row_ptr,
     int T, int K, int N) {
     __shared__ uint2 sel[16];
-    __shared__ float sums[NTILE * 8][16];  // [token][row of the block-row]
-    __shared__ u16 tiles[WARPS][TOPK_PER_ROUND][256];
+    // Each warp's own: its TopK tiles, then, once its blocks are done, its sums. (Declared as u16: the same
+    // memory declared as words and cast to u16 made ptxas spill two registers in the capped two-tile configs.)
+    __shared__ __align__(16) u16 scratch[WARPS][ROW_SCRATCH_HALVES];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, t = lane & 3;
     const int r = blockIdx.x;
+    u16* const tiles = scratch[warp];
     if (threadIdx.x < 16) sel[threadIdx.x] = kSelectors[threadIdx.x];
-    for (int i = lane; i < TOPK_PER_ROUND * 256; i += 32) (&tiles[warp][0][0])[i] = 0;
-    for (int i = threadIdx.x; i < NTILE * 8 * 16; i += WARPS * 32) (&sums[0][0])[i] = 0.f;
+    for (int i = lane; i < TOPK_PER_ROUND * 256; i += 32) tiles[i] = 0;
     __syncthreads();
 
     float acc[NTILE][4];
@@ -423,20 +430,28 @@ extern "C" __global__ void ROWS_BOUNDS hybrid_rows_decode(
     for (int start = topk_first; start < topk_end; start += WARPS * TOPK_CHUNK, ++step) {
         if (step == 32 / TOPK_CHUNK) step = 0, topk_lane_cols = step_cols<TOPK_CHUNK>(topk_cols, start, topk_end, lane);
         topk_blocks<true>(acc, same_row, min(TOPK_CHUNK, topk_end - start), start, topk_lane_cols, step * TOPK_CHUNK,
-                          r, topk_values, topk_pos, x, &tiles[warp][0][0], nullptr, lane, g, t, T, K, 0);
+                          r, topk_values, topk_pos, x, tiles, nullptr, lane, g, t, T, K, 0);
     }
 
-    // The mma accumulators: c0..c3 at rows g, g, g+8, g+8 and tokens 2t, 2t+1, 2t, 2t+1 of each 8-token tile.
+    // The warp's sums, [token][row of the block-row], over its own tiles (no lane reads them any more: the TopK
+    // loop ends on a __syncwarp). The mma accumulators: c0..c3 at rows g, g, g+8, g+8 and tokens 2t, 2t+1, 2t,
+    // 2t+1 of each 8-token tile.
+    float* const sums = reinterpret_cast<float*>(scratch[warp]);
 #pragma unroll
     for (int tile = 0; tile < NTILE; ++tile) {
         const int token = 8 * tile + 2 * t;
-        if (token < T) atomicAdd(&sums[token][g], acc[tile][0]), atomicAdd(&sums[token][g + 8], acc[tile][2]);
-        if (token + 1 < T)
-            atomicAdd(&sums[token + 1][g], acc[tile][1]), atomicAdd(&sums[token + 1][g + 8], acc[tile][3]);
+        sums[token * 16 + g] = acc[tile][0], sums[token * 16 + g + 8] = acc[tile][2];
+        sums[(token + 1) * 16 + g] = acc[tile][1], sums[(token + 1) * 16 + g + 8] = acc[tile][3];
     }
     __syncthreads();
+    // Added warp by warp in a fixed order, so that an output does not depend on which warp finished first: the
+    // kernel gives the same bits on every call (shared atomics, as before session 28, did not; greedy decoding
+    // drifted from run to run).
     for (int i = threadIdx.x; i < T * 16; i += WARPS * 32) {
-        const int token = i >> 4, row = r * 16 + (i & 15);
-        if (row < N) out[(size_t)token * N + row] = from_float(sums[token][i & 15]);
+        const int row = r * 16 + (i & 15);
+        float sum = 0.f;
+#pragma unroll
+        for (int w = 0; w < WARPS; ++w) sum += reinterpret_cast<const float*>(scratch[w])[i];
+        if (row < N) out[(size_t)(i >> 4) * N + row] = from_float(sum);
     }
 }

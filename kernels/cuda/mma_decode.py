@@ -7,7 +7,8 @@ config, device) for the process, and launched through launch.PreparedLaunch (a f
 
 Two kernels share the per-block tensor-core recipe:
 - the row kernel (hybrid_mm_rows, what the op uses): one CTA per block-row, whose warps keep their sums in
-  registers and add them in shared memory, then write the output. One launch, no workspace, no per-weight state.
+  registers, then add them in shared memory in warp order and write the output: the same bits on every call.
+  One launch, no workspace, no per-weight state.
 - the chunk kernel (hybrid_mm_mma, the design before it): one warp per chunk of blocks of one tier, which adds
   fp32 partial sums into a per-weight workspace with atomics; hybrid_cast_and_zero then writes the output and
   zeroes the workspace, so calls on one weight must run one after another (one stream), as decode does. The

@@ -3,8 +3,8 @@
 On the CPU: the bit-level recipe the kernel follows (which word of which buffer a lane reads, the 2:4 nibble,
 the byte-permute selectors, the column order shared by the A and B fragments) is replayed in torch on real
 packed weights and must give the product; and the CUDA source compiles for sm_90 with NVRTC (the pip
-package), to PTX with the expected mma and atomics, which Triton's ptxas assembles without spills. On CUDA:
-the kernel against the reference.
+package), to PTX with the expected mma and atomics (none in the row kernel), which Triton's ptxas assembles
+without spills. On CUDA: the kernel against the reference, and the row kernel's bits from call to call.
 """
 from __future__ import annotations
 
@@ -214,7 +214,9 @@ def test_source_compiles_for_hopper_without_spills(topk, ntile, half, config, tm
     assert "ld.global.nc.L1::no_allocate.v2.u32" in ptx and "ld.global.nc.L1::no_allocate.u32" in ptx
     # Triton's ptxas may be older than this NVRTC's PTX ISA; the kernel uses nothing newer than sm_90's.
     report = ptxas_report(ptx, tmp_path)
-    assert ".entry hybrid_rows_decode" in ptx and re.search(r"(red|atom)\.shared\.add\.f32", ptx)
+    # The row kernel adds its warps' sums in a fixed order (no atomics: the same bits on every call).
+    rows_ptx = ptx.split(".entry hybrid_rows_decode")[1]
+    assert not re.search(r"\b(red|atom)\.", rows_ptx.split(".entry ")[0])
     for kernel in ("hybrid_mma_decode", "hybrid_rows_decode"):
         properties = report.split(f"Function properties for {kernel}\n")[1].split("Function properties for")[0]
         assert "0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads" in properties, (kernel, properties)
@@ -315,6 +317,27 @@ def test_kernel_matches_reference_and_leaves_the_workspace_zeroed(shape, probs, 
     _, workspace = decode_workspace(hw, tokens, create=False)
     assert int(torch.count_nonzero(workspace)) == 0
 
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("tokens", [1, 9, 16])
+def test_the_row_kernel_gives_the_same_bits_on_every_call(tokens) -> None:
+    """Greedy decoding repeats itself only if a product does: the row kernel adds its warps' sums in a fixed order.
+    Long block-rows (256 blocks) under the 16-warp configs, so that every warp holds part of every output."""
+    g = torch.Generator().manual_seed(13)
+    shape = (128, 4096)
+    tier_map = random_tier_map(shape, g)
+    W = pruned_weight(shape, tier_map, g)
+    hw = pack_hybrid(W, tier_map).to("cuda")
+    x = torch.randn(tokens, shape[1], generator=g).to(torch.bfloat16).cuda()
+    config = md.ROWS_DECODE_LADDERS[1 if tokens <= 8 else 2][0].config
+    assert config.warps == 16
+    first = md.hybrid_mm_rows(x, hw, config)
+    for _ in range(50):
+        assert torch.equal(md.hybrid_mm_rows(x, hw, config), first)
+    expected = x.double().cpu() @ W.double().T
+    torch.testing.assert_close(first.double().cpu(), expected, rtol=1.6e-2, atol=1.6e-2 * expected.abs().max().item())
 
 def test_the_op_sends_2_to_16_tokens_here() -> None:
     """The op's rule: one token to the flat GEMV (unless it is off), 2-16 tokens here, more elsewhere; and on
