@@ -341,9 +341,9 @@ extern "C" __global__ void hybrid_cast_and_zero(float* __restrict__ ws, u16* __r
 // 2 us of a 13 us product at 4096x4096). Here a CTA owns block-row r: its WARPS warps split each tier's blocks
 // of that row, keep their mma accumulators in registers over all of them (a block-row's blocks all add into
 // the same 16 rows), and write them to shared memory at the end, where they are added in warp order (the same
-// bits on every call). Nothing is kept between calls (no workspace, no per-weight state). (TopK entries added one by one into the shared sums, without the tensor cores, were
-// 1.3x slower than this at one token and 4.6x at 16, all-TopK 4096x4096 on an H100: the shared atomics
-// of 16 rows collide.)
+// bits on every call). Nothing is kept between calls (no workspace, no per-weight state). (TopK entries added
+// one by one into shared sums with atomics, without the tensor cores, were 1.3x slower than this at one token
+// and 4.6x at 16, all-TopK 4096x4096 on an H100: the shared atomics of 16 rows collide.)
 //
 
 // The block columns of a warp's next 32 / CH steps of CH blocks (lane l: step l / CH, block l % CH), the steps

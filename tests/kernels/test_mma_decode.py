@@ -318,7 +318,6 @@ def test_kernel_matches_reference_and_leaves_the_workspace_zeroed(shape, probs, 
     assert int(torch.count_nonzero(workspace)) == 0
 
 
-
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("tokens", [1, 9, 16])
@@ -338,6 +337,7 @@ def test_the_row_kernel_gives_the_same_bits_on_every_call(tokens) -> None:
         assert torch.equal(md.hybrid_mm_rows(x, hw, config), first)
     expected = x.double().cpu() @ W.double().T
     torch.testing.assert_close(first.double().cpu(), expected, rtol=1.6e-2, atol=1.6e-2 * expected.abs().max().item())
+
 
 def test_the_op_sends_2_to_16_tokens_here() -> None:
     """The op's rule: one token to the flat GEMV (unless it is off), 2-16 tokens here, more elsewhere; and on
