@@ -330,7 +330,7 @@ def test_the_row_kernel_gives_the_same_bits_on_every_call(tokens) -> None:
     W = pruned_weight(shape, tier_map, g)
     hw = pack_hybrid(W, tier_map).to("cuda")
     x = torch.randn(tokens, shape[1], generator=g).to(torch.bfloat16).cuda()
-    config = md.ROWS_DECODE_LADDERS[1 if tokens <= 8 else 2][0].config
+    config = md.rows_decode_config(hw, x.device, tokens)  # what the op picks: 8 block-rows, all resident
     assert config.warps == 16
     first = md.hybrid_mm_rows(x, hw, config)
     for _ in range(50):
