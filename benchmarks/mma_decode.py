@@ -14,6 +14,7 @@ checked first on odd shapes, every token count and both dtypes. CUDA only. Run:
     python benchmarks/mma_decode.py --kernels rows --shapes narrow-qo narrow-kv gqa-kv   # models narrower than 7B
     python benchmarks/mma_decode.py --kernels rows --shapes 13b-qo 13b-up 13b-down         # LLaMA-2-13B
     python benchmarks/mma_decode.py --kernels rows rows-driver-carveout --configs ladder    # the fitted L1 split
+    python benchmarks/mma_decode.py --kernels rows-x-row-major rows-x-block-major --configs ladder  # x's layout
 """
 from __future__ import annotations
 
@@ -100,8 +101,16 @@ def row_kernel_variant(**replaced):
 
 
 def row_kernel_from(source: Path):
-    """The row kernel compiled from another copy of mma_decode.cu (e.g. `git show REV:kernels/cuda/mma_decode.cu`)."""
+    """The row kernel compiled from another copy of mma_decode.cu (e.g. `git show REV:kernels/cuda/mma_decode.cu`);
+    x row-major, as it was read before session 29, when the copy has no X_BLOCK_MAJOR."""
+    if "X_BLOCK_MAJOR" not in source.read_text():
+        return row_kernel_variant(_SOURCE=source, X_BLOCK_MAJOR_TILES=())
     return row_kernel_variant(_SOURCE=source)
+
+
+def row_kernel_reading_x(tiles: tuple[int, ...]):
+    """The row kernel reading x block-major at these token tiles (1: 1-8 tokens, 2: 9-16), row-major at others."""
+    return row_kernel_variant(X_BLOCK_MAJOR_TILES=tiles)
 
 
 def row_kernel_with_the_drivers_carveout():
@@ -140,10 +149,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--tokens", type=int, nargs="*", default=[1, 4, 16])
     p.add_argument("--shapes", nargs="*", default=None, help="subset by first word, e.g. qkvo down")
     p.add_argument("--kernels", nargs="*", default=["chunk", "rows"],
-                   choices=sorted(KERNELS) + ["rows-baseline", "rows-driver-carveout"],
+                   choices=sorted(KERNELS) + ["rows-baseline", "rows-driver-carveout", "rows-x-row-major",
+                                              "rows-x-block-major"],
                    help="chunk: a warp per chunk of blocks, sums through a workspace; rows: a CTA per block-row; "
                         "rows-baseline: the row kernel compiled from --baseline-source; rows-driver-carveout: "
-                        "the row kernel with the driver's shared-memory/L1 split instead of the fitted one")
+                        "the row kernel with the driver's shared-memory/L1 split instead of the fitted one; "
+                        "rows-x-row-major / rows-x-block-major: the row kernel reading x (T, in) as it is, or "
+                        "transposed to (in/16, tokens, 16) first, at every token count")
     p.add_argument("--baseline-source", type=Path, default=None,
                    help="another mma_decode.cu for the rows-baseline kernel, e.g. from `git show REV:...`")
     p.add_argument("--inner", type=int, default=20)
@@ -158,6 +170,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             p.error("rows-baseline needs --baseline-source FILE (a copy of mma_decode.cu)")
         KERNELS["rows-baseline"] = row_kernel_from(args.baseline_source)
     KERNELS["rows-driver-carveout"] = row_kernel_with_the_drivers_carveout()
+    KERNELS["rows-x-row-major"] = row_kernel_reading_x(())
+    KERNELS["rows-x-block-major"] = row_kernel_reading_x((1, 2))
     if not torch.cuda.is_available():
         print("mma_decode: needs a CUDA GPU (sm_80 or newer)", file=sys.stderr)
         raise SystemExit(2)

@@ -54,15 +54,27 @@ __device__ __forceinline__ void mma_16816(float* c, u32 a0, u32 a1, u32 a2, u32 
 #endif
 }
 
-// x[token][col*16 + 4t .. +3] for the NTILE token tiles (tokens g and g+8); zero for tokens >= T.
+// x[token][col*16 + 4t .. +3] for the NTILE token tiles (tokens g and g+8); zero for tokens >= T. BLOCK_MAJOR:
+// x laid out as (K/16, NTILE*8, 16), each block column's tokens together (those >= T never read), so that a
+// tile's load touches 256 contiguous bytes (two L1 lines) rather than 32 bytes in each of 8 tokens' lines.
+template <bool BLOCK_MAJOR>
 __device__ __forceinline__ void load_x(uint2* bx, const u16* __restrict__ x, int col, int g, int t, int T, int K) {
 #pragma unroll
     for (int tile = 0; tile < NTILE; ++tile) {
-        int token = g + 8 * tile;
-        bx[tile] = token < T ? __ldg(reinterpret_cast<const uint2*>(x + (size_t)token * K + col * 16 + 4 * t))
-                             : make_uint2(0u, 0u);
+        const int token = g + 8 * tile;
+        if constexpr (BLOCK_MAJOR)
+            // (indexed in 8-byte words: the same address in u16s made ptxas spill in the capped configs)
+            bx[tile] = token < T ? __ldg(reinterpret_cast<const uint2*>(x) + col * (NTILE * 32) + token * 4 + t)
+                                 : make_uint2(0u, 0u);
+        else
+            bx[tile] = token < T ? __ldg(reinterpret_cast<const uint2*>(x + (size_t)token * K + col * 16 + 4 * t))
+                                 : make_uint2(0u, 0u);
     }
 }
+
+#ifndef X_BLOCK_MAJOR
+#define X_BLOCK_MAJOR 0
+#endif
 
 // Adds one 8-token tile's accumulators of block-row `row` into ws: c0..c3 at rows g, g, g+8, g+8 and tokens
 // token, token+1, token, token+1 (the mma's C layout). Out of line: a chunk may cross block-rows at any of its
@@ -168,7 +180,7 @@ __device__ __forceinline__ void stream_blocks(float (*acc)[4], int& row, int n, 
 #pragma unroll
     for (int i = 0; i < CH; ++i) {
         const int col = __shfl_sync(FULL, lane_col, col_lane0 + i);
-        if (i < n) load_x(bx[i], x, col, g, t, T, K);
+        if (i < n) load_x<ONE_ROW && X_BLOCK_MAJOR>(bx[i], x, col, g, t, T, K);
     }
 #pragma unroll
     for (int i = 0; i < CH; ++i) {
@@ -239,7 +251,7 @@ __device__ __forceinline__ void topk_blocks(float (*acc)[4], int& row, int n, in
 #pragma unroll
     for (int i = 0; i < TOPK_CHUNK; ++i) {
         const int col = __shfl_sync(FULL, lane_col, col_lane0 + i);
-        if (i < n) load_x(bx[i], x, col, g, t, T, K);
+        if (i < n) load_x<ONE_ROW && X_BLOCK_MAJOR>(bx[i], x, col, g, t, T, K);
     }
 #pragma unroll
     for (int r = 0; r < TOPK_ROUNDS; ++r) {
@@ -383,7 +395,7 @@ __device__ __forceinline__ void row_blocks(float (*acc)[4], int first, int end, 
 #define ROWS_BOUNDS __launch_bounds__(WARPS * 32)
 #endif
 extern "C" __global__ void ROWS_BOUNDS hybrid_rows_decode(
-    const u16* __restrict__ x,              // (T, K)
+    const u16* __restrict__ x,              // (T, K), or (K / 16, NTILE * 8, 16) where X_BLOCK_MAJOR
     u16* __restrict__ out,                  // (T, N)
     const uint2* __restrict__ dense_values, // (nd, 16, 16) as 8-byte words
     const short* __restrict__ dense_cols,

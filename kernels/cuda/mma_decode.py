@@ -30,7 +30,7 @@ __all__ = ["MMA_DECODE_MAX_TOKENS", "MmaDecodeConfig", "MMA_DECODE_CONFIG", "ROW
            "hybrid_mm_mma", "hybrid_mm_rows", "kernel_source", "mma_decode_supported", "mma_decode_ready",
            "prefers_mma_decode", "prefers_rows_decode", "prepare_rows_decode", "rows_resident_at_once",
            "rows_decode_config", "rows_decode_ready", "selector_table",
-           "set_mma_decode_config", "use_mma_decode", "use_rows_decode"]
+           "set_mma_decode_config", "use_mma_decode", "use_rows_decode", "x_by_block_columns", "X_BLOCK_MAJOR_TILES"]
 
 MMA_DECODE_MAX_TOKENS = 16  # two 8-token mma tiles
 
@@ -206,14 +206,16 @@ def _compiler_available() -> bool:
     return hasattr(_utils, "_nvrtc_compile") and hasattr(_utils, "_cuda_load_module")
 
 
-def kernel_source(half: bool, topk: int, ntile: int, config: MmaDecodeConfig) -> str:
-    """mma_decode.cu with its compile-time constants defined: fp16 (else bf16), TopK k, 8-token tiles, config."""
+def kernel_source(half: bool, topk: int, ntile: int, config: MmaDecodeConfig, x_block_major: bool = False) -> str:
+    """mma_decode.cu with its compile-time constants defined: fp16 (else bf16), TopK k, 8-token tiles, config, and
+    whether the row kernel reads x laid out block-major (see X_BLOCK_MAJOR_TILES)."""
     assert 1 <= config.chunk <= 32 and 1 <= config.topk_chunk <= 32 and 0 <= config.nm_chunk <= 32 \
         and config.warps >= 1 and config.min_ctas >= 0, \
         f"chunks must be 1..32 blocks (a lane holds one block's index): {config}"
     assert 1 <= topk <= 32 and ntile in (1, 2), (topk, ntile)
     defines = dict(TOPK=topk, NTILE=ntile, WARPS=config.warps, CHUNK=config.chunk, TOPK_CHUNK=config.topk_chunk,
-                   NM_CHUNK=config.nm_chunk or config.chunk, ROWS_MIN_CTAS=config.min_ctas, HALF_T=int(half))
+                   NM_CHUNK=config.nm_chunk or config.chunk, ROWS_MIN_CTAS=config.min_ctas, HALF_T=int(half),
+                   X_BLOCK_MAJOR=int(x_block_major))
     selectors = ", ".join(f"{{{lo:#x}u, {hi:#x}u}}" for lo, hi in selector_table().tolist())
     defines["SELECTORS"] = f"{{{selectors}}}"
     return "".join(f"#define {k} {v}\n" for k, v in defines.items()) + _SOURCE.read_text()
@@ -225,19 +227,43 @@ _SOURCE = Path(__file__).with_name("mma_decode.cu")
 _MODULES: dict[tuple, dict] = {}
 
 
+# The token tiles (1: 1-8 tokens, 2: 9-16) at which the row kernel reads x block-major, (K/16, 8 or 16, 16), copied
+# so by one small transpose before it. Read row-major, each x load of a tile touches 8 L1 lines (32 bytes of each
+# of 8 tokens); block-major, 2. None by default: not yet timed on a GPU (benchmarks/mma_decode.py --kernels
+# rows-x-row-major rows-x-block-major times both). With it, the 2-warp rung of 9-16 tokens takes 74 registers
+# (12 CTAs per SM, not 14).
+X_BLOCK_MAJOR_TILES: tuple[int, ...] = ()
+
+
+def _x_block_major(tokens: int) -> bool:
+    return (1 if tokens <= 8 else 2) in X_BLOCK_MAJOR_TILES
+
+
+def x_by_block_columns(x: torch.Tensor, tile_tokens: int) -> torch.Tensor:
+    """x (T, in) laid out as the row kernel reads it where X_BLOCK_MAJOR_TILES says: (in / 16, tile_tokens, 16),
+    block column c's tokens together; the rows of tokens T..tile_tokens-1 are left unwritten (never read)."""
+    T, k_in = x.shape
+    by_block = x.new_empty(k_in // 16, tile_tokens, 16)
+    by_block[:, :T].copy_(x.view(T, k_in // 16, 16).transpose(0, 1))
+    return by_block
+
+
 def _module_key(x: torch.Tensor, hw: HybridWeight, config: MmaDecodeConfig) -> tuple:
     major, minor = torch.cuda.get_device_capability(x.device)
-    return x.dtype == torch.float16, hw.topk, 1 if x.shape[0] <= 8 else 2, config, f"{major}{minor}", x.device.index
+    T = x.shape[0]
+    return (x.dtype == torch.float16, hw.topk, 1 if T <= 8 else 2, config, f"{major}{minor}", x.device.index,
+            _x_block_major(T))
 
 
-def _module(half: bool, topk: int, ntile: int, config: MmaDecodeConfig, arch: str, device_index: int) -> dict:
+def _module(half: bool, topk: int, ntile: int, config: MmaDecodeConfig, arch: str, device_index: int,
+            x_block_major: bool = False) -> dict:
     """The compiled kernels {name: kernel} for one set of compile-time constants on one GPU (compiled once per
     process; loaded per GPU, as a loaded function belongs to the device's context)."""
-    key = (half, topk, ntile, config, arch, device_index)
+    key = (half, topk, ntile, config, arch, device_index, x_block_major)
     if key not in _MODULES:
         from torch.cuda._utils import _cuda_load_module, _nvrtc_compile
 
-        source = kernel_source(half, topk, ntile, config)
+        source = kernel_source(half, topk, ntile, config, x_block_major)
         with torch.cuda.device(device_index):
             binary, _ = _nvrtc_compile(source, "hybrid_mma_decode", arch, nvcc_options=["-std=c++17"])
             kernels = _cuda_load_module(binary, ["hybrid_mma_decode", "hybrid_cast_and_zero", "hybrid_rows_decode"])
@@ -310,9 +336,12 @@ def prepare_rows_decode(x: torch.Tensor, hw: HybridWeight, config: MmaDecodeConf
                             [x, x, *_buffers(hw, HYBRID_TENSOR_NAMES), T, k_in, n_out])  # x, out, weight, sizes
 
     index, current_device, raw_stream = device.index, torch._C._cuda_getDevice, torch._C._cuda_getCurrentRawStream
+    block_major, tile_tokens = _x_block_major(T), 8 if T <= 8 else 16
 
     def rows_decode(x: torch.Tensor) -> torch.Tensor:  # (T, in) -> (T, out); runs on every eager decode call
         out = x.new_empty(T, n_out)
+        if block_major:
+            x = x_by_block_columns(x, tile_tokens)
         if current_device() == index:
             launch(x.data_ptr(), out.data_ptr(), stream=raw_stream(index))
         else:  # the kernel is loaded in its GPU's context, which the launch must run in

@@ -205,7 +205,7 @@ def test_row_kernel_takes_every_block_once_with_its_column(warps, ch) -> None:
       for half in (False, True)),
 ])
 def test_source_compiles_for_hopper_without_spills(topk, ntile, half, config, tmp_path) -> None:
-    ptx = nvrtc_ptx(md.kernel_source(half, topk, ntile, config))
+    ptx = nvrtc_ptx(md.kernel_source(half, topk, ntile, config, ntile in md.X_BLOCK_MAJOR_TILES))  # as the op
     mma = "mma.sync.aligned.m16n8k16.row.col.f32." + ("f16.f16" if half else "bf16.bf16") + ".f32"
     assert ptx.count(mma) >= 3 * ntile  # one per tier at least, per 8-token tile
     assert ".entry hybrid_mma_decode" in ptx and ".entry hybrid_cast_and_zero" in ptx
@@ -239,7 +239,8 @@ def ptxas_report(ptx: str, tmp_path: Path) -> str:
 def test_each_row_config_fits_the_ctas_per_sm_it_claims(tiles, choice, tmp_path) -> None:
     """The ladder picks a config by how many of its CTAs an SM holds: that count, from its registers (allocated
     8 per thread at a time, 64K per SM), its warps (64 per SM) and CTAs (32 per SM), must be what ptxas gives."""
-    report = ptxas_report(nvrtc_ptx(md.kernel_source(False, 10, tiles, choice.config)), tmp_path)
+    source = md.kernel_source(False, 10, tiles, choice.config, tiles in md.X_BLOCK_MAJOR_TILES)  # as the op
+    report = ptxas_report(nvrtc_ptx(source), tmp_path)
     properties = report.split("Function properties for hybrid_rows_decode\n")[1].split("Function properties for")[0]
     registers = int(re.search(r"Used (\d+) registers", properties).group(1))
     allocated = -(-registers // 8) * 8 * 32 * choice.config.warps
@@ -258,7 +259,8 @@ def test_the_fitted_carveout_leaves_l1_and_keeps_the_ctas_per_sm(tiles, choice) 
     major, minor = torch.cuda.get_device_capability()
     if (major, minor) != (9, 0):
         pytest.skip("the ladder's counts are sm_90's")
-    kernel = md._module(False, 10, tiles, choice.config, "90", torch.cuda.current_device())["hybrid_rows_decode"]
+    kernel = md._module(False, 10, tiles, choice.config, "90", torch.cuda.current_device(),
+                        tiles in md.X_BLOCK_MAJOR_TILES)["hybrid_rows_decode"]
     library, function = _driver()[0], ctypes.c_void_p(kernel.func if isinstance(kernel.func, int)
                                                       else kernel.func.value)
     carveout, ctas = ctypes.c_int(), ctypes.c_int()
@@ -268,6 +270,31 @@ def test_the_fitted_carveout_leaves_l1_and_keeps_the_ctas_per_sm(tiles, choice) 
     assert library.cuOccupancyMaxActiveBlocksPerMultiprocessor(
         ctypes.byref(ctas), function, 32 * choice.config.warps, ctypes.c_size_t(0)) == 0
     assert ctas.value == choice.ctas_per_sm
+
+
+@pytest.mark.parametrize("tiles,choice", [(tiles, choice) for tiles, ladder in md.ROWS_DECODE_LADDERS.items()
+                                          for choice in ladder])
+def test_the_row_kernel_reading_x_block_major_compiles_without_spills(tiles, choice, tmp_path) -> None:
+    """X_BLOCK_MAJOR (x as (in/16, tokens, 16)) on every rung: nothing spills (indexed in u16s, it did)."""
+    ptx = nvrtc_ptx(md.kernel_source(False, 10, tiles, choice.config, x_block_major=True))
+    report = ptxas_report(ptx, tmp_path)
+    properties = report.split("Function properties for hybrid_rows_decode\n")[1].split("Function properties for")[0]
+    assert "0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads" in properties, properties
+
+
+@pytest.mark.parametrize("tokens,tile_tokens", [(9, 16), (16, 16), (3, 8)])
+def test_x_by_block_columns_puts_each_block_columns_tokens_together(tokens, tile_tokens) -> None:
+    """The layout the row kernel reads at 9-16 tokens: word col·(tile_tokens·4) + token·4 + t of it (8-byte
+    words, as the kernel indexes them) holds x[token, 16·col + 4t .. 16·col + 4t + 3]."""
+    x = torch.randn(tokens, 64).to(torch.bfloat16)
+    by_block = md.x_by_block_columns(x, tile_tokens)
+    assert by_block.shape == (4, tile_tokens, 16) and by_block.is_contiguous()
+    words = by_block.view(-1, 4)
+    for col in range(4):
+        for token in range(tokens):
+            for t in range(4):
+                got = words[col * (tile_tokens * 4) + token * 4 + t]
+                assert torch.equal(got, x[token, 16 * col + 4 * t: 16 * col + 4 * t + 4])
 
 
 def test_supported_refuses_what_the_kernel_cannot_take() -> None:
