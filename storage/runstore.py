@@ -6,6 +6,8 @@ Layout of a run folder (``{root}/{run}``)::
     manifest.json                     RUN.json's keys plus the steps it recorded; rebuilt from RUN.json and the
                                       steps' COMMIT.json when missing (`tierprune runs repair` when garbled)
     LOCK                              present while a writer holds the run (see RunLock)
+    PRUNED.json                       the iterations whose checkpoints `tierprune runs prune` deleted (absent
+                                      until then); a pruned run is not run again (it would fine-tune them again)
     blobs/ab/ab12…ef.safetensors      content-addressed tensors (one per file, named by its sha256): a tensor
                                       that did not change between checkpoints is stored once
     iter-001/scores-0123456789abcdef/ one step: its files, then COMMIT.json, written last
@@ -49,7 +51,8 @@ from tierprune.lifecycle import cancel_on_termination, cleanup_on_termination, o
 from .formats import decode, encode
 from .tables import _atomic_open
 
-__all__ = ["RunStore", "RunLock", "CorruptArtifactError", "StepStatus", "sha256_bytes", "blob_rel", "run_names"]
+__all__ = ["RunStore", "RunLock", "CorruptArtifactError", "StepStatus", "sha256_bytes", "blob_rel", "run_names",
+           "PRUNED"]
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +61,7 @@ MANIFEST = "manifest.json"
 IDENTITY = "RUN.json"
 COMMIT = "COMMIT.json"
 LOCK = "LOCK"
+PRUNED = "PRUNED.json"
 # Run, step and file names become path components on every backend: no separators, no "." or "..".
 _NAME = re.compile(r"[A-Za-z0-9._-]+")
 # A step folder relative to the run folder, as step_uri builds it.
@@ -465,9 +469,18 @@ class RunStore:
         self._record_step(rel, files, meta)
 
     def step_meta(self, step_uri: str) -> dict:
-        """The meta a committed step was recorded with (e.g. its compute seconds); {} if none."""
-        marker = self._marker(self._step_rel(step_uri))
-        return dict((marker or {}).get("meta") or {})
+        """The meta a committed step was recorded with (e.g. its compute seconds), also for a step `runs prune`
+        deleted; {} if none."""
+        rel = self._step_rel(step_uri)
+        marker = self._marker(rel)
+        if marker is None:
+            return dict(((self.pruned() or {}).get("steps") or {}).get(rel) or {})
+        return dict(marker.get("meta") or {})
+
+    def step_file_bytes(self, step_uri: str) -> int:
+        """The bytes of a committed step's own files (its blobs not counted), from its COMMIT.json; 0 if none."""
+        marker = self._marker(self._step_rel(step_uri)) or {}
+        return sum((marker.get("sizes") or {}).values())
 
     def step_blobs(self, step_uri: str) -> dict[str, int]:
         """{sha256: size} of the content-addressed blobs a committed step refers to (a checkpoint's tensors)."""
@@ -728,7 +741,67 @@ class RunStore:
                 found.add(int(m.group(1)))
         return sorted(found)
 
-    # ---- health ------------------------------------------------------------------------------------------
+    # ---- pruning: deleting what finished iterations no longer need ---------------------------------------
+
+    def pruned(self) -> dict | None:
+        """PRUNED.json ({"iterations": [...], "kept": [...], "steps": {rel: meta}, "pruned": time}), or None for a
+        run never pruned."""
+        try:
+            raw = self._cat(PRUNED)
+        except FileNotFoundError:
+            return None
+        try:
+            data = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise TierpruneError(f"{self._u(PRUNED)} is garbled: {e}") from e
+        if not isinstance(data, dict) or not isinstance(data.get("iterations"), list):
+            raise TierpruneError(f"{self._u(PRUNED)} does not list pruned iterations")
+        return data
+
+    def mark_pruned(self, steps: dict[str, int], kept: list[int]) -> None:
+        """Record, before anything is deleted, that these steps ({rel: iteration}) go, with the meta each was
+        committed with (step_meta keeps answering for them: seconds, tokens trained); merged with earlier prunes."""
+        earlier = self.pruned() or {}
+        metas = {**earlier.get("steps", {}), **{rel: self.step_meta(self._u(rel)) for rel in steps}}
+        iterations = sorted(set(earlier.get("iterations", [])) | set(steps.values()))
+        record = {"iterations": iterations, "kept": sorted(kept), "steps": metas, "pruned": _now()}
+        self._write_atomic(PRUNED, _json_bytes(record, "the pruned iterations"))
+
+    def referenced_blobs(self, excluding: set[str] | frozenset[str] = frozenset()) -> dict[str, int]:
+        """{sha256: size} of every blob some step's COMMIT.json lists (but the steps `excluding`, as rels). Refuses
+        when a COMMIT.json cannot be read: what it refers to cannot be told apart from garbage then."""
+        referenced: dict[str, int] = {}
+        for rel in self._marker_rels():
+            if rel in excluding:
+                continue
+            marker = self._marker(rel)
+            if marker is None:
+                raise TierpruneError(f"step {self._u(rel)} has an unreadable {COMMIT}; check the run with "
+                                     "`tierprune runs verify` first (nothing was deleted)")
+            referenced.update(marker.get("blobs") or {})
+        return referenced
+
+    def remove_unreferenced_blobs(self) -> tuple[int, int]:
+        """Delete the blobs (and blob temp files) that no step's COMMIT.json lists; returns (files, bytes).
+        Only for the lock holder: a writer puts a step's blobs before its COMMIT.json."""
+        keep = {posixpath.basename(blob_rel(sha)) for sha in self.referenced_blobs()}
+        root = self._p("blobs")
+        self._fs.invalidate_cache(root)
+        try:
+            listing = self._fs.find(root, detail=True)
+        except FileNotFoundError:
+            return 0, 0
+        removed = freed = 0
+        for path, info in listing.items():
+            if posixpath.basename(path) in keep:
+                continue
+            try:
+                self._fs.rm(path)
+            except FileNotFoundError:
+                continue
+            removed, freed = removed + 1, freed + int(info.get("size") or 0)
+        return removed, freed
+
 
     def step_status(self, rel: str, deep: bool = True) -> StepStatus:
         """Whether one step (``iter-001/score-…``) is committed, damaged or missing, and why.

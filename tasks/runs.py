@@ -1,5 +1,8 @@
-"""Reading runs back: which runs a store holds, each run's finished iterations, and each step's health."""
+"""Reading runs back: which runs a store holds, each run's finished iterations, and each step's health; and
+pruning a finished run's old checkpoints."""
 from __future__ import annotations
+
+from contextlib import nullcontext
 
 from tierprune.errors import TierpruneError
 from tierprune.kernels.tiers import TIER_NAMES
@@ -7,7 +10,8 @@ from tierprune.storage.runstore import RunStore, StepStatus, run_names
 
 from .recovery import recovery_pct
 
-__all__ = ["in_tier_order", "split_run_uri", "list_runs", "run_summary", "in_progress", "summary_json", "verify_run"]
+__all__ = ["in_tier_order", "split_run_uri", "list_runs", "run_summary", "in_progress", "summary_json", "verify_run",
+           "prune_checkpoints", "refuse_pruned_run"]
 
 
 def in_tier_order(fractions: dict) -> dict:
@@ -26,7 +30,11 @@ def split_run_uri(uri: str) -> RunStore:
 def _health(store: RunStore, rels: dict[str, str], deep: bool) -> str:
     """"ok", or which of the named steps ({label: rel}) is not intact and why (deep: every file hashed)."""
     problems = []
+    pruned = set(((store.pruned() or {}).get("steps") or {}))
     for label, rel in rels.items():
+        if rel in pruned:
+            problems.append(f"{label} pruned")  # deleted on purpose by `runs prune`
+            continue
         status = store.step_status(rel, deep)
         if status.status != "committed":
             problems.append(f"{label} {status.status}: {status.detail}")
@@ -200,3 +208,82 @@ def summary_json(store: RunStore) -> dict:
          "seconds": r["seconds"], "status": r["status"], "uri": r["uri"], "finished": r["finished"],
          "recovery_pct": (r["recovery"] or {}).get("ppl"), "zero_shot": r["zero_shot"], "recovery": r["recovery"]}
         for r in rows]}
+
+
+def _finished_records(store: RunStore) -> dict[int, dict]:
+    """{iteration: its record}, the latest record of each finished iteration whose record is intact."""
+    found: dict[int, tuple[str, dict]] = {}
+    for rel, step in store.committed_steps().items():
+        folder, _, name = rel.partition("/")
+        if not name.startswith("iteration-") or store.load_step(f"{store.uri}/{rel}") is None:
+            continue
+        finished = (step.get("meta") or {}).get("finished", "")
+        record = store.read_object(f"{store.uri}/{rel}", "iteration.json")
+        k = int(record["iteration"])
+        if k not in found or finished > found[k][0]:
+            found[k] = (finished, record)
+    return {k: record for k, (_, record) in sorted(found.items())}
+
+
+def prune_checkpoints(store: RunStore, keep_last: int = 1, dry_run: bool = False) -> dict:
+    """Delete the checkpoints of a run's finished iterations but the last `keep_last`, and the tensors (blobs)
+    nothing else refers to. Records, tier maps, masks, scores and evaluations stay: `runs show` still lists every
+    iteration; `runs export` and `--resume-from` take the kept ones. A pruned run is not run again (PRUNED.json):
+    it would fine-tune the pruned iterations again; continue from its last iteration in a new run instead.
+
+    Returns {"pruned": [iterations], "kept": [iterations], "steps": [rels], "blobs": files, "bytes": freed,
+    "dry_run"}; with dry_run nothing is deleted and blobs/bytes are what the steps' deletion would free (blobs a
+    crashed writer left, which a real prune also removes, not counted). Refuses a run with an iteration in progress.
+    """
+    if keep_last < 1:
+        raise TierpruneError(f"--keep-last must be at least 1 (the iteration a new run resumes from), got {keep_last}")
+    if not store.exists():
+        raise TierpruneError(f"no tierprune run at {store.uri}")
+    with (nullcontext() if dry_run else store.lock(owner="tierprune runs prune")):
+        records = _finished_records(store)
+        if not records:
+            raise TierpruneError(f"run {store.uri} has no finished iteration: nothing to prune")
+        pending = in_progress(store)
+        if pending is not None:  # a pruned run is not run again: the work of that iteration would be stranded
+            raise TierpruneError(f"run {store.uri} has iteration {pending['iteration']} in progress; finish it by "
+                                 "running the run's command again, then prune")
+        kept = sorted(records)[-keep_last:]
+        # Every step a kept iteration's record names stays (iteration 0's checkpoint and tier map are one step).
+        keep = {value["rel"] for k in kept for value in records[k].values() if isinstance(value, dict)}
+        committed = store.committed_steps()
+        doomed = {}
+        for k, record in records.items():
+            rel = record["checkpoint"]["rel"]
+            if k not in kept and rel not in keep and rel in committed:
+                doomed[rel] = k
+        for rel in committed:  # a resumed run's start step: the checkpoint it started from, copied in
+            folder, _, name = rel.partition("/")
+            k = int(folder.removeprefix("iter-"))
+            if name.startswith("start-") and k < kept[0] and rel not in keep:
+                doomed[rel] = k
+        # Refused here, before anything is deleted, if some COMMIT.json is unreadable.
+        still_referenced = store.referenced_blobs(excluding=set(doomed))
+        step_bytes = sum(store.step_file_bytes(f"{store.uri}/{rel}") for rel in doomed)
+        result = {"pruned": sorted(set(doomed.values())), "kept": kept, "steps": sorted(doomed), "dry_run": dry_run}
+        if dry_run:
+            freed = {sha: size for rel in doomed for sha, size in store.step_blobs(f"{store.uri}/{rel}").items()
+                     if sha not in still_referenced}
+            return {**result, "blobs": len(freed), "bytes": step_bytes + sum(freed.values())}
+        if doomed:
+            store.mark_pruned(doomed, kept)  # first: a crash part-way still leaves a run that refuses to rerun
+            for rel in doomed:
+                store.drop_step(f"{store.uri}/{rel}")
+        removed, freed = store.remove_unreferenced_blobs()  # also what an earlier, interrupted prune left
+        return {**result, "blobs": removed, "bytes": step_bytes + freed}
+
+
+def refuse_pruned_run(store: RunStore) -> None:
+    """Refuse to run a pruned run again: its pruned iterations would be fine-tuned again from the start."""
+    pruned = store.pruned() if store.exists() else None
+    if pruned is None:
+        return
+    last = max(pruned.get("kept") or [0])
+    raise TierpruneError(
+        f"run {store.uri} had the checkpoints of iterations {', '.join(map(str, pruned['iterations']))} deleted by "
+        f"`tierprune runs prune`; running it again would fine-tune them again. Continue from its last iteration in "
+        f"a new run: --resume-from {store.uri}/iter-{last:03d} --run NEW_NAME")

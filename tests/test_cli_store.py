@@ -158,3 +158,20 @@ def test_new_store_show_export_and_every_spelling_resumes(tmp_path: Path, tiny_l
     proc = _cli(args("new/store", "r2", "--resume-from", str(run / "iter-002")), a, home)
     assert proc.returncode == 0 and "nothing to do" in proc.stdout, proc.stdout + proc.stderr
     assert not (a / "new" / "store" / "r2").exists()
+
+    # Pruning the finished run: the checkpoints of iterations 0-1 go, iteration 2's stays, show still lists all,
+    # and the run is not run again (it would fine-tune iteration 1 again): one line that says how to go on.
+    proc = _cli(["runs", "prune", str(run), "--dry-run"], a, home)
+    assert proc.returncode == 0 and "would delete the checkpoints of iterations 0, 1 of" in proc.stdout, proc.stdout
+    assert _markers(run) == before
+    proc = _cli(["runs", "prune", str(run)], a, home)
+    assert proc.returncode == 0, proc.stderr
+    assert "deleted the checkpoints of iterations 0, 1" in proc.stdout and "kept: iterations 2" in proc.stdout
+    shown = _cli(["runs", "show", str(run), "--json"], a, home)
+    statuses = [r["status"] for r in json.loads(shown.stdout)["iterations"]]
+    assert "checkpoint pruned" in statuses[1] and statuses[-1] == "ok", statuses
+    proc = _cli(args("new/store"), a, home)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "iter-002 --run NEW_NAME" in proc.stderr and "--resume-from" in proc.stderr
+    proc = _cli(["runs", "prune", str(run), "--keep-last", "0"], a, home)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "--keep-last must be at least 1" in proc.stderr

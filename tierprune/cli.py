@@ -560,6 +560,32 @@ def runs_verify(run_uri: str = typer.Argument(..., help="STORE/RUN")) -> None:
         raise typer.Exit(1)
 
 
+@runs_app.command("prune")
+def runs_prune(
+    run_uri: str = typer.Argument(..., help="STORE/RUN"),
+    keep_last: int = typer.Option(1, "--keep-last", help="finished iterations whose checkpoints stay"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="say what would be deleted and freed; delete nothing"),
+) -> None:
+    """Delete the checkpoints of a finished run's iterations but the last --keep-last, to free disk.
+
+    Records, tier maps, masks and evaluations stay (`runs show` lists every iteration); the kept iterations
+    still export and resume. The run is not run again afterwards: continue it with --resume-from in a new run.
+    """
+    from tierprune.tasks.runs import prune_checkpoints, split_run_uri
+
+    done = prune_checkpoints(split_run_uri(run_uri), keep_last, dry_run)
+    gib = done["bytes"] / 2**30
+    if not done["steps"] and not done["blobs"]:
+        console.print(f"nothing to prune in {run_uri}: the checkpoints left are those of iterations "
+                      f"{', '.join(map(str, done['kept']))}", highlight=False, soft_wrap=True)
+        return
+    what = f"iterations {', '.join(map(str, done['pruned']))}" if done["pruned"] else "no iteration"
+    verb = "would delete" if dry_run else "deleted"
+    console.print(f"{verb} the checkpoints of {what} of {run_uri} ({len(done['steps'])} steps, {done['blobs']} "
+                  f"tensor files, {gib:.2f} GiB); kept: iterations {', '.join(map(str, done['kept']))}",
+                  highlight=False, soft_wrap=True)
+
+
 @runs_app.command("repair")
 def runs_repair(run_uri: str = typer.Argument(..., help="STORE/RUN")) -> None:
     """Rebuild a missing or garbled manifest.json from RUN.json and the steps' COMMIT.json (old one kept as .bak)."""

@@ -363,3 +363,58 @@ def test_cached_teacher_logits_train_without_the_teacher_beside_the_student(pref
     for k in (1, 2, 3):
         weights, masks = _checkpoint_tensors(store, k)
         assert all(int((weights[f"{m}.weight"][~keep] != 0).sum()) == 0 for m, keep in masks.items())
+
+
+def test_prune_deletes_old_checkpoints_and_the_last_iteration_still_exports_and_resumes(
+        prefect_harness, tiny_llama_dir, data_dir, mem_root):
+    from fsspec.core import url_to_fs
+
+    from tierprune.flows.progressive import progressive_from_config as progressive
+    from tierprune.tasks.export import load_iteration
+    from tierprune.tasks.run_state import find_iteration
+    from tierprune.tasks.runs import prune_checkpoints, run_summary
+
+    cfg = _config(tiny_llama_dir, data_dir, mem_root, "pruned")
+    progressive(cfg)
+    store = RunStore(mem_root, "pruned")
+    fs, blobs_dir = url_to_fs(f"{store.uri}/blobs")
+
+    def blobs_on_disk() -> set[str]:
+        fs.invalidate_cache(blobs_dir)
+        return {path.rsplit("/", 1)[1].removesuffix(".safetensors") for path in fs.find(blobs_dir)}
+
+    final, before, on_disk = _final(store, 3), run_summary(store), blobs_on_disk()
+    unfinished = store.step_uri(4, "activations", "a1")  # as if a longer plan had been killed in iteration 4
+    store.commit_step(unfinished, {"stats.json": {"x": 1}})
+    with pytest.raises(TierpruneError, match="has iteration 4 in progress; finish it"):
+        prune_checkpoints(store, keep_last=1)
+    store.drop_step(unfinished)
+    dry = prune_checkpoints(store, keep_last=1, dry_run=True)
+    assert (dry["pruned"], dry["kept"]) == ([0, 1, 2], [3]) and dry["blobs"] > 0 and dry["bytes"] > 0
+    assert store.pruned() is None and blobs_on_disk() == on_disk  # a dry run deletes nothing
+
+    done = prune_checkpoints(store, keep_last=1)
+    assert (done["pruned"], done["steps"], done["blobs"], done["bytes"]) == (
+        dry["pruned"], dry["steps"], dry["blobs"], dry["bytes"])
+    assert blobs_on_disk() == set(store.referenced_blobs()) and len(blobs_on_disk()) == len(on_disk) - done["blobs"]
+    assert all(s.status == "committed" for s in store.verify(deep=True))  # nothing still referred to went
+    assert _final(store, 3) == final
+    after = run_summary(store)
+    assert [r["iteration"] for r in after] == [0, 1, 2, 3]
+    assert all("checkpoint pruned" in r["status"] for r in after[:3]) and after[3]["status"] == "ok"
+    shown = ("ppl", "sparsity", "tiers", "finetune_tokens", "ppl_before_finetune", "seconds")
+    assert [{k: r[k] for k in shown} for r in after] == [{k: r[k] for k in shown} for r in before]
+
+    assert load_iteration(store, 3).row["iteration"] == 3
+    with pytest.raises(TierpruneError, match=r"iteration 1 .* deleted by `tierprune runs prune` \(kept: iterations 3\)"):
+        load_iteration(store, 1)
+    assert find_iteration(f"{store.uri}/iter-003")[1] == 3
+    with pytest.raises(TierpruneError, match="deleted by `tierprune runs prune`"):
+        find_iteration(f"{store.uri}/iter-002")
+    # Run again, the flow would fine-tune iterations 1-2 again: refused, pointing at the way to go on.
+    with pytest.raises(TierpruneError, match=r"--resume-from .*/pruned/iter-003 --run NEW_NAME"):
+        progressive(cfg)
+    again = prune_checkpoints(store, keep_last=1)
+    assert (again["steps"], again["blobs"]) == ([], 0)
+    with pytest.raises(TierpruneError, match="--keep-last must be at least 1"):
+        prune_checkpoints(store, keep_last=0)

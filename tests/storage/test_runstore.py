@@ -443,3 +443,33 @@ def test_file_url_root(tmp_path) -> None:
     s.commit_step(uri, {"x": b"1"})
     assert (tmp_path / "r1" / "iter-000" / "score-k" / "x").read_bytes() == b"1"
     assert RunStore(str(tmp_path), "r1").iterations() == [0]
+
+
+def test_unreferenced_blobs_go_and_referenced_ones_stay(store: RunStore) -> None:
+    """runs prune's garbage collection: a blob goes once no COMMIT.json lists it, with the temp files of a crashed
+    upload; a blob two steps share stays while one of them does; a dropped step's meta is still answered."""
+    shared, own = store.put_blob(b"shared tensor" * 50), store.put_blob(b"own tensor" * 70)
+    kept = store.step_uri(1, "checkpoint", "k1")
+    dropped = store.step_uri(2, "checkpoint", "k2")
+    store.commit_step(kept, FILES, meta={"tokens": 10}, blobs=dict([shared]))
+    store.commit_step(dropped, FILES, meta={"tokens": 20}, blobs=dict([shared, own]))
+    _put(f"{store.uri}/blobs/ab/abandoned.safetensors.tmp-1234", b"half an upload")
+    assert store.referenced_blobs() == dict([shared, own])
+    assert store.referenced_blobs(excluding={"iter-002/checkpoint-k2"}) == dict([shared])
+    assert store.remove_unreferenced_blobs() == (1, len(b"half an upload"))
+    store.mark_pruned({"iter-002/checkpoint-k2": 2}, kept=[1])
+    store.drop_step(dropped)
+    assert store.step_meta(dropped) == {"tokens": 20} and store.pruned()["iterations"] == [2]
+    assert store.remove_unreferenced_blobs() == (1, own[1])
+    assert store.load_step(kept) is not None and store.read_blob(shared[0]) == b"shared tensor" * 50
+    assert not _exists(f"{store.uri}/blobs/{own[0][:2]}/{own[0]}.safetensors")
+
+
+def test_blob_collection_refuses_a_run_with_an_unreadable_commit(store: RunStore) -> None:
+    digest, _ = store.put_blob(b"tensor" * 10)
+    uri = store.step_uri(1, "checkpoint", "k1")
+    store.commit_step(uri, FILES, blobs={digest: 60})
+    _put(f"{uri}/{COMMIT}", b"{not json")
+    with pytest.raises(TierpruneError, match="unreadable COMMIT.json; check the run with `tierprune runs verify`"):
+        store.remove_unreferenced_blobs()
+    assert _exists(f"{store.uri}/blobs/{digest[:2]}/{digest}.safetensors")
