@@ -273,16 +273,22 @@ class RunStore:
 
     # ---- identity, rebuild and repair --------------------------------------------------------------------
 
-    def _identity(self) -> dict | None:
-        """RUN.json (what create() was given, plus format and created time), or None for a run without one."""
+    def _json_file(self, rel: str) -> Any:
+        """The decoded JSON file at rel, or None when there is none; a garbled one is refused."""
         try:
-            raw = self._cat(IDENTITY)
+            raw = self._cat(rel)
         except FileNotFoundError:
             return None
         try:
-            data = json.loads(raw)
+            return json.loads(raw)
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise TierpruneError(f"{self._u(IDENTITY)} is garbled: {e}") from e
+            raise TierpruneError(f"{self._u(rel)} is garbled: {e}") from e
+
+    def _identity(self) -> dict | None:
+        """RUN.json (what create() was given, plus format and created time), or None for a run without one."""
+        data = self._json_file(IDENTITY)
+        if data is None:
+            return None
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise TierpruneError(f"{self._u(IDENTITY)} is not a {FORMAT} run identity")
         return data
@@ -746,14 +752,9 @@ class RunStore:
     def pruned(self) -> dict | None:
         """PRUNED.json ({"iterations": [...], "kept": [...], "steps": {rel: meta}, "pruned": time}), or None for a
         run never pruned."""
-        try:
-            raw = self._cat(PRUNED)
-        except FileNotFoundError:
+        data = self._json_file(PRUNED)
+        if data is None:
             return None
-        try:
-            data = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise TierpruneError(f"{self._u(PRUNED)} is garbled: {e}") from e
         if not isinstance(data, dict) or not isinstance(data.get("iterations"), list):
             raise TierpruneError(f"{self._u(PRUNED)} does not list pruned iterations")
         return data
