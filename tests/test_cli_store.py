@@ -173,5 +173,3 @@ def test_new_store_show_export_and_every_spelling_resumes(tmp_path: Path, tiny_l
     proc = _cli(args("new/store"), a, home)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
     assert "iter-002 --run NEW_NAME" in proc.stderr and "--resume-from" in proc.stderr
-    proc = _cli(["runs", "prune", str(run), "--keep-last", "0"], a, home)
-    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "--keep-last must be at least 1" in proc.stderr
