@@ -236,7 +236,7 @@ X_BLOCK_MAJOR_TILES: tuple[int, ...] = ()
 
 
 def _x_block_major(tokens: int) -> bool:
-    return (1 if tokens <= 8 else 2) in X_BLOCK_MAJOR_TILES
+    return _token_tiles(tokens) in X_BLOCK_MAJOR_TILES
 
 
 def x_by_block_columns(x: torch.Tensor, tile_tokens: int) -> torch.Tensor:
@@ -251,7 +251,7 @@ def x_by_block_columns(x: torch.Tensor, tile_tokens: int) -> torch.Tensor:
 def _module_key(x: torch.Tensor, hw: HybridWeight, config: MmaDecodeConfig) -> tuple:
     major, minor = torch.cuda.get_device_capability(x.device)
     T = x.shape[0]
-    return (x.dtype == torch.float16, hw.topk, 1 if T <= 8 else 2, config, f"{major}{minor}", x.device.index,
+    return (x.dtype == torch.float16, hw.topk, _token_tiles(T), config, f"{major}{minor}", x.device.index,
             _x_block_major(T))
 
 
@@ -336,7 +336,7 @@ def prepare_rows_decode(x: torch.Tensor, hw: HybridWeight, config: MmaDecodeConf
                             [x, x, *_buffers(hw, HYBRID_TENSOR_NAMES), T, k_in, n_out])  # x, out, weight, sizes
 
     index, current_device, raw_stream = device.index, torch._C._cuda_getDevice, torch._C._cuda_getCurrentRawStream
-    block_major, tile_tokens = _x_block_major(T), 8 if T <= 8 else 16
+    block_major, tile_tokens = _x_block_major(T), 8 * _token_tiles(T)
 
     def rows_decode(x: torch.Tensor) -> torch.Tensor:  # (T, in) -> (T, out); runs on every eager decode call
         out = x.new_empty(T, n_out)
