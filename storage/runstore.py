@@ -480,7 +480,7 @@ class RunStore:
         rel = self._step_rel(step_uri)
         marker = self._marker(rel)
         if marker is None:
-            return dict(((self.pruned() or {}).get("steps") or {}).get(rel) or {})
+            return dict(self.pruned_steps().get(rel) or {})
         return dict(marker.get("meta") or {})
 
     def step_file_bytes(self, step_uri: str) -> int:
@@ -759,12 +759,15 @@ class RunStore:
             raise TierpruneError(f"{self._u(PRUNED)} does not list pruned iterations")
         return data
 
-    def mark_pruned(self, steps: dict[str, int], kept: list[int]) -> None:
-        """Record, before anything is deleted, that these steps ({rel: iteration}) go, with the meta each was
-        committed with (step_meta keeps answering for them: seconds, tokens trained); merged with earlier prunes."""
-        earlier = self.pruned() or {}
-        metas = {**earlier.get("steps", {}), **{rel: self.step_meta(self._u(rel)) for rel in steps}}
-        iterations = sorted(set(earlier.get("iterations", [])) | set(steps.values()))
+    def pruned_steps(self) -> dict[str, dict]:
+        """{rel: the meta it was committed with} of every step `runs prune` deleted; {} for a run never pruned."""
+        return dict((self.pruned() or {}).get("steps") or {})
+
+    def mark_pruned(self, rels: list[str], kept: list[int]) -> None:
+        """Record, before anything is deleted, that these steps go, with the meta each was committed with
+        (step_meta keeps answering for them: seconds, tokens trained); merged with earlier prunes."""
+        metas = {**self.pruned_steps(), **{rel: self.step_meta(self._u(rel)) for rel in rels}}
+        iterations = sorted({int(_STEP_REL.fullmatch(rel).group(1)) for rel in metas})  # for a reader of the file
         record = {"iterations": iterations, "kept": sorted(kept), "steps": metas, "pruned": _now()}
         self._write_atomic(PRUNED, _json_bytes(record, "the pruned iterations"))
 

@@ -62,11 +62,11 @@ def load_iteration(store: RunStore, iteration: int | None = None) -> LoadedItera
             raise TierpruneError(f"run {store.uri} has no finished iteration {iteration} "
                                  f"(finished: {', '.join(str(r['iteration']) for r in rows)})")
         row = found[0]
-    if "pruned" in row["status"]:
-        kept = ", ".join(map(str, (store.pruned() or {}).get("kept", [])))
+    record = store.read_object(row["record"], "iteration.json")
+    if record["checkpoint"]["rel"] in store.pruned_steps():
+        kept = ", ".join(map(str, store.pruned()["kept"]))
         raise TierpruneError(f"iteration {row['iteration']} of run {store.uri} had its checkpoint deleted by "
                              f"`tierprune runs prune` (kept: iterations {kept})")
-    record = store.read_object(row["record"], "iteration.json")
     ckpt_uri, tiers_uri = (f"{store.uri}/{record[k]['rel']}" for k in ("checkpoint", "tiers"))
     cfg = TierpruneConfig.model_validate(store.manifest()["config"])
     index = store.read_object(ckpt_uri, "checkpoint.json")

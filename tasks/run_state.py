@@ -297,7 +297,7 @@ def find_iteration(uri: str) -> tuple[RunStore, int, ArtifactRef, ArtifactRef]:
         raise TierpruneError(f"--resume-from {uri}: its record {rel} is damaged")
     record = store.read_object(f"{store.uri}/{rel}", "iteration.json")
     refs = []
-    pruned = (store.pruned() or {}).get("steps") or {}
+    pruned = store.pruned_steps()
     for key in ("checkpoint", "tiers"):
         step_uri = f"{store.uri}/{record[key]['rel']}"
         if record[key]["rel"] in pruned:

@@ -27,10 +27,10 @@ def split_run_uri(uri: str) -> RunStore:
     return RunStore(root, run)
 
 
-def _health(store: RunStore, rels: dict[str, str], deep: bool) -> str:
-    """"ok", or which of the named steps ({label: rel}) is not intact and why (deep: every file hashed)."""
+def _health(store: RunStore, rels: dict[str, str], deep: bool, pruned: dict) -> str:
+    """"ok", or which of the named steps ({label: rel}) is not intact and why (deep: every file hashed; pruned:
+    the steps `runs prune` deleted)."""
     problems = []
-    pruned = set(((store.pruned() or {}).get("steps") or {}))
     for label, rel in rels.items():
         if rel in pruned:
             problems.append(f"{label} pruned")  # deleted on purpose by `runs prune`
@@ -50,7 +50,7 @@ def run_summary(store: RunStore, deep: bool = True) -> list[dict]:
     """
     if not store.exists():
         raise TierpruneError(f"no tierprune run at {store.uri}")
-    rows = {}
+    rows, pruned = {}, store.pruned_steps()
     for rel, step in sorted(store.committed_steps().items()):
         folder, _, name = rel.partition("/")
         if not name.startswith("iteration-"):
@@ -67,7 +67,8 @@ def run_summary(store: RunStore, deep: bool = True) -> list[dict]:
         else:
             record = store.read_object(step_uri, "iteration.json")
             row["iteration"] = record["iteration"]
-            row["status"] = _health(store, {k: record[k]["rel"] for k in ("tiers", "checkpoint", "eval")}, deep)
+            row["status"] = _health(store, {k: record[k]["rel"] for k in ("tiers", "checkpoint", "eval")}, deep,
+                                    pruned)
             row["seconds"] = _seconds(store, record)
             try:
                 evaluation = store.read_object(f"{store.uri}/{record['eval']['rel']}", "eval.json")
@@ -270,7 +271,7 @@ def prune_checkpoints(store: RunStore, keep_last: int = 1, dry_run: bool = False
                      if sha not in still_referenced}
             return {**result, "blobs": len(freed), "bytes": step_bytes + sum(freed.values())}
         if doomed:
-            store.mark_pruned(doomed, kept)  # first: a crash part-way still leaves a run that refuses to rerun
+            store.mark_pruned(list(doomed), kept)  # first: a crash part-way still leaves a run that refuses to rerun
             for rel in doomed:
                 store.drop_step(f"{store.uri}/{rel}")
         removed, freed = store.remove_unreferenced_blobs()  # also what an earlier, interrupted prune left

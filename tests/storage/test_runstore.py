@@ -457,7 +457,7 @@ def test_unreferenced_blobs_go_and_referenced_ones_stay(store: RunStore) -> None
     assert store.referenced_blobs() == dict([shared, own])
     assert store.referenced_blobs(excluding={"iter-002/checkpoint-k2"}) == dict([shared])
     assert store.remove_unreferenced_blobs() == (1, len(b"half an upload"))
-    store.mark_pruned({"iter-002/checkpoint-k2": 2}, kept=[1])
+    store.mark_pruned(["iter-002/checkpoint-k2"], kept=[1])
     store.drop_step(dropped)
     assert store.step_meta(dropped) == {"tokens": 20} and store.pruned()["iterations"] == [2]
     assert store.remove_unreferenced_blobs() == (1, own[1])
