@@ -23,7 +23,8 @@ from pydantic.fields import FieldInfo
 
 from tierprune.errors import TierpruneError
 
-__all__ = ["RUN_NAME_TEMPLATE", "expand_run_name", "flow_run_name", "described", "Plan", "Store", "Run", "ResumeFrom", "Export", "Model", "GgufFile", "Dtype",
+__all__ = ["RUN_NAME_TEMPLATE", "expand_run_name", "flow_run_name", "described", "Plan", "Store", "Run", "ResumeFrom",
+           "KeepCheckpoints", "Export", "Model", "GgufFile", "Dtype",
            "Method", "Pattern", "Sparsity", "BlockSize", "Tiers", "Topk", "Select", "Scope", "Saliency", "Calib",
            "CalibSamples", "CalibSeqlen", "CalibBatchSize", "Seed", "Compile", "Eval", "EvalSeqlen",
            "EvalMaxWindows", "EvalBatchSize", "ZeroShot", "ZeroShotLimit", "ZeroShotInclude", "Device", "Offload", "FtMethod", "FtData", "FtTokens", "FtSeqlen",
@@ -45,6 +46,9 @@ Run = Annotated[str, Field(description="The run's folder name under the store; {
                                        "The same name with the same settings resumes that run")]
 ResumeFrom = Annotated[str | None, Field(description="Start after a finished iteration of any run: "
                                                      "STORE/RUN/iter-00K (its tier map and checkpoint)")]
+KeepCheckpoints = Annotated[int | None, Field(ge=1, description=(
+    "Keep the checkpoints of only the last N finished iterations: older ones are deleted as the run goes (as "
+    "`tierprune runs prune --keep-last N`; records, tier maps and evaluations stay). Empty: keep every one"))]
 Export = Annotated[str | None, Field(description="Once the plan is done, write its last iteration as a model "
                                                  "folder plain transformers loads (as `tierprune runs export`): a "
                                                  "folder or URL on the machine that runs the flow; {run} "

@@ -19,22 +19,23 @@ from tierprune.config import TierpruneConfig, config_from_flags
 from tierprune.flows.gpu_slots import device_slot
 from tierprune.flows.parameters import (
     RUN_NAME_TEMPLATE, BlockSize, Calib, CalibBatchSize, CalibSamples, CalibSeqlen, Compile, Device, Dtype, Eval,
-    EvalBatchSize, EvalMaxWindows, EvalSeqlen, Export, FtBatchSize, FtCommitEvery, FtCommitMinutes, FtCompile, FtData, FtFade,
-    FtEvalEvery, FtGradAccum, FtLr, FtMethod, FtPatience, FtSchedule, FtSeqlen, FtTokens, FtTrain, FtWarmup,
-    GgufFile, KdCacheTopk, ObsUpdate, KdHiddenWeight, KdTemperature, KdWeight, LoraRank, LoraTargets, Model, Offload, Plan,
-    ResumeFrom, Run, Saliency, Scope, Seed, Select, Store, Topk, ZeroShot, ZeroShotInclude, ZeroShotLimit, described,
-    flow_run_name,
+    EvalBatchSize, EvalMaxWindows, EvalSeqlen, Export, FtBatchSize, FtCommitEvery, FtCommitMinutes, FtCompile, FtData,
+    FtEvalEvery, FtFade, FtGradAccum, FtLr, FtMethod, FtPatience, FtSchedule, FtSeqlen, FtTokens, FtTrain, FtWarmup,
+    GgufFile, KdCacheTopk, KdHiddenWeight, KdTemperature, KdWeight, KeepCheckpoints, LoraRank, LoraTargets, Model,
+    ObsUpdate, Offload, Plan, ResumeFrom, Run, Saliency, Scope, Seed, Select, Store, Topk, ZeroShot, ZeroShotInclude,
+    ZeroShotLimit, described, flow_run_name,
 )
 from tierprune.tasks.collect_activations import collect_activations_task
 from tierprune.tasks.demote import demote_task
 from tierprune.tasks.evaluate import evaluate_task
 from tierprune.tasks.export import export_task
 from tierprune.tasks.finetune import finetune_task
+from tierprune.tasks.keep_checkpoints import keep_checkpoints_task
 from tierprune.tasks.record import record_iteration_task
 from tierprune.tasks.report import report_task
 from tierprune.tasks.run_state import RunState, open_run, run_lock
 from tierprune.tasks.score_blocks import score_blocks_task
-from tierprune.tasks.start import dense_start_task, resume_start_task
+from tierprune.tasks.start import dense_start_task, finished_start_task, resume_start_task
 
 
 def run_progressive(cfg: TierpruneConfig, export: str | None = None) -> list[dict]:
@@ -48,7 +49,13 @@ def run_progressive(cfg: TierpruneConfig, export: str | None = None) -> list[dic
     rows = []
     with run_lock(state):
         open_run(state)
-        if cfg.run.resume_from:
+        # A run whose older checkpoints were deleted goes on after its last finished iteration, not from iteration 0.
+        finished = finished_start_task(state)
+        rows += [row for _, _, row in finished]
+        if finished:
+            start, refs, _ = finished[-1]
+            checkpoint, tiers = refs["checkpoint"], refs["tiers"]
+        elif cfg.run.resume_from:
             start, checkpoint = resume_start_task(state)
             tiers = checkpoint
         else:
@@ -72,6 +79,8 @@ def run_progressive(cfg: TierpruneConfig, export: str | None = None) -> list[dic
             seconds = sum(ref.seconds for ref in steps.values())
             rows.append(report_task(state, k, evaluation, tiers, seconds, checkpoint))
             logger.info("iteration %d done: %s", k, rows[-1])
+            if cfg.run.keep_checkpoints:
+                keep_checkpoints_task(state, cfg.run.keep_checkpoints)
         if export:
             state.release_models()  # the export loads the finished iteration on its own
             done = export_task(state, export)
@@ -93,6 +102,7 @@ def progressive(
     store: Store = "runs",
     run: Run = RUN_NAME_TEMPLATE,
     resume_from: ResumeFrom = None,
+    keep_checkpoints: KeepCheckpoints = None,
     model: Model = "smollm2-135m",
     gguf_file: GgufFile = None,
     dtype: Dtype = "auto",
@@ -144,7 +154,7 @@ def progressive(
     """Progressive three-tier pruning: Dense → 2:4 → TopK blocks, iteration by iteration as the plan says.
 
     Rerunning with the same run name and settings resumes the run; resume_from starts a new run after a
-    finished iteration of another one.
+    finished iteration of another one; keep_checkpoints deletes older iterations' checkpoints as the run goes.
     """
     flags = dict(locals())  # exactly the parameters above (first statement): the flags of `tierprune run`
     from tierprune.tasks.export import check_export_target, export_path

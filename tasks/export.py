@@ -66,7 +66,7 @@ def load_iteration(store: RunStore, iteration: int | None = None) -> LoadedItera
     if record["checkpoint"]["rel"] in store.pruned_steps():
         kept = ", ".join(map(str, store.pruned()["kept"]))
         raise TierpruneError(f"iteration {row['iteration']} of run {store.uri} had its checkpoint deleted by "
-                             f"`tierprune runs prune` (kept: iterations {kept})")
+                             f"`tierprune runs prune` or --keep-checkpoints (kept: iterations {kept})")
     ckpt_uri, tiers_uri = (f"{store.uri}/{record[k]['rel']}" for k in ("checkpoint", "tiers"))
     cfg = TierpruneConfig.model_validate(store.manifest()["config"])
     index = store.read_object(ckpt_uri, "checkpoint.json")

@@ -12,7 +12,7 @@ from prefect import task
 from .runs import in_tier_order
 from .tier_tables import tier_maps_from_table
 
-__all__ = ["layer_heatmap_png", "report_markdown", "report_task"]
+__all__ = ["layer_heatmap_png", "report_markdown", "report_row", "report_task"]
 
 _TIER_COLORS = ["#2b8cbe", "#fdae61", "#d7191c"]  # Dense, 2:4, TopK
 _PALETTE = np.array([[0x2B, 0x8C, 0xBE], [0xFD, 0xAE, 0x61], [0xD7, 0x19, 0x1C], [0xFF, 0xFF, 0xFF]], dtype=np.uint8)
@@ -71,23 +71,18 @@ def _rounded(value: float | None, digits: int) -> float | None:
     return None if value is None else round(value, digits)
 
 
-@task(name="report")
-def report_task(state, iteration: int, evaluation, tiers_ref, seconds: float, checkpoint=None) -> dict:
-    """Prefect artifacts for one iteration: a table row and the markdown heatmap report.
+def report_row(store, iteration: int, evaluation, seconds: float, checkpoint=None) -> dict:
+    """One iteration's row of the run's table, from its evaluation (and fine-tuning) records.
 
     seconds: the compute time the iteration's steps recorded when committed (a rerun shows the same).
     checkpoint: the iteration's finetune step, whose record holds the ppl before fine-tuning and the tokens trained.
     """
-    from prefect.artifacts import create_markdown_artifact, create_table_artifact
-
-    record = state.store.read_object(evaluation.uri, "eval.json")
-    # Ordered for the table and the markdown alike (a copy: the store may hand back the object it committed).
-    record = {**record, "tiers": in_tier_order(record["tiers"])}
-    tiers = state.store.read_object(tiers_ref.uri, "tiers.parquet")
-    row = {"iteration": iteration, **{f"tier {k}": round(v, 4) for k, v in record["tiers"].items()},
+    record = store.read_object(evaluation.uri, "eval.json")
+    tiers = in_tier_order(record["tiers"])  # a stored record's JSON has its keys sorted: 2:4 first
+    row = {"iteration": iteration, **{f"tier {k}": round(v, 4) for k, v in tiers.items()},
            "sparsity": round(record["sparsity"], 4)}
     if checkpoint is not None:
-        trained = state.store.step_meta(checkpoint.uri)
+        trained = store.step_meta(checkpoint.uri)
         tokens = trained.get("tokens", 0)
         row.update({"ppl before ft": trained.get("ppl_before_finetune") if tokens else record.get("ppl"),
                     "ft tokens": tokens})
@@ -96,6 +91,19 @@ def report_task(state, iteration: int, evaluation, tiers_ref, seconds: float, ch
         row["zero-shot acc"] = _rounded(record["zero_shot"]["mean_acc"], 4)
         row["zero-shot recovery %"] = _rounded((record.get("recovery") or {}).get("zero_shot_mean_acc"), 1)
     row["seconds"] = round(seconds, 1)
+    return row
+
+
+@task(name="report")
+def report_task(state, iteration: int, evaluation, tiers_ref, seconds: float, checkpoint=None) -> dict:
+    """Prefect artifacts for one iteration: its table row (report_row) and the markdown heatmap report."""
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+    row = report_row(state.store, iteration, evaluation, seconds, checkpoint)
+    record = state.store.read_object(evaluation.uri, "eval.json")
+    # Ordered for the markdown (a copy: the store may hand back the object it committed).
+    record = {**record, "tiers": in_tier_order(record["tiers"])}
+    tiers = state.store.read_object(tiers_ref.uri, "tiers.parquet")
     create_table_artifact([row], key=f"iteration-{iteration}", description=f"iteration {iteration}")
     create_markdown_artifact(report_markdown(iteration, record, tiers), key=f"tier-maps-{iteration}",
                              description=f"tier maps after iteration {iteration}")

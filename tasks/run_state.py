@@ -26,7 +26,6 @@ from tierprune.storage.checkpoints import checkpoint_blobs, load_checkpoint, sav
 from tierprune.storage.runstore import RunStore
 
 from .refs import ArtifactRef, code_version, package_versions
-from .runs import refuse_pruned_run
 
 __all__ = ["RunState", "NothingToDo", "run_identity", "open_run", "check_run_inputs", "find_iteration",
            "model_tensors"]
@@ -251,7 +250,6 @@ def open_run(state: RunState) -> dict:
     """Create the run folder (or check it is this run's) and return its manifest."""
     cfg, store = state.cfg, state.store
     identity = state.identity
-    refuse_pruned_run(store)
     if not _check_same_run(store, identity):
         store.create({
             "fingerprint": _fingerprint(identity),
@@ -301,8 +299,8 @@ def find_iteration(uri: str) -> tuple[RunStore, int, ArtifactRef, ArtifactRef]:
     for key in ("checkpoint", "tiers"):
         step_uri = f"{store.uri}/{record[key]['rel']}"
         if record[key]["rel"] in pruned:
-            raise TierpruneError(f"--resume-from {uri}: its {key} was deleted by `tierprune runs prune` (kept: "
-                                 f"iterations {', '.join(map(str, store.pruned()['kept']))})")
+            raise TierpruneError(f"--resume-from {uri}: its {key} was deleted by `tierprune runs prune` or "
+                                 f"--keep-checkpoints (kept: iterations {', '.join(map(str, store.pruned()['kept']))})")
         if store.load_step(step_uri) != record[key]["files"]:
             raise TierpruneError(f"--resume-from {uri}: its {key} at {step_uri} is missing or damaged")
         refs.append(ArtifactRef(uri=step_uri, files=record[key]["files"]))
@@ -367,7 +365,6 @@ def check_run_inputs(cfg: TierpruneConfig) -> list[str]:
     check_window_lengths_early(cfg.model.name, cfg.model.gguf_file, window_lengths(cfg, plan))
     store.check_can_create()
     _check_same_run(store, run_identity(cfg, plan))
-    refuse_pruned_run(store)
     store.lock().check_free()
     if run.resume_from:
         source, iteration, _, tiers = find_iteration(run.resume_from)

@@ -11,7 +11,7 @@ from tierprune.storage.runstore import RunStore, StepStatus, run_names
 from .recovery import recovery_pct
 
 __all__ = ["in_tier_order", "split_run_uri", "list_runs", "run_summary", "in_progress", "summary_json", "verify_run",
-           "prune_checkpoints", "refuse_pruned_run"]
+           "finished_records", "prune_checkpoints"]
 
 
 def in_tier_order(fractions: dict) -> dict:
@@ -211,7 +211,7 @@ def summary_json(store: RunStore) -> dict:
         for r in rows]}
 
 
-def _finished_records(store: RunStore) -> dict[int, dict]:
+def finished_records(store: RunStore) -> dict[int, dict]:
     """{iteration: its record}, the latest record of each finished iteration whose record is intact."""
     found: dict[int, tuple[str, dict]] = {}
     for rel, step in store.committed_steps().items():
@@ -226,11 +226,11 @@ def _finished_records(store: RunStore) -> dict[int, dict]:
     return {k: record for k, (_, record) in sorted(found.items())}
 
 
-def prune_checkpoints(store: RunStore, keep_last: int = 1, dry_run: bool = False) -> dict:
+def prune_checkpoints(store: RunStore, keep_last: int = 1, dry_run: bool = False, *, locked: bool = False) -> dict:
     """Delete the checkpoints of a run's finished iterations but the last `keep_last`, and the tensors (blobs)
     nothing else refers to. Records, tier maps, masks, scores and evaluations stay: `runs show` still lists every
-    iteration; `runs export` and `--resume-from` take the kept ones. A pruned run is not run again (PRUNED.json):
-    it would fine-tune the pruned iterations again; continue from its last iteration in a new run instead.
+    iteration; `runs export` and `--resume-from` take the kept ones; rerun, the run goes on from its last finished
+    iteration (tasks.start.finished_start). locked: the caller holds the run's lock (the flow, --keep-checkpoints).
 
     Returns {"pruned": [iterations], "kept": [iterations], "steps": [rels], "blobs": files, "bytes": freed,
     "dry_run"}; with dry_run nothing is deleted and blobs/bytes are what the steps' deletion would free (blobs a
@@ -240,8 +240,8 @@ def prune_checkpoints(store: RunStore, keep_last: int = 1, dry_run: bool = False
         raise TierpruneError(f"--keep-last must be at least 1 (the iteration a new run resumes from), got {keep_last}")
     if not store.exists():
         raise TierpruneError(f"no tierprune run at {store.uri}")
-    with (nullcontext() if dry_run else store.lock(owner="tierprune runs prune")):
-        records = _finished_records(store)
+    with (nullcontext() if dry_run or locked else store.lock(owner="tierprune runs prune")):
+        records = finished_records(store)
         if not records:
             raise TierpruneError(f"run {store.uri} has no finished iteration: nothing to prune")
         pending = in_progress(store)
@@ -271,20 +271,10 @@ def prune_checkpoints(store: RunStore, keep_last: int = 1, dry_run: bool = False
                      if sha not in still_referenced}
             return {**result, "blobs": len(freed), "bytes": step_bytes + sum(freed.values())}
         if doomed:
-            store.mark_pruned(list(doomed), kept)  # first: a crash part-way still leaves a run that refuses to rerun
+            # First: a run with PRUNED.json is resumed from its last finished iteration, so a prune killed part-way
+            # never has a rerun walk (and fine-tune again) the iterations whose checkpoints it was deleting.
+            store.mark_pruned(list(doomed), kept)
             for rel in doomed:
                 store.drop_step(f"{store.uri}/{rel}")
         removed, freed = store.remove_unreferenced_blobs()  # also what an earlier, interrupted prune left
         return {**result, "blobs": removed, "bytes": step_bytes + freed}
-
-
-def refuse_pruned_run(store: RunStore) -> None:
-    """Refuse to run a pruned run again: its pruned iterations would be fine-tuned again from the start."""
-    pruned = store.pruned() if store.exists() else None
-    if pruned is None:
-        return
-    last = max(pruned.get("kept") or [0])
-    raise TierpruneError(
-        f"run {store.uri} had the checkpoints of iterations {', '.join(map(str, pruned['iterations']))} deleted by "
-        f"`tierprune runs prune`; running it again would fine-tune them again. Continue from its last iteration in "
-        f"a new run: --resume-from {store.uri}/iter-{last:03d} --run NEW_NAME")

@@ -1,4 +1,5 @@
-"""Where a progressive run starts: the dense model (iteration 0), or a finished iteration of any run.
+"""Where a progressive run starts: the dense model (iteration 0), a finished iteration of any run, or, for a run
+whose older checkpoints were deleted, its own last finished iteration.
 
 A start step commits a full checkpoint (every tensor of the model, as content-addressed blobs) and a
 tier table; a start copied from another run also brings that iteration's keep masks. Later steps
@@ -13,9 +14,11 @@ from tierprune.storage.checkpoints import checkpoint_blobs
 from .demote import initial_tiers
 from .refs import ArtifactRef, committed_or_compute, store_cache_policy
 from .score_blocks import FISHER_FILE
+from .report import report_row
 from .run_state import RunState, check_resume_shapes, find_iteration, model_tensors
+from .runs import finished_records
 
-__all__ = ["dense_start", "dense_start_task", "resume_start_task"]
+__all__ = ["dense_start", "dense_start_task", "resume_start_task", "finished_start", "finished_start_task"]
 
 
 def dense_start(state: RunState) -> tuple[dict, dict[str, int]]:
@@ -60,3 +63,34 @@ def resume_start_task(state: RunState) -> tuple[int, ArtifactRef]:
                                {"source": state.cfg.run.resume_from})
     state.model_at(ref)  # refuses a checkpoint that does not fit the model
     return iteration, ref
+
+
+def finished_start(state: RunState) -> list[tuple[int, dict[str, ArtifactRef], dict]]:
+    """[(iteration, {step: ref}, its table row)] of every finished iteration of a run some of whose checkpoints
+    were deleted (`runs prune`, --keep-checkpoints), oldest first: the run goes on after the last, whose checkpoint
+    and tier map are checked intact here. [] for a run never pruned: its rerun finds every step committed as it
+    goes, and reports each iteration again.
+
+    A pruned run cannot be walked from iteration 0 like that: the steps after a deleted checkpoint would be looked
+    up under it, found missing, and fine-tuned again.
+    """
+    store = state.store
+    if not store.exists() or store.pruned() is None:
+        return []
+    records = finished_records(store)
+    find_iteration(f"{store.uri}/iter-{max(records):03d}")  # refuses a damaged checkpoint or tier map, in one line
+    finished = []
+    for k, record in records.items():
+        refs = {key: ArtifactRef(uri=f"{store.uri}/{value['rel']}", files=value["files"],
+                                 seconds=float(store.step_meta(f"{store.uri}/{value['rel']}").get("seconds", 0.0)))
+                for key, value in record.items() if isinstance(value, dict) and "rel" in value}
+        seconds = sum({ref.uri: ref.seconds for ref in refs.values()}.values())  # iteration 0: one start step
+        # Iteration 0 (the dense start) has no fine-tuning to report, as when the flow reported it first.
+        finished.append((k, refs, report_row(store, k, refs["eval"], seconds, refs["checkpoint"] if k else None)))
+    return finished
+
+
+@task(name="finished-start")
+def finished_start_task(state: RunState) -> list[tuple[int, dict[str, ArtifactRef], dict]]:
+    """A pruned run's finished iterations and their rows, to go on after the last (see finished_start)."""
+    return finished_start(state)

@@ -160,7 +160,7 @@ def test_new_store_show_export_and_every_spelling_resumes(tmp_path: Path, tiny_l
     assert not (a / "new" / "store" / "r2").exists()
 
     # Pruning the finished run: the checkpoints of iterations 0-1 go, iteration 2's stays, show still lists all,
-    # and the run is not run again (it would fine-tune iteration 1 again): one line that says how to go on.
+    # and its command run again goes on after iteration 2 (the plan's last): nothing is trained again or written.
     proc = _cli(["runs", "prune", str(run), "--dry-run"], a, home)
     assert proc.returncode == 0 and "would delete the checkpoints of iterations 0, 1 of" in proc.stdout, proc.stdout
     assert _markers(run) == before
@@ -170,6 +170,7 @@ def test_new_store_show_export_and_every_spelling_resumes(tmp_path: Path, tiny_l
     shown = _cli(["runs", "show", str(run), "--json"], a, home)
     statuses = [r["status"] for r in json.loads(shown.stdout)["iterations"]]
     assert "checkpoint pruned" in statuses[1] and statuses[-1] == "ok", statuses
+    pruned = _markers(run)
     proc = _cli(args("new/store"), a, home)
-    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
-    assert "iter-002 --run NEW_NAME" in proc.stderr and "--resume-from" in proc.stderr
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _markers(run) == pruned

@@ -38,6 +38,7 @@ def test_fine_tuning_flags_map_onto_the_finetune_config():
     ({"ft_fade": 0.5, "ft_method": "none"}, "fading .--ft-fade. happens during fine-tuning.*--ft-method none"),
     ({"ft_fade": 0.5, "obs_update": True}, "--obs-update makes up for the removed weights at once, --ft-fade"),
     ({"kd_hidden_weight": 1, "kd_cache_topk": 64}, "--kd-hidden-weight. needs the teacher model.*--kd-cache-topk"),
+    ({"keep_checkpoints": 0}, "--keep-checkpoints: .*greater than or equal to 1"),
 ])
 def test_bad_fine_tuning_flags_are_one_line(flags, fragment):
     with pytest.raises(TierpruneError, match=fragment) as info:

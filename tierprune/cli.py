@@ -400,6 +400,9 @@ def run(
     store: str = typer.Option(..., help="where runs live: a folder, file://, memory://, s3://, gs://"),
     run_name: str = typer.Option(..., "--run", help="this run's folder name under --store"),
     resume_from: Optional[str] = typer.Option(None, help="start after a finished iteration: STORE/RUN/iter-00K"),
+    keep_checkpoints: Optional[int] = typer.Option(
+        None, help="keep the checkpoints of only the last N finished iterations, deleting older ones as the "
+        "run goes (as `runs prune --keep-last N`) [default: keep all]"),
     model: str = typer.Option("smollm2-135m", help="hub id, local directory, .gguf file or alias"),
     gguf_file: Optional[str] = typer.Option(None, help="GGUF file inside --model's directory or hub repo"),
     block_size: int = typer.Option(16),
@@ -465,8 +468,8 @@ def run(
         calib_seqlen=calib_seqlen, calib_batch_size=calib_batch_size, seed=seed, compile=compile, eval=eval,
         eval_seqlen=eval_seqlen, eval_max_windows=eval_max_windows, eval_batch_size=eval_batch_size, plan=plan,
         store=store, run=run_name,
-        resume_from=resume_from, block_size=block_size, topk=topk, select=select, scope=scope, saliency=saliency,
-        device=device,
+        resume_from=resume_from, keep_checkpoints=keep_checkpoints, block_size=block_size, topk=topk, select=select,
+        scope=scope, saliency=saliency, device=device,
         offload=offload, ft_method=ft_method, ft_data=ft_data, ft_tokens=ft_tokens, ft_seqlen=ft_seqlen, ft_batch_size=ft_batch_size,
         ft_lr=ft_lr, ft_grad_accum=ft_grad_accum, ft_schedule=ft_schedule, ft_warmup=ft_warmup, ft_train=ft_train,
         ft_commit_every=ft_commit_every, ft_commit_minutes=ft_commit_minutes,

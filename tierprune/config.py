@@ -205,6 +205,9 @@ class RunConfig(_Frozen):
     store: str  # fsspec root of runs: a path, file://, memory://, s3://, gs://
     name: str  # the run's folder name under `store`
     resume_from: str | None = None  # an iteration folder of any run: start after it, from its tiers + checkpoint
+    # Delete the checkpoints of all finished iterations but the last N as the run goes (None: keep every one).
+    # Not part of the run's identity: it changes no result, and a resume may choose another N.
+    keep_checkpoints: int | None = Field(None, ge=1)
 
 
 class TierpruneConfig(_Frozen):
@@ -252,7 +255,8 @@ _FLAGS = {
     ("EvalConfig", "zero_shot"): "--zero-shot", ("EvalConfig", "zero_shot_limit"): "--zero-shot-limit",
     ("EvalConfig", "zero_shot_include"): "--zero-shot-include",
     ("RunConfig", "plan"): "--plan", ("RunConfig", "store"): "--store", ("RunConfig", "name"): "--run",
-    ("RunConfig", "resume_from"): "--resume-from", ("TierpruneConfig", "device"): "--device",
+    ("RunConfig", "resume_from"): "--resume-from", ("RunConfig", "keep_checkpoints"): "--keep-checkpoints",
+    ("TierpruneConfig", "device"): "--device",
 }
 
 
@@ -333,6 +337,7 @@ def config_from_flags(
     eval: str | None = None, eval_seqlen: int = 2048, eval_max_windows: int | None = None, eval_batch_size: int = 1,
     device: str = "cpu", offload: bool = False,
     plan: str | None = None, store: str | None = None, run: str | None = None, resume_from: str | None = None,
+    keep_checkpoints: int | None = None,
     ft_method: str = "full", ft_data: str | None = None, ft_tokens: int = 2_457_600, ft_seqlen: int = 512,
     ft_batch_size: int = 16, ft_lr: float = 1e-3, kd_weight: float = 1.0, lora_rank: int = 16,
     lora_targets: str = ",".join(LLAMA_LINEARS), ft_grad_accum: int = 1, ft_schedule: str = "cosine",
@@ -365,7 +370,8 @@ def config_from_flags(
                             seqlen=eval_seqlen, max_windows=eval_max_windows, batch_size=eval_batch_size,
                             zero_shot=parse_zero_shot(zero_shot), zero_shot_limit=zero_shot_limit,
                             zero_shot_include=zero_shot_include),
-            run=RunConfig(plan=plan, store=store, name=run, resume_from=resume_from) if progressive else None,
+            run=RunConfig(plan=plan, store=store, name=run, resume_from=resume_from,
+                          keep_checkpoints=keep_checkpoints) if progressive else None,
             finetune=_finetune_config(method=ft_method, data=ft_data, tokens_per_epoch=ft_tokens, seqlen=ft_seqlen,
                                       batch_size=ft_batch_size, lr=ft_lr, kd_weight=kd_weight,
                                       kd_temperature=kd_temperature, hidden_weight=kd_hidden_weight,

@@ -20,10 +20,10 @@ PROGRESSIVE_LEAVES_OUT = {
     "method", "pattern", "sparsity", "tiers",  # a progressive run is Wanda tiers; its fractions come from the plan
 }
 FINETUNE = {name for name in FLAGS if name.startswith(("ft_", "kd_"))} | {"lora_rank", "lora_targets"}
-# plan, store, run, resume_from make a run progressive; one-shot pruning does not fine-tune.
+# plan, store, run, resume_from, keep_checkpoints make a run progressive; one-shot pruning does not fine-tune.
 # --obs-update compensates a progressive demotion; one-shot pruning has --method sparsegpt for that.
 # --saliency fisher ranks by the gradients of the fine-tuning between iterations, which one-shot pruning has not.
-ONESHOT_LEAVES_OUT = {"plan", "store", "run", "resume_from", "obs_update", "saliency"} | FINETUNE
+ONESHOT_LEAVES_OUT = {"plan", "store", "run", "resume_from", "keep_checkpoints", "obs_update", "saliency"} | FINETUNE
 ONESHOT_ADDS = {"output"}  # prune --output
 # The form proposes values where the CLI requires them.
 FORM_DEFAULTS = {"plan": "smoke", "store": "runs", "run": RUN_NAME_TEMPLATE}

@@ -365,8 +365,8 @@ def test_cached_teacher_logits_train_without_the_teacher_beside_the_student(pref
         assert all(int((weights[f"{m}.weight"][~keep] != 0).sum()) == 0 for m, keep in masks.items())
 
 
-def test_prune_deletes_old_checkpoints_and_the_last_iteration_still_exports_and_resumes(
-        prefect_harness, tiny_llama_dir, data_dir, mem_root):
+def test_prune_deletes_old_checkpoints_and_the_last_iteration_still_exports_resumes_and_goes_on(
+        prefect_harness, tiny_llama_dir, data_dir, mem_root, monkeypatch):
     from fsspec.core import url_to_fs
 
     from tierprune.flows.progressive import progressive_from_config as progressive
@@ -375,7 +375,7 @@ def test_prune_deletes_old_checkpoints_and_the_last_iteration_still_exports_and_
     from tierprune.tasks.runs import prune_checkpoints, run_summary
 
     cfg = _config(tiny_llama_dir, data_dir, mem_root, "pruned")
-    progressive(cfg)
+    rows = progressive(cfg)
     store = RunStore(mem_root, "pruned")
     fs, blobs_dir = url_to_fs(f"{store.uri}/blobs")
 
@@ -406,15 +406,51 @@ def test_prune_deletes_old_checkpoints_and_the_last_iteration_still_exports_and_
     assert [{k: r[k] for k in shown} for r in after] == [{k: r[k] for k in shown} for r in before]
 
     assert load_iteration(store, 3).row["iteration"] == 3
-    with pytest.raises(TierpruneError, match=r"iteration 1 .* deleted by `tierprune runs prune` \(kept: iterations 3\)"):
+    with pytest.raises(TierpruneError, match=r"iteration 1 .* deleted by `tierprune runs prune` or "
+                       r"--keep-checkpoints \(kept: iterations 3\)"):
         load_iteration(store, 1)
     assert find_iteration(f"{store.uri}/iter-003")[1] == 3
     with pytest.raises(TierpruneError, match="deleted by `tierprune runs prune`"):
         find_iteration(f"{store.uri}/iter-002")
-    # Run again, the flow would fine-tune iterations 1-2 again: refused, pointing at the way to go on.
-    with pytest.raises(TierpruneError, match=r"--resume-from .*/pruned/iter-003 --run NEW_NAME"):
-        progressive(cfg)
+    # Run again, the run goes on after its last finished iteration (3, the plan's last), not from iteration 0: the
+    # pruned iterations are not fine-tuned again, nothing is written, and the table is the first run's.
+    markers = _markers(store)
+    assert progressive(cfg) == rows
+    assert _markers(store) == markers
     again = prune_checkpoints(store, keep_last=1)
     assert (again["steps"], again["blobs"]) == ([], 0)
     with pytest.raises(TierpruneError, match="--keep-last must be at least 1"):
         prune_checkpoints(store, keep_last=0)
+
+    # --keep-checkpoints 1 does the same as the run goes; a run killed after a prune goes on from its last finished
+    # iteration (iteration 0's checkpoint is gone by then) to the same result as the run that kept everything.
+    from tierprune.tasks import refs
+
+    cfg = _config(tiny_llama_dir, data_dir, mem_root, "kept", keep_checkpoints=1)
+    store = RunStore(mem_root, "kept")
+
+    class Killed(Exception):
+        pass
+
+    def crash_at(name: str) -> None:  # the flow dies where iteration 2's fine-tuning would start
+        if name == "step:iter-002/checkpoint:start":
+            raise Killed(name)
+
+    monkeypatch.setattr(refs, "crash_point", crash_at)
+    with pytest.raises(Killed):
+        progressive(cfg)
+    pruned = store.pruned()
+    assert (pruned["iterations"], pruned["kept"]) == ([0], [1])  # deleted once iteration 1 had finished
+    iteration_2 = {rel: marker for rel, marker in _markers(store).items() if rel.startswith("iter-002/")}
+    assert len(iteration_2) == 3  # activations, scores, tiers: committed before the crash
+    monkeypatch.setattr(refs, "crash_point", lambda name: None)
+    untimed = [{k: v for k, v in row.items() if k != "seconds"} for row in progressive(cfg)]
+    assert untimed == [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
+    assert {rel: _markers(store)[rel] for rel in iteration_2} == iteration_2  # found committed, not recomputed
+    assert _final(store, 3) == final  # the same tier maps, masks and weights
+    pruned = store.pruned()
+    assert (pruned["iterations"], pruned["kept"]) == ([0, 1, 2], [3])
+    assert all(s.status == "committed" for s in store.verify(deep=True))
+    checkpoints = [rel for rel in store.committed_steps() if "/checkpoint-" in rel or "/start-" in rel]
+    assert [rel.split("/")[0] for rel in checkpoints] == ["iter-003"]
+    assert set(store.referenced_blobs()) == set(RunStore(mem_root, "pruned").referenced_blobs())
