@@ -304,6 +304,8 @@ def demo(
     data: Optional[str] = typer.Option(None, help="folder with c4-subset/ and wikitext-2-raw/ [$TIERPRUNE_DATA]"),
     store: str = typer.Option("runs", help="where the demo run is stored (rerun to resume)"),
     device: str = typer.Option("cpu", help="cpu | cuda"),
+    keep_checkpoints: Optional[int] = typer.Option(
+        None, help="keep the checkpoints of only the last N finished iterations (as `tierprune run`)"),
 ) -> None:
     """The embedded default: progressive three tiers on SmolLM2-135M, the 3-iteration smoke plan."""
     from importlib.resources import files
@@ -312,7 +314,7 @@ def demo(
     plan = str(files("tierprune.schedules") / "plans" / "smoke.csv")
     cfg = config_from_flags(calib=calib, calib_samples=16, calib_seqlen=512, eval=evaluation, eval_seqlen=512,
                             eval_max_windows=16, plan=plan, store=store, run=f"demo-{label}", device=device,
-                            **DEMO_PRUNE, **DEMO_FINETUNE)
+                            keep_checkpoints=keep_checkpoints, **DEMO_PRUNE, **DEMO_FINETUNE)
     console.print(f"[dim]demo ({label} data): plan {plan}; 16×512 calibration tokens, 16 evaluation windows "
                   f"of 512, {DEMO_FINETUNE['ft_tokens'] // 10:,} distillation tokens per iteration, blocks ranked "
                   "model-wide by Fisher after the first — a quick look, "
