@@ -30,8 +30,11 @@ def split_run_uri(uri: str) -> RunStore:
 def _health(store: RunStore, rels: dict[str, str], deep: bool, pruned: dict) -> str:
     """"ok", or which of the named steps ({label: rel}) is not intact and why (deep: every file hashed; pruned:
     the steps `runs prune` deleted)."""
-    problems = []
+    problems, seen = [], set()
     for label, rel in rels.items():
+        if rel in seen:
+            continue  # iteration 0's tier map is its checkpoint's step: said once, under the first label
+        seen.add(rel)
         if rel in pruned:
             problems.append(f"{label} pruned")  # deleted on purpose by `runs prune`
             continue
@@ -67,7 +70,7 @@ def run_summary(store: RunStore, deep: bool = True) -> list[dict]:
         else:
             record = store.read_object(step_uri, "iteration.json")
             row["iteration"] = record["iteration"]
-            row["status"] = _health(store, {k: record[k]["rel"] for k in ("tiers", "checkpoint", "eval")}, deep,
+            row["status"] = _health(store, {k: record[k]["rel"] for k in ("checkpoint", "tiers", "eval")}, deep,
                                     pruned)
             row["seconds"] = _seconds(store, record)
             try:

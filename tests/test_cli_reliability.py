@@ -239,7 +239,7 @@ def test_verify_list_show_and_repair_report_damage_instead_of_hiding_it(killed_r
 
     proc = _cli(["runs", "show", str(run_dir)], env)
     assert proc.returncode == 0, proc.stderr
-    assert "tiers missing" in proc.stdout and "eval damaged" in proc.stdout, proc.stdout
+    assert "checkpoint missing" in proc.stdout and "eval damaged" in proc.stdout, proc.stdout
 
     # A garbled manifest: refused with the command that repairs it; the repair keeps the old one.
     (run_dir / "manifest.json").write_text('{"steps": ')
