@@ -6,8 +6,9 @@ Layout of a run folder (``{root}/{run}``)::
     manifest.json                     RUN.json's keys plus the steps it recorded; rebuilt from RUN.json and the
                                       steps' COMMIT.json when missing (`tierprune runs repair` when garbled)
     LOCK                              present while a writer holds the run (see RunLock)
-    PRUNED.json                       the iterations whose checkpoints `tierprune runs prune` deleted (absent
-                                      until then); a pruned run is not run again (it would fine-tune them again)
+    PRUNED.json                       the iterations whose checkpoints were deleted (`tierprune runs prune`,
+                                      `run --keep-checkpoints`; absent until then); a pruned run goes on after its
+                                      last finished iteration, never walking the pruned ones again
     blobs/ab/ab12…ef.safetensors      content-addressed tensors (one per file, named by its sha256): a tensor
                                       that did not change between checkpoints is stored once
     iter-001/scores-0123456789abcdef/ one step: its files, then COMMIT.json, written last
