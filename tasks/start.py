@@ -9,14 +9,15 @@ from __future__ import annotations
 
 from prefect import task
 
+from tierprune.errors import TierpruneError
 from tierprune.storage.checkpoints import checkpoint_blobs
 
 from .demote import initial_tiers
 from .refs import ArtifactRef, committed_or_compute, store_cache_policy
-from .score_blocks import FISHER_FILE
 from .report import report_row
 from .run_state import RunState, check_resume_shapes, find_iteration, model_tensors
 from .runs import finished_records
+from .score_blocks import FISHER_FILE
 
 __all__ = ["dense_start", "dense_start_task", "resume_start_task", "finished_start", "finished_start_task"]
 
@@ -78,7 +79,6 @@ def finished_start(state: RunState) -> list[tuple[int, dict[str, ArtifactRef], d
     if not store.exists() or store.pruned() is None:
         return []
     records = finished_records(store)
-    find_iteration(f"{store.uri}/iter-{max(records):03d}")  # refuses a damaged checkpoint or tier map, in one line
     finished = []
     for k, record in records.items():
         refs = {key: ArtifactRef(uri=f"{store.uri}/{value['rel']}", files=value["files"],
@@ -87,6 +87,12 @@ def finished_start(state: RunState) -> list[tuple[int, dict[str, ArtifactRef], d
         seconds = sum({ref.uri: ref.seconds for ref in refs.values()}.values())  # iteration 0: one start step
         # Iteration 0 (the dense start) has no fine-tuning to report, as when the flow reported it first.
         finished.append((k, refs, report_row(store, k, refs["eval"], seconds, refs["checkpoint"] if k else None)))
+    last, refs, _ = finished[-1]
+    for key in ("checkpoint", "tiers"):  # what the next iteration starts from; the ones before it may be gone
+        if store.load_step(refs[key].uri) != refs[key].files:
+            raise TierpruneError(f"run {store.uri}: iteration {last}'s {key} at {refs[key].uri} is missing or damaged, "
+                                 "and the checkpoints before it were deleted, so the run cannot go on; see `tierprune "
+                                 f"runs verify {store.uri}`")
     return finished
 
 

@@ -454,3 +454,11 @@ def test_prune_deletes_old_checkpoints_and_the_last_iteration_still_exports_resu
     checkpoints = [rel for rel in store.committed_steps() if "/checkpoint-" in rel or "/start-" in rel]
     assert [rel.split("/")[0] for rel in checkpoints] == ["iter-003"]
     assert set(store.referenced_blobs()) == set(RunStore(mem_root, "pruned").referenced_blobs())
+    # The last finished iteration's checkpoint lost too: nothing to go on from, said in one line, nothing written.
+    record = json.loads(store.read(store.steps_of(3, "iteration")[0], "iteration.json"))
+    store.drop_step(f"{store.uri}/{record['checkpoint']['rel']}")
+    markers = _markers(store)
+    with pytest.raises(TierpruneError, match=r"iteration 3's checkpoint at .* is missing or damaged, and the "
+                                             r"checkpoints before it were deleted, so the run cannot go on"):
+        progressive(cfg)
+    assert _markers(store) == markers
