@@ -30,7 +30,8 @@ __all__ = ["MMA_DECODE_MAX_TOKENS", "MmaDecodeConfig", "MMA_DECODE_CONFIG", "ROW
            "hybrid_mm_mma", "hybrid_mm_rows", "kernel_source", "mma_decode_supported", "mma_decode_ready",
            "prefers_mma_decode", "prefers_rows_decode", "prepare_rows_decode", "rows_resident_at_once",
            "rows_decode_config", "rows_decode_ready", "selector_table",
-           "set_mma_decode_config", "use_mma_decode", "use_rows_decode", "x_by_block_columns", "X_BLOCK_MAJOR_TILES"]
+           "set_mma_decode_config", "use_mma_decode", "use_rows_decode", "x_by_block_columns",
+           "X_BLOCK_MAJOR_MIN_BYTES", "X_BLOCK_MAJOR_TILES"]
 
 MMA_DECODE_MAX_TOKENS = 16  # two 8-token mma tiles
 
@@ -208,7 +209,7 @@ def _compiler_available() -> bool:
 
 def kernel_source(half: bool, topk: int, ntile: int, config: MmaDecodeConfig, x_block_major: bool = False) -> str:
     """mma_decode.cu with its compile-time constants defined: fp16 (else bf16), TopK k, 8-token tiles, config, and
-    whether the row kernel reads x laid out block-major (see X_BLOCK_MAJOR_TILES)."""
+    whether the row kernel reads x laid out block-major (see X_BLOCK_MAJOR_MIN_BYTES)."""
     assert 1 <= config.chunk <= 32 and 1 <= config.topk_chunk <= 32 and 0 <= config.nm_chunk <= 32 \
         and config.warps >= 1 and config.min_ctas >= 0, \
         f"chunks must be 1..32 blocks (a lane holds one block's index): {config}"
@@ -227,20 +228,29 @@ _SOURCE = Path(__file__).with_name("mma_decode.cu")
 _MODULES: dict[tuple, dict] = {}
 
 
-# The token tiles (1: 1-8 tokens, 2: 9-16) at which the row kernel reads x block-major, (K/16, 8 or 16, 16), copied
-# so by one small transpose before it. Read row-major, each x load of a tile touches 8 L1 lines (32 bytes of each
-# of 8 tokens); block-major, 2. None by default: not yet timed on a GPU (benchmarks/mma_decode.py --kernels
-# rows-x-row-major rows-x-block-major times both). With it, the 2-warp rung of 9-16 tokens takes 74 registers
-# (12 CTAs per SM, not 14).
-X_BLOCK_MAJOR_TILES: tuple[int, ...] = ()
+# x read block-major, (K/16, 16, 16), copied so by one small transpose before the row kernel: at 9-16 tokens where
+# x is larger than an SM's 256 KiB of L1 and shared memory. Read row-major, each x load of a tile touches 8 L1 lines
+# (32 bytes of each of 8 tokens), and an x that does not fit in L1 makes that pay: 4096x11008 at 16 tokens took
+# 36.2-37.3 us row-major and 27.9-28.6 us block-major on two H100s (35/45/20; 0.95-1.02x cuBLAS -> 1.26-1.30x), and
+# 34.3-34.5 against 37.0-37.2 us at 90/10/0. Where x fits, the transpose (1.5-2 us) costs about what it saves or
+# more: 0.88-1.08x row-major's speed with 4096 inputs at 8-16 tokens, most below 1, and 0.81-0.90x on 4096x4096 at
+# 1-4 tokens. Session 30, docs/kernels.md. With it, the 2-warp rung of 9-16 tokens takes 74 registers (12 CTAs per SM, not the 14 the ladder
+# counts for row-major x); that rung is the last, taken where no rung is resident, so the count steers nothing.
+X_BLOCK_MAJOR_MIN_BYTES = 256 * 1024
+# The token tiles (1: 1-8 tokens, 2: 9-16) at which x is read block-major whatever its size (benchmarks); None: the
+# op's rule above.
+X_BLOCK_MAJOR_TILES: tuple[int, ...] | None = None
 
 
-def _x_block_major(tokens: int) -> bool:
-    return _token_tiles(tokens) in X_BLOCK_MAJOR_TILES
+def _x_block_major(tokens: int, k_in: int) -> bool:
+    """Whether the row kernel reads x (tokens, k_in) of 16-bit values block-major."""
+    if X_BLOCK_MAJOR_TILES is not None:
+        return _token_tiles(tokens) in X_BLOCK_MAJOR_TILES
+    return _token_tiles(tokens) == 2 and tokens * k_in * 2 > X_BLOCK_MAJOR_MIN_BYTES
 
 
 def x_by_block_columns(x: torch.Tensor, tile_tokens: int) -> torch.Tensor:
-    """x (T, in) laid out as the row kernel reads it where X_BLOCK_MAJOR_TILES says: (in / 16, tile_tokens, 16),
+    """x (T, in) laid out as the row kernel reads it where _x_block_major says: (in / 16, tile_tokens, 16),
     block column c's tokens together; the rows of tokens T..tile_tokens-1 are left unwritten (never read)."""
     T, k_in = x.shape
     by_block = x.new_empty(k_in // 16, tile_tokens, 16)
@@ -252,7 +262,7 @@ def _module_key(x: torch.Tensor, hw: HybridWeight, config: MmaDecodeConfig) -> t
     major, minor = torch.cuda.get_device_capability(x.device)
     T = x.shape[0]
     return (x.dtype == torch.float16, hw.topk, _token_tiles(T), config, f"{major}{minor}", x.device.index,
-            _x_block_major(T))
+            _x_block_major(T, hw.shape[1]))
 
 
 def _module(half: bool, topk: int, ntile: int, config: MmaDecodeConfig, arch: str, device_index: int,
@@ -336,7 +346,7 @@ def prepare_rows_decode(x: torch.Tensor, hw: HybridWeight, config: MmaDecodeConf
                             [x, x, *_buffers(hw, HYBRID_TENSOR_NAMES), T, k_in, n_out])  # x, out, weight, sizes
 
     index, current_device, raw_stream = device.index, torch._C._cuda_getDevice, torch._C._cuda_getCurrentRawStream
-    block_major, tile_tokens = _x_block_major(T), 8 * _token_tiles(T)
+    block_major, tile_tokens = _x_block_major(T, k_in), 8 * _token_tiles(T)
 
     def rows_decode(x: torch.Tensor) -> torch.Tensor:  # (T, in) -> (T, out); runs on every eager decode call
         out = x.new_empty(T, n_out)

@@ -205,7 +205,8 @@ def test_row_kernel_takes_every_block_once_with_its_column(warps, ch) -> None:
       for half in (False, True)),
 ])
 def test_source_compiles_for_hopper_without_spills(topk, ntile, half, config, tmp_path) -> None:
-    ptx = nvrtc_ptx(md.kernel_source(half, topk, ntile, config, ntile in md.X_BLOCK_MAJOR_TILES))  # as the op
+    # x row-major (block-major: test_the_row_kernel_reading_x_block_major_compiles_without_spills)
+    ptx = nvrtc_ptx(md.kernel_source(half, topk, ntile, config))
     mma = "mma.sync.aligned.m16n8k16.row.col.f32." + ("f16.f16" if half else "bf16.bf16") + ".f32"
     assert ptx.count(mma) >= 3 * ntile  # one per tier at least, per 8-token tile
     assert ".entry hybrid_mma_decode" in ptx and ".entry hybrid_cast_and_zero" in ptx
@@ -238,8 +239,9 @@ def ptxas_report(ptx: str, tmp_path: Path) -> str:
                                           for choice in ladder])
 def test_each_row_config_fits_the_ctas_per_sm_it_claims(tiles, choice, tmp_path) -> None:
     """The ladder picks a config by how many of its CTAs an SM holds: that count, from its registers (allocated
-    8 per thread at a time, 64K per SM), its warps (64 per SM) and CTAs (32 per SM), must be what ptxas gives."""
-    source = md.kernel_source(False, 10, tiles, choice.config, tiles in md.X_BLOCK_MAJOR_TILES)  # as the op
+    8 per thread at a time, 64K per SM), its warps (64 per SM) and CTAs (32 per SM), must be what ptxas gives
+    (x row-major; block-major: test_the_row_kernel_reading_x_block_major_compiles_without_spills)."""
+    source = md.kernel_source(False, 10, tiles, choice.config)
     report = ptxas_report(nvrtc_ptx(source), tmp_path)
     properties = report.split("Function properties for hybrid_rows_decode\n")[1].split("Function properties for")[0]
     registers = int(re.search(r"Used (\d+) registers", properties).group(1))
@@ -259,8 +261,7 @@ def test_the_fitted_carveout_leaves_l1_and_keeps_the_ctas_per_sm(tiles, choice) 
     major, minor = torch.cuda.get_device_capability()
     if (major, minor) != (9, 0):
         pytest.skip("the ladder's counts are sm_90's")
-    kernel = md._module(False, 10, tiles, choice.config, "90", torch.cuda.current_device(),
-                        tiles in md.X_BLOCK_MAJOR_TILES)["hybrid_rows_decode"]
+    kernel = md._module(False, 10, tiles, choice.config, "90", torch.cuda.current_device())["hybrid_rows_decode"]
     library, function = _driver()[0], ctypes.c_void_p(kernel.func if isinstance(kernel.func, int)
                                                       else kernel.func.value)
     carveout, ctas = ctypes.c_int(), ctypes.c_int()
@@ -275,11 +276,31 @@ def test_the_fitted_carveout_leaves_l1_and_keeps_the_ctas_per_sm(tiles, choice) 
 @pytest.mark.parametrize("tiles,choice", [(tiles, choice) for tiles, ladder in md.ROWS_DECODE_LADDERS.items()
                                           for choice in ladder])
 def test_the_row_kernel_reading_x_block_major_compiles_without_spills(tiles, choice, tmp_path) -> None:
-    """X_BLOCK_MAJOR (x as (in/16, tokens, 16)) on every rung: nothing spills (indexed in u16s, it did)."""
+    """X_BLOCK_MAJOR (x as (in/16, tokens, 16)) on every rung: nothing spills (indexed in u16s, it did). At 9-16
+    tokens, where the op reads a large x so, each rung holds the CTAs per SM the ladder counts, but the last (2 warps:
+    74 registers, 12 CTAs, not 14), which is taken where no rung is resident, so its count steers nothing."""
     ptx = nvrtc_ptx(md.kernel_source(False, 10, tiles, choice.config, x_block_major=True))
     report = ptxas_report(ptx, tmp_path)
     properties = report.split("Function properties for hybrid_rows_decode\n")[1].split("Function properties for")[0]
     assert "0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads" in properties, properties
+    if tiles == 2:
+        registers = int(re.search(r"Used (\d+) registers", properties).group(1))
+        ctas = min(65536 // (-(-registers // 8) * 8 * 32 * choice.config.warps), 64 // choice.config.warps, 32)
+        assert ctas == choice.ctas_per_sm or choice == md.ROWS_DECODE_LADDERS[2][-1], (registers, choice)
+
+
+@pytest.mark.parametrize("tokens,k_in,block_major", [
+    (16, 11008, True), (12, 11008, True), (9, 11008, False), (8, 11008, False), (1, 11008, False),
+    (16, 8192, False), (16, 4096, False), (10, 13824, True),
+])
+def test_x_is_read_block_major_at_9_to_16_tokens_where_it_does_not_fit_in_l1(tokens, k_in, block_major) -> None:
+    """The op's rule (session 30, H100): block-major only where x, 2 bytes a value, is over 256 KiB."""
+    assert md.X_BLOCK_MAJOR_TILES is None and md._x_block_major(tokens, k_in) == block_major
+
+
+def test_x_block_major_tiles_forces_the_layout_whatever_x_s_size(monkeypatch) -> None:
+    monkeypatch.setattr(md, "X_BLOCK_MAJOR_TILES", (1,))
+    assert md._x_block_major(3, 64) and not md._x_block_major(16, 11008)
 
 
 @pytest.mark.parametrize("tokens,tile_tokens", [(9, 16), (16, 16), (3, 8)])
@@ -324,6 +345,7 @@ needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("shape,probs,topk", [
     ((64, 96), (0.35, 0.45, 0.20), 10), ((200, 512), (0.35, 0.45, 0.20), 16), ((48, 208), (0.0, 0.0, 1.0), 32),
     ((256, 256), (1.0, 0.0, 0.0), 10), ((256, 256), (0.0, 1.0, 0.0), 10), ((1000, 1024), (0.2, 0.2, 0.6), 4),
+    ((80, 11008), (0.35, 0.45, 0.20), 10),  # 16 tokens of it are 352 KiB: the row kernel reads x block-major
 ])
 def test_kernel_matches_reference_and_leaves_the_workspace_zeroed(shape, probs, topk, tokens, dtype) -> None:
     g = torch.Generator().manual_seed(3)
