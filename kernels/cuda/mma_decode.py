@@ -234,8 +234,9 @@ _MODULES: dict[tuple, dict] = {}
 # 36.2-37.3 us row-major and 27.9-28.6 us block-major on two H100s (35/45/20; 0.95-1.02x cuBLAS -> 1.26-1.30x), and
 # 34.3-34.5 against 37.0-37.2 us at 90/10/0. Where x fits, the transpose (1.5-2 us) costs about what it saves or
 # more: 0.88-1.08x row-major's speed with 4096 inputs at 8-16 tokens, most below 1, and 0.81-0.90x on 4096x4096 at
-# 1-4 tokens. Session 30, docs/kernels.md. With it, the 2-warp rung of 9-16 tokens takes 74 registers (12 CTAs per SM, not the 14 the ladder
-# counts for row-major x); that rung is the last, taken where no rung is resident, so the count steers nothing.
+# 1-4 tokens. Session 30, docs/kernels.md. With it, the 2-warp rung of 9-16 tokens takes 74 registers (12 CTAs per
+# SM, not the 14 the ladder counts for row-major x); that rung is the last, taken where no rung is resident, so the
+# count steers nothing.
 X_BLOCK_MAJOR_MIN_BYTES = 256 * 1024
 # The token tiles (1: 1-8 tokens, 2: 9-16) at which x is read block-major whatever its size (benchmarks); None: the
 # op's rule above.
