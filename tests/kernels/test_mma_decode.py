@@ -235,6 +235,12 @@ def ptxas_report(ptx: str, tmp_path: Path) -> str:
                           capture_output=True, text=True, check=True).stderr
 
 
+def ctas_per_sm(registers: int, warps: int) -> int:
+    """CTAs of `warps` warps an sm_90 SM holds at `registers` per thread (allocated 8 at a time, 64K per SM; 64
+    warps and 32 CTAs per SM at most)."""
+    return min(65536 // (-(-registers // 8) * 8 * 32 * warps), 64 // warps, 32)
+
+
 @pytest.mark.parametrize("tiles,choice", [(tiles, choice) for tiles, ladder in md.ROWS_DECODE_LADDERS.items()
                                           for choice in ladder])
 def test_each_row_config_fits_the_ctas_per_sm_it_claims(tiles, choice, tmp_path) -> None:
@@ -245,8 +251,7 @@ def test_each_row_config_fits_the_ctas_per_sm_it_claims(tiles, choice, tmp_path)
     report = ptxas_report(nvrtc_ptx(source), tmp_path)
     properties = report.split("Function properties for hybrid_rows_decode\n")[1].split("Function properties for")[0]
     registers = int(re.search(r"Used (\d+) registers", properties).group(1))
-    allocated = -(-registers // 8) * 8 * 32 * choice.config.warps
-    assert min(65536 // allocated, 64 // choice.config.warps, 32) == choice.ctas_per_sm, (registers, choice)
+    assert ctas_per_sm(registers, choice.config.warps) == choice.ctas_per_sm, (registers, choice)
 
 
 @pytest.mark.gpu
@@ -285,7 +290,7 @@ def test_the_row_kernel_reading_x_block_major_compiles_without_spills(tiles, cho
     assert "0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads" in properties, properties
     if tiles == 2:
         registers = int(re.search(r"Used (\d+) registers", properties).group(1))
-        ctas = min(65536 // (-(-registers // 8) * 8 * 32 * choice.config.warps), 64 // choice.config.warps, 32)
+        ctas = ctas_per_sm(registers, choice.config.warps)
         assert ctas == choice.ctas_per_sm or choice == md.ROWS_DECODE_LADDERS[2][-1], (registers, choice)
 
 
