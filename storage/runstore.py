@@ -476,8 +476,8 @@ class RunStore:
         self._record_step(rel, files, meta)
 
     def step_meta(self, step_uri: str) -> dict:
-        """The meta a committed step was recorded with (e.g. its compute seconds), also for a step `runs prune`
-        deleted; {} if none."""
+        """The meta a committed step was recorded with (e.g. its compute seconds), also for a step deleted by `runs
+        prune` or --keep-checkpoints; {} if none."""
         rel = self._step_rel(step_uri)
         marker = self._marker(rel)
         if marker is None:
@@ -761,7 +761,8 @@ class RunStore:
         return data
 
     def pruned_steps(self) -> dict[str, dict]:
-        """{rel: the meta it was committed with} of every step `runs prune` deleted; {} for a run never pruned."""
+        """{rel: the meta it was committed with} of every step deleted by `runs prune` or --keep-checkpoints; {} for
+        a run never pruned."""
         return dict((self.pruned() or {}).get("steps") or {})
 
     def mark_pruned(self, rels: list[str], kept: list[int]) -> None:

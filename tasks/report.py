@@ -71,13 +71,12 @@ def _rounded(value: float | None, digits: int) -> float | None:
     return None if value is None else round(value, digits)
 
 
-def report_row(store, iteration: int, evaluation, seconds: float, checkpoint=None) -> dict:
-    """One iteration's row of the run's table, from its evaluation (and fine-tuning) records.
+def report_row(store, iteration: int, record: dict, seconds: float, checkpoint=None) -> dict:
+    """One iteration's row of the run's table, from its evaluation record (eval.json) and fine-tuning step.
 
     seconds: the compute time the iteration's steps recorded when committed (a rerun shows the same).
     checkpoint: the iteration's finetune step, whose record holds the ppl before fine-tuning and the tokens trained.
     """
-    record = store.read_object(evaluation.uri, "eval.json")
     tiers = in_tier_order(record["tiers"])  # a stored record's JSON has its keys sorted: 2:4 first
     row = {"iteration": iteration, **{f"tier {k}": round(v, 4) for k, v in tiers.items()},
            "sparsity": round(record["sparsity"], 4)}
@@ -99,8 +98,8 @@ def report_task(state, iteration: int, evaluation, tiers_ref, seconds: float, ch
     """Prefect artifacts for one iteration: its table row (report_row) and the markdown heatmap report."""
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-    row = report_row(state.store, iteration, evaluation, seconds, checkpoint)
     record = state.store.read_object(evaluation.uri, "eval.json")
+    row = report_row(state.store, iteration, record, seconds, checkpoint)
     # Ordered for the markdown (a copy: the store may hand back the object it committed).
     record = {**record, "tiers": in_tier_order(record["tiers"])}
     tiers = state.store.read_object(tiers_ref.uri, "tiers.parquet")

@@ -29,14 +29,14 @@ def split_run_uri(uri: str) -> RunStore:
 
 def _health(store: RunStore, rels: dict[str, str], deep: bool, pruned: dict) -> str:
     """"ok", or which of the named steps ({label: rel}) is not intact and why (deep: every file hashed; pruned:
-    the steps `runs prune` deleted)."""
+    the steps `runs prune` or --keep-checkpoints deleted)."""
     problems, seen = [], set()
     for label, rel in rels.items():
         if rel in seen:
             continue  # iteration 0's tier map is its checkpoint's step: said once, under the first label
         seen.add(rel)
         if rel in pruned:
-            problems.append(f"{label} pruned")  # deleted on purpose by `runs prune`
+            problems.append(f"{label} pruned")  # deleted on purpose (runs prune, --keep-checkpoints)
             continue
         status = store.step_status(rel, deep)
         if status.status != "committed":
@@ -248,7 +248,7 @@ def prune_checkpoints(store: RunStore, keep_last: int = 1, dry_run: bool = False
         if not records:
             raise TierpruneError(f"run {store.uri} has no finished iteration: nothing to prune")
         pending = in_progress(store)
-        if pending is not None:  # a pruned run is not run again: the work of that iteration would be stranded
+        if pending is not None:  # runs are pruned between iterations only: a crashed one is finished first
             raise TierpruneError(f"run {store.uri} has iteration {pending['iteration']} in progress; finish it by "
                                  "running the run's command again, then prune")
         kept = sorted(records)[-keep_last:]

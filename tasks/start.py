@@ -86,7 +86,8 @@ def finished_start(state: RunState) -> list[tuple[int, dict[str, ArtifactRef], d
                 for key, value in record.items() if isinstance(value, dict) and "rel" in value}
         seconds = sum({ref.uri: ref.seconds for ref in refs.values()}.values())  # iteration 0: one start step
         # Iteration 0 (the dense start) has no fine-tuning to report, as when the flow reported it first.
-        finished.append((k, refs, report_row(store, k, refs["eval"], seconds, refs["checkpoint"] if k else None)))
+        evaluation = store.read_object(refs["eval"].uri, "eval.json")
+        finished.append((k, refs, report_row(store, k, evaluation, seconds, refs["checkpoint"] if k else None)))
     last, refs, _ = finished[-1]
     for key in ("checkpoint", "tiers"):  # what the next iteration starts from; the ones before it may be gone
         if store.load_step(refs[key].uri) != refs[key].files:

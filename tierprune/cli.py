@@ -574,7 +574,7 @@ def runs_prune(
     """Delete the checkpoints of a finished run's iterations but the last --keep-last, to free disk.
 
     Records, tier maps, masks and evaluations stay (`runs show` lists every iteration); the kept iterations
-    still export and resume. The run is not run again afterwards: continue it with --resume-from in a new run.
+    still export and resume, and the run's command run again goes on after its last finished iteration.
     """
     from tierprune.tasks.runs import prune_checkpoints, split_run_uri
 
