@@ -15,6 +15,7 @@ checked first on odd shapes, every token count and both dtypes. CUDA only. Run:
     python benchmarks/mma_decode.py --kernels rows --shapes 13b-qo 13b-up 13b-down         # LLaMA-2-13B
     python benchmarks/mma_decode.py --kernels rows rows-driver-carveout --configs ladder    # the fitted L1 split
     python benchmarks/mma_decode.py --kernels rows-x-row-major rows-x-block-major --configs ladder  # x's layout
+    python benchmarks/mma_decode.py --kernels rows-byte-permute rows-sparse-24 --configs ladder     # 2:4 blocks
 """
 from __future__ import annotations
 
@@ -113,6 +114,12 @@ def row_kernel_reading_x(tiles: tuple[int, ...]):
     return row_kernel_variant(X_BLOCK_MAJOR_TILES=tiles)
 
 
+def row_kernel_with_2_4_blocks(sparse: bool):
+    """The row kernel with 2:4 blocks on the sparse tensor cores (mma.sp) or spread by byte permutes, at every
+    token count (the op: sparse at 1-6 tokens and where x is read block-major)."""
+    return row_kernel_variant(SPARSE_24_FORCED=sparse)
+
+
 def row_kernel_with_the_drivers_carveout():
     """The row kernel as loaded before session 25: the driver's own split of each SM between shared memory and L1,
     not launch.fit_shared_memory_carveout's."""
@@ -150,12 +157,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--shapes", nargs="*", default=None, help="subset by first word, e.g. qkvo down")
     p.add_argument("--kernels", nargs="*", default=["chunk", "rows"],
                    choices=sorted(KERNELS) + ["rows-baseline", "rows-driver-carveout", "rows-x-row-major",
-                                              "rows-x-block-major"],
+                                              "rows-x-block-major", "rows-byte-permute", "rows-sparse-24"],
                    help="chunk: a warp per chunk of blocks, sums through a workspace; rows: a CTA per block-row; "
                         "rows-baseline: the row kernel compiled from --baseline-source; rows-driver-carveout: "
                         "the row kernel with the driver's shared-memory/L1 split instead of the fitted one; "
                         "rows-x-row-major / rows-x-block-major: the row kernel reading x (T, in) as it is, or "
-                        "transposed to (in/16, tokens, 16) first, at every token count")
+                        "transposed to (in/16, tokens, 16) first, at every token count; rows-byte-permute / "
+                        "rows-sparse-24: 2:4 blocks spread to dense fragments, or on the sparse tensor cores, at "
+                        "every token count")
     p.add_argument("--baseline-source", type=Path, default=None,
                    help="another mma_decode.cu for the rows-baseline kernel, e.g. from `git show REV:...`")
     p.add_argument("--inner", type=int, default=20)
@@ -172,6 +181,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     KERNELS["rows-driver-carveout"] = row_kernel_with_the_drivers_carveout()
     KERNELS["rows-x-row-major"] = row_kernel_reading_x(())
     KERNELS["rows-x-block-major"] = row_kernel_reading_x((1, 2))
+    KERNELS["rows-byte-permute"] = row_kernel_with_2_4_blocks(False)
+    KERNELS["rows-sparse-24"] = row_kernel_with_2_4_blocks(True)
     if not torch.cuda.is_available():
         print("mma_decode: needs a CUDA GPU (sm_80 or newer)", file=sys.stderr)
         raise SystemExit(2)

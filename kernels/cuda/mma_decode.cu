@@ -1,5 +1,6 @@
 // Decode (1-16 tokens) through a packed hybrid weight on the tensor cores: every 16x16 block, whatever its
-// tier, becomes one mma.sync m16n8k16 A operand built in registers, with no shared-memory staging.
+// tier, becomes one mma.sync m16n8k16 A operand built in registers (a 2:4 block, where SPARSE_24, the sparse A
+// operand of mma.sp as stored), with no shared-memory staging of weights.
 //
 // Why the tensor cores at one token: the Triton GEMV spends ~100 warp instructions per dense block (loads,
 // bf16->fp32 conversions, FMAs, reductions) and is bound by instruction issue, not by bytes. Here a dense
@@ -10,7 +11,10 @@
 // {2t, 2t+1, 2t+8, 2t+9} of rows g and g+8; we let them be the physical columns 4t..4t+3. Then A is one
 // 8-byte load per row straight from the row-major block, and B (x) one 8-byte load of x[token g][4t..4t+3].
 // A 2:4 block row's group t is exactly those four columns: its two kept values (4 bytes) and their two 2-bit
-// positions are spread to four slots with two byte permutes, their selectors from a 16-entry table.
+// positions are spread to four slots with two byte permutes, their selectors from a 16-entry table. Or, where
+// SPARSE_24, a 2:4 block goes to the sparse tensor cores as stored (mma.sp m16n8k16: the kept pairs are the
+// sparse A fragment and the positions its metadata), which saves the permutes and the table's shared-memory
+// loads but reads x in the mma's own k order, two 4-byte loads per token tile instead of one 8-byte load.
 // TopK blocks are scattered into a zeroed per-warp tile in shared memory, read back as fragments, and the
 // tile zeroed again.
 //
@@ -26,7 +30,8 @@
 //
 // Compile-time constants (prepended as #defines by mma_decode.py): TOPK (at most 32), NTILE (8-token mma
 // tiles: 1 or 2), WARPS (per CTA), CHUNK (dense and 2:4 blocks per warp), TOPK_CHUNK (TopK blocks per warp;
-// both at most 32), HALF_T (0 bf16, 1 fp16), SELECTORS (the 2:4 table's initializer).
+// both at most 32), HALF_T (0 bf16, 1 fp16), SELECTORS (the 2:4 table's initializer), X_BLOCK_MAJOR (x's layout
+// for the row kernel) and SPARSE_24 (2:4 blocks on the sparse tensor cores).
 
 typedef unsigned short u16;
 typedef unsigned int u32;
@@ -52,6 +57,46 @@ __device__ __forceinline__ void mma_16816(float* c, u32 a0, u32 a1, u32 a2, u32 
                  : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
                  : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 #endif
+}
+
+#ifndef SPARSE_24
+#define SPARSE_24 0
+#endif
+
+// A 2:4 block on the sparse tensor cores: a0 / a1 the kept pairs of group t in rows g / g+8, e the two rows'
+// 16-bit metadata (row g in the low half; packed positions are sorted and distinct, as mma.sp requires), read
+// from lane t = 0 of each quad (sparsity selector 0).
+__device__ __forceinline__ void mma_sp_16816(float* c, u32 a0, u32 a1, u32 b0, u32 b1, u32 e) {
+#if HALF_T
+    asm volatile("mma.sp.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5}, {%6,%7}, "
+                 "{%0,%1,%2,%3}, %8, 0x0;\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a0), "r"(a1), "r"(b0), "r"(b1), "r"(e));
+#else
+    asm volatile("mma.sp.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5}, {%6,%7}, "
+                 "{%0,%1,%2,%3}, %8, 0x0;\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a0), "r"(a1), "r"(b0), "r"(b1), "r"(e));
+#endif
+}
+
+// x for a 2:4 block on the sparse tensor cores: x[token][col*16 + 2t, +1] and [col*16 + 2t + 8, +9], the B
+// fragment in the mma's k order (the sparse A's groups of 4 are the stored physical columns, so the dense
+// blocks' column trick cannot apply). BLOCK_MAJOR as in load_x.
+template <bool BLOCK_MAJOR>
+__device__ __forceinline__ void load_x_sparse(uint2* bx, const u16* __restrict__ x, int col, int g, int t, int T,
+                                              int K) {
+#pragma unroll
+    for (int tile = 0; tile < NTILE; ++tile) {
+        const int token = g + 8 * tile;
+        if (token < T) {
+            const u32* w = BLOCK_MAJOR ? reinterpret_cast<const u32*>(x) + col * (NTILE * 64) + token * 8 + t
+                                       : reinterpret_cast<const u32*>(x + (size_t)token * K + col * 16) + t;
+            bx[tile] = make_uint2(__ldg(w), __ldg(w + 4));
+        } else {
+            bx[tile] = make_uint2(0u, 0u);
+        }
+    }
 }
 
 // x[token][col*16 + 4t .. +3] for the NTILE token tiles (tokens g and g+8); zero for tokens >= T. BLOCK_MAJOR:
@@ -180,16 +225,26 @@ __device__ __forceinline__ void stream_blocks(float (*acc)[4], int& row, int n, 
 #pragma unroll
     for (int i = 0; i < CH; ++i) {
         const int col = __shfl_sync(FULL, lane_col, col_lane0 + i);
-        if (i < n) load_x<ONE_ROW && X_BLOCK_MAJOR>(bx[i], x, col, g, t, T, K);
+        if (i < n) {
+            if (TIER == 1 && SPARSE_24) load_x_sparse<ONE_ROW && X_BLOCK_MAJOR>(bx[i], x, col, g, t, T, K);
+            else load_x<ONE_ROW && X_BLOCK_MAJOR>(bx[i], x, col, g, t, T, K);
+        }
     }
 #pragma unroll
     for (int i = 0; i < CH; ++i) {
         const int block_row = ONE_ROW ? row : __shfl_sync(FULL, lane_row, i);
         if (i < n) {
             if (!ONE_ROW && block_row != row) { flush(acc, ws, row, g, t, T, NPAD); row = block_row; }
-            u32 a[4];
-            fragment<TIER>(a, raw[i], sel, t);
-            mma_tiles(acc, a[0], a[1], a[2], a[3], bx[i]);
+            if (TIER == 1 && SPARSE_24) {
+                const u32 e = (raw[i][2] & 0xffffu) | (raw[i][3] << 16);  // rows g and g+8
+#pragma unroll
+                for (int tile = 0; tile < NTILE; ++tile)
+                    mma_sp_16816(acc[tile], raw[i][0], raw[i][1], bx[i][tile].x, bx[i][tile].y, e);
+            } else {
+                u32 a[4];
+                fragment<TIER>(a, raw[i], sel, t);
+                mma_tiles(acc, a[0], a[1], a[2], a[3], bx[i]);
+            }
         }
     }
 }

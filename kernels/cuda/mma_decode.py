@@ -31,7 +31,7 @@ __all__ = ["MMA_DECODE_MAX_TOKENS", "MmaDecodeConfig", "MMA_DECODE_CONFIG", "ROW
            "prefers_mma_decode", "prefers_rows_decode", "prepare_rows_decode", "rows_resident_at_once",
            "rows_decode_config", "rows_decode_ready", "selector_table",
            "set_mma_decode_config", "use_mma_decode", "use_rows_decode", "x_by_block_columns",
-           "X_BLOCK_MAJOR_MIN_BYTES", "X_BLOCK_MAJOR_TILES"]
+           "X_BLOCK_MAJOR_MIN_BYTES", "X_BLOCK_MAJOR_TILES", "SPARSE_24_MAX_TOKENS", "SPARSE_24_FORCED"]
 
 MMA_DECODE_MAX_TOKENS = 16  # two 8-token mma tiles
 
@@ -207,16 +207,18 @@ def _compiler_available() -> bool:
     return hasattr(_utils, "_nvrtc_compile") and hasattr(_utils, "_cuda_load_module")
 
 
-def kernel_source(half: bool, topk: int, ntile: int, config: MmaDecodeConfig, x_block_major: bool = False) -> str:
-    """mma_decode.cu with its compile-time constants defined: fp16 (else bf16), TopK k, 8-token tiles, config, and
-    whether the row kernel reads x laid out block-major (see X_BLOCK_MAJOR_MIN_BYTES)."""
+def kernel_source(half: bool, topk: int, ntile: int, config: MmaDecodeConfig, x_block_major: bool = False,
+                  sparse_24: bool = False) -> str:
+    """mma_decode.cu with its compile-time constants defined: fp16 (else bf16), TopK k, 8-token tiles, config,
+    whether the row kernel reads x laid out block-major (see X_BLOCK_MAJOR_MIN_BYTES), and whether 2:4 blocks go
+    to the sparse tensor cores (see SPARSE_24_MAX_TOKENS)."""
     assert 1 <= config.chunk <= 32 and 1 <= config.topk_chunk <= 32 and 0 <= config.nm_chunk <= 32 \
         and config.warps >= 1 and config.min_ctas >= 0, \
         f"chunks must be 1..32 blocks (a lane holds one block's index): {config}"
     assert 1 <= topk <= 32 and ntile in (1, 2), (topk, ntile)
     defines = dict(TOPK=topk, NTILE=ntile, WARPS=config.warps, CHUNK=config.chunk, TOPK_CHUNK=config.topk_chunk,
                    NM_CHUNK=config.nm_chunk or config.chunk, ROWS_MIN_CTAS=config.min_ctas, HALF_T=int(half),
-                   X_BLOCK_MAJOR=int(x_block_major))
+                   X_BLOCK_MAJOR=int(x_block_major), SPARSE_24=int(sparse_24))
     selectors = ", ".join(f"{{{lo:#x}u, {hi:#x}u}}" for lo, hi in selector_table().tolist())
     defines["SELECTORS"] = f"{{{selectors}}}"
     return "".join(f"#define {k} {v}\n" for k, v in defines.items()) + _SOURCE.read_text()
@@ -234,9 +236,10 @@ _MODULES: dict[tuple, dict] = {}
 # 36.2-37.3 us row-major and 27.9-28.6 us block-major on two H100s (35/45/20; 0.95-1.02x cuBLAS -> 1.26-1.30x), and
 # 34.3-34.5 against 37.0-37.2 us at 90/10/0. Where x fits, the transpose (1.5-2 us) costs about what it saves or
 # more: 0.88-1.08x row-major's speed with 4096 inputs at 8-16 tokens, most below 1, and 0.81-0.90x on 4096x4096 at
-# 1-4 tokens. Session 30, docs/kernels.md. With it, the 2-warp rung of 9-16 tokens takes 74 registers (12 CTAs per
-# SM, not the 14 the ladder counts for row-major x); that rung is the last, taken where no rung is resident, so the
-# count steers nothing.
+# 1-4 tokens. Session 30, docs/kernels.md. With it (and 2:4 blocks on the sparse tensor cores, as the op then runs
+# them) the 4-warp rung of 9-16 tokens takes 76 registers (6 CTAs per SM, not the 7 the ladder counts for row-major
+# x), which only matters for 688-924 block-rows of more than 8192 inputs (no LLaMA-2 matrix), and the 2-warp rung
+# 76 (12, not 14), the last, taken where no rung is resident, so its count steers nothing.
 X_BLOCK_MAJOR_MIN_BYTES = 256 * 1024
 # The token tiles (1: 1-8 tokens, 2: 9-16) at which x is read block-major whatever its size (benchmarks); None: the
 # op's rule above.
@@ -259,22 +262,43 @@ def x_by_block_columns(x: torch.Tensor, tile_tokens: int) -> torch.Tensor:
     return by_block
 
 
+# 2:4 blocks on the sparse tensor cores (mma.sp, positions as stored) rather than spread to a dense fragment by
+# byte permutes and a table in shared memory: at 1-6 tokens, and wherever x is read block-major. The sparse mma
+# takes x in its own k order, two 4-byte loads per token tile where the permuted dense fragment takes one 8-byte
+# load, and a load of row-major x touches one L1 line per token: little at 1-6 tokens, and block-major a tile's
+# tokens share two lines. Side by side on an H100 (session 31, docs/kernels.md), x cuBLAS, permutes -> sparse, on
+# the five LLaMA-2-7B shapes at 35/45/20: 1-4 tokens 1.32-1.45x -> 1.36-1.51x, 5-6 tokens 1.30-1.43x -> 1.33-1.47x;
+# at 8 tokens 0.98-1.02x the permutes' speed, at 16 (row-major x) 0.87-0.94x on four shapes; 4096x11008 at 16
+# tokens, block-major, 1.26x -> 1.30x. (All-2:4 4096x4096 loses 2-4% at 2-6 tokens; no mix timed did.)
+SPARSE_24_MAX_TOKENS = 6
+# Sparse at every token count (True) or none (False), whatever the rule above says (benchmarks); None: the rule.
+SPARSE_24_FORCED: bool | None = None
+
+
+def _sparse_24(tokens: int, x_block_major: bool) -> bool:
+    """Whether 2:4 blocks of a product of `tokens` tokens go to the sparse tensor cores."""
+    if SPARSE_24_FORCED is not None:
+        return SPARSE_24_FORCED
+    return tokens <= SPARSE_24_MAX_TOKENS or x_block_major
+
+
 def _module_key(x: torch.Tensor, hw: HybridWeight, config: MmaDecodeConfig) -> tuple:
     major, minor = torch.cuda.get_device_capability(x.device)
     T = x.shape[0]
+    block_major = _x_block_major(T, hw.shape[1])
     return (x.dtype == torch.float16, hw.topk, _token_tiles(T), config, f"{major}{minor}", x.device.index,
-            _x_block_major(T, hw.shape[1]))
+            block_major, _sparse_24(T, block_major))
 
 
 def _module(half: bool, topk: int, ntile: int, config: MmaDecodeConfig, arch: str, device_index: int,
-            x_block_major: bool = False) -> dict:
+            x_block_major: bool = False, sparse_24: bool = False) -> dict:
     """The compiled kernels {name: kernel} for one set of compile-time constants on one GPU (compiled once per
     process; loaded per GPU, as a loaded function belongs to the device's context)."""
-    key = (half, topk, ntile, config, arch, device_index, x_block_major)
+    key = (half, topk, ntile, config, arch, device_index, x_block_major, sparse_24)
     if key not in _MODULES:
         from torch.cuda._utils import _cuda_load_module, _nvrtc_compile
 
-        source = kernel_source(half, topk, ntile, config, x_block_major)
+        source = kernel_source(half, topk, ntile, config, x_block_major, sparse_24)
         with torch.cuda.device(device_index):
             binary, _ = _nvrtc_compile(source, "hybrid_mma_decode", arch, nvcc_options=["-std=c++17"])
             kernels = _cuda_load_module(binary, ["hybrid_mma_decode", "hybrid_cast_and_zero", "hybrid_rows_decode"])

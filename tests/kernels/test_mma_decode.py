@@ -1,8 +1,8 @@
 """The tensor-core decode kernel (tierprune/kernels/cuda/mma_decode.py, mma_decode.cu).
 
 On the CPU: the bit-level recipe the kernel follows (which word of which buffer a lane reads, the 2:4 nibble,
-the byte-permute selectors, the column order shared by the A and B fragments) is replayed in torch on real
-packed weights and must give the product; and the CUDA source compiles for sm_90 with NVRTC (the pip
+the byte-permute selectors, the column order shared by the A and B fragments, and the sparse tensor cores'
+fragment and metadata) is replayed in torch on real packed weights and must give the blocks and the product; and the CUDA source compiles for sm_90 with NVRTC (the pip
 package), to PTX with the expected mma and atomics (none in the row kernel), which Triton's ptxas assembles
 without spills. On CUDA: the kernel against the reference, and the row kernel's bits from call to call.
 """
@@ -139,6 +139,41 @@ def test_replayed_fragments_rebuild_the_blocks_and_the_product(shape, probs, dty
     torch.testing.assert_close(replay_product(x, hw), x.double() @ W.double().T, rtol=1e-9, atol=1e-9)
 
 
+def sparse_fragments(hw) -> torch.Tensor:
+    """The 2:4 blocks (n, 16, 16) as mma.sp m16n8k16 reads them where SPARSE_24 (PTX ISA, sparse A of 16-bit types):
+    lane (g, t) gives the kept pair of group t in rows g (value word g·4+t) and g+8 (word 32+g·4+t); lane t = 0 of
+    quad g gives the metadata, row g's 16 bits low and row g+8's high, group j's two 2-bit positions at bits 4j and
+    4j+2. No column trick: B is x in the block's own column order."""
+    n_nm = hw.tier_counts()[1]
+    words = _words(hw.nm_values, torch.int32).view(n_nm, 64)
+    meta = _words(hw.nm_meta, torch.int16).view(n_nm, 16)
+    blocks = torch.zeros(n_nm, 16, 16, dtype=torch.long)
+    for g in range(8):
+        e = meta[:, g] | meta[:, g + 8] << 16  # the quad's metadata word, as the kernel assembles it
+        for row, a, bits in ((g, 0, 0), (g + 8, 32, 16)):
+            for t in range(4):
+                low, high = halves(words[:, a + g * 4 + t])
+                nibble = (e >> (bits + 4 * t)) & 15
+                for value, position in ((low, nibble & 3), (high, nibble >> 2)):
+                    blocks[torch.arange(n_nm), row, 4 * t + position] = value
+    return _as_values(blocks, hw.dtype)
+
+
+def test_2_4_blocks_as_the_sparse_tensor_cores_read_them_are_the_blocks() -> None:
+    g = torch.Generator().manual_seed(5)
+    shape = (64, 96)
+    tier_map = random_tier_map(shape, g, (0.2, 0.6, 0.2))
+    W = pruned_weight(shape, tier_map, g)
+    W[:16, :8] = 0  # all-zero and one-value groups still store two distinct positions
+    W[16, 1:4] = 0
+    hw = pack_hybrid(W, tier_map)
+    assert torch.equal(sparse_fragments(hw), replay_fragments(hw)["nm"])
+    # mma.sp's metadata: in each group the first position below the second (0b0000, 0b0101, 0b1010 and 0b1111
+    # are undefined), as pack_hybrid stores them
+    nibbles = torch.stack([(_words(hw.nm_meta, torch.int16) >> (4 * j)) & 15 for j in range(4)])
+    assert ((nibbles & 3) < (nibbles >> 2)).all()
+
+
 def _nvrtc() -> ctypes.CDLL:
     nvrtc = pytest.importorskip("nvidia.cuda_nvrtc", reason="the nvidia-cuda-nvrtc-cu12 test dependency")
     lib_dir = Path(next(iter(nvrtc.__path__))) / "lib"
@@ -246,12 +281,15 @@ def ctas_per_sm(registers: int, warps: int) -> int:
 def test_each_row_config_fits_the_ctas_per_sm_it_claims(tiles, choice, tmp_path) -> None:
     """The ladder picks a config by how many of its CTAs an SM holds: that count, from its registers (allocated
     8 per thread at a time, 64K per SM), its warps (64 per SM) and CTAs (32 per SM), must be what ptxas gives
-    (x row-major; block-major: test_the_row_kernel_reading_x_block_major_compiles_without_spills)."""
-    source = md.kernel_source(False, 10, tiles, choice.config)
-    report = ptxas_report(nvrtc_ptx(source), tmp_path)
-    properties = report.split("Function properties for hybrid_rows_decode\n")[1].split("Function properties for")[0]
-    registers = int(re.search(r"Used (\d+) registers", properties).group(1))
-    assert ctas_per_sm(registers, choice.config.warps) == choice.ctas_per_sm, (registers, choice)
+    (x row-major, 2:4 blocks both ways at one tile, as the op runs 1-6 and 7-8 tokens; block-major:
+    test_the_row_kernel_reading_x_block_major_compiles_without_spills)."""
+    for sparse_24 in (False, True) if tiles == 1 else (False,):
+        source = md.kernel_source(False, 10, tiles, choice.config, sparse_24=sparse_24)
+        report = ptxas_report(nvrtc_ptx(source), tmp_path)
+        properties = report.split("Function properties for hybrid_rows_decode\n")[1].split("Function properties for")[0]
+        assert "0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads" in properties, properties
+        registers = int(re.search(r"Used (\d+) registers", properties).group(1))
+        assert ctas_per_sm(registers, choice.config.warps) == choice.ctas_per_sm, (registers, choice, sparse_24)
 
 
 @pytest.mark.gpu
@@ -266,32 +304,37 @@ def test_the_fitted_carveout_leaves_l1_and_keeps_the_ctas_per_sm(tiles, choice) 
     major, minor = torch.cuda.get_device_capability()
     if (major, minor) != (9, 0):
         pytest.skip("the ladder's counts are sm_90's")
-    kernel = md._module(False, 10, tiles, choice.config, "90", torch.cuda.current_device())["hybrid_rows_decode"]
-    library, function = _driver()[0], ctypes.c_void_p(kernel.func if isinstance(kernel.func, int)
-                                                      else kernel.func.value)
-    carveout, ctas = ctypes.c_int(), ctypes.c_int()
-    assert library.cuFuncGetAttribute(ctypes.byref(carveout), _FUNC_PREFERRED_SHARED_MEMORY_CARVEOUT,
-                                     function) == 0
-    assert 0 < carveout.value < 100
-    assert library.cuOccupancyMaxActiveBlocksPerMultiprocessor(
-        ctypes.byref(ctas), function, 32 * choice.config.warps, ctypes.c_size_t(0)) == 0
-    assert ctas.value == choice.ctas_per_sm
+    for sparse_24 in (False, True) if tiles == 1 else (False,):  # as the op runs 7-8 and 1-6 tokens
+        kernel = md._module(False, 10, tiles, choice.config, "90", torch.cuda.current_device(),
+                            sparse_24=sparse_24)["hybrid_rows_decode"]
+        library, function = _driver()[0], ctypes.c_void_p(kernel.func if isinstance(kernel.func, int)
+                                                          else kernel.func.value)
+        carveout, ctas = ctypes.c_int(), ctypes.c_int()
+        assert library.cuFuncGetAttribute(ctypes.byref(carveout), _FUNC_PREFERRED_SHARED_MEMORY_CARVEOUT,
+                                         function) == 0
+        assert 0 < carveout.value < 100
+        assert library.cuOccupancyMaxActiveBlocksPerMultiprocessor(
+            ctypes.byref(ctas), function, 32 * choice.config.warps, ctypes.c_size_t(0)) == 0
+        assert ctas.value == choice.ctas_per_sm, sparse_24
 
 
 @pytest.mark.parametrize("tiles,choice", [(tiles, choice) for tiles, ladder in md.ROWS_DECODE_LADDERS.items()
                                           for choice in ladder])
 def test_the_row_kernel_reading_x_block_major_compiles_without_spills(tiles, choice, tmp_path) -> None:
-    """X_BLOCK_MAJOR (x as (in/16, tokens, 16)) on every rung: nothing spills (indexed in u16s, it did). At 9-16
-    tokens, where the op reads a large x so, each rung holds the CTAs per SM the ladder counts, but the last (2 warps:
-    74 registers, 12 CTAs, not 14), which is taken where no rung is resident, so its count steers nothing."""
-    ptx = nvrtc_ptx(md.kernel_source(False, 10, tiles, choice.config, x_block_major=True))
+    """X_BLOCK_MAJOR (x as (in/16, tokens, 16)) on every rung, with 2:4 blocks on the sparse tensor cores as the op
+    runs it: nothing spills (indexed in u16s, it did). At 9-16 tokens, where the op reads a large x so, each rung
+    holds the CTAs per SM the ladder counts but the last two: 4 warps (76 registers, 6 CTAs, not 7), taken by
+    688-924 block-rows only where x is over 256 KiB (more than 8192 inputs; no LLaMA-2 matrix), and 2 warps (12,
+    not 14), taken where no rung is resident, so its count steers nothing."""
+    ptx = nvrtc_ptx(md.kernel_source(False, 10, tiles, choice.config, x_block_major=True, sparse_24=True))
+    assert "mma.sp.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32" in ptx
     report = ptxas_report(ptx, tmp_path)
     properties = report.split("Function properties for hybrid_rows_decode\n")[1].split("Function properties for")[0]
     assert "0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads" in properties, properties
     if tiles == 2:
         registers = int(re.search(r"Used (\d+) registers", properties).group(1))
         ctas = ctas_per_sm(registers, choice.config.warps)
-        assert ctas == choice.ctas_per_sm or choice == md.ROWS_DECODE_LADDERS[2][-1], (registers, choice)
+        assert ctas == choice.ctas_per_sm or choice in md.ROWS_DECODE_LADDERS[2][-2:], (registers, choice)
 
 
 @pytest.mark.parametrize("tokens,k_in,block_major", [
@@ -301,6 +344,32 @@ def test_the_row_kernel_reading_x_block_major_compiles_without_spills(tiles, cho
 def test_x_is_read_block_major_at_9_to_16_tokens_where_it_does_not_fit_in_l1(tokens, k_in, block_major) -> None:
     """The op's rule (session 30, H100): block-major only where x, 2 bytes a value, is over 256 KiB."""
     assert md.X_BLOCK_MAJOR_TILES is None and md._x_block_major(tokens, k_in) == block_major
+
+
+@pytest.mark.parametrize("tokens,block_major,sparse", [
+    (1, False, True), (6, False, True), (7, False, False), (8, False, False), (16, False, False), (16, True, True),
+    (12, True, True),
+])
+def test_2_4_blocks_go_to_the_sparse_tensor_cores_at_1_to_6_tokens_and_with_x_block_major(tokens, block_major,
+                                                                                         sparse) -> None:
+    """The op's rule (session 31, H100): where x's loads are few (1-6 tokens) or contiguous (block-major)."""
+    assert md.SPARSE_24_FORCED is None and md._sparse_24(tokens, block_major) == sparse
+
+
+def test_sparse_24_forced_overrides_the_rule(monkeypatch) -> None:
+    monkeypatch.setattr(md, "SPARSE_24_FORCED", False)
+    assert not md._sparse_24(1, True)
+    monkeypatch.setattr(md, "SPARSE_24_FORCED", True)
+    assert md._sparse_24(16, False)
+
+
+@pytest.mark.parametrize("half", [False, True])
+def test_the_sparse_2_4_source_compiles_for_both_dtypes(half, tmp_path) -> None:
+    ptx = nvrtc_ptx(md.kernel_source(half, 10, 1, md.ROWS_DECODE_LADDERS[1][0].config, sparse_24=True))
+    dtype = "f16.f16" if half else "bf16.bf16"
+    assert ptx.count(f"mma.sp.sync.aligned.m16n8k16.row.col.f32.{dtype}.f32") >= 1
+    report = ptxas_report(ptx, tmp_path)
+    assert report.count("0 bytes spill stores") == report.count("Function properties for"), report
 
 
 def test_x_block_major_tiles_forces_the_layout_whatever_x_s_size(monkeypatch) -> None:
@@ -370,6 +439,29 @@ def test_kernel_matches_reference_and_leaves_the_workspace_zeroed(shape, probs, 
         torch.testing.assert_close(got.double().cpu(), expected, rtol=tol, atol=tol * expected.abs().max().item())
     _, workspace = decode_workspace(hw, tokens, create=False)
     assert int(torch.count_nonzero(workspace)) == 0
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("sparse_24", [True, False])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("tokens", [1, 5, 8, 12, 16])
+@pytest.mark.parametrize("shape,probs", [((64, 96), (0.35, 0.45, 0.20)), ((256, 256), (0.0, 1.0, 0.0)),
+                                         ((80, 11008), (0.2, 0.6, 0.2))])  # x block-major at 12-16 tokens
+def test_2_4_blocks_either_way_match_the_reference(shape, probs, tokens, dtype, sparse_24, monkeypatch) -> None:
+    """Both 2:4 paths at every token count and x layout, whatever the rule picks: the sparse tensor cores
+    (metadata as packed) and the byte permutes."""
+    monkeypatch.setattr(md, "SPARSE_24_FORCED", sparse_24)
+    g = torch.Generator().manual_seed(17)
+    tier_map = random_tier_map(shape, g, probs)
+    W = pruned_weight(shape, tier_map, g, dtype)
+    hw = pack_hybrid(W, tier_map).to("cuda")
+    x = torch.randn(tokens, shape[1], generator=g).to(dtype).cuda()
+    expected = x.double().cpu() @ W.double().T
+    tol = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+    for run in (md.hybrid_mm_rows, md.hybrid_mm_mma):
+        torch.testing.assert_close(run(x, hw).double().cpu(), expected, rtol=tol,
+                                   atol=tol * expected.abs().max().item())
 
 
 @pytest.mark.gpu
