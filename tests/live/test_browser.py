@@ -105,17 +105,19 @@ def _submit_and_wait(page, live_prefect, run: str, screenshot: Path) -> str:
     """Submit the form, open the flow run it created, wait for its final state; the flow run's id.
 
     The run is found through the API, not through the notice's "View run" button: the notice slides in late
-    and leaves again on its own, so on a loaded 2-core machine it could be missed (CI saw it once).
+    and leaves again on its own, so on a loaded 2-core machine it could be missed (CI saw it once). Nor by waiting
+    for the UI to leave the form: that once took more than 90 s on CI while the run was being created.
     """
     from playwright.sync_api import expect
 
     form = page.url
     page.get_by_role("button", name="Submit").click()
-    page.wait_for_url(lambda url: url != form)  # the UI leaves the form once the run is created
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 180
     while not (created := [r for r in live_prefect.post("/flow_runs/filter", {})
                            if r["parameters"].get("run") == run]):
-        assert time.monotonic() < deadline, f"submitting the form created no flow run for {run!r} in 120 s"
+        where = "left" if page.url != form else "is still on"
+        assert time.monotonic() < deadline, \
+            f"submitting the form created no flow run for {run!r} in 180 s (the page {where} the form)"
         time.sleep(1)
     assert len(created) == 1, f"the form created {len(created)} flow runs for {run!r}"  # submitted once
     run_id = created[0]["id"]
