@@ -70,11 +70,13 @@ def prefers_mma_decode(tokens: int) -> bool:
 
 
 class RowsChoice(NamedTuple):
-    """A row kernel config and how many of its CTAs an SM holds at once (its registers on sm_90, as ptxas
-    allocates them: tests/kernels/test_mma_decode.py checks the count against ptxas)."""
+    """A row kernel config and how many of its CTAs an SM holds at once, reading x row-major and block-major (with
+    2:4 blocks on the sparse tensor cores, as the op then runs it): their registers on sm_90, as ptxas allocates
+    them (tests/kernels/test_mma_decode.py checks both counts against ptxas)."""
 
     config: MmaDecodeConfig
     ctas_per_sm: int
+    ctas_per_sm_x_block_major: int
 
 
 # The row kernel's configs for one 8-token tile (1-8 tokens) and for two (9-16), most warps per CTA first: a
@@ -85,22 +87,22 @@ class RowsChoice(NamedTuple):
 # that keep 32 warps per SM without spilling. Each rung was timed side by side against the one it replaced on an
 # H100 (sessions 21, 23 and 24; docs/kernels.md has every sweep); the rows below are for its 132 SMs.
 ROWS_DECODE_LADDERS = {
-    1: (RowsChoice(MmaDecodeConfig(chunk=4, topk_chunk=6, warps=16), 2),   # <= 4096 rows (7B attention, down)
-        RowsChoice(MmaDecodeConfig(chunk=4, topk_chunk=12, warps=8), 3),   # 5120 rows (13B attention, down)
-        RowsChoice(MmaDecodeConfig(chunk=4, topk_chunk=6, warps=8), 4),    # 8192 rows (LLaMA-3.2-1B gate, up)
-        RowsChoice(MmaDecodeConfig(chunk=4, topk_chunk=6, warps=4), 8),    # 11008-13824 rows (gate, up, fused QKV)
-        RowsChoice(MmaDecodeConfig(chunk=4, topk_chunk=6, warps=2), 16)),  # 22016 rows (7B fused gate-up)
+    1: (RowsChoice(MmaDecodeConfig(chunk=4, topk_chunk=6, warps=16), 2, 2),    # <= 4096 rows (7B attention, down)
+        RowsChoice(MmaDecodeConfig(chunk=4, topk_chunk=12, warps=8), 3, 3),    # 5120 rows (13B attention, down)
+        RowsChoice(MmaDecodeConfig(chunk=4, topk_chunk=6, warps=8), 4, 4),     # 8192 rows (LLaMA-3.2-1B gate, up)
+        RowsChoice(MmaDecodeConfig(chunk=4, topk_chunk=6, warps=4), 8, 8),     # 11008-13824 rows (up, fused QKV)
+        RowsChoice(MmaDecodeConfig(chunk=4, topk_chunk=6, warps=2), 16, 16)),  # 22016 rows (7B fused gate-up)
     # Each rung at 9 / 16 tokens, 35/45/20, x cuBLAS, against the config it replaced (session 24):
     # <= 4096 rows, 4096x4096: 1.16 / 1.00x (8 warps of 4 blocks: 1.04 / 0.97x)
-    2: (RowsChoice(MmaDecodeConfig(chunk=2, topk_chunk=6, warps=16, min_ctas=2), 2),
+    2: (RowsChoice(MmaDecodeConfig(chunk=2, topk_chunk=6, warps=16, min_ctas=2), 2, 2),
         # 5120 rows, 5120x13824: 1.17 / 1.01x (8 warps of 2 blocks capped, 4 per SM: 1.08 / 0.96x)
-        RowsChoice(MmaDecodeConfig(chunk=4, topk_chunk=6, warps=8), 3),
+        RowsChoice(MmaDecodeConfig(chunk=4, topk_chunk=6, warps=8), 3, 3),
         # 8192 rows, 8192x2048: 1.00 / 0.89x (4 warps of 2 blocks, 6 per SM: 0.85 / 0.80x)
-        RowsChoice(MmaDecodeConfig(chunk=2, topk_chunk=6, warps=8, min_ctas=4), 4),
+        RowsChoice(MmaDecodeConfig(chunk=2, topk_chunk=6, warps=8, min_ctas=4), 4, 4),
         # 11008-13824 rows, 13824x5120: 1.19 / 1.06x (2 warps of 4 blocks: 1.02 / 0.96x)
-        RowsChoice(MmaDecodeConfig(chunk=4, topk_chunk=6, warps=4), 7),
+        RowsChoice(MmaDecodeConfig(chunk=4, topk_chunk=6, warps=4), 7, 6),
         # 22016 rows
-        RowsChoice(MmaDecodeConfig(chunk=4, topk_chunk=6, warps=2), 14)),
+        RowsChoice(MmaDecodeConfig(chunk=4, topk_chunk=6, warps=2), 14, 12)),
 }
 _ROWS_DECODE_ENABLED = [True]
 
@@ -230,27 +232,38 @@ _SOURCE = Path(__file__).with_name("mma_decode.cu")
 _MODULES: dict[tuple, dict] = {}
 
 
-# x read block-major, (K/16, 16, 16), copied so by one small transpose before the row kernel: at 9-16 tokens where
-# x is larger than an SM's 256 KiB of L1 and shared memory. Read row-major, each x load of a tile touches 8 L1 lines
-# (32 bytes of each of 8 tokens), and an x that does not fit in L1 makes that pay: 4096x11008 at 16 tokens took
-# 36.2-37.3 us row-major and 27.9-28.6 us block-major on two H100s (35/45/20; 0.95-1.02x cuBLAS -> 1.26-1.30x), and
-# 34.3-34.5 against 37.0-37.2 us at 90/10/0. Where x fits, the transpose (1.5-2 us) costs about what it saves or
-# more: 0.88-1.08x row-major's speed with 4096 inputs at 8-16 tokens, most below 1, and 0.81-0.90x on 4096x4096 at
-# 1-4 tokens. Session 30, docs/kernels.md. With it (and 2:4 blocks on the sparse tensor cores, as the op then runs
-# them) the 4-warp rung of 9-16 tokens takes 76 registers (6 CTAs per SM, not the 7 the ladder counts for row-major
-# x), which only matters for 688-924 block-rows of more than 8192 inputs (no LLaMA-2 matrix), and the 2-warp rung
-# 76 (12, not 14), the last, taken where no rung is resident, so its count steers nothing.
+# x read block-major, (K/16, 16, 16), copied so by one small transpose before the row kernel, at 9-16 tokens:
+# - where x is larger than an SM's 256 KiB of L1 and shared memory. Read row-major, each x load of a tile touches 8
+#   L1 lines (32 bytes of each of 8 tokens), and an x that does not fit in L1 makes that pay: 4096x11008 at 16 tokens
+#   took 36.2-37.3 us row-major and 27.9-28.6 us block-major on two H100s (35/45/20; 0.95-1.02x cuBLAS ->
+#   1.26-1.30x), and 34.3-34.5 against 37.0-37.2 us at 90/10/0 (session 30);
+# - where a third or more of the blocks are 2:4, the matrix has more than two block-rows per SM, and its rung's CTAs
+#   stay resident block-major: then its 2:4 blocks take the sparse tensor cores (SPARSE_24_MAX_TOKENS), whose x
+#   loads cost little block-major. At 35/45/20 and 9 / 12 / 16 tokens on an H100 (session 31), against row-major:
+#   11008x4096 1.27 / 1.27 / 1.27x cuBLAS (1.22 / 1.20 / 1.13x), fused QKV 1.33 / 1.33 / 1.25x (1.32 / 1.28 / 1.14x),
+#   fused gate-up 1.33x (1.26 / 1.25 / 1.19x), 13B's 5120x5120 1.11x (1.06 / 1.03 / 0.93x); 4096x4096 (1.94
+#   block-rows per SM) 1.21 / 1.21 / 1.17x (1.33 / 1.24 / 1.16x); at 90/10/0 block-major lost 1-10%; 13B's
+#   13824x5120, whose 864 block-rows do not fit block-major's 6 CTAs per SM, 1.08x (1.28x).
+# Elsewhere the transpose (1.5-2 us) costs about what it saves or more (session 30, docs/kernels.md).
 X_BLOCK_MAJOR_MIN_BYTES = 256 * 1024
-# The token tiles (1: 1-8 tokens, 2: 9-16) at which x is read block-major whatever its size (benchmarks); None: the
-# op's rule above.
+# The token tiles (1: 1-8 tokens, 2: 9-16) at which x is read block-major whatever the weight (benchmarks); None:
+# the op's rule above.
 X_BLOCK_MAJOR_TILES: tuple[int, ...] | None = None
 
 
-def _x_block_major(tokens: int, k_in: int) -> bool:
-    """Whether the row kernel reads x (tokens, k_in) of 16-bit values block-major."""
+def _x_block_major(tokens: int, hw: HybridWeight, device: torch.device) -> bool:
+    """Whether the row kernel reads x (tokens, in) of 16-bit values block-major for `hw` on `device`."""
     if X_BLOCK_MAJOR_TILES is not None:
         return _token_tiles(tokens) in X_BLOCK_MAJOR_TILES
-    return _token_tiles(tokens) == 2 and tokens * k_in * 2 > X_BLOCK_MAJOR_MIN_BYTES
+    if _token_tiles(tokens) != 2:
+        return False
+    if tokens * hw.shape[1] * 2 > X_BLOCK_MAJOR_MIN_BYTES:
+        return True
+    n_dense, n_nm, n_topk = hw.tier_counts()
+    block_rows, sms = len(hw.dense_row_ptr) - 1, _multiprocessors(device)
+    choice = _resident_choice(hw, device, tokens)
+    return (3 * n_nm >= n_dense + n_nm + n_topk and block_rows > 2 * sms and choice is not None
+            and block_rows <= choice.ctas_per_sm_x_block_major * sms)
 
 
 def x_by_block_columns(x: torch.Tensor, tile_tokens: int) -> torch.Tensor:
@@ -285,7 +298,7 @@ def _sparse_24(tokens: int, x_block_major: bool) -> bool:
 def _module_key(x: torch.Tensor, hw: HybridWeight, config: MmaDecodeConfig) -> tuple:
     major, minor = torch.cuda.get_device_capability(x.device)
     T = x.shape[0]
-    block_major = _x_block_major(T, hw.shape[1])
+    block_major = _x_block_major(T, hw, x.device)
     return (x.dtype == torch.float16, hw.topk, _token_tiles(T), config, f"{major}{minor}", x.device.index,
             block_major, _sparse_24(T, block_major))
 
@@ -371,7 +384,7 @@ def prepare_rows_decode(x: torch.Tensor, hw: HybridWeight, config: MmaDecodeConf
                             [x, x, *_buffers(hw, HYBRID_TENSOR_NAMES), T, k_in, n_out])  # x, out, weight, sizes
 
     index, current_device, raw_stream = device.index, torch._C._cuda_getDevice, torch._C._cuda_getCurrentRawStream
-    block_major, tile_tokens = _x_block_major(T, k_in), 8 * _token_tiles(T)
+    block_major, tile_tokens = _x_block_major(T, hw, device), 8 * _token_tiles(T)
 
     def rows_decode(x: torch.Tensor) -> torch.Tensor:  # (T, in) -> (T, out); runs on every eager decode call
         out = x.new_empty(T, n_out)

@@ -12,6 +12,7 @@ import ctypes
 import re
 import subprocess
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -316,34 +317,55 @@ def test_the_fitted_carveout_leaves_l1_and_keeps_the_ctas_per_sm(tiles, choice) 
         assert library.cuOccupancyMaxActiveBlocksPerMultiprocessor(
             ctypes.byref(ctas), function, 32 * choice.config.warps, ctypes.c_size_t(0)) == 0
         assert ctas.value == choice.ctas_per_sm, sparse_24
+    kernel = md._module(False, 10, tiles, choice.config, "90", torch.cuda.current_device(), x_block_major=True,
+                        sparse_24=True)["hybrid_rows_decode"]
+    function = ctypes.c_void_p(kernel.func if isinstance(kernel.func, int) else kernel.func.value)
+    assert library.cuOccupancyMaxActiveBlocksPerMultiprocessor(
+        ctypes.byref(ctas), function, 32 * choice.config.warps, ctypes.c_size_t(0)) == 0
+    assert ctas.value == choice.ctas_per_sm_x_block_major
 
 
 @pytest.mark.parametrize("tiles,choice", [(tiles, choice) for tiles, ladder in md.ROWS_DECODE_LADDERS.items()
                                           for choice in ladder])
 def test_the_row_kernel_reading_x_block_major_compiles_without_spills(tiles, choice, tmp_path) -> None:
     """X_BLOCK_MAJOR (x as (in/16, tokens, 16)) on every rung, with 2:4 blocks on the sparse tensor cores as the op
-    runs it: nothing spills (indexed in u16s, it did). At 9-16 tokens, where the op reads a large x so, each rung
-    holds the CTAs per SM the ladder counts but the last two: 4 warps (76 registers, 6 CTAs, not 7), taken by
-    688-924 block-rows only where x is over 256 KiB (more than 8192 inputs; no LLaMA-2 matrix), and 2 warps (12,
-    not 14), taken where no rung is resident, so its count steers nothing."""
+    runs it: nothing spills (indexed in u16s, it did), and each rung holds the CTAs per SM the ladder counts for
+    block-major x (fewer than row-major on the last two rungs of 9-16 tokens: 76 registers)."""
     ptx = nvrtc_ptx(md.kernel_source(False, 10, tiles, choice.config, x_block_major=True, sparse_24=True))
     assert "mma.sp.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32" in ptx
     report = ptxas_report(ptx, tmp_path)
     properties = report.split("Function properties for hybrid_rows_decode\n")[1].split("Function properties for")[0]
     assert "0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads" in properties, properties
-    if tiles == 2:
-        registers = int(re.search(r"Used (\d+) registers", properties).group(1))
-        ctas = ctas_per_sm(registers, choice.config.warps)
-        assert ctas == choice.ctas_per_sm or choice in md.ROWS_DECODE_LADDERS[2][-2:], (registers, choice)
+    registers = int(re.search(r"Used (\d+) registers", properties).group(1))
+    assert ctas_per_sm(registers, choice.config.warps) == choice.ctas_per_sm_x_block_major, (registers, choice)
 
 
-@pytest.mark.parametrize("tokens,k_in,block_major", [
-    (16, 11008, True), (12, 11008, True), (9, 11008, False), (8, 11008, False), (1, 11008, False),
-    (16, 8192, False), (16, 4096, False), (10, 13824, True),
+def weight_like(out: int, k_in: int, mix: tuple[float, float, float]) -> SimpleNamespace:
+    """What the x-layout rule reads of a packed weight: its shape, block-rows and blocks per tier."""
+    blocks = (out // 16) * (k_in // 16)
+    counts = (round(mix[0] * blocks), round(mix[1] * blocks), blocks - round(mix[0] * blocks) - round(mix[1] * blocks))
+    return SimpleNamespace(shape=(out, k_in), dense_row_ptr=list(range(out // 16 + 1)), tier_counts=lambda: counts)
+
+
+@pytest.mark.parametrize("tokens,shape,mix,block_major", [
+    # x over 256 KiB (2 bytes a value), whatever the mix
+    ((16, (4096, 11008), (0.9, 0.1, 0.0), True)), ((12, (4096, 11008), (0.9, 0.1, 0.0), True)),
+    ((10, (5120, 13824), (0.35, 0.45, 0.2), True)), ((16, (4096, 8192), (0.9, 0.1, 0.0), False)),
+    # a third or more 2:4, more than two block-rows per SM, its rung resident block-major
+    ((16, (11008, 4096), (0.35, 0.45, 0.2), True)), ((9, (22016, 4096), (0.35, 0.45, 0.2), True)),
+    ((12, (5120, 5120), (0.35, 0.45, 0.2), True)), ((9, (12288, 4096), (0.0, 1 / 3, 2 / 3), True)),
+    ((16, (11008, 4096), (0.9, 0.1, 0.0), False)),  # few 2:4 blocks
+    ((16, (4096, 4096), (0.35, 0.45, 0.2), False)),  # 256 block-rows: 1.94 per SM
+    ((12, (13824, 5120), (0.35, 0.45, 0.2), False)),  # 864 block-rows: more than 6 CTAs per SM block-major
+    ((9, (4096, 11008), (0.35, 0.45, 0.2), False)),  # x 198 KiB, 256 block-rows
+    # one token tile: never
+    ((8, (4096, 11008), (0.35, 0.45, 0.2), False)), ((1, (22016, 4096), (0.0, 1.0, 0.0), False)),
 ])
-def test_x_is_read_block_major_at_9_to_16_tokens_where_it_does_not_fit_in_l1(tokens, k_in, block_major) -> None:
-    """The op's rule (session 30, H100): block-major only where x, 2 bytes a value, is over 256 KiB."""
-    assert md.X_BLOCK_MAJOR_TILES is None and md._x_block_major(tokens, k_in) == block_major
+def test_x_is_read_block_major_at_9_to_16_tokens_where_it_pays(tokens, shape, mix, block_major, monkeypatch) -> None:
+    """The op's rule (sessions 30 and 31, H100, 132 SMs)."""
+    monkeypatch.setattr(md, "_multiprocessors", lambda device: 132)
+    assert md.X_BLOCK_MAJOR_TILES is None
+    assert md._x_block_major(tokens, weight_like(*shape, mix), torch.device("cuda")) == block_major
 
 
 @pytest.mark.parametrize("tokens,block_major,sparse", [
@@ -372,9 +394,12 @@ def test_the_sparse_2_4_source_compiles_for_both_dtypes(half, tmp_path) -> None:
     assert report.count("0 bytes spill stores") == report.count("Function properties for"), report
 
 
-def test_x_block_major_tiles_forces_the_layout_whatever_x_s_size(monkeypatch) -> None:
+def test_x_block_major_tiles_forces_the_layout_whatever_the_weight(monkeypatch) -> None:
+    monkeypatch.setattr(md, "_multiprocessors", lambda device: 132)
     monkeypatch.setattr(md, "X_BLOCK_MAJOR_TILES", (1,))
-    assert md._x_block_major(3, 64) and not md._x_block_major(16, 11008)
+    cuda = torch.device("cuda")
+    assert md._x_block_major(3, weight_like(64, 64, (1.0, 0.0, 0.0)), cuda)
+    assert not md._x_block_major(16, weight_like(4096, 11008, (0.35, 0.45, 0.2)), cuda)
 
 
 @pytest.mark.parametrize("tokens,tile_tokens", [(9, 16), (16, 16), (3, 8)])
@@ -420,6 +445,7 @@ needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
     ((64, 96), (0.35, 0.45, 0.20), 10), ((200, 512), (0.35, 0.45, 0.20), 16), ((48, 208), (0.0, 0.0, 1.0), 32),
     ((256, 256), (1.0, 0.0, 0.0), 10), ((256, 256), (0.0, 1.0, 0.0), 10), ((1000, 1024), (0.2, 0.2, 0.6), 4),
     ((80, 11008), (0.35, 0.45, 0.20), 10),  # 16 tokens of it are 344 KiB: the row kernel reads x block-major
+    ((4400, 256), (0.2, 0.6, 0.2), 10),  # 275 block-rows, mostly 2:4: x block-major at 9-16 tokens on 132 SMs
 ])
 def test_kernel_matches_reference_and_leaves_the_workspace_zeroed(shape, probs, topk, tokens, dtype) -> None:
     g = torch.Generator().manual_seed(3)
