@@ -2,9 +2,9 @@
 
 On the CPU: the bit-level recipe the kernel follows (which word of which buffer a lane reads, the 2:4 nibble,
 the byte-permute selectors, the column order shared by the A and B fragments, and the sparse tensor cores'
-fragment and metadata) is replayed in torch on real packed weights and must give the blocks and the product; and the CUDA source compiles for sm_90 with NVRTC (the pip
-package), to PTX with the expected mma and atomics (none in the row kernel), which Triton's ptxas assembles
-without spills. On CUDA: the kernel against the reference, and the row kernel's bits from call to call.
+fragment and metadata) is replayed in torch on real packed weights and must give the blocks and the product;
+and the CUDA source compiles for sm_90 with NVRTC (the pip package), to PTX with the expected mma and atomics
+(none in the row kernel), which Triton's ptxas assembles without spills. On CUDA: the kernel against the reference, and the row kernel's bits from call to call.
 """
 from __future__ import annotations
 
