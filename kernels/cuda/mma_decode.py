@@ -242,7 +242,7 @@ _MODULES: dict[tuple, dict] = {}
 #   loads cost little block-major. At 35/45/20 and 9 / 12 / 16 tokens on an H100 (session 31), against row-major:
 #   11008x4096 1.27 / 1.27 / 1.27x cuBLAS (1.22 / 1.20 / 1.13x), fused QKV 1.33 / 1.33 / 1.25x (1.32 / 1.28 / 1.14x),
 #   fused gate-up 1.33x (1.26 / 1.25 / 1.19x), 13B's 5120x5120 1.11x (1.06 / 1.03 / 0.93x); 4096x4096 (1.94
-#   block-rows per SM) 1.21 / 1.21 / 1.17x (1.33 / 1.24 / 1.16x); at 90/10/0 block-major lost 1-10%; 13B's
+#   block-rows per SM) 1.21 / 1.21 / 1.17x (1.33 / 1.24 / 1.16x); at 90/10/0 block-major lost up to 11%; 13B's
 #   13824x5120, whose 864 block-rows do not fit block-major's 6 CTAs per SM, 1.08x (1.28x).
 # Elsewhere the transpose (1.5-2 us) costs about what it saves or more (session 30, docs/kernels.md).
 X_BLOCK_MAJOR_MIN_BYTES = 256 * 1024
