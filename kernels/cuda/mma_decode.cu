@@ -80,34 +80,26 @@ __device__ __forceinline__ void mma_sp_16816(float* c, u32 a0, u32 a1, u32 b0, u
 #endif
 }
 
-// x for a 2:4 block on the sparse tensor cores: x[token][col*16 + 2t, +1] and [col*16 + 2t + 8, +9], the B
-// fragment in the mma's k order (the sparse A's groups of 4 are the stored physical columns, so the dense
-// blocks' column trick cannot apply). BLOCK_MAJOR as in load_x.
-template <bool BLOCK_MAJOR>
-__device__ __forceinline__ void load_x_sparse(uint2* bx, const u16* __restrict__ x, int col, int g, int t, int T,
-                                              int K) {
-#pragma unroll
-    for (int tile = 0; tile < NTILE; ++tile) {
-        const int token = g + 8 * tile;
-        if (token < T) {
-            const u32* w = BLOCK_MAJOR ? reinterpret_cast<const u32*>(x) + col * (NTILE * 64) + token * 8 + t
-                                       : reinterpret_cast<const u32*>(x + (size_t)token * K + col * 16) + t;
-            bx[tile] = make_uint2(__ldg(w), __ldg(w + 4));
-        } else {
-            bx[tile] = make_uint2(0u, 0u);
-        }
-    }
-}
-
 // x[token][col*16 + 4t .. +3] for the NTILE token tiles (tokens g and g+8); zero for tokens >= T. BLOCK_MAJOR:
 // x laid out as (K/16, NTILE*8, 16), each block column's tokens together (those >= T never read), so that a
 // tile's load touches 256 contiguous bytes (two L1 lines) rather than 32 bytes in each of 8 tokens' lines.
-template <bool BLOCK_MAJOR>
+// SPARSE (a 2:4 block on the sparse tensor cores): x[token][col*16 + 2t, +1] and [col*16 + 2t + 8, +9] instead, the
+// B fragment in the mma's own k order (the sparse A's groups of 4 are the stored physical columns, so the dense
+// blocks' column trick cannot apply).
+template <bool BLOCK_MAJOR, bool SPARSE = false>
 __device__ __forceinline__ void load_x(uint2* bx, const u16* __restrict__ x, int col, int g, int t, int T, int K) {
 #pragma unroll
     for (int tile = 0; tile < NTILE; ++tile) {
         const int token = g + 8 * tile;
-        if constexpr (BLOCK_MAJOR)
+        if constexpr (SPARSE) {
+            if (token < T) {
+                const u32* w = BLOCK_MAJOR ? reinterpret_cast<const u32*>(x) + col * (NTILE * 64) + token * 8 + t
+                                           : reinterpret_cast<const u32*>(x + (size_t)token * K + col * 16) + t;
+                bx[tile] = make_uint2(__ldg(w), __ldg(w + 4));
+            } else {
+                bx[tile] = make_uint2(0u, 0u);
+            }
+        } else if constexpr (BLOCK_MAJOR)
             // (indexed in 8-byte words: the same address in u16s made ptxas spill in the capped configs)
             bx[tile] = token < T ? __ldg(reinterpret_cast<const uint2*>(x) + col * (NTILE * 32) + token * 4 + t)
                                  : make_uint2(0u, 0u);
@@ -225,10 +217,7 @@ __device__ __forceinline__ void stream_blocks(float (*acc)[4], int& row, int n, 
 #pragma unroll
     for (int i = 0; i < CH; ++i) {
         const int col = __shfl_sync(FULL, lane_col, col_lane0 + i);
-        if (i < n) {
-            if (TIER == 1 && SPARSE_24) load_x_sparse<ONE_ROW && X_BLOCK_MAJOR>(bx[i], x, col, g, t, T, K);
-            else load_x<ONE_ROW && X_BLOCK_MAJOR>(bx[i], x, col, g, t, T, K);
-        }
+        if (i < n) load_x<ONE_ROW && X_BLOCK_MAJOR, TIER == 1 && SPARSE_24>(bx[i], x, col, g, t, T, K);
     }
 #pragma unroll
     for (int i = 0; i < CH; ++i) {
