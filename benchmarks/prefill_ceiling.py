@@ -1,0 +1,194 @@
+"""How fast a GEMM that does less tensor work per 2:4 block could be at prefill: the GPU's own rates, and how
+much of a pruned model's tier maps the sparse tensor cores could take.
+
+GPU part (CUDA): the rate of mma.sync m16n8k16 (dense), mma.sp m16n8k16 and mma.sp m16n8k32 (bf16; TFLOPS as
+dense-equivalent work, a sparse m16n8k32 counting 2*16*8*32 flops), from kernels that issue nothing else; cuBLAS
+(F.linear) at --tokens tokens on the LLaMA-2-7B shapes; and the op's prefill (unpack + cuBLAS) at 35/45/20. From
+these, for each mix, the bound of a GEMM that picks per 16x16 block: dense blocks at the mma.sync rate, 2:4 and
+TopK blocks two by two at the m16n8k32 sparse rate (a lone one costs a dense block: m16n8k16 sparse is no faster
+than dense). Warpgroup-wide wgmma (what cuBLAS runs on Hopper) takes 64 rows at once: 4 block-rows.
+
+Tier-map part (CPU, --tier-table FILE: a run's tier table, `tiers.parquet` of an iteration in its store): per
+matrix, the share of its tensor work a per-block sparse GEMM saves (2:4 and TopK blocks paired within a block-row,
+any two columns), and what a 64-row sparse tile (wgmma.sp m64nNk32: 4 block-rows x 2 block columns, all sparse)
+saves with block-rows in their order and grouped four by four by their dense columns (greedy), with block
+columns paired freely inside each group. TopK blocks count as sparse (a few break 2:4: docs/kernels.md).
+
+Run:
+    python benchmarks/prefill_ceiling.py                       # on a GPU
+    python benchmarks/prefill_ceiling.py --tier-table runs/demo-local/.../tiers.parquet   # anywhere
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+SHAPES = {"qkvo": (4096, 4096), "up": (11008, 4096), "down": (4096, 11008), "fused-qkv": (12288, 4096),
+          "fused-gate-up": (22016, 4096)}
+MIXES = {"35/45/20": (0.35, 0.45, 0.20), "90/10/0": (0.90, 0.10, 0.0), "0/100/0": (0.0, 1.0, 0.0)}
+
+# One instruction kind in a loop over 8 independent accumulators: its issue rate and nothing else.
+_RATE_SOURCE = r"""
+typedef unsigned int u32;
+#define LOOP(ASM) float acc[8][4] = {}; \
+    for (int i = 0; i < iters; ++i) { _Pragma("unroll") for (int j = 0; j < 8; ++j) ASM } \
+    float s = 0.f; for (int j = 0; j < 8; ++j) s += acc[j][0] + acc[j][1] + acc[j][2] + acc[j][3]; \
+    out[blockIdx.x * blockDim.x + threadIdx.x] = s;
+#define C "+f"(acc[j][0]), "+f"(acc[j][1]), "+f"(acc[j][2]), "+f"(acc[j][3])
+extern "C" __global__ void mma_dense(float* out, int iters) {
+    const u32 a = threadIdx.x * 3u, b = a ^ 7u;
+    LOOP(asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+                      "{%8,%9}, {%0,%1,%2,%3};" : C : "r"(a), "r"(a + 1), "r"(a + 2), "r"(a + 5), "r"(b), "r"(b + 2));)
+}
+extern "C" __global__ void mma_sparse_k16(float* out, int iters) {
+    const u32 a = threadIdx.x * 3u, b = a ^ 7u, e = 0x44444444u;
+    LOOP(asm volatile("mma.sp.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5}, {%6,%7}, "
+                      "{%0,%1,%2,%3}, %8, 0x0;" : C : "r"(a), "r"(a + 1), "r"(b), "r"(b + 2), "r"(e));)
+}
+extern "C" __global__ void mma_sparse_k32(float* out, int iters) {
+    const u32 a = threadIdx.x * 3u, b = a ^ 7u, e = 0x44444444u;
+    LOOP(asm volatile("mma.sp.sync.aligned.m16n8k32.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+                      "{%8,%9,%10,%11}, {%0,%1,%2,%3}, %12, 0x0;"
+                      : C : "r"(a), "r"(a + 1), "r"(a + 2), "r"(a + 5), "r"(b), "r"(b + 2), "r"(b + 4), "r"(b + 6),
+                        "r"(e));)
+}
+"""
+_RATE_KERNELS = {"mma_dense": 2 * 16 * 8 * 16, "mma_sparse_k16": 2 * 16 * 8 * 16, "mma_sparse_k32": 2 * 16 * 8 * 32}
+
+
+def _median_ms(fn, reps: int = 7) -> float:
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def instruction_rates(iters: int = 4096) -> dict[str, float]:
+    """Dense-equivalent TFLOPS of each _RATE_KERNELS instruction, 8 warps per CTA, 8 CTAs per SM."""
+    from torch.cuda._utils import _cuda_load_module, _nvrtc_compile
+
+    major, minor = torch.cuda.get_device_capability()
+    binary, _ = _nvrtc_compile(_RATE_SOURCE, "mma_dense", f"{major}{minor}", nvcc_options=["-std=c++17"])
+    kernels = _cuda_load_module(binary, list(_RATE_KERNELS))
+    ctas = 8 * torch.cuda.get_device_properties(0).multi_processor_count
+    out = torch.empty(ctas * 256, device="cuda")
+    rates = {}
+    for name, flops in _RATE_KERNELS.items():
+        ms = _median_ms(lambda k=kernels[name]: k(grid=(ctas, 1, 1), block=(256, 1, 1), args=[out, iters]))
+        rates[name] = ctas * 8 * iters * 8 * flops / (ms * 1e-3) / 1e12
+    return rates
+
+
+def gemm_rates(tokens: int) -> None:
+    """cuBLAS and the op's prefill per shape; the per-block bound per mix from the instruction rates."""
+    from tierprune.kernels.hybrid import pack_hybrid
+    from tierprune.kernels.tiers import DENSE, NM_2_4, TOPK, target_counts, tier_keep_mask
+    from tierprune.kernels.triton.hybrid_mm import hybrid_mm
+
+    rates = instruction_rates()
+    print(f"{torch.cuda.get_device_name()}: " + ", ".join(f"{k} {v:.0f} TFLOPS" for k, v in rates.items()))
+    g = torch.Generator().manual_seed(0)
+    for name, shape in SHAPES.items():
+        x = torch.randn(tokens, shape[1], device="cuda", dtype=torch.bfloat16)
+        W = torch.randn(shape, device="cuda", dtype=torch.bfloat16) * 0.02
+        flops = 2 * tokens * shape[0] * shape[1]
+        cublas = flops / (_median_ms(lambda: F.linear(x, W)) * 1e-3) / 1e12
+        nbr, nbc = shape[0] // 16, shape[1] // 16
+        counts = target_counts(nbr * nbc, MIXES["35/45/20"])
+        tiers = torch.tensor([DENSE] * counts[0] + [NM_2_4] * counts[1] + [TOPK] * counts[2], dtype=torch.int8)
+        tier_map = tiers[torch.randperm(nbr * nbc, generator=g)].view(nbr, nbc).cuda()
+        hw = pack_hybrid(W * tier_keep_mask(W.float().abs(), tier_map, 16, 10), tier_map)
+        op = flops / (_median_ms(lambda: hybrid_mm(x, hw)) * 1e-3) / 1e12
+        bounds = []
+        for mix_name, (dense, nm, topk) in MIXES.items():
+            per_block = 1 / (dense / rates["mma_dense"] + (nm + topk) / rates["mma_sparse_k32"])
+            bounds.append(f"{mix_name} {per_block / cublas:.2f}x")
+        print(f"{name} {shape[0]}x{shape[1]}, {tokens} tokens: cuBLAS {cublas:.0f} TFLOPS; op 35/45/20 "
+              f"{op / cublas:.2f}x cuBLAS; per-block mma bound " + ", ".join(bounds))
+
+
+# ---------------------------------------------------------------- tier maps
+
+
+def per_block_saving(sparse: np.ndarray) -> float:
+    """Tensor work left (1 = dense) when each block-row's sparse blocks run two by two at half cost (any columns;
+    a lone one costs a dense block)."""
+    per_row = sparse.sum(1)
+    return float((sparse.shape[1] - per_row + (per_row // 2) + (per_row % 2)).sum() / sparse.size)
+
+
+def grouped_rows(dense: np.ndarray, group: int = 4) -> list[np.ndarray]:
+    """Block-rows in groups of `group` whose dense columns overlap most: each group starts from the left-over row
+    with the fewest dense blocks and adds, one at a time, the row that grows the group's dense columns least
+    (starting from the most dense instead left more work on the demo's tier maps: 0.733 against 0.716)."""
+    left = list(np.argsort(dense.sum(1), kind="stable"))
+    groups = []
+    while left:
+        members = [left.pop(0)]
+        union = dense[members[0]].copy()
+        while len(members) < group and left:
+            growth = (dense[left] & ~union).sum(1)
+            best = int(np.argmin(growth))
+            members.append(left.pop(best))
+            union |= dense[members[-1]]
+        groups.append(np.array(members))
+    return groups
+
+
+def tile_saving(dense: np.ndarray, groups: list[np.ndarray]) -> float:
+    """Tensor work left with 64-row tiles: per group, a column any of whose blocks is dense runs dense; the others
+    run two by two at half cost (a lone one dense)."""
+    work = 0
+    for rows in groups:
+        sparse_columns = int((~dense[rows].any(0)).sum())
+        work += (dense.shape[1] - sparse_columns + sparse_columns // 2 + sparse_columns % 2) * len(rows)
+    return work / dense.size
+
+
+def tier_map_report(path: str) -> None:
+    import pandas as pd
+
+    from tierprune.kernels.tiers import DENSE
+    from tierprune.tasks.tier_tables import tier_maps_from_table
+
+    maps = tier_maps_from_table(pd.read_parquet(path))
+    print(f"{'matrix':<40} {'blocks':>7} {'dense':>6} {'per-block':>9} {'64-row':>7} {'grouped':>8}")
+    totals, tiers = np.zeros(4), np.zeros(3)
+    for name, tier_map in maps.items():
+        tiers += np.bincount(tier_map.flatten().long().numpy(), minlength=3)[:3]
+        dense = (tier_map == DENSE).numpy()
+        natural = [np.arange(i, min(i + 4, len(dense))) for i in range(0, len(dense), 4)]
+        row = [per_block_saving(~dense), tile_saving(dense, natural), tile_saving(dense, grouped_rows(dense))]
+        totals += np.array([dense.size, *row]) * np.array([1, dense.size, dense.size, dense.size])
+        print(f"{name:<40} {dense.size:>7} {dense.mean():>6.2f} {row[0]:>9.3f} {row[1]:>7.3f} {row[2]:>8.3f}")
+    print(f"{'all (tensor work left, 1 = dense)':<40} {int(totals[0]):>7} {tiers[0] / totals[0]:>6.2f} "
+          f"{totals[1] / totals[0]:>9.3f} {totals[2] / totals[0]:>7.3f} {totals[3] / totals[0]:>8.3f}")
+    print("blocks Dense / 2:4 / TopK: " + " / ".join(f"{100 * n / totals[0]:.1f}%" for n in tiers))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tokens", type=int, default=2048)
+    parser.add_argument("--tier-table", help="a run's tiers.parquet: report its tier maps (CPU)")
+    args = parser.parse_args(argv)
+    if args.tier_table:
+        tier_map_report(args.tier_table)
+    elif torch.cuda.is_available():
+        gemm_rates(args.tokens)
+    else:
+        parser.error("no GPU: give --tier-table for the CPU part")
+
+
+if __name__ == "__main__":
+    main()
