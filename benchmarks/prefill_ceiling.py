@@ -21,15 +21,12 @@ Run:
 from __future__ import annotations
 
 import argparse
-import statistics
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-SHAPES = {"qkvo": (4096, 4096), "up": (11008, 4096), "down": (4096, 11008), "fused-qkv": (12288, 4096),
-          "fused-gate-up": (22016, 4096)}
-MIXES = {"35/45/20": (0.35, 0.45, 0.20), "90/10/0": (0.90, 0.10, 0.0), "0/100/0": (0.0, 1.0, 0.0)}
+BOUND_MIXES = {"35/45/20": (0.35, 0.45, 0.20), "90/10/0": (0.90, 0.10, 0.0), "0/100/0": (0.0, 1.0, 0.0)}
 
 # One instruction kind in a loop over 8 independent accumulators: its issue rate and nothing else.
 _RATE_SOURCE = r"""
@@ -60,23 +57,11 @@ extern "C" __global__ void mma_sparse_k32(float* out, int iters) {
 _RATE_KERNELS = {"mma_dense": 2 * 16 * 8 * 16, "mma_sparse_k16": 2 * 16 * 8 * 16, "mma_sparse_k32": 2 * 16 * 8 * 32}
 
 
-def _median_ms(fn, reps: int = 7) -> float:
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
 def instruction_rates(iters: int = 4096) -> dict[str, float]:
     """Dense-equivalent TFLOPS of each _RATE_KERNELS instruction, 8 warps per CTA, 8 CTAs per SM."""
     from torch.cuda._utils import _cuda_load_module, _nvrtc_compile
+
+    import hybrid_kernels as hk  # the GPU part only: the CPU tests load this file without benchmarks/ on the path
 
     major, minor = torch.cuda.get_device_capability()
     binary, _ = _nvrtc_compile(_RATE_SOURCE, "mma_dense", f"{major}{minor}", nvcc_options=["-std=c++17"])
@@ -85,37 +70,41 @@ def instruction_rates(iters: int = 4096) -> dict[str, float]:
     out = torch.empty(ctas * 256, device="cuda")
     rates = {}
     for name, flops in _RATE_KERNELS.items():
-        ms = _median_ms(lambda k=kernels[name]: k(grid=(ctas, 1, 1), block=(256, 1, 1), args=[out, iters]))
-        rates[name] = ctas * 8 * iters * 8 * flops / (ms * 1e-3) / 1e12
+        us, _ = hk.measure_us([lambda k=kernels[name]: k(grid=(ctas, 1, 1), block=(256, 1, 1), args=[out, iters])],
+                              "cuda", inner=1, reps=7)
+        rates[name] = ctas * 8 * iters * 8 * flops / (us * 1e-6) / 1e12
     return rates
 
 
 def gemm_rates(tokens: int) -> None:
-    """cuBLAS and the op's prefill per shape; the per-block bound per mix from the instruction rates."""
+    """cuBLAS and the op's prefill per shape (weights rotated as benchmarks/hybrid_kernels.py does); the
+    per-block bound per mix from the instruction rates."""
+    import hybrid_kernels as hk
+
     from tierprune.kernels.hybrid import pack_hybrid
-    from tierprune.kernels.tiers import DENSE, NM_2_4, TOPK, target_counts, tier_keep_mask
     from tierprune.kernels.triton.hybrid_mm import hybrid_mm
 
     rates = instruction_rates()
     print(f"{torch.cuda.get_device_name()}: " + ", ".join(f"{k} {v:.0f} TFLOPS" for k, v in rates.items()))
     g = torch.Generator().manual_seed(0)
-    for name, shape in SHAPES.items():
+    for name, shape in hk.SHAPES.items():  # the LLaMA-2-7B shapes
         x = torch.randn(tokens, shape[1], device="cuda", dtype=torch.bfloat16)
-        W = torch.randn(shape, device="cuda", dtype=torch.bfloat16) * 0.02
+        tier_map = hk.make_tier_map(shape, hk.MIXES["35/45/20"], "random", g)
+        W = hk.pruned_weight(shape, tier_map, "cuda", seed=0)
+        copies = hk.copies_needed(W.numel() * W.element_size(), "cuda")
+        weights = [W.clone() for _ in range(copies)]
+        packed = [pack_hybrid(w, tier_map.cuda()) for w in weights]
         flops = 2 * tokens * shape[0] * shape[1]
-        cublas = flops / (_median_ms(lambda: F.linear(x, W)) * 1e-3) / 1e12
-        nbr, nbc = shape[0] // 16, shape[1] // 16
-        counts = target_counts(nbr * nbc, MIXES["35/45/20"])
-        tiers = torch.tensor([DENSE] * counts[0] + [NM_2_4] * counts[1] + [TOPK] * counts[2], dtype=torch.int8)
-        tier_map = tiers[torch.randperm(nbr * nbc, generator=g)].view(nbr, nbc).cuda()
-        hw = pack_hybrid(W * tier_keep_mask(W.float().abs(), tier_map, 16, 10), tier_map)
-        op = flops / (_median_ms(lambda: hybrid_mm(x, hw)) * 1e-3) / 1e12
+        cublas_us, _ = hk.measure_us([lambda w=w: F.linear(x, w) for w in weights], "cuda", inner=5, reps=7)
+        op_us, _ = hk.measure_us([lambda hw=hw: hybrid_mm(x, hw) for hw in packed], "cuda", inner=5, reps=7)
+        cublas = flops / (cublas_us * 1e-6) / 1e12
         bounds = []
-        for mix_name, (dense, nm, topk) in MIXES.items():
+        for mix_name, (dense, nm, topk) in BOUND_MIXES.items():
             per_block = 1 / (dense / rates["mma_dense"] + (nm + topk) / rates["mma_sparse_k32"])
             bounds.append(f"{mix_name} {per_block / cublas:.2f}x")
-        print(f"{name} {shape[0]}x{shape[1]}, {tokens} tokens: cuBLAS {cublas:.0f} TFLOPS; op 35/45/20 "
-              f"{op / cublas:.2f}x cuBLAS; per-block mma bound " + ", ".join(bounds))
+        print(f"{name}, {tokens} tokens: cuBLAS {cublas:.0f} TFLOPS; the op at 35/45/20 {cublas_us / op_us:.2f}x "
+              f"cuBLAS; per-block mma bound " + ", ".join(bounds))
+        del weights, packed
 
 
 # ---------------------------------------------------------------- tier maps
