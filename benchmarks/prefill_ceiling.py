@@ -9,10 +9,10 @@ TopK blocks two by two at the m16n8k32 sparse rate (a lone one costs a dense blo
 than dense). Warpgroup-wide wgmma (what cuBLAS runs on Hopper) takes 64 rows at once: 4 block-rows.
 
 Tier-map part (CPU, --tier-table FILE: a run's tier table, `tiers.parquet` of an iteration in its store): per
-matrix, the share of its tensor work a per-block sparse GEMM saves (2:4 and TopK blocks paired within a block-row,
-any two columns), and what a 64-row sparse tile (wgmma.sp m64nNk32: 4 block-rows x 2 block columns, all sparse)
-saves with block-rows in their order and grouped four by four by their dense columns (greedy), with block
-columns paired freely inside each group. TopK blocks count as sparse (a few break 2:4: docs/kernels.md).
+matrix, the tensor work left (1 = dense) by a per-block sparse GEMM (2:4 and TopK blocks paired within a
+block-row, any two columns), and by 64-row sparse tiles (wgmma.sp m64nNk32: 4 block-rows x 2 block columns, all
+sparse) with block-rows in their order and grouped four by four by their dense columns (greedy), block columns
+paired freely inside each group. TopK blocks count as sparse (a few break 2:4: docs/kernels.md).
 
 Run:
     python benchmarks/prefill_ceiling.py                       # on a GPU
