@@ -110,11 +110,15 @@ def gemm_rates(tokens: int) -> None:
 # ---------------------------------------------------------------- tier maps
 
 
-def per_block_saving(sparse: np.ndarray) -> float:
-    """Tensor work left (1 = dense) when each block-row's sparse blocks run two by two at half cost (any columns;
-    a lone one costs a dense block)."""
-    per_row = sparse.sum(1)
-    return float((sparse.shape[1] - per_row + (per_row // 2) + (per_row % 2)).sum() / sparse.size)
+def _work_left(columns: int | np.ndarray, sparse: int | np.ndarray) -> int | np.ndarray:
+    """Dense-block steps for `columns` blocks of which `sparse` run two by two at half cost (a lone one: a whole
+    step, as m16n8k16 sparse is no faster than dense)."""
+    return columns - sparse // 2
+
+
+def per_block_work(sparse: np.ndarray) -> float:
+    """Tensor work left (1 = dense) when each block-row pairs its own sparse blocks (any two columns)."""
+    return float(_work_left(sparse.shape[1], sparse.sum(1)).sum() / sparse.size)
 
 
 def grouped_rows(dense: np.ndarray, group: int = 4) -> list[np.ndarray]:
@@ -128,42 +132,38 @@ def grouped_rows(dense: np.ndarray, group: int = 4) -> list[np.ndarray]:
         union = dense[members[0]].copy()
         while len(members) < group and left:
             growth = (dense[left] & ~union).sum(1)
-            best = int(np.argmin(growth))
-            members.append(left.pop(best))
+            members.append(left.pop(int(np.argmin(growth))))
             union |= dense[members[-1]]
         groups.append(np.array(members))
     return groups
 
 
-def tile_saving(dense: np.ndarray, groups: list[np.ndarray]) -> float:
-    """Tensor work left with 64-row tiles: per group, a column any of whose blocks is dense runs dense; the others
-    run two by two at half cost (a lone one dense)."""
-    work = 0
-    for rows in groups:
-        sparse_columns = int((~dense[rows].any(0)).sum())
-        work += (dense.shape[1] - sparse_columns + sparse_columns // 2 + sparse_columns % 2) * len(rows)
+def tile_work(dense: np.ndarray, groups: list[np.ndarray]) -> float:
+    """Tensor work left with 64-row tiles: per group of block-rows, a column with any dense block runs dense, the
+    columns without one pair up."""
+    work = sum(_work_left(dense.shape[1], int((~dense[rows].any(0)).sum())) * len(rows) for rows in groups)
     return work / dense.size
 
 
 def tier_map_report(path: str) -> None:
     import pandas as pd
 
-    from tierprune.kernels.tiers import DENSE
+    from tierprune.kernels.tiers import DENSE, NM_2_4, TOPK
     from tierprune.tasks.tier_tables import tier_maps_from_table
 
     maps = tier_maps_from_table(pd.read_parquet(path))
     print(f"{'matrix':<40} {'blocks':>7} {'dense':>6} {'per-block':>9} {'64-row':>7} {'grouped':>8}")
-    totals, tiers = np.zeros(4), np.zeros(3)
+    blocks, work, tiers = 0, np.zeros(3), np.zeros(3)  # work: block-weighted sums of the three columns
     for name, tier_map in maps.items():
-        tiers += np.bincount(tier_map.flatten().long().numpy(), minlength=3)[:3]
+        tiers += np.bincount(tier_map.flatten().long().numpy(), minlength=3)[[DENSE, NM_2_4, TOPK]]
         dense = (tier_map == DENSE).numpy()
-        natural = [np.arange(i, min(i + 4, len(dense))) for i in range(0, len(dense), 4)]
-        row = [per_block_saving(~dense), tile_saving(dense, natural), tile_saving(dense, grouped_rows(dense))]
-        totals += np.array([dense.size, *row]) * np.array([1, dense.size, dense.size, dense.size])
+        in_order = [np.arange(i, min(i + 4, len(dense))) for i in range(0, len(dense), 4)]
+        row = np.array([per_block_work(~dense), tile_work(dense, in_order), tile_work(dense, grouped_rows(dense))])
+        blocks, work = blocks + dense.size, work + row * dense.size
         print(f"{name:<40} {dense.size:>7} {dense.mean():>6.2f} {row[0]:>9.3f} {row[1]:>7.3f} {row[2]:>8.3f}")
-    print(f"{'all (tensor work left, 1 = dense)':<40} {int(totals[0]):>7} {tiers[0] / totals[0]:>6.2f} "
-          f"{totals[1] / totals[0]:>9.3f} {totals[2] / totals[0]:>7.3f} {totals[3] / totals[0]:>8.3f}")
-    print("blocks Dense / 2:4 / TopK: " + " / ".join(f"{100 * n / totals[0]:.1f}%" for n in tiers))
+    print(f"{'all (tensor work left, 1 = dense)':<40} {blocks:>7} {tiers[0] / blocks:>6.2f} "
+          f"{work[0] / blocks:>9.3f} {work[1] / blocks:>7.3f} {work[2] / blocks:>8.3f}")
+    print("blocks Dense / 2:4 / TopK: " + " / ".join(f"{100 * n / blocks:.1f}%" for n in tiers))
 
 
 def main(argv: list[str] | None = None) -> None:

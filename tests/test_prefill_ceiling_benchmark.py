@@ -19,13 +19,13 @@ def bench():
 def test_per_block_pairs_sparse_blocks_in_each_row(bench) -> None:
     # Row 0: 3 sparse of 4 -> one pair (1) + a lone one (1) + the dense block (1) = 3; row 1: two pairs = 2.
     sparse = np.array([[True, True, True, False], [True, True, True, True]])
-    assert bench.per_block_saving(sparse) == pytest.approx(5 / 8)
+    assert bench.per_block_work(sparse) == pytest.approx(5 / 8)
 
 
 def test_a_64_row_tile_runs_dense_where_any_of_its_rows_is(bench) -> None:
     dense = np.zeros((4, 4), bool)
     dense[0, 0] = True  # column 0 dense for all 4 rows; columns 1-3: a pair and a lone one
-    assert bench.tile_saving(dense, [np.arange(4)]) == pytest.approx(12 / 16)
+    assert bench.tile_work(dense, [np.arange(4)]) == pytest.approx(12 / 16)
 
 
 def test_rows_grouped_by_their_dense_columns(bench) -> None:
@@ -36,8 +36,8 @@ def test_rows_grouped_by_their_dense_columns(bench) -> None:
     assert sorted(map(sorted, (g.tolist() for g in groups))) == [[0, 2, 4, 6], [1, 3, 5, 7]]
     natural = [np.arange(0, 4), np.arange(4, 8)]
     # Grouped: 1 dense column + 2 pairs = 3 of 5 per row; in order: 2 dense + a pair + a lone one = 4 of 5.
-    assert bench.tile_saving(dense, groups) == pytest.approx(3 / 5)
-    assert bench.tile_saving(dense, natural) == pytest.approx(4 / 5)
+    assert bench.tile_work(dense, groups) == pytest.approx(3 / 5)
+    assert bench.tile_work(dense, natural) == pytest.approx(4 / 5)
 
 
 def test_report_reads_a_runs_tier_table(bench, tmp_path, capsys) -> None:
