@@ -6,7 +6,10 @@ dense-equivalent work, a sparse m16n8k32 counting 2*16*8*32 flops), from kernels
 (F.linear) at --tokens tokens on the LLaMA-2-7B shapes; and the op's prefill (unpack + cuBLAS) at 35/45/20. From
 these, for each mix, the bound of a GEMM that picks per 16x16 block: dense blocks at the mma.sync rate, 2:4 and
 TopK blocks two by two at the m16n8k32 sparse rate (a lone one costs a dense block: m16n8k16 sparse is no faster
-than dense). Warpgroup-wide wgmma (what cuBLAS runs on Hopper) takes 64 rows at once: 4 block-rows.
+than dense). Warpgroup-wide wgmma (what cuBLAS runs on Hopper) takes 64 rows at once: 4 block-rows. On sm_90 also
+the rates of wgmma m64n256k16 (dense) and wgmma.sp m64n256k32, A from shared memory (SS) or registers (RS), and
+per shape the bound of a GEMM of 64-row tiles on this random map (block-rows grouped, --tier-table's "grouped"):
+a pair of block columns runs sparse where none of the group's blocks there is dense.
 
 Tier-map part (CPU, --tier-table FILE: a run's tier table, `tiers.parquet` of an iteration in its store): per
 matrix, the tensor work left (1 = dense) by a per-block sparse GEMM (2:4 and TopK blocks paired within a
@@ -56,6 +59,65 @@ extern "C" __global__ void mma_sparse_k32(float* out, int iters) {
 """
 _RATE_KERNELS = {"mma_dense": 2 * 16 * 8 * 16, "mma_sparse_k16": 2 * 16 * 8 * 16, "mma_sparse_k32": 2 * 16 * 8 * 32}
 
+# Hopper's warpgroup instructions (sm_90a): two warpgroups per CTA, each 4 wgmma on one 64 x 256 accumulator per
+# commit group, a group in flight while the next is issued (the way CUTLASS's mainloop runs them).
+_WGMMA_N = 256
+_WGMMA_HEAD = r"""
+typedef unsigned int u32;
+typedef unsigned long long u64;
+// A shared-memory matrix descriptor without swizzle (address, leading and stride byte offsets, each >> 4): the
+// rate kernels multiply whatever the tile holds, so the offsets need only stay inside it.
+__device__ __forceinline__ u64 smem_desc(const void* p) {
+    const u64 address = (static_cast<u64>(__cvta_generic_to_shared(p)) & 0x3FFFF) >> 4;
+    return address | (8ull << 16) | (16ull << 32);
+}
+"""
+_WGMMA_KERNEL = r"""
+extern "C" __global__ void __launch_bounds__(256, 1) NAME(float* out, int iters) {
+    __shared__ __align__(1024) unsigned short tile[16384];
+    for (int i = threadIdx.x; i < 16384; i += blockDim.x) tile[i] = 0x3F00u | ((i * 37u) & 0xFFu);  // 0.5 to 1
+    __syncthreads();
+    const u64 a_desc = smem_desc(tile), b_desc = smem_desc(tile + 4096);
+    const u32 a0 = 0x3F403F20u ^ threadIdx.x, a1 = a0 ^ 5u, a2 = a0 ^ 9u, a3 = a0 ^ 3u, e = 0x44444444u;
+    float d[ACC] = {};
+    for (int i = 0; i < iters; ++i) {
+        asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
+        _Pragma("unroll") for (int j = 0; j < 4; ++j) asm volatile(INSTRUCTION : OUTPUTS : INPUTS);
+        asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+        asm volatile("wgmma.wait_group.sync.aligned 1;" ::: "memory");
+    }
+    asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
+    float s = 0.f;
+    for (int k = 0; k < ACC; ++k) s += d[k];
+    out[blockIdx.x * blockDim.x + threadIdx.x] = s;
+}
+"""
+# name: (sparse, A from registers); dense-equivalent flops per instruction: 2 * 64 * N * (32 sparse, 16 dense)
+_WGMMA_KERNELS = {"wgmma_dense_ss": (False, False), "wgmma_dense_rs": (False, True),
+                  "wgmma_sparse_ss": (True, False), "wgmma_sparse_rs": (True, True)}
+
+
+def wgmma_source() -> str:
+    """The _WGMMA_KERNELS, each its inline-asm instruction written out (N / 2 accumulators per thread)."""
+    accumulators = _WGMMA_N // 2
+    outputs = ", ".join(f'"+f"(d[{k}])' for k in range(accumulators))
+    source = _WGMMA_HEAD
+    for name, (sparse, a_in_registers) in _WGMMA_KERNELS.items():
+        slot = iter(range(accumulators, accumulators + 8))
+        a = "{" + ", ".join(f"%{next(slot)}" for _ in range(4)) + "}" if a_in_registers else f"%{next(slot)}"
+        b = f"%{next(slot)}"
+        metadata = f"%{next(slot)}, 0, " if sparse else ""  # 2-bit positions, sparsity selector 0
+        transposes = "0" if a_in_registers else "0, 0"  # A from registers has no transpose flag
+        shape = f"sp.sync.aligned.m64n{_WGMMA_N}k32" if sparse else f"sync.aligned.m64n{_WGMMA_N}k16"
+        instruction = (f"{{ .reg .pred p; setp.ne.b32 p, 1, 0; wgmma.mma_async.{shape}.f32.bf16.bf16 "
+                       f"{{{', '.join(f'%{k}' for k in range(accumulators))}}}, {a}, {b}, {metadata}p, 1, 1, "
+                       f"{transposes}; }}")
+        inputs = ('"r"(a0), "r"(a1), "r"(a2), "r"(a3)' if a_in_registers else '"l"(a_desc)') + ', "l"(b_desc)'
+        inputs += ', "r"(e)' if sparse else ""
+        source += (_WGMMA_KERNEL.replace("NAME", name).replace("ACC", str(accumulators))
+                   .replace("INSTRUCTION", f'"{instruction}"').replace("OUTPUTS", outputs).replace("INPUTS", inputs))
+    return source
+
 
 def instruction_rates(iters: int = 4096) -> dict[str, float]:
     """Dense-equivalent TFLOPS of each _RATE_KERNELS instruction, 8 warps per CTA, 8 CTAs per SM."""
@@ -73,6 +135,15 @@ def instruction_rates(iters: int = 4096) -> dict[str, float]:
         us, _ = hk.measure_us([lambda k=kernels[name]: k(grid=(ctas, 1, 1), block=(256, 1, 1), args=[out, iters])],
                               "cuda", inner=1, reps=7)
         rates[name] = ctas * 8 * iters * 8 * flops / (us * 1e-6) / 1e12
+    if (major, minor) == (9, 0):
+        binary, _ = _nvrtc_compile(wgmma_source(), "wgmma_dense_ss", "90a", nvcc_options=["-std=c++17"])
+        kernels = _cuda_load_module(binary, list(_WGMMA_KERNELS))
+        ctas = torch.cuda.get_device_properties(0).multi_processor_count
+        for name, (sparse, _) in _WGMMA_KERNELS.items():
+            us, _ = hk.measure_us([lambda k=kernels[name]: k(grid=(ctas, 1, 1), block=(256, 1, 1),
+                                                               args=[out, iters])], "cuda", inner=1, reps=7)
+            flops = 2 * 64 * _WGMMA_N * (32 if sparse else 16)
+            rates[name] = ctas * 2 * iters * 4 * flops / (us * 1e-6) / 1e12
     return rates
 
 
@@ -82,6 +153,7 @@ def gemm_rates(tokens: int) -> None:
     import hybrid_kernels as hk
 
     from tierprune.kernels.hybrid import pack_hybrid
+    from tierprune.kernels.tiers import DENSE
     from tierprune.kernels.triton.hybrid_mm import hybrid_mm
 
     rates = instruction_rates()
@@ -102,8 +174,15 @@ def gemm_rates(tokens: int) -> None:
         for mix_name, (dense, nm, topk) in BOUND_MIXES.items():
             per_block = 1 / (dense / rates["mma_dense"] + (nm + topk) / rates["mma_sparse_k32"])
             bounds.append(f"{mix_name} {per_block / cublas:.2f}x")
+        tiles = ""
+        if "wgmma_sparse_ss" in rates:
+            dense_blocks = (tier_map == DENSE).numpy()
+            paired = sparse_pair_fraction(dense_blocks, grouped_rows(dense_blocks))
+            for kind in ("ss", "rs"):
+                bound = 1 / ((1 - paired) / rates[f"wgmma_dense_{kind}"] + paired / rates[f"wgmma_sparse_{kind}"])
+                tiles += f"; 64-row wgmma.sp tiles ({kind}, {paired:.2f} of the blocks paired) {bound / cublas:.2f}x"
         print(f"{name}, {tokens} tokens: cuBLAS {cublas:.0f} TFLOPS; the op at 35/45/20 {cublas_us / op_us:.2f}x "
-              f"cuBLAS; per-block mma bound " + ", ".join(bounds))
+              f"cuBLAS; per-block mma bound " + ", ".join(bounds) + tiles)
         del weights, packed
 
 
@@ -143,6 +222,11 @@ def tile_work(dense: np.ndarray, groups: list[np.ndarray]) -> float:
     columns without one pair up."""
     work = sum(_work_left(dense.shape[1], int((~dense[rows].any(0)).sum())) * len(rows) for rows in groups)
     return work / dense.size
+
+
+def sparse_pair_fraction(dense: np.ndarray, groups: list[np.ndarray]) -> float:
+    """The share of blocks that 64-row tiles run sparse, two columns at a time: 2 * (1 - tile_work)."""
+    return 2 * (1 - tile_work(dense, groups))
 
 
 def tier_map_report(path: str) -> None:

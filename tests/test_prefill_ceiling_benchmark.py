@@ -26,6 +26,7 @@ def test_a_64_row_tile_runs_dense_where_any_of_its_rows_is(bench) -> None:
     dense = np.zeros((4, 4), bool)
     dense[0, 0] = True  # column 0 dense for all 4 rows; columns 1-3: a pair and a lone one
     assert bench.tile_work(dense, [np.arange(4)]) == pytest.approx(12 / 16)
+    assert bench.sparse_pair_fraction(dense, [np.arange(4)]) == pytest.approx(8 / 16)  # columns 1-2, all 4 rows
 
 
 def test_rows_grouped_by_their_dense_columns(bench) -> None:
@@ -60,3 +61,17 @@ def test_without_a_gpu_it_asks_for_a_tier_table(bench) -> None:
     with pytest.raises(SystemExit) as exit_info:
         bench.main([])
     assert exit_info.value.code == 2
+
+
+def test_the_wgmma_rate_kernels_assemble_for_sm_90a_without_spills(bench, tmp_path) -> None:
+    from .kernels.test_mma_decode import nvrtc_ptx, ptxas_report
+
+    ptx = nvrtc_ptx(bench.wgmma_source(), "sm_90a")
+    for name, (sparse, _) in bench._WGMMA_KERNELS.items():
+        body = ptx.split(f".entry {name}(")[1].split(".entry ")[0]
+        shape = "sp.sync.aligned.m64n256k32" if sparse else "sync.aligned.m64n256k16"
+        assert f"wgmma.mma_async.{shape}.f32.bf16.bf16" in body, name
+    report = ptxas_report(ptx, tmp_path, arch="sm_90a", isa="8.2")
+    for name in bench._WGMMA_KERNELS:
+        properties = report.split(f"Function properties for {name}\n")[1].split("Function properties for")[0]
+        assert "0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads" in properties, (name, properties)

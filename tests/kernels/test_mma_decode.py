@@ -261,13 +261,13 @@ def test_source_compiles_for_hopper_without_spills(topk, ntile, half, config, tm
         assert registers <= 65536 // (32 * config.warps), (kernel, registers)  # the CTA fits an SM
 
 
-def ptxas_report(ptx: str, tmp_path: Path) -> str:
-    """ptxas -v's report for sm_90 (Triton's ptxas; it may be older than this NVRTC's PTX ISA, and the kernels
-    use nothing newer than sm_90's)."""
+def ptxas_report(ptx: str, tmp_path: Path, arch: str = "sm_90", isa: str = "8.0") -> str:
+    """ptxas -v's report for `arch` (Triton's ptxas; it may be older than this NVRTC's PTX ISA, so the PTX is
+    labelled `isa`, the oldest that has what the kernels use: 8.0 for sm_90's, 8.2 for sparse wgmma)."""
     triton = pytest.importorskip("triton")
     ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
-    (tmp_path / "k.ptx").write_text(re.sub(r"^\.version \d+\.\d+", ".version 8.0", ptx, flags=re.M))
-    return subprocess.run([str(ptxas), "-arch=sm_90", "-v", str(tmp_path / "k.ptx"), "-o", str(tmp_path / "k.cubin")],
+    (tmp_path / "k.ptx").write_text(re.sub(r"^\.version \d+\.\d+", f".version {isa}", ptx, flags=re.M))
+    return subprocess.run([str(ptxas), f"-arch={arch}", "-v", str(tmp_path / "k.ptx"), "-o", str(tmp_path / "k.cubin")],
                           capture_output=True, text=True, check=True).stderr
 
 
