@@ -10,7 +10,9 @@ takes them where it can: 2-16 tokens always, one token where at least half of th
 the block-rows fit the GPU at once (mma_decode.prefers_rows_decode; mma_decode.use_rows_decode(False) turns
 it off). Other one-token products go to the flat GEMV (flat_gemv.py; flat_gemv.use_flat_gemv(False) turns
 that off), and without the row kernel 2-16 tokens go to the chunk kernel of the same file
-(mma_decode.use_mma_decode(False) turns that off).
+(mma_decode.use_mma_decode(False) turns that off). On an H100 / H200, wgmma_prefill.use_wgmma_prefill(True) sends
+products of 256 tokens or more to ../cuda/wgmma_prefill.py's kernel instead of unpack + cuBLAS (off by default: it
+is correct but slower there, 0.18-0.30x cuBLAS at 2048 tokens against unpack + cuBLAS's 0.72-0.80x, session 33).
 
 Eager calls skip the op where they can (`hybrid_mm`): a plain eager decode product through a weight seen before
 goes straight to its prepared row-kernel launch (`_prepared_rows_decode`), since the custom op's dispatch and the
@@ -25,7 +27,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from ..cuda import mma_decode  # CUDA C++ compiled at first use (NVRTC); importing it touches no GPU
+from ..cuda import mma_decode, wgmma_prefill  # CUDA C++ compiled at first use (NVRTC); importing touches no GPU
 from ..hybrid import HYBRID_TENSOR_NAMES, HybridWeight, hybrid_matmul_ref
 
 __all__ = ["DECODE_MAX_TOKENS", "SKINNY_MAX_TOKENS", "hybrid_mm", "hybrid_mm_decode", "hybrid_mm_prefill",
@@ -226,8 +228,9 @@ _DATA_PTR = torch.Tensor.data_ptr
 
 
 def forget_prepared_launches() -> None:
-    """Drop every prepared launch (the switches that pick a kernel call this)."""
+    """Drop every prepared launch and prefill plan (the switches that pick a kernel call this)."""
     _ROWS_DECODE.clear()
+    _PREFILL_PLANS.clear()
 
 
 def _prepared_rows_decode(x2: torch.Tensor, hw: HybridWeight) -> Callable[[torch.Tensor], torch.Tensor] | None:
@@ -251,6 +254,31 @@ def _prepared_rows_decode(x2: torch.Tensor, hw: HybridWeight) -> Callable[[torch
         _ROWS_DECODE.clear()
     _ROWS_DECODE[key] = mma_decode.prepare_rows_decode(x2, hw) if takes else None
     return _ROWS_DECODE[key]
+
+
+# Prefill plans (wgmma_prefill.PrefillPlan) by weight, held for as long as its dense_row_ptr tensor lives, with the
+# address and version (in-place writes bump it) of every buffer the plan reads: a weight loaded in place, or a new
+# one at freed addresses, gets a new plan. Built at the first long prefill through a weight, not inside a CUDA
+# graph capture (there the product takes unpack + cuBLAS).
+_PREFILL_PLANS = torch.utils.weak.WeakIdKeyDictionary()
+
+
+def _plan_stamp(hw: HybridWeight) -> tuple:
+    return tuple((t.data_ptr(), t._version) for t in (hw.dense_cols, hw.dense_row_ptr, hw.nm_cols, hw.nm_row_ptr,
+                                                      hw.topk_cols, hw.topk_row_ptr, hw.topk_pos, hw.topk_values))
+
+
+def _prefill_plan(x2: torch.Tensor, hw: HybridWeight) -> wgmma_prefill.PrefillPlan | None:
+    """The wgmma prefill plan for x2 through hw, or None where the op sends the product to unpack + cuBLAS."""
+    if not (wgmma_prefill.prefers_wgmma_prefill(x2.shape[0]) and wgmma_prefill.wgmma_prefill_supported(x2, hw)):
+        return None
+    stamp, (held_stamp, plan) = _plan_stamp(hw), _PREFILL_PLANS.get(hw.dense_row_ptr, (None, None))
+    if held_stamp != stamp:
+        if x2.is_cuda and torch.cuda.is_current_stream_capturing():
+            return None
+        plan = wgmma_prefill.prefill_plan(hw)
+        _PREFILL_PLANS[hw.dense_row_ptr] = (stamp, plan)
+    return plan
 
 
 def _plain_eager(x: torch.Tensor) -> bool:
@@ -299,8 +327,11 @@ def _hybrid_mm_op(x: torch.Tensor, dense_values: torch.Tensor, dense_cols: torch
                 mma_decode.mma_decode_ready(hw, T) or not torch.cuda.is_current_stream_capturing()):
             return mma_decode.hybrid_mm_mma(x2, hw).reshape(*lead, out_features)
     stream = T <= SKINNY_MAX_TOKENS and decode_config(hw, T, _num_sms(x.device))[3] != 0
+    plan = None if stream or not kernel_dtype else _prefill_plan(x2, hw)
     if stream and kernel_dtype:
         out = hybrid_mm_decode(x2, hw)
+    elif plan is not None:
+        out = wgmma_prefill.hybrid_wgmma_prefill(x2, hw, plan)
     else:
         out = hybrid_mm_prefill(x2.to(hw.dtype), hw).to(x.dtype)
     return out.reshape(*lead, out_features)

@@ -1,0 +1,75 @@
+"""Prefill through the wgmma kernel (kernels/cuda/wgmma_prefill.cu) against cuBLAS and the op's unpack + cuBLAS.
+
+Per LLaMA-2-7B shape (benchmarks/hybrid_kernels.py's SHAPES) and tier mix / placement, at --tokens tokens: cuBLAS
+(F.linear on the dense-with-zeros weight), the op's prefill (unpack into a workspace, then cuBLAS) and the wgmma
+kernel with block-rows in order and grouped by their dense columns; each timed over rotated weight copies (more
+bytes than the L2 holds), medians of CUDA-graph replays; ratios are cuBLAS time / method time (> 1 is faster).
+Also the share of (group, step) pairs that run as one sparse wgmma, the time to build a plan, and the kernel's
+largest error against the fp32 product.
+
+Run (an H100 or H200):
+    python benchmarks/wgmma_prefill.py
+    python benchmarks/wgmma_prefill.py --tokens 512 2048 --shapes qkvo down
+"""
+from __future__ import annotations
+
+import argparse
+import time
+import zlib
+
+import torch
+import torch.nn.functional as F
+
+import hybrid_kernels as hk
+from tierprune.kernels.cuda import wgmma_prefill as wp
+from tierprune.kernels.hybrid import pack_hybrid
+from tierprune.kernels.triton.hybrid_mm import hybrid_mm_prefill
+
+CASES = (("35/45/20", "random"), ("35/45/20", "clustered"), ("90/10/0", "random"))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tokens", type=int, nargs="*", default=[2048])
+    parser.add_argument("--shapes", nargs="*", default=None, help="subset by first word, e.g. qkvo down")
+    args = parser.parse_args(argv)
+    if not (torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)):
+        parser.error("needs an sm_90 GPU (H100 / H200)")
+    print(torch.cuda.get_device_name())
+    shapes = {k: v for k, v in hk.SHAPES.items() if args.shapes is None or k.split()[0] in args.shapes}
+    for name, shape in shapes.items():
+        for mix, placement in CASES:
+            g = torch.Generator().manual_seed(zlib.crc32(f"{shape} {mix} {placement}".encode()))
+            tier_map = hk.make_tier_map(shape, hk.MIXES[mix], placement, g).cuda()
+            W = hk.pruned_weight(shape, tier_map, "cuda", seed=0)
+            copies = hk.copies_needed(W.numel() * W.element_size(), "cuda")
+            weights = [W] + [W.clone() for _ in range(copies - 1)]
+            packed = [pack_hybrid(w, tier_map) for w in weights]
+            plans, plan_s = {}, {}
+            for grouped in (False, True):
+                start = time.perf_counter()
+                plans[grouped] = wp.prefill_plan(packed[0], grouped=grouped)
+                torch.cuda.synchronize()
+                plan_s[grouped] = time.perf_counter() - start
+            for tokens in args.tokens:
+                x = torch.randn(tokens, shape[1], device="cuda", dtype=torch.bfloat16)
+                reference = x.float() @ W.float().T
+                error = float((wp.hybrid_wgmma_prefill(x, packed[0], plans[True]).float() - reference).abs().max()
+                              / reference.abs().max())
+                cublas, _ = hk.measure_us([lambda w=w: F.linear(x, w) for w in weights], "cuda", inner=5, reps=7)
+                unpack, _ = hk.measure_us([lambda hw=hw: hybrid_mm_prefill(x, hw) for hw in packed], "cuda",
+                                          inner=5, reps=7)
+                row = []
+                for grouped, plan in plans.items():
+                    us, _ = hk.measure_us([lambda hw=hw: wp.hybrid_wgmma_prefill(x, hw, plan) for hw in packed],
+                                          "cuda", inner=5, reps=7)  # the copies share one plan: the same map
+                    row.append(f"{'grouped' if grouped else 'in order'} {cublas / us:.3f}x "
+                               f"({plan.sparse_fraction:.2f} sparse, plan {plan_s[grouped]:.2f} s)")
+                tflops = 2 * tokens * shape[0] * shape[1] / cublas / 1e6
+                print(f"{name:<25} {mix} {placement:<9} T={tokens}: cuBLAS {cublas:7.1f} us ({tflops:.0f} TFLOPS); "
+                      f"unpack + cuBLAS {cublas / unpack:.3f}x; wgmma " + "; ".join(row) + f"; error {error:.1e}")
+            del weights, packed
+
+
+if __name__ == "__main__":
+    main()

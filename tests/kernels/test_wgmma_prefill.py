@@ -1,0 +1,137 @@
+"""The wgmma prefill kernel: its plan on the CPU (where each block is, which steps run sparse, the grouping), its
+source assembled for sm_90a, and on an H100/H200 its product against the dense one."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tierprune.kernels.cuda import wgmma_prefill as wp
+from tierprune.kernels.hybrid import pack_hybrid
+from tierprune.kernels.tiers import NM_2_4, TOPK, tier_keep_mask
+
+from .test_hybrid import random_tier_map
+
+pytestmark = pytest.mark.unit
+
+
+def _weight(shape, probs, seed, k=10, dtype=torch.bfloat16, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    tier_map = random_tier_map(shape, g, probs)
+    W = torch.randn(shape, generator=g).to(dtype)
+    W = W * tier_keep_mask(W.float().abs(), tier_map, 16, k)
+    return W.to(device), tier_map.to(device)
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_the_plan_finds_every_block_and_runs_sparse_only_where_all_eight_can(grouped) -> None:
+    W, tier_map = _weight((200, 512), (0.2, 0.6, 0.2), seed=0)  # 13 block-rows: the last group padded
+    hw = pack_hybrid(W, tier_map)
+    plan = wp.prefill_plan(hw, grouped=grouped)
+    rows = plan.group_rows.tolist()
+    assert sorted(r for r in rows if r >= 0) == list(range(13)) and rows.count(-1) == 3
+    padded = torch.cat([hw.to_dense(), torch.zeros(8, 512, dtype=W.dtype)])  # the last block-row: 8 rows
+    dense = padded.view(13, 16, 32, 16).transpose(1, 2)  # (block-row, block column, 16, 16)
+    blocks = {0: hw.dense_values, NM_2_4: None, TOPK: None}
+    fits = wp.topk_fits_2_4(hw)
+    for member, block_row in enumerate(rows):
+        tiers = plan.slots[member] >> wp.TIER_SHIFT
+        if block_row < 0:
+            assert (tiers == wp.TIER_NONE).all()
+            continue
+        assert torch.equal(tiers.to(torch.int8), tier_map[block_row])
+        index = plan.slots[member] & ((1 << wp.TIER_SHIFT) - 1)
+        for col in torch.nonzero(tiers == 0).flatten().tolist():  # dense blocks: the packed block is the block
+            assert torch.equal(blocks[0][index[col]], dense[block_row, col])
+    capable = torch.ones(len(rows), 32, dtype=torch.bool)
+    for member, block_row in enumerate(rows):
+        if block_row >= 0:
+            tiers = plan.slots[member] >> wp.TIER_SHIFT
+            index = plan.slots[member] & ((1 << wp.TIER_SHIFT) - 1)
+            capable[member] = (tiers == NM_2_4) | ((tiers == TOPK) & fits[index.clamp(max=len(fits) - 1)])
+    expected = capable.view(-1, 4, 16, 2).all(3).all(1)
+    assert torch.equal(plan.sparse_steps.bool(), expected)
+    assert 0 < plan.sparse_fraction < 1
+
+
+def test_topk_blocks_fit_2_4_unless_a_group_of_four_holds_three_nonzeros() -> None:
+    W, tier_map = _weight((32, 32), (0, 0, 1.0), seed=1)
+    hw = pack_hybrid(W, tier_map)
+    hw.topk_pos[0] = torch.tensor([0, 1, 2, 16, 17, 32, 48, 64, 80, 96], dtype=torch.uint8)  # row 0, group 0: 3
+    hw.topk_pos[1] = torch.tensor([0, 1, 4, 5, 16, 20, 32, 36, 48, 52], dtype=torch.uint8)  # 2 per group at most
+    hw.topk_pos[2] = hw.topk_pos[0]
+    hw.topk_values[2, 2] = 0  # the third entry of row 0's group 0 is a stored zero: it takes no slot
+    assert wp.topk_fits_2_4(hw)[:3].tolist() == [False, True, True]
+
+
+def test_grouping_puts_block_rows_with_the_same_dense_columns_together() -> None:
+    dense = torch.zeros(8, 6, dtype=torch.bool)
+    dense[0::2, 0] = True
+    dense[1::2, 1] = True
+    order = wp.grouped_block_rows(dense).tolist()
+    assert sorted(map(sorted, (order[:4], order[4:]))) == [[0, 2, 4, 6], [1, 3, 5, 7]]
+
+
+@pytest.mark.parametrize("half", [False, True])
+def test_the_kernel_assembles_for_sm_90a_without_spills(half, tmp_path) -> None:
+    from .test_mma_decode import nvrtc_ptx, ptxas_report
+
+    ptx = nvrtc_ptx(wp.wgmma_prefill_source(half, 10), "sm_90a")
+    report = ptxas_report(ptx, tmp_path, arch="sm_90a", isa="8.2")
+    assert "0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads" in report, report
+    assert "wgmma.mma_async instructions are serialized" not in report, report  # C7520: no overlap at all
+
+
+_HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _HOPPER, reason="needs an sm_90 GPU")
+@pytest.mark.parametrize("shape", [(256, 256), (200, 512), (1000, 4096), (4096, 96)])
+@pytest.mark.parametrize("probs,k", [((0.35, 0.45, 0.2), 10), ((0.9, 0.1, 0.0), 10), ((0, 0, 1.0), 10),
+                                     ((0, 1.0, 0), 10), ((0.2, 0.2, 0.6), 16), ((0.1, 0.1, 0.8), 32)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("grouped", [False, True])
+def test_the_kernel_matches_the_dense_product(shape, probs, k, dtype, grouped) -> None:
+    W, tier_map = _weight(shape, probs, seed=shape[0] + k, k=k, dtype=dtype, device="cuda")
+    hw = pack_hybrid(W, tier_map, topk=k)
+    plan = wp.prefill_plan(hw, grouped=grouped)
+    for tokens in (1, 130, 300):
+        x = torch.randn(tokens, shape[1], device="cuda", dtype=dtype)
+        y = wp.hybrid_wgmma_prefill(x, hw, plan)
+        reference = x.float() @ W.float().T
+        error = float((y.float() - reference).abs().max() / reference.abs().max())
+        assert error < 1e-2, (tokens, error)
+
+
+def test_the_op_keeps_a_plan_per_weight_until_its_buffers_change(monkeypatch) -> None:
+    from tierprune.kernels.triton import hybrid_mm as op
+
+    monkeypatch.setattr(wp, "wgmma_prefill_supported", lambda x, hw: True)  # the plan's logic, on the CPU
+    monkeypatch.setattr(wp, "_ENABLED", [True])
+    W, tier_map = _weight((64, 64), (0.35, 0.45, 0.2), seed=3)
+    hw = pack_hybrid(W, tier_map)
+    x = torch.zeros(wp.WGMMA_PREFILL_MIN_TOKENS, 64, dtype=W.dtype)
+    plan = op._prefill_plan(x, hw)
+    assert plan is not None and op._prefill_plan(x, hw) is plan  # built once
+    assert op._prefill_plan(x[:wp.WGMMA_PREFILL_MIN_TOKENS - 1], hw) is None  # shorter: not this kernel
+    hw.dense_cols.add_(0)  # an in-place write (a checkpoint loaded into the buffers): a new plan
+    assert op._prefill_plan(x, hw) is not plan
+    wp.use_wgmma_prefill(False)  # (monkeypatch puts back the module's own switch)
+    assert op._prefill_plan(x, hw) is None
+    op.forget_prepared_launches()
+    assert len(op._PREFILL_PLANS) == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _HOPPER, reason="needs an sm_90 GPU")
+def test_the_op_takes_long_prefills_here_on_hopper_when_asked(monkeypatch) -> None:
+    from tierprune.kernels.triton import hybrid_mm as op
+
+    monkeypatch.setattr(wp, "_ENABLED", [True])  # off by default: slower than unpack + cuBLAS
+    W, tier_map = _weight((512, 1024), (0.35, 0.45, 0.2), seed=4, device="cuda")
+    hw = pack_hybrid(W, tier_map)
+    x = torch.randn(2, 150, 1024, device="cuda", dtype=W.dtype)  # 300 tokens
+    y = op.hybrid_mm(x, hw)
+    assert hw.dense_row_ptr in op._PREFILL_PLANS
+    reference = x.float() @ W.float().T
+    assert float((y.float() - reference).abs().max() / reference.abs().max()) < 1e-2
