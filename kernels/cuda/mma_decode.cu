@@ -367,17 +367,6 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, 1) hybrid_mma_decode(
     flush(acc, ws, row, g, t, T, NPAD);
 }
 
-// v rounded to the weight's dtype (bf16 or fp16), as 16 bits.
-__device__ __forceinline__ u16 from_float(float v) {
-    u16 h;
-#if HALF_T
-    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v));
-#else
-    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(v));
-#endif
-    return h;
-}
-
 // out[token][r] = ws[token][r] rounded to the weight's dtype, for r < N; ws zeroed again for the next call.
 extern "C" __global__ void hybrid_cast_and_zero(float* __restrict__ ws, u16* __restrict__ out, int T, int N, int NPAD) {
     const int i = blockIdx.x * blockDim.x + threadIdx.x;

@@ -223,10 +223,14 @@ def kernel_source(half: bool, topk: int, ntile: int, config: MmaDecodeConfig, x_
                    X_BLOCK_MAJOR=int(x_block_major), SPARSE_24=int(sparse_24))
     selectors = ", ".join(f"{{{lo:#x}u, {hi:#x}u}}" for lo, hi in selector_table().tolist())
     defines["SELECTORS"] = f"{{{selectors}}}"
-    return "".join(f"#define {k} {v}\n" for k, v in defines.items()) + _SOURCE.read_text()
+    source = _SOURCE.read_text()
+    # convert.cuh's from_float, unless the source defines its own (a benchmark's --baseline-source from before it).
+    convert = "" if "from_float(float v) {" in source else _CONVERT.read_text()
+    return "".join(f"#define {k} {v}\n" for k, v in defines.items()) + convert + source
 
 
 _SOURCE = Path(__file__).with_name("mma_decode.cu")
+_CONVERT = Path(__file__).with_name("convert.cuh")  # from_float, shared with wgmma_prefill.cu
 
 
 _MODULES: dict[tuple, dict] = {}

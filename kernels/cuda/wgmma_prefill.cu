@@ -65,16 +65,6 @@ __device__ __forceinline__ void wgmma_sparse(float* d, const u32* a, u64 b, u32 
                  : WGMMA_D_OPERANDS : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(e));
 }
 
-__device__ __forceinline__ u16 to_16bit(float v) {
-    u16 h;
-#if HALF_T
-    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v));
-#else
-    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(v));
-#endif
-    return h;
-}
-
 __device__ __forceinline__ void cp_async_16(u32 shared_address, const void* global, bool valid) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
                  :: "r"(shared_address), "l"(global), "r"(valid ? 16 : 0) : "memory");
@@ -319,7 +309,7 @@ hybrid_wgmma_prefill(const u16* __restrict__ x, u16* __restrict__ y,
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
             const int token = token0 + 8 * j + 2 * t + (i & 1), row = block_row * 16 + g + 8 * (i >> 1);
-            if (token < T && row < R) y[(size_t)token * R + row] = to_16bit(d[4 * j + i]);
+            if (token < T && row < R) y[(size_t)token * R + row] = from_float(d[4 * j + i]);
         }
     }
 }

@@ -34,6 +34,7 @@ WGMMA_PREFILL_MIN_TOKENS = 256
 _ENABLED = [False]
 
 _SOURCE = Path(__file__).with_name("wgmma_prefill.cu")
+_CONVERT = Path(__file__).with_name("convert.cuh")  # from_float, shared with mma_decode.cu
 _MODULES: dict[tuple, object] = {}
 
 
@@ -120,7 +121,7 @@ def wgmma_prefill_source(half: bool, topk: int, overlap: bool = OVERLAP) -> str:
     defines = dict(HALF_T=int(half), TOPK=topk, OVERLAP=int(overlap),
                    WGMMA_D='"{' + ", ".join(f"%{i}" for i in range(128)) + '}"',
                    WGMMA_D_OPERANDS=", ".join(f'"+f"(d[{i}])' for i in range(128)))
-    return "".join(f"#define {k} {v}\n" for k, v in defines.items()) + _SOURCE.read_text()
+    return "".join(f"#define {k} {v}\n" for k, v in defines.items()) + _CONVERT.read_text() + _SOURCE.read_text()
 
 
 def use_wgmma_prefill(enabled: bool) -> None:
