@@ -263,9 +263,16 @@ def _prepared_rows_decode(x2: torch.Tensor, hw: HybridWeight) -> Callable[[torch
 _PREFILL_PLANS = torch.utils.weak.WeakIdKeyDictionary()
 
 
+def _version(t: torch.Tensor) -> int:
+    try:
+        return t._version
+    except RuntimeError:  # an inference tensor keeps no version counter
+        return -1
+
+
 def _plan_stamp(hw: HybridWeight) -> tuple:
-    return tuple((t.data_ptr(), t._version) for t in (hw.dense_cols, hw.dense_row_ptr, hw.nm_cols, hw.nm_row_ptr,
-                                                      hw.topk_cols, hw.topk_row_ptr, hw.topk_pos, hw.topk_values))
+    return tuple((t.data_ptr(), _version(t)) for t in (hw.dense_cols, hw.dense_row_ptr, hw.nm_cols, hw.nm_row_ptr,
+                                                       hw.topk_cols, hw.topk_row_ptr, hw.topk_pos, hw.topk_values))
 
 
 def _prefill_plan(x2: torch.Tensor, hw: HybridWeight) -> wgmma_prefill.PrefillPlan | None:

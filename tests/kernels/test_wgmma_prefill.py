@@ -120,6 +120,10 @@ def test_the_op_keeps_a_plan_per_weight_until_its_buffers_change(monkeypatch) ->
     assert op._prefill_plan(x, hw) is None
     op.forget_prepared_launches()
     assert len(op._PREFILL_PLANS) == 0
+    wp.use_wgmma_prefill(True)
+    with torch.inference_mode():  # weights made there have no version counter: the addresses still key the plan
+        hw_inference = pack_hybrid(W, tier_map)
+        assert op._prefill_plan(x, hw_inference) is op._prefill_plan(x, hw_inference)
 
 
 @pytest.mark.gpu
