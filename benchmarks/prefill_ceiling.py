@@ -201,20 +201,12 @@ def per_block_work(sparse: np.ndarray) -> float:
 
 
 def grouped_rows(dense: np.ndarray, group: int = 4) -> list[np.ndarray]:
-    """Block-rows in groups of `group` whose dense columns overlap most: each group starts from the left-over row
-    with the fewest dense blocks and adds, one at a time, the row that grows the group's dense columns least
-    (starting from the most dense instead left more work on the demo's tier maps: 0.733 against 0.716)."""
-    left = list(np.argsort(dense.sum(1), kind="stable"))
-    groups = []
-    while left:
-        members = [left.pop(0)]
-        union = dense[members[0]].copy()
-        while len(members) < group and left:
-            growth = (dense[left] & ~union).sum(1)
-            members.append(left.pop(int(np.argmin(growth))))
-            union |= dense[members[-1]]
-        groups.append(np.array(members))
-    return groups
+    """Block-rows grouped by their dense columns as the wgmma prefill kernel's plan groups them
+    (kernels/cuda/wgmma_prefill.py's grouped_block_rows), one array of block-rows per group."""
+    from tierprune.kernels.cuda.wgmma_prefill import grouped_block_rows
+
+    order = grouped_block_rows(torch.from_numpy(dense), group).view(-1, group).numpy()
+    return [rows[rows >= 0] for rows in order]
 
 
 def tile_work(dense: np.ndarray, groups: list[np.ndarray]) -> float:

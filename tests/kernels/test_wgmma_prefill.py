@@ -53,6 +53,16 @@ def test_the_plan_finds_every_block_and_runs_sparse_only_where_all_eight_can(gro
     assert 0 < plan.sparse_fraction < 1
 
 
+@pytest.mark.parametrize("out_features", [64, 128, 200])
+def test_the_plan_fills_whole_ctas_of_two_groups(out_features) -> None:
+    W, tier_map = _weight((out_features, 64), (0.35, 0.45, 0.2), seed=4)
+    plan = wp.prefill_plan(pack_hybrid(W, tier_map))
+    rows = plan.group_rows.tolist()
+    assert len(rows) == 8 * -(-out_features // 128) and rows.count(-1) == len(rows) - -(-out_features // 16)
+    assert plan.slots.shape == (len(rows), 4) and plan.sparse_steps.shape == (len(rows) // 4, 2)
+    assert (plan.slots[plan.group_rows < 0] >> wp.TIER_SHIFT == wp.TIER_NONE).all()
+
+
 def test_topk_blocks_fit_2_4_unless_a_group_of_four_holds_three_nonzeros() -> None:
     W, tier_map = _weight((32, 32), (0, 0, 1.0), seed=1)
     hw = pack_hybrid(W, tier_map)
