@@ -14,6 +14,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,9 +93,9 @@ def _stop(process: subprocess.Popen) -> None:
             process.wait(timeout=10)
 
 
-@pytest.fixture(scope="session")
-def live_prefect(tmp_path_factory, data_dir) -> Iterator[LivePrefect]:
-    workdir = tmp_path_factory.mktemp("live-prefect")
+@contextmanager
+def prefect_server(workdir: Path, data_dir: Path) -> Iterator[LivePrefect]:
+    """`prefect server start` on a free port, as a user starts it, with a user's environment pointing at it."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
@@ -105,29 +106,43 @@ def live_prefect(tmp_path_factory, data_dir) -> Iterator[LivePrefect]:
                PREFECT_RUNNER_POLL_FREQUENCY="2")  # the served runner picks a new run up within 2 s
     logs = workdir / "logs"
     logs.mkdir()
-    store = workdir / "store"
-    server_log, serve_log = logs / "server.log", logs / "serve.log"
+    server_log = logs / "server.log"
     server = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
                               env=env, cwd=workdir, stdout=server_log.open("w"), stderr=subprocess.STDOUT,
                               start_new_session=True)
-    serve = None
     try:
         _wait("prefect server", lambda: urllib.request.urlopen(f"{url}/api/health", timeout=2).status == 200,
               SERVER_START_SECONDS, server, server_log)
-        serve = subprocess.Popen([str(BIN / "tierprune"), "serve", "--store", str(store)], env=env, cwd=workdir,
-                                 stdout=serve_log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
-        live = LivePrefect(url=url, env=env, store=store, workdir=workdir, logs=logs)
-        served = {"progressive/manual", "progressive/overnight", "oneshot/manual", "evaluate/manual"}
-
-        def registered() -> bool:
-            rows = live.post("/deployments/filter", {})
-            flows = {d["flow_id"]: live.get("/flows/" + d["flow_id"])["name"] for d in rows}
-            names = {f"{flows[d['flow_id']]}/{d['name']}" for d in rows}
-            return served <= names
-
-        _wait("tierprune serve", registered, SERVE_START_SECONDS, serve, serve_log)
-        yield live
+        yield LivePrefect(url=url, env=env, store=workdir / "store", workdir=workdir, logs=logs)
     finally:
-        if serve is not None:
-            _stop(serve)
         _stop(server)
+
+
+@pytest.fixture(scope="session")
+def live_prefect(tmp_path_factory, data_dir) -> Iterator[LivePrefect]:
+    """A server with `tierprune serve` registered on it: the served deployments, shared by the live tests."""
+    with prefect_server(tmp_path_factory.mktemp("live-prefect"), data_dir) as live:
+        serve_log = live.logs / "serve.log"
+        serve = subprocess.Popen([str(BIN / "tierprune"), "serve", "--store", str(live.store)], env=live.env,
+                                 cwd=live.workdir, stdout=serve_log.open("w"), stderr=subprocess.STDOUT,
+                                 start_new_session=True)
+        try:
+            served = {"progressive/manual", "progressive/overnight", "oneshot/manual", "evaluate/manual"}
+
+            def registered() -> bool:
+                rows = live.post("/deployments/filter", {})
+                flows = {d["flow_id"]: live.get("/flows/" + d["flow_id"])["name"] for d in rows}
+                names = {f"{flows[d['flow_id']]}/{d['name']}" for d in rows}
+                return served <= names
+
+            _wait("tierprune serve", registered, SERVE_START_SECONDS, serve, serve_log)
+            yield live
+        finally:
+            _stop(serve)
+
+
+@pytest.fixture
+def bare_prefect(tmp_path, data_dir) -> Iterator[LivePrefect]:
+    """A server of its own, nothing served: for tests that replace deployments the other live tests use."""
+    with prefect_server(tmp_path, data_dir) as live:
+        yield live

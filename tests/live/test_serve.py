@@ -77,21 +77,22 @@ def test_deployment_run_completes_and_a_resumed_run_continues(live_prefect, tiny
     assert "tier-maps-2" in keys and "tier-maps-1" not in keys, keys
 
 
-def test_prefect_deploy_all_registers_the_yaml_deployments_on_the_work_pool(live_prefect):
+def test_prefect_deploy_all_registers_the_yaml_deployments_on_the_work_pool(bare_prefect):
     """`prefect deploy --all --prefect-file schedules/prefect.yaml`, as README says, from the repository root.
 
-    Last in this module: the deployed definitions replace the served ones (same names, now on the pool).
+    On a server of its own: the deployed definitions would replace the served ones that the other live tests use
+    (same names, now on the pool), whichever order the tests run in (pytest-xdist runs files on two workers).
     """
     root = Path(__file__).parents[2]
-    created = live_prefect.prefect("work-pool", "create", "gpu", "--type", "process")
+    created = bare_prefect.prefect("work-pool", "create", "gpu", "--type", "process")
     assert created.returncode == 0, created.stdout + created.stderr
     done = subprocess.run([str(Path(sys.executable).parent / "prefect"), "deploy", "--all", "--prefect-file",
-                           "schedules/prefect.yaml", "--no-prompt"], env=live_prefect.env, cwd=root,
+                           "schedules/prefect.yaml", "--no-prompt"], env=bare_prefect.env, cwd=root,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     for name in ("progressive/manual", "progressive/overnight", "oneshot/manual", "evaluate/manual"):
-        assert _deployment(live_prefect, name)["work_pool_name"] == "gpu", name
-    overnight = _deployment(live_prefect, "progressive/overnight")
+        assert _deployment(bare_prefect, name)["work_pool_name"] == "gpu", name
+    overnight = _deployment(bare_prefect, "progressive/overnight")
     assert [s["schedule"]["cron"] for s in overnight["schedules"]] == ["0 22 * * *"]
     assert overnight["parameters"]["run"] == "{flow}-{deployment}-{date}"
     form = overnight["parameter_openapi_schema"]["properties"]
