@@ -10,6 +10,7 @@ largest error against the fp32 product.
 Run (an H100 or H200):
     python benchmarks/wgmma_prefill.py
     python benchmarks/wgmma_prefill.py --tokens 512 2048 --shapes qkvo down
+    python benchmarks/wgmma_prefill.py --ablate          # what each part of the loop costs (ABLATIONS)
 """
 from __future__ import annotations
 
@@ -27,15 +28,78 @@ from tierprune.kernels.triton.hybrid_mm import hybrid_mm_prefill
 
 CASES = (("35/45/20", "random"), ("35/45/20", "clustered"), ("90/10/0", "random"))
 
+# --ablate: the kernel with one part of its loop changed or taken away, each an edit of its source (old, new).
+# Except x-through-l1, the products are then wrong: only the time counts. Each also runs on two plans whose blocks
+# are all empty (no weight loads, zero fragments), all steps dense or all sparse: the loop without the weights.
+_NO_X = ("if (s + 2 < steps) load_x_step(", "if (false) load_x_step(")  # x copied for the first two steps only
+_NO_BARRIER = ("        __syncthreads();\n", "")
+_COMMIT = ('        asm volatile("wgmma.commit_group.sync.aligned;\\n" ::: "memory");\n#if OVERLAP\n'
+           '        asm volatile("wgmma.wait_group.sync.aligned 1;\\n" ::: "memory");')
+_COMMIT_PAIRS = (_COMMIT, "        if (s & 1) {\n" + _COMMIT + " }")  # 64 columns per commit group
+ABLATIONS = {
+    "kernel": [],
+    "x-through-l1": [("cp.async.cg.shared.global", "cp.async.ca.shared.global")],  # .ca: x's lines kept in L1
+    "no-x-copies": [_NO_X],
+    "no-barrier": [_NO_BARRIER],
+    "no-x-no-barrier": [_NO_X, _NO_BARRIER],
+    "commit-pairs": [_COMMIT_PAIRS],
+    "no-x-no-barrier-pairs": [_NO_X, _NO_BARRIER, _COMMIT_PAIRS],
+}
+
+
+def ablated_source(edits: list[tuple[str, str]], topk: int) -> str:
+    """The bf16 kernel's source with `edits` applied; each must apply exactly once."""
+    source = wp.wgmma_prefill_source(False, topk)
+    for old, new in edits:
+        if source.count(old) != 1:
+            raise SystemExit(f"--ablate: an edit no longer applies to wgmma_prefill.cu: {old!r}")
+        source = source.replace(old, new)
+    return source
+
+
+def ablate(shape_names: list[str] | None, tokens: int) -> None:
+    """The ABLATIONS side by side at 35/45/20 random and 90/10/0, grouped plans, × cuBLAS."""
+    kernels = {name: wp.compile_wgmma_prefill(ablated_source(edits, 10), torch.cuda.current_device())
+               for name, edits in ABLATIONS.items()}
+    shapes = {k: v for k, v in hk.SHAPES.items() if k.split()[0] in (shape_names or ["qkvo"])}
+    for name, shape in shapes.items():
+        for mix in ("35/45/20", "90/10/0"):
+            g = torch.Generator().manual_seed(zlib.crc32(f"{shape} {mix} random".encode()))
+            tier_map = hk.make_tier_map(shape, hk.MIXES[mix], "random", g).cuda()
+            W = hk.pruned_weight(shape, tier_map, "cuda", seed=0)
+            weights = [W] + [W.clone() for _ in range(hk.copies_needed(W.numel() * W.element_size(), "cuda") - 1)]
+            packed = [pack_hybrid(w, tier_map) for w in weights]
+            plan = wp.prefill_plan(packed[0])
+            empty = plan._replace(slots=torch.full_like(plan.slots, wp.TIER_NONE << wp.TIER_SHIFT),
+                                  sparse_steps=torch.zeros_like(plan.sparse_steps))
+            plans = {"plan": plan, "empty blocks, dense steps": empty,
+                     "empty blocks, sparse steps": empty._replace(sparse_steps=torch.ones_like(plan.sparse_steps))}
+            x = torch.randn(tokens, shape[1], device="cuda", dtype=torch.bfloat16)
+            cublas, _ = hk.measure_us([lambda w=w: F.linear(x, w) for w in weights], "cuda", inner=5, reps=7)
+            print(f"{name} {mix} random, T={tokens}: cuBLAS {cublas:.1f} us; {plan.sparse_fraction:.2f} of the "
+                  f"steps sparse; × cuBLAS:")
+            for kernel_name, kernel in kernels.items():
+                row = []
+                for plan_name, p in plans.items():
+                    us, _ = hk.measure_us([lambda hw=hw, p=p: wp.hybrid_wgmma_prefill(x, hw, p, kernel=kernel)
+                                           for hw in packed], "cuda", inner=5, reps=7)
+                    row.append(f"{plan_name} {cublas / us:.3f}")
+                print(f"  {kernel_name:<22} " + "; ".join(row), flush=True)
+            del weights, packed
+
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tokens", type=int, nargs="*", default=[2048])
     parser.add_argument("--shapes", nargs="*", default=None, help="subset by first word, e.g. qkvo down")
+    parser.add_argument("--ablate", action="store_true", help="the kernel with parts of its loop taken away "
+                        "(ABLATIONS; 35/45/20 and 90/10/0 random, the first --tokens, qkvo unless --shapes)")
     args = parser.parse_args(argv)
     if not (torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)):
         parser.error("needs an sm_90 GPU (H100 / H200)")
     print(torch.cuda.get_device_name())
+    if args.ablate:
+        return ablate(args.shapes, args.tokens[0])
     shapes = {k: v for k, v in hk.SHAPES.items() if args.shapes is None or k.split()[0] in args.shapes}
     for name, shape in shapes.items():
         for mix, placement in CASES:

@@ -20,9 +20,9 @@ import torch
 from ..hybrid import HybridWeight
 from ..tiers import DENSE, NM_2_4, TOPK
 
-__all__ = ["PrefillPlan", "prefill_plan", "wgmma_prefill_source", "hybrid_wgmma_prefill", "wgmma_prefill_supported",
-           "grouped_block_rows", "topk_fits_2_4", "prefers_wgmma_prefill", "use_wgmma_prefill",
-           "WGMMA_PREFILL_MIN_TOKENS"]
+__all__ = ["PrefillPlan", "prefill_plan", "wgmma_prefill_source", "compile_wgmma_prefill", "hybrid_wgmma_prefill",
+           "wgmma_prefill_supported", "grouped_block_rows", "topk_fits_2_4", "prefers_wgmma_prefill",
+           "use_wgmma_prefill", "WGMMA_PREFILL_MIN_TOKENS"]
 
 TIER_SHIFT = 28  # slot = tier << 28 | index into that tier's packed blocks
 TIER_NONE = 3  # a padding member of the last group
@@ -150,28 +150,34 @@ def _shared_bytes(overlap: bool) -> int:
     return (4 if overlap else 3) * TOKENS_PER_CTA * 64  # stages of 32 columns of x
 
 
+def compile_wgmma_prefill(source: str, device_index: int, overlap: bool = OVERLAP):
+    """The kernel of `source` (wgmma_prefill_source's, or a variant of it: benchmarks/wgmma_prefill.py --ablate),
+    loaded on a device."""
+    from torch.cuda._utils import _cuda_load_module, _nvrtc_compile
+
+    with torch.cuda.device(device_index):
+        binary, _ = _nvrtc_compile(source, "hybrid_wgmma_prefill", "90a", nvcc_options=["-std=c++17"])
+        kernel = _cuda_load_module(binary, ["hybrid_wgmma_prefill"])["hybrid_wgmma_prefill"]
+        kernel.set_shared_memory_config(_shared_bytes(overlap))  # past the default 48 KiB
+    return kernel
+
+
 def _kernel(half: bool, topk: int, device_index: int, overlap: bool):
     key = (half, topk, device_index, overlap)
     if key not in _MODULES:
-        from torch.cuda._utils import _cuda_load_module, _nvrtc_compile
-
-        with torch.cuda.device(device_index):
-            binary, _ = _nvrtc_compile(wgmma_prefill_source(half, topk, overlap), "hybrid_wgmma_prefill", "90a",
-                                       nvcc_options=["-std=c++17"])
-            kernel = _cuda_load_module(binary, ["hybrid_wgmma_prefill"])["hybrid_wgmma_prefill"]
-            kernel.set_shared_memory_config(_shared_bytes(overlap))  # past the default 48 KiB
-            _MODULES[key] = kernel
+        _MODULES[key] = compile_wgmma_prefill(wgmma_prefill_source(half, topk, overlap), device_index, overlap)
     return _MODULES[key]
 
 
-def hybrid_wgmma_prefill(x: torch.Tensor, hw: HybridWeight, plan: PrefillPlan, overlap: bool = OVERLAP) -> torch.Tensor:
-    """x (T, in) @ W.T -> (T, out) in x's dtype."""
+def hybrid_wgmma_prefill(x: torch.Tensor, hw: HybridWeight, plan: PrefillPlan, overlap: bool = OVERLAP,
+                         kernel=None) -> torch.Tensor:
+    """x (T, in) @ W.T -> (T, out) in x's dtype. `kernel`: a compile_wgmma_prefill variant instead of the kernel."""
     assert wgmma_prefill_supported(x, hw), "hybrid_wgmma_prefill: needs sm_90, bf16/fp16, in-features % 32 == 0"
     x = x.contiguous() if x.data_ptr() % 16 == 0 else x.clone()  # x arrives by 16-byte copies
     T, K = x.shape
     R = hw.shape[0]
     y = torch.empty(T, R, dtype=x.dtype, device=x.device)
-    kernel = _kernel(x.dtype == torch.float16, hw.topk, x.device.index, overlap)
+    kernel = kernel or _kernel(x.dtype == torch.float16, hw.topk, x.device.index, overlap)
     assert len(plan.group_rows) % MEMBERS_PER_CTA == 0, "hybrid_wgmma_prefill: a plan from prefill_plan"
     grid = (-(-T // TOKENS_PER_CTA), len(plan.group_rows) // MEMBERS_PER_CTA, 1)
     with torch.cuda.device(x.device):
