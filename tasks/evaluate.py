@@ -29,12 +29,30 @@ if TYPE_CHECKING:
 __all__ = ["eval_token_ids", "perplexity", "sparsity_report", "evaluate_task", "read_eval"]
 
 
-def eval_token_ids(kind: str, texts: list[str], tokenizer, seqlen: int) -> torch.Tensor:
-    """(1, T) token ids of an evaluation corpus, as the reference builds it."""
-    if kind == "c4":
-        ids = tokenizer(" ".join(texts[:1100]), return_tensors="pt").input_ids
-        return ids[:, : 256 * seqlen]
-    return tokenizer("\n\n".join(texts), return_tensors="pt").input_ids
+# Tokens tokenized past the last one used when only a prefix of the corpus is: a cut can change only the tokens
+# next to it (a word or a run of whitespace split in two), never hundreds of tokens before it.
+PREFIX_MARGIN_TOKENS = 256
+
+
+def eval_token_ids(kind: str, texts: list[str], tokenizer, seqlen: int, max_windows: int | None = None) -> torch.Tensor:
+    """(1, T) token ids of an evaluation corpus, as the reference builds it. Where fewer tokens are used (c4's 256
+    windows, or max_windows), only a prefix of the texts long enough for them is tokenized, and its first tokens
+    are returned: those of the whole corpus (the whole of WikiText-2's test split takes seconds; a quick run's few
+    windows need a few lines)."""
+    texts, separator, used = (texts[:1100], " ", 256 * seqlen) if kind == "c4" else (texts, "\n\n", None)
+    if max_windows is not None:
+        used = min(used or max_windows * seqlen, max_windows * seqlen)
+    if used is None:
+        return tokenizer(separator.join(texts), return_tensors="pt").input_ids
+    count = 1
+    while True:
+        ids = tokenizer(separator.join(texts[:count]), return_tensors="pt").input_ids
+        if count >= len(texts) or ids.shape[1] >= used + PREFIX_MARGIN_TOKENS:
+            return ids[:, :used]
+        # Grow by the tokens per text seen so far, with a quarter to spare: 2 to 4 times as many texts (the first few
+        # may be empty lines, which tell nothing).
+        estimate = int(1.25 * (used + PREFIX_MARGIN_TOKENS) * count / max(ids.shape[1], 1)) + 1
+        count = max(2 * count, min(4 * count, estimate))
 
 
 @torch.no_grad()
@@ -104,7 +122,7 @@ def _eval_ids(state: RunState, tokenizer) -> torch.Tensor:
     e = state.cfg.eval
     if state.eval_ids is None:
         state.eval_ids = eval_token_ids(e.data.split(":", 1)[0], load_texts(e.data, evaluation_split(e.data)),
-                                        tokenizer, e.seqlen)
+                                        tokenizer, e.seqlen, e.max_windows)
     return state.eval_ids
 
 

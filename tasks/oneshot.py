@@ -64,7 +64,7 @@ def run_oneshot(cfg: TierpruneConfig, output: str | None = None, progress: Progr
         calib_ids = sample_calibration(calib_texts, tokenizer, c.nsamples, c.seqlen, c.seed)
     eval_ids = None
     if eval_texts is not None:
-        eval_ids = eval_token_ids(_data_kind(e.data), eval_texts, tokenizer, e.seqlen)
+        eval_ids = eval_token_ids(_data_kind(e.data), eval_texts, tokenizer, e.seqlen, e.max_windows)
         if eval_ids.shape[1] < e.seqlen:  # before pruning, so that it fails in seconds
             raise TierpruneError(f"evaluation text {e.data} has {eval_ids.shape[1]} tokens, "
                                  f"fewer than one window of --eval-seqlen {e.seqlen}")

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from tests.conftest import make_tiny_llama
 from tierprune.errors import TierpruneError
 from tierprune.kernels.tiers import DENSE, NM_2_4, TOPK
-from tierprune.tasks.evaluate import eval_token_ids, perplexity, sparsity_report
+from tierprune.tasks.evaluate import PREFIX_MARGIN_TOKENS, eval_token_ids, perplexity, sparsity_report
 
 pytestmark = pytest.mark.unit
 
@@ -107,8 +107,29 @@ def test_c4_validation_text_as_the_reference() -> None:
     docs = [f"doc{i}" for i in range(1200)]
     tok = RecordingTokenizer()
     ids = eval_token_ids("c4", docs, tok, 2)
-    assert tok.texts == [" ".join(docs[:1100])]
     assert ids.shape == (1, 256 * 2)  # truncated to 256 windows
+    # The first 1,100 documents joined with spaces; only as many as its 512 tokens need (and the margin) tokenized.
+    assert all(" ".join(docs[:1100]).startswith(text) for text in tok.texts)
+    assert 512 + PREFIX_MARGIN_TOKENS <= len(tok.texts[-1]) < len(" ".join(docs[:1100]))
+
+
+def test_a_few_windows_tokenize_a_prefix_with_the_whole_corpus_tokens(data_dir) -> None:
+    import pandas as pd
+
+    from tierprune.storage.datasets import load_texts
+
+    from ..conftest import make_tiny_tokenizer
+
+    tokenizer = make_tiny_tokenizer(pd.read_parquet(data_dir / "c4-subset").text[:100].tolist())
+    rows = load_texts(f"wikitext2:{data_dir / 'wikitext-2-raw'}", "test")[:600]  # 600 lines: ~100k tokens
+    whole = eval_token_ids("wikitext2", rows, tokenizer, 32)
+    for windows in (1, 2, 50):
+        quick = eval_token_ids("wikitext2", rows, tokenizer, 32, max_windows=windows)
+        assert torch.equal(quick, whole[:, :32 * windows])
+    assert torch.equal(eval_token_ids("wikitext2", rows, tokenizer, 32, max_windows=10**6), whole)  # all of it
+    tok = RecordingTokenizer()
+    eval_token_ids("wikitext2", rows, tok, 32, max_windows=2)
+    assert len(tok.texts[-1]) < len("\n\n".join(rows)) / 10  # a prefix, not the whole corpus
 
 
 def test_sparsity_report_counts_zeros_and_tiers() -> None:
