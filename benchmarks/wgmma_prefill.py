@@ -36,6 +36,11 @@ _NO_BARRIER = ("        __syncthreads();\n", "")
 _COMMIT = ('        asm volatile("wgmma.commit_group.sync.aligned;\\n" ::: "memory");\n#if OVERLAP\n'
            '        asm volatile("wgmma.wait_group.sync.aligned 1;\\n" ::: "memory");')
 _COMMIT_PAIRS = (_COMMIT, "        if (s & 1) {\n" + _COMMIT + " }")  # 64 columns per commit group
+# The plan's per-step reads from global memory (slots, sparse flag) replaced by empty dense blocks: what the
+# empty-block plans run, without the loads (their latency lies on each step's path).
+_NO_PLAN_LOADS = ("next_slots = *reinterpret_cast<const uint2*>(my_slots + 2 * s + 4);\n"
+                  "                next_sparse = my_steps[s + 2];",
+                  "next_slots = make_uint2(3u << 28, 3u << 28);\n                next_sparse = false;")
 ABLATIONS = {
     "kernel": [],
     "x-through-l1": [("cp.async.cg.shared.global", "cp.async.ca.shared.global")],  # .ca: x's lines kept in L1
@@ -44,6 +49,8 @@ ABLATIONS = {
     "no-x-no-barrier": [_NO_X, _NO_BARRIER],
     "commit-pairs": [_COMMIT_PAIRS],
     "no-x-no-barrier-pairs": [_NO_X, _NO_BARRIER, _COMMIT_PAIRS],
+    "no-plan-loads": [_NO_PLAN_LOADS],
+    "no-x-no-barrier-no-plan-loads": [_NO_X, _NO_BARRIER, _NO_PLAN_LOADS],
 }
 
 

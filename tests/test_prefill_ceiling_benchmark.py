@@ -75,3 +75,17 @@ def test_the_wgmma_rate_kernels_assemble_for_sm_90a_without_spills(bench, tmp_pa
     for name in bench._WGMMA_KERNELS:
         properties = report.split(f"Function properties for {name}\n")[1].split("Function properties for")[0]
         assert "0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads" in properties, (name, properties)
+
+
+def test_the_wgmma_loop_variants_assemble_for_sm_90a_without_spills_or_serialization(tmp_path) -> None:
+    from .kernels.test_mma_decode import nvrtc_ptx, ptxas_report
+
+    loops = load_benchmark("wgmma_loop_rates")
+    ptx = nvrtc_ptx(loops.source(), "sm_90a")
+    report = ptxas_report(ptx, tmp_path, arch="sm_90a", isa="8.2")
+    for index in range(len(loops.VARIANTS)):
+        name = loops.kernel_name(index)
+        assert f".entry {name}(" in ptx
+        properties = report.split(f"Function properties for {name}\n")[1].split("Function properties for")[0]
+        assert "0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads" in properties, (name, properties)
+    assert "serialized" not in report, report  # C7514/C7520: wgmma would not overlap, the rate would mean nothing
