@@ -54,9 +54,18 @@ ABLATIONS = {
 }
 
 
-def ablated_source(edits: list[tuple[str, str]], topk: int) -> str:
-    """The bf16 kernel's source with `edits` applied; each must apply exactly once."""
-    source = wp.wgmma_prefill_source(False, topk)
+def packed_copies(shape: tuple[int, int], mix: str, placement: str):
+    """A pruned weight obeying a seeded tier map, its rotated copies (more bytes than the L2 holds) and their packs."""
+    g = torch.Generator().manual_seed(zlib.crc32(f"{shape} {mix} {placement}".encode()))
+    tier_map = hk.make_tier_map(shape, hk.MIXES[mix], placement, g).cuda()
+    W = hk.pruned_weight(shape, tier_map, "cuda", seed=0)
+    weights = [W] + [W.clone() for _ in range(hk.copies_needed(W.numel() * W.element_size(), "cuda") - 1)]
+    return W, weights, [pack_hybrid(w, tier_map) for w in weights]
+
+
+def ablated_source(edits: list[tuple[str, str]]) -> str:
+    """The bf16 kernel's source for TopK(10) blocks (pack_hybrid's default) with `edits` applied, each once."""
+    source = wp.wgmma_prefill_source(False, 10)
     for old, new in edits:
         if source.count(old) != 1:
             raise SystemExit(f"--ablate: an edit no longer applies to wgmma_prefill.cu: {old!r}")
@@ -66,16 +75,12 @@ def ablated_source(edits: list[tuple[str, str]], topk: int) -> str:
 
 def ablate(shape_names: list[str] | None, tokens: int) -> None:
     """The ABLATIONS side by side at 35/45/20 random and 90/10/0, grouped plans, × cuBLAS."""
-    kernels = {name: wp.compile_wgmma_prefill(ablated_source(edits, 10), torch.cuda.current_device())
+    kernels = {name: wp.compile_wgmma_prefill(ablated_source(edits), torch.cuda.current_device())
                for name, edits in ABLATIONS.items()}
     shapes = {k: v for k, v in hk.SHAPES.items() if k.split()[0] in (shape_names or ["qkvo"])}
     for name, shape in shapes.items():
         for mix in ("35/45/20", "90/10/0"):
-            g = torch.Generator().manual_seed(zlib.crc32(f"{shape} {mix} random".encode()))
-            tier_map = hk.make_tier_map(shape, hk.MIXES[mix], "random", g).cuda()
-            W = hk.pruned_weight(shape, tier_map, "cuda", seed=0)
-            weights = [W] + [W.clone() for _ in range(hk.copies_needed(W.numel() * W.element_size(), "cuda") - 1)]
-            packed = [pack_hybrid(w, tier_map) for w in weights]
+            _, weights, packed = packed_copies(shape, mix, "random")
             plan = wp.prefill_plan(packed[0])
             empty = plan._replace(slots=torch.full_like(plan.slots, wp.TIER_NONE << wp.TIER_SHIFT),
                                   sparse_steps=torch.zeros_like(plan.sparse_steps))
@@ -110,12 +115,7 @@ def main(argv: list[str] | None = None) -> None:
     shapes = {k: v for k, v in hk.SHAPES.items() if args.shapes is None or k.split()[0] in args.shapes}
     for name, shape in shapes.items():
         for mix, placement in CASES:
-            g = torch.Generator().manual_seed(zlib.crc32(f"{shape} {mix} {placement}".encode()))
-            tier_map = hk.make_tier_map(shape, hk.MIXES[mix], placement, g).cuda()
-            W = hk.pruned_weight(shape, tier_map, "cuda", seed=0)
-            copies = hk.copies_needed(W.numel() * W.element_size(), "cuda")
-            weights = [W] + [W.clone() for _ in range(copies - 1)]
-            packed = [pack_hybrid(w, tier_map) for w in weights]
+            W, weights, packed = packed_copies(shape, mix, placement)
             plans, plan_s = {}, {}
             for grouped in (False, True):
                 start = time.perf_counter()

@@ -157,9 +157,9 @@ def test_the_benchmarks_ablations_still_apply_to_the_kernel_and_compile(monkeypa
 
     monkeypatch.syspath_prepend(str(BENCHMARKS))  # the script imports hybrid_kernels as a sibling
     bench = load_benchmark("wgmma_prefill")
-    sources = {name: bench.ablated_source(edits, 10) for name, edits in bench.ABLATIONS.items()}
+    sources = {name: bench.ablated_source(edits) for name, edits in bench.ABLATIONS.items()}
     assert len(set(sources.values())) == len(sources)  # every edit changed something
     assert "if (s & 1)" in sources["commit-pairs"] and "__syncthreads" not in sources["no-x-no-barrier-pairs"]
     assert "wgmma.mma_async" in nvrtc_ptx(sources["no-x-no-barrier-pairs"], "sm_90a")
     with pytest.raises(SystemExit, match="no longer applies"):
-        bench.ablated_source([("a line the kernel does not have", "")], 10)
+        bench.ablated_source([("a line the kernel does not have", "")])
