@@ -1,15 +1,17 @@
 """Crash safety of `tierprune run`: SIGKILL at every step boundary and in the middle of steps, then rerun.
 
 Each crash is injected with tierprune.faults (``TIERPRUNE_CRASH_AT=<point>``: the CLI process SIGKILLs
-itself there), in a fresh store. After each kill the same command, run again without the variable, must
-complete, must not recompute (rewrite) any step that was committed before the kill, and must end with a
-final tier map and checkpoint byte-identical to an uninterrupted reference run. Damaged committed files
-(a flipped byte, a truncated file) must be recomputed, never used.
+itself there). After each kill the same command is run again; it must not recompute (rewrite) any step that
+was committed before the kill. Kills come in chains (CHAINS), one store each: the rerun after a kill is itself
+killed at the chain's next point, and the rerun after the last kill, run without the variable, must complete
+and end with a final tier map and checkpoint byte-identical to an uninterrupted reference run. Damaged
+committed files (a flipped byte, a truncated file) must be recomputed, never used.
 
 Every CLI run is a subprocess (~15-40 s: imports, Prefect's server, a tiny model), so all of them are
 started from one module fixture, a few at a time, and the tests only look at the outcomes. To keep the
 whole file to a few minutes on two cores:
 
+- kills are chained (one process per kill plus one per chain, not two per kill);
 - the crash scenarios talk to one Prefect API server that the fixture starts (PREFECT_API_URL; one
   process owns its SQLite database, each CLI run still has its own PREFECT_HOME), instead of each
   starting an ephemeral server (~7 s of CPU per run); the reference run and one crash scenario
@@ -45,16 +47,26 @@ RUN = "r"
 STEPS = ("activations", "scores", "tiers", "checkpoint", "eval", "iteration")  # one iteration, in order
 WORKERS = 3
 
-# Every step boundary of iteration 2, plus kills in the middle of steps.
-CRASH_POINTS = [
-    *(f"step:iter-002/{step}:start" for step in ("activations", "scores", "tiers", "checkpoint", "eval")),
-    "step:iter-002/activations:layer-1",            # mid-activations: layer 1 of 2 calibrated
-    "commit:iter-002/tiers:before-marker",          # mid-demote: tiers.parquet written, no COMMIT.json
-    "commit:iter-002/checkpoint:before-files",      # mid-checkpoint write: nothing written yet
-    "commit:iter-002/checkpoint:before-marker",     # mid-checkpoint write: file in place, no COMMIT.json
-    "commit:iter-001/checkpoint:before-manifest",   # committed, but the manifest does not know it yet
+# Every step boundary of iteration 2, plus kills in the middle of steps. The kills of a chain happen one after
+# another in one store: the rerun after each kill is killed at the chain's next point (later in the run), and only
+# the last rerun completes. Every rerun still shows what it skipped, and every kill what it left; a chain costs one
+# process per kill plus one, not two per kill.
+CHAINS = [
+    ["commit:iter-001/checkpoint:before-manifest",  # committed, but the manifest does not know it yet
+     "step:iter-002/activations:start",
+     "step:iter-002/scores:start",
+     "commit:iter-002/tiers:before-marker",         # mid-demote: tiers.parquet written, no COMMIT.json
+     "commit:iter-002/checkpoint:before-files"],    # mid-checkpoint write: nothing written yet
+    ["step:iter-002/activations:layer-1",           # mid-activations: layer 1 of 2 calibrated
+     "step:iter-002/tiers:start",
+     "step:iter-002/checkpoint:start",
+     "step:iter-002/eval:start"],
+    # A chain of its own on ephemeral Prefect servers (a user's `tierprune run`), whose servers must end with
+    # their SIGKILLed CLI.
+    ["commit:iter-002/checkpoint:before-marker"],   # mid-checkpoint write: file in place, no COMMIT.json
 ]
-EPHEMERAL_POINT = "commit:iter-002/checkpoint:before-marker"  # this scenario runs on ephemeral Prefect servers
+CRASH_POINTS = [point for chain in CHAINS for point in chain]
+EPHEMERAL_POINT = CHAINS[-1][0]
 WIKITEXT_LINES = 300
 
 
@@ -283,29 +295,43 @@ def _snapshot(run: Path) -> dict:
 # All scenarios, started together
 # ---------------------------------------------------------------------------------------------------
 
-def _crash_scenario(runner: Runner, index: int, point: str) -> dict:
-    name = f"crash-{index:02d}"
+def _chain_scenario(runner: Runner, index: int, points: list[str]) -> dict:
+    """Kill a run at each of points in turn (each rerun dies at the next), then rerun it to the end.
+
+    {point: what its kill left and what the process after it skipped}; each also holds the chain's end: the last
+    rerun's status and the run folder it left."""
+    name = f"chain-{index:02d}"
     store, log = runner.base / name, runner.base / f"{name}.log"
     store.mkdir()
-    home = runner.home(name)  # the same Prefect home for the crash and its rerun, like a user's machine
-    ephemeral = point == EPHEMERAL_POINT
-    began = time.perf_counter()
-    crash_rc, crash_group = runner.run(store, home, log, crash_at=point, ephemeral=ephemeral, leave_orphans=ephemeral)
-    # The SIGKILLed CLI's ephemeral Prefect server (and the watchdog that ends it) must be gone within seconds.
-    orphaned = ephemeral and not _group_gone_within(crash_group, 10)
-    _kill_group(crash_group)
-    before = _snapshot(store / RUN)
-    offset = log.stat().st_size
-    rerun_rc, _ = runner.run(store, home, log, ephemeral=ephemeral)
-    with open(log, "rb") as f:
-        f.seek(offset)
-        rerun_log = f.read().decode(errors="replace")
+    ephemeral = points == [EPHEMERAL_POINT]
     run_uri = str(store / RUN)
-    skipped = {uri[len(run_uri) + 1:] for uri in re.findall(r"already committed at (\S+)", rerun_log)
-               if uri.startswith(f"{run_uri}/")}
-    return {"point": point, "log": log, "crash_rc": crash_rc, "rerun_rc": rerun_rc, "orphaned": orphaned,
-            "skipped": skipped, "before": before, "after": _snapshot(store / RUN), "artifacts": _artifacts(store / RUN),
-            "final": _final(store / RUN) if rerun_rc == 0 else None, "seconds": time.perf_counter() - began}
+    began = time.perf_counter()
+    kills: dict[str, dict] = {}
+    previous: str | None = None
+    for k, crash_at in enumerate([*points, None]):
+        offset = log.stat().st_size if log.exists() else 0
+        # A Prefect home per run: a run whose home holds the run before's task results takes committed steps from
+        # Prefect's cache and logs no "already committed" line for them, and the lines are what is checked here.
+        home = runner.home(f"{name}-{k}")
+        rc, group = runner.run(store, home, log, crash_at=crash_at, ephemeral=ephemeral,
+                               leave_orphans=ephemeral and crash_at is not None)
+        with open(log, "rb") as f:
+            f.seek(offset)
+            output = f.read().decode(errors="replace")
+        if previous is not None:  # this run is the rerun after previous's kill
+            kills[previous]["skipped"] = {uri[len(run_uri) + 1:] for uri in
+                                          re.findall(r"already committed at (\S+)", output)
+                                          if uri.startswith(f"{run_uri}/")}
+            kills[previous]["rerun_rc"] = rc
+        if crash_at is not None:
+            # The SIGKILLed CLI's ephemeral Prefect server (and the watchdog that ends it) must be gone within seconds.
+            orphaned = ephemeral and not _group_gone_within(group, 10)
+            _kill_group(group)
+            kills[crash_at] = {"point": crash_at, "crash_rc": rc, "orphaned": orphaned, "before": _snapshot(store / RUN)}
+        previous = crash_at
+    end = {"log": log, "final_rc": rc, "after": _snapshot(store / RUN), "artifacts": _artifacts(store / RUN),
+           "final": _final(store / RUN) if rc == 0 else None, "seconds": time.perf_counter() - began}
+    return {point: {**kill, **end} for point, kill in kills.items()}
 
 
 def _damage(path: Path, how: str) -> None:
@@ -358,13 +384,16 @@ def outcomes(tmp_path_factory, tiny_llama_dir: Path, data_dir: Path) -> dict:
     try:
         with ThreadPoolExecutor(max_workers=WORKERS) as pool:
             ref = pool.submit(_reference_scenario, runner)  # the longest chain first
-            crashes = {point: pool.submit(_crash_scenario, runner, i, point) for i, point in enumerate(CRASH_POINTS)}
-            result = {"ref": _outcome(ref), "crash": {p: _outcome(f) for p, f in crashes.items()}}
+            chains = [pool.submit(_chain_scenario, runner, i, points) for i, points in enumerate(CHAINS)]
+            result = {"ref": _outcome(ref), "crash": {}}
+            for points, future in zip(CHAINS, chains):
+                outcome = _outcome(future)
+                result["crash"].update({p: outcome.get(p, outcome) for p in points})
     finally:
         runner.stop_server()
     result["seconds"] = time.perf_counter() - began
-    print(f"crash-safety scenarios: {result['seconds']:.0f} s in all; " + ", ".join(
-        f"{p} {c.get('seconds', 0):.0f} s" for p, c in result["crash"].items()))
+    print(f"crash-safety scenarios: {result['seconds']:.0f} s in all; chains " + ", ".join(
+        f"{result['crash'][chain[0]].get('seconds', 0):.0f} s" for chain in CHAINS))
     return result
 
 
@@ -433,11 +462,15 @@ def test_kill_then_rerun_recomputes_nothing_committed_and_ends_identical(outcome
     if where != "before-manifest":
         assert set(before["manifest"]) == committed_then
 
-    # The rerun completes...
-    assert c["rerun_rc"] == 0, _tail(c["log"])
-    assert not after["lock"], "the rerun broke the stale LOCK and released its own"
-    # ...recomputes no step committed before the kill: its task found it committed and returned at once (and
-    # computed every other step), and its COMMIT.json and files are the very same (bytes, inode, mtime)...
+    # The rerun ran until the chain's next kill (or to the end), and the chain's last rerun completed...
+    chain = next(chain for chain in CHAINS if point in chain)
+    last = chain.index(point) == len(chain) - 1
+    assert c["rerun_rc"] == (0 if last else -signal.SIGKILL), (c["rerun_rc"], _tail(c["log"]))
+    assert c["final_rc"] == 0, _tail(c["log"])
+    assert not after["lock"], "the last rerun broke the stale LOCK and released its own"
+    # ...the rerun recomputed no step committed before the kill: its task found it committed and returned at once
+    # (and computed every other step), and its COMMIT.json and files are still the very same at the chain's end
+    # (bytes, inode, mtime)...
     assert c["skipped"] == set(before["committed"]), (sorted(c["skipped"] ^ set(before["committed"])))
     for rel, state in before["committed"].items():
         assert after["committed"][rel]["marker"] == state["marker"], f"{rel} was recomputed"
