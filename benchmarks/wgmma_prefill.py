@@ -11,6 +11,7 @@ Run (an H100 or H200):
     python benchmarks/wgmma_prefill.py
     python benchmarks/wgmma_prefill.py --tokens 512 2048 --shapes qkvo down
     python benchmarks/wgmma_prefill.py --ablate          # what each part of the loop costs (ABLATIONS)
+    python benchmarks/wgmma_prefill.py --profile         # one launch per variant and plan, under ncu (docs/kernels.md)
 """
 from __future__ import annotations
 
@@ -73,6 +74,35 @@ def ablated_source(edits: list[tuple[str, str]]) -> str:
     return source
 
 
+def ablation_plans(plan: wp.PrefillPlan) -> dict[str, wp.PrefillPlan]:
+    """The plan, and the same plan with every block empty (no weight loads, zero fragments), all steps dense or
+    all sparse: the loop without the weights."""
+    empty = plan._replace(slots=torch.full_like(plan.slots, wp.TIER_NONE << wp.TIER_SHIFT),
+                          sparse_steps=torch.zeros_like(plan.sparse_steps))
+    return {"plan": plan, "empty blocks, dense steps": empty,
+            "empty blocks, sparse steps": empty._replace(sparse_steps=torch.ones_like(plan.sparse_steps))}
+
+
+def profile(variants: list[str], tokens: int) -> None:
+    """One launch of each variant (ABLATIONS) on each of ablation_plans, 4096², 35/45/20 random, in the printed
+    order, for a profiler to count: `ncu` numbers them 0, 1, ... in that order (docs/kernels.md has the command)."""
+    unknown = sorted(set(variants) - set(ABLATIONS))
+    if unknown:
+        raise SystemExit(f"--profile: unknown variant(s) {', '.join(unknown)}; choose from {', '.join(ABLATIONS)}")
+    shape = hk.SHAPES["qkvo 4096x4096"]
+    _, _, packed = packed_copies(shape, "35/45/20", "random")
+    plans = ablation_plans(wp.prefill_plan(packed[0]))
+    x = torch.randn(tokens, shape[1], device="cuda", dtype=torch.bfloat16)
+    launch = 0
+    for name in variants:
+        kernel = wp.compile_wgmma_prefill(ablated_source(ABLATIONS[name]), torch.cuda.current_device())
+        for plan_name, plan in plans.items():
+            wp.hybrid_wgmma_prefill(x, packed[0], plan, kernel=kernel)
+            torch.cuda.synchronize()
+            print(f"launch {launch}: {name}, {plan_name} ({shape[0]}x{shape[1]}, T={tokens})", flush=True)
+            launch += 1
+
+
 def ablate(shape_names: list[str] | None, tokens: int) -> None:
     """The ABLATIONS side by side at 35/45/20 random and 90/10/0, grouped plans, × cuBLAS."""
     kernels = {name: wp.compile_wgmma_prefill(ablated_source(edits), torch.cuda.current_device())
@@ -82,10 +112,7 @@ def ablate(shape_names: list[str] | None, tokens: int) -> None:
         for mix in ("35/45/20", "90/10/0"):
             _, weights, packed = packed_copies(shape, mix, "random")
             plan = wp.prefill_plan(packed[0])
-            empty = plan._replace(slots=torch.full_like(plan.slots, wp.TIER_NONE << wp.TIER_SHIFT),
-                                  sparse_steps=torch.zeros_like(plan.sparse_steps))
-            plans = {"plan": plan, "empty blocks, dense steps": empty,
-                     "empty blocks, sparse steps": empty._replace(sparse_steps=torch.ones_like(plan.sparse_steps))}
+            plans = ablation_plans(plan)
             x = torch.randn(tokens, shape[1], device="cuda", dtype=torch.bfloat16)
             cublas, _ = hk.measure_us([lambda w=w: F.linear(x, w) for w in weights], "cuda", inner=5, reps=7)
             print(f"{name} {mix} random, T={tokens}: cuBLAS {cublas:.1f} us; {plan.sparse_fraction:.2f} of the "
@@ -106,10 +133,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shapes", nargs="*", default=None, help="subset by first word, e.g. qkvo down")
     parser.add_argument("--ablate", action="store_true", help="the kernel with parts of its loop taken away "
                         "(ABLATIONS; 35/45/20 and 90/10/0 random, the first --tokens, qkvo unless --shapes)")
+    parser.add_argument("--profile", nargs="*", metavar="VARIANT", default=None,
+                        help="launch each ABLATIONS variant once per plan, for ncu (default: kernel and "
+                             "no-x-no-barrier-no-plan-loads)")
     args = parser.parse_args(argv)
     if not (torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)):
         parser.error("needs an sm_90 GPU (H100 / H200)")
     print(torch.cuda.get_device_name())
+    if args.profile is not None:
+        return profile(args.profile or ["kernel", "no-x-no-barrier-no-plan-loads"], args.tokens[0])
     if args.ablate:
         return ablate(args.shapes, args.tokens[0])
     shapes = {k: v for k, v in hk.SHAPES.items() if args.shapes is None or k.split()[0] in args.shapes}
