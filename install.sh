@@ -9,10 +9,12 @@ python=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@"; }
 pip install "${TORCH_SPEC:-torch==2.13.0}"
-# The ~200 pinned packages through uv: the same versions as pip picks from constraints.txt, in about 10 s instead of
+# The ~200 pinned packages through uv: the same versions as pip picks from constraints.txt, in about 30 s instead of
 # pip's two minutes or more. torch stays pip's (above): uv ignores pip's settings, such as a machine's local wheels.
+# --compile-bytecode, as pip does: where PYTHONDONTWRITEBYTECODE is set, nothing else ever writes the .pyc files,
+# and every process would compile transformers and prefect from source (imports 50% slower, tests minutes slower).
 pip install -c constraints.txt uv
-.venv/bin/uv pip install -q --python .venv/bin/python -c constraints.txt -e ".[test,hub,eval]"
+.venv/bin/uv pip install -q --compile-bytecode --python .venv/bin/python -c constraints.txt -e ".[test,hub,eval]"
 # The browser test drives Debian's chromium (no browser download): installed where apt-get is there and we are
 # root; elsewhere that test skips and says why (CI=true makes it fail instead). TIERPRUNE_NO_CHROMIUM=1 skips it.
 if [ -z "${TIERPRUNE_NO_CHROMIUM:-}" ] && ! command -v chromium >/dev/null 2>&1 \
