@@ -274,7 +274,8 @@ def test_unknown_model_offline_is_one_line_in_seconds(tmp_path, data_dir, how: s
     seconds = time.monotonic() - began
     _one_error_line(proc, "cannot load model 'no-such/model': not a local path, and the Hugging Face hub is "
                           "unreachable (offline)")
-    assert seconds < 10, seconds
+    # Its imports alone take 5-10 s on a loaded 2-core CI machine (11.4 s once, when the venv had no .pyc files).
+    assert seconds < 25, seconds
 
 
 def test_a_remote_store_without_credentials_is_one_line_before_any_work(tmp_path, data_dir) -> None:
