@@ -180,3 +180,18 @@ def _migrated_database() -> Path:
             assert (home / "prefect.db").is_file(), f"prefect made no database in {home}"
             _MIGRATED_DATABASE.append(home / "prefect.db")
         return _MIGRATED_DATABASE[0]
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_xdist_make_scheduler(config, log):
+    """`--dist loadfile`, except that tests/live's files go to one worker together: they share one session fixture
+    (a Prefect server and `tierprune serve`, about a minute of CPU), which two workers would each start."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class LiveTestsTogether(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return "tests/live" if nodeid.startswith("tests/live/") else super()._split_scope(nodeid)
+
+    return LiveTestsTogether(config, log)
