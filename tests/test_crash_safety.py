@@ -327,7 +327,8 @@ def _chain_scenario(runner: Runner, index: int, points: list[str]) -> dict:
             # The SIGKILLed CLI's ephemeral Prefect server (and the watchdog that ends it) must be gone within seconds.
             orphaned = ephemeral and not _group_gone_within(group, 10)
             _kill_group(group)
-            kills[crash_at] = {"point": crash_at, "crash_rc": rc, "orphaned": orphaned, "before": _snapshot(store / RUN)}
+            kills[crash_at] = {"point": crash_at, "crash_rc": rc, "orphaned": orphaned,
+                               "before": _snapshot(store / RUN)}
         previous = crash_at
     end = {"log": log, "final_rc": rc, "after": _snapshot(store / RUN), "artifacts": _artifacts(store / RUN),
            "final": _final(store / RUN) if rc == 0 else None, "seconds": time.perf_counter() - began}
@@ -383,7 +384,8 @@ def outcomes(tmp_path_factory, tiny_llama_dir: Path, data_dir: Path) -> dict:
     runner.start_server()
     try:
         with ThreadPoolExecutor(max_workers=WORKERS) as pool:
-            ref = pool.submit(_reference_scenario, runner)  # the longest chain first
+            # The reference (3 runs) and the two long chains (6 and 5) first, the ephemeral chain (2) after it.
+            ref = pool.submit(_reference_scenario, runner)
             chains = [pool.submit(_chain_scenario, runner, i, points) for i, points in enumerate(CHAINS)]
             result = {"ref": _outcome(ref), "crash": {}}
             for points, future in zip(CHAINS, chains):
