@@ -85,7 +85,7 @@ def ablation_plans(plan: wp.PrefillPlan) -> dict[str, wp.PrefillPlan]:
 
 def profile(variants: list[str], tokens: int) -> None:
     """One launch of each variant (ABLATIONS) on each of ablation_plans, 4096², 35/45/20 random, in the printed
-    order, for a profiler to count: `ncu` numbers them 0, 1, ... in that order (docs/kernels.md has the command)."""
+    order: `ncu --kernel-name hybrid_wgmma_prefill` numbers them 0, 1, ... in that order (docs/kernels.md)."""
     unknown = sorted(set(variants) - set(ABLATIONS))
     if unknown:
         raise SystemExit(f"--profile: unknown variant(s) {', '.join(unknown)}; choose from {', '.join(ABLATIONS)}")
