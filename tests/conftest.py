@@ -17,18 +17,9 @@ import fsspec
 import pytest
 import torch
 
+from .benchmark_loader import BENCHMARKS, load_benchmark  # noqa: F401  (the benchmarks' tests import them here)
+
 DATA = Path(os.environ.get("TIERPRUNE_DATA", Path(__file__).parents[1] / ".." / "shared" / "data"))
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-def load_benchmark(name: str):
-    """A script of benchmarks/ imported as a module (the folder is not a package): its functions, testable."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="session")

@@ -152,7 +152,7 @@ def test_the_op_takes_long_prefills_here_on_hopper_when_asked(monkeypatch) -> No
 
 
 def test_the_benchmarks_ablations_still_apply_to_the_kernel_and_compile(monkeypatch) -> None:
-    from ..conftest import BENCHMARKS, load_benchmark
+    from ..benchmark_loader import BENCHMARKS, load_benchmark  # not conftest: the device copy runs without it
     from .test_mma_decode import nvrtc_ptx
 
     monkeypatch.syspath_prepend(str(BENCHMARKS))  # the script imports hybrid_kernels as a sibling
