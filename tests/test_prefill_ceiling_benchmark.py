@@ -63,6 +63,12 @@ def test_without_a_gpu_it_asks_for_a_tier_table(bench) -> None:
     assert exit_info.value.code == 2
 
 
+def _assert_no_spills(report: str, name: str) -> None:
+    """ptxas -v's report (ptxas_report) says kernel `name` has no stack frame and no spills."""
+    properties = report.split(f"Function properties for {name}\n")[1].split("Function properties for")[0]
+    assert "0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads" in properties, (name, properties)
+
+
 def test_the_wgmma_rate_kernels_assemble_for_sm_90a_without_spills(bench, tmp_path) -> None:
     from .kernels.test_mma_decode import nvrtc_ptx, ptxas_report
 
@@ -73,8 +79,7 @@ def test_the_wgmma_rate_kernels_assemble_for_sm_90a_without_spills(bench, tmp_pa
         assert f"wgmma.mma_async.{shape}.f32.bf16.bf16" in body, name
     report = ptxas_report(ptx, tmp_path, arch="sm_90a", isa="8.2")
     for name in bench._WGMMA_KERNELS:
-        properties = report.split(f"Function properties for {name}\n")[1].split("Function properties for")[0]
-        assert "0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads" in properties, (name, properties)
+        _assert_no_spills(report, name)
 
 
 def test_the_wgmma_loop_variants_assemble_for_sm_90a_without_spills_or_serialization(tmp_path) -> None:
@@ -86,6 +91,5 @@ def test_the_wgmma_loop_variants_assemble_for_sm_90a_without_spills_or_serializa
     for index in range(len(loops.VARIANTS)):
         name = loops.kernel_name(index)
         assert f".entry {name}(" in ptx
-        properties = report.split(f"Function properties for {name}\n")[1].split("Function properties for")[0]
-        assert "0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads" in properties, (name, properties)
+        _assert_no_spills(report, name)
     assert "serialized" not in report, report  # C7514/C7520: wgmma would not overlap, the rate would mean nothing
