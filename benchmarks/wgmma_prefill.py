@@ -10,7 +10,7 @@ largest error against the fp32 product.
 Run (an H100 or H200):
     python benchmarks/wgmma_prefill.py
     python benchmarks/wgmma_prefill.py --tokens 512 2048 --shapes qkvo down
-    python benchmarks/wgmma_prefill.py --ablate          # what each part of the loop costs (ABLATIONS)
+    python benchmarks/wgmma_prefill.py --ablate          # what each part of the loop costs (ABLATIONS; or name some)
     python benchmarks/wgmma_prefill.py --profile         # one launch per variant and plan, under ncu (docs/kernels.md)
 """
 from __future__ import annotations
@@ -42,6 +42,18 @@ _COMMIT_PAIRS = (_COMMIT, "        if (s & 1) {\n" + _COMMIT + " }")  # 64 colum
 _NO_PLAN_LOADS = ("next_slots = *reinterpret_cast<const uint2*>(my_slots + 2 * s + 4);\n"
                   "                next_sparse = my_steps[s + 2];",
                   "next_slots = make_uint2(3u << 28, 3u << 28);\n                next_sparse = false;")
+# This step's A built from nothing: the fragment code between the wgmmas gone (A stays zero; the loads remain).
+_NO_FRAGMENTS = ("""        if (sparse) {
+            u32 meta0[2], meta1[2];
+            sparse_fragment(a[0], a[1], meta0, raw[0], lane);
+            sparse_fragment(a[2], a[3], meta1, raw[1], lane);
+            a[8] = sparse_metadata(meta0, meta1, t);
+        } else {
+            dense_fragment(a, raw[0], lane);
+            dense_fragment(a + 4, raw[1], lane);
+        }
+""", "")
+_A_ZERO = ("u32 a_even[9], a_odd[9];", "u32 a_even[9] = {}, a_odd[9] = {};")
 ABLATIONS = {
     "kernel": [],
     "x-through-l1": [("cp.async.cg.shared.global", "cp.async.ca.shared.global")],  # .ca: x's lines kept in L1
@@ -52,6 +64,8 @@ ABLATIONS = {
     "no-x-no-barrier-pairs": [_NO_X, _NO_BARRIER, _COMMIT_PAIRS],
     "no-plan-loads": [_NO_PLAN_LOADS],
     "no-x-no-barrier-no-plan-loads": [_NO_X, _NO_BARRIER, _NO_PLAN_LOADS],
+    "no-fragments": [_NO_FRAGMENTS, _A_ZERO],
+    "bare-loop": [_NO_X, _NO_BARRIER, _NO_PLAN_LOADS, _NO_FRAGMENTS, _A_ZERO],  # wgmmas and their bookkeeping
 }
 
 
@@ -83,12 +97,16 @@ def ablation_plans(plan: wp.PrefillPlan) -> dict[str, wp.PrefillPlan]:
             "empty blocks, sparse steps": empty._replace(sparse_steps=torch.ones_like(plan.sparse_steps))}
 
 
+def _check_variants(variants: list[str], option: str) -> None:
+    unknown = sorted(set(variants) - set(ABLATIONS))
+    if unknown:
+        raise SystemExit(f"{option}: unknown variant(s) {', '.join(unknown)}; choose from {', '.join(ABLATIONS)}")
+
+
 def profile(variants: list[str], tokens: int) -> None:
     """One launch of each variant (ABLATIONS) on each of ablation_plans, 4096², 35/45/20 random, in the printed
     order: `ncu --kernel-name hybrid_wgmma_prefill` numbers them 0, 1, ... in that order (docs/kernels.md)."""
-    unknown = sorted(set(variants) - set(ABLATIONS))
-    if unknown:
-        raise SystemExit(f"--profile: unknown variant(s) {', '.join(unknown)}; choose from {', '.join(ABLATIONS)}")
+    _check_variants(variants, "--profile")
     shape = hk.SHAPES["qkvo 4096x4096"]
     _, _, packed = packed_copies(shape, "35/45/20", "random")
     plans = ablation_plans(wp.prefill_plan(packed[0]))
@@ -103,10 +121,11 @@ def profile(variants: list[str], tokens: int) -> None:
             launch += 1
 
 
-def ablate(shape_names: list[str] | None, tokens: int) -> None:
-    """The ABLATIONS side by side at 35/45/20 random and 90/10/0, grouped plans, × cuBLAS."""
-    kernels = {name: wp.compile_wgmma_prefill(ablated_source(edits), torch.cuda.current_device())
-               for name, edits in ABLATIONS.items()}
+def ablate(variants: list[str], shape_names: list[str] | None, tokens: int) -> None:
+    """The ABLATIONS named (all if none) side by side at 35/45/20 random and 90/10/0, grouped plans, × cuBLAS."""
+    _check_variants(variants, "--ablate")
+    kernels = {name: wp.compile_wgmma_prefill(ablated_source(ABLATIONS[name]), torch.cuda.current_device())
+               for name in variants or ABLATIONS}
     shapes = {k: v for k, v in hk.SHAPES.items() if k.split()[0] in (shape_names or ["qkvo"])}
     for name, shape in shapes.items():
         for mix in ("35/45/20", "90/10/0"):
@@ -131,8 +150,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tokens", type=int, nargs="*", default=[2048])
     parser.add_argument("--shapes", nargs="*", default=None, help="subset by first word, e.g. qkvo down")
-    parser.add_argument("--ablate", action="store_true", help="the kernel with parts of its loop taken away "
-                        "(ABLATIONS; 35/45/20 and 90/10/0 random, the first --tokens, qkvo unless --shapes)")
+    parser.add_argument("--ablate", nargs="*", metavar="VARIANT", default=None,
+                        help="the kernel with parts of its loop taken away (ABLATIONS, all unless named; 35/45/20 "
+                             "and 90/10/0 random, the first --tokens, qkvo unless --shapes)")
     parser.add_argument("--profile", nargs="*", metavar="VARIANT", default=None,
                         help="launch each ABLATIONS variant once per plan, for ncu (default: kernel and "
                              "no-x-no-barrier-no-plan-loads)")
@@ -142,8 +162,8 @@ def main(argv: list[str] | None = None) -> None:
     print(torch.cuda.get_device_name())
     if args.profile is not None:
         return profile(args.profile or ["kernel", "no-x-no-barrier-no-plan-loads"], args.tokens[0])
-    if args.ablate:
-        return ablate(args.shapes, args.tokens[0])
+    if args.ablate is not None:
+        return ablate(args.ablate, args.shapes, args.tokens[0])
     shapes = {k: v for k, v in hk.SHAPES.items() if args.shapes is None or k.split()[0] in args.shapes}
     for name, shape in shapes.items():
         for mix, placement in CASES:

@@ -1,4 +1,5 @@
-"""benchmarks/ncu_stalls.py on a raw page written by hand in ncu's layout, and --profile's refusal of a bad name."""
+"""benchmarks/ncu_stalls.py on a raw page written by hand in ncu's layout; --profile's and --ablate's refusal of
+a bad variant name."""
 from __future__ import annotations
 
 import csv
@@ -47,8 +48,10 @@ def test_a_report_without_stall_reasons_is_one_line(tmp_path) -> None:
     assert "--section WarpStateStats" in out.stderr
 
 
-def test_profile_refuses_an_unknown_variant_before_touching_a_gpu(monkeypatch) -> None:
+def test_profile_and_ablate_refuse_an_unknown_variant_before_touching_a_gpu(monkeypatch) -> None:
     monkeypatch.syspath_prepend(str(BENCHMARKS))  # the script imports hybrid_kernels as a sibling
     bench = load_benchmark("wgmma_prefill")
     with pytest.raises(SystemExit, match="unknown variant.*no-such-thing.*choose from kernel"):
         bench.profile(["kernel", "no-such-thing"], 2048)
+    with pytest.raises(SystemExit, match="--ablate: unknown variant.*no-such-thing"):
+        bench.ablate(["no-such-thing"], None, 2048)

@@ -160,6 +160,8 @@ def test_the_benchmarks_ablations_still_apply_to_the_kernel_and_compile(monkeypa
     sources = {name: bench.ablated_source(edits) for name, edits in bench.ABLATIONS.items()}
     assert len(set(sources.values())) == len(sources)  # every edit changed something
     assert "if (s & 1)" in sources["commit-pairs"] and "__syncthreads" not in sources["no-x-no-barrier-pairs"]
-    assert "wgmma.mma_async" in nvrtc_ptx(sources["no-x-no-barrier-pairs"], "sm_90a")
+    assert "dense_fragment(a" not in sources["bare-loop"] and "__syncthreads" not in sources["bare-loop"]
+    for name in ("no-x-no-barrier-pairs", "bare-loop"):
+        assert "wgmma.mma_async" in nvrtc_ptx(sources[name], "sm_90a")
     with pytest.raises(SystemExit, match="no longer applies"):
         bench.ablated_source([("a line the kernel does not have", "")])
