@@ -30,7 +30,7 @@ from tierprune.kernels.triton.hybrid_mm import hybrid_mm_prefill
 CASES = (("35/45/20", "random"), ("35/45/20", "clustered"), ("90/10/0", "random"))
 
 # --ablate: the kernel with one part of its loop changed or taken away, each an edit of its source (old, new).
-# Except x-through-l1, the products are then wrong: only the time counts. Each also runs on two plans whose blocks
+# Except x-through-l2, the products are then wrong: only the time counts. Each also runs on two plans whose blocks
 # are all empty (no weight loads, zero fragments), all steps dense or all sparse: the loop without the weights.
 _NO_X = ("if (s + 2 < steps) load_x_step(", "if (false) load_x_step(")  # x copied for the first two steps only
 _NO_BARRIER = ("        __syncthreads();\n", "")
@@ -60,7 +60,7 @@ _NO_STORES = ("if (token < T && row < R) y[", "if (token < T && row < R && d[4 *
 _BARE = [_NO_X, _NO_BARRIER, _NO_PLAN_LOADS, _NO_FRAGMENTS, _A_ZERO]
 ABLATIONS = {
     "kernel": [],
-    "x-through-l1": [("cp.async.cg.shared.global", "cp.async.ca.shared.global")],  # .ca: x's lines kept in L1
+    "x-through-l2": [("cp.async.ca.shared.global", "cp.async.cg.shared.global")],  # .cg: as before session 36
     "no-x-copies": [_NO_X],
     "no-barrier": [_NO_BARRIER],
     "no-x-no-barrier": [_NO_X, _NO_BARRIER],
