@@ -58,6 +58,10 @@ _A_ZERO = ("u32 a_even[9], a_odd[9];", "u32 a_even[9] = {}, a_odd[9] = {};")
 # cost, which no other CTA's loop hides at one CTA per SM.
 _NO_STORES = ("if (token < T && row < R) y[", "if (token < T && row < R && d[4 * j + i] == 1.25e37f) y[")
 _BARE = [_NO_X, _NO_BARRIER, _NO_PLAN_LOADS, _NO_FRAGMENTS, _A_ZERO]
+# The same with sparse metadata that names two different positions (0 and 1) in every group, as real 2:4 blocks
+# do; _A_ZERO's metadata word is 0 (position 0 twice).
+_A_ZERO_META_01 = (_A_ZERO[0], "u32 a_even[9] = {0, 0, 0, 0, 0, 0, 0, 0, 0x44444444u}, "
+                               "a_odd[9] = {0, 0, 0, 0, 0, 0, 0, 0, 0x44444444u};")
 ABLATIONS = {
     "kernel": [],
     "x-through-l2": [("cp.async.ca.shared.global", "cp.async.cg.shared.global")],  # .cg: as before session 36
@@ -73,6 +77,7 @@ ABLATIONS = {
     "bare-loop-no-stores": _BARE + [_NO_STORES],
     "bare-loop-pairs": _BARE + [_COMMIT_PAIRS],
     "bare-loop-pairs-no-stores": _BARE + [_COMMIT_PAIRS, _NO_STORES],
+    "bare-loop-metadata-01": _BARE[:-1] + [_A_ZERO_META_01],
 }
 
 
