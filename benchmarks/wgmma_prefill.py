@@ -37,11 +37,13 @@ _NO_BARRIER = ("        __syncthreads();\n", "")
 _COMMIT = ('        asm volatile("wgmma.commit_group.sync.aligned;\\n" ::: "memory");\n#if OVERLAP\n'
            '        asm volatile("wgmma.wait_group.sync.aligned 1;\\n" ::: "memory");')
 _COMMIT_PAIRS = (_COMMIT, "        if (s & 1) {\n" + _COMMIT + " }")  # 64 columns per commit group
-# The plan's per-step reads from global memory (slots, sparse flag) replaced by empty dense blocks: what the
-# empty-block plans run, without the loads (their latency lies on each step's path).
+# The plan's per-step reads from global memory (slots, sparse flag) replaced by empty blocks, every step of the
+# kind of the first two: what the empty-block plans run, without the loads (their latency lies on each step's
+# path). (Until session 36 every step after the second was dense here, so the "sparse steps" column of the
+# variants with no plan loads timed dense steps.)
 _NO_PLAN_LOADS = ("next_slots = *reinterpret_cast<const uint2*>(my_slots + 2 * s + 4);\n"
                   "                next_sparse = my_steps[s + 2];",
-                  "next_slots = make_uint2(3u << 28, 3u << 28);\n                next_sparse = false;")
+                  "next_slots = make_uint2(3u << 28, 3u << 28);\n                next_sparse = sparse;")
 # This step's A built from nothing: the fragment code between the wgmmas gone (A stays zero; the loads remain).
 _NO_FRAGMENTS = ("""        if (sparse) {
             u32 meta0[2], meta1[2];
