@@ -18,8 +18,11 @@
 // wgmma left in flight while the next is prepared), and the wgmma operand lists WGMMA_D (the accumulators in the
 // asm string) and WGMMA_D_OPERANDS (their constraints).
 //
-// Speed (H100, session 33, docs/kernels.md): correct, but 0.18-0.30x cuBLAS at 2048 tokens, slower than unpack +
-// cuBLAS (0.72-0.80x), so the op does not use it unless asked (wgmma_prefill.use_wgmma_prefill).
+// Speed (H100, sessions 33 and 36, docs/kernels.md): correct, but 0.18-0.30x cuBLAS at 2048 tokens (about 0.2-0.3x
+// with x through L1), slower than unpack + cuBLAS (0.72-0.80x), so the op does not use it unless asked
+// (wgmma_prefill.use_wgmma_prefill). Profiled (session 36): each step waits on the slowest warp's fragment at the
+// warpgroup's wgmma.fence and on weight loads issued only a step ahead; with neither, the loop's tiling itself
+// stops at 0.85-0.91x cuBLAS.
 
 typedef unsigned short u16;
 typedef unsigned int u32;
@@ -67,7 +70,7 @@ __device__ __forceinline__ void wgmma_sparse(float* d, const u32* a, u64 b, u32 
 }
 
 // Through L1 (.ca, not .cg): a token's 64 bytes of a step are half of a 128-byte line whose other half the next
-// step reads; kept in L1, the second half costs no trip to L2 (+12-15% at 2048 tokens on an H100, sessions 34, 36).
+// step reads; kept in L1, the second half costs no trip to L2 (+9-17% at 2048 tokens on an H100, sessions 34, 36).
 __device__ __forceinline__ void cp_async_16(u32 shared_address, const void* global, bool valid) {
     asm volatile("cp.async.ca.shared.global [%0], [%1], 16, %2;\n"
                  :: "r"(shared_address), "l"(global), "r"(valid ? 16 : 0) : "memory");
