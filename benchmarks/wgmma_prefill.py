@@ -45,21 +45,15 @@ _NO_PLAN_LOADS = ("next_slots = *reinterpret_cast<const uint2*>(my_slots + 2 * s
                   "                next_sparse = my_steps[s + 2];",
                   "next_slots = make_uint2(3u << 28, 3u << 28);\n                next_sparse = sparse;")
 # This step's A built from nothing: the fragment code between the wgmmas gone (A stays zero; the loads remain).
-_NO_FRAGMENTS = ("""        if (sparse) {
-            u32 meta0[2], meta1[2];
-            sparse_fragment(a[0], a[1], meta0, raw[0], lane);
-            sparse_fragment(a[2], a[3], meta1, raw[1], lane);
-            a[8] = sparse_metadata(meta0, meta1, t);
-        } else {
-            dense_fragment(a, raw[0], lane);
-            dense_fragment(a + 4, raw[1], lane);
-        }
-""", "")
+_NO_FRAGMENTS = [("sparse_fragment(a[0], a[1], meta0, raw[0], lane);", ""),
+                 ("sparse_fragment(a[2], a[3], meta1, raw[1], lane);", ""),
+                 ("a[8] = sparse_metadata(meta0, meta1, t);", ""),
+                 ("dense_fragment(a, raw[0], lane);", ""), ("dense_fragment(a + 4, raw[1], lane);", "")]
 _A_ZERO = ("u32 a_even[9], a_odd[9];", "u32 a_even[9] = {}, a_odd[9] = {};")
 # y never stored (a test no accumulator passes, so the stores stay in the code but none is made): the epilogue's
 # cost, which no other CTA's loop hides at one CTA per SM.
 _NO_STORES = ("if (token < T && row < R) y[", "if (token < T && row < R && d[4 * j + i] == 1.25e37f) y[")
-_BARE = [_NO_X, _NO_BARRIER, _NO_PLAN_LOADS, _NO_FRAGMENTS, _A_ZERO]
+_BARE = [_NO_X, _NO_BARRIER, _NO_PLAN_LOADS, *_NO_FRAGMENTS, _A_ZERO]
 # The same with sparse metadata that names two different positions (0 and 1) in every group, as real 2:4 blocks
 # do; _A_ZERO's metadata word is 0 (position 0 twice).
 _A_ZERO_META_01 = (_A_ZERO[0], "u32 a_even[9] = {0, 0, 0, 0, 0, 0, 0, 0, 0x44444444u}, "
@@ -74,7 +68,7 @@ ABLATIONS = {
     "no-x-no-barrier-pairs": [_NO_X, _NO_BARRIER, _COMMIT_PAIRS],
     "no-plan-loads": [_NO_PLAN_LOADS],
     "no-x-no-barrier-no-plan-loads": [_NO_X, _NO_BARRIER, _NO_PLAN_LOADS],
-    "no-fragments": [_NO_FRAGMENTS, _A_ZERO],
+    "no-fragments": [*_NO_FRAGMENTS, _A_ZERO],
     "bare-loop": _BARE,  # the wgmmas and their bookkeeping alone
     "bare-loop-no-stores": _BARE + [_NO_STORES],
     "bare-loop-pairs": _BARE + [_COMMIT_PAIRS],
