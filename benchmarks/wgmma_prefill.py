@@ -49,15 +49,20 @@ _NO_FRAGMENTS = [("sparse_fragment(a[0], a[1], meta0, raw[0], lane);", ""),
                  ("sparse_fragment(a[2], a[3], meta1, raw[1], lane);", ""),
                  ("a[8] = sparse_metadata(meta0, meta1, t);", ""),
                  ("dense_fragment(a, raw[0], lane);", ""), ("dense_fragment(a + 4, raw[1], lane);", "")]
-_A_ZERO = ("u32 a_even[9], a_odd[9];", "u32 a_even[9] = {}, a_odd[9] = {};")
+
+
+def _a_fixed(metadata: int) -> tuple[str, str]:
+    """Both A sets zero from the start, their sparse metadata word `metadata` (the edit for a loop that never
+    builds A)."""
+    a = "{0, 0, 0, 0, 0, 0, 0, 0, " + hex(metadata) + "u}"
+    return "u32 a_even[9], a_odd[9];", f"u32 a_even[9] = {a}, a_odd[9] = {a};"
+
+
+_A_ZERO = _a_fixed(0)  # metadata 0: position 0 twice in every group
 # y never stored (a test no accumulator passes, so the stores stay in the code but none is made): the epilogue's
 # cost, which no other CTA's loop hides at one CTA per SM.
 _NO_STORES = ("if (token < T && row < R) y[", "if (token < T && row < R && d[4 * j + i] == 1.25e37f) y[")
 _BARE = [_NO_X, _NO_BARRIER, _NO_PLAN_LOADS, *_NO_FRAGMENTS, _A_ZERO]
-# The same with sparse metadata that names two different positions (0 and 1) in every group, as real 2:4 blocks
-# do; _A_ZERO's metadata word is 0 (position 0 twice).
-_A_ZERO_META_01 = (_A_ZERO[0], "u32 a_even[9] = {0, 0, 0, 0, 0, 0, 0, 0, 0x44444444u}, "
-                               "a_odd[9] = {0, 0, 0, 0, 0, 0, 0, 0, 0x44444444u};")
 ABLATIONS = {
     "kernel": [],
     "x-through-l2": [("cp.async.ca.shared.global", "cp.async.cg.shared.global")],  # .cg: as before session 36
@@ -73,7 +78,7 @@ ABLATIONS = {
     "bare-loop-no-stores": _BARE + [_NO_STORES],
     "bare-loop-pairs": _BARE + [_COMMIT_PAIRS],
     "bare-loop-pairs-no-stores": _BARE + [_COMMIT_PAIRS, _NO_STORES],
-    "bare-loop-metadata-01": _BARE[:-1] + [_A_ZERO_META_01],
+    "bare-loop-metadata-01": _BARE[:-1] + [_a_fixed(0x44444444)],  # positions 0 and 1, as real 2:4 blocks name
 }
 
 

@@ -18,8 +18,8 @@
 // wgmma left in flight while the next is prepared), and the wgmma operand lists WGMMA_D (the accumulators in the
 // asm string) and WGMMA_D_OPERANDS (their constraints).
 //
-// Speed (H100, sessions 33 and 36, docs/kernels.md): correct, but 0.18-0.30x cuBLAS at 2048 tokens (about 0.2-0.3x
-// with x through L1), slower than unpack + cuBLAS (0.72-0.80x), so the op does not use it unless asked
+// Speed (H100, sessions 33 and 36, docs/kernels.md): correct, but 0.18-0.30x cuBLAS at 2048 tokens (0.20-0.29x on
+// 4096x4096 with x through L1), slower than unpack + cuBLAS (0.72-0.80x), so the op does not use it unless asked
 // (wgmma_prefill.use_wgmma_prefill). Profiled (session 36): each step waits on the slowest warp's fragment at the
 // warpgroup's wgmma.fence and on weight loads issued only a step ahead; with neither, the loop's tiling itself
 // stops at 0.85-0.91x cuBLAS.
