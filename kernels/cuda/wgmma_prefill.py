@@ -36,6 +36,7 @@ _ENABLED = [False]
 
 _SOURCE = Path(__file__).with_name("wgmma_prefill.cu")
 _CONVERT = Path(__file__).with_name("convert.cuh")  # from_float, shared with mma_decode.cu
+_COMMON = Path(__file__).with_name("wgmma_common.cuh")  # tier codes, x's layout, 2:4 helpers: both prefill kernels
 _MODULES: dict[tuple, object] = {}
 
 
@@ -121,12 +122,19 @@ def prefill_plan(hw: HybridWeight, grouped: bool = True) -> PrefillPlan:
                        group_rows.to(torch.int32).contiguous())
 
 
-def wgmma_prefill_source(half: bool, topk: int, overlap: bool = OVERLAP) -> str:
-    """wgmma_prefill.cu with its constants defined, the 128 accumulators' asm operands written out."""
-    defines = dict(HALF_T=int(half), TOPK=topk, OVERLAP=int(overlap),
+def _kernel_source(kernel: Path, half: bool, topk: int, **constants: int) -> str:
+    """A prefill kernel's source behind its constants (the 128 accumulators' asm operands written out),
+    convert.cuh and wgmma_common.cuh."""
+    defines = dict(HALF_T=int(half), TOPK=topk, **constants,
                    WGMMA_D='"{' + ", ".join(f"%{i}" for i in range(128)) + '}"',
                    WGMMA_D_OPERANDS=", ".join(f'"+f"(d[{i}])' for i in range(128)))
-    return "".join(f"#define {k} {v}\n" for k, v in defines.items()) + _CONVERT.read_text() + _SOURCE.read_text()
+    header = "".join(f"#define {k} {v}\n" for k, v in defines.items())
+    return header + _CONVERT.read_text() + _COMMON.read_text() + kernel.read_text()
+
+
+def wgmma_prefill_source(half: bool, topk: int, overlap: bool = OVERLAP) -> str:
+    """wgmma_prefill.cu with its constants defined."""
+    return _kernel_source(_SOURCE, half, topk, OVERLAP=int(overlap))
 
 
 def use_wgmma_prefill(enabled: bool) -> None:
