@@ -9,6 +9,10 @@ Measured on an H100 (session 33, benchmarks/wgmma_prefill.py): correct (the GPU 
 2048 tokens on the LLaMA-2-7B shapes, against 0.72-0.80x for the op's unpack + cuBLAS; even all-dense steps run at
 0.25-0.30x, so the loop itself, not the sparse steps, is what is slow. The op therefore keeps unpack + cuBLAS
 unless use_wgmma_prefill(True).
+
+wgmma_prefill_ws.cu is the same product, plan and tiles with a producer warpgroup that decodes and copies every
+step into shared memory ahead of two consumer warpgroups that only issue wgmmas (warp_specialized=True, not used
+by the op). Built and assembled on the CPU in session 37; not yet run on a GPU.
 """
 from __future__ import annotations
 
@@ -20,14 +24,16 @@ import torch
 from ..hybrid import HybridWeight
 from ..tiers import DENSE, NM_2_4, TOPK
 
-__all__ = ["PrefillPlan", "prefill_plan", "wgmma_prefill_source", "compile_wgmma_prefill", "hybrid_wgmma_prefill",
-           "wgmma_prefill_supported", "grouped_block_rows", "topk_fits_2_4", "prefers_wgmma_prefill",
-           "use_wgmma_prefill", "WGMMA_PREFILL_MIN_TOKENS"]
+__all__ = ["PrefillPlan", "prefill_plan", "wgmma_prefill_source", "wgmma_prefill_ws_source", "compile_wgmma_prefill",
+           "hybrid_wgmma_prefill", "wgmma_prefill_supported", "grouped_block_rows", "topk_fits_2_4",
+           "prefers_wgmma_prefill", "use_wgmma_prefill", "WGMMA_PREFILL_MIN_TOKENS"]
 
 TIER_SHIFT = 28  # slot = tier << 28 | index into that tier's packed blocks
 TIER_NONE = 3  # a padding member of the last group
 TOKENS_PER_CTA = 256
 MEMBERS_PER_CTA = 8  # two warpgroups, each a group of 4 block-rows
+WS_THREADS = 384  # the warp-specialized kernel: a producer warpgroup and two consumer warpgroups
+WS_SHARED_BYTES = 8 * (TOKENS_PER_CTA * 64 + 2 * 4096 + 512 + 32)  # its 8 stages: x, A, metadata, flags, barriers
 OVERLAP = True  # one step's wgmma in flight while the next is prepared (4 stages of x, 64 KiB; else 3, 48 KiB)
 # Where enabled, the op sends products of at least this many tokens here (below: the streaming kernels or unpack +
 # cuBLAS). Off by default: slower than unpack + cuBLAS (above).
@@ -35,6 +41,7 @@ WGMMA_PREFILL_MIN_TOKENS = 256
 _ENABLED = [False]
 
 _SOURCE = Path(__file__).with_name("wgmma_prefill.cu")
+_WS_SOURCE = Path(__file__).with_name("wgmma_prefill_ws.cu")  # the warp-specialized kernel
 _CONVERT = Path(__file__).with_name("convert.cuh")  # from_float, shared with mma_decode.cu
 _COMMON = Path(__file__).with_name("wgmma_common.cuh")  # tier codes, x's layout, 2:4 helpers: both prefill kernels
 _MODULES: dict[tuple, object] = {}
@@ -137,6 +144,11 @@ def wgmma_prefill_source(half: bool, topk: int, overlap: bool = OVERLAP) -> str:
     return _kernel_source(_SOURCE, half, topk, OVERLAP=int(overlap))
 
 
+def wgmma_prefill_ws_source(half: bool, topk: int) -> str:
+    """wgmma_prefill_ws.cu (the warp-specialized kernel) with its constants defined."""
+    return _kernel_source(_WS_SOURCE, half, topk, LAUNCH_SHARED_BYTES=WS_SHARED_BYTES)
+
+
 def use_wgmma_prefill(enabled: bool) -> None:
     """Let the op send long prefills here on sm_90 (off by default: slower than unpack + cuBLAS), or not."""
     _ENABLED[0] = bool(enabled)
@@ -154,43 +166,54 @@ def wgmma_prefill_supported(x: torch.Tensor, hw: HybridWeight) -> bool:
             and hw.shape[1] % 32 == 0)
 
 
-def _shared_bytes(overlap: bool) -> int:
-    return (4 if overlap else 3) * TOKENS_PER_CTA * 64  # stages of 32 columns of x
+def _launch_shape(overlap: bool, warp_specialized: bool) -> tuple[int, int]:
+    """(threads, shared-memory bytes) of a CTA of the kernel."""
+    if warp_specialized:
+        return WS_THREADS, WS_SHARED_BYTES
+    return 256, (4 if overlap else 3) * TOKENS_PER_CTA * 64  # stages of 32 columns of x
 
 
-def compile_wgmma_prefill(source: str, device_index: int, overlap: bool = OVERLAP):
-    """The kernel of `source` (wgmma_prefill_source's, or a variant of it: benchmarks/wgmma_prefill.py --ablate),
-    loaded on a device."""
+def _kernel_name(warp_specialized: bool) -> str:
+    return "hybrid_wgmma_prefill_ws" if warp_specialized else "hybrid_wgmma_prefill"
+
+
+def compile_wgmma_prefill(source: str, device_index: int, overlap: bool = OVERLAP, warp_specialized: bool = False):
+    """The kernel of `source` (wgmma_prefill_source's or wgmma_prefill_ws_source's, or a variant of one:
+    benchmarks/wgmma_prefill.py --ablate), loaded on a device."""
     from torch.cuda._utils import _cuda_load_module, _nvrtc_compile
 
+    name = _kernel_name(warp_specialized)
     with torch.cuda.device(device_index):
-        binary, _ = _nvrtc_compile(source, "hybrid_wgmma_prefill", "90a", nvcc_options=["-std=c++17"])
-        kernel = _cuda_load_module(binary, ["hybrid_wgmma_prefill"])["hybrid_wgmma_prefill"]
-        kernel.set_shared_memory_config(_shared_bytes(overlap))  # past the default 48 KiB
+        binary, _ = _nvrtc_compile(source, name, "90a", nvcc_options=["-std=c++17"])
+        kernel = _cuda_load_module(binary, [name])[name]
+        kernel.set_shared_memory_config(_launch_shape(overlap, warp_specialized)[1])  # past the default 48 KiB
     return kernel
 
 
-def _kernel(half: bool, topk: int, device_index: int, overlap: bool):
-    key = (half, topk, device_index, overlap)
+def _kernel(half: bool, topk: int, device_index: int, overlap: bool, warp_specialized: bool):
+    key = (half, topk, device_index, overlap, warp_specialized)
     if key not in _MODULES:
-        _MODULES[key] = compile_wgmma_prefill(wgmma_prefill_source(half, topk, overlap), device_index, overlap)
+        source = wgmma_prefill_ws_source(half, topk) if warp_specialized else wgmma_prefill_source(half, topk, overlap)
+        _MODULES[key] = compile_wgmma_prefill(source, device_index, overlap, warp_specialized)
     return _MODULES[key]
 
 
 def hybrid_wgmma_prefill(x: torch.Tensor, hw: HybridWeight, plan: PrefillPlan, overlap: bool = OVERLAP,
-                         kernel=None) -> torch.Tensor:
-    """x (T, in) @ W.T -> (T, out) in x's dtype. `kernel`: a compile_wgmma_prefill variant instead of the kernel."""
+                         kernel=None, warp_specialized: bool = False) -> torch.Tensor:
+    """x (T, in) @ W.T -> (T, out) in x's dtype. `kernel`: a compile_wgmma_prefill variant instead of the kernel;
+    `warp_specialized`: wgmma_prefill_ws.cu's kernel (or `kernel` is a variant of it)."""
     assert wgmma_prefill_supported(x, hw), "hybrid_wgmma_prefill: needs sm_90, bf16/fp16, in-features % 32 == 0"
     x = x.contiguous() if x.data_ptr() % 16 == 0 else x.clone()  # x arrives by 16-byte copies
     T, K = x.shape
     R = hw.shape[0]
     y = torch.empty(T, R, dtype=x.dtype, device=x.device)
-    kernel = kernel or _kernel(x.dtype == torch.float16, hw.topk, x.device.index, overlap)
+    kernel = kernel or _kernel(x.dtype == torch.float16, hw.topk, x.device.index, overlap, warp_specialized)
     assert len(plan.group_rows) % MEMBERS_PER_CTA == 0, "hybrid_wgmma_prefill: a plan from prefill_plan"
     grid = (-(-T // TOKENS_PER_CTA), len(plan.group_rows) // MEMBERS_PER_CTA, 1)
+    threads, shared_bytes = _launch_shape(overlap, warp_specialized)
     with torch.cuda.device(x.device):
-        kernel(grid=grid, block=(256, 1, 1),
+        kernel(grid=grid, block=(threads, 1, 1),
                args=[x, y, hw.dense_values, hw.nm_values, hw.nm_meta, hw.topk_values, hw.topk_pos, plan.slots,
                      plan.sparse_steps, plan.group_rows, T, K, R],
-               shared_mem=_shared_bytes(overlap))
+               shared_mem=shared_bytes)
     return y

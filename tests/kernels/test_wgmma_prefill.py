@@ -1,6 +1,9 @@
-"""The wgmma prefill kernel: its plan on the CPU (where each block is, which steps run sparse, the grouping), its
-source assembled for sm_90a, and on an H100/H200 its product against the dense one."""
+"""The wgmma prefill kernels (wgmma_prefill.cu, and the warp-specialized wgmma_prefill_ws.cu): their plan on the CPU
+(where each block is, which steps run sparse, the grouping), their sources assembled for sm_90a, and on an H100/H200
+their products against the dense one."""
 from __future__ import annotations
+
+import re
 
 import pytest
 import torch
@@ -81,14 +84,38 @@ def test_grouping_puts_block_rows_with_the_same_dense_columns_together() -> None
     assert sorted(map(sorted, (order[:4], order[4:]))) == [[0, 2, 4, 6], [1, 3, 5, 7]]
 
 
-@pytest.mark.parametrize("half", [False, True])
-def test_the_kernel_assembles_for_sm_90a_without_spills(half, tmp_path) -> None:
+def _ptxas(source: str, tmp_path) -> str:
     from .test_mma_decode import nvrtc_ptx, ptxas_report
 
-    ptx = nvrtc_ptx(wp.wgmma_prefill_source(half, 10), "sm_90a")
-    report = ptxas_report(ptx, tmp_path, arch="sm_90a", isa="8.2")
+    return ptxas_report(nvrtc_ptx(source, "sm_90a"), tmp_path, arch="sm_90a", isa="8.2")
+
+
+@pytest.mark.parametrize("half", [False, True])
+def test_the_kernel_assembles_for_sm_90a_without_spills(half, tmp_path) -> None:
+    report = _ptxas(wp.wgmma_prefill_source(half, 10), tmp_path)
     assert "0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads" in report, report
     assert "wgmma.mma_async instructions are serialized" not in report, report  # C7520: no overlap at all
+
+
+@pytest.mark.parametrize("half,topk", [(False, 10), (True, 10), (False, 32)])
+def test_the_warp_specialized_kernel_assembles_for_sm_90a_without_spills(half, topk, tmp_path) -> None:
+    report = _ptxas(wp.wgmma_prefill_ws_source(half, topk), tmp_path)
+    assert "0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads" in report, report
+    assert "wgmma.mma_async instructions are serialized" not in report, report
+    registers = int(re.search(r"Used (\d+) registers", report).group(1))
+    assert registers <= 65536 // wp.WS_THREADS // 8 * 8, report  # its 384 threads fit one SM's registers
+
+
+def test_the_warp_specialized_kernel_refuses_to_assemble_for_less_shared_memory_than_it_uses() -> None:
+    from .test_mma_decode import nvrtc_ptx
+
+    source = wp.wgmma_prefill_ws_source(False, 10)
+    short = source.replace(f"#define LAUNCH_SHARED_BYTES {wp.WS_SHARED_BYTES}\n",
+                           f"#define LAUNCH_SHARED_BYTES {wp.WS_SHARED_BYTES - 16}\n")
+    assert short != source
+    with pytest.raises(AssertionError, match="launches with less shared memory"):
+        nvrtc_ptx(short, "sm_90a")
+    assert wp.WS_SHARED_BYTES <= 227 * 1024  # what an sm_90 CTA may have
 
 
 _HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
@@ -101,13 +128,14 @@ _HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9
                                      ((0, 1.0, 0), 10), ((0.2, 0.2, 0.6), 16), ((0.1, 0.1, 0.8), 32)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("grouped", [False, True])
-def test_the_kernel_matches_the_dense_product(shape, probs, k, dtype, grouped) -> None:
+@pytest.mark.parametrize("warp_specialized", [False, True])
+def test_the_kernel_matches_the_dense_product(shape, probs, k, dtype, grouped, warp_specialized) -> None:
     W, tier_map = _weight(shape, probs, seed=shape[0] + k, k=k, dtype=dtype, device="cuda")
     hw = pack_hybrid(W, tier_map, topk=k)
     plan = wp.prefill_plan(hw, grouped=grouped)
     for tokens in (1, 130, 300):
         x = torch.randn(tokens, shape[1], device="cuda", dtype=dtype)
-        y = wp.hybrid_wgmma_prefill(x, hw, plan)
+        y = wp.hybrid_wgmma_prefill(x, hw, plan, warp_specialized=warp_specialized)
         reference = x.float() @ W.float().T
         error = float((y.float() - reference).abs().max() / reference.abs().max())
         assert error < 1e-2, (tokens, error)
@@ -165,3 +193,9 @@ def test_the_benchmarks_ablations_still_apply_to_the_kernel_and_compile(monkeypa
         assert "wgmma.mma_async" in nvrtc_ptx(sources[name], "sm_90a")
     with pytest.raises(SystemExit, match="no longer applies"):
         bench.ablated_source([("a line the kernel does not have", "")])
+    ws_sources = {name: bench.ablated_source(edits, warp_specialized=True)
+                  for name, edits in bench.WS_ABLATIONS.items()}
+    assert len(set(ws_sources.values())) == len(ws_sources)
+    assert ws_sources["ws"] == wp.wgmma_prefill_ws_source(False, 10)
+    assert "i < 0; ++i" in ws_sources["ws-no-x"] and "#define STAGES 4" in ws_sources["ws-4-stages"]
+    assert "wgmma.mma_async" in nvrtc_ptx(ws_sources["ws-no-x-no-stores"], "sm_90a")

@@ -1,0 +1,324 @@
+// Prefill through a packed hybrid weight on Hopper's warpgroup tensor cores, warp-specialized (sm_90a).
+//
+// The same product, plan and tiles as wgmma_prefill.cu (a CTA: two groups of 4 block-rows, 128 weight rows, for
+// 256 tokens; K in steps of 32, each step of a group one wgmma.sp m64n256k32 where the plan marks it sparse, else
+// two dense wgmma m64n256k16), built the other way round. That kernel's warps decode their own blocks into wgmma's
+// A registers between the wgmmas, and each step waits at the warpgroup's fence for its slowest warp (session 36's
+// profile: the tensor pipe busy 15% of the time). Here a third warpgroup, the producer, does all of the decoding
+// and copying: it writes each step's A tiles (dense or compressed 2:4), the sparse steps' metadata words and x
+// into a ring of STAGES shared-memory stages, and the two consumer warpgroups only wait for a stage, issue its
+// wgmmas with A and B both read from shared memory, and hand the stage back. The producer runs up to STAGES steps
+// ahead, so a TopK block's scatter or a slow weight load no longer sits between two wgmmas.
+//
+// Each stage has a `full` mbarrier (the producer's 128 threads arrive as their copies land, cp.async.mbarrier
+// .arrive.noinc, after a proxy fence that makes their shared-memory stores visible to wgmma) and an `empty` one
+// (each consumer warp arrives once the stage's wgmmas are done, wgmma.wait_group 1 a step later).
+//
+// The producer's warp p builds block-rows 2p and 2p+1 of the CTA (group p / 2), two blocks of each per step, each
+// lane one 16-byte piece of a block: row lane / 2, columns 8 (lane % 2) to 8 (lane % 2) + 7. The packed words a
+// step needs are loaded two steps ahead into registers, its slots three steps ahead.
+//
+// Shared memory per stage (no swizzle; wgmma_common.cuh's core matrices): x, STEP_BYTES, as wgmma_prefill.cu; A of
+// each consumer warpgroup, 64 rows x 32 columns (dense: core matrices 1024 bytes apart along k, 128 along the rows;
+// sparse: 64 rows x 16 kept values, the same layout over two core matrices along k); 8 members x 16 metadata words
+// (word 2g + c: block c's row g nibbles | row g+8's << 16, what lanes t = 0, 1 of a quad hand to wgmma.sp, as
+// wgmma_prefill.cu's sparse_metadata); the groups' sparse flags.
+//
+// Compile-time constants (prepended by wgmma_prefill.py): HALF_T (0 bf16, 1 fp16), TOPK, LAUNCH_SHARED_BYTES (what
+// the launch gives), WGMMA_D, WGMMA_D_OPERANDS.
+//
+// Built and assembled for sm_90a on the CPU (session 37), not yet run on a GPU.
+
+#define STAGES 8
+#define A_BYTES 4096                  // one consumer warpgroup's A for one step: 64 rows x 32 columns of 16 bits
+#define META_BYTES 512                // one step's metadata words: 8 members x 16
+#define A_REGION (STAGES * STEP_BYTES)
+#define META_REGION (A_REGION + STAGES * 2 * A_BYTES)
+#define FLAG_REGION (META_REGION + STAGES * META_BYTES)
+#define BARRIER_REGION (FLAG_REGION + STAGES * 16)
+#define SHARED_BYTES (BARRIER_REGION + STAGES * 16)  // 200,960 bytes at 8 stages
+static_assert(SHARED_BYTES <= LAUNCH_SHARED_BYTES, "wgmma_prefill.py launches with less shared memory");
+#define ROW_NIBBLES_EMPTY 0x4444u     // a row of zeros in a sparse step: positions 0 and 1 in each group
+
+__device__ __forceinline__ void wgmma_dense_ss(float* d, u64 a, u64 b) {
+    asm volatile("{ .reg .pred p; setp.ne.b32 p, 1, 0; wgmma.mma_async.sync.aligned.m64n256k16" WGMMA_TYPES " "
+                 WGMMA_D ", %128, %129, p, 1, 1, 0, 0; }"
+                 : WGMMA_D_OPERANDS : "l"(a), "l"(b));
+}
+
+__device__ __forceinline__ void wgmma_sparse_ss(float* d, u64 a, u64 b, u32 e) {
+    asm volatile("{ .reg .pred p; setp.ne.b32 p, 1, 0; wgmma.mma_async.sp.sync.aligned.m64n256k32" WGMMA_TYPES " "
+                 WGMMA_D ", %128, %129, %130, 0, p, 1, 1, 0, 0; }"
+                 : WGMMA_D_OPERANDS : "l"(a), "l"(b), "r"(e));
+}
+
+__device__ __forceinline__ void mbarrier_init(u32 barrier, u32 count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" :: "r"(barrier), "r"(count) : "memory");
+}
+
+__device__ __forceinline__ void mbarrier_wait(u32 barrier, u32 parity) {
+    u32 done = 0u;
+    while (!done) {
+        asm volatile("{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }\n"
+                     : "=r"(done) : "r"(barrier), "r"(parity) : "memory");
+    }
+}
+
+__device__ __forceinline__ void mbarrier_arrive(u32 barrier) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" :: "r"(barrier) : "memory");
+}
+
+// The barrier counts one arrival of this thread once all of its cp.async so far have landed.
+__device__ __forceinline__ void mbarrier_arrive_when_copied(u32 barrier) {
+    asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" :: "r"(barrier) : "memory");
+}
+
+// Weights are read once per CTA: through L2 only.
+__device__ __forceinline__ void cp_async_16_l2(u32 shared_address, const void* global) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" :: "r"(shared_address), "l"(global) : "memory");
+}
+
+__device__ __forceinline__ void st_shared_v4(u32 address, u32 a, u32 b, u32 c, u32 d) {
+    asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};\n" :: "r"(address), "r"(a), "r"(b), "r"(c), "r"(d)
+                 : "memory");
+}
+
+__device__ __forceinline__ void st_shared_v2(u32 address, u32 a, u32 b) {
+    asm volatile("st.shared.v2.u32 [%0], {%1, %2};\n" :: "r"(address), "r"(a), "r"(b) : "memory");
+}
+
+__device__ __forceinline__ void st_shared_u32(u32 address, u32 a) {
+    asm volatile("st.shared.u32 [%0], %1;\n" :: "r"(address), "r"(a) : "memory");
+}
+
+__device__ __forceinline__ void st_shared_u16(u32 address, u32 a) {
+    asm volatile("st.shared.u16 [%0], %1;\n" :: "r"(address), "h"(static_cast<u16>(a)) : "memory");
+}
+
+__device__ __forceinline__ void st_shared_u8(u32 address, u32 a) {
+    asm volatile("st.shared.u8 [%0], %1;\n" :: "r"(address), "r"(a) : "memory");
+}
+
+__device__ __forceinline__ u32 ld_shared_u32(u32 address) {
+    u32 a;
+    asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(a) : "r"(address) : "memory");
+    return a;
+}
+
+__device__ __forceinline__ u32 ld_shared_u8(u32 address) {
+    u32 a;
+    asm volatile("ld.shared.u8 %0, [%1];\n" : "=r"(a) : "r"(address) : "memory");
+    return a;
+}
+
+// What a producer lane holds of one step, loaded two steps before it is built: per block (b = 2 * member + column
+// of the warp's 2 x 2), its slot and, for a 2:4 block, this lane's row's pairs of groups 2h, 2h+1 (w0, w1) and the
+// row's four nibbles (meta); for a TopK block, entry lane (value | position << 16) in w0.
+struct StepWords {
+    u32 slot[4], w0[4], w1[4], meta[4];
+    u32 sparse;  // the step runs as one wgmma.sp for this warp's group
+};
+
+__device__ __forceinline__ void load_step(StepWords& words, u32 lane_slot, u32 sparse,
+                                          const u32* __restrict__ nm_pairs, const u16* __restrict__ nm_meta,
+                                          const u16* __restrict__ topk_values,
+                                          const unsigned char* __restrict__ topk_pos, int lane) {
+    const int r = lane >> 1, h = lane & 1;
+    words.sparse = sparse;
+#pragma unroll
+    for (int b = 0; b < 4; ++b) {
+        const u32 slot = __shfl_sync(FULL, lane_slot, b), tier = slot >> TIER_SHIFT;
+        const u32 index = slot & ((1u << TIER_SHIFT) - 1);
+        words.slot[b] = slot, words.w0[b] = 0u, words.w1[b] = 0u, words.meta[b] = 0u;
+        if (tier == TIER_NM) {
+            const uint2 pairs = __ldg(reinterpret_cast<const uint2*>(nm_pairs + (size_t)index * 64 + r * 4 + 2 * h));
+            words.w0[b] = pairs.x, words.w1[b] = pairs.y;
+            words.meta[b] = __ldg(nm_meta + (size_t)index * 16 + r);
+        } else if (tier == TIER_TOPK && lane < TOPK) {
+            words.w0[b] = static_cast<u32>(__ldg(topk_values + (size_t)index * TOPK + lane)) |
+                          static_cast<u32>(__ldg(topk_pos + (size_t)index * TOPK + lane)) << 16;
+        }
+    }
+}
+
+// A dense step's block: 16 rows x 16 columns at k-core matrices 2c, 2c+1 of its warpgroup's A tile; this lane's
+// piece is row r, columns 8h..8h+7.
+__device__ __forceinline__ void build_dense_block(u32 tile, int w, int c, u32 slot, u32 w0, u32 w1, u32 meta,
+                                                  const u32* __restrict__ dense_words, int lane) {
+    const int r = lane >> 1, h = lane & 1;
+    const u32 tier = slot >> TIER_SHIFT, index = slot & ((1u << TIER_SHIFT) - 1);
+    const u32 piece = tile + (2 * c + h) * 1024 + (2 * w + (r >> 3)) * 128 + (r & 7) * 16;
+    if (tier == TIER_DENSE) {
+        cp_async_16_l2(piece, dense_words + (size_t)index * 128 + r * 8 + h * 4);
+    } else if (tier == TIER_NM) {
+        u32 out[4];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {  // word j: columns 8h + 2j, +1, positions 2(j & 1), +1 of group 2h + j / 2
+            const u32 pair = j < 2 ? w0 : w1, nibble = (meta >> (4 * (2 * h + (j >> 1)))) & 15u;
+            out[j] = nm_value_at(pair, nibble, 2 * (j & 1)) | nm_value_at(pair, nibble, 2 * (j & 1) + 1) << 16;
+        }
+        st_shared_v4(piece, out[0], out[1], out[2], out[3]);
+    } else {
+        st_shared_v4(piece, 0u, 0u, 0u, 0u);
+        if (tier == TIER_TOPK) {  // zeros first, then each entry over them
+            __syncwarp();
+            if (lane < TOPK) {
+                const u32 position = w0 >> 16, row = position >> 4, col = position & 15u;
+                st_shared_u16(tile + (2 * c + (col >> 3)) * 1024 + (2 * w + (row >> 3)) * 128 + (row & 7) * 16 +
+                                  (col & 7) * 2, w0);
+            }
+        }
+    }
+}
+
+// A sparse step's block (2:4, or TopK with at most 2 nonzero entries per group of 4; the plan checked): its 16
+// rows' kept pairs at k-core matrix c of the compressed A tile (this lane: row r, groups 2h and 2h+1, 8 bytes), and
+// its rows' nibbles: returns this lane's row's four.
+__device__ __forceinline__ u32 build_sparse_block(u32 tile, int w, int c, u32 slot, u32 w0, u32 w1, u32 meta,
+                                                  int lane) {
+    const int r = lane >> 1, h = lane & 1;
+    const u32 tier = slot >> TIER_SHIFT;
+    const u32 piece = tile + c * 1024 + (2 * w + (r >> 3)) * 128 + (r & 7) * 16 + h * 8;
+    if (tier == TIER_NM) {
+        st_shared_v2(piece, w0, w1);
+        return meta;
+    }
+    Cell first, second;  // groups 2h and 2h+1 of row r
+    if (tier == TIER_TOPK) {
+#pragma unroll
+        for (int j = 0; j < TOPK; ++j) {
+            const u32 entry = __shfl_sync(FULL, w0, j);
+            const u32 row = entry >> 20, col = (entry >> 16) & 15u, value = entry & 0xffffu;
+            const bool mine = row == static_cast<u32>(r) && (col >> 3) == static_cast<u32>(h) && (value & 0x7fffu);
+            first.add(mine && !(col & 4u), value, col & 3u);
+            second.add(mine && (col & 4u), value, col & 3u);
+        }
+        first.finish(), second.finish();
+    }
+    st_shared_v2(piece, first.pair(), second.pair());
+    const u32 mine = first.nibble() | second.nibble() << 4, other = __shfl_xor_sync(FULL, mine, 1);
+    return tier == TIER_TOPK ? (h ? other | mine << 8 : mine | other << 8) : ROW_NIBBLES_EMPTY;
+}
+
+extern "C" __global__ void __launch_bounds__(384, 1)
+hybrid_wgmma_prefill_ws(const u16* __restrict__ x, u16* __restrict__ y,
+                        const u32* __restrict__ dense_words,       // (nd, 16, 8) words: dense blocks, row-major
+                        const u32* __restrict__ nm_pairs,          // (nn, 16, 4) words: 2:4 kept pairs
+                        const u16* __restrict__ nm_meta,           // (nn, 16): a row's four nibbles
+                        const u16* __restrict__ topk_values,       // (nt, TOPK)
+                        const unsigned char* __restrict__ topk_pos,  // (nt, TOPK), row-major position in the block
+                        const u32* __restrict__ slots,             // (groups * 4, K / 16): tier << 28 | index
+                        const unsigned char* __restrict__ sparse_steps,  // (groups, K / 32): 1 = one wgmma.sp
+                        const int* __restrict__ group_rows,        // (groups * 4): block-row of each member, -1 none
+                        int T, int K, int R) {
+    extern __shared__ __align__(128) unsigned char shared[];
+    // The warp's role and each step's kind, shuffled from lane 0 so that ptxas sees them uniform across the warp:
+    // wgmmas on a path it takes for divergent are serialized (ptxas C7520).
+    const int warp = __shfl_sync(FULL, static_cast<int>(threadIdx.x >> 5), 0), lane = threadIdx.x & 31;
+    const int token0 = blockIdx.x * TOKENS, steps = K / 32, block_cols = K / 16;
+    const int first_member = blockIdx.y * 8;
+    const u32 base = static_cast<u32>(__cvta_generic_to_shared(shared));
+    const u32 full = base + BARRIER_REGION, empty = full + STAGES * 8;
+    if (threadIdx.x == 0) {
+        for (int s = 0; s < STAGES; ++s) {
+            mbarrier_init(full + s * 8, 128);  // every producer thread, once its copies have landed
+            mbarrier_init(empty + s * 8, 8);   // every consumer warp, once the stage's wgmmas are done
+        }
+    }
+    __syncthreads();
+
+    if (warp < 4) {
+        // Producer: warp p builds members 2p, 2p+1 (block b: member 2p + b / 2, column b % 2 of the step).
+        const int p = warp, group = blockIdx.y * 2 + (p >> 1);
+        const u32* lane_slots = slots + (size_t)(first_member + 2 * p + ((lane >> 1) & 1)) * block_cols + (lane & 1);
+        const unsigned char* my_steps = sparse_steps + (size_t)group * steps;
+        auto slot_of_step = [&](int s) { return lane < 4 && s < steps ? __ldg(lane_slots + 2 * s) : 0u; };
+        auto sparse_of_step = [&](int s) { return s < steps ? static_cast<u32>(__ldg(my_steps + s)) : 0u; };
+        StepWords words[3];
+        load_step(words[0], slot_of_step(0), sparse_of_step(0), nm_pairs, nm_meta, topk_values, topk_pos, lane);
+        load_step(words[1], slot_of_step(1), sparse_of_step(1), nm_pairs, nm_meta, topk_values, topk_pos, lane);
+        u32 lane_slot = slot_of_step(2);
+
+        // Step s from words[0] (loaded two steps ago); meanwhile step s+2's words into words[2]. The sets then
+        // move down by register moves: a loop unrolled over three rotating sets tripled the producer's code.
+        for (int s = 0; s < steps; ++s) {
+            if (s + 2 < steps) {
+                load_step(words[2], lane_slot, sparse_of_step(s + 2), nm_pairs, nm_meta, topk_values, topk_pos, lane);
+                lane_slot = slot_of_step(s + 3);
+            }
+            const int stage = s % STAGES;
+            mbarrier_wait(empty + stage * 8, ((s / STAGES) & 1) ^ 1);  // the consumers are done with its last use
+
+            // x: 256 tokens x 32 columns, 4 lanes per token (its 64 contiguous bytes), 8 pieces per thread.
+            const u32 x_stage = base + stage * STEP_BYTES;
+#pragma unroll
+            for (int i = 0; i < 8; ++i) {
+                const int piece = threadIdx.x + i * 128, token = piece >> 2, chunk = piece & 3;
+                const bool valid = token0 + token < T;
+                cp_async_16(x_stage + chunk * TOKENS * 16 + token * 16,
+                            x + (size_t)(valid ? token0 + token : 0) * K + s * 32 + chunk * 8, valid);
+            }
+
+            const u32 tile = base + A_REGION + stage * 2 * A_BYTES + (p >> 1) * A_BYTES;
+            const StepWords& now = words[0];
+#pragma unroll
+            for (int b = 0; b < 4; ++b) {
+                const int member = 2 * p + (b >> 1), w = member & 3, c = b & 1;
+                if (now.sparse) {
+                    const u32 row_nibbles = build_sparse_block(tile, w, c, now.slot[b], now.w0[b], now.w1[b],
+                                                               now.meta[b], lane);
+                    const u32 lower = __shfl_down_sync(FULL, row_nibbles, 16);  // row r + 8's, from lane + 16
+                    if (lane < 16 && !(lane & 1))
+                        st_shared_u32(base + META_REGION + stage * META_BYTES + member * 64 +
+                                          ((lane >> 1) * 2 + c) * 4, row_nibbles | lower << 16);
+                } else {
+                    build_dense_block(tile, w, c, now.slot[b], now.w0[b], now.w1[b], now.meta[b], dense_words, lane);
+                }
+            }
+            if (!(p & 1) && lane == 0) st_shared_u8(base + FLAG_REGION + stage * 16 + (p >> 1), now.sparse);
+            asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // the stores above, for wgmma
+            mbarrier_arrive_when_copied(full + stage * 8);
+            words[0] = words[1], words[1] = words[2];
+        }
+        asm volatile("cp.async.wait_all;\n" ::: "memory");
+        return;
+    }
+
+    // Consumers: warpgroup q (0, 1) is group q of the CTA; its warp w holds member 4q + w's 16 rows.
+    const int q = (warp >> 2) - 1, w = warp & 3, g = lane >> 2, t = lane & 3;
+    const int member = 4 * q + w;
+    float d[128];
+#pragma unroll
+    for (int i = 0; i < 128; ++i) d[i] = 0.f;
+    for (int s = 0; s < steps; ++s) {
+        const int stage = s % STAGES;
+        mbarrier_wait(full + stage * 8, (s / STAGES) & 1);
+        const u32 x_stage = base + stage * STEP_BYTES;
+        const u32 tile = base + A_REGION + stage * 2 * A_BYTES + q * A_BYTES;
+        const bool sparse = __shfl_sync(FULL, ld_shared_u8(base + FLAG_REGION + stage * 16 + q), 0);
+        asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+        if (sparse) {
+            const u32 e = ld_shared_u32(base + META_REGION + stage * META_BYTES + member * 64 + (g * 2 + (t & 1)) * 4);
+            wgmma_sparse_ss(d, smem_descriptor(tile, 1024, 128), x_descriptor(x_stage), e);
+        } else {
+            wgmma_dense_ss(d, smem_descriptor(tile, 1024, 128), x_descriptor(x_stage));
+            wgmma_dense_ss(d, smem_descriptor(tile + 2048, 1024, 128), x_descriptor(x_stage + 2 * TOKENS * 16));
+        }
+        asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+        asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");  // step s-1's wgmmas are done
+        if (s > 0 && lane == 0) mbarrier_arrive(empty + ((s - 1) % STAGES) * 8);
+    }
+    asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+
+    // d[4j + i]: row g (i < 2) or g+8, token 8j + 2t + (i & 1).
+    const int block_row = group_rows[first_member + member];
+    if (block_row < 0) return;
+#pragma unroll
+    for (int j = 0; j < TOKENS / 8; ++j) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const int token = token0 + 8 * j + 2 * t + (i & 1), row = block_row * 16 + g + 8 * (i >> 1);
+            if (token < T && row < R) y[(size_t)token * R + row] = from_float(d[4 * j + i]);
+        }
+    }
+}
