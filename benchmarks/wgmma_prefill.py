@@ -1,16 +1,19 @@
-"""Prefill through the wgmma kernel (kernels/cuda/wgmma_prefill.cu) against cuBLAS and the op's unpack + cuBLAS.
+"""Prefill through the wgmma kernels (kernels/cuda/wgmma_prefill.cu and the warp-specialized wgmma_prefill_ws.cu)
+against cuBLAS and the op's unpack + cuBLAS.
 
 Per LLaMA-2-7B shape (benchmarks/hybrid_kernels.py's SHAPES) and tier mix / placement, at --tokens tokens: cuBLAS
-(F.linear on the dense-with-zeros weight), the op's prefill (unpack into a workspace, then cuBLAS) and the wgmma
-kernel with block-rows in order and grouped by their dense columns; each timed over rotated weight copies (more
-bytes than the L2 holds), medians of CUDA-graph replays; ratios are cuBLAS time / method time (> 1 is faster).
-Also the share of (group, step) pairs that run as one sparse wgmma, the time to build a plan, and the kernel's
-largest error against the fp32 product.
+(F.linear on the dense-with-zeros weight), the op's prefill (unpack into a workspace, then cuBLAS), the wgmma
+kernel with block-rows in order and grouped by their dense columns, and the warp-specialized kernel (grouped);
+each timed over rotated weight copies (more bytes than the L2 holds), medians of CUDA-graph replays; ratios are
+cuBLAS time / method time (> 1 is faster).
+Also the share of (group, step) pairs that run as one sparse wgmma, the time to build a plan, and the kernels'
+largest errors against the fp32 product.
 
 Run (an H100 or H200):
     python benchmarks/wgmma_prefill.py
     python benchmarks/wgmma_prefill.py --tokens 512 2048 --shapes qkvo down
-    python benchmarks/wgmma_prefill.py --ablate          # what each part of the loop costs (ABLATIONS; or name some)
+    python benchmarks/wgmma_prefill.py --ablate          # what each part of the loops costs (ABLATIONS,
+                                                         # WS_ABLATIONS; or name some)
     python benchmarks/wgmma_prefill.py --profile         # one launch per variant and plan, under ncu (docs/kernels.md)
 """
 from __future__ import annotations
@@ -80,6 +83,16 @@ ABLATIONS = {
     "bare-loop-pairs-no-stores": _BARE + [_COMMIT_PAIRS, _NO_STORES],
     "bare-loop-metadata-01": _BARE[:-1] + [_a_fixed(0x44444444)],  # positions 0 and 1, as real 2:4 blocks name
 }
+# The same for the warp-specialized kernel (wgmma_prefill_ws.cu): edits of its source.
+_WS_NO_X = ("for (int i = 0; i < 8; ++i) {\n                const int piece",
+            "for (int i = 0; i < 0; ++i) {\n                const int piece")  # the producer copies no x
+WS_ABLATIONS = {
+    "ws": [],
+    "ws-no-x": [_WS_NO_X],
+    "ws-no-stores": [_NO_STORES],  # the epilogue is wgmma_prefill.cu's
+    "ws-no-x-no-stores": [_WS_NO_X, _NO_STORES],
+    "ws-4-stages": [("#define STAGES 8", "#define STAGES 4")],  # half the ring: how far ahead the producer must be
+}
 
 
 def packed_copies(shape: tuple[int, int], mix: str, placement: str):
@@ -91,14 +104,25 @@ def packed_copies(shape: tuple[int, int], mix: str, placement: str):
     return W, weights, [pack_hybrid(w, tier_map) for w in weights]
 
 
-def ablated_source(edits: list[tuple[str, str]]) -> str:
-    """The bf16 kernel's source for TopK(10) blocks (pack_hybrid's default) with `edits` applied, each once."""
-    source = wp.wgmma_prefill_source(False, 10)
+def ablated_source(edits: list[tuple[str, str]], warp_specialized: bool = False) -> str:
+    """The bf16 kernel's source for TopK(10) blocks (pack_hybrid's default) with `edits` applied, each once
+    (`warp_specialized`: wgmma_prefill_ws.cu's)."""
+    source = wp.wgmma_prefill_ws_source(False, 10) if warp_specialized else wp.wgmma_prefill_source(False, 10)
     for old, new in edits:
         if source.count(old) != 1:
-            raise SystemExit(f"--ablate: an edit no longer applies to wgmma_prefill.cu: {old!r}")
+            name = "wgmma_prefill_ws.cu" if warp_specialized else "wgmma_prefill.cu"
+            raise SystemExit(f"--ablate: an edit no longer applies to {name}: {old!r}")
         source = source.replace(old, new)
     return source
+
+
+def compile_variant(name: str):
+    """An ABLATIONS or WS_ABLATIONS variant, compiled on the current device, and whether it is warp-specialized."""
+    warp_specialized = name in WS_ABLATIONS
+    edits = WS_ABLATIONS[name] if warp_specialized else ABLATIONS[name]
+    source = ablated_source(edits, warp_specialized)
+    return wp.compile_wgmma_prefill(source, torch.cuda.current_device(), warp_specialized=warp_specialized), \
+        warp_specialized
 
 
 def ablation_plans(plan: wp.PrefillPlan) -> dict[str, wp.PrefillPlan]:
@@ -111,14 +135,16 @@ def ablation_plans(plan: wp.PrefillPlan) -> dict[str, wp.PrefillPlan]:
 
 
 def _check_variants(variants: list[str], option: str) -> None:
-    unknown = sorted(set(variants) - set(ABLATIONS))
+    known = {**ABLATIONS, **WS_ABLATIONS}
+    unknown = sorted(set(variants) - set(known))
     if unknown:
-        raise SystemExit(f"{option}: unknown variant(s) {', '.join(unknown)}; choose from {', '.join(ABLATIONS)}")
+        raise SystemExit(f"{option}: unknown variant(s) {', '.join(unknown)}; choose from {', '.join(known)}")
 
 
 def profile(variants: list[str], tokens: int) -> None:
-    """One launch of each variant (ABLATIONS) on each of ablation_plans, 4096², 35/45/20 random, in the printed
-    order: `ncu --kernel-name hybrid_wgmma_prefill` numbers them 0, 1, ... in that order (docs/kernels.md)."""
+    """One launch of each variant (ABLATIONS, WS_ABLATIONS) on each of ablation_plans, 4096², 35/45/20 random, in
+    the printed order: `ncu --kernel-name regex:hybrid_wgmma_prefill` numbers them 0, 1, ... in that order
+    (docs/kernels.md)."""
     _check_variants(variants, "--profile")
     shape = hk.SHAPES["qkvo 4096x4096"]
     _, _, packed = packed_copies(shape, "35/45/20", "random")
@@ -126,19 +152,19 @@ def profile(variants: list[str], tokens: int) -> None:
     x = torch.randn(tokens, shape[1], device="cuda", dtype=torch.bfloat16)
     launch = 0
     for name in variants:
-        kernel = wp.compile_wgmma_prefill(ablated_source(ABLATIONS[name]), torch.cuda.current_device())
+        kernel, warp_specialized = compile_variant(name)
         for plan_name, plan in plans.items():
-            wp.hybrid_wgmma_prefill(x, packed[0], plan, kernel=kernel)
+            wp.hybrid_wgmma_prefill(x, packed[0], plan, kernel=kernel, warp_specialized=warp_specialized)
             torch.cuda.synchronize()
             print(f"launch {launch}: {name}, {plan_name} ({shape[0]}x{shape[1]}, T={tokens})", flush=True)
             launch += 1
 
 
 def ablate(variants: list[str], shape_names: list[str] | None, tokens: int) -> None:
-    """The ABLATIONS named (all if none) side by side at 35/45/20 random and 90/10/0, grouped plans, × cuBLAS."""
+    """The ABLATIONS and WS_ABLATIONS named (all if none) side by side at 35/45/20 random and 90/10/0, grouped
+    plans, × cuBLAS."""
     _check_variants(variants, "--ablate")
-    kernels = {name: wp.compile_wgmma_prefill(ablated_source(ABLATIONS[name]), torch.cuda.current_device())
-               for name in variants or ABLATIONS}
+    kernels = {name: compile_variant(name) for name in variants or {**ABLATIONS, **WS_ABLATIONS}}
     shapes = {k: v for k, v in hk.SHAPES.items() if k.split()[0] in (shape_names or ["qkvo"])}
     for name, shape in shapes.items():
         for mix in ("35/45/20", "90/10/0"):
@@ -149,10 +175,11 @@ def ablate(variants: list[str], shape_names: list[str] | None, tokens: int) -> N
             cublas, _ = hk.measure_us([lambda w=w: F.linear(x, w) for w in weights], "cuda", inner=5, reps=7)
             print(f"{name} {mix} random, T={tokens}: cuBLAS {cublas:.1f} us; {plan.sparse_fraction:.2f} of the "
                   f"steps sparse; × cuBLAS:")
-            for kernel_name, kernel in kernels.items():
+            for kernel_name, (kernel, ws) in kernels.items():
                 row = []
                 for plan_name, p in plans.items():
-                    us, _ = hk.measure_us([lambda hw=hw, p=p: wp.hybrid_wgmma_prefill(x, hw, p, kernel=kernel)
+                    us, _ = hk.measure_us([lambda hw=hw, p=p: wp.hybrid_wgmma_prefill(x, hw, p, kernel=kernel,
+                                                                                      warp_specialized=ws)
                                            for hw in packed], "cuda", inner=5, reps=7)
                     row.append(f"{plan_name} {cublas / us:.3f}")
                 print(f"  {kernel_name:<22} " + "; ".join(row), flush=True)
@@ -190,8 +217,8 @@ def main(argv: list[str] | None = None) -> None:
             for tokens in args.tokens:
                 x = torch.randn(tokens, shape[1], device="cuda", dtype=torch.bfloat16)
                 reference = x.float() @ W.float().T
-                error = float((wp.hybrid_wgmma_prefill(x, packed[0], plans[True]).float() - reference).abs().max()
-                              / reference.abs().max())
+                errors = {ws: float((wp.hybrid_wgmma_prefill(x, packed[0], plans[True], warp_specialized=ws).float()
+                                     - reference).abs().max() / reference.abs().max()) for ws in (False, True)}
                 cublas, _ = hk.measure_us([lambda w=w: F.linear(x, w) for w in weights], "cuda", inner=5, reps=7)
                 unpack, _ = hk.measure_us([lambda hw=hw: hybrid_mm_prefill(x, hw) for hw in packed], "cuda",
                                           inner=5, reps=7)
@@ -201,9 +228,14 @@ def main(argv: list[str] | None = None) -> None:
                                           "cuda", inner=5, reps=7)  # the copies share one plan: the same map
                     row.append(f"{'grouped' if grouped else 'in order'} {cublas / us:.3f}x "
                                f"({plan.sparse_fraction:.2f} sparse, plan {plan_s[grouped]:.2f} s)")
+                ws_us, _ = hk.measure_us([lambda hw=hw: wp.hybrid_wgmma_prefill(x, hw, plans[True],
+                                                                                warp_specialized=True)
+                                          for hw in packed], "cuda", inner=5, reps=7)
                 tflops = 2 * tokens * shape[0] * shape[1] / cublas / 1e6
                 print(f"{name:<25} {mix} {placement:<9} T={tokens}: cuBLAS {cublas:7.1f} us ({tflops:.0f} TFLOPS); "
-                      f"unpack + cuBLAS {cublas / unpack:.3f}x; wgmma " + "; ".join(row) + f"; error {error:.1e}")
+                      f"unpack + cuBLAS {cublas / unpack:.3f}x; wgmma " + "; ".join(row) +
+                      f"; warp-specialized, grouped {cublas / ws_us:.3f}x; error {errors[False]:.1e} / "
+                      f"{errors[True]:.1e}")
             del weights, packed
 
 
