@@ -125,7 +125,8 @@ _HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9
 @pytest.mark.skipif(not _HOPPER, reason="needs an sm_90 GPU")
 @pytest.mark.parametrize("shape", [(256, 256), (200, 512), (1000, 4096), (4096, 96)])
 @pytest.mark.parametrize("probs,k", [((0.35, 0.45, 0.2), 10), ((0.9, 0.1, 0.0), 10), ((0, 0, 1.0), 10),
-                                     ((0, 1.0, 0), 10), ((0.2, 0.2, 0.6), 16), ((0.1, 0.1, 0.8), 32)])
+                                     ((0, 1.0, 0), 10), ((0.2, 0.2, 0.6), 16), ((0.1, 0.1, 0.8), 32),
+                                     ((1.0, 0, 0), 10)])  # all dense: every step two dense wgmmas
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("grouped", [False, True])
 @pytest.mark.parametrize("warp_specialized", [False, True])
