@@ -56,9 +56,12 @@ __device__ __forceinline__ void mbarrier_init(u32 barrier, u32 count) {
     asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" :: "r"(barrier), "r"(count) : "memory");
 }
 
+// Waits for the barrier's phase of this parity to complete. A wait that never ends traps instead (a launch error,
+// not a hung GPU): each try_wait may suspend the thread a while, so 2^24 of them are seconds, far past any stage.
 __device__ __forceinline__ void mbarrier_wait(u32 barrier, u32 parity) {
     u32 done = 0u;
-    while (!done) {
+    for (u32 tries = 0; !done; ++tries) {
+        if (tries == (1u << 24)) __trap();
         asm volatile("{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }\n"
                      : "=r"(done) : "r"(barrier), "r"(parity) : "memory");
     }
