@@ -129,7 +129,7 @@ _HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9
                                      ((1.0, 0, 0), 10)])  # all dense: every step two dense wgmmas
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("grouped", [False, True])
-@pytest.mark.parametrize("warp_specialized", [False, True], ids=["one-warpgroup-loop", "warp-specialized"])
+@pytest.mark.parametrize("warp_specialized", [False, True], ids=["register-fragments", "warp-specialized"])
 def test_the_kernel_matches_the_dense_product(shape, probs, k, dtype, grouped, warp_specialized) -> None:
     W, tier_map = _weight(shape, probs, seed=shape[0] + k, k=k, dtype=dtype, device="cuda")
     hw = pack_hybrid(W, tier_map, topk=k)
