@@ -299,9 +299,11 @@ hybrid_wgmma_prefill_ws(const u16* __restrict__ x, u16* __restrict__ y,
         const u32 x_stage = base + stage * STEP_BYTES;
         const u32 tile = base + A_REGION + stage * 2 * A_BYTES + q * A_BYTES;
         const bool sparse = __shfl_sync(FULL, ld_shared_u8(base + FLAG_REGION + stage * 16 + q), 0);
+        // The metadata word is a register operand like A's: written before the fence.
+        const u32 e = sparse ? ld_shared_u32(base + META_REGION + stage * META_BYTES + member * 64 +
+                                             (g * 2 + (t & 1)) * 4) : 0u;
         asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
         if (sparse) {
-            const u32 e = ld_shared_u32(base + META_REGION + stage * META_BYTES + member * 64 + (g * 2 + (t & 1)) * 4);
             wgmma_sparse_ss(d, smem_descriptor(tile, 1024, 128), x_descriptor(x_stage), e);
         } else {
             wgmma_dense_ss(d, smem_descriptor(tile, 1024, 128), x_descriptor(x_stage));
