@@ -34,13 +34,6 @@ __device__ __forceinline__ u64 x_descriptor(u32 shared_address) {
     return smem_descriptor(shared_address, TOKENS * 16, 128);
 }
 
-// Through L1 (.ca, not .cg): a token's 64 bytes of a step are half of a 128-byte line whose other half the next
-// step reads; kept in L1, the second half costs no trip to L2 (+9-17% at 2048 tokens on an H100, sessions 34, 36).
-__device__ __forceinline__ void cp_async_16(u32 shared_address, const void* global, bool valid) {
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 16, %2;\n"
-                 :: "r"(shared_address), "l"(global), "r"(valid ? 16 : 0) : "memory");
-}
-
 // The half-word of a 2:4 pair at position p of its group (nibble: pos0 | pos1 << 2), or zero.
 __device__ __forceinline__ u32 nm_value_at(u32 pair, u32 nibble, u32 p) {
     return (nibble & 3u) == p ? pair & 0xffffu : (nibble >> 2) == p ? pair >> 16 : 0u;
@@ -66,3 +59,53 @@ struct Cell {
     __device__ __forceinline__ u32 pair() const { return v0 | v1 << 16; }
     __device__ __forceinline__ u32 nibble() const { return p0 | p1 << 2; }
 };
+
+// What only the GPU has (a CPU test includes this header for the parts above it: tests/kernels/ws_blocks_host.cpp).
+#ifdef __CUDA_ARCH__
+
+// Through L1 (.ca, not .cg): a token's 64 bytes of a step are half of a 128-byte line whose other half the next
+// step reads; kept in L1, the second half costs no trip to L2 (+9-17% at 2048 tokens on an H100, sessions 34, 36).
+__device__ __forceinline__ void cp_async_16(u32 shared_address, const void* global, bool valid) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 16, %2;\n"
+                 :: "r"(shared_address), "l"(global), "r"(valid ? 16 : 0) : "memory");
+}
+
+// Weights are read once per CTA: through L2 only.
+__device__ __forceinline__ void cp_async_16_l2(u32 shared_address, const void* global) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" :: "r"(shared_address), "l"(global) : "memory");
+}
+
+__device__ __forceinline__ void st_shared_v4(u32 address, u32 a, u32 b, u32 c, u32 d) {
+    asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};\n" :: "r"(address), "r"(a), "r"(b), "r"(c), "r"(d)
+                 : "memory");
+}
+
+__device__ __forceinline__ void st_shared_v2(u32 address, u32 a, u32 b) {
+    asm volatile("st.shared.v2.u32 [%0], {%1, %2};\n" :: "r"(address), "r"(a), "r"(b) : "memory");
+}
+
+__device__ __forceinline__ void st_shared_u32(u32 address, u32 a) {
+    asm volatile("st.shared.u32 [%0], %1;\n" :: "r"(address), "r"(a) : "memory");
+}
+
+__device__ __forceinline__ void st_shared_u16(u32 address, u32 a) {
+    asm volatile("st.shared.u16 [%0], %1;\n" :: "r"(address), "h"(static_cast<u16>(a)) : "memory");
+}
+
+__device__ __forceinline__ void st_shared_u8(u32 address, u32 a) {
+    asm volatile("st.shared.u8 [%0], %1;\n" :: "r"(address), "r"(a) : "memory");
+}
+
+__device__ __forceinline__ u32 ld_shared_u32(u32 address) {
+    u32 a;
+    asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(a) : "r"(address) : "memory");
+    return a;
+}
+
+__device__ __forceinline__ u32 ld_shared_u8(u32 address) {
+    u32 a;
+    asm volatile("ld.shared.u8 %0, [%1];\n" : "=r"(a) : "r"(address) : "memory");
+    return a;
+}
+
+#endif  // __CUDA_ARCH__

@@ -42,6 +42,7 @@ _ENABLED = [False]
 
 _SOURCE = Path(__file__).with_name("wgmma_prefill.cu")
 _WS_SOURCE = Path(__file__).with_name("wgmma_prefill_ws.cu")  # the warp-specialized kernel
+_WS_BLOCKS = Path(__file__).with_name("wgmma_ws_blocks.cuh")  # its producer's decoding (a CPU test runs it too)
 _CONVERT = Path(__file__).with_name("convert.cuh")  # from_float, shared with mma_decode.cu
 _COMMON = Path(__file__).with_name("wgmma_common.cuh")  # tier codes, x's layout, 2:4 helpers: both prefill kernels
 _MODULES: dict[tuple, object] = {}
@@ -129,24 +130,24 @@ def prefill_plan(hw: HybridWeight, grouped: bool = True) -> PrefillPlan:
                        group_rows.to(torch.int32).contiguous())
 
 
-def _kernel_source(kernel: Path, half: bool, topk: int, **constants: int) -> str:
-    """A prefill kernel's source behind its constants (the 128 accumulators' asm operands written out),
-    convert.cuh and wgmma_common.cuh."""
+def _kernel_source(kernels: list[Path], half: bool, topk: int, **constants: int) -> str:
+    """A prefill kernel's source (`kernels`: its files in order) behind its constants (the 128 accumulators' asm
+    operands written out), convert.cuh and wgmma_common.cuh."""
     defines = dict(HALF_T=int(half), TOPK=topk, **constants,
                    WGMMA_D='"{' + ", ".join(f"%{i}" for i in range(128)) + '}"',
                    WGMMA_D_OPERANDS=", ".join(f'"+f"(d[{i}])' for i in range(128)))
     header = "".join(f"#define {k} {v}\n" for k, v in defines.items())
-    return header + _CONVERT.read_text() + _COMMON.read_text() + kernel.read_text()
+    return header + _CONVERT.read_text() + _COMMON.read_text() + "".join(path.read_text() for path in kernels)
 
 
 def wgmma_prefill_source(half: bool, topk: int, overlap: bool = OVERLAP) -> str:
     """wgmma_prefill.cu with its constants defined."""
-    return _kernel_source(_SOURCE, half, topk, OVERLAP=int(overlap))
+    return _kernel_source([_SOURCE], half, topk, OVERLAP=int(overlap))
 
 
 def wgmma_prefill_ws_source(half: bool, topk: int) -> str:
-    """wgmma_prefill_ws.cu (the warp-specialized kernel) with its constants defined."""
-    return _kernel_source(_WS_SOURCE, half, topk, LAUNCH_SHARED_BYTES=WS_SHARED_BYTES)
+    """wgmma_prefill_ws.cu (the warp-specialized kernel) after wgmma_ws_blocks.cuh, with its constants defined."""
+    return _kernel_source([_WS_BLOCKS, _WS_SOURCE], half, topk, LAUNCH_SHARED_BYTES=WS_SHARED_BYTES)
 
 
 def use_wgmma_prefill(enabled: bool) -> None:

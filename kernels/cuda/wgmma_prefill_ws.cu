@@ -15,8 +15,9 @@
 // (each consumer warp arrives once the stage's wgmmas are done, wgmma.wait_group 1 a step later).
 //
 // The producer's warp p builds block-rows 2p and 2p+1 of the CTA (group p / 2), two blocks of each per step, each
-// lane one 16-byte piece of a block: row lane / 2, columns 8 (lane % 2) to 8 (lane % 2) + 7. The packed words a
-// step needs are loaded two steps ahead into registers, its slots three steps ahead.
+// lane one 16-byte piece of a block: row lane / 2, columns 8 (lane % 2) to 8 (lane % 2) + 7 (wgmma_ws_blocks.cuh,
+// which a CPU test runs lane by lane). The packed words a step needs are loaded two steps ahead into registers, its
+// slots three steps ahead.
 //
 // Shared memory per stage (no swizzle; wgmma_common.cuh's core matrices): x, STEP_BYTES, as wgmma_prefill.cu; A of
 // each consumer warpgroup, 64 rows x 32 columns (dense: core matrices 1024 bytes apart along k, 128 along the rows;
@@ -27,18 +28,15 @@
 // Compile-time constants (prepended by wgmma_prefill.py): HALF_T (0 bf16, 1 fp16), TOPK, LAUNCH_SHARED_BYTES (what
 // the launch gives), WGMMA_D, WGMMA_D_OPERANDS.
 //
-// Built and assembled for sm_90a on the CPU (session 37), not yet run on a GPU.
+// Built and assembled for sm_90a on the CPU (session 37), its decoding checked there; not yet run on a GPU.
 
 #define STAGES 8
-#define A_BYTES 4096                  // one consumer warpgroup's A for one step: 64 rows x 32 columns of 16 bits
-#define META_BYTES 512                // one step's metadata words: 8 members x 16
 #define A_REGION (STAGES * STEP_BYTES)
 #define META_REGION (A_REGION + STAGES * 2 * A_BYTES)
 #define FLAG_REGION (META_REGION + STAGES * META_BYTES)
 #define BARRIER_REGION (FLAG_REGION + STAGES * 16)
 #define SHARED_BYTES (BARRIER_REGION + STAGES * 16)  // 200,960 bytes at 8 stages
 static_assert(SHARED_BYTES <= LAUNCH_SHARED_BYTES, "wgmma_prefill.py launches with less shared memory");
-#define ROW_NIBBLES_EMPTY 0x4444u     // a row of zeros in a sparse step: positions 0 and 1 in each group
 
 __device__ __forceinline__ void wgmma_dense_ss(float* d, u64 a, u64 b) {
     asm volatile("{ .reg .pred p; setp.ne.b32 p, 1, 0; wgmma.mma_async.sync.aligned.m64n256k16" WGMMA_TYPES " "
@@ -76,133 +74,6 @@ __device__ __forceinline__ void mbarrier_arrive_when_copied(u32 barrier) {
     asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" :: "r"(barrier) : "memory");
 }
 
-// Weights are read once per CTA: through L2 only.
-__device__ __forceinline__ void cp_async_16_l2(u32 shared_address, const void* global) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" :: "r"(shared_address), "l"(global) : "memory");
-}
-
-__device__ __forceinline__ void st_shared_v4(u32 address, u32 a, u32 b, u32 c, u32 d) {
-    asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};\n" :: "r"(address), "r"(a), "r"(b), "r"(c), "r"(d)
-                 : "memory");
-}
-
-__device__ __forceinline__ void st_shared_v2(u32 address, u32 a, u32 b) {
-    asm volatile("st.shared.v2.u32 [%0], {%1, %2};\n" :: "r"(address), "r"(a), "r"(b) : "memory");
-}
-
-__device__ __forceinline__ void st_shared_u32(u32 address, u32 a) {
-    asm volatile("st.shared.u32 [%0], %1;\n" :: "r"(address), "r"(a) : "memory");
-}
-
-__device__ __forceinline__ void st_shared_u16(u32 address, u32 a) {
-    asm volatile("st.shared.u16 [%0], %1;\n" :: "r"(address), "h"(static_cast<u16>(a)) : "memory");
-}
-
-__device__ __forceinline__ void st_shared_u8(u32 address, u32 a) {
-    asm volatile("st.shared.u8 [%0], %1;\n" :: "r"(address), "r"(a) : "memory");
-}
-
-__device__ __forceinline__ u32 ld_shared_u32(u32 address) {
-    u32 a;
-    asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(a) : "r"(address) : "memory");
-    return a;
-}
-
-__device__ __forceinline__ u32 ld_shared_u8(u32 address) {
-    u32 a;
-    asm volatile("ld.shared.u8 %0, [%1];\n" : "=r"(a) : "r"(address) : "memory");
-    return a;
-}
-
-// What a producer lane holds of one step, loaded two steps before it is built: per block (b = 2 * member + column
-// of the warp's 2 x 2), its slot and, for a 2:4 block, this lane's row's pairs of groups 2h, 2h+1 (w0, w1) and the
-// row's four nibbles (meta); for a TopK block, entry lane (value | position << 16) in w0.
-struct StepWords {
-    u32 slot[4], w0[4], w1[4], meta[4];
-    u32 sparse;  // the step runs as one wgmma.sp for this warp's group
-};
-
-__device__ __forceinline__ void load_step(StepWords& words, u32 lane_slot, u32 sparse,
-                                          const u32* __restrict__ nm_pairs, const u16* __restrict__ nm_meta,
-                                          const u16* __restrict__ topk_values,
-                                          const unsigned char* __restrict__ topk_pos, int lane) {
-    const int r = lane >> 1, h = lane & 1;
-    words.sparse = sparse;
-#pragma unroll
-    for (int b = 0; b < 4; ++b) {
-        const u32 slot = __shfl_sync(FULL, lane_slot, b), tier = slot >> TIER_SHIFT;
-        const u32 index = slot & ((1u << TIER_SHIFT) - 1);
-        words.slot[b] = slot, words.w0[b] = 0u, words.w1[b] = 0u, words.meta[b] = 0u;
-        if (tier == TIER_NM) {
-            const uint2 pairs = __ldg(reinterpret_cast<const uint2*>(nm_pairs + (size_t)index * 64 + r * 4 + 2 * h));
-            words.w0[b] = pairs.x, words.w1[b] = pairs.y;
-            words.meta[b] = __ldg(nm_meta + (size_t)index * 16 + r);
-        } else if (tier == TIER_TOPK && lane < TOPK) {
-            words.w0[b] = static_cast<u32>(__ldg(topk_values + (size_t)index * TOPK + lane)) |
-                          static_cast<u32>(__ldg(topk_pos + (size_t)index * TOPK + lane)) << 16;
-        }
-    }
-}
-
-// A dense step's block: 16 rows x 16 columns at k-core matrices 2c, 2c+1 of its warpgroup's A tile; this lane's
-// piece is row r, columns 8h..8h+7.
-__device__ __forceinline__ void build_dense_block(u32 tile, int w, int c, u32 slot, u32 w0, u32 w1, u32 meta,
-                                                  const u32* __restrict__ dense_words, int lane) {
-    const int r = lane >> 1, h = lane & 1;
-    const u32 tier = slot >> TIER_SHIFT, index = slot & ((1u << TIER_SHIFT) - 1);
-    const u32 piece = tile + (2 * c + h) * 1024 + (2 * w + (r >> 3)) * 128 + (r & 7) * 16;
-    if (tier == TIER_DENSE) {
-        cp_async_16_l2(piece, dense_words + (size_t)index * 128 + r * 8 + h * 4);
-    } else if (tier == TIER_NM) {
-        u32 out[4];
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {  // word j: columns 8h + 2j, +1, positions 2(j & 1), +1 of group 2h + j / 2
-            const u32 pair = j < 2 ? w0 : w1, nibble = (meta >> (4 * (2 * h + (j >> 1)))) & 15u;
-            out[j] = nm_value_at(pair, nibble, 2 * (j & 1)) | nm_value_at(pair, nibble, 2 * (j & 1) + 1) << 16;
-        }
-        st_shared_v4(piece, out[0], out[1], out[2], out[3]);
-    } else {
-        st_shared_v4(piece, 0u, 0u, 0u, 0u);
-        if (tier == TIER_TOPK) {  // zeros first, then each entry over them
-            __syncwarp();
-            if (lane < TOPK) {
-                const u32 position = w0 >> 16, row = position >> 4, col = position & 15u;
-                st_shared_u16(tile + (2 * c + (col >> 3)) * 1024 + (2 * w + (row >> 3)) * 128 + (row & 7) * 16 +
-                                  (col & 7) * 2, w0);
-            }
-        }
-    }
-}
-
-// A sparse step's block (2:4, or TopK with at most 2 nonzero entries per group of 4; the plan checked): its 16
-// rows' kept pairs at k-core matrix c of the compressed A tile (this lane: row r, groups 2h and 2h+1, 8 bytes), and
-// its rows' nibbles: returns this lane's row's four.
-__device__ __forceinline__ u32 build_sparse_block(u32 tile, int w, int c, u32 slot, u32 w0, u32 w1, u32 meta,
-                                                  int lane) {
-    const int r = lane >> 1, h = lane & 1;
-    const u32 tier = slot >> TIER_SHIFT;
-    const u32 piece = tile + c * 1024 + (2 * w + (r >> 3)) * 128 + (r & 7) * 16 + h * 8;
-    if (tier == TIER_NM) {
-        st_shared_v2(piece, w0, w1);
-        return meta;
-    }
-    Cell first, second;  // groups 2h and 2h+1 of row r
-    if (tier == TIER_TOPK) {
-#pragma unroll
-        for (int j = 0; j < TOPK; ++j) {
-            const u32 entry = __shfl_sync(FULL, w0, j);
-            const u32 row = entry >> 20, col = (entry >> 16) & 15u, value = entry & 0xffffu;
-            const bool mine = row == static_cast<u32>(r) && (col >> 3) == static_cast<u32>(h) && (value & 0x7fffu);
-            first.add(mine && !(col & 4u), value, col & 3u);
-            second.add(mine && (col & 4u), value, col & 3u);
-        }
-        first.finish(), second.finish();
-    }
-    st_shared_v2(piece, first.pair(), second.pair());
-    const u32 mine = first.nibble() | second.nibble() << 4, other = __shfl_xor_sync(FULL, mine, 1);
-    return tier == TIER_TOPK ? (h ? other | mine << 8 : mine | other << 8) : ROW_NIBBLES_EMPTY;
-}
-
 extern "C" __global__ void __launch_bounds__(384, 1)
 hybrid_wgmma_prefill_ws(const u16* __restrict__ x, u16* __restrict__ y,
                         const u32* __restrict__ dense_words,       // (nd, 16, 8) words: dense blocks, row-major
@@ -233,9 +104,10 @@ hybrid_wgmma_prefill_ws(const u16* __restrict__ x, u16* __restrict__ y,
     if (warp < 4) {
         // Producer: warp p builds members 2p, 2p+1 (block b: member 2p + b / 2, column b % 2 of the step).
         const int p = warp, group = blockIdx.y * 2 + (p >> 1);
-        const u32* lane_slots = slots + (size_t)(first_member + 2 * p + ((lane >> 1) & 1)) * block_cols + (lane & 1);
         const unsigned char* my_steps = sparse_steps + (size_t)group * steps;
-        auto slot_of_step = [&](int s) { return lane < 4 && s < steps ? __ldg(lane_slots + 2 * s) : 0u; };
+        auto slot_of_step = [&](int s) {
+            return s < steps ? lane_slot(slots, first_member, p, block_cols, s, lane) : 0u;
+        };
         auto sparse_of_step = [&](int s) { return s < steps ? static_cast<u32>(__ldg(my_steps + s)) : 0u; };
         StepWords words[3];
         load_step(words[0], slot_of_step(0), sparse_of_step(0), nm_pairs, nm_meta, topk_values, topk_pos, lane);
@@ -262,23 +134,9 @@ hybrid_wgmma_prefill_ws(const u16* __restrict__ x, u16* __restrict__ y,
                             x + (size_t)(valid ? token0 + token : 0) * K + s * 32 + chunk * 8, valid);
             }
 
-            const u32 tile = base + A_REGION + stage * 2 * A_BYTES + (p >> 1) * A_BYTES;
-            const StepWords& now = words[0];
-#pragma unroll
-            for (int b = 0; b < 4; ++b) {
-                const int member = 2 * p + (b >> 1), w = member & 3, c = b & 1;
-                if (now.sparse) {
-                    const u32 row_nibbles = build_sparse_block(tile, w, c, now.slot[b], now.w0[b], now.w1[b],
-                                                               now.meta[b], lane);
-                    const u32 lower = __shfl_down_sync(FULL, row_nibbles, 16);  // row r + 8's, from lane + 16
-                    if (lane < 16 && !(lane & 1))
-                        st_shared_u32(base + META_REGION + stage * META_BYTES + member * 64 +
-                                          ((lane >> 1) * 2 + c) * 4, row_nibbles | lower << 16);
-                } else {
-                    build_dense_block(tile, w, c, now.slot[b], now.w0[b], now.w1[b], now.meta[b], dense_words, lane);
-                }
-            }
-            if (!(p & 1) && lane == 0) st_shared_u8(base + FLAG_REGION + stage * 16 + (p >> 1), now.sparse);
+            build_step(base + A_REGION + stage * 2 * A_BYTES, base + META_REGION + stage * META_BYTES, p, words[0],
+                       dense_words, lane);
+            if (!(p & 1) && lane == 0) st_shared_u8(base + FLAG_REGION + stage * 16 + (p >> 1), words[0].sparse);
             asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // the stores above, for wgmma
             mbarrier_arrive_when_copied(full + stage * 8);
             words[0] = words[1], words[1] = words[2];

@@ -3,7 +3,11 @@
 their products against the dense one."""
 from __future__ import annotations
 
+import ctypes
 import re
+import shutil
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -116,6 +120,103 @@ def test_the_warp_specialized_kernel_refuses_to_assemble_for_less_shared_memory_
     with pytest.raises(AssertionError, match="launches with less shared memory"):
         nvrtc_ptx(short, "sm_90a")
     assert wp.WS_SHARED_BYTES <= 227 * 1024  # what an sm_90 CTA may have
+
+
+A_BYTES, META_BYTES = 4096, 512  # wgmma_ws_blocks.cuh: a group's A tile for one step, a step's metadata words
+
+
+@pytest.fixture(scope="module")
+def host_producer(tmp_path_factory):
+    """(half, topk) -> ws_blocks_host.cpp built with g++: wgmma_ws_blocks.cuh's decoding, each lane a thread."""
+    compiler = shutil.which("g++")
+    if compiler is None:
+        pytest.skip("needs g++ (C++20) to run the producer's decoding on the CPU")
+    folder, built = tmp_path_factory.mktemp("ws-blocks"), {}
+
+    def build(half: bool, topk: int) -> ctypes.CDLL:
+        if (half, topk) not in built:
+            library = folder / f"ws_blocks_{int(half)}_{topk}.so"
+            subprocess.run([compiler, "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", f"-DHALF_T={int(half)}",
+                            f"-DTOPK={topk}", f"-I{Path(wp.__file__).parent}",
+                            str(Path(__file__).with_name("ws_blocks_host.cpp")), "-o", str(library)],
+                           check=True, capture_output=True, timeout=120)
+            built[half, topk] = ctypes.CDLL(str(library))
+        return built[half, topk]
+
+    return build
+
+
+def _producer_stage(lib, hw, plan: wp.PrefillPlan, cta: int, step: int) -> torch.Tensor:
+    """The bytes the CTA's producer writes for one step: both groups' A tiles, then the metadata words."""
+    stage = torch.zeros(2 * A_BYTES + META_BYTES, dtype=torch.uint8)
+    steps = plan.sparse_steps.shape[1]
+    tensors = [hw.dense_values, hw.nm_values, hw.nm_meta, hw.topk_values, hw.topk_pos, plan.slots, plan.sparse_steps]
+    lib.build_producer_step(ctypes.c_void_p(stage.data_ptr()), *(ctypes.c_void_p(x.contiguous().data_ptr())
+                                                                  for x in tensors),
+                            cta, step, steps * 2, steps)
+    return stage
+
+
+def _tile_values(stage: torch.Tensor, group: int, columns: int) -> torch.Tensor:
+    """(64, columns) 16-bit values of a group's A tile: core matrices 1024 bytes apart along k, 128 along rows."""
+    rows, cols = torch.arange(64)[:, None], torch.arange(columns)[None, :]
+    offset = group * A_BYTES + (cols >> 3) * 1024 + (rows >> 3) * 128 + (rows & 7) * 16 + (cols & 7) * 2
+    return stage.view(torch.int16)[offset // 2]
+
+
+def _expand_sparse(kept: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
+    """(64, 32) values from a compressed tile (64, 16) and its group's 4 members' metadata words (4, 16): word
+    2g + c of member w holds block c's rows g (low half) and g+8 (high half), a nibble (p0 | p1 << 2) per group of
+    4 columns, p0 < p1 (the only pairs wgmma.sp takes)."""
+    dense = torch.zeros(64, 32, dtype=kept.dtype)
+    for w in range(4):
+        for r in range(16):
+            for c in range(2):
+                nibbles = (int(words[w, (r & 7) * 2 + c]) >> (16 * (r >> 3))) & 0xFFFF
+                for group in range(4):
+                    nibble = nibbles >> (4 * group) & 15
+                    p0, p1 = nibble & 3, nibble >> 2
+                    assert p0 < p1, (w, r, c, group, nibble)
+                    row, base = 16 * w + r, 8 * c + 2 * group
+                    dense[row, 16 * c + 4 * group + p0] = kept[row, base]
+                    dense[row, 16 * c + 4 * group + p1] = kept[row, base + 1]
+    return dense
+
+
+@pytest.mark.parametrize("probs,k,half", [((0.35, 0.45, 0.2), 10, False), ((0, 0, 1.0), 10, False),
+                                          ((0, 1.0, 0), 10, True), ((0.1, 0.1, 0.8), 32, False),
+                                          ((0.9, 0.1, 0.0), 10, False)])
+@pytest.mark.parametrize("grouped", [False, True])
+def test_the_warp_specialized_producer_writes_every_step_of_the_weight(probs, k, half, grouped, host_producer) -> None:
+    """Run on the CPU, the producer's decoding (wgmma_ws_blocks.cuh) fills each step's A tiles and metadata so that,
+    read as wgmma reads them, every group of 4 block-rows holds exactly its 64 x 32 slice of the weight: dense
+    steps as they are, sparse steps as kept pairs plus positions. (The kernel itself has not run on a GPU.)"""
+    dtype = torch.float16 if half else torch.bfloat16
+    W, tier_map = _weight((200, 512), probs, seed=7 + k, k=k, dtype=dtype)  # 13 block-rows: a padded group
+    hw = pack_hybrid(W, tier_map, topk=k)
+    plan = wp.prefill_plan(hw, grouped=grouped)
+    lib = host_producer(half, k)
+    padded = torch.zeros(len(plan.group_rows) * 16, W.shape[1], dtype=dtype)
+    rows = plan.group_rows.long()
+    for member, block_row in enumerate(rows.tolist()):  # each member's 16 rows, in plan order
+        if block_row >= 0:
+            part = W[block_row * 16:(block_row + 1) * 16]
+            padded[member * 16:member * 16 + len(part)] = part
+    kinds = set()
+    for cta in range(len(rows) // 8):
+        for step in range(plan.sparse_steps.shape[1]):
+            stage = _producer_stage(lib, hw, plan, cta, step)
+            words = stage[2 * A_BYTES:].view(torch.int32).view(8, 16)
+            for group in range(2):
+                expected = padded[(cta * 8 + group * 4) * 16:(cta * 8 + group * 4 + 4) * 16, step * 32:step * 32 + 32]
+                sparse = bool(plan.sparse_steps[cta * 2 + group, step])
+                kinds.add(sparse)
+                if sparse:
+                    got = _expand_sparse(_tile_values(stage, group, 16), words[group * 4:group * 4 + 4])
+                else:
+                    got = _tile_values(stage, group, 32)
+                assert torch.equal(got.view(dtype).float(), expected.float()), (cta, step, group, sparse)
+    assert kinds == ({True} if probs == (0, 1.0, 0) else {False} if probs[0] >= 0.9 else {False, True})
 
 
 _HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
