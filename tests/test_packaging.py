@@ -70,6 +70,9 @@ def test_wheel_holds_only_the_tierprune_namespace(installed) -> None:
                    "kernels/triton/_hybrid_kernels.py", "hybrid_linear.py", "tasks/prune.py", "tasks/oneshot.py",
                    "storage/tables.py", "cli.py"):
         assert f"tierprune/{module}" in names, module
+    # The CUDA kernels are compiled from their sources at first use: every one of them must travel.
+    sources = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "kernels" / "cuda").glob("*.cu*"))
+    assert len(sources) >= 6 and all(f"tierprune/{source}" in names for source in sources), sources
 
 
 def test_non_editable_install_imports_from_the_venv(installed) -> None:
