@@ -1,5 +1,6 @@
 // Shared by the NVRTC-compiled kernels (prepended to each source after its #defines): needs HALF_T.
 
+#ifdef __CUDA_ARCH__  // (a CPU test of a kernel defines its own)
 // v rounded to the weight's dtype (HALF_T: fp16, else bf16), as 16 bits.
 __device__ __forceinline__ unsigned short from_float(float v) {
     unsigned short h;
@@ -10,3 +11,4 @@ __device__ __forceinline__ unsigned short from_float(float v) {
 #endif
     return h;
 }
+#endif

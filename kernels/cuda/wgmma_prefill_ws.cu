@@ -38,6 +38,10 @@
 #define SHARED_BYTES (BARRIER_REGION + STAGES * 16)  // 200,960 bytes at 8 stages
 static_assert(SHARED_BYTES <= LAUNCH_SHARED_BYTES, "wgmma_prefill.py launches with less shared memory");
 
+// The GPU's side of the protocol; a CPU test defines its own (tests/kernels/ws_kernel_host.cpp) and runs the kernel
+// below with every thread a thread.
+#ifdef __CUDA_ARCH__
+
 __device__ __forceinline__ void wgmma_dense_ss(float* d, u64 a, u64 b) {
     asm volatile("{ .reg .pred p; setp.ne.b32 p, 1, 0; wgmma.mma_async.sync.aligned.m64n256k16" WGMMA_TYPES " "
                  WGMMA_D ", %128, %129, p, 1, 1, 0, 0; }"
@@ -73,6 +77,24 @@ __device__ __forceinline__ void mbarrier_arrive(u32 barrier) {
 __device__ __forceinline__ void mbarrier_arrive_when_copied(u32 barrier) {
     asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" :: "r"(barrier) : "memory");
 }
+
+// wgmma's bookkeeping: the fence before a warpgroup's wgmmas read registers, the commit of those issued, and the
+// wait until at most `pending` committed groups are still running.
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int pending>
+__device__ __forceinline__ void wgmma_wait() {
+    asm volatile("wgmma.wait_group.sync.aligned %0;\n" :: "n"(pending) : "memory");
+}
+
+// This thread's shared-memory stores so far, made visible to the async proxy (wgmma's reads).
+__device__ __forceinline__ void fence_stores_for_wgmma() {
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
+
+#endif  // __CUDA_ARCH__
 
 extern "C" __global__ void __launch_bounds__(384, 1)
 hybrid_wgmma_prefill_ws(const u16* __restrict__ x, u16* __restrict__ y,
@@ -137,11 +159,11 @@ hybrid_wgmma_prefill_ws(const u16* __restrict__ x, u16* __restrict__ y,
             build_step(base + A_REGION + stage * 2 * A_BYTES, base + META_REGION + stage * META_BYTES, p, words[0],
                        dense_words, lane);
             if (!(p & 1) && lane == 0) st_shared_u8(base + FLAG_REGION + stage * 16 + (p >> 1), words[0].sparse);
-            asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // the stores above, for wgmma
+            fence_stores_for_wgmma();  // the stores above
             mbarrier_arrive_when_copied(full + stage * 8);
             words[0] = words[1], words[1] = words[2];
         }
-        asm volatile("cp.async.wait_all;\n" ::: "memory");
+        cp_async_wait_all();
         return;
     }
 
@@ -160,18 +182,18 @@ hybrid_wgmma_prefill_ws(const u16* __restrict__ x, u16* __restrict__ y,
         // The metadata word is a register operand like A's: written before the fence.
         const u32 e = sparse ? ld_shared_u32(base + META_REGION + stage * META_BYTES + member * 64 +
                                              (g * 2 + (t & 1)) * 4) : 0u;
-        asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+        wgmma_fence();
         if (sparse) {
             wgmma_sparse_ss(d, smem_descriptor(tile, 1024, 128), x_descriptor(x_stage), e);
         } else {
             wgmma_dense_ss(d, smem_descriptor(tile, 1024, 128), x_descriptor(x_stage));
             wgmma_dense_ss(d, smem_descriptor(tile + 2048, 1024, 128), x_descriptor(x_stage + 2 * TOKENS * 16));
         }
-        asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
-        asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");  // step s-1's wgmmas are done
+        wgmma_commit();
+        wgmma_wait<1>();  // step s-1's wgmmas are done
         if (s > 0 && lane == 0) mbarrier_arrive(empty + ((s - 1) % STAGES) * 8);
     }
-    asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+    wgmma_wait<0>();
 
     // d[4j + i]: row g (i < 2) or g+8, token 8j + 2t + (i & 1).
     const int block_row = group_rows[first_member + member];

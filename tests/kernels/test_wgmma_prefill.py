@@ -7,6 +7,7 @@ import ctypes
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -126,21 +127,24 @@ A_BYTES, META_BYTES = 4096, 512  # wgmma_ws_blocks.cuh: a group's A tile for one
 
 
 @pytest.fixture(scope="module")
-def host_producer(tmp_path_factory):
-    """(half, topk) -> ws_blocks_host.cpp built with g++: wgmma_ws_blocks.cuh's decoding, each lane a thread."""
+def host_kernel(tmp_path_factory):
+    """(half, topk) -> tests/kernels/ws_kernel_host.cpp built with g++ around wgmma_prefill_ws_source(half, topk):
+    the warp-specialized kernel on the CPU, each of its threads a thread."""
     compiler = shutil.which("g++")
     if compiler is None:
-        pytest.skip("needs g++ (C++20) to run the producer's decoding on the CPU")
-    folder, built = tmp_path_factory.mktemp("ws-blocks"), {}
+        pytest.skip("needs g++ (C++20) to run the warp-specialized kernel on the CPU")
+    built = {}
 
-    def build(half: bool, topk: int) -> ctypes.CDLL:
+    def build(half: bool, topk: int) -> Path:
         if (half, topk) not in built:
-            library = folder / f"ws_blocks_{int(half)}_{topk}.so"
-            subprocess.run([compiler, "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", f"-DHALF_T={int(half)}",
-                            f"-DTOPK={topk}", f"-I{Path(wp.__file__).parent}",
-                            str(Path(__file__).with_name("ws_blocks_host.cpp")), "-o", str(library)],
-                           check=True, capture_output=True, timeout=120)
-            built[half, topk] = ctypes.CDLL(str(library))
+            folder = tmp_path_factory.mktemp("ws-kernel")
+            (folder / "ws_kernel_source.cuh").write_text(wp.wgmma_prefill_ws_source(half, topk))
+            library = folder / "ws_kernel_host.so"
+            subprocess.run([compiler, "-std=c++20", "-O2", "-shared", "-fPIC", "-pthread", f"-DHALF_T={int(half)}",
+                            f"-I{folder}",
+                            str(Path(__file__).with_name("ws_kernel_host.cpp")), "-o", str(library)],
+                           check=True, capture_output=True, timeout=180)
+            built[half, topk] = library
         return built[half, topk]
 
     return build
@@ -187,15 +191,15 @@ def _expand_sparse(kept: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
                                           ((0, 1.0, 0), 10, True), ((0.1, 0.1, 0.8), 32, False),
                                           ((0.9, 0.1, 0.0), 10, False)])
 @pytest.mark.parametrize("grouped", [False, True])
-def test_the_warp_specialized_producer_writes_every_step_of_the_weight(probs, k, half, grouped, host_producer) -> None:
-    """Run on the CPU, the producer's decoding (wgmma_ws_blocks.cuh) fills each step's A tiles and metadata so that,
-    read as wgmma reads them, every group of 4 block-rows holds exactly its 64 x 32 slice of the weight: dense
-    steps as they are, sparse steps as kept pairs plus positions. (The kernel itself has not run on a GPU.)"""
+def test_the_warp_specialized_producer_writes_every_step_of_the_weight(probs, k, half, grouped, host_kernel) -> None:
+    """Run on the CPU, the producer's decoding (wgmma_ws_blocks.cuh's build_step) fills each step's A tiles and
+    metadata so that, read as wgmma reads them, every group of 4 block-rows holds exactly its 64 x 32 slice of the
+    weight: dense steps as they are, sparse steps as kept pairs plus positions."""
     dtype = torch.float16 if half else torch.bfloat16
     W, tier_map = _weight((200, 512), probs, seed=7 + k, k=k, dtype=dtype)  # 13 block-rows: a padded group
     hw = pack_hybrid(W, tier_map, topk=k)
     plan = wp.prefill_plan(hw, grouped=grouped)
-    lib = host_producer(half, k)
+    lib = ctypes.CDLL(str(host_kernel(half, k)))
     padded = torch.zeros(len(plan.group_rows) * 16, W.shape[1], dtype=dtype)
     rows = plan.group_rows.long()
     for member, block_row in enumerate(rows.tolist()):  # each member's 16 rows, in plan order
@@ -217,6 +221,53 @@ def test_the_warp_specialized_producer_writes_every_step_of_the_weight(probs, k,
                     got = _tile_values(stage, group, 32)
                 assert torch.equal(got.view(dtype).float(), expected.float()), (cta, step, group, sparse)
     assert kinds == ({True} if probs == (0, 1.0, 0) else {False} if probs[0] >= 0.9 else {False, True})
+
+
+_RUN_HOST_KERNEL = """
+import ctypes, sys
+import torch
+library, inputs, output = sys.argv[1:]
+args = torch.load(inputs)
+pointers = [ctypes.c_void_p(t.data_ptr()) for t in args["tensors"]]
+ctypes.CDLL(library).run_kernel(*map(ctypes.c_int, args["grid"]), *pointers, *map(ctypes.c_int, args["sizes"]))
+torch.save(args["tensors"][1], output)
+"""
+
+
+def _run_host_kernel(library: Path, x: torch.Tensor, hw, plan: wp.PrefillPlan, folder: Path) -> torch.Tensor:
+    """hybrid_wgmma_prefill_ws on the CPU (ws_kernel_host.cpp), in a process of its own: a wait that never ends
+    aborts it."""
+    T, K = x.shape
+    y = torch.zeros(T, hw.shape[0], dtype=x.dtype)
+    tensors = [x, y, hw.dense_values, hw.nm_values, hw.nm_meta, hw.topk_values, hw.topk_pos, plan.slots,
+               plan.sparse_steps, plan.group_rows]
+    grid = (-(-T // wp.TOKENS_PER_CTA), len(plan.group_rows) // wp.MEMBERS_PER_CTA)
+    torch.save({"tensors": [t.contiguous() for t in tensors], "grid": grid, "sizes": (T, K, hw.shape[0])},
+               folder / "inputs.pt")
+    proc = subprocess.run([sys.executable, "-c", _RUN_HOST_KERNEL, str(library), str(folder / "inputs.pt"),
+                           str(folder / "y.pt")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return torch.load(folder / "y.pt")
+
+
+@pytest.mark.parametrize("probs,k,half,grouped", [((0.35, 0.45, 0.2), 10, False, True),
+                                                  ((0.35, 0.45, 0.2), 10, True, False), ((0, 0, 1.0), 10, False, True),
+                                                  ((0, 1.0, 0), 10, False, True), ((0.1, 0.1, 0.8), 32, False, True),
+                                                  ((1.0, 0, 0), 10, False, False)])
+def test_the_warp_specialized_kernel_run_on_the_cpu_gives_the_dense_product(probs, k, half, grouped, host_kernel,
+                                                                            tmp_path) -> None:
+    """The whole kernel, its barriers and both roles, on the CPU (ws_kernel_host.cpp: each thread a thread, wgmma
+    computed from the descriptors as the PTX documents them): two CTAs of block-rows (the last group padded) x two of
+    tokens (the second partly past T), every step through the 8-stage ring twice."""
+    dtype = torch.float16 if half else torch.bfloat16
+    W, tier_map = _weight((200, 512), probs, seed=11 + k, k=k, dtype=dtype)
+    hw = pack_hybrid(W, tier_map, topk=k)
+    plan = wp.prefill_plan(hw, grouped=grouped)
+    x = torch.randn(300, 512, generator=torch.Generator().manual_seed(3)).to(dtype)
+    y = _run_host_kernel(host_kernel(half, k), x, hw, plan, tmp_path)
+    reference = x.float() @ W.float().T
+    error = float((y.float() - reference).abs().max() / reference.abs().max())
+    assert error < 1e-2, error
 
 
 _HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
