@@ -37,8 +37,7 @@ CASES = (("35/45/20", "random"), ("35/45/20", "clustered"), ("90/10/0", "random"
 # are all empty (no weight loads, zero fragments), all steps dense or all sparse: the loop without the weights.
 _NO_X = ("if (s + 2 < steps) load_x_step(", "if (false) load_x_step(")  # x copied for the first two steps only
 _NO_BARRIER = ("        __syncthreads();\n", "")
-_COMMIT = ('        asm volatile("wgmma.commit_group.sync.aligned;\\n" ::: "memory");\n#if OVERLAP\n'
-           '        asm volatile("wgmma.wait_group.sync.aligned 1;\\n" ::: "memory");')
+_COMMIT = "        wgmma_commit();\n#if OVERLAP\n        wgmma_wait<1>();"
 _COMMIT_PAIRS = (_COMMIT, "        if (s & 1) {\n" + _COMMIT + " }")  # 64 columns per commit group
 # The plan's per-step reads from global memory (slots, sparse flag) replaced by empty blocks, every step of the
 # kind of the first two: what the empty-block plans run, without the loads (their latency lies on each step's

@@ -108,4 +108,22 @@ __device__ __forceinline__ u32 ld_shared_u8(u32 address) {
     return a;
 }
 
+// wgmma's bookkeeping: the fence before a warpgroup's wgmmas read registers, the commit of those issued, and the
+// wait until at most `pending` committed groups are still running.
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int pending>
+__device__ __forceinline__ void wgmma_wait() {
+    asm volatile("wgmma.wait_group.sync.aligned %0;\n" :: "n"(pending) : "memory");
+}
+
+// cp.async's bookkeeping: the copies issued so far made a group; the wait until at most `pending` groups are
+// still copying; the wait until none is.
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int pending>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" :: "n"(pending) : "memory");
+}
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
+
 #endif  // __CUDA_ARCH__

@@ -30,6 +30,8 @@
 #define STAGES 3
 #endif
 
+// A from this warp's registers (its 16 rows of the 64). The GPU's; a CPU test defines its own.
+#ifdef __CUDA_ARCH__
 __device__ __forceinline__ void wgmma_dense(float* d, const u32* a, u64 b) {
     asm volatile("{ .reg .pred p; setp.ne.b32 p, 1, 0; wgmma.mma_async.sync.aligned.m64n256k16" WGMMA_TYPES " "
                  WGMMA_D ", {%128, %129, %130, %131}, %132, p, 1, 1, 0; }"
@@ -41,6 +43,7 @@ __device__ __forceinline__ void wgmma_sparse(float* d, const u32* a, u64 b, u32 
                  WGMMA_D ", {%128, %129, %130, %131}, %132, %133, 0, p, 1, 1, 0; }"
                  : WGMMA_D_OPERANDS : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(e));
 }
+#endif  // __CUDA_ARCH__
 
 // One step (32 columns from k0) of TOKENS tokens from token0 into the buffer at `buffer`: 1024 16-byte pieces,
 // 4 per thread; tokens past T are zero-filled.
@@ -52,7 +55,7 @@ __device__ __forceinline__ void load_x_step(u32 buffer, const u16* __restrict__ 
         const u16* src = x + (size_t)(valid ? token0 + token : 0) * K + k0 + chunk * 8;
         cp_async_16(buffer + chunk * TOKENS * 16 + token * 16, src, valid);
     }
-    asm volatile("cp.async.commit_group;\n" ::: "memory");
+    cp_async_commit();
 }
 
 // What a warp holds of one block between its loads and its fragment: up to 4 words of values, 2 of metadata
@@ -200,8 +203,8 @@ hybrid_wgmma_prefill(const u16* __restrict__ x, u16* __restrict__ y,
     // metadata word, a[8]): registers a wgmma in flight still reads, so where one stays in flight (OVERLAP) the
     // steps alternate between two sets.
     auto step = [&](int s, u32 (&a)[9]) {
-        if (s + 1 < steps) asm volatile("cp.async.wait_group 1;\n" ::: "memory");
-        else asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+        if (s + 1 < steps) cp_async_wait<1>();
+        else cp_async_wait<0>();
         __syncthreads();
         if (s + 2 < steps) load_x_step(buffers + ((s + 2) % STAGES) * STEP_BYTES, x, token0, (s + 2) * 32, T, K);
 
@@ -226,18 +229,18 @@ hybrid_wgmma_prefill(const u16* __restrict__ x, u16* __restrict__ y,
             }
         }
         const u32 step_buffer = buffers + (s % STAGES) * STEP_BYTES;
-        asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+        wgmma_fence();
         if (was_sparse) {
             wgmma_sparse(d, a, x_descriptor(step_buffer), a[8]);
         } else {
             wgmma_dense(d, a, x_descriptor(step_buffer));
             wgmma_dense(d, a + 4, x_descriptor(step_buffer + 2 * TOKENS * 16));  // columns 16-31: chunks 2, 3
         }
-        asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+        wgmma_commit();
 #if OVERLAP
-        asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");  // step s-1's wgmma is done
+        wgmma_wait<1>();  // step s-1's wgmma is done
 #else
-        asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+        wgmma_wait<0>();
 #endif
     };
     u32 a_even[9], a_odd[9];
@@ -245,7 +248,7 @@ hybrid_wgmma_prefill(const u16* __restrict__ x, u16* __restrict__ y,
         step(s, a_even);
         if (s + 1 < steps) step(s + 1, a_odd);
     }
-    asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+    wgmma_wait<0>();
 
     // d[4j + i]: row g (i < 2) or g+8, token 8j + 2t + (i & 1).
     const int block_row = group_rows[member];

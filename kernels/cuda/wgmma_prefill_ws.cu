@@ -78,21 +78,10 @@ __device__ __forceinline__ void mbarrier_arrive_when_copied(u32 barrier) {
     asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" :: "r"(barrier) : "memory");
 }
 
-// wgmma's bookkeeping: the fence before a warpgroup's wgmmas read registers, the commit of those issued, and the
-// wait until at most `pending` committed groups are still running.
-__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
-template <int pending>
-__device__ __forceinline__ void wgmma_wait() {
-    asm volatile("wgmma.wait_group.sync.aligned %0;\n" :: "n"(pending) : "memory");
-}
-
 // This thread's shared-memory stores so far, made visible to the async proxy (wgmma's reads).
 __device__ __forceinline__ void fence_stores_for_wgmma() {
     asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 }
-
-__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
 
 #endif  // __CUDA_ARCH__
 

@@ -128,24 +128,26 @@ A_BYTES, META_BYTES = 4096, 512  # wgmma_ws_blocks.cuh: a group's A tile for one
 
 @pytest.fixture(scope="module")
 def host_kernel(tmp_path_factory):
-    """(half, topk) -> tests/kernels/ws_kernel_host.cpp built with g++ around wgmma_prefill_ws_source(half, topk):
-    the warp-specialized kernel on the CPU, each of its threads a thread."""
+    """(half, topk, warp_specialized=True) -> tests/kernels/ws_kernel_host.cpp built with g++ around that kernel's
+    source: the kernel on the CPU, each of its threads a thread."""
     compiler = shutil.which("g++")
     if compiler is None:
-        pytest.skip("needs g++ (C++20) to run the warp-specialized kernel on the CPU")
+        pytest.skip("needs g++ (C++20) to run the wgmma prefill kernels on the CPU")
     built = {}
 
-    def build(half: bool, topk: int) -> Path:
-        if (half, topk) not in built:
-            folder = tmp_path_factory.mktemp("ws-kernel")
-            (folder / "ws_kernel_source.cuh").write_text(wp.wgmma_prefill_ws_source(half, topk))
-            library = folder / "ws_kernel_host.so"
+    def build(half: bool, topk: int, warp_specialized: bool = True) -> Path:
+        key = (half, topk, warp_specialized)
+        if key not in built:
+            folder = tmp_path_factory.mktemp("kernel-on-cpu")
+            source = wp.wgmma_prefill_ws_source(half, topk) if warp_specialized else wp.wgmma_prefill_source(half, topk)
+            (folder / "kernel_source.cuh").write_text(source)
+            library = folder / "kernel_host.so"
             subprocess.run([compiler, "-std=c++20", "-O2", "-shared", "-fPIC", "-pthread", f"-DHALF_T={int(half)}",
-                            f"-I{folder}",
+                            f"-DWARP_SPECIALIZED={int(warp_specialized)}", f"-I{folder}",
                             str(Path(__file__).with_name("ws_kernel_host.cpp")), "-o", str(library)],
                            check=True, capture_output=True, timeout=180)
-            built[half, topk] = library
-        return built[half, topk]
+            built[key] = library
+        return built[key]
 
     return build
 
@@ -235,8 +237,8 @@ torch.save(args["tensors"][1], output)
 
 
 def _run_host_kernel(library: Path, x: torch.Tensor, hw, plan: wp.PrefillPlan, folder: Path) -> torch.Tensor:
-    """hybrid_wgmma_prefill_ws on the CPU (ws_kernel_host.cpp), in a process of its own: a wait that never ends
-    aborts it."""
+    """A prefill kernel on the CPU (ws_kernel_host.cpp, `library` from host_kernel), in a process of its own: a
+    wait that never ends aborts it."""
     T, K = x.shape
     y = torch.zeros(T, hw.shape[0], dtype=x.dtype)
     tensors = [x, y, hw.dense_values, hw.nm_values, hw.nm_meta, hw.topk_values, hw.topk_pos, plan.slots,
@@ -268,6 +270,23 @@ def test_the_warp_specialized_kernel_run_on_the_cpu_gives_the_dense_product(prob
     reference = x.float() @ W.float().T
     error = float((y.float() - reference).abs().max() / reference.abs().max())
     assert error < 1e-2, error
+
+
+@pytest.mark.parametrize("probs,k,half", [((0.35, 0.45, 0.2), 10, False), ((0, 1.0, 0), 10, True),
+                                          ((0.1, 0.1, 0.8), 32, False)])
+def test_the_cpu_model_of_wgmma_runs_the_kernel_the_h100_checked(probs, k, half, host_kernel, tmp_path) -> None:
+    """ws_kernel_host.cpp's wgmma (its B descriptors, sparse metadata and accumulator layout) on wgmma_prefill.cu,
+    whose products the H100 checked (sessions 33-36): the dense product, dense and sparse steps alike. What the
+    model then says of the warp-specialized kernel rests on the same rules, and on its A descriptors alone."""
+    dtype = torch.float16 if half else torch.bfloat16
+    W, tier_map = _weight((200, 512), probs, seed=5 + k, k=k, dtype=dtype)
+    hw = pack_hybrid(W, tier_map, topk=k)
+    plan = wp.prefill_plan(hw)
+    assert plan.sparse_steps.any() and not plan.sparse_steps.all() or probs == (0, 1.0, 0)
+    x = torch.randn(300, 512, generator=torch.Generator().manual_seed(4)).to(dtype)
+    y = _run_host_kernel(host_kernel(half, k, warp_specialized=False), x, hw, plan, tmp_path)
+    reference = x.float() @ W.float().T
+    assert float((y.float() - reference).abs().max() / reference.abs().max()) < 1e-2
 
 
 _HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)

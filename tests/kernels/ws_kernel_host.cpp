@@ -1,15 +1,18 @@
-// The warp-specialized prefill kernel (kernels/cuda/wgmma_prefill_ws.cu) run on the CPU. Each of a CTA's 384
-// threads is a thread; a shuffle, __syncwarp or __syncthreads meets its warp's or CTA's threads at a barrier;
-// shared memory is a byte array; an mbarrier counts arrivals and phases under a lock; cp.async copies at once; and
-// a wgmma meets its warpgroup's 128 threads, one of which computes the product from the shared-memory descriptors
-// (core matrices `leading` bytes apart along k, `stride` apart along rows) into every thread's accumulators
-// (d[4j + i]: row g + 8 (i / 2) of the warp's 16, column 8j + 2t + (i % 2)), as the kernel's epilogue reads them.
-// Sparse A: wgmma_prefill.cu's metadata rule (lane t = 0, 1 of a quad: k16 half t, rows g | g+8 << 16).
+// The wgmma prefill kernels (kernels/cuda/wgmma_prefill_ws.cu, and wgmma_prefill.cu, whose products the H100
+// checked in sessions 33-36) run on the CPU. Each of a CTA's threads is a thread; a shuffle, __syncwarp or
+// __syncthreads meets its warp's or CTA's threads at a barrier; shared memory is a byte array; an mbarrier counts
+// arrivals and phases under a lock; cp.async copies at once; and a wgmma meets its warpgroup's 128 threads, one of
+// which computes the product into every thread's accumulators (d[4j + i]: row g + 8 (i / 2) of the warp's 16,
+// column 8j + 2t + (i % 2), as both kernels' epilogues read them). A comes from shared-memory descriptors (core
+// matrices `leading` bytes apart along k, `stride` apart along rows) or from registers (a[0] row g columns 2t,
+// 2t+1; a[1] row g+8; a[2], a[3] the same 8 columns on); sparse A: 64 x 16 kept values placed by the metadata of
+// lanes t = 0, 1 of each quad (k16 half t, rows g | g+8 << 16), wgmma_prefill.cu's rule.
 //
-// test_wgmma_prefill.py writes the kernel's source (wgmma_prefill.py's wgmma_prefill_ws_source) to
-// ws_kernel_source.cuh and builds this with g++ -std=c++20 -DHALF_T=... (as the source defines it: the host
-// conversions below come before it). It is a model of what the PTX does, not the PTX: it checks the kernel's
-// indexing, decoding and barrier protocol, not the GPU's reading of the descriptors.
+// test_wgmma_prefill.py writes a kernel's source (wgmma_prefill.py's) to kernel_source.cuh and builds this with
+// g++ -std=c++20 -DHALF_T=... (as the source defines it: the host conversions below come before it) and
+// -DWARP_SPECIALIZED=0 or 1. It is a model of what the PTX does, not the PTX: run on the H100-checked kernel it
+// checks the model, run on the warp-specialized one that kernel's indexing, decoding and barrier protocol; not
+// how the GPU reads an A descriptor, which only the warp-specialized kernel uses.
 #ifndef HALF_T
 #error "build with -DHALF_T=0 (bf16) or 1 (fp16), as the kernel's source defines it"
 #endif
@@ -36,6 +39,7 @@
 struct uint2 {
     unsigned int x, y;
 };
+inline uint2 make_uint2(unsigned int x, unsigned int y) { return {x, y}; }
 struct Index {
     unsigned int x = 0, y = 0, z = 0;
 };
@@ -47,6 +51,7 @@ struct Group {  // threads that meet: a warp (32), a warpgroup (128) or the CTA 
     explicit Group(int size) : meet(size) {}
     std::barrier<> meet;
     unsigned int words[128];
+    unsigned int a_registers[128][4];
     float* accumulators[128];
 };
 thread_local Group* warp = nullptr;
@@ -132,6 +137,9 @@ inline void cp_async_16(unsigned int address, const void* global, bool valid) {
     else std::memset(shared + address, 0, 16);
 }
 inline void cp_async_16_l2(unsigned int address, const void* global) { std::memcpy(shared + address, global, 16); }
+inline void cp_async_commit() {}
+template <int pending>
+inline void cp_async_wait() {}
 inline void cp_async_wait_all() {}
 inline void fence_stores_for_wgmma() {}
 
@@ -165,9 +173,7 @@ template <int pending>
 inline void wgmma_wait() {}
 
 namespace host {
-float value_at(unsigned int address) {  // a 16-bit operand in shared memory, as float
-    unsigned short bits;
-    std::memcpy(&bits, shared + address, 2);
+float to_float(unsigned short bits) {  // a 16-bit operand
 #if HALF_T
     _Float16 half;
     std::memcpy(&half, &bits, 2);
@@ -180,6 +186,12 @@ float value_at(unsigned int address) {  // a 16-bit operand in shared memory, as
 #endif
 }
 
+float value_at(unsigned int address) {
+    unsigned short bits;
+    std::memcpy(&bits, shared + address, 2);
+    return to_float(bits);
+}
+
 // Element (row, k) of a K-major operand whose descriptor is `descriptor`.
 unsigned int element(unsigned long long descriptor, int row, int k) {
     const unsigned int start = (descriptor & 0x3FFF) << 4, leading = ((descriptor >> 16) & 0x3FFF) << 4;
@@ -187,18 +199,31 @@ unsigned int element(unsigned long long descriptor, int row, int k) {
     return start + (k >> 3) * leading + (row >> 3) * stride + (row & 7) * 16 + (k & 7) * 2;
 }
 
-// D (64 x 256) += A (64 x k) B (256 x k)^T over the warpgroup's accumulators; sparse: A is 64 x 16 kept values
-// of a 64 x 32 matrix, placed by the metadata words its threads hand in.
-void wgmma(float* d, unsigned long long a, unsigned long long b, unsigned int e, bool sparse) {
+// Element (row, k < 16) of A held in the warpgroup's registers.
+float register_element(const Group& group, int row, int k) {
+    const int thread = (row >> 4) * 32 + (row & 7) * 4 + ((k & 7) >> 1), word = ((row >> 3) & 1) + 2 * (k >> 3);
+    const unsigned int bits = group.a_registers[thread][word];
+    return to_float(static_cast<unsigned short>(k & 1 ? bits >> 16 : bits & 0xFFFFu));
+}
+
+// D (64 x 256) += A (64 x k) B (256 x k)^T over the warpgroup's accumulators; A from a descriptor or, where
+// `a_registers` is given, from the threads' registers; sparse: A is 64 x 16 kept values of a 64 x 32 matrix,
+// placed by the metadata words its threads hand in.
+void wgmma(float* d, unsigned long long a, const unsigned int* a_registers, unsigned long long b, unsigned int e,
+           bool sparse) {
     Group& group = *warpgroup;
     group.accumulators[rank] = d, group.words[rank] = e;
+    if (a_registers) std::memcpy(group.a_registers[rank], a_registers, 16);
     group.meet.arrive_and_wait();
     if (rank == 0) {
+        auto a_at = [&](int row, int c) {
+            return a_registers ? register_element(group, row, c) : value_at(element(a, row, c));
+        };
         const int k = sparse ? 32 : 16;
         std::vector<float> A(64 * k, 0.f), B(256 * k);
         for (int row = 0; row < 64; ++row) {
             if (!sparse) {
-                for (int c = 0; c < 16; ++c) A[row * k + c] = value_at(element(a, row, c));
+                for (int c = 0; c < 16; ++c) A[row * k + c] = a_at(row, c);
                 continue;
             }
             const int w = row >> 4, g = row & 7, upper = (row >> 3) & 1;
@@ -208,8 +233,8 @@ void wgmma(float* d, unsigned long long a, unsigned long long b, unsigned int e,
                     const unsigned int nibble = nibbles >> (4 * quad) & 15u, p0 = nibble & 3u, p1 = nibble >> 2;
                     if (p0 >= p1) fail("sparse metadata that names no ascending pair");
                     const int kept = 8 * half + 2 * quad;
-                    A[row * k + 16 * half + 4 * quad + p0] = value_at(element(a, row, kept));
-                    A[row * k + 16 * half + 4 * quad + p1] = value_at(element(a, row, kept + 1));
+                    A[row * k + 16 * half + 4 * quad + p0] = a_at(row, kept);
+                    A[row * k + 16 * half + 4 * quad + p1] = a_at(row, kept + 1);
                 }
             }
         }
@@ -230,9 +255,15 @@ void wgmma(float* d, unsigned long long a, unsigned long long b, unsigned int e,
 }
 }  // namespace host
 
-inline void wgmma_dense_ss(float* d, unsigned long long a, unsigned long long b) { host::wgmma(d, a, b, 0u, false); }
+inline void wgmma_dense_ss(float* d, unsigned long long a, unsigned long long b) {
+    host::wgmma(d, a, nullptr, b, 0u, false);
+}
 inline void wgmma_sparse_ss(float* d, unsigned long long a, unsigned long long b, unsigned int e) {
-    host::wgmma(d, a, b, e, true);
+    host::wgmma(d, a, nullptr, b, e, true);
+}
+inline void wgmma_dense(float* d, const unsigned int* a, unsigned long long b) { host::wgmma(d, 0, a, b, 0u, false); }
+inline void wgmma_sparse(float* d, const unsigned int* a, unsigned long long b, unsigned int e) {
+    host::wgmma(d, 0, a, b, e, true);
 }
 
 inline unsigned short from_float(float v) {  // round to nearest even, as cvt.rn
@@ -248,7 +279,7 @@ inline unsigned short from_float(float v) {  // round to nearest even, as cvt.rn
 #endif
 }
 
-#include "ws_kernel_source.cuh"
+#include "kernel_source.cuh"
 
 namespace host {
 // Runs `body(thread)` on the CTA's 384 threads, each knowing its warp, warpgroup and the CTA.
@@ -270,6 +301,14 @@ void run_cta(int threads, Body body) {
 }
 }  // namespace host
 
+#if WARP_SPECIALIZED
+#define KERNEL hybrid_wgmma_prefill_ws
+#define THREADS 384
+#else
+#define KERNEL hybrid_wgmma_prefill
+#define THREADS 256
+#endif
+
 // The kernel over a grid of CTAs, one CTA at a time.
 extern "C" void run_kernel(int grid_x, int grid_y, const u16* x, u16* y, const u32* dense_words, const u32* nm_pairs,
                            const u16* nm_meta, const u16* topk_values, const unsigned char* topk_pos,
@@ -279,14 +318,15 @@ extern "C" void run_kernel(int grid_x, int grid_y, const u16* x, u16* y, const u
         for (unsigned int bx = 0; bx < static_cast<unsigned int>(grid_x); ++bx) {
             std::memset(shared, 0xA5, sizeof shared);  // garbage where nothing was written
             host::mbarriers.clear();
-            host::run_cta(384, [&](int thread) {
+            host::run_cta(THREADS, [&](int thread) {
                 threadIdx.x = thread, blockIdx.x = bx, blockIdx.y = by;
-                hybrid_wgmma_prefill_ws(x, y, dense_words, nm_pairs, nm_meta, topk_values, topk_pos, slots,
-                                        sparse_steps, group_rows, T, K, R);
+                KERNEL(x, y, dense_words, nm_pairs, nm_meta, topk_values, topk_pos, slots, sparse_steps, group_rows,
+                       T, K, R);
             });
         }
 }
 
+#if WARP_SPECIALIZED
 // What the CTA's 4 producer warps write for step s alone (wgmma_ws_blocks.cuh's build_step): both groups' A tiles
 // at stage[0, 2 * A_BYTES), then the metadata words (META_BYTES).
 extern "C" void build_producer_step(unsigned char* stage, const u32* dense_words, const u32* nm_pairs,
@@ -304,3 +344,4 @@ extern "C" void build_producer_step(unsigned char* stage, const u32* dense_words
     });
     std::memcpy(stage, shared, 2 * A_BYTES + META_BYTES);
 }
+#endif
