@@ -60,7 +60,7 @@ struct Cell {
     __device__ __forceinline__ u32 nibble() const { return p0 | p1 << 2; }
 };
 
-// What only the GPU has (a CPU test defines its own: tests/kernels/ws_kernel_host.cpp).
+// What only the GPU has (a CPU test defines its own: tests/kernels/wgmma_on_cpu.cpp).
 #ifdef __CUDA_ARCH__
 
 // Through L1 (.ca, not .cg): a token's 64 bytes of a step are half of a 128-byte line whose other half the next

@@ -38,7 +38,7 @@
 #define SHARED_BYTES (BARRIER_REGION + STAGES * 16)  // 200,960 bytes at 8 stages
 static_assert(SHARED_BYTES <= LAUNCH_SHARED_BYTES, "wgmma_prefill.py launches with less shared memory");
 
-// The GPU's side of the protocol; a CPU test defines its own (tests/kernels/ws_kernel_host.cpp) and runs the kernel
+// The GPU's side of the protocol; a CPU test defines its own (tests/kernels/wgmma_on_cpu.cpp) and runs the kernel
 // below with every thread a thread.
 #ifdef __CUDA_ARCH__
 

@@ -1,6 +1,6 @@
 // The warp-specialized prefill kernel's decoding (wgmma_prefill_ws.cu): how its producer warps turn a step's packed
 // blocks into wgmma's A tiles and sparse metadata in shared memory. Apart from the kernel so that a CPU test can run
-// it alone (tests/kernels/ws_kernel_host.cpp: each lane a thread, shuffles through a barrier) and check what it writes.
+// it alone (tests/kernels/wgmma_on_cpu.cpp: each lane a thread, shuffles through a barrier) and check what it writes.
 // Needs wgmma_common.cuh, and the shared-memory stores st_shared_v4 / v2 / u16 / u32 and cp_async_16_l2.
 
 #define A_BYTES 4096                  // one consumer warpgroup's A for one step: 64 rows x 32 columns of 16 bits

@@ -127,8 +127,8 @@ A_BYTES, META_BYTES = 4096, 512  # wgmma_ws_blocks.cuh: a group's A tile for one
 
 
 @pytest.fixture(scope="module")
-def host_kernel(tmp_path_factory):
-    """(half, topk, warp_specialized=True) -> tests/kernels/ws_kernel_host.cpp built with g++ around that kernel's
+def kernel_on_cpu(tmp_path_factory):
+    """(half, topk, warp_specialized=True) -> tests/kernels/wgmma_on_cpu.cpp built with g++ around that kernel's
     source: the kernel on the CPU, each of its threads a thread."""
     compiler = shutil.which("g++")
     if compiler is None:
@@ -141,10 +141,10 @@ def host_kernel(tmp_path_factory):
             folder = tmp_path_factory.mktemp("kernel-on-cpu")
             source = wp.wgmma_prefill_ws_source(half, topk) if warp_specialized else wp.wgmma_prefill_source(half, topk)
             (folder / "kernel_source.cuh").write_text(source)
-            library = folder / "kernel_host.so"
+            library = folder / "wgmma_on_cpu.so"
             subprocess.run([compiler, "-std=c++20", "-O2", "-shared", "-fPIC", "-pthread", f"-DHALF_T={int(half)}",
                             f"-DWARP_SPECIALIZED={int(warp_specialized)}", f"-I{folder}",
-                            str(Path(__file__).with_name("ws_kernel_host.cpp")), "-o", str(library)],
+                            str(Path(__file__).with_name("wgmma_on_cpu.cpp")), "-o", str(library)],
                            check=True, capture_output=True, timeout=180)
             built[key] = library
         return built[key]
@@ -193,7 +193,7 @@ def _expand_sparse(kept: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
                                           ((0, 1.0, 0), 10, True), ((0.1, 0.1, 0.8), 32, False),
                                           ((0.9, 0.1, 0.0), 10, False)])
 @pytest.mark.parametrize("grouped", [False, True])
-def test_the_warp_specialized_producer_writes_every_step_of_the_weight(probs, k, half, grouped, host_kernel) -> None:
+def test_the_warp_specialized_producer_writes_every_step_of_the_weight(probs, k, half, grouped, kernel_on_cpu) -> None:
     """Run on the CPU, the producer's decoding (wgmma_ws_blocks.cuh's build_step) fills each step's A tiles and
     metadata so that, read as wgmma reads them, every group of 4 block-rows holds exactly its 64 x 32 slice of the
     weight: dense steps as they are, sparse steps as kept pairs plus positions."""
@@ -201,7 +201,7 @@ def test_the_warp_specialized_producer_writes_every_step_of_the_weight(probs, k,
     W, tier_map = _weight((200, 512), probs, seed=7 + k, k=k, dtype=dtype)  # 13 block-rows: a padded group
     hw = pack_hybrid(W, tier_map, topk=k)
     plan = wp.prefill_plan(hw, grouped=grouped)
-    lib = ctypes.CDLL(str(host_kernel(half, k)))
+    lib = ctypes.CDLL(str(kernel_on_cpu(half, k)))
     padded = torch.zeros(len(plan.group_rows) * 16, W.shape[1], dtype=dtype)
     rows = plan.group_rows.long()
     for member, block_row in enumerate(rows.tolist()):  # each member's 16 rows, in plan order
@@ -225,7 +225,7 @@ def test_the_warp_specialized_producer_writes_every_step_of_the_weight(probs, k,
     assert kinds == ({True} if probs == (0, 1.0, 0) else {False} if probs[0] >= 0.9 else {False, True})
 
 
-_RUN_HOST_KERNEL = """
+_RUN_KERNEL_ON_CPU = """
 import ctypes, sys
 import torch
 library, inputs, output = sys.argv[1:]
@@ -236,8 +236,8 @@ torch.save(args["tensors"][1], output)
 """
 
 
-def _run_host_kernel(library: Path, x: torch.Tensor, hw, plan: wp.PrefillPlan, folder: Path) -> torch.Tensor:
-    """A prefill kernel on the CPU (ws_kernel_host.cpp, `library` from host_kernel), in a process of its own: a
+def _run_kernel_on_cpu(library: Path, x: torch.Tensor, hw, plan: wp.PrefillPlan, folder: Path) -> torch.Tensor:
+    """A prefill kernel on the CPU (wgmma_on_cpu.cpp, `library` from kernel_on_cpu), in a process of its own: a
     wait that never ends aborts it."""
     T, K = x.shape
     y = torch.zeros(T, hw.shape[0], dtype=x.dtype)
@@ -246,7 +246,7 @@ def _run_host_kernel(library: Path, x: torch.Tensor, hw, plan: wp.PrefillPlan, f
     grid = (-(-T // wp.TOKENS_PER_CTA), len(plan.group_rows) // wp.MEMBERS_PER_CTA)
     torch.save({"tensors": [t.contiguous() for t in tensors], "grid": grid, "sizes": (T, K, hw.shape[0])},
                folder / "inputs.pt")
-    proc = subprocess.run([sys.executable, "-c", _RUN_HOST_KERNEL, str(library), str(folder / "inputs.pt"),
+    proc = subprocess.run([sys.executable, "-c", _RUN_KERNEL_ON_CPU, str(library), str(folder / "inputs.pt"),
                            str(folder / "y.pt")], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return torch.load(folder / "y.pt")
@@ -256,9 +256,9 @@ def _run_host_kernel(library: Path, x: torch.Tensor, hw, plan: wp.PrefillPlan, f
                                                   ((0.35, 0.45, 0.2), 10, True, False), ((0, 0, 1.0), 10, False, True),
                                                   ((0, 1.0, 0), 10, False, True), ((0.1, 0.1, 0.8), 32, False, True),
                                                   ((1.0, 0, 0), 10, False, False)])
-def test_the_warp_specialized_kernel_run_on_the_cpu_gives_the_dense_product(probs, k, half, grouped, host_kernel,
+def test_the_warp_specialized_kernel_run_on_the_cpu_gives_the_dense_product(probs, k, half, grouped, kernel_on_cpu,
                                                                             tmp_path) -> None:
-    """The whole kernel, its barriers and both roles, on the CPU (ws_kernel_host.cpp: each thread a thread, wgmma
+    """The whole kernel, its barriers and both roles, on the CPU (wgmma_on_cpu.cpp: each thread a thread, wgmma
     computed from the descriptors as the PTX documents them): two CTAs of block-rows (the last group padded) x two of
     tokens (the second partly past T), every step through the 8-stage ring twice."""
     dtype = torch.float16 if half else torch.bfloat16
@@ -266,7 +266,7 @@ def test_the_warp_specialized_kernel_run_on_the_cpu_gives_the_dense_product(prob
     hw = pack_hybrid(W, tier_map, topk=k)
     plan = wp.prefill_plan(hw, grouped=grouped)
     x = torch.randn(300, 512, generator=torch.Generator().manual_seed(3)).to(dtype)
-    y = _run_host_kernel(host_kernel(half, k), x, hw, plan, tmp_path)
+    y = _run_kernel_on_cpu(kernel_on_cpu(half, k), x, hw, plan, tmp_path)
     reference = x.float() @ W.float().T
     error = float((y.float() - reference).abs().max() / reference.abs().max())
     assert error < 1e-2, error
@@ -274,8 +274,8 @@ def test_the_warp_specialized_kernel_run_on_the_cpu_gives_the_dense_product(prob
 
 @pytest.mark.parametrize("probs,k,half", [((0.35, 0.45, 0.2), 10, False), ((0, 1.0, 0), 10, True),
                                           ((0.1, 0.1, 0.8), 32, False)])
-def test_the_cpu_model_of_wgmma_runs_the_kernel_the_h100_checked(probs, k, half, host_kernel, tmp_path) -> None:
-    """ws_kernel_host.cpp's wgmma (its B descriptors, sparse metadata and accumulator layout) on wgmma_prefill.cu,
+def test_the_cpu_model_of_wgmma_runs_the_kernel_the_h100_checked(probs, k, half, kernel_on_cpu, tmp_path) -> None:
+    """wgmma_on_cpu.cpp's wgmma (its B descriptors, sparse metadata and accumulator layout) on wgmma_prefill.cu,
     whose products the H100 checked (sessions 33-36): the dense product, dense and sparse steps alike. What the
     model then says of the warp-specialized kernel rests on the same rules, and on its A descriptors alone."""
     dtype = torch.float16 if half else torch.bfloat16
@@ -284,7 +284,7 @@ def test_the_cpu_model_of_wgmma_runs_the_kernel_the_h100_checked(probs, k, half,
     plan = wp.prefill_plan(hw)
     assert plan.sparse_steps.any() and not plan.sparse_steps.all() or probs == (0, 1.0, 0)
     x = torch.randn(300, 512, generator=torch.Generator().manual_seed(4)).to(dtype)
-    y = _run_host_kernel(host_kernel(half, k, warp_specialized=False), x, hw, plan, tmp_path)
+    y = _run_kernel_on_cpu(kernel_on_cpu(half, k, warp_specialized=False), x, hw, plan, tmp_path)
     reference = x.float() @ W.float().T
     assert float((y.float() - reference).abs().max() / reference.abs().max()) < 1e-2
 

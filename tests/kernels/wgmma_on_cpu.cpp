@@ -83,7 +83,7 @@ Mbarrier& mbarrier_at(unsigned int address) {
 }
 
 [[noreturn]] void fail(const char* what) {
-    std::fprintf(stderr, "ws_kernel_host: %s\n", what);
+    std::fprintf(stderr, "wgmma_on_cpu: %s\n", what);
     std::fflush(stderr);
     std::abort();
 }
