@@ -60,6 +60,22 @@ struct Cell {
     __device__ __forceinline__ u32 nibble() const { return p0 | p1 << 2; }
 };
 
+// A warp's 16 rows of y (T, R) from its accumulators after the K loop: d[4j + i] is row g (i < 2) or g+8 of
+// block-row `block_row` (-1: a padding member, nothing to store), token token0 + 8j + 2t + (i & 1).
+__device__ __forceinline__ void store_rows(u16* __restrict__ y, const float* d, int block_row, int token0, int lane,
+                                           int T, int R) {
+    const int g = lane >> 2, t = lane & 3;
+    if (block_row < 0) return;
+#pragma unroll
+    for (int j = 0; j < TOKENS / 8; ++j) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const int token = token0 + 8 * j + 2 * t + (i & 1), row = block_row * 16 + g + 8 * (i >> 1);
+            if (token < T && row < R) y[(size_t)token * R + row] = from_float(d[4 * j + i]);
+        }
+    }
+}
+
 // What only the GPU has (a CPU test defines its own: tests/kernels/wgmma_on_cpu.cpp).
 #ifdef __CUDA_ARCH__
 

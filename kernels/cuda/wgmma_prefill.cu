@@ -250,15 +250,5 @@ hybrid_wgmma_prefill(const u16* __restrict__ x, u16* __restrict__ y,
     }
     wgmma_wait<0>();
 
-    // d[4j + i]: row g (i < 2) or g+8, token 8j + 2t + (i & 1).
-    const int block_row = group_rows[member];
-    if (block_row < 0) return;
-#pragma unroll
-    for (int j = 0; j < TOKENS / 8; ++j) {
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            const int token = token0 + 8 * j + 2 * t + (i & 1), row = block_row * 16 + g + 8 * (i >> 1);
-            if (token < T && row < R) y[(size_t)token * R + row] = from_float(d[4 * j + i]);
-        }
-    }
+    store_rows(y, d, group_rows[member], token0, lane, T, R);
 }
