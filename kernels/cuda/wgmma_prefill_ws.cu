@@ -28,7 +28,8 @@
 // Compile-time constants (prepended by wgmma_prefill.py): HALF_T (0 bf16, 1 fp16), TOPK, LAUNCH_SHARED_BYTES (what
 // the launch gives), WGMMA_D, WGMMA_D_OPERANDS.
 //
-// Built and assembled for sm_90a on the CPU (session 37), its decoding checked there; not yet run on a GPU.
+// Built and assembled for sm_90a on the CPU (session 37), and run whole there in a model of the PTX
+// (tests/kernels/wgmma_on_cpu.cpp); not yet run on a GPU.
 
 #define STAGES 8
 #define A_REGION (STAGES * STEP_BYTES)
