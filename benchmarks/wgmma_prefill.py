@@ -106,7 +106,7 @@ def packed_copies(shape: tuple[int, int], mix: str, placement: str):
 def ablated_source(edits: list[tuple[str, str]], warp_specialized: bool = False) -> str:
     """The bf16 kernel's source for TopK(10) blocks (pack_hybrid's default) with `edits` applied, each once
     (`warp_specialized`: wgmma_prefill_ws.cu's)."""
-    source = wp.wgmma_prefill_ws_source(False, 10) if warp_specialized else wp.wgmma_prefill_source(False, 10)
+    source = wp.prefill_kernel_source(False, 10, warp_specialized)
     for old, new in edits:
         if source.count(old) != 1:
             name = "wgmma_prefill_ws.cu" if warp_specialized else "wgmma_prefill.cu"

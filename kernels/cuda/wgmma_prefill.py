@@ -24,7 +24,8 @@ import torch
 from ..hybrid import HybridWeight
 from ..tiers import DENSE, NM_2_4, TOPK
 
-__all__ = ["PrefillPlan", "prefill_plan", "wgmma_prefill_source", "wgmma_prefill_ws_source", "compile_wgmma_prefill",
+__all__ = ["PrefillPlan", "prefill_plan", "wgmma_prefill_source", "wgmma_prefill_ws_source", "prefill_kernel_source",
+           "compile_wgmma_prefill",
            "hybrid_wgmma_prefill", "wgmma_prefill_supported", "grouped_block_rows", "topk_fits_2_4",
            "prefers_wgmma_prefill", "use_wgmma_prefill", "WGMMA_PREFILL_MIN_TOKENS"]
 
@@ -150,6 +151,11 @@ def wgmma_prefill_ws_source(half: bool, topk: int) -> str:
     return _kernel_source([_WS_BLOCKS, _WS_SOURCE], half, topk, LAUNCH_SHARED_BYTES=WS_SHARED_BYTES)
 
 
+def prefill_kernel_source(half: bool, topk: int, warp_specialized: bool = False, overlap: bool = OVERLAP) -> str:
+    """The source of either prefill kernel (`overlap`: the register kernel's only)."""
+    return wgmma_prefill_ws_source(half, topk) if warp_specialized else wgmma_prefill_source(half, topk, overlap)
+
+
 def use_wgmma_prefill(enabled: bool) -> None:
     """Let the op send long prefills here on sm_90 (off by default: slower than unpack + cuBLAS), or not."""
     _ENABLED[0] = bool(enabled)
@@ -194,7 +200,7 @@ def compile_wgmma_prefill(source: str, device_index: int, overlap: bool = OVERLA
 def _kernel(half: bool, topk: int, device_index: int, overlap: bool, warp_specialized: bool):
     key = (half, topk, device_index, overlap, warp_specialized)
     if key not in _MODULES:
-        source = wgmma_prefill_ws_source(half, topk) if warp_specialized else wgmma_prefill_source(half, topk, overlap)
+        source = prefill_kernel_source(half, topk, warp_specialized, overlap)
         _MODULES[key] = compile_wgmma_prefill(source, device_index, overlap, warp_specialized)
     return _MODULES[key]
 

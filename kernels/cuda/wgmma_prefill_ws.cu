@@ -124,14 +124,14 @@ hybrid_wgmma_prefill_ws(const u16* __restrict__ x, u16* __restrict__ y,
         StepWords words[3];
         load_step(words[0], slot_of_step(0), sparse_of_step(0), nm_pairs, nm_meta, topk_values, topk_pos, lane);
         load_step(words[1], slot_of_step(1), sparse_of_step(1), nm_pairs, nm_meta, topk_values, topk_pos, lane);
-        u32 lane_slot = slot_of_step(2);
+        u32 slot_ahead = slot_of_step(2);  // this lane's slot word of the next step to load
 
         // Step s from words[0] (loaded two steps ago); meanwhile step s+2's words into words[2]. The sets then
         // move down by register moves: a loop unrolled over three rotating sets tripled the producer's code.
         for (int s = 0; s < steps; ++s) {
             if (s + 2 < steps) {
-                load_step(words[2], lane_slot, sparse_of_step(s + 2), nm_pairs, nm_meta, topk_values, topk_pos, lane);
-                lane_slot = slot_of_step(s + 3);
+                load_step(words[2], slot_ahead, sparse_of_step(s + 2), nm_pairs, nm_meta, topk_values, topk_pos, lane);
+                slot_ahead = slot_of_step(s + 3);
             }
             const int stage = s % STAGES;
             mbarrier_wait(empty + stage * 8, ((s / STAGES) & 1) ^ 1);  // the consumers are done with its last use

@@ -139,8 +139,7 @@ def kernel_on_cpu(tmp_path_factory):
         key = (half, topk, warp_specialized)
         if key not in built:
             folder = tmp_path_factory.mktemp("kernel-on-cpu")
-            source = wp.wgmma_prefill_ws_source(half, topk) if warp_specialized else wp.wgmma_prefill_source(half, topk)
-            (folder / "kernel_source.cuh").write_text(source)
+            (folder / "kernel_source.cuh").write_text(wp.prefill_kernel_source(half, topk, warp_specialized))
             library = folder / "wgmma_on_cpu.so"
             subprocess.run([compiler, "-std=c++20", "-O2", "-shared", "-fPIC", "-pthread", f"-DHALF_T={int(half)}",
                             f"-DWARP_SPECIALIZED={int(warp_specialized)}", f"-I{folder}",
